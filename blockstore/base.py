@@ -1,0 +1,62 @@
+"""The one interface every block store backend implements.
+
+Methods are synchronous and thread-safe: the mount and the server call them
+from worker threads (``trio.to_thread``) so that a slow store never blocks the
+event loop, and several calls may run at once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+
+import blake3
+
+HASH_LEN = 32
+
+
+def block_hash(data: bytes | memoryview) -> bytes:
+    """Return the content address (32-byte BLAKE3 digest) of a block."""
+    return blake3.blake3(data).digest()
+
+
+class BlockNotFound(KeyError):
+    """The store holds no block with this hash."""
+
+
+class BlockStore(abc.ABC):
+    """Immutable, content-addressed blob storage.
+
+    Invariant: the bytes stored under a hash always hash to it. ``put`` never
+    overwrites an existing block, so concurrent writers of the same content are
+    harmless and a reader can never observe a partially written block.
+    """
+
+    url: str
+
+    @abc.abstractmethod
+    def get(self, key: bytes) -> bytes:
+        """Return the whole block; raise BlockNotFound if absent."""
+
+    @abc.abstractmethod
+    def get_range(self, key: bytes, offset: int, length: int) -> bytes:
+        """Return ``length`` bytes of the block from ``offset``."""
+
+    @abc.abstractmethod
+    def put(self, key: bytes, data: bytes | memoryview) -> bool:
+        """Store the block unless present; return True if it was written."""
+
+    @abc.abstractmethod
+    def exists(self, key: bytes) -> bool:
+        """Whether the block is stored."""
+
+    @abc.abstractmethod
+    def delete(self, key: bytes) -> None:
+        """Remove the block (absent is not an error)."""
+
+    @abc.abstractmethod
+    def list(self) -> Iterator[bytes]:
+        """Yield the hash of every stored block."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release client resources."""

@@ -1,0 +1,93 @@
+"""Block store in a Google Cloud Storage bucket.
+
+Uses the official ``google-cloud-storage`` client. ``put`` is a conditional
+create (``if_generation_match=0``), so two machines uploading the same block
+race harmlessly: the loser gets 412 and the block is already there.
+
+The endpoint is configurable (``NIMBUSFS_GCS_ENDPOINT`` or the standard
+``STORAGE_EMULATOR_HOST``) so tests run against an emulator on loopback; with an
+emulator endpoint the client uses anonymous credentials.
+
+The client object is not documented as thread-safe, so each worker thread gets
+its own (``threading.local``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+from google.api_core import exceptions as gexc
+
+from blockstore.base import BlockNotFound, BlockStore
+
+
+class GCSStore(BlockStore):
+    def __init__(self, bucket: str, prefix: str = "", endpoint: str | None = None,
+                 create_bucket: bool = False) -> None:
+        self.bucket_name = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.endpoint = endpoint or os.environ.get("NIMBUSFS_GCS_ENDPOINT") or os.environ.get(
+            "STORAGE_EMULATOR_HOST")
+        self.url = f"gs://{bucket}/{self.prefix}".rstrip("/")
+        self._local = threading.local()
+        if create_bucket:
+            try:
+                self._client().create_bucket(bucket)
+            except gexc.Conflict:
+                pass
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+
+            if self.endpoint:
+                client = storage.Client(
+                    project="nimbusfs", credentials=AnonymousCredentials(),
+                    client_options={"api_endpoint": self.endpoint})
+            else:
+                client = storage.Client()
+            self._local.client = client
+        return client
+
+    def _blob(self, key: bytes):
+        return self._client().bucket(self.bucket_name).blob(self.prefix + key.hex())
+
+    def get(self, key: bytes) -> bytes:
+        try:
+            return self._blob(key).download_as_bytes(checksum=None)
+        except gexc.NotFound:
+            raise BlockNotFound(key.hex()) from None
+
+    def get_range(self, key: bytes, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            return self._blob(key).download_as_bytes(start=offset, end=offset + length - 1,
+                                                     checksum=None)
+        except gexc.NotFound:
+            raise BlockNotFound(key.hex()) from None
+
+    def put(self, key: bytes, data: bytes | memoryview) -> bool:
+        try:
+            self._blob(key).upload_from_string(bytes(data), if_generation_match=0,
+                                               content_type="application/octet-stream")
+        except gexc.PreconditionFailed:
+            return False
+        return True
+
+    def exists(self, key: bytes) -> bool:
+        return self._blob(key).exists()
+
+    def delete(self, key: bytes) -> None:
+        try:
+            self._blob(key).delete()
+        except gexc.NotFound:
+            pass
+
+    def list(self) -> Iterator[bytes]:
+        for blob in self._client().list_blobs(self.bucket_name, prefix=self.prefix or None):
+            yield bytes.fromhex(blob.name[len(self.prefix):])

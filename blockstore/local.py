@@ -1,0 +1,78 @@
+"""Block store in a local directory: the embedded default.
+
+Layout: ``ROOT/ab/abcdef...`` (hex hash, fanned out by its first byte). A block
+is written to a temporary file, fsynced and renamed into place, so a crash never
+leaves a partial block under its final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+from blockstore.base import BlockNotFound, BlockStore
+
+
+class LocalStore(BlockStore):
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = "file://" + self.root
+        os.makedirs(self.root, exist_ok=True)
+
+    def _path(self, key: bytes) -> str:
+        h = key.hex()
+        return os.path.join(self.root, h[:2], h)
+
+    def get(self, key: bytes) -> bytes:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise BlockNotFound(key.hex()) from None
+
+    def get_range(self, key: bytes, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlockNotFound(key.hex()) from None
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            os.close(fd)
+
+    def put(self, key: bytes, data: bytes | memoryview) -> bool:
+        path = self._path(key)
+        if os.path.exists(path):
+            return False
+        d = os.path.dirname(path)
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return True
+
+    def exists(self, key: bytes) -> bool:
+        return os.path.exists(self._path(key))
+
+    def delete(self, key: bytes) -> None:
+        try:
+            os.unlink(self._path(key))
+        except FileNotFoundError:
+            pass
+
+    def list(self) -> Iterator[bytes]:
+        for sub in sorted(os.listdir(self.root)):
+            d = os.path.join(self.root, sub)
+            if len(sub) != 2 or not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                if not name.startswith("."):
+                    yield bytes.fromhex(name)

@@ -1,0 +1,146 @@
+"""A content-addressed block cache: a small hot set in memory over an LRU on disk.
+
+Blocks are named by their hash, so a cached block is never stale and needs no
+invalidation. Every block read from disk or fetched from the store is checked
+against its hash: a corrupt cache file is dropped and refetched, and a store
+that returns wrong bytes twice yields EIO, never wrong data.
+
+Concurrency: all methods run on the trio thread; file and store I/O go to
+worker threads. Concurrent readers of one missing block share one fetch.
+The disk part never exceeds ``max_bytes`` by more than the block being added.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import OrderedDict
+
+import cachetools
+import trio
+
+from blockstore import BlockNotFound, BlockStore, block_hash
+from metaserver.errors import FSError
+
+log = logging.getLogger(__name__)
+
+
+class BlockCache:
+    def __init__(self, store: BlockStore, directory: str, max_bytes: int,
+                 hot_bytes: int = 64 << 20, transfers: int = 8) -> None:
+        self.store = store
+        self.dir = os.path.join(directory, "blocks")
+        self.max_bytes = max_bytes
+        self.hot: cachetools.LRUCache[bytes, bytes] = cachetools.LRUCache(hot_bytes, getsizeof=len)
+        self.lru: OrderedDict[bytes, int] = OrderedDict()
+        self.used = 0
+        self.transfers = trio.CapacityLimiter(transfers)
+        self._inflight: dict[bytes, trio.Event] = {}
+        os.makedirs(self.dir, exist_ok=True)
+        self._load_index()
+
+    def _path(self, key: bytes) -> str:
+        h = key.hex()
+        return os.path.join(self.dir, h[:2], h)
+
+    def _load_index(self) -> None:
+        """Rebuild the LRU from the files on disk, least recently written first."""
+        found = []
+        for sub in os.listdir(self.dir):
+            d = os.path.join(self.dir, sub)
+            for name in os.listdir(d) if os.path.isdir(d) else ():
+                p = os.path.join(d, name)
+                if name.startswith("."):
+                    os.unlink(p)  # a write interrupted by a crash
+                    continue
+                st = os.stat(p)
+                found.append((st.st_mtime_ns, bytes.fromhex(name), st.st_size))
+        for _, key, size in sorted(found):
+            self.lru[key] = size
+            self.used += size
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.used > self.max_bytes and self.lru:
+            key, size = self.lru.popitem(last=False)
+            self.used -= size
+            try:
+                os.unlink(self._path(key))
+            except FileNotFoundError:
+                pass
+
+    def _write_file(self, key: bytes, data: bytes) -> None:
+        path = self._path(key)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{key.hex()}.{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.rename(tmp, path)
+
+    def _read_file(self, key: bytes) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        if block_hash(data) != key:
+            log.warning("cached block %s is corrupt; refetching", key.hex())
+            os.unlink(self._path(key))
+            return None
+        return data
+
+    def _remember(self, key: bytes, data: bytes) -> None:
+        if len(data) <= self.hot.maxsize:
+            self.hot[key] = data
+
+    async def add(self, key: bytes, data: bytes) -> None:
+        """Insert a block just uploaded or fetched (the caller vouches for its hash)."""
+        self._remember(key, data)
+        if key in self.lru:
+            self.lru.move_to_end(key)
+            return
+        await trio.to_thread.run_sync(self._write_file, key, data)
+        if key not in self.lru:
+            self.lru[key] = len(data)
+            self.used += len(data)
+            self._evict()
+
+    def contains(self, key: bytes) -> bool:
+        return key in self.hot or key in self.lru
+
+    async def get(self, key: bytes) -> bytes:
+        """Return the block's bytes from memory, disk or the store."""
+        data = self.hot.get(key)
+        if data is not None:
+            return data
+        while (ev := self._inflight.get(key)) is not None:
+            await ev.wait()
+            data = self.hot.get(key)
+            if data is not None:
+                return data
+        ev = self._inflight[key] = trio.Event()
+        try:
+            return await self._load(key)
+        finally:
+            del self._inflight[key]
+            ev.set()
+
+    async def _load(self, key: bytes) -> bytes:
+        if key in self.lru:
+            data = await trio.to_thread.run_sync(self._read_file, key)
+            if data is not None:
+                self.lru.move_to_end(key)
+                self._remember(key, data)
+                return data
+            self.used -= self.lru.pop(key)
+        for attempt in range(2):
+            try:
+                data = await trio.to_thread.run_sync(self.store.get, key, limiter=self.transfers)
+            except BlockNotFound:
+                raise FSError(errno.EIO, f"block {key.hex()} missing from store") from None
+            if await trio.to_thread.run_sync(block_hash, data) == key:
+                await self.add(key, data)
+                return data
+            log.error("block %s from store fails its hash (attempt %d)", key.hex(), attempt + 1)
+        raise FSError(errno.EIO, f"block {key.hex()} is corrupt in the store")

@@ -1,0 +1,95 @@
+"""Staging of dirty file data on local disk.
+
+Each file open for writing on this mount has one sparse staging file holding
+the bytes written since the last commit, plus the set of byte ranges those
+bytes cover. Data never waits in memory: a write is a ``pwrite`` into the
+staging file, so memory use does not grow with the amount written.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import tempfile
+
+
+class Ranges:
+    """A set of disjoint, sorted, non-adjacent half-open byte ranges."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.starts)
+
+    def __iter__(self):
+        return iter(zip(self.starts, self.ends, strict=True))
+
+    def add(self, start: int, end: int) -> None:
+        if start >= end:
+            return
+        i = bisect.bisect_left(self.ends, start)      # first range ending at/after start
+        j = bisect.bisect_right(self.starts, end)     # ranges starting at/before end
+        if i < j:
+            start = min(start, self.starts[i])
+            end = max(end, self.ends[j - 1])
+        self.starts[i:j] = [start]
+        self.ends[i:j] = [end]
+
+    def clip(self, size: int) -> None:
+        """Drop everything at or beyond ``size``."""
+        i = bisect.bisect_left(self.starts, size)
+        del self.starts[i:], self.ends[i:]
+        if self.ends and self.ends[-1] > size:
+            self.ends[-1] = size
+
+    def clear(self) -> None:
+        self.starts.clear()
+        self.ends.clear()
+
+    def split(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """Cut [start, end) into pieces, each marked whether it lies in the set."""
+        out = []
+        pos = start
+        i = bisect.bisect_right(self.ends, start)
+        while pos < end:
+            if i < len(self.starts) and self.starts[i] <= pos:
+                e = min(self.ends[i], end)
+                out.append((pos, e, True))
+                i += 1
+            else:
+                e = min(self.starts[i], end) if i < len(self.starts) else end
+                out.append((pos, e, False))
+            pos = e
+        return out
+
+
+class Staging:
+    """One file's dirty bytes: a sparse temporary file and the ranges it holds."""
+
+    def __init__(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.fd, path = tempfile.mkstemp(dir=directory, prefix="dirty-")
+        os.unlink(path)  # nothing to recover yet without a journal: let the kernel free it
+        self.dirty = Ranges()
+
+    def write(self, off: int, data: bytes) -> None:
+        os.pwrite(self.fd, data, off)
+        self.dirty.add(off, off + len(data))
+
+    def read(self, off: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, off)
+        return data + bytes(n - len(data))
+
+    def fill(self, off: int, data: bytes) -> None:
+        """Write clean bytes around dirty ones, to build a window to re-chunk."""
+        os.pwrite(self.fd, data, off)
+
+    def reset(self) -> None:
+        """Forget all dirty data (it has been committed)."""
+        self.dirty.clear()
+        os.ftruncate(self.fd, 0)
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -1,0 +1,177 @@
+"""The pyfuse3 adapter: translates FUSE requests to VFS calls, nothing more.
+
+Every handler maps :class:`FSError` to its errno. Any other exception is a
+bug or an infrastructure failure: it is logged once with its traceback and
+answered with EIO, so an application sees an error, never a hung call.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+
+from fusefs.vfs import VFS
+from metaserver.errors import FSError
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+BLKSIZE = 128 << 10
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except FSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+def entry(attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = attr["ino"]
+    e.generation = 0
+    e.entry_timeout = e.attr_timeout = ATTR_TIMEOUT
+    e.st_mode = attr["mode"]
+    e.st_nlink = attr["nlink"]
+    e.st_uid = attr["uid"]
+    e.st_gid = attr["gid"]
+    e.st_rdev = attr["rdev"]
+    e.st_size = attr["size"]
+    e.st_blksize = BLKSIZE
+    e.st_blocks = (attr["size"] + 511) // 512
+    e.st_atime_ns = attr["atime"]
+    e.st_mtime_ns = attr["mtime"]
+    e.st_ctime_ns = attr["ctime"]
+    return e
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+
+    def __init__(self, vfs: VFS) -> None:
+        super().__init__()
+        self.vfs = vfs
+
+    @_errors
+    async def lookup(self, parent_inode, name, ctx):
+        return entry(await self.vfs.lookup(parent_inode, name))
+
+    @_errors
+    async def getattr(self, inode, ctx):
+        return entry(await self.vfs.getattr(inode))
+
+    @_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return entry(await self.vfs.setattr(
+            inode,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime=attr.st_atime_ns if fields.update_atime else None,
+            mtime=attr.st_mtime_ns if fields.update_mtime else None))
+
+    @_errors
+    async def readlink(self, inode, ctx):
+        return await self.vfs.readlink(inode)
+
+    @_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return entry(await self.vfs.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+
+    @_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return entry(await self.vfs.mknod(parent_inode, name, (mode & 0o7777) | 0o040000,
+                                          ctx.uid, ctx.gid))
+
+    @_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        return entry(await self.vfs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return entry(await self.vfs.link(inode, new_parent_inode, new_name))
+
+    @_errors
+    async def unlink(self, parent_inode, name, ctx):
+        await self.vfs.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.vfs.rmdir(parent_inode, name)
+
+    @_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.vfs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors
+    async def opendir(self, inode, ctx):
+        return await self.vfs.opendir(inode)
+
+    @_errors
+    async def readdir(self, fh, start_id, token):
+        for i, (name, attr) in enumerate(await self.vfs.readdir(fh, start_id), start_id + 1):
+            if not pyfuse3.readdir_reply(token, name, entry(attr), i):
+                break
+
+    async def releasedir(self, fh):
+        self.vfs.releasedir(fh)
+
+    @_errors
+    async def open(self, inode, flags, ctx):
+        return pyfuse3.FileInfo(fh=await self.vfs.open(inode, flags))
+
+    @_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        fh, attr = await self.vfs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh), entry(attr)
+
+    @_errors
+    async def read(self, fh, off, size):
+        return await self.vfs.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh, off, buf):
+        return await self.vfs.write(fh, off, buf)
+
+    @_errors
+    async def flush(self, fh):
+        await self.vfs.flush(fh)
+
+    @_errors
+    async def fsync(self, fh, datasync):
+        await self.vfs.flush(fh)
+
+    @_errors
+    async def release(self, fh):
+        await self.vfs.release(fh)
+
+    async def forget(self, inode_list):
+        """Inodes live on the server; nothing is kept per lookup here."""
+
+    @_errors
+    async def statfs(self, ctx):
+        s = await self.vfs.statfs()
+        st = pyfuse3.StatvfsData()
+        bsize = 4096
+        total = s["quota"] or (1 << 50)
+        st.f_bsize = st.f_frsize = bsize
+        st.f_blocks = total // bsize
+        st.f_bfree = st.f_bavail = max(total - s["used"], 0) // bsize
+        st.f_files = s["inodes"] + (1 << 32)
+        st.f_ffree = st.f_favail = 1 << 32
+        st.f_namemax = 255
+        return st

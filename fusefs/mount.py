@@ -1,0 +1,95 @@
+"""The mount process: connect to the metaserver, open the block store and cache, serve FUSE.
+
+Runs in the foreground until the filesystem is unmounted (``fusermount3 -u``)
+or it receives SIGTERM/SIGINT, in which case it commits every open file and
+unmounts itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import socket
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from blockstore import open_store
+from cache import BlockCache
+from fusefs.adapter import Operations
+from fusefs.vfs import VFS
+from metaserver.client import MetaClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    server: str
+    token: str
+    cache_dir: str
+    cache_size: int = 10 << 30
+    blocks: str | None = None        # override the block store the server names
+    allow_other: bool = False
+    read_only: bool = False
+    outage_timeout: float = 60.0
+
+
+def _lock_cache_dir(path: str) -> int:
+    """Hold an exclusive lock on the cache directory: one mount per cache."""
+    os.makedirs(path, exist_ok=True)
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"cache directory {path} is in use by another mount") from None
+    return fd
+
+
+async def serve(cfg: MountConfig) -> None:
+    lock_fd = _lock_cache_dir(cfg.cache_dir)
+    staging = os.path.join(cfg.cache_dir, "staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    async with trio.open_nursery() as nursery:
+        client = MetaClient(nursery, cfg.server, cfg.token, socket.gethostname(),
+                            cfg.outage_timeout)
+        await client.connect()
+        store = open_store(cfg.blocks or client.info["blocks"])
+        cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)
+        vfs = VFS(client, cache, staging, nursery)
+        options = {"fsname=nimbusfs", "subtype=nimbusfs", "default_permissions"}
+        if cfg.allow_other:
+            options.add("allow_other")
+        if cfg.read_only:
+            options.add("ro")
+        pyfuse3.init(Operations(vfs), cfg.mountpoint, options)
+        log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,
+                 store.url, client.info["user"])
+        stop_requested = False
+
+        async def on_signals() -> None:
+            nonlocal stop_requested
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    log.info("signal received: committing open files and unmounting")
+                    stop_requested = True
+                    await vfs.flush_all()
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signals)
+        try:
+            await pyfuse3.main()
+        finally:
+            await vfs.flush_all()
+            pyfuse3.close(unmount=stop_requested)
+            log.info("unmounted %s", cfg.mountpoint)
+            await client.aclose()
+            store.close()
+            os.close(lock_fd)
+            nursery.cancel_scope.cancel()

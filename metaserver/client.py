@@ -1,0 +1,160 @@
+"""The mount protocol client: many requests in flight over one TCP connection.
+
+Used by the mount and by the CLI. A background task reads responses and wakes
+the caller waiting on each request id. If the connection drops, the next call
+reconnects with backoff; a call that was in flight is retried when it only
+reads, and fails with EIO when it changed something (it may or may not have
+been applied).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from metaserver.errors import Conflict, FSError
+from metaserver.protocol import FrameReader, pack
+
+log = logging.getLogger(__name__)
+
+READ_ONLY_OPS = frozenset({"getattr", "lookup", "readdir", "readlink", "open", "statfs",
+                           "have_blocks"})
+
+
+class _Lost(Exception):
+    """The connection broke before the response arrived."""
+
+
+def parse_address(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class MetaClient:
+    def __init__(self, nursery: trio.Nursery, address: str, token: str, device: str,
+                 outage_timeout: float = 60.0) -> None:
+        self.nursery = nursery
+        self.host, self.port = parse_address(address)
+        self.token = token
+        self.device = device
+        self.outage_timeout = outage_timeout
+        self.info: dict[str, Any] = {}
+        self._ids = itertools.count(1)
+        self._stream: trio.SocketStream | None = None
+        self._pending: dict[int, list] = {}
+        self._connect_lock = trio.Lock()
+        self._send_lock = trio.Lock()
+
+    async def connect(self) -> trio.SocketStream:
+        async with self._connect_lock:
+            if self._stream is not None:
+                return self._stream
+            delay = 0.05
+            deadline = trio.current_time() + self.outage_timeout
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream(self.host, self.port)
+                    stream.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
+                    reader = FrameReader(stream)
+                    await stream.send_all(pack([0, "hello", {"token": self.token,
+                                                             "device": self.device}]))
+                    reply = await reader.read()
+                    break
+                except OSError as e:
+                    if trio.current_time() + delay > deadline:
+                        raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
+                    log.warning("metaserver %s:%s unreachable (%s); retrying", self.host,
+                                self.port, e)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            if reply is None:
+                raise FSError(errno.EIO, "metaserver closed the connection")
+            if reply[1]:
+                await stream.aclose()
+                raise FSError(reply[1], str(reply[2]))
+            self.info = reply[2]
+            self._stream = stream
+            self.nursery.start_soon(self._read_loop, stream, reader)
+            return stream
+
+    async def _read_loop(self, stream: trio.SocketStream, reader: FrameReader) -> None:
+        try:
+            while (msg := await reader.read()) is not None:
+                waiter = self._pending.pop(msg[0], None)
+                if waiter is not None:
+                    waiter[1] = msg
+                    waiter[0].set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ValueError):
+            pass
+        finally:
+            if self._stream is stream:
+                self._stream = None
+            for rid, waiter in list(self._pending.items()):
+                if waiter[2] is stream:
+                    del self._pending[rid]
+                    waiter[0].set()
+            await stream.aclose()
+
+    async def call(self, op: str, **args: Any) -> Any:
+        """Send one request and return its result; raise FSError for an errno."""
+        while True:
+            stream = await self.connect()
+            rid = next(self._ids)
+            waiter: list = [trio.Event(), None, stream]
+            self._pending[rid] = waiter
+            try:
+                async with self._send_lock:
+                    await stream.send_all(pack([rid, op, args]))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._pending.pop(rid, None)
+                if self._stream is stream:
+                    self._stream = None
+                continue  # nothing was sent whole: safe to send again
+            await waiter[0].wait()
+            msg = waiter[1]
+            if msg is None:
+                if op in READ_ONLY_OPS:
+                    continue
+                raise FSError(errno.EIO, f"connection lost during {op}; outcome unknown")
+            if msg[1] == 0:
+                return msg[2]
+            if isinstance(msg[2], dict) and "conflict" in msg[2]:
+                raise Conflict(msg[2]["conflict"])
+            raise FSError(msg[1], str(msg[2]))
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+
+
+@asynccontextmanager
+async def connect(address: str, token: str, device: str, outage_timeout: float = 60.0
+                  ) -> AsyncIterator[MetaClient]:
+    """Open a client for the duration of the block.
+
+    A failure to connect (e.g. a refused token) is raised as itself, not wrapped
+    in the nursery's exception group.
+    """
+    failure: FSError | None = None
+    async with trio.open_nursery() as nursery:
+        client = MetaClient(nursery, address, token, device, outage_timeout)
+        try:
+            await client.connect()
+        except FSError as e:
+            failure = e
+        if failure is None:
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+
+

@@ -1,0 +1,470 @@
+"""The filesystem's metadata operations, each one PostgreSQL transaction.
+
+Every function takes an open cursor inside a transaction (see
+``Database.run``), the authenticated :class:`User` and the calling device, and
+either returns a msgpack-able result or raises :class:`FSError`.
+
+Invariants kept here:
+- every inode touched belongs to the caller's volume (``owner_id``); an inode of
+  another user answers ENOENT, never its data;
+- ``nlink`` of a directory is 2 + its subdirectories; of a file, its dentries;
+- an inode whose ``nlink`` drops to 0 is an *orphan*: its row stays so that
+  handles still open on some mount keep working, and the mount that saw it
+  orphaned calls ``purge`` after its last close;
+- ``users.used_bytes`` is the sum of current sizes of the volume's files and
+  ``blocks.refcount`` counts references from every kept version;
+- rows are locked parent-first in ascending inode order, so concurrent
+  operations cannot deadlock on each other's directories.
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+from psycopg import Cursor
+
+from metaserver.auth import User
+from metaserver.errors import Conflict, FSError
+
+NAME_MAX = 255
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+OPS: dict[str, Callable[..., Any]] = {}
+
+
+def op(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``fn`` as a mount-protocol operation under its own name."""
+    OPS[fn.__name__] = fn
+    return fn
+
+
+_ATTR_COLS = "id, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, version"
+
+
+def _attr(row: tuple) -> dict[str, int]:
+    keys = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "atime", "mtime", "ctime",
+            "version")
+    return dict(zip(keys, row, strict=True))
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise FSError(errno.EINVAL, f"invalid name {name!r}")
+
+
+def _inode(cur: Cursor, u: User, ino: int, lock: bool = False) -> dict[str, int]:
+    cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s"
+                + (" FOR UPDATE" if lock else ""), (ino, u.id))
+    row = cur.fetchone()
+    if row is None:
+        raise FSError(errno.ENOENT, f"no inode {ino}")
+    return _attr(row)
+
+
+def _lock(cur: Cursor, u: User, *inos: int) -> dict[int, dict[str, int]]:
+    """Lock several inodes in ascending order and return their attributes."""
+    return {i: _inode(cur, u, i, lock=True) for i in sorted(set(inos))}
+
+
+def _dir(cur: Cursor, u: User, ino: int, lock: bool = True) -> dict[str, int]:
+    a = _inode(cur, u, ino, lock)
+    if not stat.S_ISDIR(a["mode"]):
+        raise FSError(errno.ENOTDIR, f"inode {ino} is not a directory")
+    if a["nlink"] == 0:
+        raise FSError(errno.ENOENT, "directory was removed")
+    return a
+
+
+def _child(cur: Cursor, parent: int, name: bytes) -> int | None:
+    cur.execute("SELECT inode FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+    row = cur.fetchone()
+    return row[0] if row else None
+
+
+def _touch(cur: Cursor, ino: int, now: int, mtime: bool = True) -> None:
+    """Set ctime (and mtime) of a directory whose entries changed."""
+    cur.execute("UPDATE inodes SET ctime_ns = %s" + (", mtime_ns = %s" if mtime else "")
+                + " WHERE id = %s", (now, now, ino) if mtime else (now, ino))
+
+
+def _log(cur: Cursor, u: User, device: str, kind: str, ino: int, parent: int | None = None,
+         name: bytes | None = None) -> None:
+    cur.execute("INSERT INTO changes (owner_id, inode, parent, name, kind, device)"
+                " VALUES (%s, %s, %s, %s, %s, %s)", (u.id, ino, parent, name, kind, device))
+
+
+def _drop_link(cur: Cursor, u: User, ino: int, now: int) -> int | None:
+    """Decrement nlink of a non-directory; return ino if it became an orphan."""
+    cur.execute("UPDATE inodes SET nlink = nlink - 1, ctime_ns = %s WHERE id = %s"
+                " RETURNING nlink", (now, ino))
+    return ino if cur.fetchone()[0] == 0 else None
+
+
+def _remove_dir(cur: Cursor, parent: int, name: bytes, ino: int, now: int) -> None:
+    """Remove an empty, locked directory entry and the directory itself."""
+    cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (ino,))
+    if cur.fetchone():
+        raise FSError(errno.ENOTEMPTY, "directory not empty")
+    cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+    cur.execute("UPDATE inodes SET nlink = nlink - 1 WHERE id = %s", (parent,))
+    cur.execute("DELETE FROM inodes WHERE id = %s", (ino,))
+    _touch(cur, parent, now)
+
+
+# --- queries -----------------------------------------------------------------
+
+@op
+def hello(cur: Cursor, u: User, device: str) -> dict[str, Any]:
+    return {"user": u.name, "root": u.root}
+
+
+@op
+def getattr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
+    return _inode(cur, u, ino)
+
+
+@op
+def lookup(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, int]:
+    if len(name) > NAME_MAX:
+        raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+    cur.execute(f"SELECT {', '.join('i.' + c.strip() for c in _ATTR_COLS.split(','))}"
+                " FROM dentries d JOIN inodes i ON i.id = d.inode"
+                " WHERE d.parent = %s AND d.name = %s AND i.owner_id = %s", (parent, name, u.id))
+    row = cur.fetchone()
+    if row is None:
+        _dir(cur, u, parent, lock=False)
+        raise FSError(errno.ENOENT, "no such entry")
+    return _attr(row)
+
+
+@op
+def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, dict[str, int]]]:
+    """All entries of a directory, sorted by name, with their attributes."""
+    _dir(cur, u, ino, lock=False)
+    cur.execute(f"SELECT d.name, {', '.join('i.' + c.strip() for c in _ATTR_COLS.split(','))}"
+                " FROM dentries d JOIN inodes i ON i.id = d.inode"
+                " WHERE d.parent = %s ORDER BY d.name", (ino,))
+    return [(r[0], _attr(r[1:])) for r in cur.fetchall()]
+
+
+@op
+def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
+    _inode(cur, u, ino)
+    cur.execute("SELECT target FROM inodes WHERE id = %s", (ino,))
+    target = cur.fetchone()[0]
+    if target is None:
+        raise FSError(errno.EINVAL, "not a symlink")
+    return bytes(target)
+
+
+@op
+def open(cur: Cursor, u: User, device: str, ino: int) -> dict[str, Any]:
+    """Attributes and the current extent list of a file."""
+    a = _inode(cur, u, ino)
+    extents: list = []
+    if a["version"]:
+        cur.execute("SELECT extents FROM versions WHERE inode = %s AND version = %s",
+                    (ino, a["version"]))
+        extents = msgpack.unpackb(cur.fetchone()[0])
+    return {"attr": a, "extents": extents}
+
+
+@op
+def statfs(cur: Cursor, u: User, device: str) -> dict[str, int]:
+    cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
+    quota, used = cur.fetchone()
+    cur.execute("SELECT count(*) FROM inodes WHERE owner_id = %s", (u.id,))
+    return {"quota": quota, "used": used, "inodes": cur.fetchone()[0]}
+
+
+@op
+def have_blocks(cur: Cursor, u: User, device: str, keys: list[bytes]) -> list[bytes]:
+    """The subset of ``keys`` that committed versions already reference."""
+    if not keys:
+        return []
+    cur.execute("SELECT hash FROM blocks WHERE hash = ANY(%s) AND refcount > 0", (keys,))
+    return [bytes(r[0]) for r in cur.fetchall()]
+
+
+# --- namespace changes ---------------------------------------------------------
+
+def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int,
+               uid: int, gid: int, rdev: int = 0, target: bytes | None = None) -> dict[str, int]:
+    _check_name(name)
+    now = time.time_ns()
+    p = _dir(cur, u, parent)
+    if _child(cur, parent, name) is not None:
+        raise FSError(errno.EEXIST, "entry exists")
+    is_dir = stat.S_ISDIR(mode)
+    # setgid directories pass their group (and, for subdirectories, the bit) on.
+    if p["mode"] & stat.S_ISGID:
+        gid = p["gid"]
+        if is_dir:
+            mode |= stat.S_ISGID
+    cur.execute(
+        "INSERT INTO inodes (owner_id, mode, uid, gid, nlink, rdev, atime_ns, mtime_ns,"
+        f" ctime_ns, target) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING {_ATTR_COLS}",
+        (u.id, mode, uid, gid, 2 if is_dir else 1, rdev, now, now, now, target))
+    a = _attr(cur.fetchone())
+    cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)",
+                (parent, name, a["ino"]))
+    if is_dir:
+        cur.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id = %s", (parent,))
+    _touch(cur, parent, now)
+    _log(cur, u, device, "create", a["ino"], parent, name)
+    return a
+
+
+@op
+def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int, uid: int,
+          gid: int, rdev: int = 0) -> dict[str, int]:
+    """Create a file, directory, FIFO or socket (the type is in ``mode``)."""
+    if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK,
+                                 stat.S_IFCHR, stat.S_IFBLK):
+        raise FSError(errno.EINVAL, "bad file type")
+    return _new_inode(cur, u, device, parent, name, mode, uid, gid, rdev)
+
+
+@op
+def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target: bytes,
+            uid: int, gid: int) -> dict[str, int]:
+    if len(target) > 4095:
+        raise FSError(errno.ENAMETOOLONG, "symlink target too long")
+    a = _new_inode(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+    cur.execute(f"UPDATE inodes SET size = %s WHERE id = %s RETURNING {_ATTR_COLS}",
+                (len(target), a["ino"]))
+    return _attr(cur.fetchone())
+
+
+@op
+def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
+         ) -> dict[str, int]:
+    _check_name(name)
+    now = time.time_ns()
+    locked = _lock(cur, u, ino, parent)
+    if stat.S_ISDIR(locked[ino]["mode"]):
+        raise FSError(errno.EPERM, "hard link to a directory")
+    if locked[ino]["nlink"] == 0:
+        raise FSError(errno.ENOENT, "file was removed")
+    _dir(cur, u, parent)
+    if _child(cur, parent, name) is not None:
+        raise FSError(errno.EEXIST, "entry exists")
+    cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)",
+                (parent, name, ino))
+    cur.execute(f"UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s"
+                f" RETURNING {_ATTR_COLS}", (now, ino))
+    a = _attr(cur.fetchone())
+    _touch(cur, parent, now)
+    _log(cur, u, device, "link", ino, parent, name)
+    return a
+
+
+@op
+def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, Any]:
+    """Remove a non-directory entry; report the inode if it became an orphan."""
+    now = time.time_ns()
+    _dir(cur, u, parent)
+    ino = _child(cur, parent, name)
+    if ino is None:
+        raise FSError(errno.ENOENT, "no such entry")
+    if stat.S_ISDIR(_inode(cur, u, ino, lock=True)["mode"]):
+        raise FSError(errno.EISDIR, "is a directory")
+    cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
+    orphan = _drop_link(cur, u, ino, now)
+    _touch(cur, parent, now)
+    _log(cur, u, device, "unlink", ino, parent, name)
+    return {"orphan": orphan}
+
+
+@op
+def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> None:
+    if name == b".":
+        raise FSError(errno.EINVAL, "cannot remove '.'")
+    now = time.time_ns()
+    _dir(cur, u, parent)
+    ino = _child(cur, parent, name)
+    if ino is None:
+        raise FSError(errno.ENOENT, "no such entry")
+    if not stat.S_ISDIR(_inode(cur, u, ino, lock=True)["mode"]):
+        raise FSError(errno.ENOTDIR, "not a directory")
+    _remove_dir(cur, parent, name, ino, now)
+    _log(cur, u, device, "rmdir", ino, parent, name)
+
+
+def _is_ancestor(cur: Cursor, anc: int, ino: int) -> bool:
+    """Whether directory ``anc`` is ``ino`` or one of its ancestors."""
+    cur.execute(
+        "WITH RECURSIVE up(id) AS (SELECT %s::bigint UNION"
+        " SELECT d.parent FROM dentries d JOIN up ON d.inode = up.id)"
+        " SELECT 1 FROM up WHERE id = %s", (ino, anc))
+    return cur.fetchone() is not None
+
+
+@op
+def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_parent: int,
+           new_name: bytes, flags: int = 0) -> dict[str, Any]:
+    """Move an entry, replacing or exchanging with an existing one as rename(2) says."""
+    _check_name(new_name)
+    now = time.time_ns()
+    _lock(cur, u, parent, new_parent)
+    _dir(cur, u, parent)
+    _dir(cur, u, new_parent)
+    src = _child(cur, parent, name)
+    if src is None:
+        raise FSError(errno.ENOENT, "no such entry")
+    dst = _child(cur, new_parent, new_name)
+    attrs = _lock(cur, u, *(i for i in (src, dst) if i is not None))
+    src_dir = stat.S_ISDIR(attrs[src]["mode"])
+    if flags & RENAME_EXCHANGE:
+        if dst is None:
+            raise FSError(errno.ENOENT, "exchange target does not exist")
+    elif dst is not None and flags & RENAME_NOREPLACE:
+        raise FSError(errno.EEXIST, "target exists")
+    if src_dir and parent != new_parent and _is_ancestor(cur, src, new_parent):
+        raise FSError(errno.EINVAL, "cannot move a directory into itself")
+    dst_dir = dst is not None and stat.S_ISDIR(attrs[dst]["mode"])
+    if flags & RENAME_EXCHANGE and dst_dir and parent != new_parent \
+            and _is_ancestor(cur, dst, parent):
+        raise FSError(errno.EINVAL, "cannot move a directory into itself")
+    if src == dst:
+        return {"orphan": None}
+    orphan = None
+    if flags & RENAME_EXCHANGE:
+        cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s",
+                    (dst, parent, name))
+        cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s",
+                    (src, new_parent, new_name))
+        if src_dir != dst_dir and parent != new_parent:
+            moved_in = 1 if src_dir else -1
+            cur.execute("UPDATE inodes SET nlink = nlink + %s WHERE id = %s",
+                        (moved_in, new_parent))
+            cur.execute("UPDATE inodes SET nlink = nlink - %s WHERE id = %s", (moved_in, parent))
+        cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id IN (%s, %s)", (now, src, dst))
+    else:
+        if dst is not None:
+            if src_dir and not dst_dir:
+                raise FSError(errno.ENOTDIR, "target is not a directory")
+            if dst_dir and not src_dir:
+                raise FSError(errno.EISDIR, "target is a directory")
+            if dst_dir:
+                _remove_dir(cur, new_parent, new_name, dst, now)
+            else:
+                cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s",
+                            (new_parent, new_name))
+                orphan = _drop_link(cur, u, dst, now)
+        cur.execute("UPDATE dentries SET parent = %s, name = %s WHERE parent = %s AND name = %s",
+                    (new_parent, new_name, parent, name))
+        if src_dir and parent != new_parent:
+            cur.execute("UPDATE inodes SET nlink = nlink - 1 WHERE id = %s", (parent,))
+            cur.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id = %s", (new_parent,))
+        cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, src))
+    _touch(cur, parent, now)
+    _touch(cur, new_parent, now)
+    _log(cur, u, device, "rename", src, new_parent, new_name)
+    return {"orphan": orphan}
+
+
+@op
+def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None,
+            uid: int | None = None, gid: int | None = None, atime: int | None = None,
+            mtime: int | None = None) -> dict[str, int]:
+    """Change mode, owner or times; ctime becomes now. Size changes are commits."""
+    a = _inode(cur, u, ino, lock=True)
+    sets, vals = ["ctime_ns = %s"], [time.time_ns()]
+    if mode is not None:
+        sets.append("mode = %s")
+        vals.append(stat.S_IFMT(a["mode"]) | stat.S_IMODE(mode))
+    for col, v in (("uid", uid), ("gid", gid), ("atime_ns", atime), ("mtime_ns", mtime)):
+        if v is not None:
+            sets.append(f"{col} = %s")
+            vals.append(v)
+    cur.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id = %s RETURNING {_ATTR_COLS}",
+                (*vals, ino))
+    attr = _attr(cur.fetchone())
+    _log(cur, u, device, "setattr", ino)
+    return attr
+
+
+# --- content -------------------------------------------------------------------
+
+def _add_refs(cur: Cursor, extents: list, sign: int) -> None:
+    counts = Counter(bytes(k) for k, _ in extents if k is not None)
+    if not counts:
+        return
+    sizes = {bytes(k): n for k, n in extents if k is not None}
+    keys = sorted(counts)  # a fixed order keeps concurrent commits from deadlocking
+    if sign > 0:
+        cur.execute(
+            "INSERT INTO blocks (hash, size, refcount)"
+            " SELECT * FROM unnest(%s::bytea[], %s::int[], %s::bigint[])"
+            " ON CONFLICT (hash) DO UPDATE"
+            " SET refcount = blocks.refcount + excluded.refcount, unref_since = NULL",
+            (keys, [sizes[k] for k in keys], [counts[k] for k in keys]))
+    else:
+        cur.execute(
+            "UPDATE blocks b SET refcount = b.refcount - c.n,"
+            " unref_since = CASE WHEN b.refcount - c.n <= 0 THEN now() END"
+            " FROM unnest(%s::bytea[], %s::bigint[]) AS c(hash, n) WHERE b.hash = c.hash",
+            (keys, [counts[k] for k in keys]))
+
+
+@op
+def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list, size: int,
+           mtime: int) -> dict[str, int]:
+    """Make ``extents`` the new current version of file ``ino``.
+
+    ``base`` is the version the writer started from; if another commit came
+    first the request fails with Conflict and nothing changes. The blocks must
+    already be in the block store: a version never references a missing block.
+    """
+    a = _inode(cur, u, ino, lock=True)
+    if not stat.S_ISREG(a["mode"]):
+        raise FSError(errno.EINVAL, "not a regular file")
+    if a["version"] != base:
+        raise Conflict(a["version"])
+    if sum(n for _, n in extents) != size:
+        raise FSError(errno.EINVAL, "extents do not add up to size")
+    cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s FOR UPDATE", (u.id,))
+    quota, used = cur.fetchone()
+    grow = size - a["size"]
+    if quota and grow > 0 and used + grow > quota:
+        raise FSError(errno.EDQUOT, "storage quota exceeded")
+    version = a["version"] + 1
+    cur.execute("INSERT INTO versions (inode, version, size, extents, user_id, device)"
+                " VALUES (%s, %s, %s, %s, %s, %s)",
+                (ino, version, size, msgpack.packb(extents), u.id, device))
+    _add_refs(cur, extents, +1)
+    cur.execute("UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s", (grow, u.id))
+    now = time.time_ns()
+    cur.execute(f"UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s"
+                f" WHERE id = %s RETURNING {_ATTR_COLS}", (version, size, mtime, now, ino))
+    attr = _attr(cur.fetchone())
+    _log(cur, u, device, "write", ino)
+    return attr
+
+
+@op
+def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
+    """Delete an orphan (nlink 0) with its versions; True if it was deleted."""
+    cur.execute("SELECT nlink, size FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
+                (ino, u.id))
+    row = cur.fetchone()
+    if row is None or row[0] > 0:
+        return False
+    cur.execute("SELECT extents FROM versions WHERE inode = %s", (ino,))
+    for (ext,) in cur.fetchall():
+        _add_refs(cur, msgpack.unpackb(ext), -1)
+    cur.execute("DELETE FROM inodes WHERE id = %s", (ino,))
+    cur.execute("UPDATE users SET used_bytes = used_bytes - %s WHERE id = %s", (row[1], u.id))
+    return True
+
+

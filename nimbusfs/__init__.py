@@ -1,0 +1,1 @@
+"""nimbusfs command line and the embedded single-machine deployment."""

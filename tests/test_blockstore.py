@@ -1,0 +1,68 @@
+"""The block store contract, on the local directory and on the GCS emulator."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from blockstore import BlockNotFound, block_hash, open_store
+from blockstore.chunking import MAX_BLOCK, MIN_BLOCK, chunk_fd
+from conftest import GCS_BUCKET
+
+
+@pytest.fixture(params=["local", "gcs"])
+def bstore(request, services, tmp_path):
+    if request.param == "local":
+        return open_store(str(tmp_path / "blocks"))
+    os.environ["STORAGE_EMULATOR_HOST"] = services.gcs_endpoint
+    return open_store(f"gs://{GCS_BUCKET}/unit-{uuid.uuid4().hex[:8]}")
+
+
+def test_put_get_range_exists_delete_list(bstore):
+    data = os.urandom(100_000)
+    key = block_hash(data)
+    assert not bstore.exists(key)
+    with pytest.raises(BlockNotFound):
+        bstore.get(key)
+    assert bstore.put(key, data) is True
+    assert bstore.put(key, data) is False  # written once, never overwritten
+    assert bstore.exists(key)
+    assert bstore.get(key) == data
+    assert bstore.get_range(key, 1000, 500) == data[1000:1500]
+    other = os.urandom(10)
+    bstore.put(block_hash(other), other)
+    assert set(bstore.list()) == {key, block_hash(other)}
+    bstore.delete(key)
+    bstore.delete(key)  # absent is not an error
+    assert not bstore.exists(key)
+    assert list(bstore.list()) == [block_hash(other)]
+
+
+def test_chunking_is_content_defined(tmp_path):
+    """An insertion changes only the blocks around it; the rest keep their hashes."""
+    import blake3
+
+    data = blake3.blake3(b"seed").digest(length=20 << 20)
+    edited = data[:7_000_000] + b"!" + data[7_000_000:]
+    keys = []
+    for content in (data, edited):
+        p = tmp_path / "f"
+        p.write_bytes(content)
+        fd = os.open(p, os.O_RDONLY)
+        pieces = chunk_fd(fd, 0, len(content))
+        os.close(fd)
+        assert sum(pc.length for pc in pieces) == len(content)
+        assert all(MIN_BLOCK <= pc.length <= MAX_BLOCK for pc in pieces[:-1])
+        keys.append({pc.key for pc in pieces})
+    assert len(keys[1] - keys[0]) <= 2
+
+
+def test_zero_chunks_are_holes(tmp_path):
+    p = tmp_path / "z"
+    p.write_bytes(bytes(8 << 20))
+    fd = os.open(p, os.O_RDONLY)
+    pieces = chunk_fd(fd, 0, 8 << 20)
+    os.close(fd)
+    assert pieces and all(pc.key is None for pc in pieces)

@@ -1,0 +1,70 @@
+"""The README's first command, as a user runs it: ./mount.sh on the embedded default."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+from conftest import _world_dir
+
+from nimbusfs.embedded import Embedded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    r = subprocess.run([os.path.join(ROOT, "mount.sh"), *args], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_mount_sh_embedded_lifecycle():
+    home = _world_dir("nimbus-home-")
+    work = _world_dir("nimbus-mnt-")
+    env = dict(os.environ, NIMBUSFS_HOME=home)
+    a, b, c = (os.path.join(work, n) for n in ("a", "b", "c"))
+    try:
+        out = run(a, env=env).stdout
+        assert os.path.ismount(a)
+        server = re.search(r"server: (\S+)", out)[1]
+        token = re.search(r"token:\s+(\S+)", out)[1]
+        with open(os.path.join(a, "note.txt"), "w") as f:
+            f.write("kept\n")
+
+        # A second mount of the same volume through the running embedded server.
+        run(b, "--cache-dir", os.path.join(work, "cache-b"), env=env)
+        with open(os.path.join(b, "note.txt")) as f:
+            assert f.read() == "kept\n"
+        # And as another machine would: by address and token.
+        run(c, "--server", server, "--token", token, "--cache-dir", os.path.join(work, "cc"),
+            env=env)
+        assert os.listdir(c) == ["note.txt"]
+
+        run("-u", c, env=env)
+        run("-u", b, env=env)
+        assert Embedded(home).server_address() is not None  # a still uses it
+        out = run("-u", a, env=env).stdout
+        assert "embedded services stopped" in out
+        assert not os.path.ismount(a)
+        assert Embedded(home).server_address() is None
+
+        run(a, env=env)
+        with open(os.path.join(a, "note.txt")) as f:
+            assert f.read() == "kept\n"
+        run("-u", a, env=env)
+    finally:
+        for m in (a, b, c):
+            if os.path.ismount(m):
+                subprocess.run(["umount", "-l", m], check=False)
+        Embedded(home).stop_if_unused()
+        Embedded(home).stop_postgres()
+        logs = os.path.join(home, "logs")
+        for name in os.listdir(logs) if os.path.isdir(logs) else ():
+            if name != "postgres.log":
+                with open(os.path.join(logs, name)) as f:
+                    assert "Traceback" not in f.read(), name
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

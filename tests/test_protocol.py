@@ -1,0 +1,56 @@
+"""The mount protocol over a real TCP connection to the test metaserver."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+from metaserver.client import connect
+from metaserver.errors import FSError
+
+
+async def test_bad_token_is_refused(services):
+    with pytest.raises(FSError) as e:
+        async with connect(services.deployments["local"].address, "nfs_wrong", "t",
+                           outage_timeout=5):
+            pass
+    assert e.value.errno == errno.EACCES
+
+
+async def test_many_requests_in_flight_on_one_connection(services):
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        root = c.info["root"]
+        async with trio.open_nursery() as n:
+            for i in range(50):
+                n.start_soon(lambda i=i: c.call("mknod", parent=root, name=b"f%d" % i,
+                                                mode=0o100644, uid=0, gid=0))
+        names = {name for name, _ in await c.call("readdir", ino=root)}
+        assert names == {b"f%d" % i for i in range(50)}
+
+
+async def test_users_cannot_see_each_other(services):
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "a") as a, \
+            connect(dep.address, dep.new_user(), "b") as b:
+        f = await a.call("mknod", parent=a.info["root"], name=b"secret", mode=0o100600,
+                         uid=0, gid=0)
+        for op, args in [("getattr", {"ino": f["ino"]}), ("open", {"ino": f["ino"]}),
+                         ("readdir", {"ino": a.info["root"]}),
+                         ("unlink", {"parent": a.info["root"], "name": b"secret"})]:
+            with pytest.raises(FSError) as e:
+                await b.call(op, **args)
+            assert e.value.errno == errno.ENOENT
+
+
+async def test_bad_arguments_are_einval(services):
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        with pytest.raises(FSError) as e:
+            await c.call("getattr", nope=1)
+        assert e.value.errno == errno.EINVAL
+        with pytest.raises(FSError) as e:
+            await c.call("no_such_op")
+        assert e.value.errno == errno.ENOSYS
