@@ -68,7 +68,7 @@ async def test_corrupt_cache_file_is_refetched(tmp_path):
 async def test_corrupt_store_block_is_eio(tmp_path):
     store = CountingStore(str(tmp_path / "store"))
     cache = BlockCache(store, str(tmp_path / "c"), max_bytes=10 << 20)
-    (key, data), = blocks(1, 5000)
+    ((key, _),) = blocks(1, 5000)
     store.put(key, b"not the right bytes")
     with pytest.raises(FSError) as e:
         await cache.get(key)
