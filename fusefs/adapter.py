@@ -58,6 +58,16 @@ def entry(attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
     return e
 
 
+class Kernel:
+    """The kernel's caches (see ``fusefs.vfs.KernelCache``); calls may block."""
+
+    def invalidate_inode(self, ino: int) -> None:
+        pyfuse3.invalidate_inode(ino)
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        pyfuse3.invalidate_entry(parent, name)
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
 
@@ -132,7 +142,8 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
-        return pyfuse3.FileInfo(fh=await self.vfs.open(inode, flags))
+        fh, keep = await self.vfs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_errors
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -72,17 +72,23 @@ class OpenFile:
     def __init__(self, vfs: VFS, ino: int, attr: dict, extents: list) -> None:
         self.vfs = vfs
         self.ino = ino
+        self.staging: Staging | None = None
+        self.handles = 0
+        self.lock = trio.Lock()
+        self.last_read_end = -1
+        self.reset(attr, extents)
+
+    def reset(self, attr: dict, extents: list) -> None:
+        """Adopt a committed version as the clean state (no dirty data may be pending)."""
         self.attr = attr
         self.base = attr["version"]
         self.extents = Extents(extents)
         self.size = attr["size"]
         self.cut = self.size          # lowest size since the last commit
-        self.staging: Staging | None = None
-        self.modified = False         # size or content changed since the last commit
         self.mtime = attr["mtime"]
-        self.handles = 0
-        self.lock = trio.Lock()
-        self.last_read_end = -1
+        self.modified = False         # size or content changed since the last commit
+        if self.staging is not None:
+            self.staging.reset()
 
     # --- reading ---------------------------------------------------------------
 
@@ -247,14 +253,20 @@ class OpenFile:
             pieces = [p for ps in chunks.values() for p in ps]
             await self._upload(pieces)
             extents = self._new_extents(win, chunks)
-            attr = await self.vfs.client.call("commit", ino=self.ino, base=self.base,
-                                              extents=extents, size=self.size, mtime=self.mtime)
-            self.attr = attr
-            self.base = attr["version"]
-            self.extents = Extents(extents)
-            self.cut = self.size
-            self.modified = False
-            self.staging.reset()
+            r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
+                                           extents=extents, size=self.size, mtime=self.mtime,
+                                           **self.vfs.commit_hint(self.ino))
+            if "conflict" not in r:
+                self.reset(r["attr"], extents)
+                return
+            # Another writer won (or the file was deleted elsewhere): our bytes are
+            # in the conflicted copy; this file now shows the winner's version.
+            self.vfs.record_conflict(self.ino, r["conflict"])
+            if r["attr"] is None:
+                self.reset(r["conflict"], extents)
+            else:
+                cur = await self.vfs.client.call("open", ino=self.vfs.srv(self.ino))
+                self.reset(cur["attr"], cur["extents"])
 
     def close(self) -> None:
         if self.staging is not None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import uuid
 from dataclasses import dataclass
 
 import pyfuse3
@@ -20,7 +21,7 @@ import trio
 
 from blockstore import open_store
 from cache import BlockCache
-from fusefs.adapter import Operations
+from fusefs.adapter import Kernel, Operations
 from fusefs.vfs import VFS
 from metaserver.client import MetaClient
 
@@ -53,21 +54,24 @@ def _lock_cache_dir(path: str) -> int:
 
 async def serve(cfg: MountConfig) -> None:
     lock_fd = _lock_cache_dir(cfg.cache_dir)
-    staging = os.path.join(cfg.cache_dir, "staging")
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(os.path.join(cfg.cache_dir, "staging"), ignore_errors=True)
     async with trio.open_nursery() as nursery:
-        client = MetaClient(nursery, cfg.server, cfg.token, socket.gethostname(),
-                            cfg.outage_timeout)
+        # The device id names this mount in the change log and in versions.
+        device = f"{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
+        client = MetaClient(nursery, cfg.server, cfg.token, device, cfg.outage_timeout)
         await client.connect()
         store = open_store(cfg.blocks or client.info["blocks"])
         cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)
-        vfs = VFS(client, cache, staging, nursery)
+        vfs = VFS(client, cache, cfg.cache_dir, nursery)
+        client.on_push = vfs.apply_changes
         options = {"fsname=nimbusfs", "subtype=nimbusfs", "default_permissions"}
         if cfg.allow_other:
             options.add("allow_other")
         if cfg.read_only:
             options.add("ro")
         pyfuse3.init(Operations(vfs), cfg.mountpoint, options)
+        nursery.start_soon(vfs.run_invalidations, Kernel())
+        await client.subscribe()
         log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,
                  store.url, client.info["user"])
         stop_requested = False

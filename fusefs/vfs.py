@@ -11,20 +11,27 @@ State kept per mount:
 
 Namespace operations go straight to the server (one transaction each) and
 are visible to every mount as soon as they return. File content is
-close-to-open: a close or fsync commits it before returning.
+close-to-open: a close or fsync commits it before returning, and every open
+asks the server for the current version. Changes made by other mounts are
+pushed by the server; ``apply_changes`` turns them into kernel cache
+invalidations, done by one background task in a worker thread (the kernel
+may block an invalidation while a related request is in progress).
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
+from cachetools import LRUCache
 
 from cache import BlockCache
 from fusefs.filedata import OpenFile
@@ -34,26 +41,101 @@ from metaserver.errors import FSError
 log = logging.getLogger(__name__)
 
 ROOT = 1
+# Kinds of change that alter a directory entry (the others alter an inode only).
+ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "rename_from"})
+
+
+class KernelCache(Protocol):
+    """The kernel's caches, as the FUSE adapter exposes them (blocking calls)."""
+
+    def invalidate_inode(self, ino: int) -> None: ...
+    def invalidate_entry(self, parent: int, name: bytes) -> None: ...
 
 
 class VFS:
-    def __init__(self, client: MetaClient, cache: BlockCache, staging_dir: str,
+    def __init__(self, client: MetaClient, cache: BlockCache, state_dir: str,
                  nursery: trio.Nursery) -> None:
         self.client = client
         self.cache = cache
-        self.staging_dir = staging_dir
+        self.state_dir = state_dir
+        self.staging_dir = os.path.join(state_dir, "staging")
         self.nursery = nursery
         self.root = client.info["root"]
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
         self.dirs: dict[int, list] = {}
         self.orphans: set[int] = set()
+        # Bounded maps: where each inode was last seen (for conflict copies), and
+        # the version the kernel's page cache holds for it.
+        self.names: LRUCache[int, tuple[int, bytes]] = LRUCache(100_000)
+        self.page_version: LRUCache[int, int] = LRUCache(100_000)
         self._fh = itertools.count(1)
+        self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
+
+    # --- changes from other mounts ---------------------------------------------------
+
+    def apply_changes(self, changes: list) -> None:
+        """Queue kernel invalidations for changes pushed by the server.
+
+        Changes made by this mount are skipped: its replies already updated the
+        kernel. An empty list means the server's log did not reach back far
+        enough: every inode this mount has shown is invalidated.
+        """
+        if not changes:
+            log.warning("change log reset: invalidating all cached inodes")
+            for ino in list(self.page_version):
+                self._inval_send.send_nowait(("inode", ino))
+            self.page_version.clear()
+            return
+        for _, ino, parent, name, kind, device in changes:
+            if device == self.client.device:
+                continue
+            self._inval_send.send_nowait(("inode", self.fuse(ino)))
+            if kind in ENTRY_CHANGES and parent is not None:
+                self._inval_send.send_nowait(("entry", self.fuse(parent), bytes(name)))
+                self._inval_send.send_nowait(("inode", self.fuse(parent)))
+
+    async def run_invalidations(self, kernel: KernelCache) -> None:
+        async for item in self._inval_recv:
+            try:
+                if item[0] == "inode":
+                    await trio.to_thread.run_sync(kernel.invalidate_inode, item[1])
+                else:
+                    await trio.to_thread.run_sync(kernel.invalidate_entry, item[1], item[2])
+            except OSError:
+                pass  # the kernel holds nothing for it: nothing to invalidate
+
+    # --- conflicts -----------------------------------------------------------------------
+
+    def commit_hint(self, ino: int) -> dict[str, Any]:
+        """Where a conflicted copy of ``ino`` should go (nothing for files we deleted)."""
+        if ino in self.orphans or ino not in self.names:
+            return {}
+        parent, name = self.names[ino]
+        return {"parent": parent, "name": name}
+
+    def record_conflict(self, ino: int, copy: dict[str, Any]) -> None:
+        parent, name = self.names.get(ino, (self.root, b"?"))
+        log.warning("conflict on %r (inode %d): another writer's version was kept; this"
+                    " mount's bytes are saved as inode %d", name, ino, copy["ino"])
+        with open(os.path.join(self.state_dir, "conflicts.jsonl"), "a") as f:
+            f.write(json.dumps({"time": time.time(), "inode": ino, "parent": parent,
+                                "name": name.decode(errors="replace"),
+                                "copy_inode": copy["ino"]}) + "\n")
 
     # --- helpers -----------------------------------------------------------------
 
     def srv(self, ino: int) -> int:
         return self.root if ino == ROOT else ino
+
+    def fuse(self, ino: int) -> int:
+        return ROOT if ino == self.root else ino
+
+    def _named(self, parent: int, name: bytes, attr: dict[str, Any]) -> dict[str, Any]:
+        """Remember where an inode was seen (for conflict copies) and return its attrs."""
+        if not stat.S_ISDIR(attr["mode"]):
+            self.names[self.fuse(attr["ino"])] = (self.srv(parent), name)
+        return self._out(attr)
 
     def _out(self, attr: dict[str, Any]) -> dict[str, Any]:
         """Server attributes as this mount sees them (FUSE inode, unflushed size)."""
@@ -93,7 +175,8 @@ class VFS:
             return await self.getattr(parent)
         if name == b"..":
             raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
-        return self._out(await self.call("lookup", parent=self.srv(parent), name=name))
+        return self._named(parent, name,
+                           await self.call("lookup", parent=self.srv(parent), name=name))
 
     async def getattr(self, ino: int) -> dict[str, Any]:
         return self._out(await self.call("getattr", ino=self.srv(ino)))
@@ -126,17 +209,17 @@ class VFS:
 
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                     rdev: int = 0) -> dict[str, Any]:
-        return self._out(await self.call("mknod", parent=self.srv(parent), name=name,
-                                         mode=mode, uid=uid, gid=gid, rdev=rdev))
+        return self._named(parent, name, await self.call(
+            "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev))
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
                       ) -> dict[str, Any]:
-        return self._out(await self.call("symlink", parent=self.srv(parent), name=name,
-                                         target=target, uid=uid, gid=gid))
+        return self._named(parent, name, await self.call(
+            "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid))
 
     async def link(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
-        return self._out(await self.call("link", ino=self.srv(ino), parent=self.srv(parent),
-                                         name=name))
+        return self._named(parent, name, await self.call(
+            "link", ino=self.srv(ino), parent=self.srv(parent), name=name))
 
     async def unlink(self, parent: int, name: bytes) -> None:
         self._orphaned(await self.call("unlink", parent=self.srv(parent), name=name))
@@ -146,9 +229,11 @@ class VFS:
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
-        self._orphaned(await self.call("rename", parent=self.srv(parent), name=name,
-                                       new_parent=self.srv(new_parent), new_name=new_name,
-                                       flags=flags))
+        r = await self.call("rename", parent=self.srv(parent), name=name,
+                            new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
+        self._orphaned(r)
+        if r["ino"] is not None:
+            self.names[self.fuse(r["ino"])] = (self.srv(new_parent), new_name)
 
     # --- directories -------------------------------------------------------------------
 
@@ -173,13 +258,21 @@ class VFS:
     # --- files ---------------------------------------------------------------------------
 
     async def _acquire(self, ino: int) -> OpenFile:
-        """The OpenFile of ``ino``, loaded from the server if not open yet; counts a handle."""
+        """The OpenFile of ``ino`` with a handle counted, at the server's current version.
+
+        Close-to-open: unless this mount holds unflushed changes, every open
+        adopts the newest committed version, whatever other mounts did.
+        """
         f = self.files.get(ino)
-        if f is None:
+        if f is None or not f.modified:
             r = await self.call("open", ino=self.srv(ino))
             f = self.files.get(ino)  # another task may have loaded it meanwhile
             if f is None:
                 f = self.files[ino] = OpenFile(self, ino, r["attr"], r["extents"])
+            elif not f.modified and f.base != r["attr"]["version"]:
+                async with f.lock:
+                    if not f.modified:
+                        f.reset(r["attr"], r["extents"])
         f.handles += 1
         return f
 
@@ -197,7 +290,8 @@ class VFS:
                     self.orphans.discard(f.ino)
                     await self.call("purge", ino=self.srv(f.ino))
 
-    async def open(self, ino: int, flags: int) -> int:
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file; return the handle and whether the kernel may keep its page cache."""
         f = await self._acquire(ino)
         try:
             if not stat.S_ISREG(f.attr["mode"]):
@@ -209,12 +303,15 @@ class VFS:
             raise
         fh = next(self._fh)
         self.handles[fh] = f
-        return fh
+        keep = self.page_version.get(ino) == f.base and not f.modified
+        self.page_version[ino] = f.base
+        return fh, keep
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, dict[str, Any]]:
         attr = await self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
-        return await self.open(attr["ino"], flags & ~os.O_TRUNC), attr
+        fh, _ = await self.open(attr["ino"], flags & ~os.O_TRUNC)
+        return fh, attr
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.handles[fh].read(off, size)
@@ -223,7 +320,9 @@ class VFS:
         return await self.handles[fh].write(off, data)
 
     async def flush(self, fh: int) -> None:
-        await self.handles[fh].flush()
+        f = self.handles[fh]
+        await f.flush()
+        self.page_version[f.ino] = f.base
 
     async def release(self, fh: int) -> None:
         await self._release(self.handles.pop(fh))

@@ -1,10 +1,11 @@
 """The mount protocol client: many requests in flight over one TCP connection.
 
 Used by the mount and by the CLI. A background task reads responses and wakes
-the caller waiting on each request id. If the connection drops, the next call
-reconnects with backoff; a call that was in flight is retried when it only
-reads, and fails with EIO when it changed something (it may or may not have
-been applied).
+the caller waiting on each request id, and hands pushed change lists to
+``on_push``. If the connection drops, calls reconnect with backoff and are sent
+again: every mutation carries an ``op_id`` so that the server applies it once
+even if the first attempt did reach it. After ``outage_timeout`` seconds
+without a connection a call fails with EIO.
 """
 
 from __future__ import annotations
@@ -12,23 +13,20 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import FrameReader, pack
+from metaserver.protocol import PUSH, FrameReader, pack
 
 log = logging.getLogger(__name__)
 
 READ_ONLY_OPS = frozenset({"getattr", "lookup", "readdir", "readlink", "open", "statfs",
-                           "have_blocks"})
-
-
-class _Lost(Exception):
-    """The connection broke before the response arrived."""
+                           "have_blocks", "versions", "subscribe"})
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -45,6 +43,9 @@ class MetaClient:
         self.device = device
         self.outage_timeout = outage_timeout
         self.info: dict[str, Any] = {}
+        self.on_push: Callable[[list], None] | None = None
+        self.cursor = 0                 # newest change seen, for resubscribing
+        self._subscribed = False
         self._ids = itertools.count(1)
         self._stream: trio.SocketStream | None = None
         self._pending: dict[int, list] = {}
@@ -81,11 +82,29 @@ class MetaClient:
             self.info = reply[2]
             self._stream = stream
             self.nursery.start_soon(self._read_loop, stream, reader)
+            if self._subscribed:
+                self.nursery.start_soon(self.subscribe)
             return stream
+
+    async def subscribe(self) -> dict[str, Any]:
+        """Ask for pushed changes after ``self.cursor`` (again after each reconnect).
+
+        The answer says ``reset`` when the server's log no longer reaches back
+        that far: the caller must then drop everything it cached.
+        """
+        self._subscribed = True
+        point = await self.call("subscribe", cursor=self.cursor)
+        self.cursor = max(self.cursor, point["newest"])
+        if point["reset"] and self.on_push is not None:
+            self.on_push([])  # an empty list means: drop all caches
+        return point
 
     async def _read_loop(self, stream: trio.SocketStream, reader: FrameReader) -> None:
         try:
             while (msg := await reader.read()) is not None:
+                if msg[0] == PUSH:
+                    self._pushed(msg[2])
+                    continue
                 waiter = self._pending.pop(msg[0], None)
                 if waiter is not None:
                     waiter[1] = msg
@@ -101,8 +120,17 @@ class MetaClient:
                     waiter[0].set()
             await stream.aclose()
 
+    def _pushed(self, changes: list) -> None:
+        if changes:
+            self.cursor = max(self.cursor, changes[-1][0])
+            if self.on_push is not None:
+                self.on_push(changes)
+
     async def call(self, op: str, **args: Any) -> Any:
         """Send one request and return its result; raise FSError for an errno."""
+        if op not in READ_ONLY_OPS:
+            args["op_id"] = uuid.uuid4().hex
+        deadline = trio.current_time() + self.outage_timeout
         while True:
             stream = await self.connect()
             rid = next(self._ids)
@@ -118,10 +146,10 @@ class MetaClient:
                 continue  # nothing was sent whole: safe to send again
             await waiter[0].wait()
             msg = waiter[1]
-            if msg is None:
-                if op in READ_ONLY_OPS:
-                    continue
-                raise FSError(errno.EIO, f"connection lost during {op}; outcome unknown")
+            if msg is None:  # connection lost: send again (op_id makes that safe)
+                if trio.current_time() > deadline:
+                    raise FSError(errno.EIO, f"metaserver unreachable during {op}")
+                continue
             if msg[1] == 0:
                 return msg[2]
             if isinstance(msg[2], dict) and "conflict" in msg[2]:

@@ -96,10 +96,15 @@ def _touch(cur: Cursor, ino: int, now: int, mtime: bool = True) -> None:
                 + " WHERE id = %s", (now, now, ino) if mtime else (now, ino))
 
 
+CHANNEL = "nimbus_changes"
+
+
 def _log(cur: Cursor, u: User, device: str, kind: str, ino: int, parent: int | None = None,
          name: bytes | None = None) -> None:
+    """Append to the change log; the NOTIFY is delivered to listeners at commit."""
     cur.execute("INSERT INTO changes (owner_id, inode, parent, name, kind, device)"
                 " VALUES (%s, %s, %s, %s, %s, %s)", (u.id, ino, parent, name, kind, device))
+    cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(u.id)))
 
 
 def _drop_link(cur: Cursor, u: User, ino: int, now: int) -> int | None:
@@ -167,14 +172,19 @@ def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
 
 
 @op
-def open(cur: Cursor, u: User, device: str, ino: int) -> dict[str, Any]:
-    """Attributes and the current extent list of a file."""
+def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
+         ) -> dict[str, Any]:
+    """Attributes and the extent list of a file's current (or a given) version."""
     a = _inode(cur, u, ino)
+    version = a["version"] if version is None else version
     extents: list = []
-    if a["version"]:
+    if version:
         cur.execute("SELECT extents FROM versions WHERE inode = %s AND version = %s",
-                    (ino, a["version"]))
-        extents = msgpack.unpackb(cur.fetchone()[0])
+                    (ino, version))
+        row = cur.fetchone()
+        if row is None:
+            raise FSError(errno.ENOENT, f"no version {version}")
+        extents = msgpack.unpackb(row[0])
     return {"attr": a, "extents": extents}
 
 
@@ -336,7 +346,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
             and _is_ancestor(cur, dst, parent):
         raise FSError(errno.EINVAL, "cannot move a directory into itself")
     if src == dst:
-        return {"orphan": None}
+        return {"orphan": None, "ino": None}
     orphan = None
     if flags & RENAME_EXCHANGE:
         cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s",
@@ -369,8 +379,11 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
         cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, src))
     _touch(cur, parent, now)
     _touch(cur, new_parent, now)
+    _log(cur, u, device, "rename_from", src, parent, name)
     _log(cur, u, device, "rename", src, new_parent, new_name)
-    return {"orphan": orphan}
+    if flags & RENAME_EXCHANGE:
+        _log(cur, u, device, "rename", dst, parent, name)
+    return {"orphan": orphan, "ino": src}
 
 
 @op
@@ -417,22 +430,45 @@ def _add_refs(cur: Cursor, extents: list, sign: int) -> None:
             (keys, [counts[k] for k in keys]))
 
 
-@op
-def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list, size: int,
-           mtime: int) -> dict[str, int]:
-    """Make ``extents`` the new current version of file ``ino``.
+def _conflict_name(name: bytes, device: str) -> bytes:
+    """``NAME (conflicted copy HOST YYYY-MM-DD HHMMSS).EXT``, at most 255 bytes."""
+    stem, dot, ext = name.rpartition(b".")
+    if not dot or not stem:
+        stem, dot, ext = name, b"", b""
+    host = device.split("/")[0].encode()
+    tag = b" (conflicted copy %s %s)" % (host, time.strftime("%Y-%m-%d %H%M%S").encode())
+    tail = tag + dot + ext
+    return stem[:max(1, NAME_MAX - len(tail))] + tail
 
-    ``base`` is the version the writer started from; if another commit came
-    first the request fails with Conflict and nothing changes. The blocks must
-    already be in the block store: a version never references a missing block.
+
+def _save_conflict(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes,
+                   extents: list, size: int, mtime: int) -> dict[str, Any]:
+    """Keep a losing writer's bytes as a new file beside the original.
+
+    The copy goes into ``parent`` if that directory still exists in the volume,
+    else into the volume's root; its mode and owner are the original's.
     """
-    a = _inode(cur, u, ino, lock=True)
-    if not stat.S_ISREG(a["mode"]):
-        raise FSError(errno.EINVAL, "not a regular file")
-    if a["version"] != base:
-        raise Conflict(a["version"])
-    if sum(n for _, n in extents) != size:
-        raise FSError(errno.EINVAL, "extents do not add up to size")
+    cur.execute("SELECT mode, uid, gid FROM inodes WHERE id = %s AND owner_id = %s",
+                (ino, u.id))
+    mode, uid, gid = cur.fetchone() or (0o100644, 0, 0)
+    cur.execute("SELECT 1 FROM inodes WHERE id = %s AND owner_id = %s AND nlink > 0"
+                " AND mode & 61440 = 16384", (parent, u.id))
+    if cur.fetchone() is None:
+        parent = u.root
+    copy_name = _conflict_name(name, device)
+    n = 1
+    while _child(cur, parent, copy_name) is not None:
+        n += 1
+        copy_name = _conflict_name(name + b" %d" % n, device)
+    a = _new_inode(cur, u, device, parent, copy_name, stat.S_IFREG | stat.S_IMODE(mode), uid,
+                   gid)
+    return _commit(cur, u, device, a, extents, size, mtime)
+
+
+def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
+            mtime: int) -> dict[str, int]:
+    """Add a version to the locked inode ``a`` and make it current."""
+    ino = a["ino"]
     cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s FOR UPDATE", (u.id,))
     quota, used = cur.fetchone()
     grow = size - a["size"]
@@ -449,7 +485,73 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
                 f" WHERE id = %s RETURNING {_ATTR_COLS}", (version, size, mtime, now, ino))
     attr = _attr(cur.fetchone())
     _log(cur, u, device, "write", ino)
+    _expire_versions(cur, ino, version)
     return attr
+
+
+# Retention: a version is dropped once it is both beyond the newest KEEP_VERSIONS
+# and older than KEEP_DAYS (the server's --keep-versions / --keep-days).
+RETENTION = {"versions": 100, "days": 30}
+
+
+def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
+    cur.execute("DELETE FROM versions WHERE inode = %s AND version <= %s"
+                " AND created < now() - make_interval(days => %s) RETURNING extents",
+                (ino, current - RETENTION["versions"], RETENTION["days"]))
+    for (ext,) in cur.fetchall():
+        _add_refs(cur, msgpack.unpackb(ext), -1)
+
+
+@op
+def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list, size: int,
+           mtime: int, parent: int | None = None, name: bytes | None = None
+           ) -> dict[str, Any]:
+    """Make ``extents`` the new current version of file ``ino``.
+
+    ``base`` is the version the writer started from. If another commit came
+    first, or the file was deleted meanwhile, nothing of the original changes:
+    the bytes are saved as a conflicted copy next to it (``parent``/``name``
+    are where the writer last saw the file) and the answer names the copy.
+    The blocks must already be in the block store: a version never references
+    a missing block.
+    """
+    if sum(n for _, n in extents) != size:
+        raise FSError(errno.EINVAL, "extents do not add up to size")
+    cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
+                (ino, u.id))
+    row = cur.fetchone()
+    a = _attr(row) if row else None
+    if a is not None and not stat.S_ISREG(a["mode"]):
+        raise FSError(errno.EINVAL, "not a regular file")
+    if a is not None and a["version"] == base and (a["nlink"] > 0 or name is None):
+        return {"attr": _commit(cur, u, device, a, extents, size, mtime)}
+    if name is None:
+        raise (Conflict(a["version"]) if a else FSError(errno.ENOENT, "file was deleted"))
+    copy = _save_conflict(cur, u, device, ino, parent or u.root, name, extents, size, mtime)
+    return {"attr": a, "conflict": copy}
+
+
+@op
+def versions(cur: Cursor, u: User, device: str, ino: int) -> list[dict[str, Any]]:
+    """The kept versions of a file, newest first."""
+    _inode(cur, u, ino)
+    cur.execute("SELECT v.version, v.size, extract(epoch FROM v.created)::float8, v.device,"
+                " coalesce(us.name, '') FROM versions v LEFT JOIN users us ON us.id = v.user_id"
+                " WHERE v.inode = %s ORDER BY v.version DESC", (ino,))
+    return [dict(zip(("version", "size", "time", "device", "user"), r, strict=True))
+            for r in cur.fetchall()]
+
+
+@op
+def restore(cur: Cursor, u: User, device: str, ino: int, version: int) -> dict[str, int]:
+    """Make an old version current again, as a new version (history is kept)."""
+    a = _inode(cur, u, ino, lock=True)
+    cur.execute("SELECT size, extents FROM versions WHERE inode = %s AND version = %s",
+                (ino, version))
+    row = cur.fetchone()
+    if row is None:
+        raise FSError(errno.ENOENT, f"no version {version}")
+    return _commit(cur, u, device, a, msgpack.unpackb(row[1]), row[0], time.time_ns())
 
 
 @op

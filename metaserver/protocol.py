@@ -3,6 +3,7 @@
 Each frame is a 4-byte big-endian length followed by a msgpack body.
 - request:  ``[id, op, {args}]``
 - response: ``[id, 0, result]`` or ``[id, errno, message]``
+- push (server to mount, unrequested): ``[PUSH, kind, payload]``
 
 Request ids let many requests be in flight on one connection; responses come
 back in completion order. The first request on a connection must be
@@ -18,6 +19,7 @@ import msgpack
 import trio
 
 MAX_FRAME = 64 << 20
+PUSH = -1
 _LEN = struct.Struct(">I")
 
 

@@ -1,9 +1,14 @@
 """The metaserver process: the mount protocol over TCP, backed by PostgreSQL.
 
-Stateless apart from its connection pool, so several replicas may serve one
-database. Each request runs one transaction in a worker thread; a connection
-may have many requests in flight (bounded per connection), answered in
-completion order.
+Stateless apart from its connection pool and its subscribers, so several
+replicas may serve one database: every change is announced with PostgreSQL
+NOTIFY at commit, and each replica LISTENs and pushes the change log to the
+mounts connected to it.
+
+Per connection: many requests may be in flight (bounded), answered in
+completion order. A request whose args carry ``op_id`` is applied at most
+once: its result is recorded in the same transaction and a replay (after a
+lost connection) gets the recorded result.
 """
 
 from __future__ import annotations
@@ -14,24 +19,87 @@ import logging
 from functools import partial
 from typing import Any
 
+import msgpack
+import psycopg
 import trio
 
 from metaserver import namespace
 from metaserver.auth import User, authenticate
 from metaserver.db import Database
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import FrameReader, pack
+from metaserver.protocol import PUSH, FrameReader, pack
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
+# Change-log sequence numbers are assigned before commit, so a later number
+# can become visible before an earlier one. Each push therefore looks back
+# this many numbers for late arrivals and skips those already sent.
+LOOKBACK = 500
+LOG_RETENTION_DAYS = 7
+
+
+def _once(cur: psycopg.Cursor, op_id: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` unless ``op_id`` was applied already; either way return its result."""
+    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (op_id,))
+    cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
+    row = cur.fetchone()
+    if row is not None:
+        return msgpack.unpackb(row[0], raw=False, strict_map_key=False)
+    result = fn(cur, *args, **kwargs)
+    cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, %s)",
+                (op_id, args[0].id, msgpack.packb(result, use_bin_type=True)))
+    return result
+
+
+def _changes_since(cur: psycopg.Cursor, owner: int, after: int) -> list[list]:
+    cur.execute("SELECT seq, inode, parent, name, kind, device FROM changes"
+                " WHERE owner_id = %s AND seq > %s ORDER BY seq LIMIT 5000", (owner, after))
+    return [list(r) for r in cur.fetchall()]
+
+
+def _subscribe_point(cur: psycopg.Cursor, owner: int, cursor: int) -> dict[str, Any]:
+    """The newest sequence number, and whether the log still reaches back to ``cursor``.
+
+    Sequence numbers are global (one user's have gaps), so the test is whether
+    the change at ``cursor`` itself is still kept: trimming removes the oldest.
+    """
+    cur.execute("SELECT coalesce(max(seq), 0) FROM changes WHERE owner_id = %s", (owner,))
+    newest = cur.fetchone()[0]
+    cur.execute("SELECT 1 FROM changes WHERE owner_id = %s AND seq = %s", (owner, cursor))
+    return {"newest": newest, "reset": bool(cursor) and cur.fetchone() is None}
+
+
+def _trim(cur: psycopg.Cursor) -> None:
+    cur.execute("DELETE FROM applied_ops WHERE at < now() - interval '1 day'")
+    cur.execute("DELETE FROM changes WHERE at < now() - make_interval(days => %s)",
+                (LOG_RETENTION_DAYS,))
+
+
+class Session:
+    """One authenticated mount connection."""
+
+    def __init__(self, stream: trio.SocketStream, user: User, device: str) -> None:
+        self.stream = stream
+        self.user = user
+        self.device = device
+        self.send_lock = trio.Lock()
+        self.wake = trio.Event()
+        self.cursor = -1            # -1: not subscribed
+        self.sent: set[int] = set()
+
+    async def send(self, msg: Any) -> None:
+        async with self.send_lock:
+            await self.stream.send_all(pack(msg))
 
 
 class MetaServer:
-    def __init__(self, db: Database, blocks_url: str) -> None:
+    def __init__(self, db: Database, dsn: str, blocks_url: str) -> None:
         self.db = db
+        self.dsn = dsn
         self.blocks_url = blocks_url
         self.limiter = trio.CapacityLimiter(db.pool_size)
+        self.subscribers: dict[int, set[Session]] = {}
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(cur, ...)`` in one transaction on a worker thread."""
@@ -40,10 +108,85 @@ class MetaServer:
 
     async def serve(self, host: str, port: int,
                     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        await trio.serve_tcp(self.handle_connection, port, host=host, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen)
+            nursery.start_soon(self._housekeeping)
+            listeners = await nursery.start(
+                partial(trio.serve_tcp, self.handle_connection, port, host=host))
+            task_status.started(listeners)
 
-    async def _hello(self, reader: FrameReader, stream: trio.SocketStream
-                     ) -> tuple[User, str] | None:
+    # --- change notifications -------------------------------------------------------
+
+    def _wake(self, owner: int | None = None) -> None:
+        groups = [self.subscribers.get(owner, ())] if owner is not None \
+            else list(self.subscribers.values())
+        for group in groups:
+            for s in group:
+                s.wake.set()
+
+    async def _listen(self) -> None:
+        """LISTEN on a connection of its own, without a thread: wait for its socket."""
+        delay = 0.1
+        while True:
+            try:
+                conn = await trio.to_thread.run_sync(
+                    partial(psycopg.connect, self.dsn, autocommit=True))
+            except psycopg.OperationalError as e:
+                log.warning("LISTEN connection failed (%s); retrying", e)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            try:
+                conn.execute(f"LISTEN {namespace.CHANNEL}")
+                self._wake()  # anything committed while we were not listening
+                while True:
+                    await trio.lowlevel.wait_readable(conn.fileno())
+                    conn.pgconn.consume_input()
+                    if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+                        raise psycopg.OperationalError("LISTEN connection lost")
+                    while (n := conn.pgconn.notifies()) is not None:
+                        self._wake(int(n.extra))
+            except (psycopg.Error, OSError) as e:
+                log.warning("LISTEN connection lost (%s); reconnecting", e)
+            finally:
+                conn.close()
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await self.call(_trim)
+            await trio.sleep(3600)
+
+    async def _pump(self, s: Session) -> None:
+        """Push the change log to a subscribed session whenever it is woken."""
+        while True:
+            await s.wake.wait()
+            s.wake = trio.Event()
+            lower = max(0, s.cursor - LOOKBACK)
+            rows = await self.call(_changes_since, s.user.id, lower)
+            fresh = [r for r in rows if r[0] not in s.sent]
+            if rows:
+                s.cursor = max(s.cursor, rows[-1][0])
+                if len(rows) == 5000:
+                    s.wake.set()  # more to come
+            s.sent = {q for q in s.sent if q > s.cursor - LOOKBACK} | {r[0] for r in fresh}
+            if fresh:
+                await s.send([PUSH, "changes", fresh])
+
+    async def _subscribe(self, s: Session, nursery: trio.Nursery, cursor: int
+                         ) -> dict[str, Any]:
+        point = await self.call(_subscribe_point, s.user.id, cursor)
+        first = s.cursor < 0
+        s.cursor = point["newest"] if (point["reset"] or not cursor) else cursor
+        self.subscribers.setdefault(s.user.id, set()).add(s)
+        if first:
+            nursery.start_soon(self._pump, s)
+        s.wake.set()
+        return point
+
+    # --- connections -----------------------------------------------------------------
+
+    async def _hello(self, reader: FrameReader, stream: trio.SocketStream) -> Session | None:
         msg = await reader.read()
         if not (isinstance(msg, list) and len(msg) == 3 and msg[1] == "hello"
                 and isinstance(msg[2], dict)):
@@ -58,55 +201,66 @@ class MetaServer:
             return None
         await stream.send_all(pack([rid, 0, {"user": user.name, "root": user.root,
                                              "blocks": self.blocks_url}]))
-        return user, str(args.get("device", ""))
+        return Session(stream, user, str(args.get("device", "")))
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         reader = FrameReader(stream)
-        send_lock = trio.Lock()
         slots = trio.Semaphore(MAX_IN_FLIGHT)
+        session = None
         try:
-            hello = await self._hello(reader, stream)
-            if hello is None:
+            session = await self._hello(reader, stream)
+            if session is None:
                 return
-            user, device = hello
             async with trio.open_nursery() as nursery:
                 while (msg := await reader.read()) is not None:
                     await slots.acquire()
-                    nursery.start_soon(self._answer, stream, send_lock, slots, user, device, msg)
+                    nursery.start_soon(self._answer, session, nursery, slots, msg)
+                nursery.cancel_scope.cancel()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             pass
         except ValueError as e:
             log.warning("closing connection: %s", e)
         finally:
+            if session is not None:
+                self.subscribers.get(session.user.id, set()).discard(session)
             await stream.aclose()
 
-    async def _answer(self, stream: trio.SocketStream, send_lock: trio.Lock,
-                      slots: trio.Semaphore, user: User, device: str, msg: Any) -> None:
+    async def _dispatch(self, s: Session, nursery: trio.Nursery, opname: str,
+                        args: dict[str, Any]) -> Any:
+        if opname == "subscribe":
+            return await self._subscribe(s, nursery, int(args.get("cursor") or 0))
+        fn = namespace.OPS.get(opname)
+        if fn is None:
+            raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
+        op_id = args.pop("op_id", None)
         try:
-            rid, opname, args = msg
-            fn = namespace.OPS.get(opname)
-            if fn is None or not isinstance(args, dict):
-                reply = [rid, errno.ENOSYS, f"unknown operation {opname!r}"]
-            else:
-                try:
-                    inspect.signature(fn).bind(None, user, device, **args)
-                    reply = [rid, 0, await self.call(fn, user, device, **args)]
-                except TypeError as e:
-                    reply = [rid, errno.EINVAL, f"bad arguments for {opname}: {e}"]
-                except Conflict as e:
-                    reply = [rid, e.errno, {"conflict": e.current, "message": e.message}]
-                except FSError as e:
-                    reply = [rid, e.errno, e.message]
-            async with send_lock:
-                await stream.send_all(pack(reply))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            inspect.signature(fn).bind(None, s.user, s.device, **args)
+        except TypeError as e:
+            raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
+        if op_id is None:
+            return await self.call(fn, s.user, s.device, **args)
+        return await self.call(_once, f"{s.user.id}:{op_id}", fn, s.user, s.device, **args)
+
+    async def _answer(self, s: Session, nursery: trio.Nursery, slots: trio.Semaphore,
+                      msg: Any) -> None:
+        rid = msg[0] if isinstance(msg, list) and msg else 0
+        try:
+            if not (isinstance(msg, list) and len(msg) == 3 and isinstance(msg[2], dict)):
+                raise FSError(errno.EPROTO, "malformed request")
+            reply = [rid, 0, await self._dispatch(s, nursery, str(msg[1]), msg[2])]
+        except Conflict as e:
+            reply = [rid, e.errno, {"conflict": e.current, "message": e.message}]
+        except FSError as e:
+            reply = [rid, e.errno, e.message]
+        except psycopg.OperationalError as e:
+            log.error("database unavailable: %s", e)
+            reply = [rid, errno.EIO, "database unavailable"]
         except Exception:
             log.exception("request failed: %r", msg[:2] if isinstance(msg, list) else msg)
-            try:
-                async with send_lock:
-                    await stream.send_all(pack([msg[0], errno.EIO, "internal error"]))
-            except Exception:
-                pass
+            reply = [rid, errno.EIO, "internal error"]
+        try:
+            await s.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
         finally:
             slots.release()

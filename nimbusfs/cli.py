@@ -158,17 +158,19 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     import trio
 
+    from metaserver import namespace
     from metaserver.client import parse_address
     from metaserver.db import Database
     from metaserver.server import MetaServer
 
     _setup_logging()
+    namespace.RETENTION.update(versions=args.keep_versions, days=args.keep_days)
     db = Database(args.dsn, pool_size=args.pool_size)
     db.open()
     host, port = parse_address(args.listen)
 
     async def main() -> None:
-        server = MetaServer(db, args.blocks)
+        server = MetaServer(db, args.dsn, args.blocks)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, host, port)
             bound = listeners[0].socket.getsockname()
@@ -268,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default="127.0.0.1:7070")
     s.add_argument("--blocks", required=True, help="block store URL the mounts use")
     s.add_argument("--pool-size", type=int, default=8)
+    s.add_argument("--keep-versions", type=int, default=100,
+                   help="versions kept per file regardless of age (default 100)")
+    s.add_argument("--keep-days", type=int, default=30,
+                   help="older versions are kept this many days (default 30)")
     s.add_argument("--info-file", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_server)
 
