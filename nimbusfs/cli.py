@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 from nimbusfs.embedded import Embedded, _alive, _wait_for, default_home
 
@@ -72,7 +73,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     cfg = MountConfig(
         mountpoint=mp, server=server, token=token,
         cache_dir=os.path.abspath(args.cache_dir or emb.path("cache", name)),
-        cache_size=args.cache_size, blocks=args.blocks,
+        cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
         allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
         read_only=args.read_only)
     if args.foreground:
@@ -96,7 +97,7 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
     logfile = emb.path("logs", f"mount-{name}.log")
     cmd = [sys.executable, "-m", "nimbusfs.cli", "--home", emb.home, "mount", cfg.mountpoint,
            "--foreground", "--server", cfg.server, "--cache-dir", cfg.cache_dir,
-           "--cache-size", str(cfg.cache_size),
+           "--cache-size", str(cfg.cache_size), "--outage-timeout", str(cfg.outage_timeout),
            "--allow-other" if cfg.allow_other else "--no-allow-other"]
     if cfg.blocks:
         cmd += ["--blocks", cfg.blocks]
@@ -117,7 +118,7 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
     os.makedirs(os.path.dirname(rec), exist_ok=True)
     with open(rec, "w") as f:
         json.dump({"pid": proc.pid, "mountpoint": cfg.mountpoint, "server": cfg.server,
-                   "log": logfile, "embedded": not args.server}, f)
+                   "log": logfile, "cache_dir": cfg.cache_dir, "embedded": not args.server}, f)
     print(f"nimbusfs mounted at {cfg.mountpoint}")
     print(f"  server: {cfg.server}")
     if not args.server:
@@ -232,12 +233,106 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"metaserver:      {emb.server_address() or 'not running'}")
     for rec in emb.live_mounts():
         print(f"mount:           {rec['mountpoint']} (pid {rec['pid']}, server {rec['server']})")
+        conflicts = os.path.join(rec["cache_dir"], "conflicts.jsonl")
+        if os.path.exists(conflicts):
+            with open(conflicts) as f:
+                for line in f:
+                    c = json.loads(line)
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"]))
+                    print(f"  conflict {when}: {c['name']!r} kept the other writer's version;"
+                          f" this mount's bytes are in the conflicted copy (inode"
+                          f" {c['copy_inode']})")
     cache_root = emb.path("cache")
     if os.path.isdir(cache_root):
         used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_root)
                    for f in fs)
         print(f"cache use:       {used / 2**20:.1f} MiB in {cache_root}")
     return 0
+
+
+# --- versions ---------------------------------------------------------------------------
+
+def _file_context(args: argparse.Namespace) -> tuple[str, str, int]:
+    """(server, token, inode) for a file inside a mount."""
+    path = os.path.abspath(args.path)
+    ino = os.stat(path).st_ino
+    emb = Embedded(args.home)
+    server = args.server
+    if server is None:
+        recs = [r for r in emb.live_mounts()
+                if path.startswith(r["mountpoint"].rstrip("/") + "/")]
+        if not recs:
+            raise SystemExit(f"{path} is not in a mount started by nimbusfs; pass --server")
+        server = max(recs, key=lambda r: len(r["mountpoint"]))["server"]
+    token = args.token
+    if token is None:
+        try:
+            with open(emb.path("token")) as f:
+                token = f.read().strip()
+        except FileNotFoundError:
+            raise SystemExit("no token: pass --token or set NIMBUSFS_TOKEN") from None
+    return server, token, ino
+
+
+def _with_client(args: argparse.Namespace, fn) -> int:
+    import trio
+
+    from metaserver.client import connect
+    from metaserver.errors import FSError
+
+    server, token, ino = _file_context(args)
+
+    async def main() -> int:
+        async with connect(server, token, f"{os.uname().nodename}/cli") as client:
+            return await fn(client, ino)
+
+    try:
+        return trio.run(main)
+    except FSError as e:
+        print(f"nimbusfs: {e.message}", file=sys.stderr)
+        return 1
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    async def run(client, ino) -> int:
+        print(f"{'version':>7}  {'size':>12}  {'time':19}  device / user")
+        for v in await client.call("versions", ino=ino):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["time"]))
+            print(f"{v['version']:>7}  {v['size']:>12}  {when}  {v['device']} / {v['user']}")
+        return 0
+    return _with_client(args, run)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    async def run(client, ino) -> int:
+        attr = await client.call("restore", ino=ino, version=args.version)
+        print(f"restored version {args.version} as version {attr['version']}")
+        return 0
+    return _with_client(args, run)
+
+
+def cmd_cat(args: argparse.Namespace) -> int:
+    """Write a version's bytes to stdout, fetched from the block store and hash-checked."""
+    async def run(client, ino) -> int:
+        import trio
+
+        from blockstore import block_hash, open_store
+
+        r = await client.call("open", ino=ino, version=args.version)
+        store = open_store(client.info["blocks"])
+        out = sys.stdout.buffer
+        for key, length in r["extents"]:
+            if key is None:
+                out.write(bytes(length))
+                continue
+            data = await trio.to_thread.run_sync(store.get, bytes(key))
+            if block_hash(data) != bytes(key):
+                print(f"nimbusfs: block {bytes(key).hex()} is corrupt", file=sys.stderr)
+                return 1
+            out.write(data)
+        out.flush()
+        return 0
+    return _with_client(args, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
                    help="let other local users use the mount (default: on when root)")
     m.add_argument("--read-only", action="store_true")
+    m.add_argument("--outage-timeout", type=float, default=60.0,
+                   help="seconds operations wait for an unreachable metaserver before EIO")
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
@@ -291,8 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--dsn")
     tc.set_defaults(fn=cmd_token_create)
 
-    st = sub.add_parser("status", help="embedded services and mounts")
+    st = sub.add_parser("status", help="embedded services, mounts, pending writes, conflicts")
     st.set_defaults(fn=cmd_status)
+
+    for name, fn, help_ in (("versions", cmd_versions, "list a file's versions"),
+                            ("restore", cmd_restore, "make an old version current again"),
+                            ("cat", cmd_cat, "print a version of a file")):
+        v = sub.add_parser(name, help=help_)
+        v.add_argument("path")
+        if name != "versions":
+            v.add_argument("--version", type=int, required=name == "restore")
+        v.add_argument("--server", help="metaserver (default: the mount's)")
+        v.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
+        v.set_defaults(fn=fn)
     return p
 
 

@@ -52,6 +52,20 @@ class Deployment:
     address: str
     blocks: str
     proc: subprocess.Popen
+    argv: list[str]
+    log_path: str
+    env: dict[str, str]
+
+    def kill(self) -> None:
+        """Crash the metaserver (SIGKILL: no clean shutdown)."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def start(self) -> None:
+        """Start the metaserver again, on the same address."""
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([*self.argv[:-2], "--listen", self.address],
+                                         stdout=log, stderr=log, env=self.env)
 
     def new_user(self) -> str:
         """Create a user with an empty volume; return its token."""
@@ -73,24 +87,26 @@ class Services:
     home: str
     gcs_endpoint: str
     deployments: dict[str, Deployment]
+    emb: Embedded
     env: dict[str, str] = field(default_factory=dict)
 
 
-def _start_metaserver(emb: Embedded, store: str, blocks: str, env: dict[str, str]
-                      ) -> Deployment:
-    dbname = f"nimbus_{store}"
+def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str]
+                     ) -> Deployment:
+    """A metaserver on loopback with a database of its own."""
+    dbname = f"nimbus_{name}"
     emb.ensure_database(dbname)
-    info = emb.path("run", f"server-{store}.json")
-    with open(emb.path("logs", f"metaserver-{store}.log"), "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", emb.dsn_for(dbname),
-             "--listen", "127.0.0.1:0", "--blocks", blocks, "--info-file", info],
-            stdout=log, stderr=log, env=env)
+    info = emb.path("run", f"server-{name}.json")
+    log_path = emb.path("logs", f"metaserver-{name}.log")
+    argv = [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", emb.dsn_for(dbname),
+            "--blocks", blocks, "--info-file", info, "--listen", "127.0.0.1:0"]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
     wait_until(lambda: os.path.exists(info) or proc.poll() is not None, 60, "metaserver")
     assert proc.poll() is None, "metaserver failed to start"
     with open(info) as f:
         address = json.load(f)["address"]
-    return Deployment(emb.dsn_for(dbname), address, blocks, proc)
+    return Deployment(emb.dsn_for(dbname), address, blocks, proc, argv, log_path, env)
 
 
 @pytest.fixture(scope="session")
@@ -109,28 +125,30 @@ def services() -> Iterator[Services]:
     env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs.url)
     deployments = {}
     try:
-        deployments["local"] = _start_metaserver(emb, "local", "file://" + emb.path("blocks"),
-                                                 env)
-        deployments["gcs"] = _start_metaserver(emb, "gcs", f"gs://{GCS_BUCKET}/blocks", env)
-        yield Services(home, gcs.url, deployments, env)
+        deployments["local"] = start_metaserver(emb, "local", "file://" + emb.path("blocks"),
+                                                env)
+        deployments["gcs"] = start_metaserver(emb, "gcs", f"gs://{GCS_BUCKET}/blocks", env)
+        yield Services(home, gcs.url, deployments, emb, env)
     finally:
         for d in deployments.values():
             d.proc.terminate()
             d.proc.wait(30)
         gcs.stop()
         emb.stop_postgres()
-        for store in deployments:
-            with open(emb.path("logs", f"metaserver-{store}.log")) as f:
-                assert "Traceback" not in f.read(), f"metaserver-{store}.log holds a traceback"
+        for log_name in os.listdir(emb.path("logs")):
+            if log_name.startswith("metaserver-"):
+                with open(emb.path("logs", log_name)) as f:
+                    assert "Traceback" not in f.read(), f"{log_name} holds a traceback"
         shutil.rmtree(home, ignore_errors=True)
 
 
 class Mount:
     """A real FUSE mount of one volume, served by its own mount process."""
 
-    def __init__(self, services: Services, token: str, store: str, root: str) -> None:
+    def __init__(self, services: Services, deployment: Deployment, token: str, store: str,
+                 root: str) -> None:
         self.services = services
-        self.deployment = services.deployments[store]
+        self.deployment = deployment
         self.token = token
         self.store = store
         self.path = os.path.join(root, "mnt")
@@ -187,8 +205,10 @@ def store(request: pytest.FixtureRequest) -> str:
 def mount_factory(services: Services, tmp_path) -> Iterator[Callable[..., Mount]]:
     mounts: list[Mount] = []
 
-    def make(store: str = "local", token: str | None = None) -> Mount:
-        m = Mount(services, token or services.deployments[store].new_user(), store,
+    def make(store: str = "local", token: str | None = None,
+             deployment: Deployment | None = None) -> Mount:
+        dep = deployment or services.deployments[store]
+        m = Mount(services, dep, token or dep.new_user(), store,
                   str(tmp_path / f"m{len(mounts)}"))
         mounts.append(m)
         m.start()
