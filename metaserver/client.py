@@ -66,16 +66,16 @@ class MetaClient:
                     await stream.send_all(pack([0, "hello", {"token": self.token,
                                                              "device": self.device}]))
                     reply = await reader.read()
+                    if reply is None:
+                        raise ConnectionResetError("closed during hello")
                     break
-                except OSError as e:
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     if trio.current_time() + delay > deadline:
                         raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
                     log.warning("metaserver %s:%s unreachable (%s); retrying", self.host,
                                 self.port, e)
                     await trio.sleep(delay)
                     delay = min(delay * 2, 2.0)
-            if reply is None:
-                raise FSError(errno.EIO, "metaserver closed the connection")
             if reply[1]:
                 await stream.aclose()
                 raise FSError(reply[1], str(reply[2]))
