@@ -91,15 +91,15 @@ class Services:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str]
-                     ) -> Deployment:
+def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str],
+                     *extra: str) -> Deployment:
     """A metaserver on loopback with a database of its own."""
     dbname = f"nimbus_{name}"
     emb.ensure_database(dbname)
     info = emb.path("run", f"server-{name}.json")
     log_path = emb.path("logs", f"metaserver-{name}.log")
     argv = [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", emb.dsn_for(dbname),
-            "--blocks", blocks, "--info-file", info, "--listen", "127.0.0.1:0"]
+            "--blocks", blocks, "--info-file", info, *extra, "--listen", "127.0.0.1:0"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
     wait_until(lambda: os.path.exists(info) or proc.poll() is not None, 60, "metaserver")
@@ -146,8 +146,9 @@ class Mount:
     """A real FUSE mount of one volume, served by its own mount process."""
 
     def __init__(self, services: Services, deployment: Deployment, token: str, store: str,
-                 root: str) -> None:
+                 root: str, extra: tuple[str, ...] = ()) -> None:
         self.services = services
+        self.extra = extra
         self.deployment = deployment
         self.token = token
         self.store = store
@@ -160,7 +161,7 @@ class Mount:
     def start(self) -> None:
         cmd = [sys.executable, "-m", "nimbusfs.cli", "mount", self.path, "--foreground",
                "--server", self.deployment.address, "--cache-dir", self.cache_dir,
-               "--cache-size", "2G"]
+               "--cache-size", "2G", *self.extra]
         env = dict(self.services.env, NIMBUSFS_TOKEN=self.token)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
@@ -206,10 +207,10 @@ def mount_factory(services: Services, tmp_path) -> Iterator[Callable[..., Mount]
     mounts: list[Mount] = []
 
     def make(store: str = "local", token: str | None = None,
-             deployment: Deployment | None = None) -> Mount:
+             deployment: Deployment | None = None, *extra: str) -> Mount:
         dep = deployment or services.deployments[store]
         m = Mount(services, dep, token or dep.new_user(), store,
-                  str(tmp_path / f"m{len(mounts)}"))
+                  str(tmp_path / f"m{len(mounts)}"), extra)
         mounts.append(m)
         m.start()
         return m

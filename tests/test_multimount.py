@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -173,4 +174,43 @@ def test_metaserver_crash_loses_nothing(services, mount_factory):
         for m in (a, b):
             if m is not None:
                 m.stop()   # while the server is up, so that unmounting needs no retries
+        dep.kill()
+
+
+def test_version_retention(services, mount_factory):
+    dep = start_metaserver(services.emb, "retention", "file://" + services.emb.path("blocks"),
+                           services.env, "--keep-versions", "2", "--keep-days", "0")
+    m = None
+    try:
+        m = mount_factory("local", None, dep)
+        for i in range(5):
+            write(m.p("f"), b"version %d" % i)
+        env = dict(m.services.env, NIMBUSFS_TOKEN=m.token)
+        out = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "versions", m.p("f"),
+                              "--server", dep.address], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        assert [int(line.split()[0]) for line in out.splitlines()[1:]] == [5, 4]
+    finally:
+        if m is not None:
+            m.stop()
+        dep.kill()
+
+
+def test_outage_fails_with_eio_after_timeout(services, mount_factory):
+    dep = start_metaserver(services.emb, "outage", "file://" + services.emb.path("blocks"),
+                           services.env)
+    m = None
+    try:
+        m = mount_factory("local", None, dep, "--outage-timeout", "2")
+        write(m.p("before"), b"ok")
+        dep.kill()
+        with pytest.raises(OSError) as e:
+            write(m.p("during"), b"x")
+        assert e.value.errno == errno.EIO
+        dep.start()
+        write(m.p("after"), b"ok again")   # the mount carries on once the server is back
+        assert read(m.p("after")) == b"ok again"
+    finally:
+        if m is not None:
+            m.stop()
         dep.kill()
