@@ -64,6 +64,7 @@ async def serve(cfg: MountConfig) -> None:
         cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)
         vfs = VFS(client, cache, cfg.cache_dir, nursery)
         client.on_push = vfs.apply_changes
+        await client.subscribe()  # before mounting: a failure here leaves nothing mounted
         options = {"fsname=nimbusfs", "subtype=nimbusfs", "default_permissions"}
         if cfg.allow_other:
             options.add("allow_other")
@@ -71,7 +72,6 @@ async def serve(cfg: MountConfig) -> None:
             options.add("ro")
         pyfuse3.init(Operations(vfs), cfg.mountpoint, options)
         nursery.start_soon(vfs.run_invalidations, Kernel())
-        await client.subscribe()
         log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,
                  store.url, client.info["user"])
         stop_requested = False
