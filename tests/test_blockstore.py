@@ -6,10 +6,10 @@ import os
 import uuid
 
 import pytest
-from conftest import GCS_BUCKET
 
 from blockstore import BlockNotFound, block_hash, open_store
 from blockstore.chunking import MAX_BLOCK, MIN_BLOCK, chunk_fd
+from conftest import GCS_BUCKET
 
 
 @pytest.fixture(params=["local", "gcs"])

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 from conftest import _world_dir
-
 from nimbusfs.embedded import Embedded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
