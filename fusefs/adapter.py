@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,9 @@ def entry(attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
     e.st_rdev = attr["rdev"]
     e.st_size = attr["size"]
     e.st_blksize = BLKSIZE
-    e.st_blocks = (attr["size"] + 511) // 512
+    # st_blocks counts stored bytes: holes in sparse files cost nothing.
+    stored = attr["alloc"] if stat.S_ISREG(attr["mode"]) else attr["size"]
+    e.st_blocks = (stored + 511) // 512
     e.st_atime_ns = attr["atime"]
     e.st_mtime_ns = attr["mtime"]
     e.st_ctime_ns = attr["ctime"]
@@ -93,6 +96,22 @@ class Operations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             atime=attr.st_atime_ns if fields.update_atime else None,
             mtime=attr.st_mtime_ns if fields.update_mtime else None))
+
+    @_errors
+    async def setxattr(self, inode, name, value, ctx):
+        await self.vfs.setxattr(inode, name, value)
+
+    @_errors
+    async def getxattr(self, inode, name, ctx):
+        return await self.vfs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(self, inode, ctx):
+        return await self.vfs.listxattr(inode)
+
+    @_errors
+    async def removexattr(self, inode, name, ctx):
+        await self.vfs.removexattr(inode, name)
 
     @_errors
     async def readlink(self, inode, ctx):
@@ -142,7 +161,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
-        fh, keep = await self.vfs.open(inode, flags)
+        fh, keep = await self.vfs.open(inode, flags, ctx.uid)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_errors

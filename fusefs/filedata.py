@@ -87,6 +87,7 @@ class OpenFile:
         self.cut = self.size          # lowest size since the last commit
         self.mtime = attr["mtime"]
         self.modified = False         # size or content changed since the last commit
+        self.kill_priv = False        # an unprivileged write: the commit drops setuid/setgid
         if self.staging is not None:
             self.staging.reset()
 
@@ -145,8 +146,9 @@ class OpenFile:
             self.staging = Staging(self.vfs.staging_dir)
         return self.staging
 
-    async def write(self, off: int, data: bytes) -> int:
+    async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
         async with self.lock:
+            self.kill_priv |= kill_priv
             # A pwrite into the page cache is faster than a thread hop.
             self._staging().write(off, data)
             self.size = max(self.size, off + len(data))
@@ -255,6 +257,7 @@ class OpenFile:
             extents = self._new_extents(win, chunks)
             r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
                                            extents=extents, size=self.size, mtime=self.mtime,
+                                           kill_priv=self.kill_priv,
                                            **self.vfs.commit_hint(self.ino))
             if "conflict" not in r:
                 self.reset(r["attr"], extents)

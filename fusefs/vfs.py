@@ -63,6 +63,7 @@ class VFS:
         self.root = client.info["root"]
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
+        self.privileged: set[int] = set()   # handles opened by root (CAP_FSETID)
         self.dirs: dict[int, list] = {}
         self.orphans: set[int] = set()
         # Bounded maps: where each inode was last seen (for conflict copies), and
@@ -145,6 +146,7 @@ class VFS:
         f = self.files.get(attr["ino"])
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
+            attr["alloc"] = max(attr["alloc"], f.size)  # an estimate until the commit
         return attr
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
@@ -198,6 +200,18 @@ class VFS:
         if changes:
             return self._out(await self.call("setattr", ino=self.srv(ino), **changes))
         return await self.getattr(ino)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        await self.call("setxattr", ino=self.srv(ino), name=name, value=value)
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        return await self.call("getxattr", ino=self.srv(ino), name=name)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return await self.call("listxattr", ino=self.srv(ino))
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self.call("removexattr", ino=self.srv(ino), name=name)
 
     async def readlink(self, ino: int) -> bytes:
         return await self.call("readlink", ino=self.srv(ino))
@@ -290,7 +304,7 @@ class VFS:
                     self.orphans.discard(f.ino)
                     await self.call("purge", ino=self.srv(f.ino))
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+    async def open(self, ino: int, flags: int, uid: int) -> tuple[int, bool]:
         """Open a file; return the handle and whether the kernel may keep its page cache."""
         f = await self._acquire(ino)
         try:
@@ -303,6 +317,8 @@ class VFS:
             raise
         fh = next(self._fh)
         self.handles[fh] = f
+        if uid == 0:
+            self.privileged.add(fh)
         keep = self.page_version.get(ino) == f.base and not f.modified
         self.page_version[ino] = f.base
         return fh, keep
@@ -310,14 +326,15 @@ class VFS:
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, dict[str, Any]]:
         attr = await self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
-        fh, _ = await self.open(attr["ino"], flags & ~os.O_TRUNC)
+        fh, _ = await self.open(attr["ino"], flags & ~os.O_TRUNC, uid)
         return fh, attr
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.handles[fh].read(off, size)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
-        return await self.handles[fh].write(off, data)
+        # Like Linux, a write by anyone but root drops set-user-ID/set-group-ID.
+        return await self.handles[fh].write(off, data, kill_priv=fh not in self.privileged)
 
     async def flush(self, fh: int) -> None:
         f = self.handles[fh]
@@ -325,6 +342,7 @@ class VFS:
         self.page_version[f.ino] = f.base
 
     async def release(self, fh: int) -> None:
+        self.privileged.discard(fh)
         await self._release(self.handles.pop(fh))
 
     async def flush_all(self) -> None:

@@ -26,7 +26,7 @@ from metaserver.protocol import PUSH, FrameReader, pack
 log = logging.getLogger(__name__)
 
 READ_ONLY_OPS = frozenset({"getattr", "lookup", "readdir", "readlink", "open", "statfs",
-                           "have_blocks", "versions", "subscribe"})
+                           "have_blocks", "versions", "subscribe", "getxattr", "listxattr"})
 
 
 def parse_address(addr: str) -> tuple[str, int]:

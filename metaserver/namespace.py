@@ -45,12 +45,13 @@ def op(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-_ATTR_COLS = "id, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, version"
+_ATTR_COLS = ("id, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, version,"
+              " alloc")
 
 
 def _attr(row: tuple) -> dict[str, int]:
     keys = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "atime", "mtime", "ctime",
-            "version")
+            "version", "alloc")
     return dict(zip(keys, row, strict=True))
 
 
@@ -153,12 +154,15 @@ def lookup(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
 
 @op
 def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, dict[str, int]]]:
-    """All entries of a directory, sorted by name, with their attributes."""
-    _dir(cur, u, ino, lock=False)
+    """All entries of a directory with their attributes: '.', '..', then by name."""
+    me = _dir(cur, u, ino, lock=False)
+    cur.execute("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
+    row = cur.fetchone()
+    up = _inode(cur, u, row[0]) if row and ino != u.root else me
     cur.execute(f"SELECT d.name, {', '.join('i.' + c.strip() for c in _ATTR_COLS.split(','))}"
                 " FROM dentries d JOIN inodes i ON i.id = d.inode"
                 " WHERE d.parent = %s ORDER BY d.name", (ino,))
-    return [(r[0], _attr(r[1:])) for r in cur.fetchall()]
+    return [(b".", me), (b"..", up), *((r[0], _attr(r[1:])) for r in cur.fetchall())]
 
 
 @op
@@ -393,6 +397,9 @@ def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None
     """Change mode, owner or times; ctime becomes now. Size changes are commits."""
     a = _inode(cur, u, ino, lock=True)
     sets, vals = ["ctime_ns = %s"], [time.time_ns()]
+    if mode is None and (uid is not None or gid is not None) and not stat.S_ISDIR(a["mode"]):
+        # chown drops set-user-ID, and set-group-ID when group-executable, as on Linux
+        mode = a["mode"] & ~(stat.S_ISUID | (stat.S_ISGID if a["mode"] & stat.S_IXGRP else 0))
     if mode is not None:
         sets.append("mode = %s")
         vals.append(stat.S_IFMT(a["mode"]) | stat.S_IMODE(mode))
@@ -405,6 +412,59 @@ def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None
     attr = _attr(cur.fetchone())
     _log(cur, u, device, "setattr", ino)
     return attr
+
+
+# --- extended attributes ---------------------------------------------------------
+
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+
+def _xattr_name(name: bytes) -> None:
+    if not name.startswith(XATTR_NAMESPACES):
+        raise FSError(errno.EOPNOTSUPP, "unsupported xattr namespace")
+    if len(name) > 255:
+        raise FSError(errno.ERANGE, "xattr name too long")
+
+
+@op
+def setxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes, value: bytes) -> None:
+    """Set an attribute (pyfuse3 checks XATTR_CREATE/XATTR_REPLACE before calling)."""
+    _xattr_name(name)
+    if len(value) > 65536:
+        raise FSError(errno.E2BIG, "xattr value too large")
+    _inode(cur, u, ino, lock=True)
+    cur.execute("INSERT INTO xattrs (inode, name, value) VALUES (%s, %s, %s)"
+                " ON CONFLICT (inode, name) DO UPDATE SET value = excluded.value",
+                (ino, name, value))
+    cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (time.time_ns(), ino))
+    _log(cur, u, device, "setattr", ino)
+
+
+@op
+def getxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> bytes:
+    _inode(cur, u, ino)
+    cur.execute("SELECT value FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
+    row = cur.fetchone()
+    if row is None:
+        raise FSError(errno.ENODATA, "no such xattr")
+    return bytes(row[0])
+
+
+@op
+def listxattr(cur: Cursor, u: User, device: str, ino: int) -> list[bytes]:
+    _inode(cur, u, ino)
+    cur.execute("SELECT name FROM xattrs WHERE inode = %s ORDER BY name", (ino,))
+    return [bytes(r[0]) for r in cur.fetchall()]
+
+
+@op
+def removexattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> None:
+    _inode(cur, u, ino, lock=True)
+    cur.execute("DELETE FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
+    if cur.rowcount == 0:
+        raise FSError(errno.ENODATA, "no such xattr")
+    cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (time.time_ns(), ino))
+    _log(cur, u, device, "setattr", ino)
 
 
 # --- content -------------------------------------------------------------------
@@ -466,8 +526,12 @@ def _save_conflict(cur: Cursor, u: User, device: str, ino: int, parent: int, nam
 
 
 def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
-            mtime: int) -> dict[str, int]:
-    """Add a version to the locked inode ``a`` and make it current."""
+            mtime: int, kill_priv: bool = False) -> dict[str, int]:
+    """Add a version to the locked inode ``a`` and make it current.
+
+    ``kill_priv``: the writer was unprivileged, so set-user-ID (and
+    set-group-ID on a group-executable file) is dropped, as Linux does.
+    """
     ino = a["ino"]
     cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s FOR UPDATE", (u.id,))
     quota, used = cur.fetchone()
@@ -481,8 +545,11 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
     _add_refs(cur, extents, +1)
     cur.execute("UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s", (grow, u.id))
     now = time.time_ns()
-    cur.execute(f"UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s"
-                f" WHERE id = %s RETURNING {_ATTR_COLS}", (version, size, mtime, now, ino))
+    alloc = sum(n for k, n in extents if k is not None)
+    kill = stat.S_ISUID | (stat.S_ISGID if a["mode"] & stat.S_IXGRP else 0) if kill_priv else 0
+    cur.execute(f"UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s,"
+                f" alloc = %s, mode = mode & ~%s WHERE id = %s RETURNING {_ATTR_COLS}",
+                (version, size, mtime, now, alloc, kill, ino))
     attr = _attr(cur.fetchone())
     _log(cur, u, device, "write", ino)
     _expire_versions(cur, ino, version)
@@ -504,8 +571,8 @@ def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
 
 @op
 def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list, size: int,
-           mtime: int, parent: int | None = None, name: bytes | None = None
-           ) -> dict[str, Any]:
+           mtime: int, kill_priv: bool = False, parent: int | None = None,
+           name: bytes | None = None) -> dict[str, Any]:
     """Make ``extents`` the new current version of file ``ino``.
 
     ``base`` is the version the writer started from. If another commit came
@@ -524,7 +591,7 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     if a is not None and not stat.S_ISREG(a["mode"]):
         raise FSError(errno.EINVAL, "not a regular file")
     if a is not None and a["version"] == base and (a["nlink"] > 0 or name is None):
-        return {"attr": _commit(cur, u, device, a, extents, size, mtime)}
+        return {"attr": _commit(cur, u, device, a, extents, size, mtime, kill_priv)}
     if name is None:
         raise (Conflict(a["version"]) if a else FSError(errno.ENOENT, "file was deleted"))
     copy = _save_conflict(cur, u, device, ino, parent or u.root, name, extents, size, mtime)

@@ -203,14 +203,22 @@ def store(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def mount_factory(services: Services, tmp_path) -> Iterator[Callable[..., Mount]]:
+def world_tmp() -> Iterator[str]:
+    """A per-test temporary directory that other local users can traverse."""
+    d = _world_dir("nimbus-t-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def mount_factory(services: Services, world_tmp: str) -> Iterator[Callable[..., Mount]]:
     mounts: list[Mount] = []
 
     def make(store: str = "local", token: str | None = None,
              deployment: Deployment | None = None, *extra: str) -> Mount:
         dep = deployment or services.deployments[store]
         m = Mount(services, dep, token or dep.new_user(), store,
-                  str(tmp_path / f"m{len(mounts)}"), extra)
+                  os.path.join(world_tmp, f"m{len(mounts)}"), extra)
         mounts.append(m)
         m.start()
         return m

@@ -27,7 +27,7 @@ async def test_many_requests_in_flight_on_one_connection(services):
             for i in range(50):
                 n.start_soon(lambda i=i: c.call("mknod", parent=root, name=b"f%d" % i,
                                                 mode=0o100644, uid=0, gid=0))
-        names = {name for name, _ in await c.call("readdir", ino=root)}
+        names = {name for name, _ in await c.call("readdir", ino=root)} - {b".", b".."}
         assert names == {b"f%d" % i for i in range(50)}
 
 

@@ -1,0 +1,371 @@
+"""POSIX conformance by system call, run on the mount and, as a control, on local disk.
+
+Every test takes ``root`` (a directory) and must pass on both: what the mount
+does differently from the local filesystem is a bug here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+_libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    if _libc.renameat2(-100, src.encode(), -100, dst.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@pytest.fixture(params=["nimbusfs", "localdisk"])
+def root(request, mount_factory, world_tmp) -> str:
+    if request.param == "nimbusfs":
+        return mount_factory("local").path
+    d = os.path.join(world_tmp, "control")
+    os.mkdir(d)
+    return d
+
+
+def j(root: str, *p: str) -> str:
+    return os.path.join(root, *p)
+
+
+def err(fn, *a, **kw) -> int:
+    with pytest.raises(OSError) as e:
+        fn(*a, **kw)
+    return e.value.errno
+
+
+def put(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def get(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def as_user(uid: int, code: str) -> subprocess.CompletedProcess:
+    """Run Python code as an unprivileged user (for permission checks)."""
+    return subprocess.run([sys.executable, "-c", f"import os; os.setgid({uid}); "
+                           f"os.setgroups([]); os.setuid({uid}); {code}"],
+                          capture_output=True, text=True)
+
+
+NOBODY = 65534
+
+# --- open(2) ------------------------------------------------------------------------
+
+
+def test_open_excl_trunc_and_mode(root):
+    p = j(root, "f")
+    fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o640)
+    os.write(fd, b"abcdef")
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o640 & ~_umask()
+    assert err(os.open, p, os.O_CREAT | os.O_EXCL | os.O_WRONLY) == errno.EEXIST
+    os.close(os.open(p, os.O_WRONLY | os.O_TRUNC))
+    assert os.stat(p).st_size == 0
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_open_append_two_handles_interleave(root):
+    p = j(root, "log")
+    a = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+    b = os.open(p, os.O_WRONLY | os.O_APPEND)
+    for i in range(20):
+        os.write(a if i % 2 else b, b"%02d;" % i)
+    os.close(a)
+    os.close(b)
+    assert get(p) == b"".join(b"%02d;" % i for i in range(20))
+
+
+def test_open_errors(root):
+    os.mkdir(j(root, "d"))
+    put(j(root, "f"), b"")
+    assert err(os.open, j(root, "nope"), os.O_RDONLY) == errno.ENOENT
+    assert err(os.open, j(root, "d"), os.O_WRONLY) == errno.EISDIR
+    assert err(os.open, j(root, "f", "x"), os.O_RDONLY) == errno.ENOTDIR
+
+
+# --- read(2), write(2), truncate(2) ----------------------------------------------------
+
+
+def test_sparse_file_reads_zeros_and_stores_little(root):
+    p = j(root, "sparse")
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    os.pwrite(fd, b"tail", 1 << 30)
+    os.close(fd)
+    st = os.stat(p)
+    assert st.st_size == (1 << 30) + 4
+    assert st.st_blocks * 512 < st.st_size // 100     # the hole costs (almost) nothing
+    fd = os.open(p, os.O_RDONLY)
+    assert os.pread(fd, 8, 512 << 20) == bytes(8)
+    assert os.pread(fd, 6, (1 << 30) - 2) == b"\0\0tail"
+    os.close(fd)
+
+
+def test_truncate_on_open_handle(root):
+    p = j(root, "t")
+    put(p, b"0123456789" * 1000)
+    fd = os.open(p, os.O_RDWR)
+    os.ftruncate(fd, 5)
+    assert os.fstat(fd).st_size == 5
+    assert os.pread(fd, 100, 0) == b"01234"
+    os.ftruncate(fd, 20)
+    assert os.pread(fd, 100, 0) == b"01234" + bytes(15)
+    os.close(fd)
+    assert get(p) == b"01234" + bytes(15)
+
+
+def test_unlinked_open_file_until_last_close(root):
+    p = j(root, "f")
+    put(p, b"data")
+    fd1 = os.open(p, os.O_RDWR)
+    fd2 = os.open(p, os.O_RDONLY)
+    os.unlink(p)
+    os.pwrite(fd1, b"more", 4)
+    os.close(fd1)
+    assert os.pread(fd2, 8, 0) == b"datamore"
+    assert os.fstat(fd2).st_nlink == 0
+    os.close(fd2)
+    assert os.listdir(root) == []
+
+
+# --- rename(2) and renameat2(2) ---------------------------------------------------------
+
+
+def test_rename_variants(root):
+    os.makedirs(j(root, "a", "b"))
+    os.mkdir(j(root, "empty"))
+    os.mkdir(j(root, "full"))
+    put(j(root, "full", "x"), b"x")
+    put(j(root, "f"), b"f")
+    put(j(root, "g"), b"g")
+    assert err(os.rename, j(root, "a"), j(root, "a", "b", "c")) == errno.EINVAL
+    assert err(os.rename, j(root, "a"), j(root, "full")) == errno.ENOTEMPTY
+    os.rename(j(root, "a"), j(root, "empty"))            # over an empty directory
+    assert os.path.isdir(j(root, "empty", "b"))
+    assert err(renameat2, j(root, "f"), j(root, "g"), RENAME_NOREPLACE) == errno.EEXIST
+    renameat2(j(root, "f"), j(root, "h"), RENAME_NOREPLACE)
+    renameat2(j(root, "h"), j(root, "g"), RENAME_EXCHANGE)
+    assert get(j(root, "g")) == b"f" and get(j(root, "h")) == b"g"
+    renameat2(j(root, "g"), j(root, "full"), RENAME_EXCHANGE)  # a file with a directory
+    assert get(j(root, "full")) == b"f" and get(j(root, "g", "x")) == b"x"
+    assert err(renameat2, j(root, "nope"), j(root, "g"), RENAME_EXCHANGE) == errno.ENOENT
+    os.rename(j(root, "h"), j(root, "h"))                 # onto itself: no-op
+    assert get(j(root, "h")) == b"g"
+
+
+def test_rename_hardlink_onto_itself(root):
+    put(j(root, "a"), b"a")
+    os.link(j(root, "a"), j(root, "b"))
+    os.rename(j(root, "a"), j(root, "b"))                  # same inode: nothing happens
+    assert sorted(os.listdir(root)) == ["a", "b"]
+
+
+# --- names ------------------------------------------------------------------------------
+
+
+def test_names_are_bytes(root):
+    raw = os.fsencode(root)
+    for name in (b"\xff\xfe", b"caf\xc3\xa9", b"tab\tnew\nline", b" lead", b"-", b"a" * 255):
+        put(os.path.join(raw, name), name)
+        assert get(os.path.join(raw, name)) == name
+    assert set(os.listdir(raw)) == {b"\xff\xfe", b"caf\xc3\xa9", b"tab\tnew\nline", b" lead",
+                                    b"-", b"a" * 255}
+    assert err(put, os.path.join(raw, b"a" * 256), b"") == errno.ENAMETOOLONG
+    assert err(os.mkdir, os.path.join(raw, b"b" * 256)) == errno.ENAMETOOLONG
+
+
+def test_deep_paths(root):
+    p = root
+    for i in range(60):
+        p = j(p, f"level{i}")
+        os.mkdir(p)
+    put(j(p, "leaf"), b"deep")
+    assert get(j(p, "leaf")) == b"deep"
+
+
+# --- link(2), symlink(2), mknod(2) --------------------------------------------------------
+
+
+def test_hard_links(root):
+    put(j(root, "a"), b"shared")
+    os.mkdir(j(root, "d"))
+    os.link(j(root, "a"), j(root, "d", "b"))
+    assert os.stat(j(root, "a")).st_nlink == 2
+    assert os.stat(j(root, "a")).st_ino == os.stat(j(root, "d", "b")).st_ino
+    with open(j(root, "d", "b"), "ab") as f:
+        f.write(b"+")
+    assert get(j(root, "a")) == b"shared+"
+    os.unlink(j(root, "a"))
+    assert get(j(root, "d", "b")) == b"shared+"
+    assert os.stat(j(root, "d", "b")).st_nlink == 1
+    assert err(os.link, j(root, "d"), j(root, "dl")) == errno.EPERM
+
+
+def test_symlinks(root):
+    os.symlink("target", j(root, "dangling"))
+    assert os.readlink(j(root, "dangling")) == "target"
+    assert err(os.stat, j(root, "dangling")) == errno.ENOENT
+    assert stat.S_ISLNK(os.lstat(j(root, "dangling")).st_mode)
+    assert os.lstat(j(root, "dangling")).st_size == len("target")
+    put(j(root, "target"), b"now here")
+    assert get(j(root, "dangling")) == b"now here"
+    assert stat.S_ISREG(os.stat(j(root, "dangling")).st_mode)
+    os.symlink("/" + "x" * 1000, j(root, "long"))
+    assert os.readlink(j(root, "long")) == "/" + "x" * 1000
+
+
+def test_fifo(root):
+    os.mkfifo(j(root, "pipe"), 0o600)
+    assert stat.S_ISFIFO(os.stat(j(root, "pipe")).st_mode)
+
+
+# --- chmod, chown, utimensat ----------------------------------------------------------------
+
+
+def test_chown_and_setuid_clearing(root):
+    p = j(root, "prog")
+    put(p, b"#!/bin/sh\n")
+    os.chmod(p, 0o6755)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o6755
+    with open(p, "ab") as f:          # root keeps the bits (CAP_FSETID)
+        f.write(b"true\n")
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o6755
+    os.chown(p, 1234, 5678)
+    st = os.stat(p)
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert stat.S_IMODE(st.st_mode) == 0o0755      # chown drops setuid and setgid
+    os.chmod(p, 0o6777)
+    r = as_user(NOBODY, f"open({p!r}, 'ab').write(b'x')")
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o0777  # an unprivileged write drops them
+
+
+def test_permissions_between_users(root):
+    os.chmod(root, 0o777)
+    p = j(root, "private")
+    put(p, b"secret")
+    os.chmod(p, 0o600)
+    r = as_user(NOBODY, f"open({p!r}, 'rb')")
+    assert "PermissionError" in r.stderr
+    r = as_user(NOBODY, f"open({p!r}, 'ab')")
+    assert "PermissionError" in r.stderr
+    r = as_user(NOBODY, f"open({j(root, 'mine')!r}, 'wb').close(); "
+                        f"print(os.stat({j(root, 'mine')!r}).st_uid)")
+    assert r.stdout.strip() == str(NOBODY)
+
+
+def test_sticky_directory(root):
+    os.chmod(root, 0o1777)
+    put(j(root, "roots"), b"")
+    os.chmod(j(root, "roots"), 0o666)
+    r = as_user(NOBODY, f"os.unlink({j(root, 'roots')!r})")
+    assert "PermissionError" in r.stderr
+    assert os.path.exists(j(root, "roots"))
+
+
+def test_utimens(root):
+    p = j(root, "f")
+    put(p, b"x")
+    os.utime(p, ns=(1_234_567_890_123_456_789, 987_654_321_000_000_001))
+    st = os.stat(p)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_234_567_890_123_456_789,
+                                                987_654_321_000_000_001)
+    before = os.stat(p).st_ctime_ns
+    os.utime(p)                                        # UTIME_NOW for both
+    assert os.stat(p).st_mtime_ns > 987_654_321_000_000_001
+    assert os.stat(p).st_ctime_ns >= before
+
+
+def test_times_follow_posix(root):
+    os.mkdir(j(root, "d"))
+    os.utime(j(root, "d"), ns=(10**18, 10**18))
+    put(j(root, "d", "f"), b"x")                       # a new entry changes the directory
+    assert os.stat(j(root, "d")).st_mtime_ns > 10**18
+    os.utime(j(root, "d", "f"), ns=(10**18, 10**18))
+    c0 = os.stat(j(root, "d", "f")).st_ctime_ns
+    os.chmod(j(root, "d", "f"), 0o600)                  # metadata change: ctime, not mtime
+    st = os.stat(j(root, "d", "f"))
+    assert st.st_mtime_ns == 10**18 and st.st_ctime_ns >= c0
+
+
+def test_directory_nlink(root):
+    os.mkdir(j(root, "d"))
+    assert os.stat(j(root, "d")).st_nlink == 2
+    for n in ("a", "b", "c"):
+        os.mkdir(j(root, "d", n))
+    put(j(root, "d", "file"), b"")
+    assert os.stat(j(root, "d")).st_nlink == 5
+    os.rename(j(root, "d", "a"), j(root, "a"))
+    assert os.stat(j(root, "d")).st_nlink == 4
+
+
+def test_readdir_has_dot_entries(root):
+    os.mkdir(j(root, "d"))
+    out = subprocess.run(["ls", "-a", j(root, "d")], capture_output=True, text=True).stdout
+    assert out.split() == [".", ".."]
+
+
+# --- extended attributes ------------------------------------------------------------------
+
+
+def test_xattrs(root):
+    p = j(root, "f")
+    put(p, b"")
+    os.setxattr(p, "user.color", b"blue")
+    os.setxattr(p, "trusted.level", b"3")
+    os.setxattr(p, "security.label", b"l")
+    assert os.getxattr(p, "user.color") == b"blue"
+    assert {"user.color", "trusted.level", "security.label"} <= set(os.listxattr(p))
+    assert err(os.setxattr, p, "user.color", b"x", os.XATTR_CREATE) == errno.EEXIST
+    assert err(os.setxattr, p, "user.none", b"x", os.XATTR_REPLACE) == errno.ENODATA
+    os.setxattr(p, "user.color", b"red", os.XATTR_REPLACE)
+    assert os.getxattr(p, "user.color") == b"red"
+    assert err(os.getxattr, p, "user.none") == errno.ENODATA
+    os.removexattr(p, "user.color")
+    assert err(os.removexattr, p, "user.color") == errno.ENODATA
+    assert "user.color" not in os.listxattr(p)
+    assert err(os.setxattr, p, "user.big", b"x" * 70000) == errno.E2BIG
+
+
+def test_xattr_erange_on_small_buffer(root):
+    p = j(root, "f")
+    put(p, b"")
+    os.setxattr(p, "user.v", b"0123456789")
+    buf = ctypes.create_string_buffer(4)
+    n = _libc.getxattr(p.encode(), b"user.v", buf, 4)
+    assert n == -1 and ctypes.get_errno() == errno.ERANGE
+
+
+# --- locks ---------------------------------------------------------------------------------
+
+
+def test_locks_between_local_processes(root):
+    import fcntl
+
+    p = j(root, "lockfile")
+    put(p, b"")
+    with open(p, "r+b") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        code = (f"import fcntl; f = open({p!r}, 'r+b')\n"
+                "try:\n fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB); print('got')\n"
+                "except OSError: print('busy')")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.stdout.strip() == "busy"
