@@ -107,7 +107,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def listxattr(self, inode, ctx):
-        return await self.vfs.listxattr(inode)
+        return sorted(await self.vfs.listxattr(inode))
 
     @_errors
     async def removexattr(self, inode, name, ctx):

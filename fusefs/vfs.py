@@ -70,6 +70,9 @@ class VFS:
         # the version the kernel's page cache holds for it.
         self.names: LRUCache[int, tuple[int, bytes]] = LRUCache(100_000)
         self.page_version: LRUCache[int, int] = LRUCache(100_000)
+        # Names of each inode's xattrs: the kernel asks for security.capability
+        # before every write, and the answer is almost always "none".
+        self.xattr_names: LRUCache[int, frozenset[bytes]] = LRUCache(10_000)
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
 
@@ -89,6 +92,7 @@ class VFS:
             self.page_version.clear()
             return
         for _, ino, parent, name, kind, device in changes:
+            self.xattr_names.pop(self.fuse(ino), None)
             if device == self.client.device:
                 continue
             self._inval_send.send_nowait(("inode", self.fuse(ino)))
@@ -197,20 +201,31 @@ class VFS:
             finally:
                 await self._release(f)  # commits now unless another handle keeps it open
         changes = {k: v for k, v in changes.items() if v is not None}
+        f = self.files.get(ino)
+        if f is not None and changes.get("mtime") is not None:
+            f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
         if changes:
             return self._out(await self.call("setattr", ino=self.srv(ino), **changes))
         return await self.getattr(ino)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self.xattr_names.pop(ino, None)
         await self.call("setxattr", ino=self.srv(ino), name=name, value=value)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
+        if name not in await self.listxattr(ino):
+            raise FSError(errno.ENODATA, "no such xattr")
         return await self.call("getxattr", ino=self.srv(ino), name=name)
 
-    async def listxattr(self, ino: int) -> list[bytes]:
-        return await self.call("listxattr", ino=self.srv(ino))
+    async def listxattr(self, ino: int) -> frozenset[bytes]:
+        names = self.xattr_names.get(ino)
+        if names is None:
+            names = frozenset(await self.call("listxattr", ino=self.srv(ino)))
+            self.xattr_names[ino] = names
+        return names
 
     async def removexattr(self, ino: int, name: bytes) -> None:
+        self.xattr_names.pop(ino, None)
         await self.call("removexattr", ino=self.srv(ino), name=name)
 
     async def readlink(self, ino: int) -> bytes:

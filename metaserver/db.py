@@ -31,8 +31,9 @@ class Database:
         self.outage_timeout = outage_timeout
         self.pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, open=False,
-            kwargs={"options": f"-c statement_timeout={statement_timeout_ms}"},
-            check=ConnectionPool.check_connection)
+            # No per-checkout health check (it costs a round trip per request):
+            # a broken connection fails its transaction, which run() retries.
+            kwargs={"options": f"-c statement_timeout={statement_timeout_ms}"})
         self.pool_size = pool_size
 
     def open(self) -> None:
@@ -40,7 +41,7 @@ class Database:
         self.migrate()
 
     def close(self) -> None:
-        self.pool.close()
+        self.pool.close(timeout=5)
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(cur, *args, **kwargs)`` in one transaction and return its result.

@@ -102,9 +102,16 @@ class MetaServer:
         self.subscribers: dict[int, set[Session]] = {}
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run ``fn(cur, ...)`` in one transaction on a worker thread."""
+        """Run ``fn(cur, ...)`` in one transaction on a worker thread.
+
+        On shutdown a transaction still waiting (e.g. on a lock or a lost
+        database) is abandoned rather than awaited: its client never saw an
+        answer and replays it, and the ``op_id`` keeps the replay from applying
+        twice.
+        """
         return await trio.to_thread.run_sync(
-            partial(self.db.run, fn, *args, **kwargs), limiter=self.limiter)
+            partial(self.db.run, fn, *args, **kwargs), limiter=self.limiter,
+            abandon_on_cancel=True)
 
     async def serve(self, host: str, port: int,
                     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:

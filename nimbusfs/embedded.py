@@ -150,6 +150,10 @@ class Embedded:
         if addr:
             return addr
         info_file = self.path("run", "metaserver.json")
+        last = self.path("metaserver.address")
+        if listen.endswith(":0") and os.path.exists(last):
+            with open(last) as f:   # the same port again, so running mounts reconnect
+                listen = f.read().strip()
         if os.path.exists(info_file):
             os.unlink(info_file)
         with open(self.path("logs", "metaserver.log"), "ab") as log:
@@ -162,7 +166,10 @@ class Embedded:
                   "the metaserver to start")
         if proc.poll() is not None:
             raise SystemExit(f"metaserver failed to start; see {self.path('logs')}/metaserver.log")
-        return self.server_address() or ""
+        addr = self.server_address() or ""
+        with open(last, "w") as f:
+            f.write(addr)
+        return addr
 
     def stop_server(self) -> None:
         try:

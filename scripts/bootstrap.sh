@@ -13,7 +13,7 @@ _nimbus_need_pkgs() {
     pkg-config --exists fuse3 2>/dev/null || missing+=(libfuse3-dev pkg-config)
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
     python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
-    [ -n "${NIMBUS_EXTRA_PKGS:-}" ] && for p in $NIMBUS_EXTRA_PKGS; do
+    for p in ${NIMBUS_EXTRA_PKGS:-}; do
         dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
     done
     echo "${missing[@]}"
