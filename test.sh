@@ -6,5 +6,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/scripts/bootstrap.sh"
 # Programs the tests run inside the mount.
 NIMBUS_EXTRA_PKGS="git rsync tar" nimbus_bootstrap test
 cd "$NIMBUS_ROOT"
+# A real PyPI source distribution for the tar/compileall test (fetched once).
+if ! ls "$VENV"/testdata/trio-*.tar.gz >/dev/null 2>&1; then
+    trio_version="$("$VENV/bin/python" -c 'import trio; print(trio.__version__)')"
+    "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$VENV/testdata" \
+        "trio==$trio_version" >&2
+fi
 "$VENV/bin/ruff" check .
 exec "$VENV/bin/python" -m pytest "$@"

@@ -88,17 +88,25 @@ class VFS:
         if not changes:
             log.warning("change log reset: invalidating all cached inodes")
             for ino in list(self.page_version):
-                self._inval_send.send_nowait(("inode", ino))
+                self._invalidate(("inode", ino))
             self.page_version.clear()
             return
         for _, ino, parent, name, kind, device in changes:
             self.xattr_names.pop(self.fuse(ino), None)
             if device == self.client.device:
                 continue
-            self._inval_send.send_nowait(("inode", self.fuse(ino)))
+            self._invalidate(("inode", self.fuse(ino)))
             if kind in ENTRY_CHANGES and parent is not None:
-                self._inval_send.send_nowait(("entry", self.fuse(parent), bytes(name)))
-                self._inval_send.send_nowait(("inode", self.fuse(parent)))
+                self._invalidate(("entry", self.fuse(parent), bytes(name)))
+                self._invalidate(("inode", self.fuse(parent)))
+
+    def _invalidate(self, item: tuple) -> None:
+        try:
+            self._inval_send.send_nowait(item)
+        except trio.WouldBlock:
+            # A burst larger than the queue: the kernel's 1 s attribute timeout
+            # still bounds how long this mount shows the old state.
+            log.warning("invalidation queue full; dropping %r", item)
 
     async def run_invalidations(self, kernel: KernelCache) -> None:
         async for item in self._inval_recv:
@@ -319,7 +327,8 @@ class VFS:
                     self.orphans.discard(f.ino)
                     await self.call("purge", ino=self.srv(f.ino))
 
-    async def open(self, ino: int, flags: int, uid: int) -> tuple[int, bool]:
+    async def open(self, ino: int, flags: int, uid: int, created: bool = False
+                   ) -> tuple[int, bool]:
         """Open a file; return the handle and whether the kernel may keep its page cache."""
         f = await self._acquire(ino)
         try:
@@ -330,6 +339,8 @@ class VFS:
         except BaseException:
             await self._release(f)
             raise
+        if not created and (flags & os.O_ACCMODE) != os.O_WRONLY:
+            await self._relatime(f)
         fh = next(self._fh)
         self.handles[fh] = f
         if uid == 0:
@@ -338,10 +349,21 @@ class VFS:
         self.page_version[ino] = f.base
         return fh, keep
 
+    async def _relatime(self, f: OpenFile) -> None:
+        """Update atime on a read open as Linux's ``relatime`` does on read.
+
+        Only when atime is not newer than mtime or ctime, or is a day old, so
+        a file read repeatedly costs one update, not one per open.
+        """
+        a, now = f.attr, time.time_ns()
+        if a["atime"] <= max(a["mtime"], a["ctime"]) or now - a["atime"] >= 86_400 * 10**9:
+            await self.call("touch_atime", ino=self.srv(f.ino), atime=now)
+            a["atime"] = now
+
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, dict[str, Any]]:
         attr = await self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
-        fh, _ = await self.open(attr["ino"], flags & ~os.O_TRUNC, uid)
+        fh, _ = await self.open(attr["ino"], flags & ~os.O_TRUNC, uid, created=True)
         return fh, attr
 
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -467,6 +467,13 @@ def removexattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> Non
     _log(cur, u, device, "setattr", ino)
 
 
+@op
+def touch_atime(cur: Cursor, u: User, device: str, ino: int, atime: int) -> None:
+    """Record a read access: atime only (no ctime, no change-log entry)."""
+    cur.execute("UPDATE inodes SET atime_ns = %s WHERE id = %s AND owner_id = %s",
+                (atime, ino, u.id))
+
+
 # --- content -------------------------------------------------------------------
 
 def _add_refs(cur: Cursor, extents: list, sign: int) -> None:

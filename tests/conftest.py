@@ -37,6 +37,16 @@ def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "con
         time.sleep(0.02)
 
 
+def write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _world_dir(prefix: str) -> str:
     """A temp dir the postgres user can reach too (pytest's own is 0700 root)."""
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")

@@ -9,20 +9,12 @@ import time
 
 import pytest
 
-
-def write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+from conftest import read_file, write_file
 
 
 def test_create_write_read(mnt):
-    write(mnt.p("hello.txt"), b"hello world\n")
-    assert read(mnt.p("hello.txt")) == b"hello world\n"
+    write_file(mnt.p("hello.txt"), b"hello world\n")
+    assert read_file(mnt.p("hello.txt")) == b"hello world\n"
     st = os.stat(mnt.p("hello.txt"))
     assert st.st_size == 12
     assert stat.S_ISREG(st.st_mode)
@@ -31,14 +23,14 @@ def test_create_write_read(mnt):
 @pytest.mark.parametrize("size", [0, 1, 4096, 3 * 1024 * 1024 + 17])
 def test_sizes_round_trip(mnt, size):
     data = os.urandom(size)
-    write(mnt.p("f"), data)
+    write_file(mnt.p("f"), data)
     assert os.stat(mnt.p("f")).st_size == size
-    assert read(mnt.p("f")) == data
+    assert read_file(mnt.p("f")) == data
 
 
 def test_write_at_any_offset(mnt):
     base = os.urandom(2 * 1024 * 1024)
-    write(mnt.p("f"), base)
+    write_file(mnt.p("f"), base)
     model = bytearray(base)
     fd = os.open(mnt.p("f"), os.O_RDWR)
     try:
@@ -52,7 +44,7 @@ def test_write_at_any_offset(mnt):
             assert os.pread(fd, n, off) == chunk
     finally:
         os.close(fd)
-    assert read(mnt.p("f")) == bytes(model)
+    assert read_file(mnt.p("f")) == bytes(model)
 
 
 def test_sparse_far_offset_reads_zeros(mnt):
@@ -69,17 +61,17 @@ def test_sparse_far_offset_reads_zeros(mnt):
 
 
 def test_append(mnt):
-    write(mnt.p("log"), b"one\n")
+    write_file(mnt.p("log"), b"one\n")
     with open(mnt.p("log"), "ab") as f:
         f.write(b"two\n")
-    assert read(mnt.p("log")) == b"one\ntwo\n"
+    assert read_file(mnt.p("log")) == b"one\ntwo\n"
 
 
 def test_mkdir_list_rmdir(mnt):
     os.mkdir(mnt.p("d"))
     os.mkdir(mnt.p("d", "sub"))
-    write(mnt.p("d", "a"), b"a")
-    write(mnt.p("d", "b"), b"b")
+    write_file(mnt.p("d", "a"), b"a")
+    write_file(mnt.p("d", "b"), b"b")
     assert sorted(os.listdir(mnt.p("d"))) == ["a", "b", "sub"]
     assert stat.S_ISDIR(os.stat(mnt.p("d")).st_mode)
     assert os.stat(mnt.p("d")).st_nlink == 3  # '.', its entry, sub's '..'
@@ -100,7 +92,7 @@ def test_many_entries_listed(mnt):
 
 
 def test_unlink(mnt):
-    write(mnt.p("gone"), b"x" * 100)
+    write_file(mnt.p("gone"), b"x" * 100)
     os.unlink(mnt.p("gone"))
     assert not os.path.exists(mnt.p("gone"))
     assert os.listdir(mnt.path) == []
@@ -108,45 +100,45 @@ def test_unlink(mnt):
 
 def test_rename_and_replace(mnt):
     os.mkdir(mnt.p("d"))
-    write(mnt.p("a"), b"A")
-    write(mnt.p("b"), b"B")
+    write_file(mnt.p("a"), b"A")
+    write_file(mnt.p("b"), b"B")
     os.rename(mnt.p("a"), mnt.p("d", "a2"))
-    assert read(mnt.p("d", "a2")) == b"A"
+    assert read_file(mnt.p("d", "a2")) == b"A"
     assert not os.path.exists(mnt.p("a"))
     os.rename(mnt.p("b"), mnt.p("d", "a2"))  # over an existing file
-    assert read(mnt.p("d", "a2")) == b"B"
+    assert read_file(mnt.p("d", "a2")) == b"B"
     assert sorted(os.listdir(mnt.path)) == ["d"]
     os.mkdir(mnt.p("e"))
     os.rename(mnt.p("d"), mnt.p("e", "d"))   # a directory, into another one
-    assert read(mnt.p("e", "d", "a2")) == b"B"
+    assert read_file(mnt.p("e", "d", "a2")) == b"B"
     assert os.stat(mnt.p("e")).st_nlink == 3
 
 
 def test_truncate_down_and_up(mnt):
     data = os.urandom(3 * 1024 * 1024)
-    write(mnt.p("t"), data)
+    write_file(mnt.p("t"), data)
     os.truncate(mnt.p("t"), 1_500_000)
     assert os.stat(mnt.p("t")).st_size == 1_500_000
-    assert read(mnt.p("t")) == data[:1_500_000]
+    assert read_file(mnt.p("t")) == data[:1_500_000]
     os.truncate(mnt.p("t"), 4_000_000)
-    assert read(mnt.p("t")) == data[:1_500_000] + bytes(2_500_000)
+    assert read_file(mnt.p("t")) == data[:1_500_000] + bytes(2_500_000)
     os.truncate(mnt.p("t"), 0)
-    assert read(mnt.p("t")) == b""
+    assert read_file(mnt.p("t")) == b""
 
 
 def test_truncate_open_handle_then_write(mnt):
-    write(mnt.p("t"), b"0123456789")
+    write_file(mnt.p("t"), b"0123456789")
     with open(mnt.p("t"), "r+b") as f:
         f.truncate(4)
         f.seek(6)
         f.write(b"xy")
-    assert read(mnt.p("t")) == b"0123\0\0xy"
+    assert read_file(mnt.p("t")) == b"0123\0\0xy"
 
 
 def test_o_trunc(mnt):
-    write(mnt.p("t"), b"long old content")
-    write(mnt.p("t"), b"new")
-    assert read(mnt.p("t")) == b"new"
+    write_file(mnt.p("t"), b"long old content")
+    write_file(mnt.p("t"), b"new")
+    assert read_file(mnt.p("t")) == b"new"
 
 
 def test_stat_times_and_mode(mnt):
@@ -162,7 +154,7 @@ def test_stat_times_and_mode(mnt):
 
 
 def test_chmod(mnt):
-    write(mnt.p("f"), b"x")
+    write_file(mnt.p("f"), b"x")
     os.chmod(mnt.p("f"), 0o600)
     assert stat.S_IMODE(os.stat(mnt.p("f")).st_mode) == 0o600
     os.mkdir(mnt.p("d"), 0o755)
@@ -172,7 +164,7 @@ def test_chmod(mnt):
 
 
 def test_utimens(mnt):
-    write(mnt.p("f"), b"x")
+    write_file(mnt.p("f"), b"x")
     os.utime(mnt.p("f"), ns=(1_000_000_000_123, 2_000_000_000_456))
     st = os.stat(mnt.p("f"))
     assert st.st_atime_ns == 1_000_000_000_123
@@ -180,7 +172,7 @@ def test_utimens(mnt):
 
 
 def test_write_updates_mtime(mnt):
-    write(mnt.p("f"), b"x")
+    write_file(mnt.p("f"), b"x")
     os.utime(mnt.p("f"), ns=(10**18, 10**18))
     with open(mnt.p("f"), "ab") as f:
         f.write(b"y")
@@ -194,19 +186,19 @@ def test_statfs(mnt):
 
 
 def test_symlink_and_hardlink(mnt):
-    write(mnt.p("target"), b"data")
+    write_file(mnt.p("target"), b"data")
     os.symlink("target", mnt.p("sl"))
     assert os.readlink(mnt.p("sl")) == "target"
-    assert read(mnt.p("sl")) == b"data"
+    assert read_file(mnt.p("sl")) == b"data"
     os.link(mnt.p("target"), mnt.p("hl"))
     assert os.stat(mnt.p("target")).st_nlink == 2
     os.unlink(mnt.p("target"))
-    assert read(mnt.p("hl")) == b"data"
+    assert read_file(mnt.p("hl")) == b"data"
     assert os.stat(mnt.p("hl")).st_nlink == 1
 
 
 def test_open_unlinked_file_stays_usable(mnt):
-    write(mnt.p("f"), b"before")
+    write_file(mnt.p("f"), b"before")
     fd = os.open(mnt.p("f"), os.O_RDWR)
     try:
         os.unlink(mnt.p("f"))
@@ -224,9 +216,9 @@ def test_errors(mnt):
             fn(*a)
         return e.value.errno
 
-    write(mnt.p("file"), b"x")
+    write_file(mnt.p("file"), b"x")
     os.mkdir(mnt.p("dir"))
-    write(mnt.p("dir", "inner"), b"y")
+    write_file(mnt.p("dir", "inner"), b"y")
     assert err(os.stat, mnt.p("missing")) == errno.ENOENT
     assert err(open, mnt.p("missing", "x")) == errno.ENOENT
     assert err(os.mkdir, mnt.p("dir")) == errno.EEXIST
@@ -244,5 +236,5 @@ def test_errors(mnt):
     assert err(open, mnt.p(long), "wb") == errno.ENAMETOOLONG
     assert err(os.stat, mnt.p(long)) == errno.ENAMETOOLONG
     assert err(os.mkdir, mnt.p(long)) == errno.ENAMETOOLONG
-    write(mnt.p("n" * 255), b"ok")  # exactly 255 bytes is allowed
+    write_file(mnt.p("n" * 255), b"ok")  # exactly 255 bytes is allowed
     assert os.path.exists(mnt.p("n" * 255))

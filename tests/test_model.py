@@ -128,7 +128,7 @@ def test_differential_state_machine(mount_factory, world_tmp):
     machine = make_machine(m.path, control)
     # Derandomized: the same examples every run, so a failure replays.
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=40, stateful_step_count=60, deadline=None, derandomize=True,
+        max_examples=60, stateful_step_count=60, deadline=None, derandomize=True,
         database=None, suppress_health_check=list(HealthCheck)))
 
 

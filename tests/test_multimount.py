@@ -10,17 +10,7 @@ import sys
 import pytest
 import trio
 
-from conftest import start_metaserver, wait_until
-
-
-def write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+from conftest import read_file, start_metaserver, wait_until, write_file
 
 
 @pytest.fixture
@@ -35,19 +25,19 @@ def test_close_to_open_every_round(pair):
     a, b = pair
     for i, size in enumerate([0, 1, 100, 70_000, 1_500_000, 3, 2_000_000, 10]):
         data = os.urandom(size)
-        write(a.p("f"), data)                    # close on A returns: committed
-        assert read(b.p("f")) == data, f"round {i}"
+        write_file(a.p("f"), data)                    # close on A returns: committed
+        assert read_file(b.p("f")) == data, f"round {i}"
         st = os.stat(b.p("f"))
         assert st.st_size == size
         assert st.st_mtime_ns == os.stat(a.p("f")).st_mtime_ns
-        write(b.p("f"), data[::-1])              # and the other way round
-        assert read(a.p("f")) == data[::-1]
+        write_file(b.p("f"), data[::-1])              # and the other way round
+        assert read_file(a.p("f")) == data[::-1]
 
 
 def test_namespace_changes_visible(pair):
     a, b = pair
     os.mkdir(a.p("d"))
-    write(a.p("d", "x"), b"x")
+    write_file(a.p("d", "x"), b"x")
     assert os.listdir(b.p("d")) == ["x"]
     os.rename(a.p("d", "x"), a.p("d", "y"))
     wait_until(lambda: os.listdir(b.p("d")) == ["y"], 2, "rename on B")
@@ -60,16 +50,16 @@ def test_namespace_changes_visible(pair):
 
 def test_open_handle_on_b_sees_new_version_after_reopen(pair):
     a, b = pair
-    write(a.p("f"), b"one")
+    write_file(a.p("f"), b"one")
     with open(b.p("f"), "rb") as held:          # B keeps a handle open throughout
         assert held.read() == b"one"
-        write(a.p("f"), b"two!")
-        assert read(b.p("f")) == b"two!"         # a new open sees the new version
+        write_file(a.p("f"), b"two!")
+        assert read_file(b.p("f")) == b"two!"         # a new open sees the new version
 
 
 def test_concurrent_writers_conflicted_copy(pair):
     a, b = pair
-    write(a.p("doc.txt"), b"base")
+    write_file(a.p("doc.txt"), b"base")
     fa = open(a.p("doc.txt"), "r+b")  # noqa: SIM115
     fb = open(b.p("doc.txt"), "r+b")  # noqa: SIM115
     mine, theirs = os.urandom(300_000), os.urandom(200_000)
@@ -81,28 +71,28 @@ def test_concurrent_writers_conflicted_copy(pair):
     assert len(names) == 2
     copies = [n for n in names if n.startswith("doc (conflicted copy ") and n.endswith(".txt")]
     assert len(copies) == 1, names
-    assert read(a.p("doc.txt")) == mine
-    assert read(a.p(copies[0])) == theirs
+    assert read_file(a.p("doc.txt")) == mine
+    assert read_file(a.p(copies[0])) == theirs
     assert "conflict" in b.log()
 
 
 def test_deleted_elsewhere_while_written(pair):
     a, b = pair
-    write(a.p("notes.md"), b"v1")
+    write_file(a.p("notes.md"), b"v1")
     with open(b.p("notes.md"), "r+b") as fb:
         fb.write(b"precious edit")
         os.unlink(a.p("notes.md"))
     wait_until(lambda: any(n.startswith("notes (conflicted copy ") for n in os.listdir(a.path)),
                2, "conflicted copy on A")
     (copy,) = os.listdir(a.path)
-    assert read(a.p(copy)) == b"precious edit"
+    assert read_file(a.p(copy)) == b"precious edit"
 
 
 def test_versions_restore_and_cat(mount_factory):
     m = mount_factory("local")
     contents = [os.urandom(1000 + i * 5000) for i in range(5)]
     for c in contents:
-        write(m.p("v.bin"), c)
+        write_file(m.p("v.bin"), c)
     env = dict(m.services.env, NIMBUSFS_TOKEN=m.token)
     base = [sys.executable, "-m", "nimbusfs.cli"]
     server = ["--server", m.deployment.address]
@@ -117,7 +107,7 @@ def test_versions_restore_and_cat(mount_factory):
     assert old == contents[1]
     subprocess.run([*base, "restore", m.p("v.bin"), "--version", "2", *server], env=env,
                    check=True, capture_output=True)
-    assert read(m.p("v.bin")) == contents[1]
+    assert read_file(m.p("v.bin")) == contents[1]
     out = subprocess.run([*base, "versions", m.p("v.bin"), *server], env=env, check=True,
                          capture_output=True, text=True).stdout
     assert out.splitlines()[1].split()[0] == "6"
@@ -137,7 +127,7 @@ def test_metaserver_crash_loses_nothing(services, mount_factory):
             for i in range(40):
                 name = f"{tag}-{i}"
                 data = os.urandom(5000 + i)
-                await trio.to_thread.run_sync(write, m.p(name), data)
+                await trio.to_thread.run_sync(write_file, m.p(name), data)
                 written[name] = data     # close returned: acknowledged
 
         async def crasher() -> None:
@@ -157,7 +147,7 @@ def test_metaserver_crash_loses_nothing(services, mount_factory):
         assert "unreachable" in a.log() + b.log()  # the outages did hit the mounts
         assert sorted(os.listdir(a.path)) == sorted(written)
         for name, data in written.items():
-            assert read(b.p(name)) == data
+            assert read_file(b.p(name)) == data
         # each file was committed exactly once: one version, not a replayed second one
         from metaserver.db import Database
 
@@ -184,7 +174,7 @@ def test_version_retention(services, mount_factory):
     try:
         m = mount_factory("local", None, dep)
         for i in range(5):
-            write(m.p("f"), b"version %d" % i)
+            write_file(m.p("f"), b"version %d" % i)
         env = dict(m.services.env, NIMBUSFS_TOKEN=m.token)
         out = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "versions", m.p("f"),
                               "--server", dep.address], env=env, check=True,
@@ -202,14 +192,14 @@ def test_outage_fails_with_eio_after_timeout(services, mount_factory):
     m = None
     try:
         m = mount_factory("local", None, dep, "--outage-timeout", "2")
-        write(m.p("before"), b"ok")
+        write_file(m.p("before"), b"ok")
         dep.kill()
         with pytest.raises(OSError) as e:
-            write(m.p("during"), b"x")
+            write_file(m.p("during"), b"x")
         assert e.value.errno == errno.EIO
         dep.start()
-        write(m.p("after"), b"ok again")   # the mount carries on once the server is back
-        assert read(m.p("after")) == b"ok again"
+        write_file(m.p("after"), b"ok again")   # the mount carries on once the server is back
+        assert read_file(m.p("after")) == b"ok again"
     finally:
         if m is not None:
             m.stop()

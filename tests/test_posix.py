@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from conftest import read_file, write_file
+
 _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -44,14 +46,6 @@ def err(fn, *a, **kw) -> int:
     return e.value.errno
 
 
-def put(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def get(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def as_user(uid: int, code: str) -> subprocess.CompletedProcess:
@@ -91,12 +85,12 @@ def test_open_append_two_handles_interleave(root):
         os.write(a if i % 2 else b, b"%02d;" % i)
     os.close(a)
     os.close(b)
-    assert get(p) == b"".join(b"%02d;" % i for i in range(20))
+    assert read_file(p) == b"".join(b"%02d;" % i for i in range(20))
 
 
 def test_open_errors(root):
     os.mkdir(j(root, "d"))
-    put(j(root, "f"), b"")
+    write_file(j(root, "f"), b"")
     assert err(os.open, j(root, "nope"), os.O_RDONLY) == errno.ENOENT
     assert err(os.open, j(root, "d"), os.O_WRONLY) == errno.EISDIR
     assert err(os.open, j(root, "f", "x"), os.O_RDONLY) == errno.ENOTDIR
@@ -121,7 +115,7 @@ def test_sparse_file_reads_zeros_and_stores_little(root):
 
 def test_truncate_on_open_handle(root):
     p = j(root, "t")
-    put(p, b"0123456789" * 1000)
+    write_file(p, b"0123456789" * 1000)
     fd = os.open(p, os.O_RDWR)
     os.ftruncate(fd, 5)
     assert os.fstat(fd).st_size == 5
@@ -129,12 +123,12 @@ def test_truncate_on_open_handle(root):
     os.ftruncate(fd, 20)
     assert os.pread(fd, 100, 0) == b"01234" + bytes(15)
     os.close(fd)
-    assert get(p) == b"01234" + bytes(15)
+    assert read_file(p) == b"01234" + bytes(15)
 
 
 def test_unlinked_open_file_until_last_close(root):
     p = j(root, "f")
-    put(p, b"data")
+    write_file(p, b"data")
     fd1 = os.open(p, os.O_RDWR)
     fd2 = os.open(p, os.O_RDONLY)
     os.unlink(p)
@@ -153,9 +147,9 @@ def test_rename_variants(root):
     os.makedirs(j(root, "a", "b"))
     os.mkdir(j(root, "empty"))
     os.mkdir(j(root, "full"))
-    put(j(root, "full", "x"), b"x")
-    put(j(root, "f"), b"f")
-    put(j(root, "g"), b"g")
+    write_file(j(root, "full", "x"), b"x")
+    write_file(j(root, "f"), b"f")
+    write_file(j(root, "g"), b"g")
     assert err(os.rename, j(root, "a"), j(root, "a", "b", "c")) == errno.EINVAL
     assert err(os.rename, j(root, "a"), j(root, "full")) == errno.ENOTEMPTY
     os.rename(j(root, "a"), j(root, "empty"))            # over an empty directory
@@ -163,16 +157,16 @@ def test_rename_variants(root):
     assert err(renameat2, j(root, "f"), j(root, "g"), RENAME_NOREPLACE) == errno.EEXIST
     renameat2(j(root, "f"), j(root, "h"), RENAME_NOREPLACE)
     renameat2(j(root, "h"), j(root, "g"), RENAME_EXCHANGE)
-    assert get(j(root, "g")) == b"f" and get(j(root, "h")) == b"g"
+    assert read_file(j(root, "g")) == b"f" and read_file(j(root, "h")) == b"g"
     renameat2(j(root, "g"), j(root, "full"), RENAME_EXCHANGE)  # a file with a directory
-    assert get(j(root, "full")) == b"f" and get(j(root, "g", "x")) == b"x"
+    assert read_file(j(root, "full")) == b"f" and read_file(j(root, "g", "x")) == b"x"
     assert err(renameat2, j(root, "nope"), j(root, "g"), RENAME_EXCHANGE) == errno.ENOENT
     os.rename(j(root, "h"), j(root, "h"))                 # onto itself: no-op
-    assert get(j(root, "h")) == b"g"
+    assert read_file(j(root, "h")) == b"g"
 
 
 def test_rename_hardlink_onto_itself(root):
-    put(j(root, "a"), b"a")
+    write_file(j(root, "a"), b"a")
     os.link(j(root, "a"), j(root, "b"))
     os.rename(j(root, "a"), j(root, "b"))                  # same inode: nothing happens
     assert sorted(os.listdir(root)) == ["a", "b"]
@@ -184,11 +178,11 @@ def test_rename_hardlink_onto_itself(root):
 def test_names_are_bytes(root):
     raw = os.fsencode(root)
     for name in (b"\xff\xfe", b"caf\xc3\xa9", b"tab\tnew\nline", b" lead", b"-", b"a" * 255):
-        put(os.path.join(raw, name), name)
-        assert get(os.path.join(raw, name)) == name
+        write_file(os.path.join(raw, name), name)
+        assert read_file(os.path.join(raw, name)) == name
     assert set(os.listdir(raw)) == {b"\xff\xfe", b"caf\xc3\xa9", b"tab\tnew\nline", b" lead",
                                     b"-", b"a" * 255}
-    assert err(put, os.path.join(raw, b"a" * 256), b"") == errno.ENAMETOOLONG
+    assert err(write_file, os.path.join(raw, b"a" * 256), b"") == errno.ENAMETOOLONG
     assert err(os.mkdir, os.path.join(raw, b"b" * 256)) == errno.ENAMETOOLONG
 
 
@@ -197,24 +191,24 @@ def test_deep_paths(root):
     for i in range(60):
         p = j(p, f"level{i}")
         os.mkdir(p)
-    put(j(p, "leaf"), b"deep")
-    assert get(j(p, "leaf")) == b"deep"
+    write_file(j(p, "leaf"), b"deep")
+    assert read_file(j(p, "leaf")) == b"deep"
 
 
 # --- link(2), symlink(2), mknod(2) --------------------------------------------------------
 
 
 def test_hard_links(root):
-    put(j(root, "a"), b"shared")
+    write_file(j(root, "a"), b"shared")
     os.mkdir(j(root, "d"))
     os.link(j(root, "a"), j(root, "d", "b"))
     assert os.stat(j(root, "a")).st_nlink == 2
     assert os.stat(j(root, "a")).st_ino == os.stat(j(root, "d", "b")).st_ino
     with open(j(root, "d", "b"), "ab") as f:
         f.write(b"+")
-    assert get(j(root, "a")) == b"shared+"
+    assert read_file(j(root, "a")) == b"shared+"
     os.unlink(j(root, "a"))
-    assert get(j(root, "d", "b")) == b"shared+"
+    assert read_file(j(root, "d", "b")) == b"shared+"
     assert os.stat(j(root, "d", "b")).st_nlink == 1
     assert err(os.link, j(root, "d"), j(root, "dl")) == errno.EPERM
 
@@ -225,8 +219,8 @@ def test_symlinks(root):
     assert err(os.stat, j(root, "dangling")) == errno.ENOENT
     assert stat.S_ISLNK(os.lstat(j(root, "dangling")).st_mode)
     assert os.lstat(j(root, "dangling")).st_size == len("target")
-    put(j(root, "target"), b"now here")
-    assert get(j(root, "dangling")) == b"now here"
+    write_file(j(root, "target"), b"now here")
+    assert read_file(j(root, "dangling")) == b"now here"
     assert stat.S_ISREG(os.stat(j(root, "dangling")).st_mode)
     os.symlink("/" + "x" * 1000, j(root, "long"))
     assert os.readlink(j(root, "long")) == "/" + "x" * 1000
@@ -242,7 +236,7 @@ def test_fifo(root):
 
 def test_chown_and_setuid_clearing(root):
     p = j(root, "prog")
-    put(p, b"#!/bin/sh\n")
+    write_file(p, b"#!/bin/sh\n")
     os.chmod(p, 0o6755)
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o6755
     with open(p, "ab") as f:          # root keeps the bits (CAP_FSETID)
@@ -261,7 +255,7 @@ def test_chown_and_setuid_clearing(root):
 def test_permissions_between_users(root):
     os.chmod(root, 0o777)
     p = j(root, "private")
-    put(p, b"secret")
+    write_file(p, b"secret")
     os.chmod(p, 0o600)
     r = as_user(NOBODY, f"open({p!r}, 'rb')")
     assert "PermissionError" in r.stderr
@@ -274,7 +268,7 @@ def test_permissions_between_users(root):
 
 def test_sticky_directory(root):
     os.chmod(root, 0o1777)
-    put(j(root, "roots"), b"")
+    write_file(j(root, "roots"), b"")
     os.chmod(j(root, "roots"), 0o666)
     r = as_user(NOBODY, f"os.unlink({j(root, 'roots')!r})")
     assert "PermissionError" in r.stderr
@@ -283,7 +277,7 @@ def test_sticky_directory(root):
 
 def test_utimens(root):
     p = j(root, "f")
-    put(p, b"x")
+    write_file(p, b"x")
     os.utime(p, ns=(1_234_567_890_123_456_789, 987_654_321_000_000_001))
     st = os.stat(p)
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_234_567_890_123_456_789,
@@ -294,10 +288,32 @@ def test_utimens(root):
     assert os.stat(p).st_ctime_ns >= before
 
 
+def test_utime_omit_and_relatime(root):
+    p = j(root, "f")
+    write_file(p, b"content")
+    os.utime(p, ns=(10**18, 10**18))
+    subprocess.run(["touch", "-m", "-d", "@2000000000", p], check=True)  # atime: UTIME_OMIT
+    st = os.stat(p)
+    assert st.st_atime_ns == 10**18 and st.st_mtime_ns == 2 * 10**18
+    os.utime(p, ns=(10**18, 10**18))
+    read_file(p)                  # atime not newer than mtime: a read updates it (relatime)
+    first = os.stat(p).st_atime_ns
+    assert first > 10**18
+    read_file(p)                  # now newer than mtime and ctime: no update
+    assert os.stat(p).st_atime_ns == first
+
+
+def test_chown_needs_root(root):
+    os.chmod(root, 0o777)
+    r = as_user(NOBODY, f"open({j(root, 'mine')!r}, 'wb').close(); "
+                        f"os.chown({j(root, 'mine')!r}, 0, 0)")
+    assert "PermissionError" in r.stderr
+
+
 def test_times_follow_posix(root):
     os.mkdir(j(root, "d"))
     os.utime(j(root, "d"), ns=(10**18, 10**18))
-    put(j(root, "d", "f"), b"x")                       # a new entry changes the directory
+    write_file(j(root, "d", "f"), b"x")                       # a new entry changes the directory
     assert os.stat(j(root, "d")).st_mtime_ns > 10**18
     os.utime(j(root, "d", "f"), ns=(10**18, 10**18))
     c0 = os.stat(j(root, "d", "f")).st_ctime_ns
@@ -311,7 +327,7 @@ def test_directory_nlink(root):
     assert os.stat(j(root, "d")).st_nlink == 2
     for n in ("a", "b", "c"):
         os.mkdir(j(root, "d", n))
-    put(j(root, "d", "file"), b"")
+    write_file(j(root, "d", "file"), b"")
     assert os.stat(j(root, "d")).st_nlink == 5
     os.rename(j(root, "d", "a"), j(root, "a"))
     assert os.stat(j(root, "d")).st_nlink == 4
@@ -328,7 +344,7 @@ def test_readdir_has_dot_entries(root):
 
 def test_xattrs(root):
     p = j(root, "f")
-    put(p, b"")
+    write_file(p, b"")
     os.setxattr(p, "user.color", b"blue")
     os.setxattr(p, "trusted.level", b"3")
     os.setxattr(p, "security.label", b"l")
@@ -347,7 +363,7 @@ def test_xattrs(root):
 
 def test_xattr_erange_on_small_buffer(root):
     p = j(root, "f")
-    put(p, b"")
+    write_file(p, b"")
     os.setxattr(p, "user.v", b"0123456789")
     buf = ctypes.create_string_buffer(4)
     n = _libc.getxattr(p.encode(), b"user.v", buf, 4)
@@ -361,7 +377,7 @@ def test_locks_between_local_processes(root):
     import fcntl
 
     p = j(root, "lockfile")
-    put(p, b"")
+    write_file(p, b"")
     with open(p, "r+b") as f:
         fcntl.lockf(f, fcntl.LOCK_EX)
         code = (f"import fcntl; f = open({p!r}, 'r+b')\n"

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import filecmp
+import glob
 import os
 import sqlite3
 import stat
 import subprocess
 import sys
-import tarfile
 
 import pytest
-import trio
 
 GIT = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t",
        "-c", "init.defaultBranch=main"]
@@ -76,12 +75,9 @@ def test_sqlite_transactions(mount_factory, journal, transactions):
     db.close()
 
 
-def _source_tarball(dest: str) -> str:
-    """A real source tree: the installed trio package (a PyPI project), as a tarball."""
-    path = os.path.join(dest, "trio-src.tar.gz")
-    with tarfile.open(path, "w:gz") as tar:
-        tar.add(os.path.dirname(trio.__file__), arcname="trio",
-                filter=lambda ti: None if "__pycache__" in ti.name else ti)
+def _source_tarball() -> str:
+    """trio's source distribution from PyPI, fetched by test.sh into the virtualenv."""
+    (path,) = glob.glob(os.path.join(sys.prefix, "testdata", "trio-*.tar.gz"))
     return path
 
 
@@ -97,14 +93,16 @@ def _same_trees(a: str, b: str) -> None:
 
 def test_tar_extract_and_compileall(mount_factory, world_tmp):
     m = mount_factory("local")
-    tarball = _source_tarball(world_tmp)
+    tarball = _source_tarball()
+    top = os.path.basename(tarball)[:-len(".tar.gz")]
     local = os.path.join(world_tmp, "local")
     os.mkdir(local)
     sh("tar", "-xzf", tarball, "-C", local)
     sh("tar", "-xzf", tarball, "-C", m.path)
-    _same_trees(os.path.join(local, "trio"), m.p("trio"))
-    sh(sys.executable, "-m", "compileall", "-q", m.p("trio"))
-    assert any(n.endswith(".pyc") for n in os.listdir(m.p("trio", "__pycache__")))
+    _same_trees(os.path.join(local, top), m.p(top))
+    src = m.p(top, "src", "trio")
+    sh(sys.executable, "-m", "compileall", "-q", src)
+    assert any(n.endswith(".pyc") for n in os.listdir(os.path.join(src, "__pycache__")))
 
 
 def _tree_with_links(root: str) -> None:
