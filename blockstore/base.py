@@ -58,5 +58,9 @@ class BlockStore(abc.ABC):
     def list(self) -> Iterator[bytes]:
         """Yield the hash of every stored block."""
 
+    def capacity(self) -> tuple[int, int] | None:
+        """(total, free) bytes where the store has a size; None if unbounded."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release client resources."""

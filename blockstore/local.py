@@ -8,6 +8,7 @@ leaves a partial block under its final name.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
@@ -67,6 +68,10 @@ class LocalStore(BlockStore):
             os.unlink(self._path(key))
         except FileNotFoundError:
             pass
+
+    def capacity(self) -> tuple[int, int]:
+        usage = shutil.disk_usage(self.root)
+        return usage.total, usage.free
 
     def list(self) -> Iterator[bytes]:
         for sub in sorted(os.listdir(self.root)):

@@ -197,10 +197,9 @@ class Operations(pyfuse3.Operations):
         s = await self.vfs.statfs()
         st = pyfuse3.StatvfsData()
         bsize = 4096
-        total = s["quota"] or (1 << 50)
         st.f_bsize = st.f_frsize = bsize
-        st.f_blocks = total // bsize
-        st.f_bfree = st.f_bavail = max(total - s["used"], 0) // bsize
+        st.f_blocks = s["total"] // bsize
+        st.f_bfree = st.f_bavail = s["free"] // bsize
         st.f_files = s["inodes"] + (1 << 32)
         st.f_ffree = st.f_favail = 1 << 32
         st.f_namemax = 255

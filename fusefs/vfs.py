@@ -240,7 +240,14 @@ class VFS:
         return await self.call("readlink", ino=self.srv(ino))
 
     async def statfs(self) -> dict[str, int]:
-        return await self.call("statfs")
+        """Space as the user sees it: the quota, else the block store's disk, else 1 PiB."""
+        s = await self.call("statfs")
+        if s["quota"]:
+            return {"total": s["quota"], "free": max(s["quota"] - s["used"], 0),
+                    "inodes": s["inodes"]}
+        cap = await trio.to_thread.run_sync(self.cache.store.capacity)
+        total, free = cap if cap else (1 << 50, (1 << 50) - s["used"])
+        return {"total": total, "free": free, "inodes": s["inodes"]}
 
     # --- namespace -------------------------------------------------------------------
 

@@ -77,8 +77,8 @@ class Deployment:
             self.proc = subprocess.Popen([*self.argv[:-2], "--listen", self.address],
                                          stdout=log, stderr=log, env=self.env)
 
-    def new_user(self) -> str:
-        """Create a user with an empty volume; return its token."""
+    def new_user(self, quota: int = 0) -> str:
+        """Create a user with an empty volume (and a quota in bytes); return its token."""
         from metaserver.auth import create_token, create_user
         from metaserver.db import Database
 
@@ -86,7 +86,7 @@ class Deployment:
         db.open()
         try:
             name = "u" + uuid.uuid4().hex[:12]
-            db.run(create_user, name)
+            db.run(create_user, name, quota)
             return db.run(create_token, name)
         finally:
             db.close()

@@ -183,6 +183,9 @@ def test_statfs(mnt):
     st = os.statvfs(mnt.path)
     assert st.f_namemax == 255
     assert st.f_blocks > 0 and st.f_bavail <= st.f_blocks
+    if mnt.store == "local":  # the local store's disk: the same figures as its directory
+        disk = os.statvfs(mnt.deployment.blocks.removeprefix("file://"))
+        assert st.f_blocks * st.f_frsize == disk.f_blocks * disk.f_frsize
 
 
 def test_symlink_and_hardlink(mnt):
@@ -238,3 +241,13 @@ def test_errors(mnt):
     assert err(os.mkdir, mnt.p(long)) == errno.ENAMETOOLONG
     write_file(mnt.p("n" * 255), b"ok")  # exactly 255 bytes is allowed
     assert os.path.exists(mnt.p("n" * 255))
+
+
+def test_quota_exceeded_is_edquot(mount_factory, services):
+    m = mount_factory("local", services.deployments["local"].new_user(quota=1 << 20))
+    write_file(m.p("fits"), b"x" * 500_000)
+    with pytest.raises(OSError) as e:
+        write_file(m.p("too-big"), os.urandom(700_000))
+    assert e.value.errno == errno.EDQUOT
+    assert os.statvfs(m.path).f_blocks * 4096 == 1 << 20
+    assert read_file(m.p("fits")) == b"x" * 500_000
