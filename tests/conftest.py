@@ -140,11 +140,18 @@ def services() -> Iterator[Services]:
         deployments["gcs"] = start_metaserver(emb, "gcs", f"gs://{GCS_BUCKET}/blocks", env)
         yield Services(home, gcs.url, deployments, emb, env)
     finally:
-        for d in deployments.values():
+        slow = []
+        for name, d in deployments.items():
             d.proc.terminate()
-            d.proc.wait(30)
+            try:
+                d.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                slow.append(name)
+                d.proc.kill()
+                d.proc.wait()
         gcs.stop()
         emb.stop_postgres()
+        assert not slow, f"metaservers {slow} did not stop within 30 s of SIGTERM"
         for log_name in os.listdir(emb.path("logs")):
             if log_name.startswith("metaserver-"):
                 with open(emb.path("logs", log_name)) as f:
