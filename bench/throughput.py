@@ -35,8 +35,8 @@ def drop_page_cache() -> None:
         f.write("3")
 
 
-def pattern(i: int) -> bytes:
-    return blake3.blake3(i.to_bytes(8, "little")).digest(length=CHUNK)
+def pattern(i: int, seed: bytes = b"") -> bytes:
+    return blake3.blake3(seed + i.to_bytes(8, "little")).digest(length=CHUNK)
 
 
 def dir_bytes(path: str) -> int:
@@ -100,10 +100,10 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def seq_write(path: str, mib: int) -> None:
+def seq_write(path: str, mib: int, seed: bytes = b"") -> None:
     with open(path, "wb") as f:
         for i in range(mib):
-            f.write(pattern(i))
+            f.write(pattern(i, seed))
         f.flush()
         os.fsync(f.fileno())
 
@@ -150,9 +150,9 @@ def dedup(t: Target, mib: int) -> dict[str, float]:
     if s0 is None:
         return out
     a = os.path.join(t.root, "dedup-a")
-    seq_write(a, mib)
+    seq_write(a, mib, b"dedup")      # bytes the store has not seen before
     s1 = t.stored_bytes()
-    seq_write(os.path.join(t.root, "dedup-b"), mib)
+    seq_write(os.path.join(t.root, "dedup-b"), mib, b"dedup")
     s2 = t.stored_bytes()
     with open(a, "rb") as f:
         data = f.read()

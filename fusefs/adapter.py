@@ -21,7 +21,10 @@ from metaserver.errors import FSError
 
 log = logging.getLogger(__name__)
 
-ATTR_TIMEOUT = 1.0
+# The kernel may keep attributes and entries this long: changes by other mounts
+# are pushed and invalidated explicitly, so this only bounds staleness when a
+# push is lost (queue overflow, a change-log reset).
+ATTR_TIMEOUT = 10.0
 BLKSIZE = 128 << 10
 
 

@@ -186,8 +186,7 @@ class OpenFile:
         if self.staging is not None:
             for s, e in self.staging.dirty:
                 widen(s, e)
-        if limit < ext.size and limit > 0 and ext.index(limit) < len(ext) \
-                and ext.offs[ext.index(limit)] < limit:
+        if 0 < limit < ext.size and ext.offs[ext.index(limit)] < limit:
             widen(ext.offs[ext.index(limit)], limit)  # the extent cut by a truncation
         return win
 

@@ -37,6 +37,7 @@ from cache import BlockCache
 from fusefs.filedata import OpenFile
 from metaserver.client import MetaClient
 from metaserver.errors import FSError
+from metaserver.protocol import XATTR_NAMESPACES
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class VFS:
         try:
             self._inval_send.send_nowait(item)
         except trio.WouldBlock:
-            # A burst larger than the queue: the kernel's 1 s attribute timeout
+            # A burst larger than the queue: the kernel's attribute timeout
             # still bounds how long this mount shows the old state.
             log.warning("invalidation queue full; dropping %r", item)
 
@@ -155,6 +156,8 @@ class VFS:
         attr = dict(attr)
         if attr["ino"] == self.root:
             attr["ino"] = ROOT
+        if not attr["xattrs"]:
+            self.xattr_names[attr["ino"]] = frozenset()
         f = self.files.get(attr["ino"])
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
@@ -221,7 +224,7 @@ class VFS:
         await self.call("setxattr", ino=self.srv(ino), name=name, value=value)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        if name not in await self.listxattr(ino):
+        if not name.startswith(XATTR_NAMESPACES) or name not in await self.listxattr(ino):
             raise FSError(errno.ENODATA, "no such xattr")
         return await self.call("getxattr", ino=self.srv(ino), name=name)
 

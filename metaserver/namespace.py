@@ -31,6 +31,7 @@ from psycopg import Cursor
 
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
+from metaserver.protocol import XATTR_NAMESPACES
 
 NAME_MAX = 255
 RENAME_NOREPLACE = 1
@@ -45,13 +46,22 @@ def op(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-_ATTR_COLS = ("id, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns, version,"
-              " alloc")
+# ``xattrs``: whether the inode has any extended attribute, so that a mount can
+# answer the kernel's frequent getxattr probes (security.capability before
+# every write, ACLs for ls -l) without asking.
+def _cols(table: str = "") -> str:
+    p = f"{table}." if table else ""
+    return (", ".join(p + c for c in ("id", "mode", "nlink", "uid", "gid", "rdev", "size",
+                                      "atime_ns", "mtime_ns", "ctime_ns", "version", "alloc"))
+            + f", EXISTS (SELECT 1 FROM xattrs x WHERE x.inode = {p}id)")
+
+
+_ATTR_COLS = _cols()
 
 
 def _attr(row: tuple) -> dict[str, int]:
     keys = ("ino", "mode", "nlink", "uid", "gid", "rdev", "size", "atime", "mtime", "ctime",
-            "version", "alloc")
+            "version", "alloc", "xattrs")
     return dict(zip(keys, row, strict=True))
 
 
@@ -142,7 +152,7 @@ def getattr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
 def lookup(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, int]:
     if len(name) > NAME_MAX:
         raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
-    cur.execute(f"SELECT {', '.join('i.' + c.strip() for c in _ATTR_COLS.split(','))}"
+    cur.execute(f"SELECT {_cols('i')}"
                 " FROM dentries d JOIN inodes i ON i.id = d.inode"
                 " WHERE d.parent = %s AND d.name = %s AND i.owner_id = %s", (parent, name, u.id))
     row = cur.fetchone()
@@ -159,7 +169,7 @@ def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, di
     cur.execute("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
     row = cur.fetchone()
     up = _inode(cur, u, row[0]) if row and ino != u.root else me
-    cur.execute(f"SELECT d.name, {', '.join('i.' + c.strip() for c in _ATTR_COLS.split(','))}"
+    cur.execute(f"SELECT d.name, {_cols('i')}"
                 " FROM dentries d JOIN inodes i ON i.id = d.inode"
                 " WHERE d.parent = %s ORDER BY d.name", (ino,))
     return [(b".", me), (b"..", up), *((r[0], _attr(r[1:])) for r in cur.fetchall())]
@@ -415,8 +425,6 @@ def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None
 
 
 # --- extended attributes ---------------------------------------------------------
-
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
 
 def _xattr_name(name: bytes) -> None:

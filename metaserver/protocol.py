@@ -20,6 +20,8 @@ import trio
 
 MAX_FRAME = 64 << 20
 PUSH = -1
+# Extended attribute namespaces the filesystem stores (POSIX ACLs are not supported).
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 _LEN = struct.Struct(">I")
 
 

@@ -251,3 +251,17 @@ def test_quota_exceeded_is_edquot(mount_factory, services):
     assert e.value.errno == errno.EDQUOT
     assert os.statvfs(m.path).f_blocks * 4096 == 1 << 20
     assert read_file(m.p("fits")) == b"x" * 500_000
+
+
+def test_fallocate_is_a_clean_eopnotsupp(mnt):
+    """pyfuse3 has no fallocate: the kernel answers EOPNOTSUPP (README, known limits)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(mnt.p("f"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        rc = libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(4096))
+        assert rc == -1 and ctypes.get_errno() == errno.EOPNOTSUPP
+    finally:
+        os.close(fd)
+    assert os.stat(mnt.p("f")).st_size == 0
