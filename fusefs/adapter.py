@@ -21,10 +21,11 @@ from metaserver.errors import FSError
 
 log = logging.getLogger(__name__)
 
-# The kernel may keep attributes and entries this long: changes by other mounts
-# are pushed and invalidated explicitly, so this only bounds staleness when a
-# push is lost (queue overflow, a change-log reset).
-ATTR_TIMEOUT = 10.0
+# The kernel may keep attributes and entries this long. Changes by other mounts
+# are pushed and invalidated explicitly; the timeout bounds staleness when a
+# push is lost. 10 s was tried and made rsync's symlink times flaky (a stale
+# attribute reply outliving the utimens), so it stays at 1 s until understood.
+ATTR_TIMEOUT = 1.0
 BLKSIZE = 128 << 10
 
 
