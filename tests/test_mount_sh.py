@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 from conftest import _world_dir
 from nimbusfs.embedded import Embedded
@@ -41,6 +42,10 @@ def test_mount_sh_embedded_lifecycle():
         run(c, "--server", server, "--token", token, "--cache-dir", os.path.join(work, "cc"),
             env=env)
         assert os.listdir(c) == ["note.txt"]
+        status = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "--home", home, "status"],
+                                capture_output=True, text=True, check=True).stdout
+        assert f"metaserver:      {server}" in status
+        assert all(f"mount:           {m} " in status for m in (a, b, c))
 
         run("-u", c, env=env)
         run("-u", b, env=env)
