@@ -77,7 +77,8 @@ class Embedded:
     # --- PostgreSQL -----------------------------------------------------------------
 
     def _pg_user(self) -> list[str]:
-        """Command prefix that runs PostgreSQL tools as a non-root user."""
+        """Command prefix that runs PostgreSQL tools as a non-root user (run them with
+        ``cwd="/"``: the caller's directory may be closed to that user)."""
         if os.geteuid() != 0:
             return []
         return ["runuser", "-u", "postgres", "--"]
@@ -102,14 +103,14 @@ class Embedded:
                 os.chown(d, pw.pw_uid, pw.pw_gid)
             os.makedirs(pg, mode=0o700, exist_ok=True)
             os.chown(pg, pw.pw_uid, pw.pw_gid)
-            probe = subprocess.run([*self._pg_user(), "test", "-w", pg])
+            probe = subprocess.run([*self._pg_user(), "test", "-w", pg], cwd="/")
             if probe.returncode:
                 raise SystemExit(f"the postgres user cannot write {pg}; choose an"
                                  " NIMBUSFS_HOME it can reach (e.g. /var/lib/nimbusfs)")
         if not os.path.exists(os.path.join(pg, "PG_VERSION")):
             subprocess.run([*self._pg_user(), pg_bin("initdb"), "-D", pg, "-U", "postgres",
                             "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"],
-                           check=True, stdout=subprocess.DEVNULL)
+                           check=True, stdout=subprocess.DEVNULL, cwd="/")
             with open(os.path.join(pg, "postgresql.auto.conf"), "a") as f:
                 f.write(f"listen_addresses = ''\nunix_socket_directories = '{run}'\n"
                         "unix_socket_permissions = 0700\nmax_connections = 50\n"
@@ -117,7 +118,7 @@ class Embedded:
         if not self._pg_running():
             subprocess.run([*self._pg_user(), pg_bin("pg_ctl"), "-D", pg, "-w", "-t", "60",
                             "-l", os.path.join(logs, "postgres.log"), "start"],
-                           check=True, stdout=subprocess.DEVNULL)
+                           check=True, stdout=subprocess.DEVNULL, cwd="/")
         self.ensure_database("nimbusfs")
 
     def ensure_database(self, name: str) -> None:
@@ -132,7 +133,7 @@ class Embedded:
     def stop_postgres(self) -> None:
         if os.path.exists(self.path("pg", "postmaster.pid")):
             subprocess.run([*self._pg_user(), pg_bin("pg_ctl"), "-D", self.path("pg"), "-w",
-                            "-m", "fast", "stop"], stdout=subprocess.DEVNULL)
+                            "-m", "fast", "stop"], stdout=subprocess.DEVNULL, cwd="/")
 
     # --- metaserver -----------------------------------------------------------------
 
