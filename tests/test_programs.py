@@ -114,7 +114,11 @@ def _tree_with_links(root: str) -> None:
     os.symlink("f1", os.path.join(root, "d", "rel-link"))
     os.symlink("/nonexistent", os.path.join(root, "d", "dangling"))
     os.link(os.path.join(root, "d", "f2"), os.path.join(root, "d", "e", "hard"))
-    os.utime(os.path.join(root, "d", "f3"), ns=(10**18, 10**18))
+    # Times in the past, distinct per entry: rsync compares mtimes to the second and
+    # skips setting one that already matches, which a fresh copy might by chance.
+    for i, name in enumerate(sorted(os.listdir(os.path.join(root, "d")))):
+        os.utime(os.path.join(root, "d", name), ns=(10**18, 10**18 + i * 10**9 + 123),
+                 follow_symlinks=False)
 
 
 def _attrs(root: str) -> dict:
