@@ -158,6 +158,8 @@ class VFS:
             attr["ino"] = ROOT
         if not attr["xattrs"]:
             self.xattr_names[attr["ino"]] = frozenset()
+        elif self.xattr_names.get(attr["ino"]) == frozenset():
+            del self.xattr_names[attr["ino"]]  # a reply older than the setxattr seeded it
         f = self.files.get(attr["ino"])
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
