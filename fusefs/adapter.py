@@ -21,11 +21,12 @@ from metaserver.errors import FSError
 
 log = logging.getLogger(__name__)
 
-# The kernel may keep attributes and entries this long. Changes by other mounts
-# are pushed and invalidated explicitly; the timeout bounds staleness when a
-# push is lost. A longer one would save getattr round trips but has not been
-# validated against the multi-mount tests yet.
-ATTR_TIMEOUT = 1.0
+# The kernel may keep attributes and entries this long. Every change is pushed
+# by the server and invalidated explicitly (changes missed while disconnected
+# are replayed from the mount's cursor on reconnect), so the timeout only
+# bounds staleness in the cases no push covers: atime updates by other mounts
+# and a change log trimmed past a long-disconnected mount's cursor.
+ATTR_TIMEOUT = 300.0
 BLKSIZE = 128 << 10
 
 

@@ -7,7 +7,13 @@ is 1, every other inode keeps its server number.
 State kept per mount:
 - ``files``: the :class:`OpenFile` of each regular file open on this mount,
   shared by all its handles and dropped at the last release;
-- ``handles``: file handle -> OpenFile; ``dirs``: directory handle -> listing.
+- ``handles``: file handle -> OpenFile; ``dirs``: directory handle -> listing;
+- ``attrs``: the server's attributes of inodes seen recently, so that the
+  kernel's getattr (after every write, and on a directory after each create
+  in it) is answered without a round trip. This mount's own changes update
+  it from their replies; other mounts' changes drop entries as they are
+  pushed. A reply is cached only if nothing was dropped while its request was
+  in flight (``_gen``), so a reply older than a change can never outlive it.
 
 Namespace operations go straight to the server (one transaction each) and
 are visible to every mount as soon as they return. File content is
@@ -74,6 +80,8 @@ class VFS:
         # Names of each inode's xattrs: the kernel asks for security.capability
         # before every write, and the answer is almost always "none".
         self.xattr_names: LRUCache[int, frozenset[bytes]] = LRUCache(10_000)
+        self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(100_000)
+        self._gen = 0
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
 
@@ -91,13 +99,21 @@ class VFS:
             for ino in list(self.page_version):
                 self._invalidate(("inode", ino))
             self.page_version.clear()
+            self.attrs.clear()
+            self._gen += 1
             return
         for _, ino, parent, name, kind, device in changes:
+            if device == self.client.device and kind != "setattr":
+                continue
+            # xattr changes are logged as "setattr"; even this mount's drop the
+            # name cache, in case a reply older than the change re-seeded it.
             self.xattr_names.pop(self.fuse(ino), None)
             if device == self.client.device:
                 continue
+            entry = kind in ENTRY_CHANGES and parent is not None
+            self._drop(ino, parent if entry else None)
             self._invalidate(("inode", self.fuse(ino)))
-            if kind in ENTRY_CHANGES and parent is not None:
+            if entry:
                 self._invalidate(("entry", self.fuse(parent), bytes(name)))
                 self._invalidate(("inode", self.fuse(parent)))
 
@@ -129,6 +145,9 @@ class VFS:
         return {"parent": parent, "name": name}
 
     def record_conflict(self, ino: int, copy: dict[str, Any]) -> None:
+        # The copy is a new entry in a directory the kernel does not know changed.
+        self._drop(copy["dir"]["ino"])
+        self._invalidate(("inode", self.fuse(copy["dir"]["ino"])))
         parent, name = self.names.get(ino, (self.root, b"?"))
         log.warning("conflict on %r (inode %d): another writer's version was kept; this"
                     " mount's bytes are saved as inode %d", name, ino, copy["ino"])
@@ -145,8 +164,33 @@ class VFS:
     def fuse(self, ino: int) -> int:
         return ROOT if ino == self.root else ino
 
-    def _named(self, parent: int, name: bytes, attr: dict[str, Any]) -> dict[str, Any]:
-        """Remember where an inode was seen (for conflict copies) and return its attrs."""
+    def _drop(self, *inos: int | None) -> None:
+        """Forget cached attributes; replies to requests already in flight are not cached."""
+        self._gen += 1
+        for ino in inos:
+            if ino is not None:
+                self.attrs.pop(self.fuse(ino), None)
+
+    def _fill(self, attr: dict[str, Any], token: int) -> None:
+        """Cache a reply's attributes, given ``_gen`` as it was when the request was sent.
+
+        If something was dropped meanwhile the reply may predate that change,
+        so the inode's entry is dropped instead of refreshed.
+        """
+        ino = self.fuse(attr["ino"])
+        if token == self._gen:
+            self.attrs[ino] = attr
+        else:
+            self.attrs.pop(ino, None)
+
+    def _named(self, parent: int, name: bytes, attr: dict[str, Any], token: int
+               ) -> dict[str, Any]:
+        """Cache a reply's attributes (and its directory's, when the call changed it),
+        remember where the inode was seen (for conflict copies) and return its attrs."""
+        if "dir" in attr:
+            attr = dict(attr)
+            self._fill(attr.pop("dir"), token)
+        self._fill(attr, token)
         if not stat.S_ISDIR(attr["mode"]):
             self.names[self.fuse(attr["ino"])] = (self.srv(parent), name)
         return self._out(attr)
@@ -194,11 +238,17 @@ class VFS:
             return await self.getattr(parent)
         if name == b"..":
             raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
+        token = self._gen
         return self._named(parent, name,
-                           await self.call("lookup", parent=self.srv(parent), name=name))
+                           await self.call("lookup", parent=self.srv(parent), name=name), token)
 
     async def getattr(self, ino: int) -> dict[str, Any]:
-        return self._out(await self.call("getattr", ino=self.srv(ino)))
+        attr = self.attrs.get(ino)
+        if attr is None:
+            token = self._gen
+            attr = await self.call("getattr", ino=self.srv(ino))
+            self._fill(attr, token)
+        return self._out(attr)
 
     async def setattr(self, ino: int, size: int | None = None, **changes: int | None
                       ) -> dict[str, Any]:
@@ -218,12 +268,16 @@ class VFS:
         if f is not None and changes.get("mtime") is not None:
             f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
         if changes:
-            return self._out(await self.call("setattr", ino=self.srv(ino), **changes))
+            token = self._gen
+            attr = await self.call("setattr", ino=self.srv(ino), **changes)
+            self._fill(attr, token)
+            return self._out(attr)
         return await self.getattr(ino)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self.xattr_names.pop(ino, None)
         await self.call("setxattr", ino=self.srv(ino), name=name, value=value)
+        self._drop(ino)  # ctime and the has-xattrs flag changed
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         if not name.startswith(XATTR_NAMESPACES) or name not in await self.listxattr(ino):
@@ -240,6 +294,7 @@ class VFS:
     async def removexattr(self, ino: int, name: bytes) -> None:
         self.xattr_names.pop(ino, None)
         await self.call("removexattr", ino=self.srv(ino), name=name)
+        self._drop(ino)
 
     async def readlink(self, ino: int) -> bytes:
         return await self.call("readlink", ino=self.srv(ino))
@@ -258,28 +313,41 @@ class VFS:
 
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                     rdev: int = 0) -> dict[str, Any]:
+        token = self._gen
         return self._named(parent, name, await self.call(
-            "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev))
+            "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev),
+            token)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
                       ) -> dict[str, Any]:
+        token = self._gen
         return self._named(parent, name, await self.call(
-            "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid))
+            "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid),
+            token)
 
     async def link(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
+        token = self._gen
         return self._named(parent, name, await self.call(
-            "link", ino=self.srv(ino), parent=self.srv(parent), name=name))
+            "link", ino=self.srv(ino), parent=self.srv(parent), name=name), token)
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        self._orphaned(await self.call("unlink", parent=self.srv(parent), name=name))
+        token = self._gen
+        r = await self.call("unlink", parent=self.srv(parent), name=name)
+        self._fill(r["dir"], token)
+        self._drop(r["ino"])  # its nlink and ctime changed
+        self._orphaned(r)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self.call("rmdir", parent=self.srv(parent), name=name)
+        token = self._gen
+        r = await self.call("rmdir", parent=self.srv(parent), name=name)
+        self._fill(r["dir"], token)
+        self._drop(r["ino"])
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
+        self._drop(parent, new_parent, r["ino"], r["replaced"])
         self._orphaned(r)
         if r["ino"] is not None:
             self.names[self.fuse(r["ino"])] = (self.srv(new_parent), new_name)
@@ -298,7 +366,11 @@ class VFS:
         """Entries from index ``start``; the listing is read once per opendir."""
         d = self.dirs[fh]
         if d[1] is None or start == 0:
-            d[1] = [(n, self._out(a)) for n, a in await self.call("readdir", ino=self.srv(d[0]))]
+            token = self._gen
+            listing = await self.call("readdir", ino=self.srv(d[0]))
+            for _, a in listing:
+                self._fill(a, token)
+            d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
 
     def releasedir(self, fh: int) -> None:
@@ -314,7 +386,9 @@ class VFS:
         """
         f = self.files.get(ino)
         if f is None or not f.modified:
+            token = self._gen
             r = await self.call("open", ino=self.srv(ino))
+            self._fill(r["attr"], token)
             f = self.files.get(ino)  # another task may have loaded it meanwhile
             if f is None:
                 f = self.files[ino] = OpenFile(self, ino, r["attr"], r["extents"])
@@ -330,7 +404,7 @@ class VFS:
         if f.handles:
             return
         try:
-            await f.flush()
+            await self._commit(f)
         finally:
             if f.handles == 0 and self.files.get(f.ino) is f:
                 del self.files[f.ino]
@@ -339,8 +413,7 @@ class VFS:
                     self.orphans.discard(f.ino)
                     await self.call("purge", ino=self.srv(f.ino))
 
-    async def open(self, ino: int, flags: int, uid: int, created: bool = False
-                   ) -> tuple[int, bool]:
+    async def open(self, ino: int, flags: int, uid: int) -> tuple[int, bool]:
         """Open a file; return the handle and whether the kernel may keep its page cache."""
         f = await self._acquire(ino)
         try:
@@ -351,15 +424,18 @@ class VFS:
         except BaseException:
             await self._release(f)
             raise
-        if not created and (flags & os.O_ACCMODE) != os.O_WRONLY:
+        if (flags & os.O_ACCMODE) != os.O_WRONLY:
             await self._relatime(f)
+        keep = self.page_version.get(ino) == f.base and not f.modified
+        self.page_version[ino] = f.base
+        return self._handle(f, uid), keep
+
+    def _handle(self, f: OpenFile, uid: int) -> int:
         fh = next(self._fh)
         self.handles[fh] = f
         if uid == 0:
             self.privileged.add(fh)
-        keep = self.page_version.get(ino) == f.base and not f.modified
-        self.page_version[ino] = f.base
-        return fh, keep
+        return fh
 
     async def _relatime(self, f: OpenFile) -> None:
         """Update atime on a read open as Linux's ``relatime`` does on read.
@@ -371,12 +447,16 @@ class VFS:
         if a["atime"] <= max(a["mtime"], a["ctime"]) or now - a["atime"] >= 86_400 * 10**9:
             await self.call("touch_atime", ino=self.srv(f.ino), atime=now)
             a["atime"] = now
+            self._drop(f.ino)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, dict[str, Any]]:
+        """Create and open a new file: its first (empty) version needs no ``open`` call."""
         attr = await self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
-        fh, _ = await self.open(attr["ino"], flags & ~os.O_TRUNC, uid, created=True)
-        return fh, attr
+        f = self.files[attr["ino"]] = OpenFile(self, attr["ino"], attr, [])
+        f.handles += 1
+        self.page_version[f.ino] = f.base
+        return self._handle(f, uid), attr
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.handles[fh].read(off, size)
@@ -387,8 +467,15 @@ class VFS:
 
     async def flush(self, fh: int) -> None:
         f = self.handles[fh]
-        await f.flush()
+        await self._commit(f)
         self.page_version[f.ino] = f.base
+
+    async def _commit(self, f: OpenFile) -> None:
+        """Flush ``f``; a commit's reply becomes the inode's cached attributes."""
+        token, committing = self._gen, f.modified
+        await f.flush()
+        if committing:
+            self._fill(f.attr, token)
 
     async def release(self, fh: int) -> None:
         self.privileged.discard(fh)
@@ -397,4 +484,4 @@ class VFS:
     async def flush_all(self) -> None:
         """Commit every open file (before unmount)."""
         for f in list(self.files.values()):
-            await f.flush()
+            await self._commit(f)

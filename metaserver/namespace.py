@@ -15,6 +15,10 @@ Invariants kept here:
   ``blocks.refcount`` counts references from every kept version;
 - rows are locked parent-first in ascending inode order, so concurrent
   operations cannot deadlock on each other's directories.
+
+Namespace changes answer with what they changed (the parent directory's new
+attributes under ``dir``, the removed or replaced inode), so that a mount can
+keep its attribute cache current without asking again.
 """
 
 from __future__ import annotations
@@ -245,7 +249,7 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
         cur.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id = %s", (parent,))
     _touch(cur, parent, now)
     _log(cur, u, device, "create", a["ino"], parent, name)
-    return a
+    return {**a, "dir": _inode(cur, u, parent)}
 
 
 @op
@@ -266,7 +270,7 @@ def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target:
     a = _new_inode(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
     cur.execute(f"UPDATE inodes SET size = %s WHERE id = %s RETURNING {_ATTR_COLS}",
                 (len(target), a["ino"]))
-    return _attr(cur.fetchone())
+    return {**_attr(cur.fetchone()), "dir": a["dir"]}
 
 
 @op
@@ -289,7 +293,7 @@ def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
     a = _attr(cur.fetchone())
     _touch(cur, parent, now)
     _log(cur, u, device, "link", ino, parent, name)
-    return a
+    return {**a, "dir": _inode(cur, u, parent)}
 
 
 @op
@@ -306,11 +310,11 @@ def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
     orphan = _drop_link(cur, u, ino, now)
     _touch(cur, parent, now)
     _log(cur, u, device, "unlink", ino, parent, name)
-    return {"orphan": orphan}
+    return {"orphan": orphan, "ino": ino, "dir": _inode(cur, u, parent)}
 
 
 @op
-def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> None:
+def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, Any]:
     if name == b".":
         raise FSError(errno.EINVAL, "cannot remove '.'")
     now = time.time_ns()
@@ -322,6 +326,7 @@ def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> None:
         raise FSError(errno.ENOTDIR, "not a directory")
     _remove_dir(cur, parent, name, ino, now)
     _log(cur, u, device, "rmdir", ino, parent, name)
+    return {"ino": ino, "dir": _inode(cur, u, parent)}
 
 
 def _is_ancestor(cur: Cursor, anc: int, ino: int) -> bool:
@@ -360,7 +365,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
             and _is_ancestor(cur, dst, parent):
         raise FSError(errno.EINVAL, "cannot move a directory into itself")
     if src == dst:
-        return {"orphan": None, "ino": None}
+        return {"orphan": None, "ino": None, "replaced": None}
     orphan = None
     if flags & RENAME_EXCHANGE:
         cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s",
@@ -397,7 +402,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     _log(cur, u, device, "rename", src, new_parent, new_name)
     if flags & RENAME_EXCHANGE:
         _log(cur, u, device, "rename", dst, parent, name)
-    return {"orphan": orphan, "ino": src}
+    return {"orphan": orphan, "ino": src, "replaced": dst}
 
 
 @op
@@ -537,7 +542,7 @@ def _save_conflict(cur: Cursor, u: User, device: str, ino: int, parent: int, nam
         copy_name = _conflict_name(name + b" %d" % n, device)
     a = _new_inode(cur, u, device, parent, copy_name, stat.S_IFREG | stat.S_IMODE(mode), uid,
                    gid)
-    return _commit(cur, u, device, a, extents, size, mtime)
+    return {**_commit(cur, u, device, a, extents, size, mtime), "dir": a["dir"]}
 
 
 def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
