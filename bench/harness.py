@@ -9,14 +9,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import blake3
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 1 << 20
 
 
 def nimbusfs(home: str, *args: str) -> str:
@@ -39,10 +44,17 @@ def embedded_mounts(n: int, *extra: str) -> Iterator[list[str]]:
             nimbusfs(home, "mount", m, "--cache-dir", os.path.join(base, f"cache{i}"), *extra)
         yield mounts
     finally:
+        failed = []
         for m in reversed(mounts):
             if os.path.ismount(m):
-                nimbusfs(home, "umount", m)
-        shutil.rmtree(base, ignore_errors=True)
+                try:
+                    nimbusfs(home, "umount", m)
+                except SystemExit as e:  # go on: the other mounts must come down too
+                    failed.append(str(e))
+        if not failed:
+            shutil.rmtree(base, ignore_errors=True)
+        if failed:
+            raise SystemExit("\n".join(failed) + f"\n(left {base} for inspection)")
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -65,3 +77,52 @@ def save_json(name: str, data: object) -> str:
     with open(path, "w") as f:
         json.dump(data, f, indent=2)
     return path
+
+
+def drop_page_cache() -> None:
+    """Write back dirty pages and drop the kernel's page, dentry and inode caches."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def pattern(i: int, seed: bytes = b"") -> bytes:
+    """MiB number ``i`` of an incompressible stream named by ``seed``."""
+    return blake3.blake3(seed + i.to_bytes(8, "little")).digest(length=MIB)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds ``fn()`` takes."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def dir_bytes(path: str) -> int:
+    """Sum of the sizes of the regular files under ``path``."""
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(path) for f in fs)
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """Peak resident set size (VmHWM) of a live process, MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``cond`` every 50 ms; raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,253 @@
+"""Where the jobs run: local disk, nimbusfs mounts, rclone mounts.
+
+Each target is opened by a context manager that tears everything it started
+down again, even when a job fails. A target knows how to make reads cold, how
+much its store holds, how many bytes it sent to its store, and the peak RSS
+of its mount process (the maximum over every process a remount started).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from gcs import Emulator
+from harness import (
+    dir_bytes,
+    drop_page_cache,
+    embedded_mounts,
+    free_port,
+    nimbusfs,
+    vm_hwm_mib,
+    wait_until,
+)
+
+from nimbusfs.embedded import Embedded
+
+NAMES = {"local": "local disk", "nimbus": "nimbusfs (local store)",
+         "nimbus-gcs": "nimbusfs (GCS emulator)", "rclone": "rclone (local dir)",
+         "rclone-gcs": "rclone (GCS emulator)"}
+KINDS = tuple(NAMES)
+
+
+class Target:
+    """A directory the jobs run in, and what can be observed about its storage."""
+
+    name: str
+    root: str
+    #: how ``uploaded_bytes`` is observed (shown in the table)
+    upload_source: str = "-"
+    #: whether uploads go on after ``close``/``fsync`` returned (rclone's write-back)
+    uploads_after_close: bool = False
+
+    def cold(self) -> None:
+        """Make the next reads come from the backing store, not from any cache."""
+        drop_page_cache()
+
+    def settle(self) -> float:
+        """Wait until background uploads have finished; return when they did (monotonic)."""
+        return time.monotonic()
+
+    def stored_bytes(self) -> int | None:
+        """Bytes the backing store holds (None: no store to measure)."""
+        return None
+
+    def uploaded_bytes(self) -> int | None:
+        """Bytes sent to the backing store so far (None: not observable)."""
+        return None
+
+    def peak_rss_mib(self) -> float | None:
+        """Peak RSS of the mount process(es) so far."""
+        return None
+
+
+class LocalDisk(Target):
+    def __init__(self, root: str) -> None:
+        self.name, self.root = NAMES["local"], root
+
+
+class Nimbus(Target):
+    """A nimbusfs mount on an embedded deployment; cold = remount with an empty cache."""
+
+    def __init__(self, name: str, mount: str, blocks: str | None,
+                 emu: Emulator | None) -> None:
+        base = os.path.dirname(mount)
+        self.name, self.mount, self.root = name, mount, mount
+        self.home, self.cache_dir = os.path.join(base, "home"), os.path.join(base, "cache0")
+        self.blocks, self.emu = blocks, emu
+        self._rss = 0.0
+        self.upload_source = ("proxy (client->GCS bytes)" if emu
+                              else "= stored (new blocks only)")
+
+    def _pid(self) -> int:
+        (rec,) = [r for r in Embedded(self.home).live_mounts() if r["mountpoint"] == self.mount]
+        return rec["pid"]
+
+    def peak_rss_mib(self) -> float:
+        self._rss = max(self._rss, vm_hwm_mib(self._pid()))
+        return self._rss
+
+    def cold(self) -> None:
+        self.peak_rss_mib()
+        nimbusfs(self.home, "umount", self.mount)
+        shutil.rmtree(self.cache_dir)
+        extra = ["--blocks", self.blocks] if self.blocks else []
+        nimbusfs(self.home, "mount", self.mount, "--cache-dir", self.cache_dir, *extra)
+        drop_page_cache()
+
+    def stored_bytes(self) -> int:
+        if self.emu:
+            return self.emu.bucket_bytes("nimbus")
+        return dir_bytes(os.path.join(self.home, "blocks"))
+
+    def uploaded_bytes(self) -> int:
+        return self.emu.uploaded() if self.emu else self.stored_bytes()
+
+
+class Rclone(Target):
+    """``rclone mount --vfs-cache-mode full`` over a local directory or the emulator."""
+
+    def __init__(self, name: str, remote: str, flags: list[str], base: str,
+                 backing_dir: str | None = None, emu: Emulator | None = None) -> None:
+        self.name, self.remote, self.flags = name, remote, flags
+        self.mount = self.root = os.path.join(base, "mnt")
+        self.cache_dir, self.log = os.path.join(base, "cache"), os.path.join(base, "rclone.log")
+        self.backing_dir, self.emu = backing_dir, emu
+        self.proc: subprocess.Popen | None = None
+        self.rc = ""
+        self._rss = 0.0
+        self.upload_source = ("proxy (client->GCS bytes)" if emu
+                              else "rclone rc core/stats bytes")
+        self.uploads_after_close = True
+        os.makedirs(self.mount, exist_ok=True)
+
+    def start(self) -> None:
+        self.rc = f"http://127.0.0.1:{free_port()}"
+        argv = ["rclone", "mount", self.remote, self.mount, "--vfs-cache-mode", "full",
+                "--cache-dir", self.cache_dir, "--rc", "--rc-addr", self.rc[7:],
+                "--rc-no-auth", "--log-file", self.log, "--log-level", "NOTICE", *self.flags]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+        def up() -> bool:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"rclone mount exited {self.proc.returncode}; see {self.log}")
+            return os.path.ismount(self.mount)
+        wait_until(up, 60, "rclone mount")
+
+    def stop(self) -> None:
+        """Unmount with ``fusermount3 -u`` and wait for the rclone process to end."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        if os.path.ismount(self.mount):
+            r = subprocess.run(["fusermount3", "-u", self.mount], capture_output=True)
+            if r.returncode:
+                subprocess.run(["fusermount3", "-uz", self.mount], capture_output=True)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _rc(self, command: str) -> dict:
+        req = urllib.request.Request(f"{self.rc}/{command}", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.load(r)
+
+    def settle(self) -> float:
+        """No upload queued or running for 1 s (the kernel sends RELEASE after close returns).
+
+        Returns the time the last busy poll was seen (polls are 50 ms apart).
+        """
+        since = [time.monotonic()]
+
+        def idle() -> bool:
+            c = self._rc("vfs/stats").get("diskCache", {})
+            if c.get("uploadsInProgress", 0) + c.get("uploadsQueued", 0):
+                since[0] = time.monotonic()
+            return time.monotonic() - since[0] >= 1.0
+        wait_until(idle, 3600, "rclone uploads")
+        return since[0]
+
+    def peak_rss_mib(self) -> float:
+        assert self.proc is not None
+        self._rss = max(self._rss, vm_hwm_mib(self.proc.pid))
+        return self._rss
+
+    def cold(self) -> None:
+        self.settle()
+        self.peak_rss_mib()
+        self.stop()
+        shutil.rmtree(self.cache_dir, ignore_errors=True)
+        self.start()
+        drop_page_cache()
+
+    def stored_bytes(self) -> int:
+        if self.emu:
+            return self.emu.bucket_bytes("rclone")
+        assert self.backing_dir
+        return dir_bytes(self.backing_dir)
+
+    def uploaded_bytes(self) -> int:
+        if self.emu:
+            return self.emu.uploaded()
+        return int(self._rc("core/stats")["bytes"])
+
+
+@contextmanager
+def open_target(kind: str, emu: Emulator | None) -> Iterator[Target]:
+    """Set up one target of ``KINDS``; everything it started is stopped afterwards."""
+    with ExitStack() as stack:
+        base = tempfile.mkdtemp(prefix=f"nimbus-bench-{kind}-", dir="/var/tmp")
+        stack.callback(shutil.rmtree, base, ignore_errors=True)
+        if kind == "local":
+            yield LocalDisk(base)
+        elif kind in ("nimbus", "nimbus-gcs"):
+            extra: list[str] = []
+            blocks = None
+            if kind == "nimbus-gcs":
+                assert emu is not None
+                emu.create_bucket("nimbus")
+                blocks = "gs://nimbus/blocks"
+                extra = ["--blocks", blocks]
+                stack.enter_context(_env("STORAGE_EMULATOR_HOST", emu.url))
+            (m,) = stack.enter_context(embedded_mounts(1, *extra))
+            yield Nimbus(NAMES[kind], m, blocks, emu if kind == "nimbus-gcs" else None)
+        elif kind in ("rclone", "rclone-gcs"):
+            if kind == "rclone":
+                backing = os.path.join(base, "backing")
+                os.makedirs(backing)
+                t = Rclone(NAMES[kind], f":local:{backing}", [], base, backing_dir=backing)
+            else:
+                assert emu is not None
+                emu.create_bucket("rclone")
+                t = Rclone(NAMES[kind], ":gcs:rclone",
+                           ["--gcs-endpoint", f"{emu.url}/storage/v1/", "--gcs-anonymous"],
+                           base, emu=emu)
+            stack.callback(t.stop)
+            t.start()
+            yield t
+        else:
+            raise ValueError(f"unknown target {kind!r}; choose from {', '.join(KINDS)}")
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
