@@ -78,7 +78,7 @@ def run_target(kind: str, args: argparse.Namespace, emu, tarball: str, repo: str
             t0 = time.monotonic()
             try:
                 res = fn()
-            except Exception:
+            except (Exception, SystemExit):  # nimbusfs() exits on a failed command
                 errors.append(f"{t.name} / {job}:\n{traceback.format_exc()}")
                 print(errors[-1], file=sys.stderr)
                 continue
@@ -138,7 +138,7 @@ def main() -> None:
                 continue
             try:
                 results[NAMES[kind]] = run_target(kind, args, emu, tarball, repo, errors)
-            except Exception:
+            except (Exception, SystemExit):  # nimbusfs() exits on a failed command
                 errors.append(f"{kind} (setup/teardown):\n{traceback.format_exc()}")
                 print(errors[-1], file=sys.stderr)
 
