@@ -85,7 +85,13 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode, name, ctx):
-        return entry(await self.vfs.lookup(parent_inode, name))
+        attr = await self.vfs.lookup(parent_inode, name)
+        if attr is None:  # a negative entry, cached like a positive one
+            e = pyfuse3.EntryAttributes()
+            e.st_ino = 0
+            e.entry_timeout = ATTR_TIMEOUT
+            return e
+        return entry(attr)
 
     @_errors
     async def getattr(self, inode, ctx):

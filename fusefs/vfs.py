@@ -233,14 +233,24 @@ class VFS:
 
     # --- metadata ------------------------------------------------------------------
 
-    async def lookup(self, parent: int, name: bytes) -> dict[str, Any]:
+    async def lookup(self, parent: int, name: bytes) -> dict[str, Any] | None:
+        """The entry's attributes, or None if there is no such entry.
+
+        The kernel may cache a negative answer like a positive one: a create
+        by another mount is pushed and invalidates it.
+        """
         if name == b".":
             return await self.getattr(parent)
         if name == b"..":
             raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
         token = self._gen
-        return self._named(parent, name,
-                           await self.call("lookup", parent=self.srv(parent), name=name), token)
+        try:
+            attr = await self.call("lookup", parent=self.srv(parent), name=name)
+        except FSError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return self._named(parent, name, attr, token)
 
     async def getattr(self, ino: int) -> dict[str, Any]:
         attr = self.attrs.get(ino)

@@ -4,6 +4,10 @@ psycopg's async API does not run under trio, so the server uses a synchronous
 ``psycopg_pool.ConnectionPool``; each request runs one transaction in a worker
 thread (``trio.to_thread.run_sync``) bounded by a CapacityLimiter the size of
 the pool. ``statement_timeout`` bounds every statement.
+
+Transactions run in pipeline mode: a statement whose result is not read
+(an INSERT, an UPDATE, a NOTIFY) travels with the next one that is, or with
+the COMMIT, so a transaction costs one round trip per result it reads.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ class Database:
         delay = 0.05
         while True:
             try:
-                with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                with self.pool.connection() as conn, conn.transaction(), \
+                        conn.cursor() as cur:
                     return fn(cur, *args, **kwargs)
             except _RETRY:
                 continue

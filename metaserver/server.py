@@ -14,6 +14,7 @@ lost connection) gets the recorded result.
 from __future__ import annotations
 
 import errno
+import functools
 import inspect
 import logging
 from functools import partial
@@ -39,6 +40,9 @@ LOOKBACK = 500
 LOG_RETENTION_DAYS = 7
 
 
+_signature = functools.cache(inspect.signature)
+
+
 def _once(cur: psycopg.Cursor, op_id: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Run ``fn`` unless ``op_id`` was applied already; either way return its result."""
     cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (op_id,))
@@ -52,9 +56,11 @@ def _once(cur: psycopg.Cursor, op_id: str, fn: Any, *args: Any, **kwargs: Any) -
     return result
 
 
-def _changes_since(cur: psycopg.Cursor, owner: int, after: int) -> list[list]:
+def _changes_since(cur: psycopg.Cursor, owner: int, after: int, sent: list[int]) -> list[list]:
+    """The owner's changes after ``after`` in order, except the sequence numbers in ``sent``."""
     cur.execute("SELECT seq, inode, parent, name, kind, device FROM changes"
-                " WHERE owner_id = %s AND seq > %s ORDER BY seq LIMIT 5000", (owner, after))
+                " WHERE owner_id = %s AND seq > %s AND seq <> ALL(%s::bigint[])"
+                " ORDER BY seq LIMIT 5000", (owner, after, sent))
     return [list(r) for r in cur.fetchall()]
 
 
@@ -170,11 +176,11 @@ class MetaServer:
             await s.wake.wait()
             s.wake = trio.Event()
             lower = max(0, s.cursor - LOOKBACK)
-            rows = await self.call(_changes_since, s.user.id, lower)
-            fresh = [r for r in rows if r[0] not in s.sent]
-            if rows:
-                s.cursor = max(s.cursor, rows[-1][0])
-                if len(rows) == 5000:
+            fresh = await self.call(_changes_since, s.user.id, lower,
+                                    [q for q in s.sent if q > lower])
+            if fresh:
+                s.cursor = max(s.cursor, fresh[-1][0])
+                if len(fresh) == 5000:
                     s.wake.set()  # more to come
             s.sent = {q for q in s.sent if q > s.cursor - LOOKBACK} | {r[0] for r in fresh}
             if fresh:
@@ -241,7 +247,7 @@ class MetaServer:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
         op_id = args.pop("op_id", None)
         try:
-            inspect.signature(fn).bind(None, s.user, s.device, **args)
+            _signature(fn).bind(None, s.user, s.device, **args)
         except TypeError as e:
             raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
         if op_id is None:

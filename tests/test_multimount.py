@@ -41,11 +41,20 @@ def test_namespace_changes_visible(pair):
     assert os.listdir(b.p("d")) == ["x"]
     os.rename(a.p("d", "x"), a.p("d", "y"))
     wait_until(lambda: os.listdir(b.p("d")) == ["y"], 2, "rename on B")
-    assert not os.path.exists(b.p("d", "x"))
+    # B's kernel forgets the old name when the push arrives (milliseconds).
+    wait_until(lambda: not os.path.exists(b.p("d", "x")), 2, "old name gone on B")
     os.unlink(a.p("d", "y"))
     wait_until(lambda: not os.path.exists(b.p("d", "y")), 2, "unlink on B")
     os.chmod(a.p("d"), 0o700)
     wait_until(lambda: os.stat(b.p("d")).st_mode & 0o777 == 0o700, 2, "chmod on B")
+
+
+def test_cached_negative_entry_dropped_by_a_create_elsewhere(pair):
+    a, b = pair
+    assert not os.path.exists(b.p("late"))   # B's kernel caches the negative answer
+    write_file(a.p("late"), b"here")
+    wait_until(lambda: os.path.exists(b.p("late")), 2, "create on A visible on B")
+    assert read_file(b.p("late")) == b"here"
 
 
 def test_open_handle_on_b_sees_new_version_after_reopen(pair):
