@@ -13,7 +13,10 @@ State kept per mount:
   in it) is answered without a round trip. This mount's own changes update
   it from their replies; other mounts' changes drop entries as they are
   pushed. A reply is cached only if nothing was dropped while its request was
-  in flight (``_gen``), so a reply older than a change can never outlive it.
+  in flight (``_gen``), so a reply older than a change can never outlive it;
+- ``listings``: the complete name sets of directories this mount listed or
+  made, kept by the same rules, so that looking up a name that does not exist
+  (as every create does first) needs no round trip.
 
 Namespace operations go straight to the server (one transaction each) and
 are visible to every mount as soon as they return. File content is
@@ -43,13 +46,15 @@ from cache import BlockCache
 from fusefs.filedata import OpenFile
 from metaserver.client import MetaClient
 from metaserver.errors import FSError
-from metaserver.protocol import XATTR_NAMESPACES
+from metaserver.protocol import RENAME_EXCHANGE, XATTR_NAMESPACES
 
 log = logging.getLogger(__name__)
 
 ROOT = 1
 # Kinds of change that alter a directory entry (the others alter an inode only).
 ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "rename_from"})
+# Names kept in directory listings, in all (a 10,000-entry directory is ~1 MB).
+MAX_LISTED = 1_000_000
 
 
 class KernelCache(Protocol):
@@ -81,6 +86,7 @@ class VFS:
         # before every write, and the answer is almost always "none".
         self.xattr_names: LRUCache[int, frozenset[bytes]] = LRUCache(10_000)
         self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(100_000)
+        self.listings: LRUCache[int, set[bytes]] = LRUCache(MAX_LISTED, getsizeof=len)
         self._gen = 0
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
@@ -100,6 +106,7 @@ class VFS:
                 self._invalidate(("inode", ino))
             self.page_version.clear()
             self.attrs.clear()
+            self.listings.clear()
             self._gen += 1
             return
         for _, ino, parent, name, kind, device in changes:
@@ -112,6 +119,8 @@ class VFS:
                 continue
             entry = kind in ENTRY_CHANGES and parent is not None
             self._drop(ino, parent if entry else None)
+            if entry:
+                self.listings.pop(self.fuse(parent), None)
             self._invalidate(("inode", self.fuse(ino)))
             if entry:
                 self._invalidate(("entry", self.fuse(parent), bytes(name)))
@@ -147,6 +156,7 @@ class VFS:
     def record_conflict(self, ino: int, copy: dict[str, Any]) -> None:
         # The copy is a new entry in a directory the kernel does not know changed.
         self._drop(copy["dir"]["ino"])
+        self.listings.pop(self.fuse(copy["dir"]["ino"]), None)
         self._invalidate(("inode", self.fuse(copy["dir"]["ino"])))
         parent, name = self.names.get(ino, (self.root, b"?"))
         log.warning("conflict on %r (inode %d): another writer's version was kept; this"
@@ -194,6 +204,25 @@ class VFS:
         if not stat.S_ISDIR(attr["mode"]):
             self.names[self.fuse(attr["ino"])] = (self.srv(parent), name)
         return self._out(attr)
+
+    def _entries_changed(self, parent: int, add: bytes | None = None,
+                         remove: bytes | None = None) -> None:
+        """This mount added or removed a name in ``parent``: keep its listing complete.
+
+        Also bumps ``_gen``, so a listing read concurrently (which may predate
+        the change) is not cached.
+        """
+        self._gen += 1
+        names = self.listings.get(parent)
+        if names is None:
+            return
+        names.discard(remove)
+        if add is not None:
+            names.add(add)
+        if len(names) < MAX_LISTED:
+            self.listings[parent] = names  # re-weighed in the LRU
+        else:
+            del self.listings[parent]
 
     def _out(self, attr: dict[str, Any]) -> dict[str, Any]:
         """Server attributes as this mount sees them (FUSE inode, unflushed size)."""
@@ -243,6 +272,9 @@ class VFS:
             return await self.getattr(parent)
         if name == b"..":
             raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
+        names = self.listings.get(parent)
+        if names is not None and name not in names:
+            return None
         token = self._gen
         try:
             attr = await self.call("lookup", parent=self.srv(parent), name=name)
@@ -324,27 +356,36 @@ class VFS:
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                     rdev: int = 0) -> dict[str, Any]:
         token = self._gen
-        return self._named(parent, name, await self.call(
+        attr = self._named(parent, name, await self.call(
             "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev),
             token)
+        if stat.S_ISDIR(mode) and token == self._gen:
+            self.listings[attr["ino"]] = set()   # a new directory: empty, and we know it
+        self._entries_changed(parent, add=name)
+        return attr
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
                       ) -> dict[str, Any]:
         token = self._gen
-        return self._named(parent, name, await self.call(
+        attr = self._named(parent, name, await self.call(
             "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid),
             token)
+        self._entries_changed(parent, add=name)
+        return attr
 
     async def link(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
         token = self._gen
-        return self._named(parent, name, await self.call(
+        attr = self._named(parent, name, await self.call(
             "link", ino=self.srv(ino), parent=self.srv(parent), name=name), token)
+        self._entries_changed(parent, add=name)
+        return attr
 
     async def unlink(self, parent: int, name: bytes) -> None:
         token = self._gen
         r = await self.call("unlink", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
         self._drop(r["ino"])  # its nlink and ctime changed
+        self._entries_changed(parent, remove=name)
         self._orphaned(r)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -352,12 +393,16 @@ class VFS:
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
         self._drop(r["ino"])
+        self._entries_changed(parent, remove=name)
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
         self._drop(parent, new_parent, r["ino"], r["replaced"])
+        if not flags & RENAME_EXCHANGE:   # an exchange keeps both names
+            self._entries_changed(parent, remove=name)
+            self._entries_changed(new_parent, add=new_name)
         self._orphaned(r)
         if r["ino"] is not None:
             self.names[self.fuse(r["ino"])] = (self.srv(new_parent), new_name)
@@ -380,6 +425,8 @@ class VFS:
             listing = await self.call("readdir", ino=self.srv(d[0]))
             for _, a in listing:
                 self._fill(a, token)
+            if token == self._gen and len(listing) < MAX_LISTED:
+                self.listings[d[0]] = {n for n, _ in listing} - {b".", b".."}
             d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
 

@@ -35,11 +35,9 @@ from psycopg import Cursor
 
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import XATTR_NAMESPACES
+from metaserver.protocol import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_NAMESPACES
 
 NAME_MAX = 255
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 
 OPS: dict[str, Callable[..., Any]] = {}
 

@@ -22,6 +22,10 @@ MAX_FRAME = 64 << 20
 PUSH = -1
 # Extended attribute namespaces the filesystem stores (POSIX ACLs are not supported).
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# rename(2) flags, as the kernel passes them.
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
 _LEN = struct.Struct(">I")
 
 

@@ -49,12 +49,18 @@ def test_namespace_changes_visible(pair):
     wait_until(lambda: os.stat(b.p("d")).st_mode & 0o777 == 0o700, 2, "chmod on B")
 
 
-def test_cached_negative_entry_dropped_by_a_create_elsewhere(pair):
+def test_cached_negative_answers_dropped_by_a_create_elsewhere(pair):
     a, b = pair
-    assert not os.path.exists(b.p("late"))   # B's kernel caches the negative answer
+    os.mkdir(b.p("d"))                          # B knows d's (empty) listing
+    assert os.listdir(b.p("d")) == []
+    assert not os.path.exists(b.p("late"))     # B's kernel caches the negative answer
+    assert not os.path.exists(b.p("d", "x"))   # answered from B's listing of d
     write_file(a.p("late"), b"here")
+    write_file(a.p("d", "x"), b"x")
     wait_until(lambda: os.path.exists(b.p("late")), 2, "create on A visible on B")
+    wait_until(lambda: os.path.exists(b.p("d", "x")), 2, "create in d on A visible on B")
     assert read_file(b.p("late")) == b"here"
+    assert read_file(b.p("d", "x")) == b"x"
 
 
 def test_open_handle_on_b_sees_new_version_after_reopen(pair):
