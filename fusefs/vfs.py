@@ -435,16 +435,17 @@ class VFS:
 
     # --- files ---------------------------------------------------------------------------
 
-    async def _acquire(self, ino: int) -> OpenFile:
+    async def _acquire(self, ino: int, read: bool = False) -> OpenFile:
         """The OpenFile of ``ino`` with a handle counted, at the server's current version.
 
         Close-to-open: unless this mount holds unflushed changes, every open
         adopts the newest committed version, whatever other mounts did.
+        ``read``: the server updates atime (relatime) in the same call.
         """
         f = self.files.get(ino)
         if f is None or not f.modified:
             token = self._gen
-            r = await self.call("open", ino=self.srv(ino))
+            r = await self.call("open", ino=self.srv(ino), read=read)
             self._fill(r["attr"], token)
             f = self.files.get(ino)  # another task may have loaded it meanwhile
             if f is None:
@@ -472,7 +473,7 @@ class VFS:
 
     async def open(self, ino: int, flags: int, uid: int) -> tuple[int, bool]:
         """Open a file; return the handle and whether the kernel may keep its page cache."""
-        f = await self._acquire(ino)
+        f = await self._acquire(ino, read=(flags & os.O_ACCMODE) != os.O_WRONLY)
         try:
             if not stat.S_ISREG(f.attr["mode"]):
                 raise FSError(errno.EINVAL, "not a regular file")
@@ -481,8 +482,6 @@ class VFS:
         except BaseException:
             await self._release(f)
             raise
-        if (flags & os.O_ACCMODE) != os.O_WRONLY:
-            await self._relatime(f)
         keep = self.page_version.get(ino) == f.base and not f.modified
         self.page_version[ino] = f.base
         return self._handle(f, uid), keep
@@ -493,18 +492,6 @@ class VFS:
         if uid == 0:
             self.privileged.add(fh)
         return fh
-
-    async def _relatime(self, f: OpenFile) -> None:
-        """Update atime on a read open as Linux's ``relatime`` does on read.
-
-        Only when atime is not newer than mtime or ctime, or is a day old, so
-        a file read repeatedly costs one update, not one per open.
-        """
-        a, now = f.attr, time.time_ns()
-        if a["atime"] <= max(a["mtime"], a["ctime"]) or now - a["atime"] >= 86_400 * 10**9:
-            await self.call("touch_atime", ino=self.srv(f.ino), atime=now)
-            a["atime"] = now
-            self._drop(f.ino)
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, dict[str, Any]]:

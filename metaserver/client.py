@@ -25,6 +25,8 @@ from metaserver.protocol import PUSH, FrameReader, pack
 
 log = logging.getLogger(__name__)
 
+# Operations sent without an op_id: replaying them is harmless ("open" may set
+# atime, which a replay sets again).
 READ_ONLY_OPS = frozenset({"getattr", "lookup", "readdir", "readlink", "open", "statfs",
                            "have_blocks", "versions", "subscribe", "getxattr", "listxattr"})
 

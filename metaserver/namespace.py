@@ -188,9 +188,20 @@ def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
 
 
 @op
-def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
-         ) -> dict[str, Any]:
-    """Attributes and the extent list of a file's current (or a given) version."""
+def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None,
+         read: bool = False) -> dict[str, Any]:
+    """Attributes and the extent list of a file's current (or a given) version.
+
+    ``read``: the file is opened for reading, so atime is updated the way
+    Linux's ``relatime`` does: only if it is not newer than mtime and ctime, or
+    is a day old, so a file read over and over costs one update. atime changes
+    are not logged: other mounts see them when their attribute cache expires.
+    """
+    if read:
+        now = time.time_ns()
+        cur.execute("UPDATE inodes SET atime_ns = %s WHERE id = %s AND owner_id = %s"
+                    " AND (atime_ns <= greatest(mtime_ns, ctime_ns) OR atime_ns <= %s)",
+                    (now, ino, u.id, now - 86_400 * 10**9))
     a = _inode(cur, u, ino)
     version = a["version"] if version is None else version
     extents: list = []
@@ -476,13 +487,6 @@ def removexattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> Non
         raise FSError(errno.ENODATA, "no such xattr")
     cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (time.time_ns(), ino))
     _log(cur, u, device, "setattr", ino)
-
-
-@op
-def touch_atime(cur: Cursor, u: User, device: str, ino: int, atime: int) -> None:
-    """Record a read access: atime only (no ctime, no change-log entry)."""
-    cur.execute("UPDATE inodes SET atime_ns = %s WHERE id = %s AND owner_id = %s",
-                (atime, ino, u.id))
 
 
 # --- content -------------------------------------------------------------------
