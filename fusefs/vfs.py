@@ -53,8 +53,11 @@ log = logging.getLogger(__name__)
 ROOT = 1
 # Kinds of change that alter a directory entry (the others alter an inode only).
 ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "rename_from"})
-# Names kept in directory listings, in all (a 10,000-entry directory is ~1 MB).
-MAX_LISTED = 1_000_000
+# Bounds of the metadata caches, so that the mount's memory does not grow with
+# the volume: attributes of 50,000 inodes (~40 MB), 250,000 names in directory
+# listings (~15 MB; a directory with more is not kept).
+MAX_ATTRS = 50_000
+MAX_LISTED = 250_000
 
 
 class KernelCache(Protocol):
@@ -85,7 +88,7 @@ class VFS:
         # Names of each inode's xattrs: the kernel asks for security.capability
         # before every write, and the answer is almost always "none".
         self.xattr_names: LRUCache[int, frozenset[bytes]] = LRUCache(10_000)
-        self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(100_000)
+        self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(MAX_ATTRS)
         self.listings: LRUCache[int, set[bytes]] = LRUCache(MAX_LISTED, getsizeof=len)
         self._gen = 0
         self._fh = itertools.count(1)
