@@ -33,6 +33,9 @@ class BlockStore(abc.ABC):
     """
 
     url: str
+    #: Blocks live on this machine's disk, as fast to read as a disk cache would
+    #: be: the mount keeps no second on-disk copy of them (only the hot set).
+    local: bool = False
 
     @abc.abstractmethod
     def get(self, key: bytes) -> bytes:

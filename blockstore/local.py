@@ -16,6 +16,8 @@ from blockstore.base import BlockNotFound, BlockStore
 
 
 class LocalStore(BlockStore):
+    local = True
+
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.url = "file://" + self.root

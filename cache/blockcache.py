@@ -8,6 +8,10 @@ that returns wrong bytes twice yields EIO, never wrong data.
 Concurrency: all methods run on the trio thread; file and store I/O go to
 worker threads. Concurrent readers of one missing block share one fetch.
 The disk part never exceeds ``max_bytes`` by more than the block being added.
+
+A store whose blocks are already on this machine's disk (``store.local``) gets
+no disk copy: it would double the I/O of every write and cold read for no
+gain. Only the hot set in memory is kept for it.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ log = logging.getLogger(__name__)
 
 class BlockCache:
     def __init__(self, store: BlockStore, directory: str, max_bytes: int,
-                 hot_bytes: int = 64 << 20, transfers: int = 8) -> None:
+                 hot_bytes: int = 64 << 20, transfers: int = 8,
+                 segments: int = 4) -> None:
         self.store = store
         self.dir = os.path.join(directory, "blocks")
         self.max_bytes = max_bytes
@@ -36,9 +41,14 @@ class BlockCache:
         self.lru: OrderedDict[bytes, int] = OrderedDict()
         self.used = 0
         self.transfers = trio.CapacityLimiter(transfers)
+        # Segments of dirty data held in memory while they upload, across all
+        # files (each at most 20 MiB): bounds the memory pipelining uses.
+        self.segment_slots = trio.Semaphore(segments)
         self._inflight: dict[bytes, trio.Event] = {}
+        self.on_disk = not store.local
         os.makedirs(self.dir, exist_ok=True)
-        self._load_index()
+        if self.on_disk:
+            self._load_index()
 
     def _path(self, key: bytes) -> str:
         h = key.hex()
@@ -94,9 +104,16 @@ class BlockCache:
         if len(data) <= self.hot.maxsize:
             self.hot[key] = data
 
-    async def add(self, key: bytes, data: bytes) -> None:
-        """Insert a block just uploaded or fetched (the caller vouches for its hash)."""
-        self._remember(key, data)
+    async def add(self, key: bytes, data: bytes, hot: bool = True) -> None:
+        """Insert a block just uploaded or fetched (the caller vouches for its hash).
+
+        ``hot=False`` keeps it out of the hot set (a block just written: the
+        kernel's page cache holds the file).
+        """
+        if hot:
+            self._remember(key, data)
+        if not self.on_disk:
+            return
         if key in self.lru:
             self.lru.move_to_end(key)
             return
@@ -126,6 +143,11 @@ class BlockCache:
             del self._inflight[key]
             ev.set()
 
+    def _fetch(self, key: bytes) -> tuple[bytes, bool]:
+        """Get a block from the store and check its hash (one worker-thread hop)."""
+        data = self.store.get(key)
+        return data, block_hash(data) == key
+
     async def _load(self, key: bytes) -> bytes:
         if key in self.lru:
             data = await trio.to_thread.run_sync(self._read_file, key)
@@ -136,10 +158,10 @@ class BlockCache:
             self.used -= self.lru.pop(key)
         for attempt in range(2):
             try:
-                data = await trio.to_thread.run_sync(self.store.get, key, limiter=self.transfers)
+                data, ok = await trio.to_thread.run_sync(self._fetch, key, limiter=self.transfers)
             except BlockNotFound:
                 raise FSError(errno.EIO, f"block {key.hex()} missing from store") from None
-            if await trio.to_thread.run_sync(block_hash, data) == key:
+            if ok:
                 await self.add(key, data)
                 return data
             log.error("block %s from store fails its hash (attempt %d)", key.hex(), attempt + 1)

@@ -14,8 +14,9 @@ from metaserver.errors import FSError
 
 
 class CountingStore(LocalStore):
-    """A real local store that counts fetches."""
+    """A real local store standing in for a remote one (so blocks are cached on disk)."""
 
+    local = False
     fetches = 0
 
     def get(self, key: bytes) -> bytes:
@@ -108,3 +109,25 @@ def test_ranges_merge_split_clip():
     assert list(r) == [(5, 40), (50, 55)]
     r.clip(45)
     assert list(r) == [(5, 40)]
+
+
+async def test_local_store_gets_no_disk_copy(tmp_path):
+    """Blocks of a store on local disk are kept in memory only, still hash-checked."""
+    store = LocalStore(str(tmp_path / "store"))
+    fetches = []
+    get = store.get
+    store.get = lambda key: fetches.append(key) or get(key)
+    cache = BlockCache(store, str(tmp_path / "c"), max_bytes=10 << 20)
+    (key, data), (bad, _) = blocks(2, 5000)
+    store.put(key, data)
+    await cache.add(key, data)
+    assert await cache.get(key) == data
+    assert fetches == []                      # served from the hot set
+    assert not any(os.scandir(cache.dir))     # no second copy on disk
+    cache.hot.clear()
+    assert await cache.get(key) == data
+    assert fetches == [key]
+    store.put(bad, b"not the right bytes")
+    with pytest.raises(FSError):
+        await cache.get(bad)
+
