@@ -17,6 +17,7 @@ table (metrics as rows, targets as columns) and writes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -89,6 +90,54 @@ def run_target(kind: str, args: argparse.Namespace, emu, tarball: str, repo: str
         return out
 
 
+def add_raw_ratios(results: dict[str, dict[str, float | str]]) -> None:
+    """Rows comparing the GCS targets' sequential transfer with the raw client's."""
+    raw = next((r for n, r in results.items() if n.startswith("raw GCS")), None)
+    if not raw:
+        return
+    for name, r in results.items():
+        if "GCS emulator" not in name:
+            continue
+        # rclone's close returns before its upload: compare the time until uploaded
+        w = r.get("seq write until uploaded MB/s", r.get("seq write+fsync MB/s"))
+        c = r.get("seq read cold MB/s")
+        pct = {}
+        if isinstance(w, float):
+            pct["seq write (until uploaded), % of raw GCS upload"] = (
+                100 * w / raw["seq write+fsync MB/s"])  # type: ignore[operator]
+        if isinstance(c, float):
+            pct["seq read cold, % of raw GCS download"] = (
+                100 * c / raw["seq read cold MB/s"])  # type: ignore[operator]
+        items = list(r.items())
+        at = next((i + 1 for i, (k, _) in enumerate(items) if k == "seq read warm MB/s"),
+                  len(items))
+        r.clear()
+        r.update([*items[:at], *pct.items(), *items[at:]])
+
+
+def metric_order(results: dict[str, dict[str, float | str]]) -> list[str]:
+    """Every metric once; one only some targets have goes after its predecessor there."""
+    order: list[str] = []
+    for r in results.values():
+        prev = None
+        for k in r:
+            if k not in order:
+                order.insert(order.index(prev) + 1 if prev else len(order), k)
+            prev = k
+    return order
+
+
+def render(data: dict) -> None:
+    """Print the markdown table of a run (as saved in its JSON)."""
+    args, results = data["args"], data["results"]
+    rows = [[m, *(fmt(results[t][m]) if m in results[t] else "-" for t in results)]
+            for m in metric_order(results)]
+    print_table(f"nimbusfs benchmark ({args['size_mib']} MiB sequential, {args['rand_mib']} "
+                f"MiB random x {args['rand_seconds']} s, {args['files']} small files, "
+                f"{args['dedup_mib']} MiB dedup; {data['machine']}, {data['cpus']} cores, "
+                f"{data['date']})", ["metric", *results], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default=",".join(ALL),
@@ -103,7 +152,12 @@ def main() -> None:
     ap.add_argument("--tarball", help=f"source tarball to extract (default: {DJANGO} sdist)")
     ap.add_argument("--repo-commits", type=int, default=500,
                     help="commits of the generated repository cloned by git")
+    ap.add_argument("--table", metavar="JSON", help="only print the table of a results file")
     args = ap.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            render(json.load(f))
+        return
     args.rand_mib = args.rand_mib or min(1024, args.size_mib)
     args.dedup_mib = args.dedup_mib or min(1024, args.size_mib)
     args.targets = [k.strip() for k in args.targets.split(",") if k.strip()]
@@ -142,30 +196,13 @@ def main() -> None:
                 errors.append(f"{kind} (setup/teardown):\n{traceback.format_exc()}")
                 print(errors[-1], file=sys.stderr)
 
-    raw = next((r for n, r in results.items() if n.startswith("raw GCS")), None)
-    if raw:
-        for name, r in results.items():
-            if "GCS emulator" in name:
-                # rclone's close returns before the upload: compare the time until uploaded
-                w = r.get("seq write until uploaded MB/s", r.get("seq write+fsync MB/s"))
-                c = r.get("seq read cold MB/s")
-                if isinstance(w, float):
-                    r["seq write (until uploaded), % of raw GCS upload"] = (
-                        100 * w / raw["seq write+fsync MB/s"])
-                if isinstance(c, float):
-                    r["seq read cold, % of raw GCS download"] = 100 * c / raw["seq read cold MB/s"]
-
-    metrics = list(dict.fromkeys(k for r in results.values() for k in r))
-    rows = [[m, *(fmt(results[t][m]) if m in results[t] else "-" for t in results)]
-            for m in metrics]
-    print_table(f"nimbusfs benchmark ({args.size_mib} MiB sequential, {args.rand_mib} MiB "
-                f"random x {args.rand_seconds} s, {args.files} small files, {args.dedup_mib} "
-                f"MiB dedup; {platform.node()}, {os.cpu_count()} cores)",
-                ["metric", *results], rows)
+    add_raw_ratios(results)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    path = save_json(f"bench-{stamp}", {
-        "args": vars(args), "date": stamp, "machine": platform.node(), "cpus": os.cpu_count(),
-        "mount_transfers": MOUNT_TRANSFERS, "results": results, "errors": errors})
+    data = {"args": vars(args), "date": stamp, "machine": platform.node(),
+            "cpus": os.cpu_count(), "mount_transfers": MOUNT_TRANSFERS, "results": results,
+            "errors": errors}
+    path = save_json(f"bench-{stamp}", data)
+    render(data)
     print("\nJSON:", path)
     if errors:
         print(f"\n{len(errors)} job(s) failed:\n\n" + "\n".join(errors))
