@@ -400,9 +400,12 @@ class VFS:
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
+        token = self._gen
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
-        self._drop(parent, new_parent, r["ino"], r["replaced"])
+        for d in r["dirs"]:
+            self._fill(d, token)
+        self._drop(r["ino"], r["replaced"])  # their ctime (and nlink) changed
         if not flags & RENAME_EXCHANGE:   # an exchange keeps both names
             self._entries_changed(parent, remove=name)
             self._entries_changed(new_parent, add=new_name)

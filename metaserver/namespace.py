@@ -103,10 +103,11 @@ def _child(cur: Cursor, parent: int, name: bytes) -> int | None:
     return row[0] if row else None
 
 
-def _touch(cur: Cursor, ino: int, now: int, mtime: bool = True) -> None:
-    """Set ctime (and mtime) of a directory whose entries changed."""
-    cur.execute("UPDATE inodes SET ctime_ns = %s" + (", mtime_ns = %s" if mtime else "")
-                + " WHERE id = %s", (now, now, ino) if mtime else (now, ino))
+def _touch(cur: Cursor, ino: int, now: int) -> dict[str, int]:
+    """Set ctime and mtime of a directory whose entries changed; return its attributes."""
+    cur.execute(f"UPDATE inodes SET ctime_ns = %s, mtime_ns = %s WHERE id = %s"
+                f" RETURNING {_ATTR_COLS}", (now, now, ino))
+    return _attr(cur.fetchone())
 
 
 CHANNEL = "nimbus_changes"
@@ -127,15 +128,17 @@ def _drop_link(cur: Cursor, u: User, ino: int, now: int) -> int | None:
     return ino if cur.fetchone()[0] == 0 else None
 
 
-def _remove_dir(cur: Cursor, parent: int, name: bytes, ino: int, now: int) -> None:
-    """Remove an empty, locked directory entry and the directory itself."""
+def _remove_dir(cur: Cursor, parent: int, name: bytes, ino: int, now: int) -> dict[str, int]:
+    """Remove an empty, locked directory entry and the directory itself.
+
+    Returns the parent's new attributes."""
     cur.execute("SELECT 1 FROM dentries WHERE parent = %s LIMIT 1", (ino,))
     if cur.fetchone():
         raise FSError(errno.ENOTEMPTY, "directory not empty")
     cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
     cur.execute("UPDATE inodes SET nlink = nlink - 1 WHERE id = %s", (parent,))
     cur.execute("DELETE FROM inodes WHERE id = %s", (ino,))
-    _touch(cur, parent, now)
+    return _touch(cur, parent, now)
 
 
 # --- queries -----------------------------------------------------------------
@@ -256,9 +259,9 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
                 (parent, name, a["ino"]))
     if is_dir:
         cur.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id = %s", (parent,))
-    _touch(cur, parent, now)
+    d = _touch(cur, parent, now)
     _log(cur, u, device, "create", a["ino"], parent, name)
-    return {**a, "dir": _inode(cur, u, parent)}
+    return {**a, "dir": d}
 
 
 @op
@@ -300,9 +303,9 @@ def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
     cur.execute(f"UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s"
                 f" RETURNING {_ATTR_COLS}", (now, ino))
     a = _attr(cur.fetchone())
-    _touch(cur, parent, now)
+    d = _touch(cur, parent, now)
     _log(cur, u, device, "link", ino, parent, name)
-    return {**a, "dir": _inode(cur, u, parent)}
+    return {**a, "dir": d}
 
 
 @op
@@ -317,9 +320,9 @@ def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
         raise FSError(errno.EISDIR, "is a directory")
     cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
     orphan = _drop_link(cur, u, ino, now)
-    _touch(cur, parent, now)
+    d = _touch(cur, parent, now)
     _log(cur, u, device, "unlink", ino, parent, name)
-    return {"orphan": orphan, "ino": ino, "dir": _inode(cur, u, parent)}
+    return {"orphan": orphan, "ino": ino, "dir": d}
 
 
 @op
@@ -333,9 +336,9 @@ def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[s
         raise FSError(errno.ENOENT, "no such entry")
     if not stat.S_ISDIR(_inode(cur, u, ino, lock=True)["mode"]):
         raise FSError(errno.ENOTDIR, "not a directory")
-    _remove_dir(cur, parent, name, ino, now)
+    d = _remove_dir(cur, parent, name, ino, now)
     _log(cur, u, device, "rmdir", ino, parent, name)
-    return {"ino": ino, "dir": _inode(cur, u, parent)}
+    return {"ino": ino, "dir": d}
 
 
 def _is_ancestor(cur: Cursor, anc: int, ino: int) -> bool:
@@ -374,7 +377,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
             and _is_ancestor(cur, dst, parent):
         raise FSError(errno.EINVAL, "cannot move a directory into itself")
     if src == dst:
-        return {"orphan": None, "ino": None, "replaced": None}
+        return {"orphan": None, "ino": None, "replaced": None, "dirs": []}
     orphan = None
     if flags & RENAME_EXCHANGE:
         cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s",
@@ -405,13 +408,14 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
             cur.execute("UPDATE inodes SET nlink = nlink - 1 WHERE id = %s", (parent,))
             cur.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id = %s", (new_parent,))
         cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (now, src))
-    _touch(cur, parent, now)
-    _touch(cur, new_parent, now)
+    dirs = [_touch(cur, parent, now)]
+    if new_parent != parent:
+        dirs.append(_touch(cur, new_parent, now))
     _log(cur, u, device, "rename_from", src, parent, name)
     _log(cur, u, device, "rename", src, new_parent, new_name)
     if flags & RENAME_EXCHANGE:
         _log(cur, u, device, "rename", dst, parent, name)
-    return {"orphan": orphan, "ino": src, "replaced": dst}
+    return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs}
 
 
 @op
@@ -555,17 +559,17 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
     set-group-ID on a group-executable file) is dropped, as Linux does.
     """
     ino = a["ino"]
-    cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s FOR UPDATE", (u.id,))
-    quota, used = cur.fetchone()
     grow = size - a["size"]
-    if quota and grow > 0 and used + grow > quota:
-        raise FSError(errno.EDQUOT, "storage quota exceeded")
+    cur.execute("UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s"
+                " RETURNING quota_bytes, used_bytes", (grow, u.id))
+    quota, used = cur.fetchone()
+    if quota and grow > 0 and used > quota:
+        raise FSError(errno.EDQUOT, "storage quota exceeded")  # the transaction rolls back
     version = a["version"] + 1
     cur.execute("INSERT INTO versions (inode, version, size, extents, user_id, device)"
                 " VALUES (%s, %s, %s, %s, %s, %s)",
                 (ino, version, size, msgpack.packb(extents), u.id, device))
     _add_refs(cur, extents, +1)
-    cur.execute("UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s", (grow, u.id))
     now = time.time_ns()
     alloc = sum(n for k, n in extents if k is not None)
     kill = stat.S_ISUID | (stat.S_ISGID if a["mode"] & stat.S_IXGRP else 0) if kill_priv else 0
