@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -131,6 +132,13 @@ def services() -> Iterator[Services]:
     emb.start_postgres()
     gcs = FakeGCSServer()
     gcs.start()
+    # The wrapper pipes the server's request log and never reads it: once the
+    # pipe is full (a few hundred requests) the server blocks. Drain it to a file.
+    os.makedirs(emb.path("logs"), exist_ok=True)
+    gcs_log = open(emb.path("logs", "fake-gcs-server.log"), "wb")  # noqa: SIM115
+    drain = threading.Thread(target=shutil.copyfileobj, args=(gcs._process.stderr, gcs_log),
+                             daemon=True)
+    drain.start()
     GCSStore(GCS_BUCKET, endpoint=gcs.url, create_bucket=True)
     env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs.url)
     deployments = {}
@@ -150,6 +158,8 @@ def services() -> Iterator[Services]:
                 d.proc.kill()
                 d.proc.wait()
         gcs.stop()
+        drain.join(10)
+        gcs_log.close()
         emb.stop_postgres()
         assert not slow, f"metaservers {slow} did not stop within 30 s of SIGTERM"
         for log_name in os.listdir(emb.path("logs")):
