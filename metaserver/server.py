@@ -59,7 +59,8 @@ def _once(cur: psycopg.Cursor, op_id: str, fn: Any, *args: Any, **kwargs: Any) -
 def _changes_since(cur: psycopg.Cursor, owner: int, after: int, sent: list[int]) -> list[list]:
     """The owner's changes after ``after`` in order, except the sequence numbers in ``sent``."""
     cur.execute("SELECT seq, inode, parent, name, kind, device FROM changes"
-                " WHERE owner_id = %s AND seq > %s AND seq <> ALL(%s::bigint[])"
+                " WHERE owner_id = %s AND seq > %s"
+                " AND seq NOT IN (SELECT unnest(%s::bigint[]))"  # a hashed anti-join
                 " ORDER BY seq LIMIT 5000", (owner, after, sent))
     return [list(r) for r in cur.fetchall()]
 
