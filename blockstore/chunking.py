@@ -9,6 +9,7 @@ reported as holes (``key is None``): they cost no storage.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyfastcdc import FastCDC
@@ -51,15 +52,29 @@ def _is_zero(data: memoryview) -> bool:
     return bytes(data) == bytes(len(data))
 
 
+def _pieces(chunks: Iterable, start: int) -> list[Piece]:
+    out = []
+    for c in chunks:
+        data = c.data
+        key = None if _is_zero(data) else block_hash(data)
+        out.append(Piece(start + c.offset, c.length, key))
+    return out
+
+
 def chunk_fd(fd: int, start: int, end: int) -> list[Piece]:
     """Cut bytes [start, end) of ``fd`` into pieces and hash them.
 
     Memory stays bounded by the chunker's buffer whatever the window size. Runs
     in a worker thread (CPU-bound hashing).
     """
-    out = []
-    for c in _cdc.cut_stream(_FdRange(fd, start, end)):
-        data = c.data
-        key = None if _is_zero(data) else block_hash(data)
-        out.append(Piece(start + c.offset, c.length, key))
-    return out
+    return _pieces(_cdc.cut_stream(_FdRange(fd, start, end)), start)
+
+
+def chunk_buf(buf: bytes, start: int) -> list[Piece]:
+    """Cut ``buf``, the bytes of a file from offset ``start``, into pieces and hash them.
+
+    Every cut but the last depends only on the bytes before it, so all pieces
+    except the last are the ones chunking a longer stream from ``start`` would
+    give. Runs in a worker thread.
+    """
+    return _pieces(_cdc.cut_buf(buf), start)

@@ -37,6 +37,13 @@ class Ranges:
         self.starts[i:j] = [start]
         self.ends[i:j] = [end]
 
+    def find(self, pos: int) -> tuple[int, int] | None:
+        """The range holding byte ``pos``, if any."""
+        i = bisect.bisect_right(self.starts, pos) - 1
+        if i >= 0 and pos < self.ends[i]:
+            return self.starts[i], self.ends[i]
+        return None
+
     def clip(self, size: int) -> None:
         """Drop everything at or beyond ``size``."""
         i = bisect.bisect_left(self.starts, size)

@@ -13,6 +13,13 @@ file. ``flush`` turns the dirty state into a new version:
    (deduplication across files, versions and users);
 4. one ``commit`` names the base version, the new extents, size and mtime.
 
+Pipelining: while a long dirty range is still being written sequentially, its
+completed blocks are cut, hashed and uploaded in the background (one task per
+file, a bounded segment at a time), so a flush only handles the tail. Those
+blocks are referenced by nothing until the flush commits them: a crash before
+that leaves the old version intact. Writes wait when the background upload
+lags by more than ``BACKLOG_BYTES`` (bounded memory and disk traffic).
+
 Invariant: ``size`` is the file's current logical size on this mount; bytes
 in ``[0, size)`` come from the staging file where ``staging.dirty`` covers
 them, else from the committed extents, else zeros. A per-file lock orders
@@ -25,11 +32,12 @@ import bisect
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
 
-from blockstore.chunking import Piece, chunk_fd
+from blockstore.chunking import MAX_BLOCK, Piece, chunk_buf, chunk_fd
 from cache import Ranges, Staging
 
 if TYPE_CHECKING:
@@ -37,7 +45,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READAHEAD_BLOCKS = 4
+# Sequential reads fetch this far ahead, well within the cache's hot set (64 MiB)
+# so that blocks read ahead are still in memory when the reader gets there.
+READAHEAD_BYTES = 16 << 20
+# The kernel issues readahead requests concurrently; they may arrive out of order.
+SEQ_SLACK = 1 << 20
+# A sequentially written dirty range is uploaded in segments of this size ...
+PIPELINE_BYTES = 16 << 20
+# ... and writes wait for the background upload when it lags by more than this.
+BACKLOG_BYTES = 64 << 20
 
 
 class Extents:
@@ -76,6 +92,18 @@ class OpenFile:
         self.handles = 0
         self.lock = trio.Lock()
         self.last_read_end = -1
+        self.ra_end = 0               # readahead has been started up to here
+        # Pipelined upload of one dirty range: pieces covering [ahead_start,
+        # ahead_end) are in the store; staged bytes up to ahead_read may be in
+        # a segment being cut or uploaded. ahead_gen changes whenever a write or
+        # truncation touches [ahead_start, ahead_read); a segment finishing
+        # under an old generation is discarded.
+        self.ahead_start = self.ahead_end = self.ahead_read = -1
+        self.ahead_pieces: list[Piece] = []
+        self.ahead_gen = 0
+        self.ahead_idle = trio.Event()     # set when no pump runs for this file
+        self.ahead_idle.set()
+        self.ahead_moved = trio.Event()    # set (and replaced) when ahead_end advances
         self.reset(attr, extents)
 
     def reset(self, attr: dict, extents: list) -> None:
@@ -88,6 +116,7 @@ class OpenFile:
         self.mtime = attr["mtime"]
         self.modified = False         # size or content changed since the last commit
         self.kill_priv = False        # an unprivileged write: the commit drops setuid/setgid
+        self._drop_ahead()
         if self.staging is not None:
             self.staging.reset()
 
@@ -126,18 +155,29 @@ class OpenFile:
                 parts.append(block[pos - e_start:pos - e_start + take])
             pos += take
             i += 1
-        if start == self.last_read_end:
-            self._readahead(i)
+        if abs(start - self.last_read_end) <= SEQ_SLACK:
+            self._readahead(i, end)
         self.last_read_end = end
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
-    def _readahead(self, i: int) -> None:
-        """On sequential reads, fetch the next blocks in the background."""
+    def _readahead(self, i: int, pos: int) -> None:
+        """On sequential reads, fetch the blocks up to READAHEAD_BYTES past ``pos``.
+
+        Each block is requested once per pass (``ra_end``); the cache's transfer
+        limiter bounds how many fetches run at once.
+        """
         ext = self.extents
-        for j in range(i, min(i + READAHEAD_BLOCKS, len(ext))):
+        if i >= len(ext):
+            return
+        if not ext.offs[i] <= self.ra_end <= pos + READAHEAD_BYTES:
+            self.ra_end = ext.offs[i]  # a new pass (a seek, or the file read again)
+        j = ext.index(self.ra_end)
+        while j < len(ext) and ext.offs[j] < pos + READAHEAD_BYTES:
             key = ext.keys[j]
             if key is not None and not self.vfs.cache.contains(key):
                 self.vfs.spawn(self.vfs.cache.get, key)
+            j += 1
+        self.ra_end = ext.offs[j] if j < len(ext) else ext.size
 
     # --- writing ---------------------------------------------------------------
 
@@ -151,14 +191,20 @@ class OpenFile:
             self.kill_priv |= kill_priv
             # A pwrite into the page cache is faster than a thread hop.
             self._staging().write(off, data)
-            self.size = max(self.size, off + len(data))
+            end = off + len(data)
+            if off < self.ahead_read and end > self.ahead_start:
+                self._drop_ahead()
+            self.size = max(self.size, end)
             self._touch()
+            await self._pipeline(end)
         return len(data)
 
     async def truncate(self, size: int) -> None:
         async with self.lock:
             if size < self.size and self.staging is not None:
                 self.staging.dirty.clip(size)
+            if size < self.ahead_read:
+                self._drop_ahead()
             self.cut = min(self.cut, size)
             self.size = size
             self._touch()
@@ -167,7 +213,109 @@ class OpenFile:
         self.modified = True
         self.mtime = time.time_ns()
 
+    # --- pipelined upload ------------------------------------------------------
+
+    def _drop_ahead(self) -> None:
+        """Forget the pipelined pieces (their bytes changed, or they were committed)."""
+        self.ahead_gen += 1
+        self.ahead_start = self.ahead_end = self.ahead_read = -1
+        self.ahead_pieces = []
+
+    async def _pipeline(self, end: int) -> None:
+        """After a write ending at ``end``: start uploading its dirty range if due.
+
+        Only a dirty range that starts a window by itself (no committed bytes
+        to snap to before it) is pipelined, so its pieces are exactly the ones
+        the flush would cut from the same start. Called with the lock held.
+        """
+        r = self.staging.dirty.find(end - 1)
+        if r is None or self._snap_start(r[0]) != r[0]:
+            return
+        start, stop = r
+        if start != self.ahead_start:
+            if not self.ahead_idle.is_set():
+                return  # the pump works on another range
+            self._drop_ahead()
+            self.ahead_start = self.ahead_end = self.ahead_read = start
+        while stop - self.ahead_end > BACKLOG_BYTES and not self.ahead_idle.is_set():
+            await self.ahead_moved.wait()  # back-pressure: the store is slower than the writer
+        if self.ahead_idle.is_set() and stop - self.ahead_end >= PIPELINE_BYTES:
+            self.ahead_idle = trio.Event()
+            self.vfs.spawn(self._pump, self.ahead_gen)
+
+    async def _pump(self, gen: int) -> None:
+        """Upload the pipelined range segment by segment until it is nearly caught up.
+
+        A segment is read into memory once, so the bytes hashed are the bytes
+        stored even if a write changes the staging file meanwhile (that write
+        changes ``ahead_gen`` and the result is discarded). The next segment is
+        cut while earlier ones upload; segments are adopted in order, so
+        ``ahead_pieces`` stays contiguous. The cache's ``segment_slots`` bound
+        the segments in memory across all files (fairly: first come, first served).
+        """
+        idle, slots = self.ahead_idle, self.vfs.cache.segment_slots
+        queue: list[list] = []   # [pieces, uploaded] per segment, in file order
+
+        async def send(buf: bytes, base: int, pieces: list[Piece], entry: list) -> None:
+            def read(p: Piece) -> bytes:
+                return buf[p.offset - base:p.offset - base + p.length]
+            try:
+                await self._upload(pieces, read)
+            finally:
+                slots.release()
+            entry[1] = True
+            while queue and queue[0][1] and gen == self.ahead_gen:
+                done = queue.pop(0)[0]
+                self.ahead_pieces += done
+                self.ahead_end = done[-1].offset + done[-1].length
+                self.ahead_moved.set()
+                self.ahead_moved = trio.Event()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                pos = self.ahead_end
+                while True:
+                    await slots.acquire()
+                    r = self.staging.dirty.find(self.ahead_start)
+                    if (gen != self.ahead_gen or r is None or r[0] != self.ahead_start
+                            or r[1] - pos < PIPELINE_BYTES):
+                        slots.release()
+                        break
+                    stop = min(r[1], pos + PIPELINE_BYTES + MAX_BLOCK)
+                    self.ahead_read = stop
+
+                    def cut(start: int = pos, stop: int = stop) -> tuple[bytes, list[Piece]]:
+                        buf = os.pread(self.staging.fd, stop - start, start)
+                        # the last cut is the segment's end, not the content's
+                        return buf, chunk_buf(buf, start)[:-1]
+                    try:
+                        buf, pieces = await trio.to_thread.run_sync(cut)
+                    except BaseException:
+                        slots.release()
+                        raise
+                    if gen != self.ahead_gen:
+                        slots.release()
+                        break
+                    entry = [pieces, False]
+                    queue.append(entry)
+                    nursery.start_soon(send, buf, pos, pieces, entry)
+                    pos = pieces[-1].offset + pieces[-1].length
+        except BaseException:
+            if gen == self.ahead_gen:
+                self._drop_ahead()  # the flush uploads these bytes itself
+            raise
+        finally:
+            idle.set()
+            self.ahead_moved.set()
+
     # --- committing ------------------------------------------------------------
+
+    def _snap_start(self, s: int) -> int:
+        """Where a window holding byte ``s`` starts: the committed extent's start."""
+        ext = self.extents
+        if s < min(ext.size, self.cut):
+            return ext.offs[ext.index(s)]
+        return s
 
     def _windows(self) -> Ranges:
         """Byte ranges to re-chunk: dirty ranges widened to committed extent boundaries."""
@@ -176,8 +324,7 @@ class OpenFile:
         win = Ranges()
 
         def widen(s: int, e: int) -> None:
-            if s < limit:
-                s = ext.offs[ext.index(s)]
+            s = self._snap_start(s)
             if e - 1 < limit:
                 i = ext.index(e - 1)
                 e = ext.offs[i] + ext.lens[i]
@@ -203,23 +350,26 @@ class OpenFile:
                         await trio.to_thread.run_sync(st.fill, pos, data)
                         pos += n
 
-    async def _upload(self, pieces: list[Piece]) -> None:
-        """Upload the pieces' blocks the server does not already reference."""
+    async def _upload(self, pieces: list[Piece],
+                      read: Callable[[Piece], bytes]) -> None:
+        """Upload the pieces' blocks the server does not already reference.
+
+        ``read`` returns a piece's bytes; it runs in a worker thread.
+        """
         keys = list({p.key: None for p in pieces if p.key is not None})
         known = set()
         for i in range(0, len(keys), 1000):
             known.update(await self.vfs.client.call("have_blocks", keys=keys[i:i + 1000]))
         todo = {p.key: p for p in pieces if p.key is not None and p.key not in known}
-        fd = self.staging.fd
         cache = self.vfs.cache
 
         async def put(p: Piece) -> None:
             def work() -> bytes:
-                data = os.pread(fd, p.length, p.offset)
+                data = read(p)
                 cache.store.put(p.key, data)
                 return data
             data = await trio.to_thread.run_sync(work, limiter=cache.transfers)
-            await cache.add(p.key, data)
+            await cache.add(p.key, data, hot=False)
 
         async with trio.open_nursery() as nursery:
             for p in todo.values():
@@ -246,13 +396,19 @@ class OpenFile:
         async with self.lock:
             if not self.modified:
                 return
+            await self.ahead_idle.wait()
             win = self._windows()
             await self._materialize(win)
             chunks: dict[int, list[Piece]] = {}
+            pieces: list[Piece] = []   # those still to upload
+            fd = self.staging.fd
             for s, e in win:
-                chunks[s] = await trio.to_thread.run_sync(chunk_fd, self.staging.fd, s, e)
-            pieces = [p for ps in chunks.values() for p in ps]
-            await self._upload(pieces)
+                done = self.ahead_pieces if s == self.ahead_start and self.ahead_end <= e else []
+                pos = self.ahead_end if done else s
+                rest = await trio.to_thread.run_sync(chunk_fd, fd, pos, e)
+                chunks[s] = done + rest
+                pieces += rest
+            await self._upload(pieces, lambda p: os.pread(fd, p.length, p.offset))
             extents = self._new_extents(win, chunks)
             r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
                                            extents=extents, size=self.size, mtime=self.mtime,

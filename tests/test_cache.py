@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from blockstore import block_hash
+from blockstore.chunking import MAX_BLOCK, chunk_buf, chunk_fd
 from blockstore.local import LocalStore
 from cache import BlockCache, Ranges
 from metaserver.errors import FSError
@@ -131,3 +132,22 @@ async def test_local_store_gets_no_disk_copy(tmp_path):
     with pytest.raises(FSError):
         await cache.get(bad)
 
+
+def test_segment_cuts_are_the_whole_stream_cuts(tmp_path):
+    """Pipelining's premise: cutting a prefix gives the same pieces, except the last."""
+    data = os.urandom(24 << 20)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        whole = chunk_fd(fd, 1000, len(data))
+    finally:
+        os.close(fd)
+    done = []
+    pos = 1000
+    while len(data) - pos > 2 * MAX_BLOCK:  # segment by segment, as the pump does
+        seg = chunk_buf(data[pos:pos + 8 * MAX_BLOCK // 2], pos)[:-1]
+        done += seg
+        pos = seg[-1].offset + seg[-1].length
+    assert len(done) > 2
+    assert done == whole[:len(done)]

@@ -1,0 +1,114 @@
+"""The data path through a real mount: pipelined uploads, their dedup, cold reads.
+
+Writes longer than ``PIPELINE_BYTES`` are uploaded while the file is still
+being written; these tests check what the store and the server hold, on the
+local block store, whose directory a test can inspect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import tempfile
+
+import blake3
+
+from blockstore.chunking import chunk_fd
+from conftest import read_file, wait_until
+from fusefs.filedata import PIPELINE_BYTES
+
+SIZE = 4 * PIPELINE_BYTES + 12345
+
+
+def pattern(seed: bytes, size: int) -> bytes:
+    return blake3.blake3(seed).digest(length=size)
+
+
+def store_dir(m) -> str:
+    return m.deployment.blocks.removeprefix("file://")
+
+
+def stored(m) -> set[str]:
+    root = store_dir(m)
+    return {n for d in os.listdir(root) if len(d) == 2
+            for n in os.listdir(os.path.join(root, d)) if not n.startswith(".")}
+
+
+def expected_keys(data: bytes) -> list[str]:
+    """The blocks a one-shot flush of ``data`` from offset 0 would cut."""
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        return [p.key.hex() for p in chunk_fd(f.fileno(), 0, len(data)) if p.key is not None]
+
+
+def write_chunks(f, data: bytes, step: int = 1 << 20) -> None:
+    for off in range(0, len(data), step):
+        f.write(data[off:off + step])
+
+
+def test_pipelined_blocks_are_the_flush_blocks(mount_factory):
+    """Blocks uploaded while writing are exactly those of a one-shot flush, each once."""
+    m = mount_factory("local")
+    data = pattern(os.urandom(8), SIZE)
+    want = expected_keys(data)
+    before = stored(m)
+    with open(m.p("a"), "wb") as f:
+        write_chunks(f, data)
+    assert stored(m) - before == set(want)
+    with open(m.p("b"), "wb") as f:  # the same bytes again: nothing new is stored
+        write_chunks(f, data)
+    assert stored(m) - before == set(want)
+    m.remount(drop_cache=True)
+    assert read_file(m.p("a")) == data == read_file(m.p("b"))
+
+
+def test_crash_before_close_commits_nothing(mount_factory):
+    """A killed mount leaves the last committed version, though blocks were uploaded."""
+    m = mount_factory("local")
+    data = pattern(os.urandom(8), SIZE)
+    first = os.path.join(store_dir(m), expected_keys(data)[0][:2], expected_keys(data)[0])
+    fd = os.open(m.p("big"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        for off in range(0, len(data), 1 << 20):
+            os.write(fd, data[off:off + (1 << 20)])
+        wait_until(lambda: os.path.exists(first), what="a pipelined upload")
+        m.proc.send_signal(signal.SIGKILL)
+        m.proc.wait()
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the mount is gone
+    subprocess.run(["fusermount3", "-u", "-z", m.path], check=True)
+    m.stop()
+    m.start()
+    assert os.path.getsize(m.p("big")) == 0
+
+
+def test_rewrites_of_pipelined_bytes(mount_factory):
+    """Overwriting and truncating bytes already uploaded in the background."""
+    m = mount_factory("local")
+    data = bytearray(pattern(os.urandom(8), SIZE))
+    fd = os.open(m.p("f"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        for off in range(0, 3 * PIPELINE_BYTES, 1 << 20):
+            os.write(fd, data[off:off + (1 << 20)])
+        wait_until(lambda: set(expected_keys(bytes(data[:PIPELINE_BYTES]))[:2]) <= stored(m),
+                   what="a pipelined upload")
+        os.pwrite(fd, b"x" * 100, 4096)             # inside the uploaded range
+        data[4096:4196] = b"x" * 100
+        os.ftruncate(fd, PIPELINE_BYTES + 5)         # below the uploaded range's end
+        del data[PIPELINE_BYTES + 5:]
+        os.lseek(fd, 0, os.SEEK_END)
+        tail = pattern(b"tail", 2 * PIPELINE_BYTES)
+        for off in range(0, len(tail), 1 << 20):
+            os.write(fd, tail[off:off + (1 << 20)])
+        data += tail
+        assert os.pread(fd, 200, 4000) == bytes(data[4000:4200])
+    finally:
+        os.close(fd)
+    m.remount(drop_cache=True)
+    assert hashlib.sha256(read_file(m.p("f"))).digest() == hashlib.sha256(data).digest()
