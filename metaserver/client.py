@@ -151,6 +151,8 @@ class MetaClient:
             if msg is None:  # connection lost: send again (op_id makes that safe)
                 if trio.current_time() > deadline:
                     raise FSError(errno.EIO, f"metaserver unreachable during {op}")
+                if "op_id" in args:
+                    args["replay"] = True  # the server may have applied it already
                 continue
             if msg[1] == 0:
                 return msg[2]

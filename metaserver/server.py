@@ -8,7 +8,7 @@ mounts connected to it.
 Per connection: many requests may be in flight (bounded), answered in
 completion order. A request whose args carry ``op_id`` is applied at most
 once: its result is recorded in the same transaction and a replay (after a
-lost connection) gets the recorded result.
+lost connection, marked ``replay``) gets the recorded result.
 """
 
 from __future__ import annotations
@@ -43,16 +43,28 @@ LOG_RETENTION_DAYS = 7
 _signature = functools.cache(inspect.signature)
 
 
-def _once(cur: psycopg.Cursor, op_id: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` unless ``op_id`` was applied already; either way return its result."""
-    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (op_id,))
-    cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
-    row = cur.fetchone()
-    if row is not None:
-        return msgpack.unpackb(row[0], raw=False, strict_map_key=False)
+def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
+          **kwargs: Any) -> Any:
+    """Run ``fn`` unless ``op_id`` was applied already; either way return its result.
+
+    The ``applied_ops`` row is written first, so its key lock makes a replay
+    of a request that is still running wait for it (then read its result).
+    A first attempt cannot collide: it inserts without looking, which in
+    pipeline mode costs no round trip. Only a replay looks.
+    """
+    user_id = args[0].id
+    if replay:
+        cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, '')"
+                    " ON CONFLICT (id) DO NOTHING RETURNING 1", (op_id, user_id))
+        if cur.fetchone() is None:
+            cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
+            return msgpack.unpackb(cur.fetchone()[0], raw=False, strict_map_key=False)
+    else:
+        cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, '')",
+                    (op_id, user_id))
     result = fn(cur, *args, **kwargs)
-    cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, %s)",
-                (op_id, args[0].id, msgpack.packb(result, use_bin_type=True)))
+    cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
+                (msgpack.packb(result, use_bin_type=True), op_id))
     return result
 
 
@@ -247,13 +259,15 @@ class MetaServer:
         if fn is None:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
         op_id = args.pop("op_id", None)
+        replay = bool(args.pop("replay", False))
         try:
             _signature(fn).bind(None, s.user, s.device, **args)
         except TypeError as e:
             raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
         if op_id is None:
             return await self.call(fn, s.user, s.device, **args)
-        return await self.call(_once, f"{s.user.id}:{op_id}", fn, s.user, s.device, **args)
+        return await self.call(_once, f"{s.user.id}:{op_id}", replay, fn, s.user, s.device,
+                               **args)
 
     async def _answer(self, s: Session, nursery: trio.Nursery, slots: trio.Semaphore,
                       msg: Any) -> None:

@@ -9,6 +9,7 @@ import trio
 
 from metaserver.client import connect
 from metaserver.errors import FSError
+from metaserver.protocol import FrameReader, pack
 
 
 async def test_bad_token_is_refused(services):
@@ -54,3 +55,31 @@ async def test_bad_arguments_are_einval(services):
         with pytest.raises(FSError) as e:
             await c.call("no_such_op")
         assert e.value.errno == errno.ENOSYS
+
+
+async def test_a_replayed_mutation_is_applied_once(services):
+    """A request resent after a lost connection (``replay``) gets the first answer."""
+    dep = services.deployments["local"]
+    token = dep.new_user()
+    host, port = dep.address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    reader = FrameReader(stream)
+
+    async def ask(rid: int, op: str, **args):
+        await stream.send_all(pack([rid, op, args]))
+        reply = await reader.read()
+        assert reply[0] == rid
+        return reply[1:]
+
+    err, info = await ask(1, "hello", token=token, device="t")
+    assert err == 0
+    args = {"parent": info["root"], "name": b"once", "mode": 0o100644, "uid": 0, "gid": 0}
+    err, first = await ask(2, "mknod", op_id="op-1", **args)
+    assert err == 0
+    err, again = await ask(3, "mknod", op_id="op-1", replay=True, **args)
+    assert (err, again) == (0, first)                 # the recorded answer, not EEXIST
+    err, _ = await ask(4, "mknod", op_id="op-2", replay=True, **args)
+    assert err == errno.EEXIST                        # a new operation is applied
+    err, listing = await ask(5, "readdir", ino=info["root"])
+    assert [n for n, _ in listing].count(b"once") == 1
+    await stream.aclose()
