@@ -16,6 +16,7 @@ import signal
 import socket
 import uuid
 from dataclasses import dataclass
+from functools import partial
 
 import pyfuse3
 import trio
@@ -43,6 +44,7 @@ class MountConfig:
 
 
 M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
+READAHEAD_KIB = 1024
 
 
 def _lock_cache_dir(path: str) -> int:
@@ -70,6 +72,24 @@ def _limit_malloc_arenas(n: int = 2) -> None:
         pass  # not glibc
 
 
+def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
+    """Raise the kernel's readahead for this mount (FUSE leaves it at 128 KiB).
+
+    Sequential reads then arrive as 1 MiB requests: cold reads of a 2 GiB file
+    went from ~270 to ~500 MB/s with half the CPU. Runs in a worker thread once
+    the mount serves requests: the stat waits for the FUSE handshake, which
+    sets the readahead from its own limit (so a value written earlier would be
+    lowered again). Needs root; otherwise the default stays.
+    """
+    st = os.stat(mountpoint)
+    try:
+        with open(f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb",
+                  "w") as f:
+            f.write(str(kib))
+    except OSError as e:
+        log.info("kernel readahead left at its default: %s", e)
+
+
 async def serve(cfg: MountConfig) -> None:
     _limit_malloc_arenas()
     lock_fd = _lock_cache_dir(cfg.cache_dir)
@@ -90,6 +110,8 @@ async def serve(cfg: MountConfig) -> None:
         if cfg.read_only:
             options.add("ro")
         pyfuse3.init(Operations(vfs), cfg.mountpoint, options)
+        nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint,
+                                   abandon_on_cancel=True))
         nursery.start_soon(vfs.run_invalidations, Kernel())
         log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,
                  store.url, client.info["user"])
