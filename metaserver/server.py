@@ -49,8 +49,8 @@ def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
 
     The ``applied_ops`` row is written first, so its key lock makes a replay
     of a request that is still running wait for it (then read its result).
-    A first attempt cannot collide: it inserts without looking, which in
-    pipeline mode costs no round trip. Only a replay looks.
+    A first attempt cannot collide: it inserts without looking (a statement
+    and a round trip fewer). Only a replay looks.
     """
     user_id = args[0].id
     if replay:
