@@ -54,6 +54,8 @@ SEQ_SLACK = 1 << 20
 PIPELINE_BYTES = 16 << 20
 # ... and writes wait for the background upload when it lags by more than this.
 BACKLOG_BYTES = 64 << 20
+# New blocks up to this total are put without asking the server which it has.
+ASK_ABOVE_BYTES = 256 << 10
 
 
 class Extents:
@@ -354,14 +356,22 @@ class OpenFile:
                       read: Callable[[Piece], bytes]) -> None:
         """Upload the pieces' blocks the server does not already reference.
 
-        ``read`` returns a piece's bytes; it runs in a worker thread.
+        ``read`` returns a piece's bytes; it runs in a worker thread. When the
+        new blocks add up to at most ``ASK_ABOVE_BYTES`` (a small file's close)
+        the server is not asked first: blocks this mount already holds are
+        skipped and the others put, which the store does only if absent, so
+        a block is still stored once; the round trip saved is most of the
+        cost of a small close.
         """
-        keys = list({p.key: None for p in pieces if p.key is not None})
-        known = set()
-        for i in range(0, len(keys), 1000):
-            known.update(await self.vfs.client.call("have_blocks", keys=keys[i:i + 1000]))
-        todo = {p.key: p for p in pieces if p.key is not None and p.key not in known}
         cache = self.vfs.cache
+        unique = {p.key: p for p in pieces if p.key is not None}
+        if sum(p.length for p in unique.values()) <= ASK_ABOVE_BYTES:
+            known = {k for k in unique if cache.contains(k)}
+        else:
+            keys, known = list(unique), set()
+            for i in range(0, len(keys), 1000):
+                known.update(await self.vfs.client.call("have_blocks", keys=keys[i:i + 1000]))
+        todo = {k: p for k, p in unique.items() if k not in known}
 
         async def put(p: Piece) -> None:
             def work() -> bytes:
