@@ -50,13 +50,12 @@ def pg_bin(name: str) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; an exited child its parent has not reaped yet does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _wait_for(cond, timeout: float, what: str) -> None:
