@@ -112,20 +112,34 @@ def _touch(cur: Cursor, ino: int, now: int) -> dict[str, int]:
 
 CHANNEL = "nimbus_changes"
 
-
-def _log(cur: Cursor, u: User, device: str, kind: str, ino: int, parent: int | None = None,
-         name: bytes | None = None) -> None:
-    """Append to the change log; the NOTIFY is delivered to listeners at commit."""
-    cur.execute("INSERT INTO changes (owner_id, inode, parent, name, kind, device)"
-                " VALUES (%s, %s, %s, %s, %s, %s)", (u.id, ino, parent, name, kind, device))
-    cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(u.id)))
+# A logged change: (kind, inode, parent, name).
+Change = tuple[str, int, int | None, bytes | None]
 
 
-def _drop_link(cur: Cursor, u: User, ino: int, now: int) -> int | None:
-    """Decrement nlink of a non-directory; return ino if it became an orphan."""
+def _log(cur: Cursor, u: User, device: str, *changes: Change) -> None:
+    """Append to the change log and NOTIFY listeners, in one statement.
+
+    The notification is delivered at commit. Its payload, ``OWNER SELF
+    DEVICE``, lets a replica wake only the sessions that will use the change:
+    those of other devices, and the writer's own only if ``SELF`` is 1 (an
+    xattr change, logged as "setattr", which even the writing mount applies).
+    """
+    own = int(any(kind == "setattr" for kind, *_ in changes))
+    cur.execute("WITH c AS (INSERT INTO changes (owner_id, inode, parent, name, kind, device)"
+                " SELECT %s, * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[], %s::text[],"
+                " %s::text[]) RETURNING 1)"
+                " SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM c LIMIT 1) n",
+                (u.id, [c[1] for c in changes], [c[2] for c in changes],
+                 [c[3] for c in changes], [c[0] for c in changes], [device] * len(changes),
+                 CHANNEL, f"{u.id} {own} {device}"))
+
+
+def _drop_link(cur: Cursor, ino: int, now: int) -> tuple[int | None, int]:
+    """Decrement nlink; return (ino if it became an orphan, else None; its mode)."""
     cur.execute("UPDATE inodes SET nlink = nlink - 1, ctime_ns = %s WHERE id = %s"
-                " RETURNING nlink", (now, ino))
-    return ino if cur.fetchone()[0] == 0 else None
+                " RETURNING nlink, mode", (now, ino))
+    nlink, mode = cur.fetchone()
+    return (ino if nlink == 0 else None), mode
 
 
 def _remove_dir(cur: Cursor, parent: int, name: bytes, ino: int, now: int) -> dict[str, int]:
@@ -238,12 +252,18 @@ def have_blocks(cur: Cursor, u: User, device: str, keys: list[bytes]) -> list[by
 # --- namespace changes ---------------------------------------------------------
 
 def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int,
-               uid: int, gid: int, rdev: int = 0, target: bytes | None = None) -> dict[str, int]:
+               uid: int, gid: int, rdev: int = 0, target: bytes | None = None
+               ) -> dict[str, Any]:
+    """Create an inode and its entry in ``parent``; answer its attributes and the parent's.
+
+    The parent is locked first; the inode, the entry and the parent's new
+    times are then written by one statement. The entry's primary key is the
+    existence check: if the name is taken, nothing of the statement is kept
+    (the transaction rolls back on EEXIST).
+    """
     _check_name(name)
     now = time.time_ns()
     p = _dir(cur, u, parent)
-    if _child(cur, parent, name) is not None:
-        raise FSError(errno.EEXIST, "entry exists")
     is_dir = stat.S_ISDIR(mode)
     # setgid directories pass their group (and, for subdirectories, the bit) on.
     if p["mode"] & stat.S_ISGID:
@@ -251,17 +271,23 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
         if is_dir:
             mode |= stat.S_ISGID
     cur.execute(
-        "INSERT INTO inodes (owner_id, mode, uid, gid, nlink, rdev, atime_ns, mtime_ns,"
-        f" ctime_ns, target) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) RETURNING {_ATTR_COLS}",
-        (u.id, mode, uid, gid, 2 if is_dir else 1, rdev, now, now, now, target))
-    a = _attr(cur.fetchone())
-    cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)",
-                (parent, name, a["ino"]))
-    if is_dir:
-        cur.execute("UPDATE inodes SET nlink = nlink + 1 WHERE id = %s", (parent,))
-    d = _touch(cur, parent, now)
-    _log(cur, u, device, "create", a["ino"], parent, name)
-    return {**a, "dir": d}
+        "WITH i AS (INSERT INTO inodes (owner_id, mode, uid, gid, nlink, rdev, size, atime_ns,"
+        " mtime_ns, ctime_ns, target) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+        " RETURNING id, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns,"
+        " version, alloc, false),"
+        " d AS (INSERT INTO dentries (parent, name, inode) SELECT %s, %s, id FROM i"
+        " ON CONFLICT DO NOTHING RETURNING 1),"
+        f" p AS (UPDATE inodes SET ctime_ns = %s, mtime_ns = %s, nlink = nlink + %s"
+        f" WHERE id = %s RETURNING {_ATTR_COLS})"
+        " SELECT EXISTS (SELECT 1 FROM d), i.*, p.* FROM i, p",
+        (u.id, mode, uid, gid, 2 if is_dir else 1, rdev, len(target or b""), now, now, now,
+         target, parent, name, now, now, int(is_dir), parent))
+    row = cur.fetchone()
+    if not row[0]:
+        raise FSError(errno.EEXIST, "entry exists")
+    a = _attr(row[1:14])
+    _log(cur, u, device, ("create", a["ino"], parent, name))
+    return {**a, "dir": _attr(row[14:])}
 
 
 @op
@@ -279,10 +305,8 @@ def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target:
             uid: int, gid: int) -> dict[str, int]:
     if len(target) > 4095:
         raise FSError(errno.ENAMETOOLONG, "symlink target too long")
-    a = _new_inode(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
-    cur.execute(f"UPDATE inodes SET size = %s WHERE id = %s RETURNING {_ATTR_COLS}",
-                (len(target), a["ino"]))
-    return {**_attr(cur.fetchone()), "dir": a["dir"]}
+    return _new_inode(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid,
+                      target=target)
 
 
 @op
@@ -304,24 +328,30 @@ def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
                 f" RETURNING {_ATTR_COLS}", (now, ino))
     a = _attr(cur.fetchone())
     d = _touch(cur, parent, now)
-    _log(cur, u, device, "link", ino, parent, name)
+    _log(cur, u, device, ("link", ino, parent, name))
     return {**a, "dir": d}
 
 
 @op
 def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, Any]:
-    """Remove a non-directory entry; report the inode if it became an orphan."""
+    """Remove a non-directory entry; report the inode if it became an orphan.
+
+    The entry is deleted before its inode is looked at (one statement fewer);
+    if it names a directory the transaction rolls back on EISDIR.
+    """
     now = time.time_ns()
     _dir(cur, u, parent)
-    ino = _child(cur, parent, name)
-    if ino is None:
+    cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s RETURNING inode",
+                (parent, name))
+    row = cur.fetchone()
+    if row is None:
         raise FSError(errno.ENOENT, "no such entry")
-    if stat.S_ISDIR(_inode(cur, u, ino, lock=True)["mode"]):
+    ino = row[0]
+    orphan, mode = _drop_link(cur, ino, now)
+    if stat.S_ISDIR(mode):
         raise FSError(errno.EISDIR, "is a directory")
-    cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s", (parent, name))
-    orphan = _drop_link(cur, u, ino, now)
     d = _touch(cur, parent, now)
-    _log(cur, u, device, "unlink", ino, parent, name)
+    _log(cur, u, device, ("unlink", ino, parent, name))
     return {"orphan": orphan, "ino": ino, "dir": d}
 
 
@@ -337,7 +367,7 @@ def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[s
     if not stat.S_ISDIR(_inode(cur, u, ino, lock=True)["mode"]):
         raise FSError(errno.ENOTDIR, "not a directory")
     d = _remove_dir(cur, parent, name, ino, now)
-    _log(cur, u, device, "rmdir", ino, parent, name)
+    _log(cur, u, device, ("rmdir", ino, parent, name))
     return {"ino": ino, "dir": d}
 
 
@@ -401,7 +431,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
             else:
                 cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s",
                             (new_parent, new_name))
-                orphan = _drop_link(cur, u, dst, now)
+                orphan, _ = _drop_link(cur, dst, now)
         cur.execute("UPDATE dentries SET parent = %s, name = %s WHERE parent = %s AND name = %s",
                     (new_parent, new_name, parent, name))
         if src_dir and parent != new_parent:
@@ -411,10 +441,11 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     dirs = [_touch(cur, parent, now)]
     if new_parent != parent:
         dirs.append(_touch(cur, new_parent, now))
-    _log(cur, u, device, "rename_from", src, parent, name)
-    _log(cur, u, device, "rename", src, new_parent, new_name)
+    changes: list[Change] = [("rename_from", src, parent, name),
+                             ("rename", src, new_parent, new_name)]
     if flags & RENAME_EXCHANGE:
-        _log(cur, u, device, "rename", dst, parent, name)
+        changes.append(("rename", dst, parent, name))
+    _log(cur, u, device, *changes)
     return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs}
 
 
@@ -438,7 +469,7 @@ def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None
     cur.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id = %s RETURNING {_ATTR_COLS}",
                 (*vals, ino))
     attr = _attr(cur.fetchone())
-    _log(cur, u, device, "setattr", ino)
+    _log(cur, u, device, ("setattr", ino, None, None))
     return attr
 
 
@@ -463,7 +494,7 @@ def setxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes, value: by
                 " ON CONFLICT (inode, name) DO UPDATE SET value = excluded.value",
                 (ino, name, value))
     cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (time.time_ns(), ino))
-    _log(cur, u, device, "setattr", ino)
+    _log(cur, u, device, ("setattr", ino, None, None))
 
 
 @op
@@ -490,30 +521,31 @@ def removexattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> Non
     if cur.rowcount == 0:
         raise FSError(errno.ENODATA, "no such xattr")
     cur.execute("UPDATE inodes SET ctime_ns = %s WHERE id = %s", (time.time_ns(), ino))
-    _log(cur, u, device, "setattr", ino)
+    _log(cur, u, device, ("setattr", ino, None, None))
 
 
 # --- content -------------------------------------------------------------------
 
-def _add_refs(cur: Cursor, extents: list, sign: int) -> None:
+def _refs(extents: list) -> tuple[list[bytes], list[int], list[int]]:
+    """The distinct blocks of ``extents`` in hash order, their sizes and reference counts.
+
+    A fixed order keeps concurrent commits from deadlocking on ``blocks`` rows.
+    """
     counts = Counter(bytes(k) for k, _ in extents if k is not None)
-    if not counts:
-        return
     sizes = {bytes(k): n for k, n in extents if k is not None}
-    keys = sorted(counts)  # a fixed order keeps concurrent commits from deadlocking
-    if sign > 0:
-        cur.execute(
-            "INSERT INTO blocks (hash, size, refcount)"
-            " SELECT * FROM unnest(%s::bytea[], %s::int[], %s::bigint[])"
-            " ON CONFLICT (hash) DO UPDATE"
-            " SET refcount = blocks.refcount + excluded.refcount, unref_since = NULL",
-            (keys, [sizes[k] for k in keys], [counts[k] for k in keys]))
-    else:
+    keys = sorted(counts)
+    return keys, [sizes[k] for k in keys], [counts[k] for k in keys]
+
+
+def _unref(cur: Cursor, extents: list) -> None:
+    """Drop the references of a deleted version; a block reaching 0 starts its GC grace."""
+    keys, _, counts = _refs(extents)
+    if keys:
         cur.execute(
             "UPDATE blocks b SET refcount = b.refcount - c.n,"
             " unref_since = CASE WHEN b.refcount - c.n <= 0 THEN now() END"
             " FROM unnest(%s::bytea[], %s::bigint[]) AS c(hash, n) WHERE b.hash = c.hash",
-            (keys, [counts[k] for k in keys]))
+            (keys, counts))
 
 
 def _conflict_name(name: bytes, device: str) -> bytes:
@@ -560,26 +592,33 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
     """
     ino = a["ino"]
     grow = size - a["size"]
-    cur.execute("UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s"
-                " RETURNING quota_bytes, used_bytes", (grow, u.id))
-    quota, used = cur.fetchone()
-    if quota and grow > 0 and used > quota:
-        raise FSError(errno.EDQUOT, "storage quota exceeded")  # the transaction rolls back
     version = a["version"] + 1
-    cur.execute("INSERT INTO versions (inode, version, size, extents, user_id, device)"
-                " VALUES (%s, %s, %s, %s, %s, %s)",
-                (ino, version, size, msgpack.packb(extents), u.id, device))
-    _add_refs(cur, extents, +1)
-    now = time.time_ns()
     alloc = sum(n for k, n in extents if k is not None)
     kill = stat.S_ISUID | (stat.S_ISGID if a["mode"] & stat.S_IXGRP else 0) if kill_priv else 0
-    cur.execute(f"UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s,"
-                f" alloc = %s, mode = mode & ~%s WHERE id = %s RETURNING {_ATTR_COLS}",
-                (version, size, mtime, now, alloc, kill, ino))
-    attr = _attr(cur.fetchone())
-    _log(cur, u, device, "write", ino)
+    keys, sizes, counts = _refs(extents)
+    # One statement: the quota, the version row, its block references and the
+    # inode. Over quota, it is all rolled back by the exception below.
+    cur.execute(
+        "WITH q AS (UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s"
+        " RETURNING quota_bytes, used_bytes),"
+        " v AS (INSERT INTO versions (inode, version, size, extents, user_id, device)"
+        " VALUES (%s, %s, %s, %s, %s, %s)),"
+        " r AS (INSERT INTO blocks (hash, size, refcount)"
+        " SELECT * FROM unnest(%s::bytea[], %s::int[], %s::bigint[])"
+        " ON CONFLICT (hash) DO UPDATE"
+        " SET refcount = blocks.refcount + excluded.refcount, unref_since = NULL),"
+        " i AS (UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s,"
+        f" alloc = %s, mode = mode & ~%s WHERE id = %s RETURNING {_ATTR_COLS})"
+        " SELECT q.*, i.* FROM q, i",
+        (grow, u.id, ino, version, size, msgpack.packb(extents), u.id, device,
+         keys, sizes, counts, version, size, mtime, time.time_ns(), alloc, kill, ino))
+    row = cur.fetchone()
+    quota, used = row[:2]
+    if quota and grow > 0 and used > quota:
+        raise FSError(errno.EDQUOT, "storage quota exceeded")  # the transaction rolls back
+    _log(cur, u, device, ("write", ino, None, None))
     _expire_versions(cur, ino, version)
-    return attr
+    return _attr(row[2:])
 
 
 # Retention: a version is dropped once it is both beyond the newest KEEP_VERSIONS
@@ -588,11 +627,13 @@ RETENTION = {"versions": 100, "days": 30}
 
 
 def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
+    if current <= RETENTION["versions"]:
+        return  # no version is beyond the newest KEEP_VERSIONS yet
     cur.execute("DELETE FROM versions WHERE inode = %s AND version <= %s"
                 " AND created < now() - make_interval(days => %s) RETURNING extents",
                 (ino, current - RETENTION["versions"], RETENTION["days"]))
     for (ext,) in cur.fetchall():
-        _add_refs(cur, msgpack.unpackb(ext), -1)
+        _unref(cur, msgpack.unpackb(ext))
 
 
 @op
@@ -657,7 +698,7 @@ def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
         return False
     cur.execute("SELECT extents FROM versions WHERE inode = %s", (ino,))
     for (ext,) in cur.fetchall():
-        _add_refs(cur, msgpack.unpackb(ext), -1)
+        _unref(cur, msgpack.unpackb(ext))
     cur.execute("DELETE FROM inodes WHERE id = %s", (ino,))
     cur.execute("UPDATE users SET used_bytes = used_bytes - %s WHERE id = %s", (row[1], u.id))
     return True

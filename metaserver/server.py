@@ -47,10 +47,13 @@ def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
           **kwargs: Any) -> Any:
     """Run ``fn`` unless ``op_id`` was applied already; either way return its result.
 
-    The ``applied_ops`` row is written first, so its key lock makes a replay
-    of a request that is still running wait for it (then read its result).
-    A first attempt cannot collide: it inserts without looking (a statement
-    and a round trip fewer). Only a replay looks.
+    A first attempt runs ``fn`` and then records its result (one statement).
+    A replay claims ``op_id`` first, so that its key lock makes a later replay
+    wait for it, and reads the recorded result if the claim finds one. Should
+    a first attempt still be running when its replay arrives (the connection
+    was lost meanwhile), both may run ``fn`` but only one commits: the first
+    attempt's record then finds the key taken and rolls it back. Its client is
+    gone, so nobody waits for that answer.
     """
     user_id = args[0].id
     if replay:
@@ -59,12 +62,16 @@ def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
         if cur.fetchone() is None:
             cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
             return msgpack.unpackb(cur.fetchone()[0], raw=False, strict_map_key=False)
-    else:
-        cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, '')",
-                    (op_id, user_id))
+        result = fn(cur, *args, **kwargs)
+        cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
+                    (msgpack.packb(result, use_bin_type=True), op_id))
+        return result
     result = fn(cur, *args, **kwargs)
-    cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
-                (msgpack.packb(result, use_bin_type=True), op_id))
+    cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING 1",
+                (op_id, user_id, msgpack.packb(result, use_bin_type=True)))
+    if cur.fetchone() is None:
+        raise FSError(errno.EALREADY, "applied by a replay of this request")
     return result
 
 
@@ -143,12 +150,19 @@ class MetaServer:
 
     # --- change notifications -------------------------------------------------------
 
-    def _wake(self, owner: int | None = None) -> None:
+    def _wake(self, owner: int | None = None, device: str | None = None) -> None:
+        """Wake the pumps of ``owner``'s sessions (of every session if None).
+
+        A change from ``device`` (if named) does not wake that device's own
+        session: the mount already knows it. Its rows are pushed with the next change from
+        elsewhere, so the session's cursor still advances.
+        """
         groups = [self.subscribers.get(owner, ())] if owner is not None \
             else list(self.subscribers.values())
         for group in groups:
             for s in group:
-                s.wake.set()
+                if not device or s.device != device:
+                    s.wake.set()
 
     async def _listen(self) -> None:
         """LISTEN on a connection of its own, without a thread: wait for its socket."""
@@ -172,7 +186,8 @@ class MetaServer:
                     if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
                         raise psycopg.OperationalError("LISTEN connection lost")
                     while (n := conn.pgconn.notifies()) is not None:
-                        self._wake(int(n.extra))
+                        owner, own, device = n.extra.decode().split(" ", 2)
+                        self._wake(int(owner), None if own == "1" else device)
             except (psycopg.Error, OSError) as e:
                 log.warning("LISTEN connection lost (%s); reconnecting", e)
             finally:
