@@ -60,7 +60,9 @@ class Database:
         delay = 0.05
         while True:
             try:
-                with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+                # The pool's context commits the transaction the first statement
+                # opened, or rolls it back if ``fn`` raised.
+                with self.pool.connection() as conn, conn.cursor() as cur:
                     return fn(cur, *args, **kwargs)
             except _RETRY:
                 continue

@@ -125,13 +125,12 @@ def _log(cur: Cursor, u: User, device: str, *changes: Change) -> None:
     xattr change, logged as "setattr", which even the writing mount applies).
     """
     own = int(any(kind == "setattr" for kind, *_ in changes))
-    cur.execute("WITH c AS (INSERT INTO changes (owner_id, inode, parent, name, kind, device)"
-                " SELECT %s, * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[], %s::text[],"
-                " %s::text[]) RETURNING 1)"
+    rows = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(changes))
+    cur.execute(f"WITH c AS (INSERT INTO changes (owner_id, kind, inode, parent, name, device)"
+                f" VALUES {rows} RETURNING 1)"
                 " SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM c LIMIT 1) n",
-                (u.id, [c[1] for c in changes], [c[2] for c in changes],
-                 [c[3] for c in changes], [c[0] for c in changes], [device] * len(changes),
-                 CHANNEL, f"{u.id} {own} {device}"))
+                [v for c in changes for v in (u.id, *c, device)]
+                + [CHANNEL, f"{u.id} {own} {device}"])
 
 
 def _drop_link(cur: Cursor, ino: int, now: int) -> tuple[int | None, int]:
