@@ -5,8 +5,15 @@ invalidation. Every block read from disk or fetched from the store is checked
 against its hash: a corrupt cache file is dropped and refetched, and a store
 that returns wrong bytes twice yields EIO, never wrong data.
 
+Random reads of blocks not cached fetch only the bytes they need
+(``get_range``), and those bytes are neither hash-checked nor cached: a range
+cannot be checked against the hash of the whole block, so for a range the
+store's own integrity is trusted. Every whole block, and everything read from
+the disk cache, is still checked, so nothing unchecked ever enters the cache.
+
 Concurrency: all methods run on the trio thread; file and store I/O go to
-worker threads. Concurrent readers of one missing block share one fetch.
+worker threads. Concurrent readers of one missing whole block share one
+fetch (ranged reads are not shared: each fetches its own bytes).
 The disk part never exceeds ``max_bytes`` by more than the block being added.
 
 A store whose blocks are already on this machine's disk (``store.local``) gets
@@ -29,6 +36,14 @@ from metaserver.errors import FSError
 
 log = logging.getLogger(__name__)
 
+# What one request to the store costs before its first byte (latency, a thread
+# hop, system calls), counted in bytes transferred: it decides when a block is
+# cheaper to fetch whole than by ranges. Measured on this machine, 1 MiB
+# blocks: local store (cold), a 4 KiB range 0.24 ms, the whole block hashed
+# 2.7 ms; GCS emulator, 3.3 ms and 7 ms (real GCS: tens of ms per request).
+LOCAL_REQUEST_BYTES = 64 << 10
+REMOTE_REQUEST_BYTES = 1 << 20
+
 
 class BlockCache:
     def __init__(self, store: BlockStore, directory: str, max_bytes: int,
@@ -45,6 +60,10 @@ class BlockCache:
         # files (each at most 20 MiB): bounds the memory pipelining uses.
         self.segment_slots = trio.Semaphore(segments)
         self._inflight: dict[bytes, trio.Event] = {}
+        # What the ranged reads of each block not cached have cost, in bytes
+        # (see get_range; bounded: a block forgotten here starts again at 0).
+        self.ranged: cachetools.LRUCache[bytes, int] = cachetools.LRUCache(4096)
+        self.request_bytes = LOCAL_REQUEST_BYTES if store.local else REMOTE_REQUEST_BYTES
         self.on_disk = not store.local
         os.makedirs(self.dir, exist_ok=True)
         if self.on_disk:
@@ -142,6 +161,39 @@ class BlockCache:
         finally:
             del self._inflight[key]
             ev.set()
+
+    async def get_range(self, key: bytes, offset: int, length: int, size: int) -> bytes:
+        """Return bytes [offset, offset + length) of a block of ``size`` bytes (a random read).
+
+        A block in memory, on disk or being fetched is read through ``get``
+        (hash-checked). Otherwise only the range is fetched from the store, and
+        not cached: fetching, hashing and caching a whole block (1 MiB on
+        average, up to 4 MiB) for a 4 KiB random read is what made those slow.
+        The range is not hash-checked (see the module docstring), only its
+        length.
+
+        A block read by ranges again and again is fetched whole (and cached)
+        once its ranges, this one included, would cost as much as that whole
+        fetch, each range costing ``request_bytes`` plus its length (the
+        rent-or-buy rule: never more than twice the cost of the better
+        choice in hindsight). From a remote store, the second read of a
+        1 MiB block fetches it whole; from a local one, the 16th 4 KiB read.
+        """
+        cost = self.ranged.get(key, 0) + self.request_bytes + length
+        if (key in self.hot or key in self.lru or key in self._inflight
+                or cost >= self.request_bytes + size):
+            self.ranged.pop(key, None)
+            block = await self.get(key)
+            return block[offset:offset + length]
+        self.ranged[key] = cost
+        try:
+            data = await trio.to_thread.run_sync(self.store.get_range, key, offset, length,
+                                                 limiter=self.transfers)
+        except BlockNotFound:
+            raise FSError(errno.EIO, f"block {key.hex()} missing from store") from None
+        if len(data) != length:
+            raise FSError(errno.EIO, f"block {key.hex()} is short in the store")
+        return data
 
     def _fetch(self, key: bytes) -> tuple[bytes, bool]:
         """Get a block from the store and check its hash (one worker-thread hop)."""

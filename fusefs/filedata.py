@@ -125,18 +125,37 @@ class OpenFile:
     # --- reading ---------------------------------------------------------------
 
     async def read(self, off: int, size: int) -> bytes:
-        if self.staging is None:
-            return await self._read_clean(off, min(off + size, self.size))
-        async with self.lock:
-            end = min(off + size, self.size)
-            parts = []
-            for s, e, dirty in self.staging.dirty.split(off, end) if off < end else ():
-                parts.append(self.staging.read(s, e - s) if dirty
-                             else await self._read_clean(s, e))
-            return b"".join(parts)
+        """The file's bytes [off, off + size), short at its end.
 
-    async def _read_clean(self, start: int, end: int) -> bytes:
-        """Committed bytes of [start, end); zeros past the committed extents or the cut."""
+        A read that continues the previous one (within ``SEQ_SLACK``) is
+        sequential: it fetches whole blocks, caches them and reads ahead. Any
+        other read is random: blocks not cached are read by ranges, only the
+        bytes asked for (see ``BlockCache.get_range``).
+        """
+        ranged = abs(off - self.last_read_end) > SEQ_SLACK
+        # Before any await: the kernel sends a sequential reader's requests
+        # concurrently, and each must see its predecessor's end.
+        self.last_read_end = off + size
+        if self.staging is None:
+            end = min(off + size, self.size)
+            data = await self._read_clean(off, end, ranged)
+        else:
+            async with self.lock:
+                end = min(off + size, self.size)
+                parts = []
+                for s, e, dirty in self.staging.dirty.split(off, end) if off < end else ():
+                    parts.append(self.staging.read(s, e - s) if dirty
+                                 else await self._read_clean(s, e, ranged))
+                data = b"".join(parts)
+        if not ranged:
+            self._readahead(end)
+        return data
+
+    async def _read_clean(self, start: int, end: int, ranged: bool = False) -> bytes:
+        """Committed bytes of [start, end); zeros past the committed extents or the cut.
+
+        ``ranged``: read only these bytes of blocks not cached (a random read).
+        """
         ext = self.extents
         if start >= end:
             return b""
@@ -144,6 +163,7 @@ class OpenFile:
         pos = start
         i = ext.index(pos)
         limit = min(ext.size, self.cut)
+        cache = self.vfs.cache
         while pos < end:
             if pos >= limit:
                 parts.append(bytes(end - pos))
@@ -152,23 +172,23 @@ class OpenFile:
             take = min(end, e_start + ext.lens[i], limit) - pos
             if key is None:
                 parts.append(bytes(take))
+            elif ranged:
+                parts.append(await cache.get_range(key, pos - e_start, take, ext.lens[i]))
             else:
-                block = await self.vfs.cache.get(key)
+                block = await cache.get(key)
                 parts.append(block[pos - e_start:pos - e_start + take])
             pos += take
             i += 1
-        if abs(start - self.last_read_end) <= SEQ_SLACK:
-            self._readahead(i, end)
-        self.last_read_end = end
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
-    def _readahead(self, i: int, pos: int) -> None:
+    def _readahead(self, pos: int) -> None:
         """On sequential reads, fetch the blocks up to READAHEAD_BYTES past ``pos``.
 
         Each block is requested once per pass (``ra_end``); the cache's transfer
         limiter bounds how many fetches run at once.
         """
         ext = self.extents
+        i = ext.index(pos - 1) + 1  # the first extent past the one read
         if i >= len(ext):
             return
         if not ext.offs[i] <= self.ra_end <= pos + READAHEAD_BYTES:

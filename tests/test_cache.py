@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 import trio
+import trio.testing
 
 from blockstore import block_hash
 from blockstore.chunking import MAX_BLOCK, chunk_buf, chunk_fd
@@ -19,10 +21,15 @@ class CountingStore(LocalStore):
 
     local = False
     fetches = 0
+    ranges = 0
 
     def get(self, key: bytes) -> bytes:
         self.fetches += 1
         return super().get(key)
+
+    def get_range(self, key: bytes, offset: int, length: int) -> bytes:
+        self.ranges += 1
+        return super().get_range(key, offset, length)
 
 
 def blocks(n: int, size: int) -> list[tuple[bytes, bytes]]:
@@ -93,6 +100,87 @@ async def test_concurrent_readers_share_one_fetch(tmp_path):
             n.start_soon(reader)
     assert results == [data] * 8
     assert store.fetches == 1
+
+
+async def test_random_reads_fetch_ranges_until_the_block_is_hot(tmp_path):
+    """A block not cached is read by ranges, uncached, until a whole fetch costs less."""
+    store = CountingStore(str(tmp_path / "store"))   # remote: a request costs 1 MiB
+    cache = BlockCache(store, str(tmp_path / "c"), max_bytes=10 << 20)
+    (key, data), = blocks(1, 4 << 20)
+    store.put(key, data)
+    for i in range(4):     # 4 x (1 MiB + 4 KiB) < a request + 4 MiB
+        off = i * 1_000_003
+        assert await cache.get_range(key, off, 4096, len(data)) == data[off:off + 4096]
+    assert (store.ranges, store.fetches) == (4, 0)
+    assert not cache.contains(key) and not os.listdir(cache.dir)
+    assert await cache.get_range(key, 5, 4096, len(data)) == data[5:4101]
+    assert (store.ranges, store.fetches) == (4, 1)   # the 5th read fetched it whole
+    assert cache.contains(key)
+    assert await cache.get_range(key, 9000, 100, len(data)) == data[9000:9100]
+    assert (store.ranges, store.fetches) == (4, 1)   # served from the cache
+
+
+async def test_local_store_block_is_fetched_whole_after_16_ranges(tmp_path):
+    """Ranges are cheap on local disk: a 1 MiB block is read 15 times by 4 KiB ranges."""
+    store = LocalStore(str(tmp_path / "store"))
+    calls = []
+    get, get_range = store.get, store.get_range
+    store.get = lambda key: calls.append("get") or get(key)
+    store.get_range = lambda key, off, n: calls.append("range") or get_range(key, off, n)
+    cache = BlockCache(store, str(tmp_path / "c"), max_bytes=10 << 20)
+    (key, data), = blocks(1, 1 << 20)
+    store.put(key, data)
+    for i in range(17):
+        off = i * 60_000
+        assert await cache.get_range(key, off, 4096, len(data)) == data[off:off + 4096]
+    assert calls == ["range"] * 15 + ["get"]
+
+
+async def test_ranged_read_of_a_cached_block_is_hash_checked(tmp_path):
+    """A block on disk is read whole and checked: a corrupt file is refetched, not served."""
+    store = CountingStore(str(tmp_path / "store"))
+    cache = BlockCache(store, str(tmp_path / "c"), max_bytes=10 << 20, hot_bytes=0)
+    (key, data), = blocks(1, 1 << 20)
+    store.put(key, data)
+    await cache.get(key)
+    with open(cache._path(key), "r+b") as f:
+        f.write(b"garbage")
+    assert await cache.get_range(key, 0, 4096, len(data)) == data[:4096]
+    assert (store.ranges, store.fetches) == (0, 2)
+
+
+async def test_ranged_reads_share_a_whole_fetch_in_flight(tmp_path):
+    """Readers of a block being fetched whole wait for that fetch, not the store."""
+    store = CountingStore(str(tmp_path / "store"))
+    gate = threading.Event()
+    get = store.get
+    store.get = lambda key: gate.wait() and get(key)
+    cache = BlockCache(store, str(tmp_path / "c"), max_bytes=10 << 20)
+    (key, data), = blocks(1, 1 << 20)
+    store.put(key, data)
+    results = []
+
+    async def reader(off: int) -> None:
+        results.append(await cache.get_range(key, off, 4096, len(data)) == data[off:off + 4096])
+
+    async with trio.open_nursery() as n:
+        n.start_soon(cache.get, key)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(8):
+            n.start_soon(reader, i * 100_000)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+    assert results == [True] * 8
+    assert (store.ranges, store.fetches) == (0, 1)
+
+
+async def test_ranged_read_of_a_missing_block_is_eio(tmp_path):
+    store = CountingStore(str(tmp_path / "store"))
+    cache = BlockCache(store, str(tmp_path / "c"), max_bytes=10 << 20)
+    (key, _), = blocks(1, 1000)
+    with pytest.raises(FSError) as e:
+        await cache.get_range(key, 0, 100, 1000)
+    assert e.value.errno == 5
 
 
 def test_ranges_merge_split_clip():

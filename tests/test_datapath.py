@@ -2,7 +2,9 @@
 
 Writes longer than ``PIPELINE_BYTES`` are uploaded while the file is still
 being written; these tests check what the store and the server hold, on the
-local block store, whose directory a test can inspect.
+local block store, whose directory a test can inspect. Random reads fetch
+ranges of blocks, uncached; on the GCS store, whose blocks the mount caches on
+disk, the cache directory shows which blocks were fetched whole.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import blake3
 
 from blockstore.chunking import chunk_fd
 from conftest import read_file, wait_until
-from fusefs.filedata import PIPELINE_BYTES
+from fusefs.filedata import PIPELINE_BYTES, SEQ_SLACK
 
 SIZE = 4 * PIPELINE_BYTES + 12345
 
@@ -42,6 +44,11 @@ def expected_keys(data: bytes) -> list[str]:
         f.write(data)
         f.flush()
         return [p.key.hex() for p in chunk_fd(f.fileno(), 0, len(data)) if p.key is not None]
+
+
+def cached(m) -> list[str]:
+    root = os.path.join(m.cache_dir, "blocks")
+    return [n for d in os.listdir(root) for n in os.listdir(os.path.join(root, d))]
 
 
 def write_chunks(f, data: bytes, step: int = 1 << 20) -> None:
@@ -112,3 +119,34 @@ def test_rewrites_of_pipelined_bytes(mount_factory):
         os.close(fd)
     m.remount(drop_cache=True)
     assert hashlib.sha256(read_file(m.p("f"))).digest() == hashlib.sha256(data).digest()
+
+
+def test_random_reads_fetch_ranges_not_blocks(mount_factory):
+    """Cold 4 KiB reads at scattered offsets (some across a block boundary) fetch no whole
+    block; a sequential read of the same file then caches its blocks."""
+    m = mount_factory("gcs")
+    data = pattern(os.urandom(8), 3 * PIPELINE_BYTES)
+    with open(m.p("f"), "wb") as f:
+        write_chunks(f, data)
+    m.remount(drop_cache=True)
+    with tempfile.TemporaryFile() as t:
+        t.write(data)
+        t.flush()
+        cuts = [p.offset for p in chunk_fd(t.fileno(), 0, len(data))]
+    n = len(cuts)
+    offsets = [cuts[n * 3 // 4] - 100, cuts[n // 8] + 12345, cuts[n // 2] - 2000,
+               cuts[n - 1], cuts[n // 4] + 99999]
+    prev = -1
+    for off in offsets:
+        assert abs(off - prev) > SEQ_SLACK  # each read is random
+        prev = off + 4096
+    fd = os.open(m.p("f"), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no kernel readahead either
+        for off in offsets:
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+        assert cached(m) == []
+    finally:
+        os.close(fd)
+    assert read_file(m.p("f")) == data
+    assert len(cached(m)) == len(cuts)
