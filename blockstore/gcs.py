@@ -56,9 +56,14 @@ class GCSStore(BlockStore):
     def _blob(self, key: bytes):
         return self._client().bucket(self.bucket_name).blob(self.prefix + key.hex())
 
+    # ``single_shot_download``: the body is read in one call instead of the
+    # client's default 8 KiB Python loop, which cost the mount half its cold
+    # read throughput. Blocks are at most 4 MiB. ``checksum=None``: the block's
+    # own hash is checked by the cache.
     def get(self, key: bytes) -> bytes:
         try:
-            return self._blob(key).download_as_bytes(checksum=None)
+            return self._blob(key).download_as_bytes(checksum=None, raw_download=True,
+                                                     single_shot_download=True)
         except gexc.NotFound:
             raise BlockNotFound(key.hex()) from None
 
@@ -66,8 +71,9 @@ class GCSStore(BlockStore):
         if length <= 0:
             return b""
         try:
-            return self._blob(key).download_as_bytes(start=offset, end=offset + length - 1,
-                                                     checksum=None)
+            return self._blob(key).download_as_bytes(
+                start=offset, end=offset + length - 1, checksum=None, raw_download=True,
+                single_shot_download=True)
         except gexc.NotFound:
             raise BlockNotFound(key.hex()) from None
 
