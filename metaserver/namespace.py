@@ -212,23 +212,27 @@ def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
     Linux's ``relatime`` does: only if it is not newer than mtime and ctime, or
     is a day old, so a file read over and over costs one update. atime changes
     are not logged: other mounts see them when their attribute cache expires.
+    One statement: the update's snapshot is the select's, so the new atime is
+    taken from the update's own answer.
     """
-    if read:
-        now = time.time_ns()
-        cur.execute("UPDATE inodes SET atime_ns = %s WHERE id = %s AND owner_id = %s"
-                    " AND (atime_ns <= greatest(mtime_ns, ctime_ns) OR atime_ns <= %s)",
-                    (now, ino, u.id, now - 86_400 * 10**9))
-    a = _inode(cur, u, ino)
-    version = a["version"] if version is None else version
-    extents: list = []
-    if version:
-        cur.execute("SELECT extents FROM versions WHERE inode = %s AND version = %s",
-                    (ino, version))
-        row = cur.fetchone()
-        if row is None:
-            raise FSError(errno.ENOENT, f"no version {version}")
-        extents = msgpack.unpackb(row[0])
-    return {"attr": a, "extents": extents}
+    now = time.time_ns()
+    cur.execute(
+        "WITH t AS (UPDATE inodes SET atime_ns = %s WHERE %s AND id = %s AND owner_id = %s"
+        " AND (atime_ns <= greatest(mtime_ns, ctime_ns) OR atime_ns <= %s) RETURNING atime_ns)"
+        f" SELECT {_cols('i')}, coalesce((SELECT atime_ns FROM t), i.atime_ns), v.extents"
+        " FROM inodes i LEFT JOIN versions v ON v.inode = i.id"
+        " AND v.version = coalesce(%s, i.version)"
+        " WHERE i.id = %s AND i.owner_id = %s",
+        (now, read, ino, u.id, now - 86_400 * 10**9, version, ino, u.id))
+    row = cur.fetchone()
+    if row is None:
+        raise FSError(errno.ENOENT, f"no inode {ino}")
+    a = {**_attr(row[:13]), "atime": row[13]}
+    if version is None:
+        version = a["version"]
+    if version and row[14] is None:
+        raise FSError(errno.ENOENT, f"no version {version}")
+    return {"attr": a, "extents": msgpack.unpackb(row[14]) if version else []}
 
 
 @op
