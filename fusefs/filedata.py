@@ -129,8 +129,8 @@ class OpenFile:
 
         A read that continues the previous one (within ``SEQ_SLACK``) is
         sequential: it fetches whole blocks, caches them and reads ahead. Any
-        other read is random: blocks not cached are read by ranges, only the
-        bytes asked for (see ``BlockCache.get_range``).
+        other read is random: from a local store, blocks not in memory are
+        read by ranges, only the bytes asked for (``BlockCache.get_range``).
         """
         ranged = abs(off - self.last_read_end) > SEQ_SLACK
         # Before any await: the kernel sends a sequential reader's requests
