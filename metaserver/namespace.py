@@ -219,10 +219,10 @@ def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
     cur.execute(
         "WITH t AS (UPDATE inodes SET atime_ns = %s WHERE %s AND id = %s AND owner_id = %s"
         " AND (atime_ns <= greatest(mtime_ns, ctime_ns) OR atime_ns <= %s) RETURNING atime_ns)"
-        f" SELECT {_cols('i')}, coalesce((SELECT atime_ns FROM t), i.atime_ns), v.extents"
-        " FROM inodes i LEFT JOIN versions v ON v.inode = i.id"
-        " AND v.version = coalesce(%s, i.version)"
-        " WHERE i.id = %s AND i.owner_id = %s",
+        f" SELECT {_cols('i')}, coalesce((SELECT atime_ns FROM t), i.atime_ns),"
+        " (SELECT extents FROM versions v WHERE v.inode = i.id"
+        " AND v.version = coalesce(%s, i.version))"
+        " FROM inodes i WHERE i.id = %s AND i.owner_id = %s",
         (now, read, ino, u.id, now - 86_400 * 10**9, version, ino, u.id))
     row = cur.fetchone()
     if row is None:
