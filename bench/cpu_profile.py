@@ -1,0 +1,157 @@
+"""Where the CPU goes: one benchmark step on a fresh mount, py-spy on the mount and metaserver.
+
+Usage (root)::
+
+    python bench/cpu_profile.py STEP [--gcs] [--n N]
+
+STEP is one of ``creates`` (N files of 4 KiB: create+write+close), ``ls``
+(``ls -l`` of a directory of N such files, 3 times), ``write`` (an N MiB file
+with fsync), ``read`` (that file cold, after a remount with an empty cache).
+``--gcs`` puts the blocks in the GCS emulator. py-spy samples only threads
+holding the GIL (``--gil``), so idle waits are not counted and the shares are
+of Python CPU. For each process it prints the CPU seconds used during the step
+(user+system, from /proc, so it includes what py-spy cannot see: the kernel,
+native code without the GIL) and the frames holding most samples, inclusive
+and own. Raw samples are kept in ``bench/results/profile-STEP-PROC.txt``
+(flamegraph.pl input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from gcs import emulator
+from harness import MIB, ROOT
+from jobs import read_all, stream, write_stream
+from targets import Nimbus, open_target
+
+from nimbusfs.embedded import Embedded
+
+PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_pid(home: str) -> int:
+    with open(Embedded(home).path("run", "metaserver.json")) as f:
+        return json.load(f)["pid"]
+
+
+def summarize(path: str, top: int = 25) -> None:
+    total, own, incl = 0, collections.Counter(), collections.Counter()
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            frames = stack.split(";")
+            total += int(n)
+            own[frames[-1]] += int(n)
+            for fr in set(frames):
+                incl[fr] += int(n)
+    if not total:
+        print("  (no samples)")
+        return
+    for title, counter in (("inclusive", incl), ("own", own)):
+        print(f"  {title}:")
+        for fr, n in counter.most_common(top):
+            print(f"  {100 * n / total:5.1f}%  {fr[:130]}")
+
+
+def profile(name: str, unit: str, pids: dict[str, int], step: Callable[[], float]) -> None:
+    """Run ``step`` (returns a figure in ``unit``) under py-spy on each of ``pids``; print."""
+    out = {p: os.path.join(ROOT, "bench", "results", f"profile-{name}-{p}.txt") for p in pids}
+    spies = [subprocess.Popen([PY_SPY, "record", "--gil", "-r", "200", "-f", "raw", "-p",
+                               str(pid), "-o", out[p]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for p, pid in pids.items()]
+    time.sleep(1)  # py-spy attached
+    before = {p: cpu_seconds(pid) for p, pid in pids.items()}
+    t0 = time.perf_counter()
+    rate = step()
+    wall = time.perf_counter() - t0
+    used = {p: cpu_seconds(pid) - before[p] for p, pid in pids.items()}
+    for s in spies:
+        s.send_signal(2)
+        s.wait()
+    print(f"\n== {name}: {rate:.2f} {unit}, {wall:.1f} s wall; CPU s: "
+          + ", ".join(f"{p} {u:.1f}" for p, u in used.items()))
+    for p in pids:
+        print(f"-- {p} ({out[p]})")
+        summarize(out[p])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=("creates", "ls", "write", "read"))
+    ap.add_argument("--gcs", action="store_true", help="blocks in the GCS emulator")
+    ap.add_argument("--n", type=int, help="files (creates, ls: 2000) or MiB (write, read: 1024)")
+    args = ap.parse_args()
+    n = args.n or (2000 if args.step in ("creates", "ls") else 1024)
+    os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
+    with ExitStack() as stack:
+        emu = None
+        if args.gcs:
+            base = tempfile.mkdtemp(prefix="nimbus-profile-", dir="/var/tmp")
+            stack.callback(shutil.rmtree, base, ignore_errors=True)
+            emu = stack.enter_context(emulator(base))
+        t = stack.enter_context(open_target("nimbus-gcs" if args.gcs else "nimbus", emu))
+        assert isinstance(t, Nimbus)
+        pids = {"mount": t._pid(), "metaserver": server_pid(t.home)}
+        d = os.path.join(t.root, "d")
+        os.mkdir(d)
+        names = [os.path.join(d, f"f{i:05d}") for i in range(n)]
+        data = os.urandom(4096)
+
+        def creates() -> float:
+            t0 = time.perf_counter()
+            for p in names:
+                with open(p, "wb") as f:
+                    f.write(data)
+            return n / (time.perf_counter() - t0)
+
+        def ls() -> float:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                subprocess.run(["ls", "-l", d], check=True, stdout=subprocess.DEVNULL)
+            return (time.perf_counter() - t0) / 3
+
+        path = os.path.join(d, "seq.bin")
+
+        def write() -> float:
+            t0 = time.perf_counter()
+            write_stream(path, stream(n, b"profile"))
+            return n * MIB / 1e6 / (time.perf_counter() - t0)
+
+        def read() -> float:
+            t0 = time.perf_counter()
+            read_all(path)
+            return n * MIB / 1e6 / (time.perf_counter() - t0)
+
+        if args.step == "creates":
+            profile("creates", "files/s", pids, creates)
+        elif args.step == "ls":
+            creates()
+            profile("ls", "s per ls -l", pids, ls)
+        else:
+            if args.step == "read":
+                write()
+                t.cold()
+                pids["mount"] = t._pid()
+            profile(args.step, "MB/s", pids, write if args.step == "write" else read)
+
+
+if __name__ == "__main__":
+    main()
