@@ -112,8 +112,13 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         await self.vfs.setxattr(inode, name, value)
 
-    @_errors
     async def getxattr(self, inode, name, ctx):
+        if self.vfs.lacks_xattr(inode, name):  # the frequent answer, without the wrapper
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return await self._getxattr(inode, name)
+
+    @_errors
+    async def _getxattr(self, inode, name):
         return await self.vfs.getxattr(inode, name)
 
     @_errors

@@ -86,8 +86,10 @@ class VFS:
         self.names: LRUCache[int, tuple[int, bytes]] = LRUCache(100_000)
         self.page_version: LRUCache[int, int] = LRUCache(100_000)
         # Names of each inode's xattrs: the kernel asks for security.capability
-        # before every write, and the answer is almost always "none".
-        self.xattr_names: LRUCache[int, frozenset[bytes]] = LRUCache(10_000)
+        # before every write, and the answer is almost always "none". As many
+        # as attributes: ``ls -l`` of a directory the attribute cache holds
+        # must not fall back to asking the server once per entry.
+        self.xattr_names: LRUCache[int, frozenset[bytes]] = LRUCache(MAX_ATTRS)
         self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(MAX_ATTRS)
         self.listings: LRUCache[int, set[bytes]] = LRUCache(MAX_LISTED, getsizeof=len)
         self._gen = 0
@@ -324,8 +326,18 @@ class VFS:
         await self.call("setxattr", ino=self.srv(ino), name=name, value=value)
         self._drop(ino)  # ctime and the has-xattrs flag changed
 
+    def lacks_xattr(self, ino: int, name: bytes) -> bool:
+        """Whether ``name`` is known to be absent, without waiting for anything.
+
+        The kernel asks before every write (security.capability) and ``ls -l``
+        asks twice per entry (security.selinux, system.posix_acl_access); the
+        adapter answers those from here without a coroutine.
+        """
+        names = self.xattr_names.get(ino)
+        return not name.startswith(XATTR_NAMESPACES) or (names is not None and name not in names)
+
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        if not name.startswith(XATTR_NAMESPACES) or name not in await self.listxattr(ino):
+        if self.lacks_xattr(ino, name) or name not in await self.listxattr(ino):
             raise FSError(errno.ENODATA, "no such xattr")
         return await self.call("getxattr", ino=self.srv(ino), name=name)
 
