@@ -97,12 +97,11 @@ class OpenFile:
         self.ra_end = 0               # readahead has been started up to here
         # Pipelined upload of one dirty range: pieces covering [ahead_start,
         # ahead_end) are in the store; staged bytes up to ahead_read may be in
-        # a segment being cut or uploaded. ahead_gen changes whenever a write or
-        # truncation touches [ahead_start, ahead_read); a segment finishing
-        # under an old generation is discarded.
+        # a segment being cut or uploaded. A write or truncation touching
+        # [ahead_start, ahead_read) first waits for the pump to stop, so the
+        # pump never sees those bytes change.
         self.ahead_start = self.ahead_end = self.ahead_read = -1
         self.ahead_pieces: list[Piece] = []
-        self.ahead_gen = 0
         self.ahead_idle = trio.Event()     # set when no pump runs for this file
         self.ahead_idle.set()
         self.ahead_moved = trio.Event()    # set (and replaced) when ahead_end advances
@@ -118,7 +117,7 @@ class OpenFile:
         self.mtime = attr["mtime"]
         self.modified = False         # size or content changed since the last commit
         self.kill_priv = False        # an unprivileged write: the commit drops setuid/setgid
-        self._drop_ahead()
+        self._forget_ahead()
         if self.staging is not None:
             self.staging.reset()
 
@@ -211,11 +210,11 @@ class OpenFile:
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
         async with self.lock:
             self.kill_priv |= kill_priv
-            # A pwrite into the page cache is faster than a thread hop.
-            self._staging().write(off, data)
             end = off + len(data)
             if off < self.ahead_read and end > self.ahead_start:
-                self._drop_ahead()
+                await self._drop_ahead()
+            # A pwrite into the page cache is faster than a thread hop.
+            self._staging().write(off, data)
             self.size = max(self.size, end)
             self._touch()
             await self._pipeline(end)
@@ -223,10 +222,10 @@ class OpenFile:
 
     async def truncate(self, size: int) -> None:
         async with self.lock:
+            if size < self.ahead_read:
+                await self._drop_ahead()
             if size < self.size and self.staging is not None:
                 self.staging.dirty.clip(size)
-            if size < self.ahead_read:
-                self._drop_ahead()
             self.cut = min(self.cut, size)
             self.size = size
             self._touch()
@@ -237,11 +236,15 @@ class OpenFile:
 
     # --- pipelined upload ------------------------------------------------------
 
-    def _drop_ahead(self) -> None:
-        """Forget the pipelined pieces (their bytes changed, or they were committed)."""
-        self.ahead_gen += 1
+    def _forget_ahead(self) -> None:
+        """Forget the pipelined pieces (no pump may run)."""
         self.ahead_start = self.ahead_end = self.ahead_read = -1
         self.ahead_pieces = []
+
+    async def _drop_ahead(self) -> None:
+        """Forget the pipelined pieces once the pump stopped: their bytes change."""
+        await self.ahead_idle.wait()
+        self._forget_ahead()
 
     async def _pipeline(self, end: int) -> None:
         """After a write ending at ``end``: start uploading its dirty range if due.
@@ -257,50 +260,50 @@ class OpenFile:
         if start != self.ahead_start:
             if not self.ahead_idle.is_set():
                 return  # the pump works on another range
-            self._drop_ahead()
+            self._forget_ahead()
             self.ahead_start = self.ahead_end = self.ahead_read = start
         while stop - self.ahead_end > BACKLOG_BYTES and not self.ahead_idle.is_set():
             await self.ahead_moved.wait()  # back-pressure: the store is slower than the writer
         if self.ahead_idle.is_set() and stop - self.ahead_end >= PIPELINE_BYTES:
             self.ahead_idle = trio.Event()
-            self.vfs.spawn(self._pump, self.ahead_gen)
+            self.vfs.spawn(self._pump)
 
-    async def _pump(self, gen: int) -> None:
+    async def _pump(self) -> None:
         """Upload the pipelined range segment by segment until it is nearly caught up.
 
-        A segment is read into memory once, so the bytes hashed are the bytes
-        stored even if a write changes the staging file meanwhile (that write
-        changes ``ahead_gen`` and the result is discarded). The next segment is
-        cut while earlier ones upload; segments are adopted in order, so
-        ``ahead_pieces`` stays contiguous. The cache's ``segment_slots`` bound
-        the segments in memory across all files (fairly: first come, first served).
+        A segment is read into memory once and cut there; the next segment is
+        cut while earlier ones upload. Segments are adopted in file order (each
+        waits for its predecessor's turn), so ``ahead_pieces`` stays contiguous;
+        a failed upload stops the pump and leaves the pieces adopted so far.
+        The cache's ``segment_slots`` bound the segments in memory across all
+        files (fairly: first come, first served).
         """
-        idle, slots = self.ahead_idle, self.vfs.cache.segment_slots
-        queue: list[list] = []   # [pieces, uploaded] per segment, in file order
+        slots = self.vfs.cache.segment_slots
 
-        async def send(buf: bytes, base: int, pieces: list[Piece], entry: list) -> None:
+        async def send(buf: bytes, base: int, pieces: list[Piece],
+                       turn: trio.Event, done: trio.Event) -> None:
             def read(p: Piece) -> bytes:
                 return buf[p.offset - base:p.offset - base + p.length]
             try:
                 await self._upload(pieces, read)
             finally:
                 slots.release()
-            entry[1] = True
-            while queue and queue[0][1] and gen == self.ahead_gen:
-                done = queue.pop(0)[0]
-                self.ahead_pieces += done
-                self.ahead_end = done[-1].offset + done[-1].length
-                self.ahead_moved.set()
-                self.ahead_moved = trio.Event()
+            await turn.wait()
+            self.ahead_pieces += pieces
+            self.ahead_end = pieces[-1].offset + pieces[-1].length
+            self.ahead_moved.set()
+            self.ahead_moved = trio.Event()
+            done.set()
 
         try:
             async with trio.open_nursery() as nursery:
                 pos = self.ahead_end
+                turn = trio.Event()
+                turn.set()
                 while True:
                     await slots.acquire()
                     r = self.staging.dirty.find(self.ahead_start)
-                    if (gen != self.ahead_gen or r is None or r[0] != self.ahead_start
-                            or r[1] - pos < PIPELINE_BYTES):
+                    if r is None or r[0] != self.ahead_start or r[1] - pos < PIPELINE_BYTES:
                         slots.release()
                         break
                     stop = min(r[1], pos + PIPELINE_BYTES + MAX_BLOCK)
@@ -315,19 +318,12 @@ class OpenFile:
                     except BaseException:
                         slots.release()
                         raise
-                    if gen != self.ahead_gen:
-                        slots.release()
-                        break
-                    entry = [pieces, False]
-                    queue.append(entry)
-                    nursery.start_soon(send, buf, pos, pieces, entry)
+                    done = trio.Event()
+                    nursery.start_soon(send, buf, pos, pieces, turn, done)
+                    turn = done
                     pos = pieces[-1].offset + pieces[-1].length
-        except BaseException:
-            if gen == self.ahead_gen:
-                self._drop_ahead()  # the flush uploads these bytes itself
-            raise
         finally:
-            idle.set()
+            self.ahead_idle.set()
             self.ahead_moved.set()
 
     # --- committing ------------------------------------------------------------
