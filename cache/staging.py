@@ -4,13 +4,27 @@ Each file open for writing on this mount has one sparse staging file holding
 the bytes written since the last commit, plus the set of byte ranges those
 bytes cover. Data never waits in memory: a write is a ``pwrite`` into the
 staging file, so memory use does not grow with the amount written.
+
+Staged bytes whose blocks are already in the store (a pipelined upload) can be
+released: a hole is punched where they were, so the kernel never writes them
+back to disk. Without that, a file written faster than the kernel's dirty
+page limit allows (about 10% of memory) is written to disk twice: measured, a
+6 GiB file on the local store cost 10.1 GiB of disk writes at 94 MB/s, and
+6.1 GiB at 118 MB/s with released bytes.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import errno
 import os
 import tempfile
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class Ranges:
@@ -92,6 +106,17 @@ class Staging:
     def fill(self, off: int, data: bytes) -> None:
         """Write clean bytes around dirty ones, to build a window to re-chunk."""
         os.pwrite(self.fd, data, off)
+
+    def release(self, off: int, n: int) -> None:
+        """Free the staged bytes of [off, off + n): they read as zeros from now on.
+
+        The dirty ranges stay as they are: the caller reads those bytes from
+        where it put them. A file system that cannot punch holes keeps them.
+        """
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n):
+            err = ctypes.get_errno()
+            if err != errno.EOPNOTSUPP:
+                raise OSError(err, os.strerror(err))
 
     def reset(self) -> None:
         """Forget all dirty data (it has been committed)."""

@@ -96,10 +96,12 @@ class OpenFile:
         self.last_read_end = -1
         self.ra_end = 0               # readahead has been started up to here
         # Pipelined upload of one dirty range: pieces covering [ahead_start,
-        # ahead_end) are in the store; staged bytes up to ahead_read may be in
-        # a segment being cut or uploaded. A write or truncation touching
+        # ahead_end) are in the store, and their staged bytes are released
+        # (read from the pieces' blocks); staged bytes up to ahead_read may be
+        # in a segment being cut or uploaded. A write or truncation touching
         # [ahead_start, ahead_read) first waits for the pump to stop, so the
-        # pump never sees those bytes change.
+        # pump never sees those bytes change; pieces are forgotten only with
+        # their bytes put back (_drop_ahead) or once committed (reset).
         self.ahead_start = self.ahead_end = self.ahead_read = -1
         self.ahead_pieces: list[Piece] = []
         self.ahead_idle = trio.Event()     # set when no pump runs for this file
@@ -143,7 +145,7 @@ class OpenFile:
                 end = min(off + size, self.size)
                 parts = []
                 for s, e, dirty in self.staging.dirty.split(off, end) if off < end else ():
-                    parts.append(self.staging.read(s, e - s) if dirty
+                    parts.append(await self._read_staged(s, e) if dirty
                                  else await self._read_clean(s, e, ranged))
                 data = b"".join(parts)
         if not ranged:
@@ -180,6 +182,33 @@ class OpenFile:
             i += 1
         return b"".join(parts) if len(parts) != 1 else parts[0]
 
+    async def _read_staged(self, start: int, end: int) -> bytes:
+        """Dirty bytes of [start, end): released ones from the pipelined pieces' blocks.
+
+        The staged bytes are read first: the pump may release more of them
+        while this awaits a block.
+        """
+        a, b = max(start, self.ahead_start), min(end, self.ahead_end)
+        if a >= b:
+            return self.staging.read(start, end - start)
+        head, tail = self.staging.read(start, a - start), self.staging.read(b, end - b)
+        parts = [head]
+        pieces = self.ahead_pieces
+        i = bisect.bisect_right(pieces, a, key=lambda p: p.offset) - 1
+        pos = a
+        while pos < b:
+            p = pieces[i]
+            take = min(b, p.offset + p.length) - pos
+            if p.key is None:
+                parts.append(bytes(take))
+            else:
+                block = await self.vfs.cache.get(p.key)
+                parts.append(block[pos - p.offset:pos - p.offset + take])
+            pos += take
+            i += 1
+        parts.append(tail)
+        return b"".join(parts)
+
     def _readahead(self, pos: int) -> None:
         """On sequential reads, fetch the blocks up to READAHEAD_BYTES past ``pos``.
 
@@ -212,7 +241,7 @@ class OpenFile:
             self.kill_priv |= kill_priv
             end = off + len(data)
             if off < self.ahead_read and end > self.ahead_start:
-                await self._drop_ahead()
+                await self._drop_ahead(off)
             # A pwrite into the page cache is faster than a thread hop.
             self._staging().write(off, data)
             self.size = max(self.size, end)
@@ -223,7 +252,7 @@ class OpenFile:
     async def truncate(self, size: int) -> None:
         async with self.lock:
             if size < self.ahead_read:
-                await self._drop_ahead()
+                await self._drop_ahead(size)
             if size < self.size and self.staging is not None:
                 self.staging.dirty.clip(size)
             self.cut = min(self.cut, size)
@@ -237,14 +266,29 @@ class OpenFile:
     # --- pipelined upload ------------------------------------------------------
 
     def _forget_ahead(self) -> None:
-        """Forget the pipelined pieces (no pump may run)."""
+        """Forget the pipelined pieces (committed: no pump runs, the staging is reset)."""
         self.ahead_start = self.ahead_end = self.ahead_read = -1
         self.ahead_pieces = []
 
-    async def _drop_ahead(self) -> None:
-        """Forget the pipelined pieces once the pump stopped: their bytes change."""
+    async def _drop_ahead(self, pos: int) -> None:
+        """Forget the pipelined pieces from the one holding byte ``pos`` on: bytes change.
+
+        Waits for the pump to stop first (it may be reading those bytes), then
+        puts the released bytes of the forgotten pieces back into the staging
+        file from their blocks. The pieces before stay valid: chunking from the
+        range's start cuts them the same way whatever follows.
+        """
         await self.ahead_idle.wait()
-        self._forget_ahead()
+        pieces = self.ahead_pieces
+        keep = bisect.bisect_right(pieces, pos, key=lambda p: p.offset + p.length)
+        dropped = pieces[keep:]
+        del pieces[keep:]
+        if dropped:
+            self.ahead_end = dropped[0].offset
+        self.ahead_read = self.ahead_end
+        for p in dropped:
+            if p.key is not None:
+                self.staging.fill(p.offset, await self.vfs.cache.get(p.key))
 
     async def _pipeline(self, end: int) -> None:
         """After a write ending at ``end``: start uploading its dirty range if due.
@@ -258,8 +302,8 @@ class OpenFile:
             return
         start, stop = r
         if start != self.ahead_start:
-            if not self.ahead_idle.is_set():
-                return  # the pump works on another range
+            if not self.ahead_idle.is_set() or self.ahead_pieces:
+                return  # the pump works on another range, or its pieces hold its bytes
             self._forget_ahead()
             self.ahead_start = self.ahead_end = self.ahead_read = start
         while stop - self.ahead_end > BACKLOG_BYTES and not self.ahead_idle.is_set():
@@ -289,8 +333,10 @@ class OpenFile:
             finally:
                 slots.release()
             await turn.wait()
+            end = pieces[-1].offset + pieces[-1].length
+            self.staging.release(self.ahead_end, end - self.ahead_end)
             self.ahead_pieces += pieces
-            self.ahead_end = pieces[-1].offset + pieces[-1].length
+            self.ahead_end = end
             self.ahead_moved.set()
             self.ahead_moved = trio.Event()
             done.set()
@@ -424,12 +470,17 @@ class OpenFile:
                 return
             await self.ahead_idle.wait()
             win = self._windows()
+
+            def pipelined(s: int, e: int) -> bool:
+                return s == self.ahead_start and self.ahead_end <= e
+            if self.ahead_pieces and not any(pipelined(s, e) for s, e in win):
+                await self._drop_ahead(self.ahead_start)  # re-chunked whole: restore its bytes
             await self._materialize(win)
             chunks: dict[int, list[Piece]] = {}
             pieces: list[Piece] = []   # those still to upload
             fd = self.staging.fd
             for s, e in win:
-                done = self.ahead_pieces if s == self.ahead_start and self.ahead_end <= e else []
+                done = self.ahead_pieces if pipelined(s, e) else []
                 pos = self.ahead_end if done else s
                 rest = await trio.to_thread.run_sync(chunk_fd, fd, pos, e)
                 chunks[s] = done + rest

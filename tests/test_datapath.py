@@ -152,3 +152,40 @@ def test_random_reads_read_ranges_of_local_blocks(mount_factory):
     before = rchar(m)
     assert read_file(m.p("f")) == data
     assert rchar(m) - before >= len(data)
+
+
+def staged_bytes(m) -> int:
+    """Disk space held by the mount's staging files (unlinked: found through its fds)."""
+    total = 0
+    fds = f"/proc/{m.proc.pid}/fd"
+    for n in os.listdir(fds):
+        try:
+            if "/staging/dirty-" in os.readlink(f"{fds}/{n}"):
+                total += os.stat(f"{fds}/{n}").st_blocks * 512
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return total
+
+
+def test_uploaded_bytes_leave_the_staging_file(mount_factory):
+    """Staged bytes whose blocks are stored are freed while the file is still being
+    written; they read back from their blocks, and an overwrite puts them back."""
+    m = mount_factory("local")
+    data = bytearray(pattern(os.urandom(8), SIZE))
+    fd = os.open(m.p("f"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        for off in range(0, len(data), 1 << 20):
+            os.write(fd, data[off:off + (1 << 20)])
+        wait_until(lambda: staged_bytes(m) <= len(data) - 2 * PIPELINE_BYTES,
+                   what="uploaded bytes released from the staging file")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read through the mount
+        assert os.pread(fd, 3 << 20, 5 << 20) == data[5 << 20:8 << 20]
+        at = PIPELINE_BYTES + 7
+        os.pwrite(fd, b"y" * 100, at)
+        data[at:at + 100] = b"y" * 100
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert os.pread(fd, 1 << 20, at - 1000) == data[at - 1000:at - 1000 + (1 << 20)]
+    finally:
+        os.close(fd)
+    m.remount(drop_cache=True)
+    assert hashlib.sha256(read_file(m.p("f"))).digest() == hashlib.sha256(data).digest()
