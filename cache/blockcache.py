@@ -174,8 +174,9 @@ class BlockCache:
         request's latency is most of its cost (GCS emulator: 3.3 ms for 4 KiB,
         7 ms for 1 MiB), and the block, cached on disk, serves the reads near
         it. Measured with fio, 4 KiB random reads of a 1 GiB file on the
-        emulator: 253 IOPS with ranges (a block fetched whole at its second
-        read), 335 with whole blocks.
+        emulator, on a shared 2-core machine: 217-253 IOPS in three runs with
+        ranges (a block fetched whole at its second read), 119-746 in four
+        with whole blocks (median ~260): ranges did not win there.
         """
         cost = self.ranged.get(key, 0) + REQUEST_BYTES + length
         if (not self.store.local or key in self.hot or key in self._inflight
