@@ -281,14 +281,13 @@ class OpenFile:
         await self.ahead_idle.wait()
         pieces = self.ahead_pieces
         keep = bisect.bisect_right(pieces, pos, key=lambda p: p.offset + p.length)
-        dropped = pieces[keep:]
-        del pieces[keep:]
-        if dropped:
-            self.ahead_end = dropped[0].offset
-        self.ahead_read = self.ahead_end
-        for p in dropped:
+        for p in pieces[keep:]:  # all put back before any is forgotten (EIO midway)
             if p.key is not None:
                 self.staging.fill(p.offset, await self.vfs.cache.get(p.key))
+        if keep < len(pieces):
+            self.ahead_end = pieces[keep].offset
+            del pieces[keep:]
+        self.ahead_read = self.ahead_end
 
     async def _pipeline(self, end: int) -> None:
         """After a write ending at ``end``: start uploading its dirty range if due.
