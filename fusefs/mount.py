@@ -45,6 +45,7 @@ class MountConfig:
 
 M_ARENA_MAX = -8  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_TRIM_THRESHOLD = -1
 READAHEAD_KIB = 1024
 
 
@@ -59,23 +60,43 @@ def _lock_cache_dir(path: str) -> int:
     return fd
 
 
-def _tune_malloc(arenas: int = 2, mmap_threshold: int = 256 << 10) -> None:
+def _tune_malloc() -> None:
     """Keep glibc's malloc from holding memory the mount no longer uses.
 
     Block transfers run in many worker threads, each allocating megabyte
     buffers. With an arena per busy thread (glibc's default: 8 per core),
     freed memory stays spread over them: arenas are capped at 2 (measured: 342
-    -> 190 MiB peak RSS, sequential job on the GCS store). And glibc raises its
-    mmap threshold to the size of the largest buffer freed, after which block
-    buffers come from the heap and fragment it: a fixed threshold keeps every
-    block-sized buffer in its own mapping, returned to the kernel when freed.
+    -> 190 MiB peak RSS, sequential job on the GCS store). The mmap and trim
+    thresholds are fixed (glibc would slide them with the largest buffer
+    freed): blocks and read replies come from the heap, which is reused
+    without page faults (mapping every block-sized buffer afresh cost a third
+    of the cold read throughput), and segments of 8 MiB and more are mapped.
+    The heap's fragmentation is returned to the kernel by ``_trim_malloc``.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_ARENA_MAX, arenas)
-        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+        libc.mallopt(M_ARENA_MAX, 2)
+        libc.mallopt(M_MMAP_THRESHOLD, 8 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
     except (OSError, AttributeError):
         pass  # not glibc
+
+
+async def _trim_malloc(interval: float = 1.0) -> None:
+    """Every ``interval`` seconds, give the kernel the heap's free pages back.
+
+    Blocks of many sizes, some held long by the hot set, fragment the heap so
+    that freed memory cannot shrink it from the top: on the GCS store's
+    random I/O job peak RSS was 674 MiB without this and 310 MiB with it,
+    while the local store's sequential throughput stayed the same.
+    """
+    try:
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return  # not glibc
+    while True:
+        await trio.sleep(interval)
+        malloc_trim(0)
 
 
 def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
@@ -119,6 +140,7 @@ async def serve(cfg: MountConfig) -> None:
         nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint,
                                    abandon_on_cancel=True))
         nursery.start_soon(vfs.run_invalidations, Kernel())
+        nursery.start_soon(_trim_malloc)
         log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,
                  store.url, client.info["user"])
         stop_requested = False
