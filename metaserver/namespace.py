@@ -276,8 +276,7 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
     cur.execute(
         "WITH i AS (INSERT INTO inodes (owner_id, mode, uid, gid, nlink, rdev, size, atime_ns,"
         " mtime_ns, ctime_ns, target) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-        " RETURNING id, mode, nlink, uid, gid, rdev, size, atime_ns, mtime_ns, ctime_ns,"
-        " version, alloc, false),"
+        f" RETURNING {_ATTR_COLS}),"
         " d AS (INSERT INTO dentries (parent, name, inode) SELECT %s, %s, id FROM i"
         " ON CONFLICT DO NOTHING RETURNING 1),"
         f" p AS (UPDATE inodes SET ctime_ns = %s, mtime_ns = %s, nlink = nlink + %s"
