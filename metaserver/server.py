@@ -38,6 +38,8 @@ MAX_IN_FLIGHT = 64
 # this many numbers for late arrivals and skips those already sent.
 LOOKBACK = 500
 LOG_RETENTION_DAYS = 7
+# The peer closed or reset the connection.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
 _signature = functools.cache(inspect.signature)
@@ -195,24 +197,40 @@ class MetaServer:
 
     async def _housekeeping(self) -> None:
         while True:
-            await self.call(_trim)
+            try:
+                await self.call(_trim)
+            except psycopg.OperationalError as e:
+                log.error("database unavailable, log not trimmed: %s", e)
             await trio.sleep(3600)
 
     async def _pump(self, s: Session) -> None:
-        """Push the change log to a subscribed session whenever it is woken."""
+        """Push the change log to a subscribed session whenever it is woken.
+
+        Ends when the connection is gone. While the database is unreachable
+        it retries (``Database.run`` already waited ``outage_timeout``).
+        """
         while True:
             await s.wake.wait()
             s.wake = trio.Event()
             lower = max(0, s.cursor - LOOKBACK)
-            fresh = await self.call(_changes_since, s.user.id, lower,
-                                    [q for q in s.sent if q > lower])
+            try:
+                fresh = await self.call(_changes_since, s.user.id, lower,
+                                        [q for q in s.sent if q > lower])
+            except psycopg.OperationalError as e:
+                log.error("database unavailable, changes not pushed yet: %s", e)
+                s.wake.set()
+                await trio.sleep(1)
+                continue
             if fresh:
                 s.cursor = max(s.cursor, fresh[-1][0])
                 if len(fresh) == 5000:
                     s.wake.set()  # more to come
             s.sent = {q for q in s.sent if q > s.cursor - LOOKBACK} | {r[0] for r in fresh}
             if fresh:
-                await s.send([PUSH, "changes", fresh])
+                try:
+                    await s.send([PUSH, "changes", fresh])
+                except _GONE:
+                    return
 
     async def _subscribe(self, s: Session, nursery: trio.Nursery, cursor: int
                          ) -> dict[str, Any]:
@@ -245,22 +263,31 @@ class MetaServer:
         return Session(stream, user, str(args.get("device", "")))
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
+        """Serve one mount's connection until it closes.
+
+        Whatever happens to one connection ends that connection only: an
+        exception leaving this handler would stop the listener and with it the
+        server for every mount. A peer that vanishes (a killed mount resets
+        the connection) is caught inside the nursery, where it is raised, as
+        the nursery would wrap it in an ExceptionGroup on its way out.
+        """
         reader = FrameReader(stream)
         slots = trio.Semaphore(MAX_IN_FLIGHT)
         session = None
         try:
-            session = await self._hello(reader, stream)
-            if session is None:
-                return
             async with trio.open_nursery() as nursery:
-                while (msg := await reader.read()) is not None:
-                    await slots.acquire()
-                    nursery.start_soon(self._answer, session, nursery, slots, msg)
+                try:
+                    session = await self._hello(reader, stream)
+                    while session is not None and (msg := await reader.read()) is not None:
+                        await slots.acquire()
+                        nursery.start_soon(self._answer, session, nursery, slots, msg)
+                except _GONE:
+                    pass
+                except ValueError as e:
+                    log.warning("closing connection: %s", e)
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            pass
-        except ValueError as e:
-            log.warning("closing connection: %s", e)
+        except Exception:
+            log.exception("connection failed")
         finally:
             if session is not None:
                 self.subscribers.get(session.user.id, set()).discard(session)
@@ -303,7 +330,7 @@ class MetaServer:
             reply = [rid, errno.EIO, "internal error"]
         try:
             await s.send(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        except _GONE:
+            pass  # the reader sees it too and ends the connection
         finally:
             slots.release()

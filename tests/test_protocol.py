@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import socket
+import struct
 
 import pytest
 import trio
@@ -83,3 +85,30 @@ async def test_a_replayed_mutation_is_applied_once(services):
     err, listing = await ask(5, "readdir", ino=info["root"])
     assert [n for n, _ in listing].count(b"once") == 1
     await stream.aclose()
+
+
+async def test_a_reset_connection_leaves_the_server_serving(services):
+    """A mount killed mid-conversation resets its connection; other mounts carry on.
+
+    The reset reached the server inside a nursery, and the ExceptionGroup it
+    became stopped the listener: the whole metaserver exited.
+    """
+    dep = services.deployments["local"]
+    token = dep.new_user()
+    async with connect(dep.address, token, "survivor") as other:
+        host, port = dep.address.rsplit(":", 1)
+        for subscribed in (False, True):
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(pack([1, "hello", {"token": token, "device": "killed"}]))
+            assert (await FrameReader(stream).read())[1] == 0
+            if subscribed:
+                await stream.send_all(pack([2, "subscribe", {"cursor": 0}]))
+                await other.call("mknod", parent=other.info["root"], name=b"ping",
+                                 mode=0o100644, uid=0, gid=0)
+            # SO_LINGER 0: close sends RST, as the kernel does for a killed process
+            # with unread data.
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+            stream.socket.close()
+            for _ in range(3):  # several round trips: the reset is handled meanwhile
+                assert (await other.call("getattr", ino=other.info["root"]))["ino"]
