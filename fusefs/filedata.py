@@ -54,6 +54,8 @@ SEQ_SLACK = 1 << 20
 PIPELINE_BYTES = 16 << 20
 # ... and writes wait for the background upload when it lags by more than this.
 BACKLOG_BYTES = 64 << 20
+# Blocks fetched at once to fill the clean gaps of the windows being re-chunked.
+MATERIALIZE_BLOCKS = 8
 # New blocks up to this total are put without asking the server which it has.
 ASK_ABOVE_BYTES = 256 << 10
 
@@ -401,17 +403,47 @@ class OpenFile:
         return win
 
     async def _materialize(self, win: Ranges) -> None:
-        """Copy the committed bytes inside the windows into the staging file."""
+        """Copy the committed bytes inside the windows into the staging file.
+
+        The clean gaps are grouped by the committed extent holding them, so
+        that each block is fetched once and all its gaps are written by one
+        worker-thread call; up to ``MATERIALIZE_BLOCKS`` blocks at a time (the
+        memory bound). 20,000 random 4 KiB writes all over a 1 GiB file leave
+        as many gaps in one window: copied one by one, they took 6.4 s of an
+        11.2 s fsync; grouped, 1.9-2.1 s of 6.4 s (``bench/cpu_profile.py
+        fsync``).
+        """
         st = self._staging()
+        ext = self.extents
+        limit = min(ext.size, self.cut)
+        gaps: dict[int, list[tuple[int, int]]] = {}  # extent index, -1 for zeros -> gaps
         for s, e in win:
-            for ps, pe, dirty in st.dirty.split(s, e):
-                if not dirty:
-                    pos = ps
-                    while pos < pe:  # at most one block in memory at a time
-                        n = min(pe - pos, 4 << 20)
-                        data = await self._read_clean(pos, pos + n)
-                        await trio.to_thread.run_sync(st.fill, pos, data)
-                        pos += n
+            for pos, stop, dirty in st.dirty.split(s, e):
+                while not dirty and pos < stop:
+                    i = ext.index(pos) if pos < limit else -1
+                    end = min(stop, ext.offs[i] + ext.lens[i], limit) if i >= 0 else stop
+                    gaps.setdefault(i if i >= 0 and ext.keys[i] else -1, []).append((pos, end))
+                    pos = end
+        slots = trio.CapacityLimiter(MATERIALIZE_BLOCKS)
+
+        async def copy(i: int, spans: list[tuple[int, int]]) -> None:
+            async with slots:
+                if i < 0:
+                    def fill() -> None:
+                        for a, b in spans:
+                            for pos in range(a, b, MAX_BLOCK):
+                                st.fill(pos, bytes(min(b - pos, MAX_BLOCK)))
+                else:
+                    block, base = memoryview(await self.vfs.cache.get(ext.keys[i])), ext.offs[i]
+
+                    def fill() -> None:
+                        for a, b in spans:
+                            st.fill(a, block[a - base:b - base])
+                await trio.to_thread.run_sync(fill)
+
+        async with trio.open_nursery() as nursery:
+            for i, spans in gaps.items():
+                nursery.start_soon(copy, i, spans)
 
     async def _upload(self, pieces: list[Piece],
                       read: Callable[[Piece], bytes]) -> None:
