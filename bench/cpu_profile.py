@@ -6,7 +6,9 @@ Usage (root)::
 
 STEP is one of ``creates`` (N files of 4 KiB: create+write+close), ``ls``
 (``ls -l`` of a directory of N such files, 3 times), ``write`` (an N MiB file
-with fsync), ``read`` (that file cold, after a remount with an empty cache).
+with fsync), ``read`` (that file cold, after a remount with an empty cache),
+``fsync`` (the fsync after 20,000 random 4 KiB writes into that file, as in
+the benchmark's random write job).
 ``--gcs`` puts the blocks in the GCS emulator. py-spy samples only threads
 holding the GIL (``--gil``), so idle waits are not counted and the shares are
 of Python CPU. For each process it prints the CPU seconds used during the step
@@ -22,6 +24,7 @@ import argparse
 import collections
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -95,7 +98,7 @@ def profile(name: str, unit: str, pids: dict[str, int], step: Callable[[], float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("creates", "ls", "write", "read"))
+    ap.add_argument("step", choices=("creates", "ls", "write", "read", "fsync"))
     ap.add_argument("--gcs", action="store_true", help="blocks in the GCS emulator")
     ap.add_argument("--n", type=int, help="files (creates, ls: 2000) or MiB (write, read: 1024)")
     args = ap.parse_args()
@@ -140,17 +143,29 @@ def main() -> None:
             read_all(path)
             return n * MIB / 1e6 / (time.perf_counter() - t0)
 
+        def fsync() -> float:
+            rng = random.Random(1)
+            with open(path, "r+b") as f:
+                for _ in range(20000):
+                    os.pwrite(f.fileno(), data, rng.randrange(n * MIB // 4096) * 4096)
+                t0 = time.perf_counter()
+                os.fsync(f.fileno())
+                return time.perf_counter() - t0
+
         if args.step == "creates":
             profile("creates", "files/s", pids, creates)
         elif args.step == "ls":
             creates()
             profile("ls", "s per ls -l", pids, ls)
         else:
-            if args.step == "read":
+            if args.step in ("read", "fsync"):
                 write()
-                t.cold()
-                pids["mount"] = t._pid()
-            profile(args.step, "MB/s", pids, write if args.step == "write" else read)
+                t.cold()  # the last unmount stops the metaserver too: new pids
+                pids = {"mount": t._pid(), "metaserver": server_pid(t.home)}
+            if args.step == "fsync":
+                profile("fsync", "s per fsync", pids, fsync)
+            else:
+                profile(args.step, "MB/s", pids, write if args.step == "write" else read)
 
 
 if __name__ == "__main__":
