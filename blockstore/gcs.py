@@ -50,6 +50,15 @@ class GCSStore(BlockStore):
                     client_options={"api_endpoint": self.endpoint})
             else:
                 client = storage.Client()
+            # requests looks up proxies and CA bundle in the environment on every
+            # request: 0.8 ms of the 1.9 ms of CPU a small download cost (on the
+            # emulator). They are looked up once, for this store's endpoint.
+            http = client._http
+            env = http.merge_environment_settings(
+                self.endpoint or "https://storage.googleapis.com", {}, None, None, None)
+            http.proxies.update(env["proxies"])
+            http.verify = env["verify"]
+            http.trust_env = False
             self._local.client = client
         return client
 
