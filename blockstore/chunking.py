@@ -48,8 +48,10 @@ class _FdRange:
 
 
 def _is_zero(data: memoryview) -> bool:
-    # bytes(n) is calloc'ed and bytes comparison is a memcmp: ~0.1 ms per MiB.
-    return bytes(data) == bytes(len(data))
+    # A block that is not all zeros mostly says so by its first or last byte,
+    # without copying it. Otherwise bytes(n) is calloc'ed and the comparison a
+    # memcmp: ~0.1 ms per MiB.
+    return not (data[0] or data[-1]) and bytes(data) == bytes(len(data))
 
 
 def _pieces(chunks: Iterable, start: int) -> list[Piece]:

@@ -94,7 +94,7 @@ class BlockCache:
             except FileNotFoundError:
                 pass
 
-    def _write_file(self, key: bytes, data: bytes) -> None:
+    def _write_file(self, key: bytes, data: bytes | memoryview) -> None:
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(os.path.dirname(path), f".{key.hex()}.{os.getpid()}")
@@ -118,11 +118,12 @@ class BlockCache:
         if len(data) <= self.hot.maxsize:
             self.hot[key] = data
 
-    async def add(self, key: bytes, data: bytes, hot: bool = True) -> None:
+    async def add(self, key: bytes, data: bytes | memoryview, hot: bool = True) -> None:
         """Insert a block just uploaded or fetched (the caller vouches for its hash).
 
         ``hot=False`` keeps it out of the hot set (a block just written: the
-        kernel's page cache holds the file).
+        kernel's page cache holds the file); only then may ``data`` be a view,
+        which is not kept.
         """
         if hot:
             self._remember(key, data)

@@ -327,8 +327,10 @@ class OpenFile:
 
         async def send(buf: bytes, base: int, pieces: list[Piece],
                        turn: trio.Event, done: trio.Event) -> None:
-            def read(p: Piece) -> bytes:
-                return buf[p.offset - base:p.offset - base + p.length]
+            view = memoryview(buf)
+
+            def read(p: Piece) -> memoryview:  # no copy: used only until it is put
+                return view[p.offset - base:p.offset - base + p.length]
             try:
                 await self._upload(pieces, read)
             finally:
@@ -446,7 +448,7 @@ class OpenFile:
                 nursery.start_soon(copy, i, spans)
 
     async def _upload(self, pieces: list[Piece],
-                      read: Callable[[Piece], bytes]) -> None:
+                      read: Callable[[Piece], bytes | memoryview]) -> None:
         """Upload the pieces' blocks the server does not already reference.
 
         ``read`` returns a piece's bytes; it runs in a worker thread. When the
@@ -467,7 +469,7 @@ class OpenFile:
         todo = {k: p for k, p in unique.items() if k not in known}
 
         async def put(p: Piece) -> None:
-            def work() -> bytes:
+            def work() -> bytes | memoryview:
                 data = read(p)
                 cache.store.put(p.key, data)
                 return data
