@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 REQUEST_BYTES = 64 << 10
 
 
+def _missing(key: bytes) -> FSError:
+    """The error for a block the store does not have: data is lost, so it is logged too."""
+    log.error("block %s is missing from the block store", key.hex())
+    return FSError(errno.EIO, f"block {key.hex()} missing from store")
+
+
 class BlockCache:
     def __init__(self, store: BlockStore, directory: str, max_bytes: int,
                  hot_bytes: int = 64 << 20, transfers: int = 8,
@@ -190,7 +196,7 @@ class BlockCache:
             data = await trio.to_thread.run_sync(self.store.get_range, key, offset, length,
                                                  limiter=self.transfers)
         except BlockNotFound:
-            raise FSError(errno.EIO, f"block {key.hex()} missing from store") from None
+            raise _missing(key) from None
         if len(data) != length:
             raise FSError(errno.EIO, f"block {key.hex()} is short in the store")
         return data
@@ -212,7 +218,7 @@ class BlockCache:
             try:
                 data, ok = await trio.to_thread.run_sync(self._fetch, key, limiter=self.transfers)
             except BlockNotFound:
-                raise FSError(errno.EIO, f"block {key.hex()} missing from store") from None
+                raise _missing(key) from None
             if ok:
                 await self.add(key, data)
                 return data

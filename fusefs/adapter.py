@@ -30,16 +30,33 @@ ATTR_TIMEOUT = 300.0
 BLKSIZE = 128 << 10
 
 
+def _fs_error(e: BaseException) -> FSError | None:
+    """The FSError ``e`` is, or the first of an exception group made only of them.
+
+    Work done in parallel (block transfers) runs in nurseries, which wrap
+    what their tasks raise in exception groups.
+    """
+    if isinstance(e, BaseExceptionGroup):
+        match, rest = e.split(FSError)
+        if match is None or rest is not None:
+            return None
+        while isinstance(match, BaseExceptionGroup):
+            match = match.exceptions[0]
+        e = match
+    return e if isinstance(e, FSError) else None
+
+
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Answer an FSError with its errno, anything else with EIO and a logged traceback."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
-        except FSError as e:
-            raise pyfuse3.FUSEError(e.errno) from None
         except pyfuse3.FUSEError:
             raise
-        except Exception:
+        except Exception as e:
+            if (fs := _fs_error(e)) is not None:
+                raise pyfuse3.FUSEError(fs.errno) from None
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
     return wrapper
