@@ -4,9 +4,10 @@ A committed version is a list of extents ``(hash or None, length)`` laid end
 to end; ``None`` is a hole (zeros, no storage). Writes go to a :class:`Staging`
 file. ``flush`` turns the dirty state into a new version:
 
-1. each dirty range is widened to the boundaries of the committed extents it
-   touches (and a truncation point inside an extent widens to that extent),
-   so that the extents outside the windows are reused unchanged;
+1. each dirty range is widened to the boundaries of the committed blocks it
+   touches (and a truncation point inside a block widens to that block), so
+   that the blocks outside the windows are reused unchanged; holes are cut
+   where the windows begin and end instead;
 2. the clean bytes inside each window are copied into the staging file, and
    the window is re-cut with content-defined chunking and hashed;
 3. blocks the server does not already reference are uploaded in parallel
@@ -84,6 +85,17 @@ class Extents:
 
     def pairs(self, lo: int, hi: int) -> list[list]:
         return [[self.keys[i], self.lens[i]] for i in range(lo, hi)]
+
+    def between(self, a: int, b: int) -> list[list]:
+        """The extents covering [a, b) exactly: a hole cut by ``a`` or ``b`` is shortened.
+
+        Windows start and end at block boundaries, so only holes are cut.
+        """
+        i, j = self.index(a), self.index(b - 1)
+        out = self.pairs(i, j + 1)
+        out[0][1] -= a - self.offs[i]
+        out[-1][1] -= self.offs[j] + self.lens[j] - b
+        return out
 
 
 class OpenFile:
@@ -377,31 +389,43 @@ class OpenFile:
 
     # --- committing ------------------------------------------------------------
 
-    def _snap_start(self, s: int) -> int:
-        """Where a window holding byte ``s`` starts: the committed extent's start."""
+    def _block_at(self, pos: int) -> int | None:
+        """Index of the committed block (a data extent, not a hole) holding byte ``pos``."""
         ext = self.extents
-        if s < min(ext.size, self.cut):
-            return ext.offs[ext.index(s)]
-        return s
+        if pos < min(ext.size, self.cut):
+            i = ext.index(pos)
+            if ext.keys[i] is not None:
+                return i
+        return None
+
+    def _snap_start(self, s: int) -> int:
+        """Where a window holding byte ``s`` starts: the start of the block holding it.
+
+        A hole is cut where the window starts instead: it may be any size (a
+        file extended by truncate is one hole), and widening a window over it
+        would make the flush write all its zeros out to re-chunk them.
+        """
+        i = self._block_at(s)
+        return s if i is None else self.extents.offs[i]
 
     def _windows(self) -> Ranges:
-        """Byte ranges to re-chunk: dirty ranges widened to committed extent boundaries."""
+        """Byte ranges to re-chunk: dirty ranges widened to the blocks they touch."""
         ext = self.extents
         limit = min(ext.size, self.cut)  # cut <= size always
         win = Ranges()
 
         def widen(s: int, e: int) -> None:
-            s = self._snap_start(s)
-            if e - 1 < limit:
-                i = ext.index(e - 1)
+            i = self._block_at(e - 1)
+            if i is not None:
                 e = ext.offs[i] + ext.lens[i]
-            win.add(s, min(e, self.size))
+            win.add(self._snap_start(s), min(e, self.size))
 
         if self.staging is not None:
             for s, e in self.staging.dirty:
                 widen(s, e)
-        if 0 < limit < ext.size and ext.offs[ext.index(limit)] < limit:
-            widen(ext.offs[ext.index(limit)], limit)  # the extent cut by a truncation
+        i = self._block_at(limit - 1) if 0 < limit < ext.size else None
+        if i is not None and ext.offs[i] + ext.lens[i] > limit:
+            widen(ext.offs[i], limit)  # the block cut by a truncation
         return win
 
     async def _materialize(self, win: Ranges) -> None:
@@ -488,7 +512,7 @@ class OpenFile:
         pos = 0
         for ws, we in [*win, (self.size, self.size)]:
             if pos < min(ws, limit):           # unchanged committed extents
-                out += ext.pairs(ext.index(pos), ext.index(min(ws, limit) - 1) + 1)
+                out += ext.between(pos, min(ws, limit))
                 pos = min(ws, limit)
             if pos < ws:                       # never written: a hole
                 out.append([None, ws - pos])

@@ -219,3 +219,34 @@ def test_a_block_missing_at_flush_is_a_clean_eio(mount_factory):
         with contextlib.suppress(OSError):
             os.close(fd)  # the close's flush fails the same way
     assert "Traceback" not in m.log()
+
+
+def test_a_write_into_a_large_hole_is_flushed_without_its_zeros(mount_factory):
+    """A file extended by truncate is one hole; a write into it re-chunks only itself.
+
+    The window around the write used to be widened over the whole hole, and
+    the flush wrote all of its zeros into the staging file to re-chunk them.
+    """
+    m = mount_factory("local")
+    path = m.p("sparse")
+    with open(path, "wb") as f:
+        f.truncate(1 << 30)
+
+    def written() -> int:  # bytes the mount process has written through syscalls
+        with open(f"/proc/{m.proc.pid}/io") as f:
+            return int(dict(line.split(": ") for line in f.read().splitlines())["wchar"])
+
+    before = written()
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"x" * 4096, 512 << 20)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert written() - before < 16 << 20
+    m.remount(drop_cache=True)
+    assert os.path.getsize(path) == 1 << 30
+    assert os.stat(path).st_blocks * 512 < 1 << 20  # holes store nothing
+    with open(path, "rb") as f:
+        f.seek((512 << 20) - 4096)
+        assert f.read(3 * 4096) == bytes(4096) + b"x" * 4096 + bytes(4096)
