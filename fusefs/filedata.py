@@ -337,16 +337,9 @@ class OpenFile:
         """
         slots = self.vfs.cache.segment_slots
 
-        async def send(buf: bytes, base: int, pieces: list[Piece],
-                       turn: trio.Event, done: trio.Event) -> None:
-            view = memoryview(buf)
-
-            def read(p: Piece) -> memoryview:  # no copy: used only until it is put
-                return view[p.offset - base:p.offset - base + p.length]
-            try:
-                await self._upload(pieces, read)
-            finally:
-                slots.release()
+        async def send(buf: bytes, pieces: list[Piece], turn: trio.Event,
+                       done: trio.Event) -> None:
+            await self._send(buf, pieces)
             await turn.wait()
             end = pieces[-1].offset + pieces[-1].length
             self.staging.release(self.ahead_end, end - self.ahead_end)
@@ -369,23 +362,42 @@ class OpenFile:
                         break
                     stop = min(r[1], pos + PIPELINE_BYTES + MAX_BLOCK)
                     self.ahead_read = stop
-
-                    def cut(start: int = pos, stop: int = stop) -> tuple[bytes, list[Piece]]:
-                        buf = os.pread(self.staging.fd, stop - start, start)
-                        # the last cut is the segment's end, not the content's
-                        return buf, chunk_buf(buf, start)[:-1]
                     try:
-                        buf, pieces = await trio.to_thread.run_sync(cut)
+                        buf, pieces = await self._cut(pos, stop, whole=False)
                     except BaseException:
                         slots.release()
                         raise
                     done = trio.Event()
-                    nursery.start_soon(send, buf, pos, pieces, turn, done)
+                    nursery.start_soon(send, buf, pieces, turn, done)
                     turn = done
                     pos = pieces[-1].offset + pieces[-1].length
         finally:
             self.ahead_idle.set()
             self.ahead_moved.set()
+
+    async def _cut(self, pos: int, stop: int, whole: bool) -> tuple[bytes, list[Piece]]:
+        """Read bytes [pos, stop) of the staging file into memory and cut them.
+
+        Unless ``whole``, the last piece is left out: it ends where the
+        segment stops, not at a cut of the content; the next segment starts
+        there (the cuts before it depend only on the bytes before them).
+        """
+        def cut() -> tuple[bytes, list[Piece]]:
+            buf = os.pread(self.staging.fd, stop - pos, pos)
+            pieces = chunk_buf(buf, pos)
+            return buf, pieces if whole else pieces[:-1]
+        return await trio.to_thread.run_sync(cut)
+
+    async def _send(self, buf: bytes, pieces: list[Piece]) -> None:
+        """Upload a cut segment's pieces from its bytes, then free its segment slot."""
+        view, base = memoryview(buf), pieces[0].offset
+
+        def read(p: Piece) -> memoryview:  # no copy: used only until it is put
+            return view[p.offset - base:p.offset - base + p.length]
+        try:
+            await self._upload(pieces, read)
+        finally:
+            self.vfs.cache.segment_slots.release()
 
     # --- committing ------------------------------------------------------------
 
@@ -504,6 +516,28 @@ class OpenFile:
             for p in todo.values():
                 nursery.start_soon(put, p)
 
+    async def _cut_upload(self, pos: int, end: int) -> list[Piece]:
+        """Cut bytes [pos, end) of the staging file into pieces and upload them.
+
+        Segment by segment, like the pump, so that the next segment is cut
+        while earlier ones upload; in segment slots shared with the pumps.
+        """
+        slots = self.vfs.cache.segment_slots
+        out: list[Piece] = []
+        async with trio.open_nursery() as nursery:
+            while pos < end:
+                stop = min(end, pos + PIPELINE_BYTES + MAX_BLOCK)
+                await slots.acquire()
+                try:
+                    buf, pieces = await self._cut(pos, stop, whole=stop == end)
+                except BaseException:
+                    slots.release()
+                    raise
+                nursery.start_soon(self._send, buf, pieces)
+                out += pieces
+                pos = pieces[-1].offset + pieces[-1].length
+        return out
+
     def _new_extents(self, win: Ranges, chunks: dict[int, list[Piece]]) -> list[list]:
         """Committed extents outside the windows, chunks inside, holes past the old end."""
         ext = self.extents
@@ -539,6 +573,9 @@ class OpenFile:
             for s, e in win:
                 done = self.ahead_pieces if pipelined(s, e) else []
                 pos = self.ahead_end if done else s
+                if e - pos > PIPELINE_BYTES:
+                    chunks[s] = done + await self._cut_upload(pos, e)
+                    continue
                 rest = await trio.to_thread.run_sync(chunk_fd, fd, pos, e)
                 chunks[s] = done + rest
                 pieces += rest

@@ -250,3 +250,23 @@ def test_a_write_into_a_large_hole_is_flushed_without_its_zeros(mount_factory):
     with open(path, "rb") as f:
         f.seek((512 << 20) - 4096)
         assert f.read(3 * 4096) == bytes(4096) + b"x" * 4096 + bytes(4096)
+
+
+def test_a_large_rewritten_window_is_cut_as_in_one_pass(mount_factory):
+    """Small writes all over a committed file: the flush cuts the one window in segments.
+
+    Each segment is uploaded while the next is cut; the blocks must be those
+    of cutting the new content in one pass, and the file must read back.
+    """
+    m = mount_factory("local")
+    data = bytearray(pattern(os.urandom(8), SIZE))
+    with open(m.p("f"), "wb") as f:
+        write_chunks(f, data)
+    with open(m.p("f"), "r+b") as f:
+        for off in range(4096, len(data), 1 << 20):
+            f.seek(off)
+            f.write(b"y" * 100)
+            data[off:off + 100] = b"y" * 100
+    assert set(expected_keys(bytes(data))) <= stored(m)
+    m.remount(drop_cache=True)
+    assert read_file(m.p("f")) == data
