@@ -1,6 +1,7 @@
 """The pyfuse3 adapter: translates FUSE requests to VFS calls, nothing more.
 
-Every handler maps :class:`FSError` to its errno. Any other exception is a
+Every handler maps :class:`FSError` to its errno (also when parallel work
+raised it inside an exception group). Any other exception is a
 bug or an infrastructure failure: it is logged once with its traceback and
 answered with EIO, so an application sees an error, never a hung call.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import pyfuse3
 
 from fusefs.vfs import VFS
-from metaserver.errors import FSError
+from metaserver.errors import fs_error
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,6 @@ ATTR_TIMEOUT = 300.0
 BLKSIZE = 128 << 10
 
 
-def _fs_error(e: BaseException) -> FSError | None:
-    """The FSError ``e`` is, or the first of an exception group made only of them.
-
-    Work done in parallel (block transfers) runs in nurseries, which wrap
-    what their tasks raise in exception groups.
-    """
-    if isinstance(e, BaseExceptionGroup):
-        match, rest = e.split(FSError)
-        if match is None or rest is not None:
-            return None
-        while isinstance(match, BaseExceptionGroup):
-            match = match.exceptions[0]
-        e = match
-    return e if isinstance(e, FSError) else None
-
-
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Answer an FSError with its errno, anything else with EIO and a logged traceback."""
     @functools.wraps(fn)
@@ -55,7 +40,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except pyfuse3.FUSEError:
             raise
         except Exception as e:
-            if (fs := _fs_error(e)) is not None:
+            if (fs := fs_error(e)) is not None:
                 raise pyfuse3.FUSEError(fs.errno) from None
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

@@ -45,7 +45,7 @@ from cachetools import LRUCache
 from cache import BlockCache
 from fusefs.filedata import OpenFile
 from metaserver.client import MetaClient
-from metaserver.errors import FSError
+from metaserver.errors import FSError, fs_error
 from metaserver.protocol import RENAME_EXCHANGE, XATTR_NAMESPACES
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,8 @@ class VFS:
             try:
                 await fn(*args, **kwargs)
             except Exception as e:
-                log.warning("background %s failed: %s", getattr(fn, "__name__", fn), e)
+                log.warning("background %s failed: %s", getattr(fn, "__name__", fn),
+                            fs_error(e) or e)
         self.nursery.start_soon(guarded)
 
     async def call(self, op: str, **args: Any) -> Any:

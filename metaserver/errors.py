@@ -23,3 +23,19 @@ class Conflict(FSError):
     def __init__(self, current: int) -> None:
         super().__init__(_errno.ESTALE, f"base version is stale; current is {current}")
         self.current = current
+
+
+def fs_error(e: BaseException) -> FSError | None:
+    """The FSError ``e`` is, or the first of an exception group made only of them.
+
+    Work done in parallel (block transfers) runs in trio nurseries, which wrap
+    what their tasks raise in exception groups.
+    """
+    if isinstance(e, BaseExceptionGroup):
+        match, rest = e.split(FSError)
+        if match is None or rest is not None:
+            return None
+        while isinstance(match, BaseExceptionGroup):
+            match = match.exceptions[0]
+        e = match
+    return e if isinstance(e, FSError) else None
