@@ -258,6 +258,10 @@ class MetaServer:
             log.warning("rejected connection: %s", e)
             await stream.send_all(pack([rid, e.errno, e.message]))
             return None
+        except psycopg.OperationalError as e:
+            log.error("database unavailable, connection refused: %s", e)
+            await stream.send_all(pack([rid, errno.EIO, "database unavailable"]))
+            return None
         await stream.send_all(pack([rid, 0, {"user": user.name, "root": user.root,
                                              "blocks": self.blocks_url}]))
         return Session(stream, user, str(args.get("device", "")))
