@@ -92,6 +92,8 @@ class Extents:
         Windows start and end at block boundaries, so only holes are cut.
         """
         i, j = self.index(a), self.index(b - 1)
+        assert a == self.offs[i] or self.keys[i] is None, "a block cut at its start"
+        assert b == self.offs[j] + self.lens[j] or self.keys[j] is None, "a block cut at its end"
         out = self.pairs(i, j + 1)
         out[0][1] -= a - self.offs[i]
         out[-1][1] -= self.offs[j] + self.lens[j] - b
@@ -340,6 +342,7 @@ class OpenFile:
         async def send(buf: bytes, pieces: list[Piece], turn: trio.Event,
                        done: trio.Event) -> None:
             await self._send(buf, pieces)
+            del buf  # its slot is free: so is its memory, while it waits for its turn
             await turn.wait()
             end = pieces[-1].offset + pieces[-1].length
             self.staging.release(self.ahead_end, end - self.ahead_end)
@@ -362,13 +365,10 @@ class OpenFile:
                         break
                     stop = min(r[1], pos + PIPELINE_BYTES + MAX_BLOCK)
                     self.ahead_read = stop
-                    try:
-                        buf, pieces = await self._cut(pos, stop, whole=False)
-                    except BaseException:
-                        slots.release()
-                        raise
+                    buf, pieces = await self._cut(pos, stop, whole=False)
                     done = trio.Event()
                     nursery.start_soon(send, buf, pieces, turn, done)
+                    del buf  # held by send only
                     turn = done
                     pos = pieces[-1].offset + pieces[-1].length
         finally:
@@ -378,21 +378,27 @@ class OpenFile:
     async def _cut(self, pos: int, stop: int, whole: bool) -> tuple[bytes, list[Piece]]:
         """Read bytes [pos, stop) of the staging file into memory and cut them.
 
-        Unless ``whole``, the last piece is left out: it ends where the
-        segment stops, not at a cut of the content; the next segment starts
-        there (the cuts before it depend only on the bytes before them).
+        Called with a segment slot held, which ``_send`` frees (or this, if
+        the cut fails). Unless ``whole``, the last piece is left out: it ends
+        where the segment stops, not at a cut of the content; the next
+        segment starts there (the cuts before it depend only on the bytes
+        before them).
         """
         def cut() -> tuple[bytes, list[Piece]]:
             buf = os.pread(self.staging.fd, stop - pos, pos)
             pieces = chunk_buf(buf, pos)
             return buf, pieces if whole else pieces[:-1]
-        return await trio.to_thread.run_sync(cut)
+        try:
+            return await trio.to_thread.run_sync(cut)
+        except BaseException:
+            self.vfs.cache.segment_slots.release()
+            raise
 
     async def _send(self, buf: bytes, pieces: list[Piece]) -> None:
         """Upload a cut segment's pieces from its bytes, then free its segment slot."""
         view, base = memoryview(buf), pieces[0].offset
 
-        def read(p: Piece) -> memoryview:  # no copy: used only until it is put
+        def read(p: Piece) -> memoryview:  # no copy: only put and written to the disk cache
             return view[p.offset - base:p.offset - base + p.length]
         try:
             await self._upload(pieces, read)
@@ -528,12 +534,9 @@ class OpenFile:
             while pos < end:
                 stop = min(end, pos + PIPELINE_BYTES + MAX_BLOCK)
                 await slots.acquire()
-                try:
-                    buf, pieces = await self._cut(pos, stop, whole=stop == end)
-                except BaseException:
-                    slots.release()
-                    raise
+                buf, pieces = await self._cut(pos, stop, whole=stop == end)
                 nursery.start_soon(self._send, buf, pieces)
+                del buf  # held by _send only
                 out += pieces
                 pos = pieces[-1].offset + pieces[-1].length
         return out
@@ -552,7 +555,13 @@ class OpenFile:
                 out.append([None, ws - pos])
             out += [[p.key, p.length] for p in chunks.get(ws, ())]
             pos = we
-        return out
+        merged: list[list] = []
+        for k, n in out:  # holes cut by windows would otherwise add up extent by extent
+            if k is None and merged and merged[-1][0] is None:
+                merged[-1][1] += n
+            else:
+                merged.append([k, n])
+        return merged
 
     async def flush(self) -> None:
         """Commit the dirty state as a new version; return once it is durable."""
