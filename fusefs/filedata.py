@@ -463,7 +463,9 @@ class OpenFile:
         gaps: dict[int, list[tuple[int, int]]] = {}  # extent index, -1 for zeros -> gaps
         for s, e in win:
             for pos, stop, dirty in st.dirty.split(s, e):
-                while not dirty and pos < stop:
+                if dirty:
+                    continue
+                while pos < stop:
                     i = ext.index(pos) if pos < limit else -1
                     end = min(stop, ext.offs[i] + ext.lens[i], limit) if i >= 0 else stop
                     gaps.setdefault(i if i >= 0 and ext.keys[i] else -1, []).append((pos, end))
