@@ -7,8 +7,9 @@ Usage (root)::
 STEP is one of ``creates`` (N files of 4 KiB: create+write+close), ``ls``
 (``ls -l`` of a directory of N such files, 3 times), ``write`` (an N MiB file
 with fsync), ``read`` (that file cold, after a remount with an empty cache),
-``fsync`` (the fsync after 20,000 random 4 KiB writes into that file, as in
-the benchmark's random write job).
+``fsync`` (20,000 random 4 KiB writes into that file, as in the benchmark's
+random write job, then an fsync: the figure is the fsync's duration, the CPU
+and samples cover the writes too).
 ``--gcs`` puts the blocks in the GCS emulator. py-spy samples only threads
 holding the GIL (``--gil``), so idle waits are not counted and the shares are
 of Python CPU. For each process it prints the CPU seconds used during the step
@@ -32,7 +33,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from functools import partial
 
 from gcs import emulator
 from harness import MIB, ROOT
@@ -53,6 +53,12 @@ def cpu_seconds(pid: int) -> float:
 def server_pid(home: str) -> int:
     with open(Embedded(home).path("run", "metaserver.json")) as f:
         return json.load(f)["pid"]
+
+
+def process_pids(t: Nimbus) -> dict[str, int]:
+    """The mount's and the metaserver's pids (a remount changes both: the last
+    unmount stops the metaserver)."""
+    return {"mount": t._pid(), "metaserver": server_pid(t.home)}
 
 
 def summarize(path: str, top: int = 25) -> None:
@@ -113,7 +119,7 @@ def main() -> None:
             emu = stack.enter_context(emulator(base))
         t = stack.enter_context(open_target("nimbus-gcs" if args.gcs else "nimbus", emu))
         assert isinstance(t, Nimbus)
-        pids = {"mount": t._pid(), "metaserver": server_pid(t.home)}
+        pids = process_pids(t)
         d = os.path.join(t.root, "d")
         os.mkdir(d)
         names = [os.path.join(d, f"f{i:05d}") for i in range(n)]
@@ -144,10 +150,17 @@ def main() -> None:
             read_all(path)
             return n * MIB / 1e6 / (time.perf_counter() - t0)
 
-        def fsync(fd: int) -> float:
-            t0 = time.perf_counter()
-            os.fsync(fd)
-            return time.perf_counter() - t0
+        def fsync() -> float:
+            # The writes are profiled too: starting py-spy with the file open
+            # would flush it (the exec closes a copy of its descriptor, and
+            # every close of a FUSE file sends FLUSH, which commits).
+            with open(path, "r+b") as f:
+                rng = random.Random(1)
+                for _ in range(20000):
+                    os.pwrite(f.fileno(), data, rng.randrange(n * MIB // 4096) * 4096)
+                t0 = time.perf_counter()
+                os.fsync(f.fileno())
+                return time.perf_counter() - t0
 
         if args.step == "creates":
             profile("creates", "files/s", pids, creates)
@@ -157,14 +170,10 @@ def main() -> None:
         else:
             if args.step in ("read", "fsync"):
                 write()
-                t.cold()  # the last unmount stops the metaserver too: new pids
-                pids = {"mount": t._pid(), "metaserver": server_pid(t.home)}
-            if args.step == "fsync":  # the writes before the profile, the fsync in it
-                fd = stack.enter_context(open(path, "r+b")).fileno()
-                rng = random.Random(1)
-                for _ in range(20000):
-                    os.pwrite(fd, data, rng.randrange(n * MIB // 4096) * 4096)
-                profile("fsync", "s per fsync", pids, partial(fsync, fd))
+                t.cold()
+                pids = process_pids(t)
+            if args.step == "fsync":
+                profile("fsync", "s per fsync", pids, fsync)
             else:
                 profile(args.step, "MB/s", pids, write if args.step == "write" else read)
 
