@@ -115,10 +115,10 @@ class VFS:
             self._gen += 1
             return
         for _, ino, parent, name, kind, device in changes:
-            if device == self.client.device and kind != "setattr":
+            if device == self.client.device and kind != "xattr":
                 continue
-            # xattr changes are logged as "setattr"; even this mount's drop the
-            # name cache, in case a reply older than the change re-seeded it.
+            # Even this mount's xattr changes drop the name cache, in case a
+            # reply older than the change re-seeded it.
             self.xattr_names.pop(self.fuse(ino), None)
             if device == self.client.device:
                 continue
