@@ -74,6 +74,9 @@ class Kernel:
     def invalidate_inode(self, ino: int) -> None:
         pyfuse3.invalidate_inode(ino)
 
+    def invalidate_attr(self, ino: int) -> None:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         pyfuse3.invalidate_entry(parent, name)
 

@@ -127,7 +127,7 @@ async def serve(cfg: MountConfig) -> None:
         await client.connect()
         store = open_store(cfg.blocks or client.info["blocks"])
         cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)
-        vfs = VFS(client, cache, cfg.cache_dir, nursery)
+        vfs = VFS(client, cache, cfg.cache_dir, nursery, Kernel())
         client.on_push = vfs.apply_changes
         await client.subscribe()  # before mounting: a failure here leaves nothing mounted
         options = {"fsname=nimbusfs", "subtype=nimbusfs", "default_permissions"}
@@ -138,7 +138,7 @@ async def serve(cfg: MountConfig) -> None:
         pyfuse3.init(Operations(vfs), cfg.mountpoint, options)
         nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint,
                                    abandon_on_cancel=True))
-        nursery.start_soon(vfs.run_invalidations, Kernel())
+        nursery.start_soon(vfs.run_invalidations)
         if malloc_trim is not None:
             nursery.start_soon(_trim_malloc, malloc_trim)
         log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,

@@ -64,14 +64,16 @@ class KernelCache(Protocol):
     """The kernel's caches, as the FUSE adapter exposes them (blocking calls)."""
 
     def invalidate_inode(self, ino: int) -> None: ...
+    def invalidate_attr(self, ino: int) -> None: ...
     def invalidate_entry(self, parent: int, name: bytes) -> None: ...
 
 
 class VFS:
     def __init__(self, client: MetaClient, cache: BlockCache, state_dir: str,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, kernel: KernelCache) -> None:
         self.client = client
         self.cache = cache
+        self.kernel = kernel
         self.state_dir = state_dir
         self.staging_dir = os.path.join(state_dir, "staging")
         self.nursery = nursery
@@ -139,13 +141,13 @@ class VFS:
             # still bounds how long this mount shows the old state.
             log.warning("invalidation queue full; dropping %r", item)
 
-    async def run_invalidations(self, kernel: KernelCache) -> None:
+    async def run_invalidations(self) -> None:
         async for item in self._inval_recv:
             try:
                 if item[0] == "inode":
-                    await trio.to_thread.run_sync(kernel.invalidate_inode, item[1])
+                    await trio.to_thread.run_sync(self.kernel.invalidate_inode, item[1])
                 else:
-                    await trio.to_thread.run_sync(kernel.invalidate_entry, item[1], item[2])
+                    await trio.to_thread.run_sync(self.kernel.invalidate_entry, item[1], item[2])
             except OSError:
                 pass  # the kernel holds nothing for it: nothing to invalidate
 
@@ -503,6 +505,16 @@ class VFS:
             raise
         keep = self.page_version.get(ino) == f.base and not f.modified
         self.page_version[ino] = f.base
+        if not keep:
+            # The kernel reads no further than the size it has cached, which
+            # may be from before the version this open adopted: the push that
+            # invalidates it can still be on its way (close on A, open on B
+            # read short under load). Its cached attributes go now; the page
+            # cache goes with the reply (no keep_cache).
+            try:
+                await trio.to_thread.run_sync(self.kernel.invalidate_attr, ino)
+            except OSError:
+                pass  # the kernel holds nothing for it
         return self._handle(f, uid), keep
 
     def _handle(self, f: OpenFile, uid: int) -> int:

@@ -34,6 +34,42 @@ def test_close_to_open_every_round(pair):
         assert read_file(a.p("f")) == data[::-1]
 
 
+def test_open_adopts_new_size_without_the_push(pair, services, store):
+    """An open on B reads a version committed elsewhere whole, even before any push.
+
+    B's kernel caches the file's size (300 s) and reads no further than it.
+    The new version is committed under B's own device name, so the server
+    never pushes it to B: only the open can tell B's kernel the size changed
+    (under load, the push for a close on A arrived after B's open and read).
+    """
+    from blockstore import block_hash, open_store
+    from metaserver.client import connect
+
+    a, b = pair
+    write_file(a.p("f"), b"old")
+    assert os.stat(b.p("f")).st_size == 3          # B's kernel caches the size
+    write_file(b.p("g"), b"g")                     # a version naming B's device
+    new = os.urandom(100_000)
+    if store == "gcs":
+        os.environ["STORAGE_EMULATOR_HOST"] = services.gcs_endpoint
+
+    async def commit_as_b() -> None:
+        dep = services.deployments[store]
+        async with connect(dep.address, a.token, "test") as c:
+            root = c.info["root"]
+            g = await c.call("lookup", parent=root, name=b"g")
+            device = (await c.call("versions", ino=g["ino"]))[0]["device"]
+        async with connect(dep.address, a.token, device) as c:
+            f = await c.call("lookup", parent=root, name=b"f")
+            key = block_hash(new)
+            open_store(c.info["blocks"]).put(key, new)
+            await c.call("commit", ino=f["ino"], base=f["version"], extents=[[key, len(new)]],
+                         size=len(new), mtime=f["mtime"] + 1)
+
+    trio.run(commit_as_b)
+    assert read_file(b.p("f")) == new
+
+
 def test_namespace_changes_visible(pair):
     a, b = pair
     os.mkdir(a.p("d"))
