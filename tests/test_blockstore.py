@@ -61,6 +61,30 @@ def test_put_of_stored_block_keeps_no_reference(bstore):
         gc.enable()
 
 
+def test_local_put_syncs_the_renamed_entry(tmp_path, monkeypatch):
+    """A block is durable when put returns: its directory is fsynced after the rename."""
+    import blockstore.local as local
+
+    events: list[tuple[str, str]] = []
+    rename, fsync = os.rename, os.fsync
+
+    def rec_rename(src, dst):
+        rename(src, dst)
+        events.append(("rename", os.path.dirname(dst)))
+
+    def rec_fsync(fd):
+        fsync(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(local.os, "rename", rec_rename)
+    monkeypatch.setattr(local.os, "fsync", rec_fsync)
+    store = open_store(str(tmp_path / "blocks"))
+    data = b"block"
+    store.put(block_hash(data), data)
+    d = os.path.dirname(store._path(block_hash(data)))
+    assert events.index(("fsync", d)) > events.index(("rename", d))
+
+
 def test_chunking_is_content_defined(tmp_path):
     """An insertion changes only the blocks around it; the rest keep their hashes."""
     import blake3
