@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -135,9 +136,31 @@ class OpenFile:
         self.mtime = attr["mtime"]
         self.modified = False         # size or content changed since the last commit
         self.kill_priv = False        # an unprivileged write: the commit drops setuid/setgid
+        self.deferred: dict[str, int] = {}  # mode, owner, atime changes for the commit
+        self.ctime = 0                # when the last of them was made
         self._forget_ahead()
         if self.staging is not None:
             self.staging.reset()
+
+    def defer(self, changes: dict[str, int]) -> bool:
+        """Keep chmod/chown/utimens changes for the coming commit, if that is the first.
+
+        A file created and never committed shows other mounts only an empty
+        file: its mode, owner and times reach them with its first version, in
+        the commit's transaction, as its size does (``tar x`` and ``cp -a`` as
+        root set three per file, fchown, fchmod and utimensat: three round
+        trips of five). mtime needs nothing here: the commit carries
+        ``self.mtime``. Not when set-user-ID or set-group-ID is involved (a
+        later unprivileged write must drop them, and chown does too), nor
+        without data to commit. Returns whether the changes were kept.
+        """
+        mode = self.deferred.get("mode", self.attr["mode"])
+        if (not self.modified or self.base != 0
+                or (changes.get("mode", 0) | mode) & (stat.S_ISUID | stat.S_ISGID)):
+            return False
+        self.deferred.update((k, v) for k, v in changes.items() if k != "mtime")
+        self.ctime = time.time_ns()
+        return True
 
     # --- reading ---------------------------------------------------------------
 
@@ -595,6 +618,7 @@ class OpenFile:
             r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
                                            extents=extents, size=self.size, mtime=self.mtime,
                                            kill_priv=self.kill_priv,
+                                           **({"attrs": self.deferred} if self.deferred else {}),
                                            **self.vfs.commit_hint(self.ino))
             if "conflict" not in r:
                 self.reset(r["attr"], extents)

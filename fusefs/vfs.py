@@ -244,6 +244,11 @@ class VFS:
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
             attr["alloc"] = max(attr["alloc"], f.size)  # an estimate until the commit
+            if f.deferred:
+                attr.update((k, v) for k, v in f.deferred.items() if k != "mode")
+                if "mode" in f.deferred:
+                    attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(f.deferred["mode"])
+                attr["ctime"] = max(attr["ctime"], f.ctime)
         return attr
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
@@ -317,12 +322,26 @@ class VFS:
         f = self.files.get(ino)
         if f is not None and changes.get("mtime") is not None:
             f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
+        if changes and f is not None:
+            # Under the file's lock: no commit carrying deferred changes is in
+            # flight, and none starts before this change is deferred or sent.
+            async with f.lock:
+                if f.defer(changes):
+                    return self._out(self.attrs.get(ino) or f.attr)
+                # Sent now, with any deferred ones (a later commit must not
+                # apply those over this).
+                attr = await self._setattr(ino, {**f.deferred, **changes})
+                f.deferred.clear()
+                return attr
         if changes:
-            token = self._gen
-            attr = await self.call("setattr", ino=self.srv(ino), **changes)
-            self._fill(attr, token)
-            return self._out(attr)
+            return await self._setattr(ino, changes)
         return await self.getattr(ino)
+
+    async def _setattr(self, ino: int, changes: dict[str, int]) -> dict[str, Any]:
+        token = self._gen
+        attr = await self.call("setattr", ino=self.srv(ino), **changes)
+        self._fill(attr, token)
+        return self._out(attr)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self.xattr_names.pop(ino, None)

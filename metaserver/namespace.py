@@ -454,12 +454,13 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs}
 
 
-@op
-def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None,
-            uid: int | None = None, gid: int | None = None, atime: int | None = None,
-            mtime: int | None = None) -> dict[str, int]:
-    """Change mode, owner or times; ctime becomes now. Size changes are commits."""
-    a = _inode(cur, u, ino, lock=True)
+SETATTR_KEYS = frozenset({"mode", "uid", "gid", "atime", "mtime"})
+
+
+def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int | None = None,
+             gid: int | None = None, atime: int | None = None, mtime: int | None = None
+             ) -> dict[str, int]:
+    """Change mode, owner or times of the locked inode ``a``; ctime becomes now."""
     sets, vals = ["ctime_ns = %s"], [time.time_ns()]
     if mode is None and (uid is not None or gid is not None) and not stat.S_ISDIR(a["mode"]):
         # chown drops set-user-ID, and set-group-ID when group-executable, as on Linux
@@ -472,8 +473,16 @@ def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None
             sets.append(f"{col} = %s")
             vals.append(v)
     cur.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id = %s RETURNING {_ATTR_COLS}",
-                (*vals, ino))
-    attr = _attr(cur.fetchone())
+                (*vals, a["ino"]))
+    return _attr(cur.fetchone())
+
+
+@op
+def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None,
+            uid: int | None = None, gid: int | None = None, atime: int | None = None,
+            mtime: int | None = None) -> dict[str, int]:
+    """Change mode, owner or times; ctime becomes now. Size changes are commits."""
+    attr = _setattr(cur, _inode(cur, u, ino, lock=True), mode, uid, gid, atime, mtime)
     _log(cur, u, device, ("setattr", ino, None, None))
     return attr
 
@@ -644,7 +653,8 @@ def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
 @op
 def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list, size: int,
            mtime: int, kill_priv: bool = False, parent: int | None = None,
-           name: bytes | None = None) -> dict[str, Any]:
+           name: bytes | None = None, attrs: dict[str, int] | None = None
+           ) -> dict[str, Any]:
     """Make ``extents`` the new current version of file ``ino``.
 
     ``base`` is the version the writer started from. If another commit came
@@ -652,10 +662,17 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     the bytes are saved as a conflicted copy next to it (``parent``/``name``
     are where the writer last saw the file) and the answer names the copy.
     The blocks must already be in the block store: a version never references
-    a missing block.
+    a missing block. ``attrs`` are mode, owner or time changes the writer made
+    while writing a file that has no version yet (see ``OpenFile.defer``):
+    they are applied after the new version, in the same transaction; a
+    conflicted copy does not take them.
     """
     if sum(n for _, n in extents) != size:
         raise FSError(errno.EINVAL, "extents do not add up to size")
+    attrs = attrs or {}
+    if not (isinstance(attrs, dict) and set(attrs) <= SETATTR_KEYS
+            and all(type(v) is int for v in attrs.values())):
+        raise FSError(errno.EINVAL, "bad attributes")
     cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
                 (ino, u.id))
     row = cur.fetchone()
@@ -663,7 +680,8 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     if a is not None and not stat.S_ISREG(a["mode"]):
         raise FSError(errno.EINVAL, "not a regular file")
     if a is not None and a["version"] == base and (a["nlink"] > 0 or name is None):
-        return {"attr": _commit(cur, u, device, a, extents, size, mtime, kill_priv)}
+        attr = _commit(cur, u, device, a, extents, size, mtime, kill_priv)
+        return {"attr": _setattr(cur, attr, **attrs) if attrs else attr}
     if name is None:
         raise (Conflict(a["version"]) if a else FSError(errno.ENOENT, "file was deleted"))
     copy = _save_conflict(cur, u, device, ino, parent or u.root, name, extents, size, mtime)

@@ -70,6 +70,50 @@ def test_open_adopts_new_size_without_the_push(pair, services, store):
     assert read_file(b.p("f")) == new
 
 
+def test_new_file_attributes_travel_with_its_first_version(pair, services, store):
+    """chown, chmod and utimens of a file not committed yet wait for its first version.
+
+    ``tar x`` and ``cp -a`` set them on every file before closing it. Until
+    the close, other mounts see only an empty file, so the changes go with
+    the content, in the commit's transaction: the server still holds the
+    create-time attributes while the writer already sees the new ones. Once
+    the file has a version, a chmod goes to the server at once again.
+    """
+    from metaserver.client import connect
+
+    a, b = pair
+    dep = services.deployments[store]
+
+    def on_server() -> dict:
+        async def lookup() -> dict:
+            async with connect(dep.address, a.token, "test") as c:
+                return await c.call("lookup", parent=c.info["root"], name=b"f")
+        return trio.run(lookup)
+
+    fd = os.open(a.p("f"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"data")
+        os.fchown(fd, 1234, 5678)
+        os.fchmod(fd, 0o640)
+        os.utime(fd, ns=(1_000_000_000, 2_000_000_000))
+        st = os.fstat(fd)
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o640, 1234, 5678)
+        assert (st.st_atime_ns, st.st_mtime_ns, st.st_size) == (1_000_000_000, 2_000_000_000, 4)
+        srv = on_server()
+        assert (srv["mode"] & 0o7777, srv["uid"], srv["size"]) == (0o600, 0, 0)
+    finally:
+        os.close(fd)
+    srv = on_server()
+    assert (srv["mode"] & 0o7777, srv["uid"], srv["gid"]) == (0o640, 1234, 5678)
+    assert (srv["atime"], srv["mtime"], srv["size"]) == (1_000_000_000, 2_000_000_000, 4)
+    st = os.stat(b.p("f"))
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns) == \
+        (0o640, 1234, 5678, 2_000_000_000)
+    assert read_file(b.p("f")) == b"data"
+    os.chmod(a.p("f"), 0o644)
+    assert on_server()["mode"] & 0o7777 == 0o644
+
+
 def test_namespace_changes_visible(pair):
     a, b = pair
     os.mkdir(a.p("d"))

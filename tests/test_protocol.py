@@ -57,6 +57,12 @@ async def test_bad_arguments_are_einval(services):
         with pytest.raises(FSError) as e:
             await c.call("no_such_op")
         assert e.value.errno == errno.ENOSYS
+        f = await c.call("mknod", parent=c.info["root"], name=b"f", mode=0o100644, uid=0, gid=0)
+        for attrs in ({"size": 1}, {"mode": "rw"}, [1]):
+            with pytest.raises(FSError) as e:
+                await c.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=0,
+                             attrs=attrs)
+            assert e.value.errno == errno.EINVAL
 
 
 async def test_a_replayed_mutation_is_applied_once(services):
