@@ -9,7 +9,10 @@ STEP is one of ``creates`` (N files of 4 KiB: create+write+close), ``ls``
 with fsync), ``read`` (that file cold, after a remount with an empty cache),
 ``fsync`` (20,000 random 4 KiB writes into that file, as in the benchmark's
 random write job, then an fsync: the figure is the fsync's duration, the CPU
-and samples cover the writes too).
+and samples cover the writes too), ``tar`` (the first N entries of the
+benchmark's source tarball extracted, as root: tar sets owner, mode and times
+of every file). ``--no-spy`` measures the step and each process's CPU
+without py-spy (which slows the processes it samples).
 ``--gcs`` puts the blocks in the GCS emulator. py-spy samples only threads
 holding the GIL (``--gil``), so idle waits are not counted and the shares are
 of Python CPU. For each process it prints the CPU seconds used during the step
@@ -34,9 +37,11 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
+import psycopg
 from gcs import emulator
 from harness import MIB, ROOT
 from jobs import read_all, stream, write_stream
+from run import default_tarball
 from targets import Nimbus, open_target
 
 from nimbusfs.embedded import Embedded
@@ -80,15 +85,28 @@ def summarize(path: str, top: int = 25) -> None:
             print(f"  {100 * n / total:5.1f}%  {fr[:130]}")
 
 
-def profile(name: str, unit: str, pids: dict[str, int], step: Callable[[], float]) -> None:
-    """Run ``step`` (returns a figure in ``unit``) under py-spy on each of ``pids``; print."""
+def transactions(home: str) -> int:
+    """Transactions the deployment's database has committed so far."""
+    with psycopg.connect(Embedded(home).dsn, autocommit=True) as conn:
+        return conn.execute("SELECT xact_commit FROM pg_stat_database"
+                            " WHERE datname = current_database()").fetchone()[0]
+
+
+def profile(name: str, unit: str, t: Nimbus, pids: dict[str, int], step: Callable[[], float],
+            spy: bool = True) -> None:
+    """Run ``step`` (returns a figure in ``unit``) under py-spy on each of ``pids``; print.
+
+    PostgreSQL's statistics reach ``pg_stat_database`` within half a second
+    of a transaction's end; the count is read after waiting that long.
+    """
     out = {p: os.path.join(ROOT, "bench", "results", f"profile-{name}-{p}.txt") for p in pids}
     spies = [subprocess.Popen([PY_SPY, "record", "--gil", "-r", "200", "-f", "raw", "-p",
                                str(pid), "-o", out[p]],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-             for p, pid in pids.items()]
-    time.sleep(1)  # py-spy attached
+             for p, pid in pids.items()] if spy else []
+    time.sleep(1)  # py-spy attached; earlier statistics reported
     before = {p: cpu_seconds(pid) for p, pid in pids.items()}
+    xacts = transactions(t.home)
     t0 = time.perf_counter()
     rate = step()
     wall = time.perf_counter() - t0
@@ -96,20 +114,26 @@ def profile(name: str, unit: str, pids: dict[str, int], step: Callable[[], float
     for s in spies:
         s.send_signal(2)
         s.wait()
+    time.sleep(1)
+    xacts = transactions(t.home) - xacts - 1  # the first count's own
     print(f"\n== {name}: {rate:.2f} {unit}, {wall:.1f} s wall; CPU s: "
-          + ", ".join(f"{p} {u:.1f}" for p, u in used.items()))
-    for p in pids:
+          + ", ".join(f"{p} {u:.1f}" for p, u in used.items())
+          + f"; PostgreSQL transactions {xacts}")
+    for p in pids if spy else ():
         print(f"-- {p} ({out[p]})")
         summarize(out[p])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("creates", "ls", "write", "read", "fsync"))
+    ap.add_argument("step", choices=("creates", "ls", "write", "read", "fsync", "tar"))
     ap.add_argument("--gcs", action="store_true", help="blocks in the GCS emulator")
-    ap.add_argument("--n", type=int, help="files (creates, ls: 2000) or MiB (write, read: 1024)")
+    ap.add_argument("--n", type=int, help="files (creates, ls, tar: 2000) or MiB (write, read,"
+                                          " fsync: 1024)")
+    ap.add_argument("--no-spy", action="store_true", help="only the figure and CPU seconds")
     args = ap.parse_args()
-    n = args.n or (2000 if args.step in ("creates", "ls") else 1024)
+    n = args.n or (2000 if args.step in ("creates", "ls", "tar") else 1024)
+    spy = not args.no_spy
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with ExitStack() as stack:
         emu = None
@@ -162,20 +186,34 @@ def main() -> None:
                 os.fsync(f.fileno())
                 return time.perf_counter() - t0
 
+        def tar() -> float:
+            tarball = default_tarball()
+            members = subprocess.run(["tar", "tzf", tarball], check=True, capture_output=True,
+                                     text=True).stdout.splitlines()[:n]
+            listing = os.path.join(t.home, "members.txt")
+            with open(listing, "w") as f:
+                f.write("\n".join(members) + "\n")
+            t0 = time.perf_counter()
+            subprocess.run(["tar", "xzf", tarball, "-C", d, "--no-recursion", "-T", listing],
+                           check=True)
+            return time.perf_counter() - t0
+
         if args.step == "creates":
-            profile("creates", "files/s", pids, creates)
+            profile("creates", "files/s", t, pids, creates, spy)
+        elif args.step == "tar":
+            profile("tar", f"s for {n} entries", t, pids, tar, spy)
         elif args.step == "ls":
             creates()
-            profile("ls", "s per ls -l", pids, ls)
+            profile("ls", "s per ls -l", t, pids, ls, spy)
         else:
             if args.step in ("read", "fsync"):
                 write()
                 t.cold()
                 pids = process_pids(t)
             if args.step == "fsync":
-                profile("fsync", "s per fsync", pids, fsync)
+                profile("fsync", "s per fsync", t, pids, fsync, spy)
             else:
-                profile(args.step, "MB/s", pids, write if args.step == "write" else read)
+                profile(args.step, "MB/s", t, pids, write if args.step == "write" else read, spy)
 
 
 if __name__ == "__main__":
