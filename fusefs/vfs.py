@@ -244,11 +244,10 @@ class VFS:
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
             attr["alloc"] = max(attr["alloc"], f.size)  # an estimate until the commit
-            if f.deferred:
-                attr.update((k, v) for k, v in f.deferred.items() if k != "mode")
-                if "mode" in f.deferred:
-                    attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(f.deferred["mode"])
-                attr["ctime"] = max(attr["ctime"], f.ctime)
+            attr.update((k, v) for k, v in f.deferred.items() if k != "mode")
+            if "mode" in f.deferred:
+                attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(f.deferred["mode"])
+            attr["ctime"] = max(attr["ctime"], f.ctime)
         return attr
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
@@ -322,26 +321,28 @@ class VFS:
         f = self.files.get(ino)
         if f is not None and changes.get("mtime") is not None:
             f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
-        if changes and f is not None:
+        if changes and f is not None and f.base == 0:
             # Under the file's lock: no commit carrying deferred changes is in
             # flight, and none starts before this change is deferred or sent.
+            # (Only while the file has no version: a version is never undone.)
             async with f.lock:
-                if f.defer(changes):
-                    return self._out(self.attrs.get(ino) or f.attr)
+                if self.files.get(ino) is f and f.defer(changes):
+                    return await self.getattr(ino)
                 # Sent now, with any deferred ones (a later commit must not
                 # apply those over this).
                 attr = await self._setattr(ino, {**f.deferred, **changes})
                 f.deferred.clear()
-                return attr
+                f.attr = attr  # the mode ``defer`` checks
+                return self._out(attr)
         if changes:
-            return await self._setattr(ino, changes)
+            return self._out(await self._setattr(ino, changes))
         return await self.getattr(ino)
 
     async def _setattr(self, ino: int, changes: dict[str, int]) -> dict[str, Any]:
         token = self._gen
         attr = await self.call("setattr", ino=self.srv(ino), **changes)
         self._fill(attr, token)
-        return self._out(attr)
+        return attr
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         self.xattr_names.pop(ino, None)
@@ -519,21 +520,21 @@ class VFS:
                 raise FSError(errno.EINVAL, "not a regular file")
             if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
                 await f.truncate(0)
+            keep = self.page_version.get(ino) == f.base and not f.modified
+            if not keep:
+                # The kernel reads no further than the size it has cached,
+                # which may be from before the version this open adopted: the
+                # push that invalidates it can still be on its way (close on
+                # A, open on B read short under load). Its cached attributes
+                # go now; the page cache goes with the reply (no keep_cache).
+                try:
+                    await trio.to_thread.run_sync(self.kernel.invalidate_attr, ino)
+                except OSError:
+                    pass  # the kernel holds nothing for it
         except BaseException:
             await self._release(f)
             raise
-        keep = self.page_version.get(ino) == f.base and not f.modified
         self.page_version[ino] = f.base
-        if not keep:
-            # The kernel reads no further than the size it has cached, which
-            # may be from before the version this open adopted: the push that
-            # invalidates it can still be on its way (close on A, open on B
-            # read short under load). Its cached attributes go now; the page
-            # cache goes with the reply (no keep_cache).
-            try:
-                await trio.to_thread.run_sync(self.kernel.invalidate_attr, ino)
-            except OSError:
-                pass  # the kernel holds nothing for it
         return self._handle(f, uid), keep
 
     def _handle(self, f: OpenFile, uid: int) -> int:

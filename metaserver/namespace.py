@@ -664,8 +664,8 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     The blocks must already be in the block store: a version never references
     a missing block. ``attrs`` are mode, owner or time changes the writer made
     while writing a file that has no version yet (see ``OpenFile.defer``):
-    they are applied after the new version, in the same transaction; a
-    conflicted copy does not take them.
+    they are applied after the new version (or to the conflicted copy), in
+    the same transaction.
     """
     if sum(n for _, n in extents) != size:
         raise FSError(errno.EINVAL, "extents do not add up to size")
@@ -685,6 +685,8 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     if name is None:
         raise (Conflict(a["version"]) if a else FSError(errno.ENOENT, "file was deleted"))
     copy = _save_conflict(cur, u, device, ino, parent or u.root, name, extents, size, mtime)
+    if attrs:
+        copy = {**_setattr(cur, copy, **attrs), "dir": copy["dir"]}
     return {"attr": a, "conflict": copy}
 
 

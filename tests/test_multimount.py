@@ -46,7 +46,12 @@ def test_open_adopts_new_size_without_the_push(pair, services, store):
     from metaserver.client import connect
 
     a, b = pair
+    assert not os.path.exists(b.p("marker"))       # B's kernel caches the negative answer
     write_file(a.p("f"), b"old")
+    write_file(a.p("marker"), b"")
+    # The marker's push comes after f's: once B sees it, f's push was applied
+    # too, and what B's kernel caches next stays.
+    wait_until(lambda: os.path.exists(b.p("marker")), 2, "A's changes pushed to B")
     assert os.stat(b.p("f")).st_size == 3          # B's kernel caches the size
     write_file(b.p("g"), b"g")                     # a version naming B's device
     new = os.urandom(100_000)
@@ -112,6 +117,22 @@ def test_new_file_attributes_travel_with_its_first_version(pair, services, store
     assert read_file(b.p("f")) == b"data"
     os.chmod(a.p("f"), 0o644)
     assert on_server()["mode"] & 0o7777 == 0o644
+    # What the writer sees stays what the server will hold: an xattr set before
+    # a deferred change stays visible; set-user-ID goes to the server at once,
+    # and the chown after it drops it there, as Linux does.
+    fd = os.open(a.p("g"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, b"g")
+        os.setxattr(fd, "user.k", b"v")
+        os.fchmod(fd, 0o640)
+        assert os.getxattr(fd, "user.k") == b"v"
+        assert os.listxattr(fd) == ["user.k"]
+        os.fchmod(fd, 0o4755)
+        os.fchown(fd, 1234, 5678)
+        assert os.fstat(fd).st_mode & 0o7777 == 0o755
+    finally:
+        os.close(fd)
+    assert os.stat(b.p("g")).st_mode & 0o7777 == 0o755
 
 
 def test_namespace_changes_visible(pair):

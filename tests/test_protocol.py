@@ -63,6 +63,10 @@ async def test_bad_arguments_are_einval(services):
                 await c.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=0,
                              attrs=attrs)
             assert e.value.errno == errno.EINVAL
+        assert (await c.call("getattr", ino=f["ino"]))["version"] == 0  # nothing applied
+        r = await c.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=5,
+                         attrs={"mode": 0o600, "uid": 7})
+        assert (r["attr"]["mode"], r["attr"]["uid"], r["attr"]["version"]) == (0o100600, 7, 1)
 
 
 async def test_a_replayed_mutation_is_applied_once(services):
