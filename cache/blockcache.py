@@ -39,6 +39,12 @@ log = logging.getLogger(__name__)
 # read whole. Measured, 1 MiB blocks not in the page cache: a 4 KiB range
 # 0.24 ms, the whole block read and hashed 2.7 ms.
 REQUEST_BYTES = 64 << 10
+# The hot set: blocks in memory, e.g. those read ahead until the reader gets
+# there. 32 MiB holds twice the readahead (fusefs/filedata.py). Measured with
+# 64 MiB (``./bench.sh --targets nimbus-gcs --jobs rand``, twice each): peak
+# RSS 328 and 287 MiB, with 32 MiB 256 and 260, fio's IOPS and fsync times
+# alike; cold sequential reads alike on both stores (4 runs, within noise).
+HOT_BYTES = 32 << 20
 
 
 def _missing(key: bytes) -> FSError:
@@ -49,7 +55,7 @@ def _missing(key: bytes) -> FSError:
 
 class BlockCache:
     def __init__(self, store: BlockStore, directory: str, max_bytes: int,
-                 hot_bytes: int = 64 << 20, transfers: int = 8,
+                 hot_bytes: int = HOT_BYTES, transfers: int = 8,
                  segments: int = 4) -> None:
         self.store = store
         self.dir = os.path.join(directory, "blocks")

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Sequential reads fetch this far ahead, well within the cache's hot set (64 MiB)
+# Sequential reads fetch this far ahead, half the cache's hot set (32 MiB)
 # so that blocks read ahead are still in memory when the reader gets there.
 READAHEAD_BYTES = 16 << 20
 # The kernel issues readahead requests concurrently; they may arrive out of order.
