@@ -46,7 +46,7 @@ from cache import BlockCache
 from fusefs.filedata import OpenFile
 from metaserver.client import MetaClient
 from metaserver.errors import FSError, fs_error
-from metaserver.protocol import RENAME_EXCHANGE, XATTR_NAMESPACES
+from metaserver.protocol import RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,13 @@ class VFS:
             del self.listings[parent]
 
     def _out(self, attr: dict[str, Any]) -> dict[str, Any]:
-        """Server attributes as this mount sees them (FUSE inode, unflushed size)."""
+        """Server attributes as this mount sees them (FUSE inode, unflushed changes).
+
+        An open file's uncommitted changes show as the commit will make them:
+        its size and mtime, deferred attribute changes, and set-user-ID already
+        dropped after an unprivileged write (so that a chmod relative to the
+        mode it reads cannot set the bit again).
+        """
         attr = dict(attr)
         if attr["ino"] == self.root:
             attr["ino"] = ROOT
@@ -244,6 +250,8 @@ class VFS:
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
             attr["alloc"] = max(attr["alloc"], f.size)  # an estimate until the commit
+            if f.kill_priv:
+                attr["mode"] &= ~dropped_privileges(attr["mode"])
             attr.update((k, v) for k, v in f.deferred.items() if k != "mode")
             if "mode" in f.deferred:
                 attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(f.deferred["mode"])
@@ -321,10 +329,11 @@ class VFS:
         f = self.files.get(ino)
         if f is not None and changes.get("mtime") is not None:
             f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
-        if changes and f is not None and f.base == 0:
-            # Under the file's lock: no commit carrying deferred changes is in
-            # flight, and none starts before this change is deferred or sent.
-            # (Only while the file has no version: a version is never undone.)
+        if changes and f is not None and (f.base == 0 or (f.kill_priv and "mode" in changes)):
+            # Under the file's lock: no commit carrying deferred changes or
+            # ``kill_priv`` is in flight, and none starts before this change is
+            # deferred or sent. (Deferred only while the file has no version: a
+            # version is never undone.)
             async with f.lock:
                 if self.files.get(ino) is f and f.defer(changes):
                     return await self.getattr(ino)
@@ -333,6 +342,8 @@ class VFS:
                 attr = await self._setattr(ino, {**f.deferred, **changes})
                 f.deferred.clear()
                 f.attr = attr  # the mode ``defer`` checks
+                if "mode" in changes:
+                    f.kill_priv = False  # a mode set after the write stands, as on Linux
                 return self._out(attr)
         if changes:
             return self._out(await self._setattr(ino, changes))

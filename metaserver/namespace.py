@@ -35,7 +35,12 @@ from psycopg import Cursor
 
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_NAMESPACES
+from metaserver.protocol import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_NAMESPACES,
+    dropped_privileges,
+)
 
 NAME_MAX = 255
 
@@ -464,7 +469,7 @@ def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int |
     sets, vals = ["ctime_ns = %s"], [time.time_ns()]
     if mode is None and (uid is not None or gid is not None) and not stat.S_ISDIR(a["mode"]):
         # chown drops set-user-ID, and set-group-ID when group-executable, as on Linux
-        mode = a["mode"] & ~(stat.S_ISUID | (stat.S_ISGID if a["mode"] & stat.S_IXGRP else 0))
+        mode = a["mode"] & ~dropped_privileges(a["mode"])
     if mode is not None:
         sets.append("mode = %s")
         vals.append(stat.S_IFMT(a["mode"]) | stat.S_IMODE(mode))
@@ -608,7 +613,7 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
     grow = size - a["size"]
     version = a["version"] + 1
     alloc = sum(n for k, n in extents if k is not None)
-    kill = stat.S_ISUID | (stat.S_ISGID if a["mode"] & stat.S_IXGRP else 0) if kill_priv else 0
+    kill = dropped_privileges(a["mode"]) if kill_priv else 0
     keys, sizes, counts = _refs(extents)
     # One statement: the quota, the version row, its block references and the
     # inode. Over quota, it is all rolled back by the exception below.

@@ -12,6 +12,7 @@ back in completion order. The first request on a connection must be
 
 from __future__ import annotations
 
+import stat
 import struct
 from typing import Any
 
@@ -27,6 +28,15 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 _LEN = struct.Struct(">I")
+
+
+def dropped_privileges(mode: int) -> int:
+    """The mode bits an unprivileged write or a chown clears, as Linux does.
+
+    Set-user-ID, and set-group-ID when the file is group-executable (without
+    that bit, set-group-ID marks mandatory locking, which stays).
+    """
+    return stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
 
 
 def pack(msg: Any) -> bytes:

@@ -48,11 +48,14 @@ def err(fn, *a, **kw) -> int:
 
 
 
+def user_argv(uid: int, code: str) -> list[str]:
+    """A command running Python code as an unprivileged user (for permission checks)."""
+    return [sys.executable, "-c",
+            f"import os, sys; os.setgid({uid}); os.setgroups([]); os.setuid({uid}); {code}"]
+
+
 def as_user(uid: int, code: str) -> subprocess.CompletedProcess:
-    """Run Python code as an unprivileged user (for permission checks)."""
-    return subprocess.run([sys.executable, "-c", f"import os; os.setgid({uid}); "
-                           f"os.setgroups([]); os.setuid({uid}); {code}"],
-                          capture_output=True, text=True)
+    return subprocess.run(user_argv(uid, code), capture_output=True, text=True)
 
 
 NOBODY = 65534
@@ -250,6 +253,34 @@ def test_chown_and_setuid_clearing(root):
     r = as_user(NOBODY, f"open({p!r}, 'ab').write(b'x')")
     assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o0777  # an unprivileged write drops them
+
+
+def test_mode_set_after_an_unprivileged_write_stands(root):
+    """The write drops set-user-ID at once; a chmod after it, before the close, sets it again.
+
+    The kernel drops it with a SETATTR before the write; the mount drops it
+    again in the commit at the close (for a kernel that leaves it to the file
+    system), which must not drop it from a mode set after the write. The last
+    stat is made after the kernel has dropped its cached inodes, so that it
+    shows what the file system holds, not the chmod's reply.
+    """
+    p = j(root, "prog")
+    write_file(p, b"#!/bin/sh\n")
+    os.chmod(p, 0o4777)
+    writer = subprocess.Popen(user_argv(NOBODY, (
+        f"fd = os.open({p!r}, os.O_WRONLY | os.O_APPEND); os.write(fd, b'true'); "
+        f"print(oct(os.stat({p!r}).st_mode & 0o7777), flush=True); "
+        "sys.stdin.readline(); os.close(fd)")),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == oct(0o777)  # dropped by the write
+        os.chmod(p, 0o4777)
+    finally:
+        writer.communicate("\n")
+    assert writer.returncode == 0
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o4777
 
 
 def test_permissions_between_users(root):
