@@ -6,7 +6,10 @@ leaves a partial block under its final name; the directory is fsynced after the
 rename, so that a block is durable when ``put`` returns: a version committed
 after it must not outlive it in a power loss (the database's own fsync may
 carry the rename to disk with it, on some file systems, when the database is
-on the same one; nothing else does).
+on the same one; nothing else does). A ``put`` that finds the block already
+there syncs its directory too: another thread may have renamed it in and not
+yet synced. The 256 fan-out directories are made (and the root synced) when
+the store is opened, so no ``put`` depends on another's directory creation.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ class LocalStore(BlockStore):
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.url = "file://" + self.root
-        os.makedirs(self.root, exist_ok=True)
+        made = False
+        for i in range(256):
+            d = os.path.join(self.root, f"{i:02x}")
+            if not os.path.isdir(d):
+                os.makedirs(d, exist_ok=True)
+                made = True
+        if made:
+            _fsync_dir(self.root)
 
     def _path(self, key: bytes) -> str:
         h = key.hex()
@@ -58,12 +68,10 @@ class LocalStore(BlockStore):
 
     def put(self, key: bytes, data: bytes | memoryview) -> bool:
         path = self._path(key)
-        if os.path.exists(path):
-            return False
         d = os.path.dirname(path)
-        if not os.path.isdir(d):
-            os.makedirs(d, exist_ok=True)
-            _fsync_dir(self.root)
+        if os.path.exists(path):
+            _fsync_dir(d)
+            return False
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:

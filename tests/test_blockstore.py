@@ -62,7 +62,12 @@ def test_put_of_stored_block_keeps_no_reference(bstore):
 
 
 def test_local_put_syncs_the_renamed_entry(tmp_path, monkeypatch):
-    """A block is durable when put returns: its directory is fsynced after the rename."""
+    """A block is durable when put returns: its directory is fsynced after the rename.
+
+    Also when put finds it there (another thread may have renamed it in and
+    not yet synced), and the fan-out directories are made and synced before
+    any put.
+    """
     import blockstore.local as local
 
     events: list[tuple[str, str]] = []
@@ -79,10 +84,15 @@ def test_local_put_syncs_the_renamed_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(local.os, "rename", rec_rename)
     monkeypatch.setattr(local.os, "fsync", rec_fsync)
     store = open_store(str(tmp_path / "blocks"))
+    assert events == [("fsync", store.root)]
+    assert len(os.listdir(store.root)) == 256
     data = b"block"
-    store.put(block_hash(data), data)
+    assert store.put(block_hash(data), data)
     d = os.path.dirname(store._path(block_hash(data)))
     assert events.index(("fsync", d)) > events.index(("rename", d))
+    events.clear()
+    assert not store.put(block_hash(data), data)
+    assert events == [("fsync", d)]
 
 
 def test_chunking_is_content_defined(tmp_path):
