@@ -9,11 +9,13 @@ carry the rename to disk with it, on some file systems, when the database is
 on the same one; nothing else does). A ``put`` that finds the block already
 there syncs its directory too: another thread may have renamed it in and not
 yet synced. The 256 fan-out directories are made (and the root synced) when
-the store is opened, so no ``put`` depends on another's directory creation.
+the store is opened, so no ``put`` depends on another's directory creation;
+a store this process cannot write is opened to read blocks only.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -36,14 +38,17 @@ class LocalStore(BlockStore):
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.url = "file://" + self.root
-        made = False
-        for i in range(256):
-            d = os.path.join(self.root, f"{i:02x}")
-            if not os.path.isdir(d):
-                os.makedirs(d, exist_ok=True)
-                made = True
-        if made:
-            _fsync_dir(self.root)
+        new = not os.path.isdir(self.root)
+        try:
+            for i in range(256):
+                os.makedirs(os.path.join(self.root, f"{i:02x}"), exist_ok=True)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            return  # e.g. ``nimbusfs cat`` by a user who may only read the store
+        _fsync_dir(self.root)  # also after an open that crashed before syncing
+        if new:
+            _fsync_dir(os.path.dirname(self.root))
 
     def _path(self, key: bytes) -> str:
         h = key.hex()

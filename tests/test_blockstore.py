@@ -84,7 +84,7 @@ def test_local_put_syncs_the_renamed_entry(tmp_path, monkeypatch):
     monkeypatch.setattr(local.os, "rename", rec_rename)
     monkeypatch.setattr(local.os, "fsync", rec_fsync)
     store = open_store(str(tmp_path / "blocks"))
-    assert events == [("fsync", store.root)]
+    assert events == [("fsync", store.root), ("fsync", str(tmp_path))]
     assert len(os.listdir(store.root)) == 256
     data = b"block"
     assert store.put(block_hash(data), data)
@@ -93,6 +93,26 @@ def test_local_put_syncs_the_renamed_entry(tmp_path, monkeypatch):
     events.clear()
     assert not store.put(block_hash(data), data)
     assert events == [("fsync", d)]
+
+
+def test_local_store_opens_read_only(tmp_path, monkeypatch):
+    """A store the caller cannot write (nimbusfs cat as another user) still reads blocks."""
+    import errno
+
+    import blockstore.local as local
+
+    data = b"block"
+    store = open_store(str(tmp_path / "blocks"))
+    store.put(block_hash(data), data)
+    for d in os.listdir(store.root):  # as a store made before the fan-out was
+        if not os.listdir(os.path.join(store.root, d)):
+            os.rmdir(os.path.join(store.root, d))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "read-only")
+
+    monkeypatch.setattr(local.os, "makedirs", refuse)
+    assert open_store(str(tmp_path / "blocks")).get(block_hash(data)) == data
 
 
 def test_chunking_is_content_defined(tmp_path):
