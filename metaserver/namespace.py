@@ -24,6 +24,7 @@ keep its attribute cache current without asking again.
 from __future__ import annotations
 
 import errno
+import inspect
 import stat
 import time
 from collections import Counter
@@ -459,9 +460,6 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs}
 
 
-SETATTR_KEYS = frozenset({"mode", "uid", "gid", "atime", "mtime"})
-
-
 def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int | None = None,
              gid: int | None = None, atime: int | None = None, mtime: int | None = None
              ) -> dict[str, int]:
@@ -480,6 +478,10 @@ def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int |
     cur.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id = %s RETURNING {_ATTR_COLS}",
                 (*vals, a["ino"]))
     return _attr(cur.fetchone())
+
+
+# The changes ``_setattr`` takes: what a commit's ``attrs`` may hold.
+SETATTR_KEYS = frozenset(inspect.signature(_setattr).parameters) - {"cur", "a"}
 
 
 @op
