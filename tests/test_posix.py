@@ -21,19 +21,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
 
-def renameat2(src: str, dst: str, flags: int) -> None:
-    if _libc.renameat2(-100, src.encode(), -100, dst.encode(), flags) != 0:
+def _checked(ret: int) -> None:
+    """Raise the OSError of a failed libc call."""
+    if ret != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    _checked(_libc.renameat2(-100, src.encode(), -100, dst.encode(), flags))
 
 
 def synced_mode(path: str) -> int:
     """st_mode as the file system holds it: statx with AT_STATX_FORCE_SYNC, past
     the kernel's cached attributes (which may still be a setattr's reply)."""
     buf = ctypes.create_string_buffer(256)  # struct statx
-    if _libc.statx(-100, path.encode(), 0x2000, 0x2, buf) != 0:  # FORCE_SYNC, STATX_MODE
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
+    _checked(_libc.statx(-100, path.encode(), 0x2000, 0x2, buf))  # FORCE_SYNC, STATX_MODE
     return int.from_bytes(buf.raw[28:30], "little")  # stx_mode
 
 
