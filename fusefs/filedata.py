@@ -137,7 +137,7 @@ class OpenFile:
         self.modified = False         # size or content changed since the last commit
         self.kill_priv = False        # an unprivileged write: the commit drops setuid/setgid
         self.deferred: dict[str, int] = {}  # mode, owner, atime changes for the commit
-        self.ctime = 0                # when the last of them was made
+        self.ctime = 0                # when the last uncommitted change was made
         self._forget_ahead()
         if self.staging is not None:
             self.staging.reset()
@@ -299,8 +299,9 @@ class OpenFile:
             self._touch()
 
     def _touch(self) -> None:
+        """A write or truncation: mtime and ctime change (ctime shows until the commit)."""
         self.modified = True
-        self.mtime = time.time_ns()
+        self.mtime = self.ctime = time.time_ns()
 
     # --- pipelined upload ------------------------------------------------------
 

@@ -46,7 +46,7 @@ from cache import BlockCache
 from fusefs.filedata import OpenFile
 from metaserver.client import MetaClient
 from metaserver.errors import FSError, fs_error
-from metaserver.protocol import RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
+from metaserver.protocol import NAME_MAX, RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,17 @@ ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "renam
 # listings (~15 MB; a directory with more is not kept).
 MAX_ATTRS = 50_000
 MAX_LISTED = 250_000
+
+
+def _check_length(*names: bytes) -> None:
+    """ENAMETOOLONG for a name over NAME_MAX bytes, before any cache can answer.
+
+    The kernel passes names of up to 1024 bytes to FUSE; a lookup answered
+    from a directory listing would say ENOENT, and stat, chmod, unlink,
+    rmdir, link, rename and truncate all start with a lookup.
+    """
+    if any(len(n) > NAME_MAX for n in names):
+        raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
 
 
 class KernelCache(Protocol):
@@ -288,6 +299,7 @@ class VFS:
         The kernel may cache a negative answer like a positive one: a create
         by another mount is pushed and invalidates it.
         """
+        _check_length(name)
         if name == b".":
             return await self.getattr(parent)
         if name == b"..":
@@ -404,6 +416,7 @@ class VFS:
 
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                     rdev: int = 0) -> dict[str, Any]:
+        _check_length(name)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev),
@@ -415,6 +428,7 @@ class VFS:
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
                       ) -> dict[str, Any]:
+        _check_length(name)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid),
@@ -423,6 +437,7 @@ class VFS:
         return attr
 
     async def link(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
+        _check_length(name)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "link", ino=self.srv(ino), parent=self.srv(parent), name=name), token)
@@ -430,6 +445,7 @@ class VFS:
         return attr
 
     async def unlink(self, parent: int, name: bytes) -> None:
+        _check_length(name)
         token = self._gen
         r = await self.call("unlink", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -438,6 +454,7 @@ class VFS:
         self._orphaned(r)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
+        _check_length(name)
         token = self._gen
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -446,6 +463,7 @@ class VFS:
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
+        _check_length(name, new_name)
         token = self._gen
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)

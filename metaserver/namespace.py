@@ -37,13 +37,12 @@ from psycopg import Cursor
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
 from metaserver.protocol import (
+    NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_NAMESPACES,
     dropped_privileges,
 )
-
-NAME_MAX = 255
 
 OPS: dict[str, Callable[..., Any]] = {}
 
@@ -394,7 +393,14 @@ def _is_ancestor(cur: Cursor, anc: int, ino: int) -> bool:
 @op
 def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_parent: int,
            new_name: bytes, flags: int = 0) -> dict[str, Any]:
-    """Move an entry, replacing or exchanging with an existing one as rename(2) says."""
+    """Move an entry, replacing or exchanging with an existing one as rename(2) says.
+
+    RENAME_WHITEOUT and any other flag are refused (EINVAL, as Linux answers a
+    flag the file system does not support): renaming without leaving the
+    whiteout would tell the caller it was left.
+    """
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
     _check_name(new_name)
     now = time.time_ns()
     _lock(cur, u, parent, new_parent)
