@@ -589,8 +589,13 @@ class OpenFile:
                 merged.append([k, n])
         return merged
 
-    async def flush(self) -> None:
-        """Commit the dirty state as a new version; return once it is durable."""
+    async def flush(self, amend: int | None = None) -> None:
+        """Commit the dirty state as a new version; return once it is durable.
+
+        ``amend``: an empty version a handle's flush committed after its open
+        truncated the file (see ``VFS.flush``); if it is still the base, the
+        server drops it as it commits this one.
+        """
         async with self.lock:
             if not self.modified:
                 return
@@ -620,6 +625,7 @@ class OpenFile:
                                            extents=extents, size=self.size, mtime=self.mtime,
                                            kill_priv=self.kill_priv,
                                            **({"attrs": self.deferred} if self.deferred else {}),
+                                           **({"amend": True} if amend == self.base else {}),
                                            **self.vfs.commit_hint(self.ino))
             if "conflict" not in r:
                 self.reset(r["attr"], extents)

@@ -92,6 +92,10 @@ class VFS:
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
         self.privileged: set[int] = set()   # handles opened by root (CAP_FSETID)
+        # Handles whose open truncated the file (O_TRUNC), until their first
+        # commit; those whose first commit was an empty version, with it.
+        self.truncating: set[int] = set()
+        self.emptied: dict[int, int] = {}
         self.dirs: dict[int, list] = {}
         self.orphans: set[int] = set()
         # Bounded maps: where each inode was last seen (for conflict copies), and
@@ -547,7 +551,8 @@ class VFS:
         try:
             if not stat.S_ISREG(f.attr["mode"]):
                 raise FSError(errno.EINVAL, "not a regular file")
-            if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            truncated = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
+            if truncated:
                 await f.truncate(0)
             keep = self.page_version.get(ino) == f.base and not f.modified
             if not keep:
@@ -564,7 +569,10 @@ class VFS:
             await self._release(f)
             raise
         self.page_version[ino] = f.base
-        return self._handle(f, uid), keep
+        fh = self._handle(f, uid)
+        if truncated:
+            self.truncating.add(fh)
+        return fh, keep
 
     def _handle(self, f: OpenFile, uid: int) -> int:
         fh = next(self._fh)
@@ -590,19 +598,36 @@ class VFS:
         return await self.handles[fh].write(off, data, kill_priv=fh not in self.privileged)
 
     async def flush(self, fh: int) -> None:
+        """Commit at a close (or fsync): one save, one version.
+
+        The kernel flushes at every close, also of a descriptor that has a
+        duplicate: a shell saving ``echo x > f`` opens with O_TRUNC, moves the
+        descriptor to 1 and closes the original before writing. That flush
+        commits the empty file (a close must: ``: > f`` is a save too, and
+        another mount's open must see it); the handle's next commit replaces
+        that empty version instead of adding one after it.
+        """
         f = self.handles[fh]
-        await self._commit(f)
+        committing = f.modified
+        await self._commit(f, self.emptied.get(fh))
+        if committing:
+            self.emptied.pop(fh, None)
+            if fh in self.truncating and f.size == 0:
+                self.emptied[fh] = f.base
+            self.truncating.discard(fh)
         self.page_version[f.ino] = f.base
 
-    async def _commit(self, f: OpenFile) -> None:
+    async def _commit(self, f: OpenFile, amend: int | None = None) -> None:
         """Flush ``f``; a commit's reply becomes the inode's cached attributes."""
         token, committing = self._gen, f.modified
-        await f.flush()
+        await f.flush(amend)
         if committing:
             self._fill(f.attr, token)
 
     async def release(self, fh: int) -> None:
         self.privileged.discard(fh)
+        self.truncating.discard(fh)
+        self.emptied.pop(fh, None)
         await self._release(self.handles.pop(fh))
 
     async def flush_all(self) -> None:
