@@ -7,6 +7,9 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
+
+import pytest
 
 from conftest import _world_dir
 from nimbusfs.embedded import Embedded
@@ -71,4 +74,76 @@ def test_mount_sh_embedded_lifecycle():
                 with open(os.path.join(logs, name)) as f:
                     assert "Traceback" not in f.read(), name
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _python_for_nobody() -> tuple[list[str], dict[str, str]]:
+    """A Python command that user nobody can run with the project's packages.
+
+    This interpreter if nobody can reach it, else the system's python3 of the
+    same version with the virtualenv's packages on its path.
+    """
+    path = {"PYTHONPATH": f"{ROOT}:{sysconfig.get_paths()['purelib']}"}
+    for exe, env in ((sys.executable, {}), ("/usr/bin/python3", path)):
+        probe = subprocess.run(["runuser", "-u", "nobody", "--", "env", *(f"{k}={v}" for k, v
+                                in env.items()), exe, "-c", "import nimbusfs.cli, pyfuse3"],
+                               cwd="/", capture_output=True)
+        if probe.returncode == 0:
+            return [exe], env
+    pytest.skip("no Python that user nobody can run with the project's packages")
+
+
+def _services_of(home: str) -> list[str]:
+    """Command lines of the processes running from the state directory ``home``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if home in cmd:
+            out.append(cmd)
+    return out
+
+
+def test_mount_without_fuse_access_says_why_and_stops_what_it_started():
+    """A user who cannot open /dev/fuse gets one line with the cause and what to do, no
+    traceback, and the database and metaserver the attempt started are stopped.
+
+    /dev/fuse is closed to the user in a mount namespace of the test's own (a
+    root-only device node bound over it), whatever its mode on this machine.
+    """
+    python, env = _python_for_nobody()
+    work = _world_dir("nimbus-nofuse-")
+    home, mp = os.path.join(work, "home"), os.path.join(work, "mp")
+    os.mkdir(home)
+    os.mkdir(mp)
+    shutil.chown(home, "nobody")
+    shutil.chown(mp, "nobody")
+    script = ('mknod -m 600 "$0/fuse" c 10 229 && mount --bind "$0/fuse" /dev/fuse'
+              ' && exec runuser -u nobody -- "$@"')
+    try:
+        r = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, work,
+             "env", f"NIMBUSFS_HOME={home}", *(f"{k}={v}" for k, v in env.items()),
+             *python, "-m", "nimbusfs.cli", "mount", mp],
+            cwd="/", capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0
+        assert "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        steps = [line for line in lines if line.startswith(("nimbusfs: starting",
+                                                             "nimbusfs: mounting"))]
+        (failure,) = [line for line in lines if line not in steps]
+        assert "/dev/fuse" in failure and "Permission denied" in failure, failure
+        assert "as root" in failure, failure   # what to do
+        assert _services_of(home) == []
+    finally:
+        for cmd in _services_of(home):   # only if the test failed
+            print("left running:", cmd)
+        Embedded(home).stop_server()
+        subprocess.run(["runuser", "-u", "nobody", "--", "sh", "-c",
+                        f'pg_ctl=$(ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1);'
+                        f' [ ! -e {home}/pg/postmaster.pid ] || $pg_ctl -D {home}/pg -m fast'
+                        ' stop'], cwd="/", capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
