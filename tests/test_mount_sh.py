@@ -27,11 +27,18 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_mount_sh_embedded_lifecycle():
     home = _world_dir("nimbus-home-")
     work = _world_dir("nimbus-mnt-")
-    env = dict(os.environ, NIMBUSFS_HOME=home)
+    bin_dir = os.path.join(work, "bin")
+    env = dict(os.environ, NIMBUSFS_HOME=home, NIMBUSFS_BIN=bin_dir)
     a, b, c = (os.path.join(work, n) for n in ("a", "b", "c"))
     try:
-        out = run(a, env=env).stdout
+        r = run(a, env=env)
+        out = r.stdout
         assert os.path.ismount(a)
+        # The README's nimbusfs commands: linked where PATH finds them, and said so.
+        assert f"the nimbusfs command is now {bin_dir}/nimbusfs" in r.stderr
+        status = subprocess.run(["nimbusfs", "status"], capture_output=True, text=True,
+                                check=True, env=dict(env, PATH=f"{bin_dir}:{env['PATH']}"))
+        assert f"mount:           {a} " in status.stdout
         server = re.search(r"server: (\S+)", out)[1]
         token = re.search(r"token:\s+(\S+)", out)[1]
         with open(os.path.join(a, "note.txt"), "w") as f:
@@ -147,3 +154,22 @@ def test_mount_without_fuse_access_says_why_and_stops_what_it_started():
                         f' [ ! -e {home}/pg/postmaster.pid ] || $pg_ctl -D {home}/pg -m fast'
                         ' stop'], cwd="/", capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_bootstrap_steps_are_one_line_each_with_details_in_a_log(tmp_path):
+    """apt's and pip's output goes to the log; a failed step names the log and shows its
+    end, and stops the script."""
+    log = tmp_path / "bootstrap.log"
+    script = (f'source {ROOT}/scripts/bootstrap.sh; NIMBUS_LOG={log}; set -e;'
+              ' _nimbus_step "preparing a thing" sh -c "echo much progress; echo done";'
+              ' _nimbus_step "installing a thing" sh -c "echo more progress;'
+              ' echo the reason it failed >&2; exit 3"; echo not reached')
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert lines[:3] == ["nimbusfs: preparing a thing", "nimbusfs: installing a thing",
+                         f"nimbusfs: failed: installing a thing; the end of {log}:"]
+    assert "the reason it failed" in lines[3:]
+    assert "much progress" not in r.stderr
+    assert "much progress" in log.read_text()
