@@ -154,7 +154,7 @@ class VFS:
         except trio.WouldBlock:
             # A burst larger than the queue: the kernel's attribute timeout
             # still bounds how long this mount shows the old state.
-            log.warning("invalidation queue full; dropping %r", item)
+            log.warning("invalidation queue full; dropping one for inode %d", item[1])
 
     async def run_invalidations(self) -> None:
         async for item in self._inval_recv:
@@ -181,9 +181,12 @@ class VFS:
         self.listings.pop(self.fuse(copy["dir"]["ino"]), None)
         self._invalidate(("inode", self.fuse(copy["dir"]["ino"])))
         parent, name = self.names.get(ino, (self.root, b"?"))
-        log.warning("conflict on %r (inode %d): another writer's version was kept; this"
-                    " mount's bytes are saved as inode %d", name, ino, copy["ino"])
-        with open(os.path.join(self.state_dir, "conflicts.jsonl"), "a") as f:
+        # The log names inodes only; the names are in conflicts.jsonl (0600).
+        log.warning("conflict on inode %d: another writer's version was kept; this"
+                    " mount's bytes are saved as inode %d", ino, copy["ino"])
+        fd = os.open(os.path.join(self.state_dir, "conflicts.jsonl"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # it names files
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps({"time": time.time(), "inode": ino, "parent": parent,
                                 "name": name.decode(errors="replace"),
                                 "copy_inode": copy["ino"]}) + "\n")

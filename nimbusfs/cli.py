@@ -57,7 +57,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     mp = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mp):
-        os.makedirs(mp, exist_ok=True)
+        private = os.umask(args.caller_umask)  # the mountpoint is the caller's to share
+        try:
+            os.makedirs(mp, exist_ok=True)
+        finally:
+            os.umask(private)
     if os.path.ismount(mp):
         print(f"{mp} is already mounted", file=sys.stderr)
         return 1
@@ -434,7 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command with umask 077.
+
+    What it and the processes it starts create is private to the user: the
+    state directory's logs (they name mountpoints), mount records, the
+    metaserver's address, block cache and store files, conflict lists (they
+    name files). A mountpoint made by ``mount`` gets the caller's umask.
+    """
     args = build_parser().parse_args(argv)
+    args.caller_umask = os.umask(0o077)
     return args.fn(args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -22,6 +23,23 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
+
+
+def _exposed(home: str) -> list[tuple[str, str]]:
+    """Paths under the state directory that other local users may read, list or enter.
+
+    Allowed: root's state directory itself is 0711, so that the postgres
+    user (PostgreSQL refuses to run as root) reaches pg/, run/ and logs/,
+    which it owns, through a directory it cannot list.
+    """
+    allowed = {home: 0o711} if os.geteuid() == 0 else {}
+    out = []
+    for d, _, files in os.walk(home):
+        for p in [d, *(os.path.join(d, n) for n in files)]:
+            mode = stat.S_IMODE(os.lstat(p).st_mode)
+            if mode & 0o077 and mode != allowed.get(p):
+                out.append((p, oct(mode)))
+    return out
 
 
 def test_mount_sh_embedded_lifecycle():
@@ -52,6 +70,7 @@ def test_mount_sh_embedded_lifecycle():
         run(c, "--server", server, "--token", token, "--cache-dir", os.path.join(work, "cc"),
             env=env)
         assert os.listdir(c) == ["note.txt"]
+        assert _exposed(home) == []
         status = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "--home", home, "status"],
                                 capture_output=True, text=True, check=True).stdout
         assert f"metaserver:      {server}" in status
