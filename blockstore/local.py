@@ -40,8 +40,10 @@ class LocalStore(BlockStore):
         self.url = "file://" + self.root
         new = not os.path.isdir(self.root)
         try:
+            # 0700: only the store's user lists the blocks (their files are 0600).
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
             for i in range(256):
-                os.makedirs(os.path.join(self.root, f"{i:02x}"), exist_ok=True)
+                os.makedirs(os.path.join(self.root, f"{i:02x}"), mode=0o700, exist_ok=True)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise

@@ -137,7 +137,7 @@ class OpenFile:
         self.modified = False         # size or content changed since the last commit
         self.kill_priv = False        # an unprivileged write: the commit drops setuid/setgid
         self.deferred: dict[str, int] = {}  # mode, owner, atime changes for the commit
-        self.ctime = 0                # when the last of them was made
+        self.ctime = 0                # when the last uncommitted change was made
         self._forget_ahead()
         if self.staging is not None:
             self.staging.reset()
@@ -299,8 +299,9 @@ class OpenFile:
             self._touch()
 
     def _touch(self) -> None:
+        """A write or truncation: mtime and ctime change (ctime shows until the commit)."""
         self.modified = True
-        self.mtime = time.time_ns()
+        self.mtime = self.ctime = time.time_ns()
 
     # --- pipelined upload ------------------------------------------------------
 
@@ -588,8 +589,13 @@ class OpenFile:
                 merged.append([k, n])
         return merged
 
-    async def flush(self) -> None:
-        """Commit the dirty state as a new version; return once it is durable."""
+    async def flush(self, amend: int | None = None) -> None:
+        """Commit the dirty state as a new version; return once it is durable.
+
+        ``amend``: an empty version a handle's flush committed after its open
+        truncated the file (see ``VFS.flush``); if it is still the base, the
+        server drops it as it commits this one.
+        """
         async with self.lock:
             if not self.modified:
                 return
@@ -619,6 +625,7 @@ class OpenFile:
                                            extents=extents, size=self.size, mtime=self.mtime,
                                            kill_priv=self.kill_priv,
                                            **({"attrs": self.deferred} if self.deferred else {}),
+                                           **({"amend": True} if amend == self.base else {}),
                                            **self.vfs.commit_hint(self.ino))
             if "conflict" not in r:
                 self.reset(r["attr"], extents)

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,46 @@ class MountConfig:
     outage_timeout: float = 60.0
 
 
+class MountFailed(Exception):
+    """The kernel (or fusermount3) refused the mount; the message is one line with the
+    cause and what to do."""
+
+
+def _fuse_init(ops: Operations, mountpoint: str, options: set[str]) -> None:
+    """``pyfuse3.init``, raising :class:`MountFailed` with libfuse's own reason.
+
+    libfuse writes why a mount failed to file descriptor 2 (``fuse: failed to
+    open /dev/fuse: Permission denied``) and pyfuse3 raises only "fuse_session_mount
+    failed": descriptor 2 is collected meanwhile and passed on afterwards.
+    """
+    with tempfile.TemporaryFile() as said:
+        saved = os.dup(2)
+        os.dup2(said.fileno(), 2)
+        try:
+            pyfuse3.init(ops, mountpoint, options)
+            failed = False
+        except RuntimeError:
+            failed = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        said.seek(0)
+        text = said.read().decode(errors="replace")
+    if not failed:
+        os.write(2, text.encode())
+        return
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = lines[-1] if lines else "the kernel refused the FUSE mount"
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        hint = ("/dev/fuse is closed to this user: mount as root, or let the user open it"
+                " (e.g. chmod 0666 /dev/fuse, Debian's default, or a group it belongs to)")
+    elif not shutil.which("fusermount3"):
+        hint = "install fuse3 (./mount.sh does), or mount as root"
+    else:
+        hint = f"check that {mountpoint} is an empty directory this user owns"
+    raise MountFailed(f"cannot mount {mountpoint}: {cause}; {hint}")
+
+
 M_ARENA_MAX = -8  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 M_TRIM_THRESHOLD = -1
@@ -57,7 +98,8 @@ def _lock_cache_dir(path: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise SystemExit(f"cache directory {path} is in use by another mount") from None
+        raise MountFailed(f"cache directory {path} is in use by another mount; give this"
+                          " mount a --cache-dir of its own") from None
     return fd
 
 
@@ -138,7 +180,7 @@ async def serve(cfg: MountConfig) -> None:
             options.add("allow_other")
         if cfg.read_only:
             options.add("ro")
-        pyfuse3.init(Operations(vfs), cfg.mountpoint, options)
+        _fuse_init(Operations(vfs), cfg.mountpoint, options)
         nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint,
                                    abandon_on_cancel=True))
         nursery.start_soon(vfs.run_invalidations)

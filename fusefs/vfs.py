@@ -46,7 +46,7 @@ from cache import BlockCache
 from fusefs.filedata import OpenFile
 from metaserver.client import MetaClient
 from metaserver.errors import FSError, fs_error
-from metaserver.protocol import RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
+from metaserver.protocol import NAME_MAX, RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,17 @@ ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "renam
 # listings (~15 MB; a directory with more is not kept).
 MAX_ATTRS = 50_000
 MAX_LISTED = 250_000
+
+
+def _check_length(*names: bytes) -> None:
+    """ENAMETOOLONG for a name over NAME_MAX bytes, before any cache can answer.
+
+    The kernel passes names of up to 1024 bytes to FUSE; a lookup answered
+    from a directory listing would say ENOENT, and stat, chmod, unlink,
+    rmdir, link, rename and truncate all start with a lookup.
+    """
+    if any(len(n) > NAME_MAX for n in names):
+        raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
 
 
 class KernelCache(Protocol):
@@ -81,6 +92,10 @@ class VFS:
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
         self.privileged: set[int] = set()   # handles opened by root (CAP_FSETID)
+        # Handles whose open truncated the file (O_TRUNC), until their first
+        # commit; those whose first commit was an empty version, with it.
+        self.truncating: set[int] = set()
+        self.emptied: dict[int, int] = {}
         self.dirs: dict[int, list] = {}
         self.orphans: set[int] = set()
         # Bounded maps: where each inode was last seen (for conflict copies), and
@@ -139,7 +154,7 @@ class VFS:
         except trio.WouldBlock:
             # A burst larger than the queue: the kernel's attribute timeout
             # still bounds how long this mount shows the old state.
-            log.warning("invalidation queue full; dropping %r", item)
+            log.warning("invalidation queue full; dropping one for inode %d", item[1])
 
     async def run_invalidations(self) -> None:
         async for item in self._inval_recv:
@@ -166,9 +181,12 @@ class VFS:
         self.listings.pop(self.fuse(copy["dir"]["ino"]), None)
         self._invalidate(("inode", self.fuse(copy["dir"]["ino"])))
         parent, name = self.names.get(ino, (self.root, b"?"))
-        log.warning("conflict on %r (inode %d): another writer's version was kept; this"
-                    " mount's bytes are saved as inode %d", name, ino, copy["ino"])
-        with open(os.path.join(self.state_dir, "conflicts.jsonl"), "a") as f:
+        # The log names inodes only; the names are in conflicts.jsonl (0600).
+        log.warning("conflict on inode %d: another writer's version was kept; this"
+                    " mount's bytes are saved as inode %d", ino, copy["ino"])
+        fd = os.open(os.path.join(self.state_dir, "conflicts.jsonl"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # it names files
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps({"time": time.time(), "inode": ino, "parent": parent,
                                 "name": name.decode(errors="replace"),
                                 "copy_inode": copy["ino"]}) + "\n")
@@ -288,6 +306,7 @@ class VFS:
         The kernel may cache a negative answer like a positive one: a create
         by another mount is pushed and invalidates it.
         """
+        _check_length(name)
         if name == b".":
             return await self.getattr(parent)
         if name == b"..":
@@ -404,6 +423,7 @@ class VFS:
 
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                     rdev: int = 0) -> dict[str, Any]:
+        _check_length(name)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev),
@@ -415,6 +435,7 @@ class VFS:
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
                       ) -> dict[str, Any]:
+        _check_length(name)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid),
@@ -423,6 +444,7 @@ class VFS:
         return attr
 
     async def link(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
+        _check_length(name)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "link", ino=self.srv(ino), parent=self.srv(parent), name=name), token)
@@ -430,6 +452,7 @@ class VFS:
         return attr
 
     async def unlink(self, parent: int, name: bytes) -> None:
+        _check_length(name)
         token = self._gen
         r = await self.call("unlink", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -438,6 +461,7 @@ class VFS:
         self._orphaned(r)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
+        _check_length(name)
         token = self._gen
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -446,6 +470,7 @@ class VFS:
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
+        _check_length(name, new_name)
         token = self._gen
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
@@ -529,7 +554,8 @@ class VFS:
         try:
             if not stat.S_ISREG(f.attr["mode"]):
                 raise FSError(errno.EINVAL, "not a regular file")
-            if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            truncated = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
+            if truncated:
                 await f.truncate(0)
             keep = self.page_version.get(ino) == f.base and not f.modified
             if not keep:
@@ -546,7 +572,10 @@ class VFS:
             await self._release(f)
             raise
         self.page_version[ino] = f.base
-        return self._handle(f, uid), keep
+        fh = self._handle(f, uid)
+        if truncated:
+            self.truncating.add(fh)
+        return fh, keep
 
     def _handle(self, f: OpenFile, uid: int) -> int:
         fh = next(self._fh)
@@ -572,19 +601,36 @@ class VFS:
         return await self.handles[fh].write(off, data, kill_priv=fh not in self.privileged)
 
     async def flush(self, fh: int) -> None:
+        """Commit at a close (or fsync): one save, one version.
+
+        The kernel flushes at every close, also of a descriptor that has a
+        duplicate: a shell saving ``echo x > f`` opens with O_TRUNC, moves the
+        descriptor to 1 and closes the original before writing. That flush
+        commits the empty file (a close must: ``: > f`` is a save too, and
+        another mount's open must see it); the handle's next commit replaces
+        that empty version instead of adding one after it.
+        """
         f = self.handles[fh]
-        await self._commit(f)
+        committing = f.modified
+        await self._commit(f, self.emptied.get(fh))
+        if committing:
+            self.emptied.pop(fh, None)
+            if fh in self.truncating and f.size == 0:
+                self.emptied[fh] = f.base
+            self.truncating.discard(fh)
         self.page_version[f.ino] = f.base
 
-    async def _commit(self, f: OpenFile) -> None:
+    async def _commit(self, f: OpenFile, amend: int | None = None) -> None:
         """Flush ``f``; a commit's reply becomes the inode's cached attributes."""
         token, committing = self._gen, f.modified
-        await f.flush()
+        await f.flush(amend)
         if committing:
             self._fill(f.attr, token)
 
     async def release(self, fh: int) -> None:
         self.privileged.discard(fh)
+        self.truncating.discard(fh)
+        self.emptied.pop(fh, None)
         await self._release(self.handles.pop(fh))
 
     async def flush_all(self) -> None:

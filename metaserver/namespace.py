@@ -37,13 +37,12 @@ from psycopg import Cursor
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
 from metaserver.protocol import (
+    NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_NAMESPACES,
     dropped_privileges,
 )
-
-NAME_MAX = 255
 
 OPS: dict[str, Callable[..., Any]] = {}
 
@@ -394,7 +393,14 @@ def _is_ancestor(cur: Cursor, anc: int, ino: int) -> bool:
 @op
 def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_parent: int,
            new_name: bytes, flags: int = 0) -> dict[str, Any]:
-    """Move an entry, replacing or exchanging with an existing one as rename(2) says."""
+    """Move an entry, replacing or exchanging with an existing one as rename(2) says.
+
+    RENAME_WHITEOUT and any other flag are refused (EINVAL, as Linux answers a
+    flag the file system does not support): renaming without leaving the
+    whiteout would tell the caller it was left.
+    """
+    if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+        raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
     _check_name(new_name)
     now = time.time_ns()
     _lock(cur, u, parent, new_parent)
@@ -660,8 +666,8 @@ def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
 @op
 def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list, size: int,
            mtime: int, kill_priv: bool = False, parent: int | None = None,
-           name: bytes | None = None, attrs: dict[str, int] | None = None
-           ) -> dict[str, Any]:
+           name: bytes | None = None, attrs: dict[str, int] | None = None,
+           amend: bool = False) -> dict[str, Any]:
     """Make ``extents`` the new current version of file ``ino``.
 
     ``base`` is the version the writer started from. If another commit came
@@ -672,7 +678,10 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     a missing block. ``attrs`` are mode, owner or time changes the writer made
     while writing a file that has no version yet (see ``OpenFile.defer``):
     they are applied after the new version (or to the conflicted copy), in
-    the same transaction.
+    the same transaction. ``amend``: the base is an empty version this device
+    committed when the same save began (an open with O_TRUNC, flushed before
+    the writes); it is dropped, so that one save is one version. A base with
+    bytes, or another device's, is kept.
     """
     if sum(n for _, n in extents) != size:
         raise FSError(errno.EINVAL, "extents do not add up to size")
@@ -687,6 +696,9 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     if a is not None and not stat.S_ISREG(a["mode"]):
         raise FSError(errno.EINVAL, "not a regular file")
     if a is not None and a["version"] == base and (a["nlink"] > 0 or name is None):
+        if amend:
+            cur.execute("DELETE FROM versions WHERE inode = %s AND version = %s AND size = 0"
+                        " AND device = %s", (ino, base, device))
         attr = _commit(cur, u, device, a, extents, size, mtime, kill_priv)
         return {"attr": _setattr(cur, attr, **attrs) if attrs else attr}
     if name is None:

@@ -23,9 +23,12 @@ MAX_FRAME = 64 << 20
 PUSH = -1
 # Extended attribute namespaces the filesystem stores (POSIX ACLs are not supported).
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-# rename(2) flags, as the kernel passes them.
+# rename(2) flags, as the kernel passes them. RENAME_WHITEOUT (4), which
+# overlayfs asks of its upper directory, is refused with EINVAL.
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+# The longest name of a directory entry, in bytes (the kernel lets FUSE pass up to 1024).
+NAME_MAX = 255
 
 _LEN = struct.Struct(">I")
 

@@ -57,37 +57,64 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     mp = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mp):
-        os.makedirs(mp, exist_ok=True)
+        private = os.umask(args.caller_umask)  # the mountpoint is the caller's to share
+        try:
+            os.makedirs(mp, exist_ok=True)
+        finally:
+            os.umask(private)
     if os.path.ismount(mp):
         print(f"{mp} is already mounted", file=sys.stderr)
         return 1
     emb = Embedded(args.home)
     name = _mount_name(mp)
-    if args.server:
-        if not args.token:
-            print("--server needs --token (or NIMBUSFS_TOKEN)", file=sys.stderr)
-            return 2
-        server, token = args.server, args.token
-    else:
-        server, token = emb.start(args.listen)
-    cfg = MountConfig(
-        mountpoint=mp, server=server, token=token,
-        cache_dir=os.path.abspath(args.cache_dir or emb.path("cache", name)),
-        cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
-        allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
-        read_only=args.read_only)
-    if args.foreground:
-        return _run_mount(cfg)
-    return _spawn_mount(args, emb, cfg, name)
+    if args.server and not args.token:
+        print("--server needs --token (or NIMBUSFS_TOKEN)", file=sys.stderr)
+        return 2
+    # What runs before this attempt: a mount that cannot start stops what it started.
+    had_postgres, had_server = emb._pg_running(), emb.server_address() is not None
+    mounted = False
+    try:
+        if args.server:
+            server, token = args.server, args.token
+        else:
+            if not had_server:
+                print("nimbusfs: starting the embedded database and metaserver",
+                      file=sys.stderr)
+            server, token = emb.start(args.listen)
+        cfg = MountConfig(
+            mountpoint=mp, server=server, token=token,
+            cache_dir=os.path.abspath(args.cache_dir or emb.path("cache", name)),
+            cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
+            allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
+            read_only=args.read_only)
+        rc = _run_mount(cfg) if args.foreground else _spawn_mount(args, emb, cfg, name)
+        mounted = rc == 0
+        return rc
+    finally:
+        if not mounted and not args.server and not emb.live_mounts():
+            if not had_server:
+                emb.stop_server()
+            if not had_postgres:
+                emb.stop_postgres()
 
 
 def _run_mount(cfg) -> int:
+    """Serve the mount in this process; a mount the kernel refuses is one line, no traceback."""
     import trio
 
-    from fusefs.mount import serve
+    from fusefs.mount import MountFailed, serve
 
     _setup_logging()
-    trio.run(serve, cfg)
+    try:
+        trio.run(serve, cfg)
+    except BaseException as e:
+        cause = e
+        while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+            cause = cause.exceptions[0]  # raised inside the mount's nursery
+        if not isinstance(cause, MountFailed):
+            raise
+        print(f"nimbusfs: {cause}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -104,15 +131,21 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
     if cfg.read_only:
         cmd.append("--read-only")
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
+    print(f"nimbusfs: mounting {cfg.mountpoint}", file=sys.stderr)
     with open(logfile, "ab") as log_f:
+        start = log_f.tell()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
                                 env=env, start_new_session=True)
     _wait_for(lambda: os.path.ismount(cfg.mountpoint) or proc.poll() is not None, 120,
               "the mount")
     if proc.poll() is not None:
-        print(f"mount failed; log {logfile}:", file=sys.stderr)
-        with open(logfile) as f:
-            print("".join(f.readlines()[-20:]), file=sys.stderr)
+        # The mount process's last line says why (one line for a refused mount).
+        with open(logfile, "rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").split("\n")
+        last = next((line for line in reversed(lines) if line.strip()), "no message")
+        print(f"nimbusfs: mount failed: {last.strip().removeprefix('nimbusfs: ')}"
+              f" (log: {logfile})", file=sys.stderr)
         return 1
     rec = emb.mount_record(cfg.mountpoint)
     os.makedirs(os.path.dirname(rec), exist_ok=True)
@@ -405,7 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command with umask 077.
+
+    What it and the processes it starts create is private to the user: the
+    state directory's logs (they name mountpoints), mount records, the
+    metaserver's address, block cache and store files, conflict lists (they
+    name files). A mountpoint made by ``mount`` gets the caller's umask.
+    """
     args = build_parser().parse_args(argv)
+    args.caller_umask = os.umask(0o077)
     return args.fn(args)
 
 

@@ -96,6 +96,13 @@ class Embedded:
         pg, run, logs = self.path("pg"), self.path("run"), self.path("logs")
         for d in (self.home, run, logs):
             os.makedirs(d, exist_ok=True)
+        # Private, also a state directory made before umask 077 (see cli.main):
+        # only root's lets others through (0711, listing nothing), for the
+        # postgres user to reach pg/, run/ (its socket) and logs/postgres.log,
+        # the two directories it owns (0700).
+        os.chmod(self.home, 0o711 if os.geteuid() == 0 else 0o700)
+        for d in (run, logs):
+            os.chmod(d, 0o700)
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
             for d in (run, logs):

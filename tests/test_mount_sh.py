@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import sysconfig
+
+import pytest
 
 from conftest import _world_dir
 from nimbusfs.embedded import Embedded
@@ -21,14 +25,38 @@ def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return r
 
 
+def _exposed(home: str) -> list[tuple[str, str]]:
+    """Paths under the state directory that other local users may read, list or enter.
+
+    Allowed: root's state directory itself is 0711, so that the postgres
+    user (PostgreSQL refuses to run as root) reaches pg/, run/ and logs/,
+    which it owns, through a directory it cannot list.
+    """
+    allowed = {home: 0o711} if os.geteuid() == 0 else {}
+    out = []
+    for d, _, files in os.walk(home):
+        for p in [d, *(os.path.join(d, n) for n in files)]:
+            mode = stat.S_IMODE(os.lstat(p).st_mode)
+            if mode & 0o077 and mode != allowed.get(p):
+                out.append((p, oct(mode)))
+    return out
+
+
 def test_mount_sh_embedded_lifecycle():
     home = _world_dir("nimbus-home-")
     work = _world_dir("nimbus-mnt-")
-    env = dict(os.environ, NIMBUSFS_HOME=home)
+    bin_dir = os.path.join(work, "bin")
+    env = dict(os.environ, NIMBUSFS_HOME=home, NIMBUSFS_BIN=bin_dir)
     a, b, c = (os.path.join(work, n) for n in ("a", "b", "c"))
     try:
-        out = run(a, env=env).stdout
+        r = run(a, env=env)
+        out = r.stdout
         assert os.path.ismount(a)
+        # The README's nimbusfs commands: linked where PATH finds them, and said so.
+        assert f"the nimbusfs command is now {bin_dir}/nimbusfs" in r.stderr
+        status = subprocess.run(["nimbusfs", "status"], capture_output=True, text=True,
+                                check=True, env=dict(env, PATH=f"{bin_dir}:{env['PATH']}"))
+        assert f"mount:           {a} " in status.stdout
         server = re.search(r"server: (\S+)", out)[1]
         token = re.search(r"token:\s+(\S+)", out)[1]
         with open(os.path.join(a, "note.txt"), "w") as f:
@@ -42,6 +70,7 @@ def test_mount_sh_embedded_lifecycle():
         run(c, "--server", server, "--token", token, "--cache-dir", os.path.join(work, "cc"),
             env=env)
         assert os.listdir(c) == ["note.txt"]
+        assert _exposed(home) == []
         status = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "--home", home, "status"],
                                 capture_output=True, text=True, check=True).stdout
         assert f"metaserver:      {server}" in status
@@ -72,3 +101,94 @@ def test_mount_sh_embedded_lifecycle():
                     assert "Traceback" not in f.read(), name
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _python_for_nobody() -> tuple[list[str], dict[str, str]]:
+    """A Python command that user nobody can run with the project's packages.
+
+    This interpreter if nobody can reach it, else the system's python3 of the
+    same version with the virtualenv's packages on its path.
+    """
+    path = {"PYTHONPATH": f"{ROOT}:{sysconfig.get_paths()['purelib']}"}
+    for exe, env in ((sys.executable, {}), ("/usr/bin/python3", path)):
+        probe = subprocess.run(["runuser", "-u", "nobody", "--", "env", *(f"{k}={v}" for k, v
+                                in env.items()), exe, "-c", "import nimbusfs.cli, pyfuse3"],
+                               cwd="/", capture_output=True)
+        if probe.returncode == 0:
+            return [exe], env
+    pytest.skip("no Python that user nobody can run with the project's packages")
+
+
+def _services_of(home: str) -> list[str]:
+    """Command lines of the processes running from the state directory ``home``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if home in cmd:
+            out.append(cmd)
+    return out
+
+
+def test_mount_without_fuse_access_says_why_and_stops_what_it_started():
+    """A user who cannot open /dev/fuse gets one line with the cause and what to do, no
+    traceback, and the database and metaserver the attempt started are stopped.
+
+    /dev/fuse is closed to the user in a mount namespace of the test's own (a
+    root-only device node bound over it), whatever its mode on this machine.
+    """
+    python, env = _python_for_nobody()
+    work = _world_dir("nimbus-nofuse-")
+    home, mp = os.path.join(work, "home"), os.path.join(work, "mp")
+    os.mkdir(home)
+    os.mkdir(mp)
+    shutil.chown(home, "nobody")
+    shutil.chown(mp, "nobody")
+    script = ('mknod -m 600 "$0/fuse" c 10 229 && mount --bind "$0/fuse" /dev/fuse'
+              ' && exec runuser -u nobody -- "$@"')
+    try:
+        r = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, work,
+             "env", f"NIMBUSFS_HOME={home}", *(f"{k}={v}" for k, v in env.items()),
+             *python, "-m", "nimbusfs.cli", "mount", mp],
+            cwd="/", capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0
+        assert "Traceback" not in r.stderr, r.stderr
+        lines = r.stderr.strip().splitlines()
+        steps = [line for line in lines if line.startswith(("nimbusfs: starting",
+                                                             "nimbusfs: mounting"))]
+        (failure,) = [line for line in lines if line not in steps]
+        assert "/dev/fuse" in failure and "Permission denied" in failure, failure
+        assert "as root" in failure, failure   # what to do
+        assert _services_of(home) == []
+    finally:
+        for cmd in _services_of(home):   # only if the test failed
+            print("left running:", cmd)
+        Embedded(home).stop_server()
+        subprocess.run(["runuser", "-u", "nobody", "--", "sh", "-c",
+                        f'pg_ctl=$(ls /usr/lib/postgresql/*/bin/pg_ctl | tail -1);'
+                        f' [ ! -e {home}/pg/postmaster.pid ] || $pg_ctl -D {home}/pg -m fast'
+                        ' stop'], cwd="/", capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_bootstrap_steps_are_one_line_each_with_details_in_a_log(tmp_path):
+    """apt's and pip's output goes to the log; a failed step names the log and shows its
+    end, and stops the script."""
+    log = tmp_path / "bootstrap.log"
+    script = (f'source {ROOT}/scripts/bootstrap.sh; NIMBUS_LOG={log}; set -e;'
+              ' _nimbus_step "preparing a thing" sh -c "echo much progress; echo done";'
+              ' _nimbus_step "installing a thing" sh -c "echo more progress;'
+              ' echo the reason it failed >&2; exit 3"; echo not reached')
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert lines[:3] == ["nimbusfs: preparing a thing", "nimbusfs: installing a thing",
+                         f"nimbusfs: failed: installing a thing; the end of {log}:"]
+    assert "the reason it failed" in lines[3:]
+    assert "much progress" not in r.stderr
+    assert "much progress" in log.read_text()

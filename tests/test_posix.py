@@ -15,10 +15,10 @@ import sys
 
 import pytest
 
-from conftest import read_file, write_file
+from conftest import read_file, wait_until, write_file
 
 _libc = ctypes.CDLL(None, use_errno=True)
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4
 
 
 def _checked(ret: int) -> None:
@@ -142,6 +142,30 @@ def test_truncate_on_open_handle(root):
     assert read_file(p) == b"01234" + bytes(15)
 
 
+def test_ftruncate_changes_ctime(root):
+    """ftruncate on an open handle is a setattr with the handle: ctime changes with mtime."""
+    p = j(root, "f")
+    write_file(p, b"0123456789")
+    before = os.stat(p)
+    probe = j(root, "clock")
+    write_file(probe, b"")
+
+    def clock_moved() -> bool:  # the file system's clock (coarse on ext4) is past ``before``
+        os.utime(probe)
+        return os.stat(probe).st_ctime_ns > before.st_ctime_ns
+    wait_until(clock_moved, what="the file system's clock to move")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 4)
+        st = os.fstat(fd)
+        assert st.st_size == 4
+        assert st.st_mtime_ns > before.st_mtime_ns
+        assert st.st_ctime_ns > before.st_ctime_ns
+    finally:
+        os.close(fd)
+    assert os.stat(p).st_ctime_ns > before.st_ctime_ns
+
+
 def test_unlinked_open_file_until_last_close(root):
     p = j(root, "f")
     write_file(p, b"data")
@@ -181,6 +205,21 @@ def test_rename_variants(root):
     assert read_file(j(root, "h")) == b"g"
 
 
+def test_rename_whiteout_is_kept_or_refused(root):
+    """RENAME_WHITEOUT leaves a 0/0 character device at the source, or fails with EINVAL
+    and moves nothing (the mount refuses it); it never moves the file without one."""
+    write_file(j(root, "a"), b"a")
+    try:
+        renameat2(j(root, "a"), j(root, "b"), RENAME_WHITEOUT)
+    except OSError as e:
+        assert e.errno == errno.EINVAL
+        assert read_file(j(root, "a")) == b"a" and not os.path.lexists(j(root, "b"))
+    else:
+        st = os.lstat(j(root, "a"))
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+        assert read_file(j(root, "b")) == b"a"
+
+
 def test_rename_hardlink_onto_itself(root):
     write_file(j(root, "a"), b"a")
     os.link(j(root, "a"), j(root, "b"))
@@ -200,6 +239,21 @@ def test_names_are_bytes(root):
                                     b"-", b"a" * 255}
     assert err(write_file, os.path.join(raw, b"a" * 256), b"") == errno.ENAMETOOLONG
     assert err(os.mkdir, os.path.join(raw, b"b" * 256)) == errno.ENAMETOOLONG
+
+
+def test_long_names_are_enametoolong_everywhere(root):
+    """Every call naming an entry over 255 bytes fails with ENAMETOOLONG, also when the
+    directory's listing is known (the mount then answers lookups without the server)."""
+    write_file(j(root, "f"), b"f")
+    os.mkdir(j(root, "d"))
+    os.listdir(root)
+    long = os.path.join(os.fsencode(root), b"n" * 256)
+    f = os.fsencode(j(root, "f"))
+    for call in (os.stat, os.lstat, os.unlink, os.rmdir, lambda p: os.chmod(p, 0o600),
+                 lambda p: os.truncate(p, 0), lambda p: os.link(f, p),
+                 lambda p: os.rename(f, p), lambda p: os.rename(p, f)):
+        assert err(call, long) == errno.ENAMETOOLONG
+    assert read_file(j(root, "f")) == b"f"
 
 
 def test_deep_paths(root):
