@@ -13,6 +13,8 @@ Invariants kept here:
   orphaned calls ``purge`` after its last close;
 - ``users.used_bytes`` is the sum of current sizes of the volume's files and
   ``blocks.refcount`` counts references from every kept version;
+- a version names only blocks its user may reference (``block_owners``), and
+  ``have_blocks`` answers only for those (see ``metaserver/blocks.py``);
 - rows are locked parent-first in ascending inode order, so concurrent
   operations cannot deadlock on each other's directories.
 
@@ -34,6 +36,8 @@ from typing import Any
 import msgpack
 from psycopg import Cursor
 
+from blockstore.base import HASH_LEN
+from blockstore.chunking import MAX_BLOCK
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
 from metaserver.protocol import (
@@ -44,6 +48,9 @@ from metaserver.protocol import (
 )
 
 NAME_MAX = 255
+BIGINT_MAX = (1 << 63) - 1
+# Hashes one have_blocks request may ask about.
+MAX_KEYS = 10_000
 
 OPS: dict[str, Callable[..., Any]] = {}
 
@@ -252,12 +259,34 @@ def statfs(cur: Cursor, u: User, device: str) -> dict[str, int]:
     return {"quota": quota, "used": used, "inodes": cur.fetchone()[0]}
 
 
+def check_keys(keys: list) -> list[bytes]:
+    """``keys`` as a list of block hashes, or EINVAL (at most ``MAX_KEYS`` of them)."""
+    if not (isinstance(keys, list) and len(keys) <= MAX_KEYS
+            and all(isinstance(k, bytes) and len(k) == HASH_LEN for k in keys)):
+        raise FSError(errno.EINVAL, f"keys must be at most {MAX_KEYS} hashes of {HASH_LEN} bytes")
+    return keys
+
+
+def unowned(cur: Cursor, user_id: int, keys: list[bytes]) -> list[bytes]:
+    """The blocks of ``keys`` that the user may not reference (see ``block_owners``)."""
+    cur.execute("SELECT k FROM unnest(%s::bytea[]) AS k WHERE NOT EXISTS"
+                " (SELECT 1 FROM block_owners o WHERE o.user_id = %s AND o.hash = k)",
+                (keys, user_id))
+    return [bytes(r[0]) for r in cur.fetchall()]
+
+
 @op
 def have_blocks(cur: Cursor, u: User, device: str, keys: list[bytes]) -> list[bytes]:
-    """The subset of ``keys`` that committed versions already reference."""
-    if not keys:
+    """The subset of ``keys`` that the store holds and this user may reference.
+
+    Only the user's own blocks (``block_owners``) are answered for, so that
+    nobody learns what others store: a block stored for another user is
+    uploaded again (the store keeps one copy; the upload shows possession).
+    """
+    if not check_keys(keys):
         return []
-    cur.execute("SELECT hash FROM blocks WHERE hash = ANY(%s) AND refcount > 0", (keys,))
+    cur.execute("SELECT o.hash FROM block_owners o JOIN blocks b ON b.hash = o.hash"
+                " WHERE o.user_id = %s AND o.hash = ANY(%s) AND b.refcount > 0", (u.id, keys))
     return [bytes(r[0]) for r in cur.fetchall()]
 
 
@@ -604,6 +633,49 @@ def _save_conflict(cur: Cursor, u: User, device: str, ino: int, parent: int, nam
     return {**_commit(cur, u, device, a, extents, size, mtime), "dir": a["dir"]}
 
 
+def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
+    """Validate a commit's extent list; return its distinct blocks and their sizes.
+
+    Each extent is ``[hash or None, length]``: a block of 1 to ``MAX_BLOCK``
+    bytes named by a ``HASH_LEN``-byte hash (always with the same length), or
+    a hole of any positive length; the lengths add up to ``size``, which fits
+    a bigint. Anything else is EINVAL before the transaction touches a row.
+    """
+    if not (isinstance(extents, list) and type(size) is int and 0 <= size <= BIGINT_MAX):
+        raise FSError(errno.EINVAL, "extents must be a list and size a non-negative int64")
+    total, blocks = 0, {}
+    for e in extents:
+        if not (isinstance(e, list | tuple) and len(e) == 2 and type(e[1]) is int and e[1] > 0):
+            raise FSError(errno.EINVAL, "an extent is [hash or nil, positive length]")
+        key, n = e
+        if key is not None and not (isinstance(key, bytes) and len(key) == HASH_LEN
+                                    and n <= MAX_BLOCK and blocks.setdefault(key, n) == n):
+            raise FSError(errno.EINVAL, f"a block extent is [{HASH_LEN}-byte hash, its"
+                                            f" length (at most {MAX_BLOCK})]")
+        total += n
+        if total > size:
+            break
+    if total != size:
+        raise FSError(errno.EINVAL, "extents do not add up to size")
+    return blocks
+
+
+def _check_blocks(cur: Cursor, u: User, blocks: dict[bytes, int]) -> None:
+    """Refuse blocks the user may not reference, or named with another length than stored.
+
+    EACCES says the same whether a block is stored for someone else or not
+    at all: nothing is learnt of other users' data.
+    """
+    keys = sorted(blocks)
+    if unowned(cur, u.id, keys):
+        raise FSError(errno.EACCES, "extents name blocks this user has not uploaded")
+    cur.execute("SELECT 1 FROM blocks b, unnest(%s::bytea[], %s::bigint[]) AS c(hash, n)"
+                " WHERE b.hash = c.hash AND b.size <> c.n LIMIT 1",
+                (keys, [blocks[k] for k in keys]))
+    if cur.fetchone():
+        raise FSError(errno.EINVAL, "an extent's length is not its block's size")
+
+
 def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
             mtime: int, kill_priv: bool = False) -> dict[str, int]:
     """Add a version to the locked inode ``a`` and make it current.
@@ -668,18 +740,22 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     first, or the file was deleted meanwhile, nothing of the original changes:
     the bytes are saved as a conflicted copy next to it (``parent``/``name``
     are where the writer last saw the file) and the answer names the copy.
-    The blocks must already be in the block store: a version never references
-    a missing block. ``attrs`` are mode, owner or time changes the writer made
+    Every block must be the user's to reference (``block_owners``: uploaded
+    through the metaserver, or in direct mode admitted by
+    ``BlockAccess.admit`` once the store was seen to hold it), else EACCES:
+    a version never references a missing block, nor one of another user's
+    that this user never showed to possess. ``attrs`` are mode, owner or time changes the writer made
     while writing a file that has no version yet (see ``OpenFile.defer``):
     they are applied after the new version (or to the conflicted copy), in
     the same transaction.
     """
-    if sum(n for _, n in extents) != size:
-        raise FSError(errno.EINVAL, "extents do not add up to size")
+    blocks = check_extents(extents, size)
     attrs = attrs or {}
     if not (isinstance(attrs, dict) and set(attrs) <= SETATTR_KEYS
             and all(type(v) is int for v in attrs.values())):
         raise FSError(errno.EINVAL, "bad attributes")
+    if blocks:
+        _check_blocks(cur, u, blocks)
     cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
                 (ino, u.id))
     row = cur.fetchone()

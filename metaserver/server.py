@@ -24,8 +24,11 @@ import msgpack
 import psycopg
 import trio
 
+from blockstore import BlockStore
+from blockstore.remote import PROXY_URL
 from metaserver import namespace
 from metaserver.auth import User, authenticate
+from metaserver.blocks import BlockAccess
 from metaserver.db import Database
 from metaserver.errors import Conflict, FSError
 from metaserver.protocol import PUSH, FrameReader, pack
@@ -122,11 +125,14 @@ class Session:
 
 
 class MetaServer:
-    def __init__(self, db: Database, dsn: str, blocks_url: str) -> None:
+    """``proxy``: mounts get no store address; blocks go through ``BlockAccess``."""
+
+    def __init__(self, db: Database, dsn: str, store: BlockStore, proxy: bool = False) -> None:
         self.db = db
         self.dsn = dsn
-        self.blocks_url = blocks_url
+        self.blocks_url = PROXY_URL if proxy else store.url
         self.limiter = trio.CapacityLimiter(db.pool_size)
+        self.blocks = BlockAccess(store, proxy, self.call)
         self.subscribers: dict[int, set[Session]] = {}
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -301,6 +307,13 @@ class MetaServer:
                         args: dict[str, Any]) -> Any:
         if opname == "subscribe":
             return await self._subscribe(s, nursery, int(args.get("cursor") or 0))
+        if opname in ("put_block", "get_block"):
+            try:
+                return await getattr(self.blocks, opname[:3])(s.user, **args)
+            except TypeError as e:
+                raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
+        if opname == "commit":
+            await self.blocks.admit(s.user, args.get("extents"), args.get("size"))
         fn = namespace.OPS.get(opname)
         if fn is None:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")

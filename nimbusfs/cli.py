@@ -159,6 +159,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     import trio
 
+    from blockstore import open_store
     from metaserver import namespace
     from metaserver.client import parse_address
     from metaserver.db import Database
@@ -170,13 +171,16 @@ def cmd_server(args: argparse.Namespace) -> int:
     db.open()
     host, port = parse_address(args.listen)
 
+    store = open_store(args.blocks)
+
     async def main() -> None:
-        server = MetaServer(db, args.dsn, args.blocks)
+        server = MetaServer(db, args.dsn, store, proxy=args.proxy_blocks)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, host, port)
             bound = listeners[0].socket.getsockname()
             address = f"{bound[0]}:{bound[1]}"
-            log.info("metaserver listening on %s (blocks %s)", address, args.blocks)
+            log.info("metaserver listening on %s (blocks %s%s)", address, args.blocks,
+                     ", through this server" if args.proxy_blocks else "")
             if args.info_file:
                 tmp = args.info_file + ".tmp"
                 with open(tmp, "w") as f:
@@ -192,6 +196,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         trio.run(main)
     finally:
         db.close()
+        store.close()
     return 0
 
 
@@ -319,7 +324,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
         from blockstore import block_hash, open_store
 
         r = await client.call("open", ino=ino, version=args.version)
-        store = open_store(client.info["blocks"])
+        store = open_store(client.info["blocks"], client.call)
         out = sys.stdout.buffer
         for key, length in r["extents"]:
             if key is None:
@@ -365,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="run a metaserver")
     s.add_argument("--dsn", required=True, help="PostgreSQL connection string")
     s.add_argument("--listen", default="127.0.0.1:7070")
-    s.add_argument("--blocks", required=True, help="block store URL the mounts use")
+    s.add_argument("--blocks", required=True, help="block store URL")
+    s.add_argument("--proxy-blocks", action="store_true",
+                   help="mounts hold no store credentials: their blocks go through this"
+                        " server, which lets each user read only their own (multi-user"
+                        " deployments; see the README's security section)")
     s.add_argument("--pool-size", type=int, default=8)
     s.add_argument("--keep-versions", type=int, default=100,
                    help="versions kept per file regardless of age (default 100)")
