@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import trio
 from psycopg import Cursor
 
 from blockstore import BlockNotFound, BlockStore, block_hash
-from blockstore.chunking import MAX_BLOCK
+from blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
 from metaserver.auth import User
 from metaserver.errors import FSError
 from metaserver.namespace import check_extents, check_keys, unowned
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Blocks checked in the store at once when a direct-mode commit names new ones.
 EXISTS_AT_ONCE = 16
+# Zeros of a hole are sent in pieces of this size.
+ZEROS = 1 << 20
 
 
 def _own(cur: Cursor, user_id: int, keys: list[bytes], sizes: list[int] | None = None) -> None:
@@ -128,10 +131,77 @@ class BlockAccess:
             raise FSError(errno.EINVAL, "bad offset or length")
         if not await self.transaction(_owns, u.id, key):
             raise FSError(errno.ENOENT, "no such block")
+        if length is None:
+            return await self.get_stored(key)
         try:
-            if length is None:
-                return await self._store(self.store.get, key)
             return await self._store(self.store.get_range, key, offset, length)
+        except BlockNotFound:
+            raise FSError(errno.EIO, "block missing from the store") from None
+
+    async def _verified(self, key: bytes) -> bytes:
+        """A block from the store, checked against its hash (fetched twice at most)."""
+        for _ in range(2):
+            data = await self.get_stored(key)
+            if block_hash(data) == key:
+                return data
+            log.error("block %s from the store fails its hash", key.hex())
+        raise FSError(errno.EIO, f"block {key.hex()} is corrupt in the store")
+
+    async def get_stored(self, key: bytes) -> bytes:
+        try:
+            return await self._store(self.store.get, key)
         except BlockNotFound:
             log.error("block %s is referenced but missing from the store", key.hex())
             raise FSError(errno.EIO, "block missing from the store") from None
+
+    async def ingest(self, u: User, fd: int, size: int) -> list[list]:
+        """Cut bytes [0, size) of ``fd`` into blocks and store them; return the extents.
+
+        The server holds the bytes, so every block becomes the user's; only
+        those the user does not have yet are put (the store keeps one copy
+        of each whatever its owners). The cuts are the mount's for a file
+        written from its start, so the same bytes uploaded here and written
+        through a mount are stored once. ``fd`` is read twice (chunking,
+        then each new block), never whole into memory.
+        """
+        pieces: list[Piece] = await trio.to_thread.run_sync(chunk_fd, fd, 0, size)
+        sizes = {p.key: p.length for p in pieces if p.key is not None}
+        first = {p.key: p for p in reversed(pieces) if p.key is not None}
+        new = await self.transaction(unowned, u.id, sorted(sizes))
+
+        def put(p: Piece) -> None:
+            data = os.pread(fd, p.length, p.offset)
+            if len(data) != p.length:
+                raise FSError(errno.EIO, "the upload's spool file is short")
+            self.store.put(p.key, data)
+
+        async with trio.open_nursery() as nursery:
+            for key in new:
+                nursery.start_soon(self._store, put, first[key])
+        if new:
+            await self.transaction(_own, u.id, new, [sizes[k] for k in new])
+        extents: list[list] = []
+        for p in pieces:
+            if p.key is None and extents and extents[-1][0] is None:
+                extents[-1][1] += p.length   # adjacent holes are one
+            else:
+                extents.append([p.key, p.length])
+        return extents
+
+    async def read(self, extents: list, start: int, end: int) -> AsyncIterator[bytes]:
+        """The bytes [start, end) of a version with these extents, block by block.
+
+        Every block is hash-checked; memory holds one block at a time.
+        """
+        pos = 0
+        for key, n in extents:
+            a, b = max(start, pos), min(end, pos + n)
+            if a < b:
+                if key is None:
+                    for z in range(a, b, ZEROS):
+                        yield bytes(min(ZEROS, b - z))
+                else:
+                    yield (await self._verified(bytes(key)))[a - pos:b - pos]
+            pos += n
+            if pos >= end:
+                return

@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 from psycopg import Cursor
 
-from blockstore.base import HASH_LEN
+from blockstore.base import HASH_LEN, block_hash
 from blockstore.chunking import MAX_BLOCK
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
@@ -744,10 +744,10 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     through the metaserver, or in direct mode admitted by
     ``BlockAccess.admit`` once the store was seen to hold it), else EACCES:
     a version never references a missing block, nor one of another user's
-    that this user never showed to possess. ``attrs`` are mode, owner or time changes the writer made
-    while writing a file that has no version yet (see ``OpenFile.defer``):
-    they are applied after the new version (or to the conflicted copy), in
-    the same transaction.
+    that this user never showed to possess. ``attrs`` are mode, owner or
+    time changes the writer made while writing a file that has no version
+    yet (see ``OpenFile.defer``): they are applied after the new version (or
+    to the conflicted copy), in the same transaction.
     """
     blocks = check_extents(extents, size)
     attrs = attrs or {}
@@ -778,10 +778,11 @@ def versions(cur: Cursor, u: User, device: str, ino: int) -> list[dict[str, Any]
     """The kept versions of a file, newest first."""
     _inode(cur, u, ino)
     cur.execute("SELECT v.version, v.size, extract(epoch FROM v.created)::float8, v.device,"
-                " coalesce(us.name, '') FROM versions v LEFT JOIN users us ON us.id = v.user_id"
+                " coalesce(us.name, ''), v.extents"
+                " FROM versions v LEFT JOIN users us ON us.id = v.user_id"
                 " WHERE v.inode = %s ORDER BY v.version DESC", (ino,))
-    return [dict(zip(("version", "size", "time", "device", "user"), r, strict=True))
-            for r in cur.fetchall()]
+    return [{**dict(zip(("version", "size", "time", "device", "user"), r[:5], strict=True)),
+             "content_hash": content_hash(msgpack.unpackb(r[5]))} for r in cur.fetchall()]
 
 
 @op
@@ -812,3 +813,178 @@ def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
     return True
 
 
+
+
+# --- whole files by id and path (the HTTP API) ---------------------------------
+# An id is an inode number: it stays with the file across renames and moves.
+
+def content_hash(extents: list) -> str:
+    """A version's content identity (the HTTP ETag): equal for the same extents.
+
+    Derived from the extent list, so it costs no read of the data: the same
+    bytes written with another edit history may be cut into other blocks and
+    hash differently, but a change of content always changes it.
+    """
+    return block_hash(msgpack.packb(extents)).hex()
+
+
+def entry(cur: Cursor, u: User, device: str, ino: int) -> dict[str, Any]:
+    """An inode's attributes, where it is (parent, name, path) and its content hash.
+
+    The root's path is ``/`` and its parent None. A file with several hard
+    links shows one of its entries; an orphan (open somewhere, no entry)
+    answers ENOENT, as a deleted file does.
+    """
+    a = _inode(cur, u, ino)
+    cur.execute(
+        "WITH RECURSIVE up(inode, parent, name, depth) AS ("
+        " (SELECT inode, parent, name, 0 FROM dentries WHERE inode = %s ORDER BY parent, name"
+        " LIMIT 1) UNION ALL"
+        " SELECT d.inode, d.parent, d.name, up.depth + 1"
+        " FROM up JOIN LATERAL (SELECT * FROM dentries d WHERE d.inode = up.parent"
+        " ORDER BY d.parent, d.name LIMIT 1) d ON true)"
+        " SELECT parent, name FROM up ORDER BY depth", (ino,))
+    chain = cur.fetchall()
+    if ino != u.root and not chain:
+        raise FSError(errno.ENOENT, f"no inode {ino}")
+    cur.execute("SELECT extents FROM versions WHERE inode = %s AND version = %s",
+                (ino, a["version"]))
+    row = cur.fetchone()
+    return {**a, "parent": chain[0][0] if chain else None,
+            "name": bytes(chain[0][1]) if chain else b"",
+            "path": b"/" + b"/".join(bytes(n) for _, n in reversed(chain)),
+            "content_hash": content_hash(msgpack.unpackb(row[0]) if row else [])}
+
+
+def _at(cur: Cursor, u: User, device: str, parent: int | bytes) -> int:
+    """A directory given by id, or by path (bytes) from the volume's root."""
+    return resolve(cur, u, device, parent) if isinstance(parent, bytes) else parent
+
+
+def resolve(cur: Cursor, u: User, device: str, path: bytes) -> int:
+    """The inode at ``path`` (``/a/b``, from the volume's root); ENOENT if none.
+
+    ``.`` and ``..`` are refused (EINVAL): a path never leaves the volume.
+    """
+    ino = u.root
+    for name in (p for p in path.split(b"/") if p):
+        _check_name(name)
+        _dir(cur, u, ino, lock=False)
+        child = _child(cur, ino, name)
+        if child is None:
+            raise FSError(errno.ENOENT, f"no such entry {name!r}")
+        ino = child
+    return ino
+
+
+def children(cur: Cursor, u: User, device: str, ino: int, after: bytes | None, limit: int
+             ) -> list[dict[str, Any]]:
+    """Up to ``limit`` entries of a directory in name order, those after ``after`` only."""
+    _dir(cur, u, ino, lock=False)
+    cur.execute(f"SELECT d.name, {_cols('i')}, v.extents FROM dentries d"
+                " JOIN inodes i ON i.id = d.inode"
+                " LEFT JOIN versions v ON v.inode = i.id AND v.version = i.version"
+                " WHERE d.parent = %s AND d.name > %s ORDER BY d.name LIMIT %s",
+                (ino, after or b"", limit))
+    return [{**_attr(r[1:14]), "parent": ino, "name": bytes(r[0]),
+             "content_hash": content_hash(msgpack.unpackb(r[14]) if r[14] else [])}
+            for r in cur.fetchall()]
+
+
+def _free_name(cur: Cursor, parent: int, name: bytes) -> bytes:
+    """``name``, or ``name (1).ext``, ``name (2).ext`` ... whichever is free in ``parent``."""
+    stem, dot, ext = name.rpartition(b".")
+    if not dot or not stem:
+        stem, dot, ext = name, b"", b""
+    n, candidate = 0, name
+    while _child(cur, parent, candidate) is not None:
+        n += 1
+        tail = b" (%d)" % n + dot + ext
+        candidate = stem[:max(1, NAME_MAX - len(tail))] + tail
+    return candidate
+
+
+def put_file(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes,
+             extents: list, size: int, mtime: int, on_exists: str = "fail") -> dict[str, Any]:
+    """Create ``parent/name`` (parent by id or path) with the given content in one transaction.
+
+    If the name is taken: ``fail`` answers EEXIST, ``overwrite`` commits a
+    new version of that file (EISDIR if it is not a regular file),
+    ``autorename`` creates ``name (1).ext`` (or the next free number). The
+    new file takes the parent's owner and mode 0644. Returns the file's id.
+    """
+    _check_name(name)
+    blocks = check_extents(extents, size)
+    if blocks:
+        _check_blocks(cur, u, blocks)
+    parent = _at(cur, u, device, parent)
+    p = _dir(cur, u, parent)
+    existing = _child(cur, parent, name)
+    if existing is not None and on_exists == "overwrite":
+        a = _inode(cur, u, existing, lock=True)
+        if not stat.S_ISREG(a["mode"]):
+            raise FSError(errno.EISDIR, "the name is taken by a directory")
+        _commit(cur, u, device, a, extents, size, mtime)
+        return {"id": existing}
+    if existing is not None and on_exists != "autorename":
+        raise FSError(errno.EEXIST, "the name is taken")
+    a = _new_inode(cur, u, device, parent, _free_name(cur, parent, name), stat.S_IFREG | 0o644,
+                   p["uid"], p["gid"])
+    _commit(cur, u, device, a, extents, size, mtime)
+    return {"id": a["ino"]}
+
+
+def replace(cur: Cursor, u: User, device: str, ino: int, extents: list, size: int, mtime: int,
+            expected_version: int | None = None) -> None:
+    """Make ``extents`` the file's new version; with ``expected_version``, only if current.
+
+    A stale ``expected_version`` raises Conflict and nothing changes: the
+    same rule as the mount's commit, without the conflicted copy (the
+    caller decides).
+    """
+    blocks = check_extents(extents, size)
+    if blocks:
+        _check_blocks(cur, u, blocks)
+    a = _inode(cur, u, ino, lock=True)
+    if not stat.S_ISREG(a["mode"]):
+        raise FSError(errno.EISDIR, "not a regular file")
+    if a["nlink"] == 0:
+        raise FSError(errno.ENOENT, "file was deleted")
+    if expected_version is not None and expected_version != a["version"]:
+        raise Conflict(a["version"])
+    _commit(cur, u, device, a, extents, size, mtime)
+
+
+def remove(cur: Cursor, u: User, device: str, ino: int) -> None:
+    """Delete a file's entry (one of them, if hard-linked) or an empty directory, by id.
+
+    A file left without entries goes at once with its versions: a mount that
+    has it open keeps what it read, and its next commit becomes a conflicted
+    copy, as after a delete on another mount.
+    """
+    if ino == u.root:
+        raise FSError(errno.EBUSY, "the root cannot be removed")
+    e = entry(cur, u, device, ino)
+    if stat.S_ISDIR(e["mode"]):
+        rmdir(cur, u, device, e["parent"], e["name"])
+    elif unlink(cur, u, device, e["parent"], e["name"])["orphan"]:
+        purge(cur, u, device, ino)
+
+
+def make_folder(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes
+                ) -> dict[str, Any]:
+    """Create a directory (mode 0755, the parent's owner) in ``parent``, by id or path."""
+    parent = _at(cur, u, device, parent)
+    p = _dir(cur, u, parent, lock=False)
+    return {"id": _new_inode(cur, u, device, parent, name, stat.S_IFDIR | 0o755, p["uid"],
+                             p["gid"])["ino"]}
+
+
+def move(cur: Cursor, u: User, device: str, ino: int, parent: int | None, name: bytes | None
+         ) -> None:
+    """Rename and/or move a file or directory by id; a taken name is EEXIST (no replace)."""
+    e = entry(cur, u, device, ino)
+    if e["parent"] is None:
+        raise FSError(errno.EBUSY, "the root cannot be moved")
+    rename(cur, u, device, e["parent"], e["name"], e["parent"] if parent is None else parent,
+           e["name"] if name is None else name, RENAME_NOREPLACE)

@@ -163,6 +163,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     from metaserver import namespace
     from metaserver.client import parse_address
     from metaserver.db import Database
+    from metaserver.rest import serve_http
     from metaserver.server import MetaServer
 
     _setup_logging()
@@ -181,10 +182,14 @@ def cmd_server(args: argparse.Namespace) -> int:
             address = f"{bound[0]}:{bound[1]}"
             log.info("metaserver listening on %s (blocks %s%s)", address, args.blocks,
                      ", through this server" if args.proxy_blocks else "")
+            http = ""
+            if args.http:
+                http = await nursery.start(serve_http, server, args.http)
+                log.info("HTTP API on %s/api/v1", http)
             if args.info_file:
                 tmp = args.info_file + ".tmp"
                 with open(tmp, "w") as f:
-                    json.dump({"pid": os.getpid(), "address": address}, f)
+                    json.dump({"pid": os.getpid(), "address": address, "http": http}, f)
                 os.rename(tmp, args.info_file)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
@@ -371,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dsn", required=True, help="PostgreSQL connection string")
     s.add_argument("--listen", default="127.0.0.1:7070")
     s.add_argument("--blocks", required=True, help="block store URL")
+    s.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve the HTTP API /api/v1 there (e.g. 127.0.0.1:7080)")
     s.add_argument("--proxy-blocks", action="store_true",
                    help="mounts hold no store credentials: their blocks go through this"
                         " server, which lets each user read only their own (multi-user"

@@ -1,0 +1,201 @@
+"""The HTTP API against the real metaserver process (httpx over loopback), beside real mounts."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+from conftest import read_file, wait_until, write_file
+
+
+@pytest.fixture
+def api(services, store):
+    """A client of a fresh user's volume on each block store."""
+    dep = services.deployments[store]
+    token = dep.new_user()
+    with httpx.Client(base_url=dep.http + "/api/v1",
+                      headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        c.token = token
+        c.deployment = dep
+        yield c
+
+
+def upload(api, name: str, data: bytes, **fields) -> httpx.Response:
+    return api.post("/files", files={"file": (name, data)},
+                    data={k: str(v) for k, v in fields.items()})
+
+
+def ok(r: httpx.Response, status: int = 200) -> dict:
+    assert r.status_code == status, r.text
+    return r.json() if r.content else {}
+
+
+def test_upload_then_download_by_id(api):
+    data = os.urandom(3 << 20)
+    meta = ok(upload(api, "report.bin", data), 201)
+    assert meta["name"] == "report.bin" and meta["path"] == "/report.bin"
+    assert meta["size"] == len(data) and meta["version"] == 1 and meta["kind"] == "file"
+    assert isinstance(meta["id"], int) and meta["content_hash"]
+    r = api.get(f"/files/{meta['id']}/content")
+    assert r.status_code == 200 and r.content == data
+    assert r.headers["etag"] == f'"{meta["content_hash"]}"'
+    assert ok(api.get(f"/files/{meta['id']}")) == meta
+    r = api.get(f"/files/{meta['id']}/content", headers={"If-None-Match": r.headers["etag"]})
+    assert r.status_code == 304 and not r.content
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_ranges(api):
+    data = os.urandom((2 << 20) + 12345)
+    fid = ok(upload(api, "r", data), 201)["id"]
+    for start, end in [(0, 0), (0, 99), (1000, 1_500_000), (len(data) - 10, len(data) - 1),
+                       (5, len(data) + 100)]:
+        r = api.get(f"/files/{fid}/content", headers={"Range": f"bytes={start}-{end}"})
+        assert r.status_code == 206
+        assert r.content == data[start:end + 1]
+        stop = min(end, len(data) - 1)
+        assert r.headers["content-range"] == f"bytes {start}-{stop}/{len(data)}"
+    r = api.get(f"/files/{fid}/content", headers={"Range": "bytes=-500"})
+    assert r.status_code == 206 and r.content == data[-500:]
+    r = api.get(f"/files/{fid}/content", headers={"Range": "bytes=1000-"})
+    assert r.status_code == 206 and r.content == data[1000:]
+    r = api.get(f"/files/{fid}/content", headers={"Range": f"bytes={len(data)}-"})
+    assert r.status_code == 416 and r.json()["error"]["code"] == "range_not_satisfiable"
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_names_taken_overwrite_and_autorename(api):
+    first = ok(upload(api, "a.txt", b"one"), 201)
+    r = upload(api, "a.txt", b"two")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "exists"
+    over = ok(upload(api, "a.txt", b"two", overwrite="true"), 201)
+    assert over["id"] == first["id"] and over["version"] == 2
+    renamed = ok(upload(api, "a.txt", b"three", autorename="true"), 201)
+    assert renamed["name"] == "a (1).txt" and renamed["id"] != first["id"]
+    assert ok(upload(api, "a.txt", b"four", autorename="true"), 201)["name"] == "a (2).txt"
+    assert api.get(f"/files/{first['id']}/content").content == b"two"
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_stale_expected_version_is_409_and_changes_nothing(api):
+    fid = ok(upload(api, "f", b"v1"), 201)["id"]
+    ok(api.put(f"/files/{fid}", files={"file": ("f", b"v2")}, data={"expected_version": "1"}))
+    r = api.put(f"/files/{fid}", files={"file": ("f", b"v3")}, data={"expected_version": "1"})
+    assert r.status_code == 409
+    assert r.json()["error"]["current_version"] == 2
+    assert api.get(f"/files/{fid}/content").content == b"v2"
+    assert ok(api.get(f"/files/{fid}"))["version"] == 2
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_five_versions_then_restore_version_two(api):
+    fid = ok(upload(api, "doc", b"version 1"), 201)["id"]
+    for v in range(2, 6):
+        ok(api.put(f"/files/{fid}", files={"file": ("doc", b"version %d" % v)}))
+    versions = ok(api.get(f"/files/{fid}/versions"))["versions"]
+    assert [v["version"] for v in versions] == [5, 4, 3, 2, 1]
+    assert all(v["size"] == 9 and v["content_hash"] for v in versions)
+    restored = ok(api.post(f"/files/{fid}/restore", json={"version": 2}))
+    assert restored["version"] == 6
+    assert restored["content_hash"] == versions[3]["content_hash"]
+    assert api.get(f"/files/{fid}/content").content == b"version 2"
+    assert api.get(f"/files/{fid}/content", params={"version": 4}).content == b"version 4"
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_folders_listing_move_and_delete(api):
+    docs = ok(api.post("/folders", json={"path": "/docs"}), 201)
+    sub = ok(api.post("/folders", json={"parent_id": docs["id"], "name": "sub"}), 201)
+    assert sub["path"] == "/docs/sub" and sub["kind"] == "folder"
+    names = [f"n{i:03d}" for i in range(25)]
+    for n in names:
+        ok(upload(api, n, n.encode(), path="/docs"), 201)
+    seen, cursor = [], None
+    while True:
+        page = ok(api.get("/files", params={"path": "/docs", "limit": 10,
+                                            **({"cursor": cursor} if cursor else {})}))
+        seen += [e["name"] for e in page["entries"]]
+        if not page["has_more"]:
+            break
+        cursor = page["cursor"]
+    assert seen == sorted([*names, "sub"])
+    root = ok(api.get("/files"))
+    assert [e["name"] for e in root["entries"]] == ["docs"] and root["path"] == "/"
+    f = ok(upload(api, "x", b"x", parent_id=sub["id"]), 201)
+    moved = ok(api.patch(f"/files/{f['id']}", json={"name": "y", "parent_id": docs["id"]}))
+    assert moved["path"] == "/docs/y" and moved["id"] == f["id"]
+    r = api.patch(f"/files/{f['id']}", json={"name": "n000"})
+    assert r.status_code == 409
+    assert api.delete(f"/files/{docs['id']}").status_code == 409   # not empty
+    assert api.delete(f"/files/{f['id']}").status_code == 204
+    assert api.get(f"/files/{f['id']}").status_code == 404
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_authentication_and_isolation(api, services):
+    fid = ok(upload(api, "secret", b"mine"), 201)["id"]
+    dep = api.deployment
+    assert httpx.get(f"{dep.http}/api/v1/files/{fid}").status_code == 401
+    r = httpx.get(f"{dep.http}/api/v1/files", headers={"Authorization": "Bearer nfs_wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    other = {"Authorization": f"Bearer {dep.new_user()}"}
+    base = f"{dep.http}/api/v1/files/{fid}"
+    for method, url in [("GET", base), ("GET", base + "/content"), ("GET", base + "/versions"),
+                        ("DELETE", base)]:
+        r = httpx.request(method, url, headers=other)
+        assert r.status_code == 404, (method, url)
+    r = httpx.patch(base, headers=other, json={"name": "stolen"})
+    assert r.status_code == 404
+    assert api.get(f"/files/{fid}/content").content == b"mine"
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_bad_input_is_4xx_json(api):
+    fid = ok(upload(api, "f", b"x"), 201)["id"]
+    cases = [
+        api.get("/files/abc"), api.get("/files/-1"), api.get("/files/99999999999999999999"),
+        api.get("/files", params={"limit": "0"}), api.get("/files", params={"limit": "x"}),
+        api.get("/files", params={"path": "/../etc"}), api.get("/files", params={"path": "/nope"}),
+        api.patch(f"/files/{fid}", content=b"{not json"),
+        api.patch(f"/files/{fid}", json=[1]), api.patch(f"/files/{fid}", json={"name": "a/b"}),
+        api.patch(f"/files/{fid}", json={"name": "x" * 300}),
+        api.post("/folders", json={"path": "/a\0b"}), api.post("/folders", json={}),
+        upload(api, "a/b", b"x"), api.post("/files", data={"x": "1"}),
+        api.get(f"/files/{fid}/content", params={"version": "7"}),
+        api.post(f"/files/{fid}/restore", json={"version": "two"}),
+        api.get("/nothing-here"),
+    ]
+    for r in cases:
+        assert 400 <= r.status_code < 500, (r.request.url, r.status_code, r.text)
+        assert set(r.json()["error"]) >= {"code", "message"}
+
+
+def test_mount_and_api_see_each_others_files(api, mount_factory, store):
+    m = mount_factory(store, api.token)
+    data = os.urandom(2 << 20)
+    fid = ok(upload(api, "from-http", data), 201)["id"]
+    wait_until(lambda: os.path.exists(m.p("from-http")), 5, "the upload in the mount")
+    assert read_file(m.p("from-http")) == data
+    mine = os.urandom(1 << 20)
+    write_file(m.p("from-mount"), mine)   # the close commits it
+    listing = ok(api.get("/files"))["entries"]
+    (e,) = [e for e in listing if e["name"] == "from-mount"]
+    assert api.get(f"/files/{e['id']}/content").content == mine
+    assert e["id"] == os.stat(m.p("from-mount")).st_ino
+    ok(api.put(f"/files/{fid}", files={"file": ("from-http", b"changed")}))
+    wait_until(lambda: read_file(m.p("from-http")) == b"changed", 5, "the new version")
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_bytes_uploaded_over_http_and_through_a_mount_are_stored_once(api, mount_factory):
+    from blockstore import open_store
+
+    blocks = open_store(api.deployment.blocks)
+    data = os.urandom(6 << 20)
+    m = mount_factory("local", api.token)
+    write_file(m.p("a"), data)
+    before = set(blocks.list())
+    ok(upload(api, "b", data), 201)
+    assert set(blocks.list()) == before
