@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from metaserver import namespace
+from metaserver import feed, namespace
 from metaserver.auth import User, authenticate
 from metaserver.errors import Conflict, FSError
 
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # (a revoked token keeps working at most this long on one server).
 TOKEN_TTL = 60.0
 LIST_LIMIT = 1000
+# Bounds of a long-poll's wait, in seconds (Dropbox's: 30 to 480).
+LONGPOLL_MIN, LONGPOLL_MAX = 30, 480
 # Form fields besides the file (path, parent_id, overwrite ...), and their size.
 MAX_FIELDS = 16
 MAX_FIELD_BYTES = 64 << 10
@@ -303,6 +305,34 @@ class Api:
         await self.run(request, namespace.restore, ino, version)
         return JSONResponse(await self.meta(request, ino))
 
+    async def sync(self, request: Request) -> Response:
+        q = request.query_params
+        limit = _int(q.get("limit"), "limit", 500, 1, LIST_LIMIT)
+        r = await self.run(request, feed.page, q.get("cursor", "0"), limit)
+        out = []
+        for e in r["entries"]:
+            if e["deleted"]:
+                out.append({"id": e["ino"], "name": _name(e["name"]), "path": None,
+                            "parent_id": e["parent"], "deleted": True, "own": e["own"]})
+            else:
+                out.append({**_meta(e, e["path"]), "deleted": False, "own": e["own"]})
+        return JSONResponse({"cursor": r["cursor"], "has_more": r["has_more"],
+                             "reset": r["reset"], "to_download": out})
+
+    async def longpoll(self, request: Request) -> Response:
+        """Answer ``changes: true`` as soon as the volume changed after ``cursor``."""
+        q = request.query_params
+        timeout = _int(q.get("timeout"), "timeout", 30, LONGPOLL_MIN, LONGPOLL_MAX)
+        cursor = q.get("cursor", "0")
+        user = await self.user(request)
+        with self.server.watching(user.id) as changed:
+            # Watching first: a change committed during this look still wakes it.
+            if await self.run(request, feed.pending, cursor):
+                return JSONResponse({"changes": True, "backoff": 0})
+            with trio.move_on_after(timeout):
+                await changed.wait()
+        return JSONResponse({"changes": changed.is_set(), "backoff": 0})
+
     # --- helpers ----------------------------------------------------------------------
 
     @staticmethod
@@ -384,6 +414,8 @@ def make_app(server: MetaServer) -> Starlette:
         Route(f"{p}/files/{{id}}/versions", _guard(api.versions), methods=["GET"]),
         Route(f"{p}/files/{{id}}/restore", _guard(api.restore), methods=["POST"]),
         Route(f"{p}/folders", _guard(api.make_folder), methods=["POST"]),
+        Route(f"{p}/sync", _guard(api.sync), methods=["GET"]),
+        Route(f"{p}/sync/longpoll", _guard(api.longpoll), methods=["GET"]),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

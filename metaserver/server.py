@@ -17,6 +17,8 @@ import errno
 import functools
 import inspect
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -103,8 +105,10 @@ def _subscribe_point(cur: psycopg.Cursor, owner: int, cursor: int) -> dict[str, 
 
 def _trim(cur: psycopg.Cursor) -> None:
     cur.execute("DELETE FROM applied_ops WHERE at < now() - interval '1 day'")
-    cur.execute("DELETE FROM changes WHERE at < now() - make_interval(days => %s)",
-                (LOG_RETENTION_DAYS,))
+    cur.execute("WITH d AS (DELETE FROM changes WHERE at < now() - make_interval(days => %s)"
+                " RETURNING xid) UPDATE changes_trimmed"
+                " SET upto = greatest(upto, (SELECT max(xid) FROM d))"
+                " WHERE EXISTS (SELECT 1 FROM d)", (LOG_RETENTION_DAYS,))
 
 
 class Session:
@@ -134,6 +138,7 @@ class MetaServer:
         self.limiter = trio.CapacityLimiter(db.pool_size)
         self.blocks = BlockAccess(store, proxy, self.call)
         self.subscribers: dict[int, set[Session]] = {}
+        self.watchers: dict[int, set[trio.Event]] = {}
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(cur, ...)`` in one transaction on a worker thread.
@@ -171,6 +176,27 @@ class MetaServer:
             for s in group:
                 if not device or s.device != device:
                     s.wake.set()
+        for watchers in ([self.watchers.get(owner, ())] if owner is not None
+                         else list(self.watchers.values())):
+            for ev in watchers:
+                ev.set()
+
+    @contextmanager
+    def watching(self, owner: int) -> Iterator[trio.Event]:
+        """An event set at the next change of ``owner``'s volume (an HTTP long-poll).
+
+        Costs no database connection while it waits: the LISTEN connection
+        wakes it, as it wakes the mounts' pumps.
+        """
+        ev = trio.Event()
+        self.watchers.setdefault(owner, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            group = self.watchers[owner]
+            group.discard(ev)
+            if not group:
+                del self.watchers[owner]
 
     async def _listen(self) -> None:
         """LISTEN on a connection of its own, without a thread: wait for its socket."""

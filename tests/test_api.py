@@ -199,3 +199,83 @@ def test_bytes_uploaded_over_http_and_through_a_mount_are_stored_once(api, mount
     before = set(blocks.list())
     ok(upload(api, "b", data), 201)
     assert set(blocks.list()) == before
+
+
+def sync_all(api, cursor: str = "0", device: str = "dev-a") -> tuple[list[dict], str, bool]:
+    """Every entry after ``cursor`` (all pages); the final cursor; whether it reset."""
+    out, reset = [], False
+    while True:
+        page = ok(api.get("/sync", params={"cursor": cursor, "limit": 3},
+                          headers={"X-Device-ID": device}))
+        out += page["to_download"]
+        reset |= page["reset"]
+        cursor = page["cursor"]
+        if not page["has_more"]:
+            return out, cursor, reset
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_sync_feed_lists_everything_then_changes(api):
+    folder = ok(api.post("/folders", json={"path": "/d"}), 201)
+    ids = {ok(upload(api, f"f{i}", b"x" * i, path="/d"), 201)["id"] for i in range(7)}
+    entries, cursor, reset = sync_all(api)
+    assert not reset
+    assert {e["id"] for e in entries} == ids | {folder["id"]}
+    assert all(not e["deleted"] for e in entries)
+    f3 = next(e for e in entries if e["name"] == "f3")
+    assert f3["path"] == "/d/f3" and f3["size"] == 3 and f3["kind"] == "file"
+    assert sync_all(api, cursor)[0] == []                 # nothing new
+
+    changed = ok(api.put(f"/files/{f3['id']}", files={"file": ("f3", b"new")}))
+    gone = next(e for e in entries if e["name"] == "f5")["id"]
+    assert api.delete(f"/files/{gone}").status_code == 204
+    entries, cursor2, _ = sync_all(api, cursor)
+    by_id = {e["id"]: e for e in entries}
+    assert set(by_id) == {f3["id"], gone}
+    assert by_id[f3["id"]]["version"] == changed["version"] and not by_id[f3["id"]]["own"]
+    assert by_id[gone]["deleted"] and by_id[gone]["name"] == "f5"
+    assert sync_all(api, cursor2)[0] == []
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_sync_marks_the_callers_own_changes_and_resets_an_expired_cursor(api):
+    import psycopg
+
+    _, cursor, _ = sync_all(api)
+    fid = ok(api.post("/files", files={"file": ("mine", b"1")},
+                      headers={"X-Device-ID": "dev-a"}), 201)["id"]
+    (e,) = sync_all(api, cursor, "dev-a")[0]
+    assert e["id"] == fid and e["own"]
+    (e,) = sync_all(api, cursor, "dev-b")[0]
+    assert not e["own"]
+    with psycopg.connect(api.deployment.dsn) as conn:   # as if the log had been trimmed
+        conn.execute("UPDATE changes_trimmed SET upto = pg_current_xact_id()")
+    try:
+        entries, _, reset = sync_all(api, cursor)
+        assert reset and {e["id"] for e in entries} == {fid}
+    finally:
+        with psycopg.connect(api.deployment.dsn) as conn:
+            conn.execute("UPDATE changes_trimmed SET upto = '0'")
+
+
+def test_longpoll_wakes_on_a_change_from_a_mount(api, mount_factory, store):
+    """A long-poll answers as soon as a mount changes the volume, not at its timeout."""
+    import threading
+    import time
+
+    m = mount_factory(store, api.token)
+    _, cursor, _ = sync_all(api)
+    answer: dict = {}
+
+    def poll() -> None:
+        start = time.monotonic()
+        r = api.get("/sync/longpoll", params={"cursor": cursor, "timeout": 60})
+        answer.update(ok(r), took=time.monotonic() - start)
+
+    t = threading.Thread(target=poll)
+    t.start()
+    write_file(m.p("from-mount"), b"hello")
+    t.join(30)
+    assert answer["changes"] is True and answer["took"] < 30
+    (e,) = sync_all(api, cursor)[0]
+    assert e["name"] == "from-mount" and e["size"] == 5
