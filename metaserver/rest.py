@@ -1,39 +1,44 @@
 """The HTTP API ``/api/v1``: a thin translation onto the namespace functions.
 
 Served by the metaserver process on the same trio loop as the mount
-protocol (hypercorn's trio worker, Starlette through anyio). Every route but
-the OpenAPI document needs ``Authorization: Bearer nfs_...`` (the mount
-protocol's tokens) and runs as that user: a file of another user is 404,
-exactly like one that does not exist. Each call is one transaction of a
-``metaserver.namespace`` function, so the rules (names, quotas, optimistic
-locking, block ownership) are the mount's; file bytes go through
-``BlockAccess`` (cut into the mount's blocks, stored once, hash-checked when
-read). Errors are JSON ``{"error": {"code", "message"}}`` with a 4xx for
-anything the client sent wrong; nothing answers a traceback.
+protocol (hypercorn's trio worker; FastAPI/Starlette through anyio). Every
+route but the OpenAPI document and its browsable docs needs
+``Authorization: Bearer nfs_...`` (the mount protocol's tokens) and runs as
+that user: a file of another user is 404, exactly like one that does not
+exist. Each call is one transaction of a ``metaserver.namespace`` (or
+``feed``) function, so the rules (names, quotas, optimistic locking, block
+ownership) are the mount's; file bytes go through ``BlockAccess`` (cut into
+the mount's blocks, stored once, hash-checked when read). The routes'
+signatures and models are the one declaration of the API: FastAPI derives
+the validation and ``/api/v1/openapi.json`` from them. Errors are JSON
+``{"error": {"code", "message"}}``, a 4xx for anything the client sent
+wrong; nothing answers a traceback.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the routes'
+# annotations at run time, and those of routes defined inside ``router`` name
+# its local aliases.
 import errno
 import hashlib
 import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import cachetools
 import psycopg
 import trio
-from starlette.applications import Starlette
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from metaserver import feed, namespace
 from metaserver.auth import User, authenticate
@@ -57,12 +62,94 @@ MAX_FIELD_BYTES = 64 << 10
 _STATUS = {
     errno.ENOENT: (404, "not_found"), errno.EEXIST: (409, "exists"),
     errno.ENOTEMPTY: (409, "not_empty"), errno.EBUSY: (409, "busy"),
-    errno.ESTALE: (409, "stale_version"), errno.EACCES: (403, "forbidden"),
-    errno.EPERM: (403, "forbidden"), errno.EINVAL: (400, "bad_request"),
-    errno.ENAMETOOLONG: (400, "name_too_long"), errno.EISDIR: (400, "is_a_folder"),
-    errno.ENOTDIR: (400, "not_a_folder"), errno.EDQUOT: (507, "quota_exceeded"),
-    errno.ENOSPC: (507, "no_space"), errno.EFBIG: (413, "too_large"),
+    errno.EACCES: (403, "forbidden"), errno.EPERM: (403, "forbidden"),
+    errno.EINVAL: (400, "bad_request"), errno.ENAMETOOLONG: (400, "name_too_long"),
+    errno.EISDIR: (400, "is_a_folder"), errno.ENOTDIR: (400, "not_a_folder"),
+    errno.EDQUOT: (507, "quota_exceeded"), errno.ENOSPC: (507, "no_space"),
+    errno.EFBIG: (413, "too_large"), errno.EIO: (503, "unavailable"),
 }
+
+Id = Annotated[int, Path(ge=1, le=namespace.BIGINT_MAX, description="a file or folder id")]
+
+
+# --- models: the shapes clients are written against -----------------------------------
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class FileMeta(_Model):
+    id: int
+    name: str
+    path: str | None
+    parent_id: int | None
+    kind: str
+    size: int
+    version: int
+    content_hash: str
+    modified: str
+
+
+class Listing(_Model):
+    id: int
+    path: str
+    has_more: bool
+    cursor: str | None
+    entries: list[FileMeta]
+
+
+class Move(_Model):
+    name: str | None = None
+    parent_id: int | None = None
+
+
+class NewFolder(_Model):
+    path: str | None = None
+    parent_id: int | None = None
+    name: str | None = None
+
+
+class Restore(_Model):
+    version: int
+
+
+class VersionInfo(_Model):
+    version: int
+    size: int
+    content_hash: str
+    modified: str
+    device: str
+    user: str
+
+
+class Versions(_Model):
+    versions: list[VersionInfo]
+
+
+class SyncEntry(_Model):
+    id: int
+    name: str
+    path: str | None
+    parent_id: int | None
+    kind: str | None = None
+    size: int | None = None
+    version: int | None = None
+    content_hash: str | None = None
+    modified: str | None = None
+    deleted: bool
+    own: bool
+
+
+class SyncPage(_Model):
+    cursor: str
+    has_more: bool
+    reset: bool
+    to_download: list[SyncEntry]
+
+
+class LongPoll(_Model):
+    changes: bool
+    backoff: int
 
 
 class ApiError(Exception):
@@ -110,6 +197,7 @@ def _meta(e: dict[str, Any], path: bytes) -> dict[str, Any]:
 
 def _int(value: str | None, what: str, default: int | None = None, lo: int = 0,
          hi: int = namespace.BIGINT_MAX) -> int | None:
+    """A form field as an int (form fields are parsed here, with the parser's limits)."""
     if value is None or value == "":
         return default
     if not re.fullmatch(r"[0-9]{1,19}", value) or not lo <= int(value) <= hi:
@@ -125,21 +213,19 @@ def _bool(value: str | None, what: str) -> bool:
     raise _bad(f"{what} must be true or false")
 
 
-def _ranges(header: str, size: int) -> tuple[int, int] | None:
-    """The one byte range ``Range: bytes=...`` asks for, as [start, end); None: all.
+def _range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The byte range ``Range: bytes=...`` asks for, as [start, end); None: the whole file.
 
-    Several ranges are answered with the whole file (allowed by RFC 9110);
-    a range that starts past the end is 416.
+    Several ranges are answered with the whole file (RFC 9110 allows it); a
+    range that starts past the end is 416.
     """
-    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header)
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
     if m is None or (not m[1] and not m[2]):
         return None
     if not m[1]:                                  # the last N bytes
-        n = int(m[2])
-        if n == 0:
-            raise ApiError(416, "range_not_satisfiable", "empty suffix range",
-                           size=size)
-        return max(0, size - n), size
+        if int(m[2]) == 0:
+            raise ApiError(416, "range_not_satisfiable", "empty suffix range", size=size)
+        return max(0, size - int(m[2])), size
     start = int(m[1])
     end = min(size, int(m[2]) + 1) if m[2] else size
     if start >= size or end <= start:
@@ -147,15 +233,23 @@ def _ranges(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+_MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "path": {"type": "string"}, "parent_id": {"type": "integer"},
+        "overwrite": {"type": "boolean"}, "autorename": {"type": "boolean"},
+        "expected_version": {"type": "integer"}}}}}}}
+
+
 class Api:
     """The routes; ``server`` gives transactions (``call``) and blocks (``blocks``)."""
 
-    def __init__(self, server: MetaServer) -> None:
+    def __init__(self, server: "MetaServer") -> None:
         self.server = server
         self.tokens: cachetools.TTLCache[bytes, User] = cachetools.TTLCache(10_000, TOKEN_TTL)
 
-    async def user(self, request: Request) -> User:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    async def user(self, authorization: Annotated[str, Header()] = "") -> User:
+        scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "an Authorization: Bearer token is required")
         key = hashlib.sha256(token.encode()).digest()
@@ -168,196 +262,215 @@ class Api:
             self.tokens[key] = user
         return user
 
-    async def run(self, request: Request, fn: Callable[..., Any], *args: Any,
-                  **kwargs: Any) -> Any:
-        """``fn(cur, user, device, ...)`` in one transaction, as the request's user."""
-        user = await self.user(request)
-        device = request.headers.get("x-device-id", "http")[:200]
-        return await self.server.call(fn, user, device, *args, **kwargs)
+    def router(self) -> APIRouter:
+        """The routes, each a few lines onto one namespace call."""
+        r = APIRouter(prefix="/api/v1", dependencies=[Depends(self.user)])
+        User_ = Annotated[User, Depends(self.user)]
+        Device = Annotated[str, Header(alias="X-Device-ID", max_length=200)]
 
-    async def meta(self, request: Request, ino: int) -> dict[str, Any]:
-        e = await self.run(request, namespace.entry, ino)
-        return _meta(e, e["path"])
+        async def run(user: User, device: str, fn: Any, *args: Any) -> Any:
+            return await self.server.call(fn, user, device, *args)
 
-    # --- routes ---------------------------------------------------------------------
+        async def meta(user: User, ino: int) -> dict[str, Any]:
+            e = await run(user, "http", namespace.entry, ino)
+            return _meta(e, e["path"])
 
-    async def get_file(self, request: Request) -> Response:
-        return JSONResponse(await self.meta(request, self._id(request)))
+        async def folder(user: User, parent_id: str | int | None, path: str | None) -> int:
+            """The folder named by ``parent_id`` or ``path``; the root by default."""
+            if parent_id not in (None, "") and path not in (None, ""):
+                raise _bad("give parent_id or path, not both")
+            if path not in (None, ""):
+                return await run(user, "http", namespace.resolve, _raw(path))
+            if isinstance(parent_id, int):
+                return parent_id
+            return _int(parent_id, "parent_id", user.root, 1)
 
-    async def list_files(self, request: Request) -> Response:
-        q = request.query_params
-        limit = _int(q.get("limit"), "limit", 100, 1, LIST_LIMIT)
-        after = bytes.fromhex(q["cursor"]) if _hex(q.get("cursor")) else None
-        user = await self.user(request)
-        folder = await self._folder(request, q, user)
-        e = await self.run(request, namespace.entry, folder)
-        rows = await self.run(request, namespace.children, folder, after, limit + 1)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        base = e["path"].rstrip(b"/")
-        return JSONResponse({
-            "id": folder, "path": _name(e["path"]), "has_more": more,
-            "cursor": rows[-1]["name"].hex() if more else None,
-            "entries": [_meta(r, base + b"/" + r["name"]) for r in rows]})
+        @r.get("/files/{id}", response_model=FileMeta)
+        async def get_file(user: User_, id: Id) -> dict[str, Any]:
+            return await meta(user, id)
 
-    async def content(self, request: Request) -> Response:
-        ino = self._id(request)
-        version = _int(request.query_params.get("version"), "version", None, 1)
-        r = await self.run(request, namespace.open, ino, version)
-        attr, extents = r["attr"], r["extents"]
-        if _kind(attr["mode"]) != "file":
-            raise _bad("only a file has content")
-        size = sum(n for _, n in extents)
-        etag = f'"{namespace.content_hash(extents)}"'
-        headers = {"ETag": etag, "Accept-Ranges": "bytes",
-                   "Last-Modified": _iso(attr["mtime"])}
-        if etag in (t.strip() for t in request.headers.get("if-none-match", "").split(",")):
-            return Response(status_code=304, headers=headers)
-        span = _ranges(request.headers.get("range", ""), size)
-        start, end = span or (0, size)
-        headers["Content-Length"] = str(end - start)
-        if span is not None:
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        return StreamingResponse(self.server.blocks.read(extents, start, end),
-                                 206 if span else 200, headers,
-                                 media_type="application/octet-stream")
+        @r.get("/files", response_model=Listing)
+        async def list_files(
+                user: User_,
+                path: Annotated[str | None, Query(max_length=4096)] = None,
+                parent_id: Annotated[int | None, Query(ge=1, le=namespace.BIGINT_MAX)] = None,
+                limit: Annotated[int, Query(ge=1, le=LIST_LIMIT)] = 100,
+                cursor: Annotated[str | None, Query(pattern=r"^(?:[0-9a-f]{2}){1,255}$")] = None,
+        ) -> dict[str, Any]:
+            """A folder's entries in name order, ``limit`` at a time (``cursor`` continues)."""
+            ino = await folder(user, parent_id, path)
+            e = await run(user, "http", namespace.entry, ino)
+            rows = await run(user, "http", namespace.children, ino,
+                             bytes.fromhex(cursor) if cursor else None, limit + 1)
+            more = len(rows) > limit
+            rows = rows[:limit]
+            base = e["path"].rstrip(b"/")
+            return {"id": ino, "path": _name(e["path"]), "has_more": more,
+                    "cursor": rows[-1]["name"].hex() if more else None,
+                    "entries": [_meta(x, base + b"/" + x["name"]) for x in rows]}
 
-    async def upload(self, request: Request) -> Response:
-        user = await self.user(request)
-        async with request.form(max_files=1, max_fields=MAX_FIELDS,
-                                max_part_size=MAX_FIELD_BYTES) as form:
-            fields = {**request.query_params, **{k: v for k, v in form.items()
-                                                   if isinstance(v, str)}}
-            file = form.get("file")
-            if not isinstance(file, UploadFile) or not file.filename:
-                raise _bad("a multipart field 'file' with a filename is required")
-            folder = await self._folder(request, fields, user)
-            name = _raw(file.filename)
-            if _bool(fields.get("autorename"), "autorename"):
-                on_exists = "autorename"
-            elif _bool(fields.get("overwrite"), "overwrite"):
-                on_exists = "overwrite"
+        @r.get("/files/{id}/content", response_class=StreamingResponse,
+               responses={200: {"content": {"application/octet-stream": {}}},
+                          206: {"description": "the range asked for"}, 304: {}, 416: {}})
+        async def content(
+                user: User_, id: Id,
+                version: Annotated[int | None, Query(ge=1, le=namespace.BIGINT_MAX)] = None,
+                range_: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
+                if_none_match: Annotated[str | None, Header(max_length=1000)] = None,
+        ) -> Response:
+            """The file's bytes (or an old version's), streamed; one Range is honoured."""
+            r_ = await run(user, "http", namespace.open, id, version)
+            attr, extents = r_["attr"], r_["extents"]
+            if _kind(attr["mode"]) != "file":
+                raise _bad("only a file has content")
+            size = sum(n for _, n in extents)
+            etag = f'"{namespace.content_hash(extents)}"'
+            headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+            if etag in (t.strip() for t in (if_none_match or "").split(",")):
+                return Response(status_code=304, headers=headers)
+            span = _range(range_, size)
+            start, end = span or (0, size)
+            headers["Content-Length"] = str(end - start)
+            if span is not None:
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            return StreamingResponse(self.server.blocks.read(extents, start, end),
+                                     206 if span else 200, headers,
+                                     media_type="application/octet-stream")
+
+        @r.post("/files", status_code=201, response_model=FileMeta, openapi_extra=_MULTIPART)
+        async def upload(request: Request, user: User_, device: Device = "http"
+                         ) -> dict[str, Any]:
+            """A new file from the multipart field ``file`` (its filename is the name).
+
+            A taken name is 409 unless ``overwrite`` (a new version of that
+            file) or ``autorename`` (``name (1).ext``).
+            """
+            async with self._form(request) as (file, fields):
+                if not file.filename:
+                    raise _bad("the file part needs a filename")
+                where = await folder(user, fields.get("parent_id"), fields.get("path"))
+                on_exists = ("autorename" if _bool(fields.get("autorename"), "autorename")
+                             else "overwrite" if _bool(fields.get("overwrite"), "overwrite")
+                             else "fail")
+                extents, size = await self._ingest(user, file)
+                made = await run(user, device, namespace.put_file, where, _raw(file.filename),
+                                 extents, size, time.time_ns(), on_exists)
+            return await meta(user, made["id"])
+
+        @r.put("/files/{id}", response_model=FileMeta, openapi_extra=_MULTIPART)
+        async def replace(request: Request, user: User_, id: Id, device: Device = "http"
+                          ) -> dict[str, Any]:
+            """New content for a file; a stale ``expected_version`` is 409 and changes nothing."""
+            async with self._form(request) as (file, fields):
+                expected = _int(fields.get("expected_version"), "expected_version")
+                extents, size = await self._ingest(user, file)
+                await run(user, device, namespace.replace, id, extents, size, time.time_ns(),
+                          expected)
+            return await meta(user, id)
+
+        @r.patch("/files/{id}", response_model=FileMeta)
+        async def move(user: User_, id: Id, body: Move, device: Device = "http"
+                       ) -> dict[str, Any]:
+            """Rename and/or move; a taken name is 409."""
+            if body.parent_id is not None and not 1 <= body.parent_id <= namespace.BIGINT_MAX:
+                raise _bad("parent_id must be an id")
+            await run(user, device, namespace.move, id, body.parent_id,
+                      None if body.name is None else _raw(body.name))
+            return await meta(user, id)
+
+        @r.delete("/files/{id}", status_code=204, response_class=Response)
+        async def delete(user: User_, id: Id, device: Device = "http") -> Response:
+            """Delete a file, or an empty folder (409 if not empty)."""
+            await run(user, device, namespace.remove, id)
+            return Response(status_code=204)
+
+        @r.post("/folders", status_code=201, response_model=FileMeta)
+        async def make_folder(user: User_, body: NewFolder, device: Device = "http"
+                              ) -> dict[str, Any]:
+            """A new folder at ``path``, or ``name`` in ``parent_id``."""
+            if body.path is not None and body.parent_id is None and body.name is None:
+                parent_path, _, name = body.path.rstrip("/").rpartition("/")
+                where: int | bytes = _raw(parent_path)
+            elif body.path is None and body.parent_id is not None and body.name is not None:
+                if not 1 <= body.parent_id <= namespace.BIGINT_MAX:
+                    raise _bad("parent_id must be an id")
+                where, name = body.parent_id, body.name
             else:
-                on_exists = "fail"
-            extents, size = await self._ingest(user, file)
-            r = await self.run(request, namespace.put_file, folder, name, extents, size,
-                               time.time_ns(), on_exists)
-        return JSONResponse(await self.meta(request, r["id"]), 201)
+                raise _bad("give either {path} or {parent_id, name}")
+            made = await run(user, device, namespace.make_folder, where, _raw(name))
+            return await meta(user, made["id"])
 
-    async def replace(self, request: Request) -> Response:
-        ino = self._id(request)
-        user = await self.user(request)
-        async with request.form(max_files=1, max_fields=MAX_FIELDS,
-                                max_part_size=MAX_FIELD_BYTES) as form:
+        @r.get("/files/{id}/versions", response_model=Versions)
+        async def versions(user: User_, id: Id) -> dict[str, Any]:
+            rows = await run(user, "http", namespace.versions, id)
+            return {"versions": [
+                {"version": v["version"], "size": v["size"], "content_hash": v["content_hash"],
+                 "modified": _iso(int(v["time"] * 1e9)), "device": v["device"],
+                 "user": v["user"]} for v in rows]}
+
+        @r.post("/files/{id}/restore", response_model=FileMeta)
+        async def restore(user: User_, id: Id, body: Restore, device: Device = "http"
+                          ) -> dict[str, Any]:
+            """Make an old version current again, as a new version."""
+            if not 1 <= body.version <= namespace.BIGINT_MAX:
+                raise _bad("version must be a positive integer")
+            await run(user, device, namespace.restore, id, body.version)
+            return await meta(user, id)
+
+        @r.get("/sync", response_model=SyncPage)
+        async def sync(user: User_, cursor: Annotated[str, Query(max_length=100)] = "0",
+                       limit: Annotated[int, Query(ge=1, le=LIST_LIMIT)] = 500,
+                       device: Device = "") -> dict[str, Any]:
+            """What changed since ``cursor`` (``0``: everything), as current entries."""
+            page = await run(user, device, feed.page, cursor, limit)
+            out = []
+            for e in page["entries"]:
+                if e["deleted"]:
+                    out.append({"id": e["ino"], "name": _name(e["name"]), "path": None,
+                                "parent_id": e["parent"], "deleted": True, "own": e["own"]})
+                else:
+                    out.append({**_meta(e, e["path"]), "deleted": False, "own": e["own"]})
+            return {"cursor": page["cursor"], "has_more": page["has_more"],
+                    "reset": page["reset"], "to_download": out}
+
+        @r.get("/sync/longpoll", response_model=LongPoll)
+        async def longpoll(user: User_, cursor: Annotated[str, Query(max_length=100)] = "0",
+                           timeout: Annotated[int, Query(ge=LONGPOLL_MIN,
+                                                         le=LONGPOLL_MAX)] = 30
+                           ) -> dict[str, Any]:
+            """``changes: true`` as soon as the volume changed after ``cursor``."""
+            with self.server.watching(user.id) as changed:
+                # Watching first: a change committed during this look still wakes it.
+                if await run(user, "http", feed.pending, cursor):
+                    return {"changes": True, "backoff": 0}
+                with trio.move_on_after(timeout):
+                    await changed.wait()
+            return {"changes": changed.is_set(), "backoff": 0}
+
+        return r
+
+    @staticmethod
+    @asynccontextmanager
+    async def _form(request: Request) -> AsyncIterator[tuple[UploadFile, dict[str, str]]]:
+        """The multipart body's ``file`` and its other fields (query parameters too).
+
+        Parsed here rather than by FastAPI so that python-multipart's limits
+        are ours: one file, a few small fields. The spooled file is removed
+        on the way out.
+        """
+        try:
+            form = await request.form(max_files=1, max_fields=MAX_FIELDS,
+                                      max_part_size=MAX_FIELD_BYTES)
+        except (AssertionError, ValueError):
+            raise _bad("the body must be multipart/form-data") from None
+        try:
             file = form.get("file")
             if not isinstance(file, UploadFile):
                 raise _bad("a multipart field 'file' is required")
-            expected = form.get("expected_version", request.query_params.get(
-                "expected_version"))
-            expected = _int(expected if isinstance(expected, str) else None,
-                            "expected_version")
-            extents, size = await self._ingest(user, file)
-            await self.run(request, namespace.replace, ino, extents, size, time.time_ns(),
-                           expected)
-        return JSONResponse(await self.meta(request, ino))
-
-    async def patch(self, request: Request) -> Response:
-        ino = self._id(request)
-        body = await self._json(request)
-        name, parent = body.get("name"), body.get("parent_id")
-        if name is not None and not isinstance(name, str):
-            raise _bad("name must be a string")
-        if parent is not None and (type(parent) is not int or parent < 0):
-            raise _bad("parent_id must be an id")
-        await self.run(request, namespace.move, ino, parent,
-                       None if name is None else _raw(name))
-        return JSONResponse(await self.meta(request, ino))
-
-    async def delete(self, request: Request) -> Response:
-        await self.run(request, namespace.remove, self._id(request))
-        return Response(status_code=204)
-
-    async def make_folder(self, request: Request) -> Response:
-        body = await self._json(request)
-        path, parent, name = body.get("path"), body.get("parent_id"), body.get("name")
-        if isinstance(path, str) and parent is None and name is None:
-            parent_path, _, name = path.rstrip("/").rpartition("/")
-            where: int | bytes = _raw(parent_path)
-        elif type(parent) is int and parent >= 0 and isinstance(name, str) and path is None:
-            where = parent
-        else:
-            raise _bad("give either {path} or {parent_id, name}")
-        r = await self.run(request, namespace.make_folder, where, _raw(name))
-        return JSONResponse(await self.meta(request, r["id"]), 201)
-
-    async def versions(self, request: Request) -> Response:
-        rows = await self.run(request, namespace.versions, self._id(request))
-        return JSONResponse({"versions": [
-            {"version": v["version"], "size": v["size"], "content_hash": v["content_hash"],
-             "modified": _iso(int(v["time"] * 1e9)), "device": v["device"], "user": v["user"]}
-            for v in rows]})
-
-    async def restore(self, request: Request) -> Response:
-        ino = self._id(request)
-        version = (await self._json(request)).get("version")
-        if type(version) is not int or version < 1:
-            raise _bad("version must be a positive integer")
-        await self.run(request, namespace.restore, ino, version)
-        return JSONResponse(await self.meta(request, ino))
-
-    async def sync(self, request: Request) -> Response:
-        q = request.query_params
-        limit = _int(q.get("limit"), "limit", 500, 1, LIST_LIMIT)
-        r = await self.run(request, feed.page, q.get("cursor", "0"), limit)
-        out = []
-        for e in r["entries"]:
-            if e["deleted"]:
-                out.append({"id": e["ino"], "name": _name(e["name"]), "path": None,
-                            "parent_id": e["parent"], "deleted": True, "own": e["own"]})
-            else:
-                out.append({**_meta(e, e["path"]), "deleted": False, "own": e["own"]})
-        return JSONResponse({"cursor": r["cursor"], "has_more": r["has_more"],
-                             "reset": r["reset"], "to_download": out})
-
-    async def longpoll(self, request: Request) -> Response:
-        """Answer ``changes: true`` as soon as the volume changed after ``cursor``."""
-        q = request.query_params
-        timeout = _int(q.get("timeout"), "timeout", 30, LONGPOLL_MIN, LONGPOLL_MAX)
-        cursor = q.get("cursor", "0")
-        user = await self.user(request)
-        with self.server.watching(user.id) as changed:
-            # Watching first: a change committed during this look still wakes it.
-            if await self.run(request, feed.pending, cursor):
-                return JSONResponse({"changes": True, "backoff": 0})
-            with trio.move_on_after(timeout):
-                await changed.wait()
-        return JSONResponse({"changes": changed.is_set(), "backoff": 0})
-
-    # --- helpers ----------------------------------------------------------------------
-
-    @staticmethod
-    def _id(request: Request) -> int:
-        value = _int(request.path_params["id"], "id", None, 1)
-        assert value is not None
-        return value
-
-    async def _folder(self, request: Request, fields: Any, user: User) -> int:
-        """The folder a request names by ``parent_id`` or ``path``; the root by default."""
-        parent, path = fields.get("parent_id"), fields.get("path")
-        if parent not in (None, "") and path not in (None, ""):
-            raise _bad("give parent_id or path, not both")
-        if path not in (None, ""):
-            return await self.run(request, namespace.resolve, _raw(path))
-        return _int(parent, "parent_id", user.root, 1)
-
-    async def _json(self, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise _bad("the body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _bad("the body must be a JSON object")
-        return body
+            yield file, {**request.query_params,
+                         **{k: v for k, v in form.items() if isinstance(v, str)}}
+        finally:
+            await form.close()
 
     async def _ingest(self, user: User, file: UploadFile) -> tuple[list, int]:
         """The uploaded file's blocks stored; its extents and size.
@@ -367,70 +480,49 @@ class Api:
         """
         fd = file.file.fileno()  # a spooled file still in memory is written out first
         size = os.fstat(fd).st_size
-        if size > namespace.BIGINT_MAX:
-            raise ApiError(413, "too_large", "file too large")
         return await self.server.blocks.ingest(user, fd, size), size
 
 
-def _hex(value: str | None) -> bool:
-    return bool(value) and re.fullmatch(r"(?:[0-9a-f]{2}){1,255}", value) is not None
+def make_app(server: "MetaServer") -> FastAPI:
+    app = FastAPI(title="nimbusfs", version="1", openapi_url="/api/v1/openapi.json",
+                  docs_url="/api/v1/docs", redoc_url=None)
+    app.include_router(Api(server).router())
 
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.code, e.message, **e.extra)
 
-def _guard(handler: Callable[[Request], Awaitable[Response]]
-           ) -> Callable[[Request], Awaitable[Response]]:
-    """Turn every failure of a route into a JSON error: 4xx for the client's, 5xx for ours."""
-    async def route(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except ApiError as e:
-            return _error(e.status, e.code, e.message, **e.extra)
-        except Conflict as e:
+    @app.exception_handler(FSError)
+    async def fs_error(request: Request, e: FSError) -> JSONResponse:
+        if isinstance(e, Conflict):
             return _error(409, "stale_version", e.message, current_version=e.current)
-        except FSError as e:
-            status, code = _STATUS.get(e.errno, (500, "internal"))
-            if e.errno == errno.EIO:
-                status, code = 503, "unavailable"
-            return _error(status, code, e.message)
-        except psycopg.OperationalError as e:
-            log.error("database unavailable: %s", e)
-            return _error(503, "unavailable", "the database is unavailable")
-        except HTTPException as e:   # e.g. the multipart parser's limits
-            return _error(e.status_code, "bad_request", str(e.detail))
-    route.__name__ = handler.__name__
-    return route
-
-
-def make_app(server: MetaServer) -> Starlette:
-    api = Api(server)
-    p = "/api/v1"
-    routes = [
-        Route(f"{p}/files", _guard(api.list_files), methods=["GET"]),
-        Route(f"{p}/files", _guard(api.upload), methods=["POST"]),
-        Route(f"{p}/files/{{id}}", _guard(api.get_file), methods=["GET"]),
-        Route(f"{p}/files/{{id}}", _guard(api.replace), methods=["PUT"]),
-        Route(f"{p}/files/{{id}}", _guard(api.patch), methods=["PATCH"]),
-        Route(f"{p}/files/{{id}}", _guard(api.delete), methods=["DELETE"]),
-        Route(f"{p}/files/{{id}}/content", _guard(api.content), methods=["GET"]),
-        Route(f"{p}/files/{{id}}/versions", _guard(api.versions), methods=["GET"]),
-        Route(f"{p}/files/{{id}}/restore", _guard(api.restore), methods=["POST"]),
-        Route(f"{p}/folders", _guard(api.make_folder), methods=["POST"]),
-        Route(f"{p}/sync", _guard(api.sync), methods=["GET"]),
-        Route(f"{p}/sync/longpoll", _guard(api.longpoll), methods=["GET"]),
-    ]
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        status = getattr(exc, "status_code", 500)
+        status, code = _STATUS.get(e.errno, (500, "internal"))
         if status >= 500:
-            log.error("HTTP %s %s failed: %r", request.method, request.url.path, exc)
-            return _error(500, "internal", "internal error")
-        return _error(status, "not_found" if status == 404 else "bad_request",
-                      getattr(exc, "detail", "") or "no such route")
+            log.error("HTTP %s %s: %s", request.method, request.url.path, e)
+        return _error(status, code, e.message)
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found,
-                                                          Exception: not_found})
+    @app.exception_handler(psycopg.OperationalError)
+    async def db_error(request: Request, e: psycopg.OperationalError) -> JSONResponse:
+        log.error("database unavailable: %s", e)
+        return _error(503, "unavailable", "the database is unavailable")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        code = "not_found" if first.get("loc", ("",))[0] == "path" else "bad_request"
+        return _error(404 if code == "not_found" else 400, code,
+                      f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return _error(e.status_code, "not_found" if e.status_code == 404 else "bad_request",
+                      str(e.detail))
+
+    return app
 
 
-async def serve_http(server: MetaServer, address: str,
+async def serve_http(server: "MetaServer", address: str,
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API on ``HOST:PORT`` until cancelled; ``started`` with its base URL."""
     from hypercorn.config import Config
