@@ -988,3 +988,31 @@ def move(cur: Cursor, u: User, device: str, ino: int, parent: int | None, name: 
         raise FSError(errno.EBUSY, "the root cannot be moved")
     rename(cur, u, device, e["parent"], e["name"], e["parent"] if parent is None else parent,
            e["name"] if name is None else name, RENAME_NOREPLACE)
+
+
+def storage_stats(cur: Cursor, u: User, device: str) -> dict[str, int]:
+    """What the user's volume holds: logical bytes, and the distinct blocks behind them.
+
+    ``stored_size`` counts the bytes of every kept version's blocks (what the
+    volume would take without deduplication), ``unique_blocks_size`` each
+    distinct block once. Reads every version's extent list: a figure for a
+    person, not for a hot path.
+    """
+    cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
+    quota, used = cur.fetchone()
+    cur.execute("SELECT count(*) FILTER (WHERE mode & 61440 = 32768) FROM inodes"
+                " WHERE owner_id = %s AND nlink > 0", (u.id,))
+    files = cur.fetchone()[0]
+    blocks: dict[bytes, int] = {}
+    stored = versions = 0
+    cur.execute("SELECT v.extents FROM versions v JOIN inodes i ON i.id = v.inode"
+                " WHERE i.owner_id = %s", (u.id,))
+    for (ext,) in cur:
+        versions += 1
+        for k, n in msgpack.unpackb(ext):
+            if k is not None:
+                blocks[k] = n
+                stored += n
+    return {"logical_size": used, "stored_size": stored, "file_count": files,
+            "version_count": versions, "block_count": len(blocks),
+            "unique_blocks_size": sum(blocks.values()), "quota": quota, "used": used}

@@ -147,6 +147,18 @@ class SyncPage(_Model):
     to_download: list[SyncEntry]
 
 
+class StorageStats(_Model):
+    logical_size: int
+    stored_size: int
+    unique_blocks_size: int
+    block_count: int
+    dedup_ratio: float
+    file_count: int
+    version_count: int
+    quota: int
+    used: int
+
+
 class LongPoll(_Model):
     changes: bool
     backoff: int
@@ -446,6 +458,13 @@ class Api:
                 with trio.move_on_after(timeout):
                     await changed.wait()
             return {"changes": changed.is_set(), "backoff": 0}
+
+        @r.get("/storage/stats", response_model=StorageStats)
+        async def storage_stats(user: User_) -> dict[str, Any]:
+            """The volume's size, and how much deduplication saves (``dedup_ratio``)."""
+            st = await run(user, "http", namespace.storage_stats)
+            unique = st["unique_blocks_size"]
+            return {**st, "dedup_ratio": round(st["stored_size"] / unique, 3) if unique else 1.0}
 
         return r
 

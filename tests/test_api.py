@@ -279,3 +279,16 @@ def test_longpoll_wakes_on_a_change_from_a_mount(api, mount_factory, store):
     assert answer["changes"] is True and answer["took"] < 30
     (e,) = sync_all(api, cursor)[0]
     assert e["name"] == "from-mount" and e["size"] == 5
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_storage_stats_show_deduplication(api):
+    data = os.urandom(3 << 20)
+    ok(upload(api, "a", data), 201)
+    one = ok(api.get("/storage/stats"))
+    ok(upload(api, "b", data), 201)
+    two = ok(api.get("/storage/stats"))
+    assert one["file_count"] == 1 and two["file_count"] == 2
+    assert two["logical_size"] == 2 * one["logical_size"] == 2 * len(data) == two["used"]
+    assert two["unique_blocks_size"] == one["unique_blocks_size"] == len(data)
+    assert two["dedup_ratio"] == 2.0 and one["dedup_ratio"] == 1.0
