@@ -80,7 +80,7 @@ def _attr(row: tuple) -> dict[str, int]:
     return dict(zip(keys, row, strict=True))
 
 
-def _check_name(name: bytes) -> None:
+def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
@@ -302,7 +302,7 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
     existence check: if the name is taken, nothing of the statement is kept
     (the transaction rolls back on EEXIST).
     """
-    _check_name(name)
+    check_name(name)
     now = time.time_ns()
     p = _dir(cur, u, parent)
     is_dir = stat.S_ISDIR(mode)
@@ -352,7 +352,7 @@ def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target:
 @op
 def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
          ) -> dict[str, int]:
-    _check_name(name)
+    check_name(name)
     now = time.time_ns()
     locked = _lock(cur, u, ino, parent)
     if stat.S_ISDIR(locked[ino]["mode"]):
@@ -424,7 +424,7 @@ def _is_ancestor(cur: Cursor, anc: int, ino: int) -> bool:
 def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_parent: int,
            new_name: bytes, flags: int = 0) -> dict[str, Any]:
     """Move an entry, replacing or exchanging with an existing one as rename(2) says."""
-    _check_name(new_name)
+    check_name(new_name)
     now = time.time_ns()
     _lock(cur, u, parent, new_parent)
     _dir(cur, u, parent)
@@ -868,7 +868,7 @@ def resolve(cur: Cursor, u: User, device: str, path: bytes) -> int:
     """
     ino = u.root
     for name in (p for p in path.split(b"/") if p):
-        _check_name(name)
+        check_name(name)
         _dir(cur, u, ino, lock=False)
         child = _child(cur, ino, name)
         if child is None:
@@ -913,7 +913,7 @@ def put_file(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes
     ``autorename`` creates ``name (1).ext`` (or the next free number). The
     new file takes the parent's owner and mode 0644. Returns the file's id.
     """
-    _check_name(name)
+    check_name(name)
     blocks = check_extents(extents, size)
     if blocks:
         _check_blocks(cur, u, blocks)

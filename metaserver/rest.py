@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -40,7 +41,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from metaserver import feed, namespace
+from metaserver import feed, namespace, uploads
 from metaserver.auth import User, authenticate
 from metaserver.errors import Conflict, FSError
 
@@ -58,6 +59,9 @@ LONGPOLL_MIN, LONGPOLL_MAX = 30, 480
 # Form fields besides the file (path, parent_id, overwrite ...), and their size.
 MAX_FIELDS = 16
 MAX_FIELD_BYTES = 64 << 10
+# Resumable uploads: the chunk size suggested to clients, and the largest taken.
+CHUNK_SIZE = 8 << 20
+MAX_CHUNK = 256 << 20
 
 _STATUS = {
     errno.ENOENT: (404, "not_found"), errno.EEXIST: (409, "exists"),
@@ -67,6 +71,7 @@ _STATUS = {
     errno.EISDIR: (400, "is_a_folder"), errno.ENOTDIR: (400, "not_a_folder"),
     errno.EDQUOT: (507, "quota_exceeded"), errno.ENOSPC: (507, "no_space"),
     errno.EFBIG: (413, "too_large"), errno.EIO: (503, "unavailable"),
+    errno.ESPIPE: (409, "wrong_offset"), errno.EAGAIN: (409, "incomplete"),
 }
 
 Id = Annotated[int, Path(ge=1, le=namespace.BIGINT_MAX, description="a file or folder id")]
@@ -159,6 +164,42 @@ class StorageStats(_Model):
     used: int
 
 
+class NewUpload(_Model):
+    filename: str
+    size: int
+    checksum: str | None = None       # SHA-256 of the whole file, hex
+    path: str | None = None
+    parent_id: int | None = None
+    file_id: int | None = None        # replace this file's content instead
+    expected_version: int | None = None
+    overwrite: bool = False
+    autorename: bool = False
+
+
+class UploadSession(_Model):
+    upload_id: str
+    chunk_size: int
+    expires: str
+
+
+class Chunk(_Model):
+    n: int
+    size: int
+
+
+class UploadStatus(_Model):
+    upload_id: str
+    size: int
+    uploaded_bytes: int
+    chunks: list[Chunk]
+    expires: str
+    completed: bool
+
+
+class Completed(FileMeta):
+    file_id: int
+
+
 class LongPoll(_Model):
     changes: bool
     backoff: int
@@ -170,8 +211,10 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.extra = status, code, message, extra
 
 
-def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status)
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status,
+                        headers)
 
 
 def _bad(message: str) -> ApiError:
@@ -245,6 +288,8 @@ def _range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+_RAW = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
 _MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary"},
@@ -459,6 +504,98 @@ class Api:
                     await changed.wait()
             return {"changes": changed.is_set(), "backoff": 0}
 
+        def upload_status(upload_id: str, st: dict[str, Any]) -> dict[str, Any]:
+            return {"upload_id": upload_id, "size": st["size"],
+                    "uploaded_bytes": st["uploaded_bytes"], "chunks": st["chunks"],
+                    "expires": st["expires"].isoformat(), "completed": st["completed"]}
+
+        UploadId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+        @r.post("/uploads", status_code=201, response_model=UploadSession)
+        async def new_upload(user: User_, body: NewUpload) -> dict[str, Any]:
+            """Open a resumable upload of ``size`` bytes (507 if the quota cannot take it)."""
+            if not 0 <= body.size <= namespace.BIGINT_MAX:
+                raise _bad("size must be a non-negative int64")
+            if body.checksum is not None and not re.fullmatch(r"[0-9a-f]{64}", body.checksum):
+                raise _bad("checksum must be a SHA-256 in hex")
+            parent = None
+            if body.file_id is None:
+                parent = await folder(user, body.parent_id, body.path)
+            on_exists = ("autorename" if body.autorename
+                         else "overwrite" if body.overwrite else "fail")
+            made = await run(user, "http", uploads.create, _raw(body.filename), parent,
+                             body.file_id, body.expected_version, on_exists, body.size,
+                             bytes.fromhex(body.checksum) if body.checksum else None)
+            return {"upload_id": made["upload_id"], "chunk_size": CHUNK_SIZE,
+                    "expires": made["expires"].isoformat()}
+
+        @r.put("/uploads/{upload_id}/chunks/{n}", response_model=UploadStatus,
+               openapi_extra=_RAW)
+        async def put_chunk(request: Request, user: User_, upload_id: UploadId,
+                            n: Annotated[int, Path(ge=0, le=uploads.MAX_CHUNKS)]
+                            ) -> dict[str, Any]:
+            """Chunk ``n`` of the upload (raw body); sent again, it replaces itself."""
+            await run(user, "http", uploads.status, upload_id)   # 404 before reading a body
+            extents, size = await self._chunk(request, user)
+            st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents)
+            return upload_status(upload_id, st)
+
+        @r.put("/uploads/{upload_id}", response_model=UploadStatus, openapi_extra=_RAW)
+        async def put_range(request: Request, user: User_, upload_id: UploadId,
+                            content_range: Annotated[str, Header(max_length=100)]
+                            ) -> dict[str, Any]:
+            """Bytes ``Content-Range: bytes A-B/TOTAL`` from where the upload stands.
+
+            A that is not where the received bytes end (nor the start of a
+            chunk received, which is then replaced) is 409 with the offset to
+            resume from.
+            """
+            m = re.fullmatch(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)", content_range)
+            if m is None or int(m[2]) < int(m[1]):
+                raise _bad("Content-Range must be 'bytes A-B/TOTAL'")
+            try:
+                n = await run(user, "http", uploads.chunk_at, upload_id, int(m[1]))
+            except FSError as e:
+                if e.errno != errno.ESPIPE:
+                    raise
+                st = await run(user, "http", uploads.status, upload_id)
+                raise ApiError(409, "wrong_offset", e.message,
+                               offset=st["uploaded_bytes"]) from None
+            extents, size = await self._chunk(request, user)
+            if size != int(m[2]) - int(m[1]) + 1:
+                raise _bad(f"Content-Range names {int(m[2]) - int(m[1]) + 1} bytes, the body"
+                           f" has {size}")
+            st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents)
+            return upload_status(upload_id, st)
+
+        @r.get("/uploads/{upload_id}", response_model=UploadStatus)
+        async def get_upload(user: User_, upload_id: UploadId) -> dict[str, Any]:
+            """What the server holds: chunks, and how many bytes from the start are in."""
+            return upload_status(upload_id, await run(user, "http", uploads.status, upload_id))
+
+        @r.post("/uploads/{upload_id}/complete", response_model=Completed)
+        async def complete(user: User_, upload_id: UploadId, device: Device = "http"
+                           ) -> dict[str, Any]:
+            """Commit the upload as a file version; repeated, it answers the same.
+
+            Missing chunks are 409 naming them; a declared checksum that the
+            bytes do not match is 422 and commits nothing.
+            """
+            info = await run(user, device, uploads.extents, upload_id)
+            if info["result"] is None and info["checksum"] is not None:
+                digest = await self._sha256(info["extents"], info["size"])
+                if digest != bytes(info["checksum"]):
+                    raise ApiError(422, "checksum_mismatch",
+                                   f"the bytes have SHA-256 {digest.hex()}")
+            ino = await run(user, device, uploads.complete, upload_id, info["extents"],
+                            info["size"], time.time_ns())
+            return {**await meta(user, ino), "file_id": ino}
+
+        @r.delete("/uploads/{upload_id}", status_code=204, response_class=Response)
+        async def abort_upload(user: User_, upload_id: UploadId) -> Response:
+            await run(user, "http", uploads.abort, upload_id)
+            return Response(status_code=204)
+
         @r.get("/storage/stats", response_model=StorageStats)
         async def storage_stats(user: User_) -> dict[str, Any]:
             """The volume's size, and how much deduplication saves (``dedup_ratio``)."""
@@ -491,6 +628,24 @@ class Api:
         finally:
             await form.close()
 
+    async def _chunk(self, request: Request, user: User) -> tuple[list, int]:
+        """A raw request body spooled to disk (at most ``MAX_CHUNK``), then stored as blocks."""
+        with tempfile.TemporaryFile() as f:
+            size = 0
+            async for piece in request.stream():
+                size += len(piece)
+                if size > MAX_CHUNK:
+                    raise ApiError(413, "too_large", f"a chunk is at most {MAX_CHUNK} bytes")
+                f.write(piece)   # into the page cache: cheaper than a thread hop per piece
+            f.flush()
+            return await self.server.blocks.ingest(user, f.fileno(), size), size
+
+    async def _sha256(self, extents: list, size: int) -> bytes:
+        h = hashlib.sha256()
+        async for piece in self.server.blocks.read(extents, 0, size):
+            await trio.to_thread.run_sync(h.update, piece)
+        return h.digest()
+
     async def _ingest(self, user: User, file: UploadFile) -> tuple[list, int]:
         """The uploaded file's blocks stored; its extents and size.
 
@@ -502,6 +657,24 @@ class Api:
         return await self.server.blocks.ingest(user, fd, size), size
 
 
+async def _drain(request: Request) -> dict[str, str]:
+    """Read what is left of a refused request's body, so that the client hears the answer.
+
+    An HTTP/1.1 client sends its whole body before it reads the response:
+    refused unread, a large upload chunk would stall it until its timeout.
+    Past ``MAX_CHUNK`` the connection is closed instead.
+    """
+    try:
+        seen = 0
+        async for piece in request.stream():
+            seen += len(piece)
+            if seen > MAX_CHUNK:
+                return {"Connection": "close"}
+    except Exception:
+        pass
+    return {}
+
+
 def make_app(server: "MetaServer") -> FastAPI:
     app = FastAPI(title="nimbusfs", version="1", openapi_url="/api/v1/openapi.json",
                   docs_url="/api/v1/docs", redoc_url=None)
@@ -509,16 +682,25 @@ def make_app(server: "MetaServer") -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.code, e.message, **e.extra)
+        return _error(e.status, e.code, e.message, await _drain(request), **e.extra)
 
     @app.exception_handler(FSError)
     async def fs_error(request: Request, e: FSError) -> JSONResponse:
+        headers = await _drain(request)
         if isinstance(e, Conflict):
-            return _error(409, "stale_version", e.message, current_version=e.current)
+            return _error(409, "stale_version", e.message, headers, current_version=e.current)
         status, code = _STATUS.get(e.errno, (500, "internal"))
         if status >= 500:
             log.error("HTTP %s %s: %s", request.method, request.url.path, e)
-        return _error(status, code, e.message)
+        return _error(status, code, e.message, headers)
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, e: OSError) -> JSONResponse:
+        # The server's own disk: spooling a request body (tempfile) filled it.
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("HTTP %s %s: %s", request.method, request.url.path, e)
+            return _error(507, "no_space", "the server has no room to take the upload")
+        raise e
 
     @app.exception_handler(psycopg.OperationalError)
     async def db_error(request: Request, e: psycopg.OperationalError) -> JSONResponse:

@@ -28,7 +28,7 @@ import trio
 
 from blockstore import BlockStore
 from blockstore.remote import PROXY_URL
-from metaserver import namespace
+from metaserver import namespace, uploads
 from metaserver.auth import User, authenticate
 from metaserver.blocks import BlockAccess
 from metaserver.db import Database
@@ -104,6 +104,7 @@ def _subscribe_point(cur: psycopg.Cursor, owner: int, cursor: int) -> dict[str, 
 
 
 def _trim(cur: psycopg.Cursor) -> None:
+    uploads.expire(cur)
     cur.execute("DELETE FROM applied_ops WHERE at < now() - interval '1 day'")
     cur.execute("WITH d AS (DELETE FROM changes WHERE at < now() - make_interval(days => %s)"
                 " RETURNING xid) UPDATE changes_trimmed"

@@ -74,10 +74,11 @@ class Deployment:
         self.proc.wait()
 
     def start(self) -> None:
-        """Start the metaserver again, on the same address."""
+        """Start the metaserver again, on the same addresses."""
+        argv = [*self.argv[:-2], "--listen", self.address]
+        argv[argv.index("--http") + 1] = self.http.removeprefix("http://")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([*self.argv[:-2], "--listen", self.address],
-                                         stdout=log, stderr=log, env=self.env)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
 
     def new_user(self, quota: int = 0) -> str:
         """Create a user with an empty volume (and a quota in bytes); return its token."""

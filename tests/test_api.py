@@ -292,3 +292,115 @@ def test_storage_stats_show_deduplication(api):
     assert two["logical_size"] == 2 * one["logical_size"] == 2 * len(data) == two["used"]
     assert two["unique_blocks_size"] == one["unique_blocks_size"] == len(data)
     assert two["dedup_ratio"] == 2.0 and one["dedup_ratio"] == 1.0
+
+
+def new_upload(api, name: str, size: int, **extra) -> str:
+    return ok(api.post("/uploads", json={"filename": name, "size": size, **extra}),
+              201)["upload_id"]
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_upload_of_100_mib_in_5_mib_chunks(api):
+    import hashlib
+
+    data = os.urandom(100 << 20)
+    uid = new_upload(api, "big.bin", len(data), checksum=hashlib.sha256(data).hexdigest())
+    step = 5 << 20
+    for n, pos in enumerate(range(0, len(data), step)):
+        st = ok(api.put(f"/uploads/{uid}/chunks/{n}", content=data[pos:pos + step]))
+        assert st["uploaded_bytes"] == min(pos + step, len(data))
+    done = ok(api.post(f"/uploads/{uid}/complete"))
+    assert done["size"] == len(data) and done["name"] == "big.bin" and done["version"] == 1
+    assert api.get(f"/files/{done['file_id']}/content").content == data
+    assert ok(api.post(f"/uploads/{uid}/complete")) == done      # repeated: the same answer
+    assert ok(api.get(f"/files/{done['file_id']}"))["version"] == 1
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_upload_chunks_in_any_order_missing_replaced_and_checked(api):
+    import hashlib
+
+    parts = [os.urandom(n) for n in (300_000, 1, 2_000_000, 77)]
+    data = b"".join(parts)
+    good = hashlib.sha256(data).hexdigest()
+    uid = new_upload(api, "f", len(data), checksum=good)
+    ok(api.put(f"/uploads/{uid}/chunks/2", content=parts[2]))
+    ok(api.put(f"/uploads/{uid}/chunks/0", content=b"wrong bytes"))
+    r = api.post(f"/uploads/{uid}/complete")
+    assert r.status_code == 409 and "[1]" in r.json()["error"]["message"]
+    st = ok(api.put(f"/uploads/{uid}/chunks/0", content=parts[0]))     # replaces itself
+    assert st["uploaded_bytes"] == len(parts[0])
+    ok(api.put(f"/uploads/{uid}/chunks/1", content=parts[1]))
+    ok(api.put(f"/uploads/{uid}/chunks/3", content=parts[3][:-1] + b"!"))  # corrupted
+    r = api.post(f"/uploads/{uid}/complete")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "checksum_mismatch"
+    assert ok(api.get("/files"))["entries"] == []                      # nothing committed
+    ok(api.put(f"/uploads/{uid}/chunks/3", content=parts[3]))
+    st = ok(api.get(f"/uploads/{uid}"))
+    assert st["uploaded_bytes"] == len(data) and [c["n"] for c in st["chunks"]] == [0, 1, 2, 3]
+    fid = ok(api.post(f"/uploads/{uid}/complete"))["file_id"]
+    assert api.get(f"/files/{fid}/content").content == data
+    r = api.put(f"/uploads/{uid}/chunks/9", content=b"late")
+    assert r.status_code in (400, 409)
+    too_far = api.put(f"/uploads/{new_upload(api, 'g', 10)}/chunks/10", content=b"x")
+    assert too_far.status_code == 400
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_upload_resumed_by_offset(api):
+    data = os.urandom(50 << 20)
+    half = len(data) // 2
+    uid = new_upload(api, "resumed", len(data))
+    ok(api.put(f"/uploads/{uid}", content=data[:half],
+               headers={"Content-Range": f"bytes 0-{half - 1}/{len(data)}"}))
+    st = ok(api.get(f"/uploads/{uid}"))                  # a client that lost track asks
+    assert st["uploaded_bytes"] == half
+    r = api.put(f"/uploads/{uid}", content=data[half + 10:],
+                headers={"Content-Range": f"bytes {half + 10}-{len(data) - 1}/{len(data)}"})
+    assert r.status_code == 409 and r.json()["error"]["offset"] == half
+    ok(api.put(f"/uploads/{uid}", content=data[half:],
+               headers={"Content-Range": f"bytes {half}-{len(data) - 1}/{len(data)}"}))
+    fid = ok(api.post(f"/uploads/{uid}/complete"))["file_id"]
+    assert api.get(f"/files/{fid}/content").content == data
+
+
+def test_upload_over_quota_is_507(services):
+    dep = services.deployments["local"]
+    with httpx.Client(base_url=dep.http + "/api/v1",
+                      headers={"Authorization": f"Bearer {dep.new_user(quota=1000)}"}) as c:
+        r = c.post("/uploads", json={"filename": "f", "size": 1001})
+        assert r.status_code == 507 and r.json()["error"]["code"] == "quota_exceeded"
+        assert c.post("/uploads", json={"filename": "f", "size": 1000}).status_code == 201
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_upload_survives_a_server_killed_mid_chunk(api):
+    """The server is killed while a chunk streams in; after the restart the upload resumes."""
+    data = os.urandom(12 << 20)
+    step = 4 << 20
+    uid = new_upload(api, "survivor", len(data))
+    ok(api.put(f"/uploads/{uid}/chunks/0", content=data[:step]))
+    dep = api.deployment
+
+    def body():
+        yield data[step:step + (1 << 20)]
+        dep.kill()                                        # mid-chunk
+        yield data[step + (1 << 20):2 * step]
+
+    with pytest.raises(httpx.TransportError):
+        api.put(f"/uploads/{uid}/chunks/1", content=body())
+    dep.start()
+    wait_until(lambda: _up(api), 30, "the restarted server")
+    st = ok(api.get(f"/uploads/{uid}"))
+    assert st["uploaded_bytes"] == step and [c["n"] for c in st["chunks"]] == [0]
+    for n, pos in enumerate(range(step, len(data), step), 1):
+        ok(api.put(f"/uploads/{uid}/chunks/{n}", content=data[pos:pos + step]))
+    fid = ok(api.post(f"/uploads/{uid}/complete"))["file_id"]
+    assert api.get(f"/files/{fid}/content").content == data
+
+
+def _up(api) -> bool:
+    try:
+        return api.get("/files").status_code == 200
+    except httpx.TransportError:
+        return False
