@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlparse
 
 from blockstore.base import BlockStore
 
 
-def open_store(url: str) -> BlockStore:
-    """``gs://bucket[/prefix]`` → GCS; ``file:///dir`` or a path → local directory."""
+def open_store(url: str, call: Callable[..., Awaitable[Any]] | None = None) -> BlockStore:
+    """``gs://bucket[/prefix]`` → GCS; ``file:///dir`` or a path → local directory;
+    ``metaserver:`` → through the metaserver, with the client's ``call``."""
+    from blockstore.remote import PROXY_URL, RemoteStore
+
+    if url == PROXY_URL:
+        if call is None:
+            raise ValueError("blocks through the metaserver need a connected client")
+        return RemoteStore(call)
     if url.startswith("gs://"):
         from blockstore.gcs import GCSStore
 

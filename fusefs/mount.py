@@ -170,7 +170,7 @@ async def serve(cfg: MountConfig) -> None:
         device = f"{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
         client = MetaClient(nursery, cfg.server, cfg.token, device, cfg.outage_timeout)
         await client.connect()
-        store = open_store(cfg.blocks or client.info["blocks"])
+        store = open_store(cfg.blocks or client.info["blocks"], client.call)
         cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)
         vfs = VFS(client, cache, cfg.cache_dir, nursery, Kernel())
         client.on_push = vfs.apply_changes

@@ -26,9 +26,10 @@ from metaserver.protocol import PUSH, FrameReader, pack
 log = logging.getLogger(__name__)
 
 # Operations sent without an op_id: replaying them is harmless ("open" may set
-# atime, which a replay sets again).
+# atime, which a replay sets again; a block put again is the same block).
 READ_ONLY_OPS = frozenset({"getattr", "lookup", "readdir", "readlink", "open", "statfs",
-                           "have_blocks", "versions", "subscribe", "getxattr", "listxattr"})
+                           "have_blocks", "versions", "subscribe", "getxattr", "listxattr",
+                           "get_block", "put_block"})
 
 
 def parse_address(addr: str) -> tuple[str, int]:

@@ -12,7 +12,9 @@ per-statement bookkeeping cost more server CPU than the round trips it saved
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -76,7 +78,10 @@ class Database:
     def migrate(self) -> None:
         """Apply the SQL files in ``metaserver/migrations`` not applied yet, in order.
 
-        An advisory lock serialises replicas that start at the same time.
+        A migration that needs more than SQL (e.g. reading msgpack columns)
+        has a Python module of the same name beside its SQL file, whose
+        ``apply(conn)`` runs after the SQL in the same transaction. An
+        advisory lock serialises replicas that start at the same time.
         """
         files = sorted(
             (f for f in importlib.resources.files("metaserver.migrations").iterdir()
@@ -94,6 +99,9 @@ class Database:
                     log.info("applying migration %s", f.name)
                     with conn.transaction():
                         conn.execute(f.read_text())
+                        step = f"metaserver.migrations.{f.name.removesuffix('.sql')}"
+                        if importlib.util.find_spec(step) is not None:
+                            importlib.import_module(step).apply(conn)
                         conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)",
                                      (f.name,))
             finally:

@@ -13,6 +13,8 @@ Invariants kept here:
   orphaned calls ``purge`` after its last close;
 - ``users.used_bytes`` is the sum of current sizes of the volume's files and
   ``blocks.refcount`` counts references from every kept version;
+- a version names only blocks its user may reference (``block_owners``), and
+  ``have_blocks`` answers only for those (see ``metaserver/blocks.py``);
 - rows are locked parent-first in ascending inode order, so concurrent
   operations cannot deadlock on each other's directories.
 
@@ -34,6 +36,8 @@ from typing import Any
 import msgpack
 from psycopg import Cursor
 
+from blockstore.base import HASH_LEN, block_hash
+from blockstore.chunking import MAX_BLOCK
 from metaserver.auth import User
 from metaserver.errors import Conflict, FSError
 from metaserver.protocol import (
@@ -43,6 +47,10 @@ from metaserver.protocol import (
     XATTR_NAMESPACES,
     dropped_privileges,
 )
+
+BIGINT_MAX = (1 << 63) - 1
+# Hashes one have_blocks request may ask about.
+MAX_KEYS = 10_000
 
 OPS: dict[str, Callable[..., Any]] = {}
 
@@ -72,7 +80,7 @@ def _attr(row: tuple) -> dict[str, int]:
     return dict(zip(keys, row, strict=True))
 
 
-def _check_name(name: bytes) -> None:
+def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
     if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
@@ -251,12 +259,34 @@ def statfs(cur: Cursor, u: User, device: str) -> dict[str, int]:
     return {"quota": quota, "used": used, "inodes": cur.fetchone()[0]}
 
 
+def check_keys(keys: list) -> list[bytes]:
+    """``keys`` as a list of block hashes, or EINVAL (at most ``MAX_KEYS`` of them)."""
+    if not (isinstance(keys, list) and len(keys) <= MAX_KEYS
+            and all(isinstance(k, bytes) and len(k) == HASH_LEN for k in keys)):
+        raise FSError(errno.EINVAL, f"keys must be at most {MAX_KEYS} hashes of {HASH_LEN} bytes")
+    return keys
+
+
+def unowned(cur: Cursor, user_id: int, keys: list[bytes]) -> list[bytes]:
+    """The blocks of ``keys`` that the user may not reference (see ``block_owners``)."""
+    cur.execute("SELECT k FROM unnest(%s::bytea[]) AS k WHERE NOT EXISTS"
+                " (SELECT 1 FROM block_owners o WHERE o.user_id = %s AND o.hash = k)",
+                (keys, user_id))
+    return [bytes(r[0]) for r in cur.fetchall()]
+
+
 @op
 def have_blocks(cur: Cursor, u: User, device: str, keys: list[bytes]) -> list[bytes]:
-    """The subset of ``keys`` that committed versions already reference."""
-    if not keys:
+    """The subset of ``keys`` that the store holds and this user may reference.
+
+    Only the user's own blocks (``block_owners``) are answered for, so that
+    nobody learns what others store: a block stored for another user is
+    uploaded again (the store keeps one copy; the upload shows possession).
+    """
+    if not check_keys(keys):
         return []
-    cur.execute("SELECT hash FROM blocks WHERE hash = ANY(%s) AND refcount > 0", (keys,))
+    cur.execute("SELECT o.hash FROM block_owners o JOIN blocks b ON b.hash = o.hash"
+                " WHERE o.user_id = %s AND o.hash = ANY(%s) AND b.refcount > 0", (u.id, keys))
     return [bytes(r[0]) for r in cur.fetchall()]
 
 
@@ -272,7 +302,7 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
     existence check: if the name is taken, nothing of the statement is kept
     (the transaction rolls back on EEXIST).
     """
-    _check_name(name)
+    check_name(name)
     now = time.time_ns()
     p = _dir(cur, u, parent)
     is_dir = stat.S_ISDIR(mode)
@@ -322,7 +352,7 @@ def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target:
 @op
 def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
          ) -> dict[str, int]:
-    _check_name(name)
+    check_name(name)
     now = time.time_ns()
     locked = _lock(cur, u, ino, parent)
     if stat.S_ISDIR(locked[ino]["mode"]):
@@ -401,7 +431,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     """
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
         raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
-    _check_name(new_name)
+    check_name(new_name)
     now = time.time_ns()
     _lock(cur, u, parent, new_parent)
     _dir(cur, u, parent)
@@ -610,6 +640,49 @@ def _save_conflict(cur: Cursor, u: User, device: str, ino: int, parent: int, nam
     return {**_commit(cur, u, device, a, extents, size, mtime), "dir": a["dir"]}
 
 
+def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
+    """Validate a commit's extent list; return its distinct blocks and their sizes.
+
+    Each extent is ``[hash or None, length]``: a block of 1 to ``MAX_BLOCK``
+    bytes named by a ``HASH_LEN``-byte hash (always with the same length), or
+    a hole of any positive length; the lengths add up to ``size``, which fits
+    a bigint. Anything else is EINVAL before the transaction touches a row.
+    """
+    if not (isinstance(extents, list) and type(size) is int and 0 <= size <= BIGINT_MAX):
+        raise FSError(errno.EINVAL, "extents must be a list and size a non-negative int64")
+    total, blocks = 0, {}
+    for e in extents:
+        if not (isinstance(e, list | tuple) and len(e) == 2 and type(e[1]) is int and e[1] > 0):
+            raise FSError(errno.EINVAL, "an extent is [hash or nil, positive length]")
+        key, n = e
+        if key is not None and not (isinstance(key, bytes) and len(key) == HASH_LEN
+                                    and n <= MAX_BLOCK and blocks.setdefault(key, n) == n):
+            raise FSError(errno.EINVAL, f"a block extent is [{HASH_LEN}-byte hash, its"
+                                            f" length (at most {MAX_BLOCK})]")
+        total += n
+        if total > size:
+            break
+    if total != size:
+        raise FSError(errno.EINVAL, "extents do not add up to size")
+    return blocks
+
+
+def _check_blocks(cur: Cursor, u: User, blocks: dict[bytes, int]) -> None:
+    """Refuse blocks the user may not reference, or named with another length than stored.
+
+    EACCES says the same whether a block is stored for someone else or not
+    at all: nothing is learnt of other users' data.
+    """
+    keys = sorted(blocks)
+    if unowned(cur, u.id, keys):
+        raise FSError(errno.EACCES, "extents name blocks this user has not uploaded")
+    cur.execute("SELECT 1 FROM blocks b, unnest(%s::bytea[], %s::bigint[]) AS c(hash, n)"
+                " WHERE b.hash = c.hash AND b.size <> c.n LIMIT 1",
+                (keys, [blocks[k] for k in keys]))
+    if cur.fetchone():
+        raise FSError(errno.EINVAL, "an extent's length is not its block's size")
+
+
 def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
             mtime: int, kill_priv: bool = False) -> dict[str, int]:
     """Add a version to the locked inode ``a`` and make it current.
@@ -674,21 +747,25 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list
     first, or the file was deleted meanwhile, nothing of the original changes:
     the bytes are saved as a conflicted copy next to it (``parent``/``name``
     are where the writer last saw the file) and the answer names the copy.
-    The blocks must already be in the block store: a version never references
-    a missing block. ``attrs`` are mode, owner or time changes the writer made
-    while writing a file that has no version yet (see ``OpenFile.defer``):
-    they are applied after the new version (or to the conflicted copy), in
-    the same transaction. ``amend``: the base is an empty version this device
-    committed when the same save began (an open with O_TRUNC, flushed before
-    the writes); it is dropped, so that one save is one version. A base with
-    bytes, or another device's, is kept.
+    Every block must be the user's to reference (``block_owners``: uploaded
+    through the metaserver, or in direct mode admitted by
+    ``BlockAccess.admit`` once the store was seen to hold it), else EACCES:
+    a version never references a missing block, nor one of another user's
+    that this user never showed to possess. ``attrs`` are mode, owner or
+    time changes the writer made while writing a file that has no version
+    yet (see ``OpenFile.defer``): they are applied after the new version (or
+    to the conflicted copy), in the same transaction. ``amend``: the base is
+    an empty version this device committed when the same save began (an open
+    with O_TRUNC, flushed before the writes); it is dropped, so that one save
+    is one version. A base with bytes, or another device's, is kept.
     """
-    if sum(n for _, n in extents) != size:
-        raise FSError(errno.EINVAL, "extents do not add up to size")
+    blocks = check_extents(extents, size)
     attrs = attrs or {}
     if not (isinstance(attrs, dict) and set(attrs) <= SETATTR_KEYS
             and all(type(v) is int for v in attrs.values())):
         raise FSError(errno.EINVAL, "bad attributes")
+    if blocks:
+        _check_blocks(cur, u, blocks)
     cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
                 (ino, u.id))
     row = cur.fetchone()
@@ -714,10 +791,11 @@ def versions(cur: Cursor, u: User, device: str, ino: int) -> list[dict[str, Any]
     """The kept versions of a file, newest first."""
     _inode(cur, u, ino)
     cur.execute("SELECT v.version, v.size, extract(epoch FROM v.created)::float8, v.device,"
-                " coalesce(us.name, '') FROM versions v LEFT JOIN users us ON us.id = v.user_id"
+                " coalesce(us.name, ''), v.extents"
+                " FROM versions v LEFT JOIN users us ON us.id = v.user_id"
                 " WHERE v.inode = %s ORDER BY v.version DESC", (ino,))
-    return [dict(zip(("version", "size", "time", "device", "user"), r, strict=True))
-            for r in cur.fetchall()]
+    return [{**dict(zip(("version", "size", "time", "device", "user"), r[:5], strict=True)),
+             "content_hash": content_hash(msgpack.unpackb(r[5]))} for r in cur.fetchall()]
 
 
 @op
@@ -748,3 +826,206 @@ def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
     return True
 
 
+
+
+# --- whole files by id and path (the HTTP API) ---------------------------------
+# An id is an inode number: it stays with the file across renames and moves.
+
+def content_hash(extents: list) -> str:
+    """A version's content identity (the HTTP ETag): equal for the same extents.
+
+    Derived from the extent list, so it costs no read of the data: the same
+    bytes written with another edit history may be cut into other blocks and
+    hash differently, but a change of content always changes it.
+    """
+    return block_hash(msgpack.packb(extents)).hex()
+
+
+def entry(cur: Cursor, u: User, device: str, ino: int) -> dict[str, Any]:
+    """An inode's attributes, where it is (parent, name, path) and its content hash.
+
+    The root's path is ``/`` and its parent None. A file with several hard
+    links shows one of its entries; an orphan (open somewhere, no entry)
+    answers ENOENT, as a deleted file does.
+    """
+    a = _inode(cur, u, ino)
+    cur.execute(
+        "WITH RECURSIVE up(inode, parent, name, depth) AS ("
+        " (SELECT inode, parent, name, 0 FROM dentries WHERE inode = %s ORDER BY parent, name"
+        " LIMIT 1) UNION ALL"
+        " SELECT d.inode, d.parent, d.name, up.depth + 1"
+        " FROM up JOIN LATERAL (SELECT * FROM dentries d WHERE d.inode = up.parent"
+        " ORDER BY d.parent, d.name LIMIT 1) d ON true)"
+        " SELECT parent, name FROM up ORDER BY depth", (ino,))
+    chain = cur.fetchall()
+    if ino != u.root and not chain:
+        raise FSError(errno.ENOENT, f"no inode {ino}")
+    cur.execute("SELECT extents FROM versions WHERE inode = %s AND version = %s",
+                (ino, a["version"]))
+    row = cur.fetchone()
+    return {**a, "parent": chain[0][0] if chain else None,
+            "name": bytes(chain[0][1]) if chain else b"",
+            "path": b"/" + b"/".join(bytes(n) for _, n in reversed(chain)),
+            "content_hash": content_hash(msgpack.unpackb(row[0]) if row else [])}
+
+
+def _at(cur: Cursor, u: User, device: str, parent: int | bytes) -> int:
+    """A directory given by id, or by path (bytes) from the volume's root."""
+    return resolve(cur, u, device, parent) if isinstance(parent, bytes) else parent
+
+
+def resolve(cur: Cursor, u: User, device: str, path: bytes) -> int:
+    """The inode at ``path`` (``/a/b``, from the volume's root); ENOENT if none.
+
+    ``.`` and ``..`` are refused (EINVAL): a path never leaves the volume.
+    """
+    ino = u.root
+    for name in (p for p in path.split(b"/") if p):
+        check_name(name)
+        _dir(cur, u, ino, lock=False)
+        child = _child(cur, ino, name)
+        if child is None:
+            raise FSError(errno.ENOENT, f"no such entry {name!r}")
+        ino = child
+    return ino
+
+
+def children(cur: Cursor, u: User, device: str, ino: int, after: bytes | None, limit: int
+             ) -> list[dict[str, Any]]:
+    """Up to ``limit`` entries of a directory in name order, those after ``after`` only."""
+    _dir(cur, u, ino, lock=False)
+    cur.execute(f"SELECT d.name, {_cols('i')}, v.extents FROM dentries d"
+                " JOIN inodes i ON i.id = d.inode"
+                " LEFT JOIN versions v ON v.inode = i.id AND v.version = i.version"
+                " WHERE d.parent = %s AND d.name > %s ORDER BY d.name LIMIT %s",
+                (ino, after or b"", limit))
+    return [{**_attr(r[1:14]), "parent": ino, "name": bytes(r[0]),
+             "content_hash": content_hash(msgpack.unpackb(r[14]) if r[14] else [])}
+            for r in cur.fetchall()]
+
+
+def _free_name(cur: Cursor, parent: int, name: bytes) -> bytes:
+    """``name``, or ``name (1).ext``, ``name (2).ext`` ... whichever is free in ``parent``."""
+    stem, dot, ext = name.rpartition(b".")
+    if not dot or not stem:
+        stem, dot, ext = name, b"", b""
+    n, candidate = 0, name
+    while _child(cur, parent, candidate) is not None:
+        n += 1
+        tail = b" (%d)" % n + dot + ext
+        candidate = stem[:max(1, NAME_MAX - len(tail))] + tail
+    return candidate
+
+
+def put_file(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes,
+             extents: list, size: int, mtime: int, on_exists: str = "fail") -> dict[str, Any]:
+    """Create ``parent/name`` (parent by id or path) with the given content in one transaction.
+
+    If the name is taken: ``fail`` answers EEXIST, ``overwrite`` commits a
+    new version of that file (EISDIR if it is not a regular file),
+    ``autorename`` creates ``name (1).ext`` (or the next free number). The
+    new file takes the parent's owner and mode 0644. Returns the file's id.
+    """
+    check_name(name)
+    blocks = check_extents(extents, size)
+    if blocks:
+        _check_blocks(cur, u, blocks)
+    parent = _at(cur, u, device, parent)
+    p = _dir(cur, u, parent)
+    existing = _child(cur, parent, name)
+    if existing is not None and on_exists == "overwrite":
+        a = _inode(cur, u, existing, lock=True)
+        if not stat.S_ISREG(a["mode"]):
+            raise FSError(errno.EISDIR, "the name is taken by a directory")
+        _commit(cur, u, device, a, extents, size, mtime)
+        return {"id": existing}
+    if existing is not None and on_exists != "autorename":
+        raise FSError(errno.EEXIST, "the name is taken")
+    a = _new_inode(cur, u, device, parent, _free_name(cur, parent, name), stat.S_IFREG | 0o644,
+                   p["uid"], p["gid"])
+    _commit(cur, u, device, a, extents, size, mtime)
+    return {"id": a["ino"]}
+
+
+def replace(cur: Cursor, u: User, device: str, ino: int, extents: list, size: int, mtime: int,
+            expected_version: int | None = None) -> None:
+    """Make ``extents`` the file's new version; with ``expected_version``, only if current.
+
+    A stale ``expected_version`` raises Conflict and nothing changes: the
+    same rule as the mount's commit, without the conflicted copy (the
+    caller decides).
+    """
+    blocks = check_extents(extents, size)
+    if blocks:
+        _check_blocks(cur, u, blocks)
+    a = _inode(cur, u, ino, lock=True)
+    if not stat.S_ISREG(a["mode"]):
+        raise FSError(errno.EISDIR, "not a regular file")
+    if a["nlink"] == 0:
+        raise FSError(errno.ENOENT, "file was deleted")
+    if expected_version is not None and expected_version != a["version"]:
+        raise Conflict(a["version"])
+    _commit(cur, u, device, a, extents, size, mtime)
+
+
+def remove(cur: Cursor, u: User, device: str, ino: int) -> None:
+    """Delete a file's entry (one of them, if hard-linked) or an empty directory, by id.
+
+    A file left without entries goes at once with its versions: a mount that
+    has it open keeps what it read, and its next commit becomes a conflicted
+    copy, as after a delete on another mount.
+    """
+    if ino == u.root:
+        raise FSError(errno.EBUSY, "the root cannot be removed")
+    e = entry(cur, u, device, ino)
+    if stat.S_ISDIR(e["mode"]):
+        rmdir(cur, u, device, e["parent"], e["name"])
+    elif unlink(cur, u, device, e["parent"], e["name"])["orphan"]:
+        purge(cur, u, device, ino)
+
+
+def make_folder(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes
+                ) -> dict[str, Any]:
+    """Create a directory (mode 0755, the parent's owner) in ``parent``, by id or path."""
+    parent = _at(cur, u, device, parent)
+    p = _dir(cur, u, parent, lock=False)
+    return {"id": _new_inode(cur, u, device, parent, name, stat.S_IFDIR | 0o755, p["uid"],
+                             p["gid"])["ino"]}
+
+
+def move(cur: Cursor, u: User, device: str, ino: int, parent: int | None, name: bytes | None
+         ) -> None:
+    """Rename and/or move a file or directory by id; a taken name is EEXIST (no replace)."""
+    e = entry(cur, u, device, ino)
+    if e["parent"] is None:
+        raise FSError(errno.EBUSY, "the root cannot be moved")
+    rename(cur, u, device, e["parent"], e["name"], e["parent"] if parent is None else parent,
+           e["name"] if name is None else name, RENAME_NOREPLACE)
+
+
+def storage_stats(cur: Cursor, u: User, device: str) -> dict[str, int]:
+    """What the user's volume holds: logical bytes, and the distinct blocks behind them.
+
+    ``stored_size`` counts the bytes of every kept version's blocks (what the
+    volume would take without deduplication), ``unique_blocks_size`` each
+    distinct block once. Reads every version's extent list: a figure for a
+    person, not for a hot path.
+    """
+    cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
+    quota, used = cur.fetchone()
+    cur.execute("SELECT count(*) FILTER (WHERE mode & 61440 = 32768) FROM inodes"
+                " WHERE owner_id = %s AND nlink > 0", (u.id,))
+    files = cur.fetchone()[0]
+    blocks: dict[bytes, int] = {}
+    stored = versions = 0
+    cur.execute("SELECT v.extents FROM versions v JOIN inodes i ON i.id = v.inode"
+                " WHERE i.owner_id = %s", (u.id,))
+    for (ext,) in cur:
+        versions += 1
+        for k, n in msgpack.unpackb(ext):
+            if k is not None:
+                blocks[k] = n
+                stored += n
+    return {"logical_size": used, "stored_size": stored, "file_count": files,
+            "version_count": versions, "block_count": len(blocks),
+            "unique_blocks_size": sum(blocks.values()), "quota": quota, "used": used}

@@ -17,6 +17,8 @@ import errno
 import functools
 import inspect
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -24,8 +26,11 @@ import msgpack
 import psycopg
 import trio
 
-from metaserver import namespace
+from blockstore import BlockStore
+from blockstore.remote import PROXY_URL
+from metaserver import namespace, uploads
 from metaserver.auth import User, authenticate
+from metaserver.blocks import BlockAccess
 from metaserver.db import Database
 from metaserver.errors import Conflict, FSError
 from metaserver.protocol import PUSH, FrameReader, pack
@@ -99,9 +104,12 @@ def _subscribe_point(cur: psycopg.Cursor, owner: int, cursor: int) -> dict[str, 
 
 
 def _trim(cur: psycopg.Cursor) -> None:
+    uploads.expire(cur)
     cur.execute("DELETE FROM applied_ops WHERE at < now() - interval '1 day'")
-    cur.execute("DELETE FROM changes WHERE at < now() - make_interval(days => %s)",
-                (LOG_RETENTION_DAYS,))
+    cur.execute("WITH d AS (DELETE FROM changes WHERE at < now() - make_interval(days => %s)"
+                " RETURNING xid) UPDATE changes_trimmed"
+                " SET upto = greatest(upto, (SELECT max(xid) FROM d))"
+                " WHERE EXISTS (SELECT 1 FROM d)", (LOG_RETENTION_DAYS,))
 
 
 class Session:
@@ -122,12 +130,16 @@ class Session:
 
 
 class MetaServer:
-    def __init__(self, db: Database, dsn: str, blocks_url: str) -> None:
+    """``proxy``: mounts get no store address; blocks go through ``BlockAccess``."""
+
+    def __init__(self, db: Database, dsn: str, store: BlockStore, proxy: bool = False) -> None:
         self.db = db
         self.dsn = dsn
-        self.blocks_url = blocks_url
+        self.blocks_url = PROXY_URL if proxy else store.url
         self.limiter = trio.CapacityLimiter(db.pool_size)
+        self.blocks = BlockAccess(store, proxy, self.call)
         self.subscribers: dict[int, set[Session]] = {}
+        self.watchers: dict[int, set[trio.Event]] = {}
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(cur, ...)`` in one transaction on a worker thread.
@@ -165,6 +177,27 @@ class MetaServer:
             for s in group:
                 if not device or s.device != device:
                     s.wake.set()
+        for watchers in ([self.watchers.get(owner, ())] if owner is not None
+                         else list(self.watchers.values())):
+            for ev in watchers:
+                ev.set()
+
+    @contextmanager
+    def watching(self, owner: int) -> Iterator[trio.Event]:
+        """An event set at the next change of ``owner``'s volume (an HTTP long-poll).
+
+        Costs no database connection while it waits: the LISTEN connection
+        wakes it, as it wakes the mounts' pumps.
+        """
+        ev = trio.Event()
+        self.watchers.setdefault(owner, set()).add(ev)
+        try:
+            yield ev
+        finally:
+            group = self.watchers[owner]
+            group.discard(ev)
+            if not group:
+                del self.watchers[owner]
 
     async def _listen(self) -> None:
         """LISTEN on a connection of its own, without a thread: wait for its socket."""
@@ -301,6 +334,13 @@ class MetaServer:
                         args: dict[str, Any]) -> Any:
         if opname == "subscribe":
             return await self._subscribe(s, nursery, int(args.get("cursor") or 0))
+        if opname in ("put_block", "get_block"):
+            try:
+                return await getattr(self.blocks, opname[:3])(s.user, **args)
+            except TypeError as e:
+                raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
+        if opname == "commit":
+            await self.blocks.admit(s.user, args.get("extents"), args.get("size"))
         fn = namespace.OPS.get(opname)
         if fn is None:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")

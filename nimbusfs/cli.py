@@ -192,9 +192,11 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     import trio
 
+    from blockstore import open_store
     from metaserver import namespace
     from metaserver.client import parse_address
     from metaserver.db import Database
+    from metaserver.rest import serve_http
     from metaserver.server import MetaServer
 
     _setup_logging()
@@ -203,17 +205,24 @@ def cmd_server(args: argparse.Namespace) -> int:
     db.open()
     host, port = parse_address(args.listen)
 
+    store = open_store(args.blocks)
+
     async def main() -> None:
-        server = MetaServer(db, args.dsn, args.blocks)
+        server = MetaServer(db, args.dsn, store, proxy=args.proxy_blocks)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, host, port)
             bound = listeners[0].socket.getsockname()
             address = f"{bound[0]}:{bound[1]}"
-            log.info("metaserver listening on %s (blocks %s)", address, args.blocks)
+            log.info("metaserver listening on %s (blocks %s%s)", address, args.blocks,
+                     ", through this server" if args.proxy_blocks else "")
+            http = ""
+            if args.http:
+                http = await nursery.start(serve_http, server, args.http)
+                log.info("HTTP API on %s/api/v1", http)
             if args.info_file:
                 tmp = args.info_file + ".tmp"
                 with open(tmp, "w") as f:
-                    json.dump({"pid": os.getpid(), "address": address}, f)
+                    json.dump({"pid": os.getpid(), "address": address, "http": http}, f)
                 os.rename(tmp, args.info_file)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
@@ -225,6 +234,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         trio.run(main)
     finally:
         db.close()
+        store.close()
     return 0
 
 
@@ -352,7 +362,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
         from blockstore import block_hash, open_store
 
         r = await client.call("open", ino=ino, version=args.version)
-        store = open_store(client.info["blocks"])
+        store = open_store(client.info["blocks"], client.call)
         out = sys.stdout.buffer
         for key, length in r["extents"]:
             if key is None:
@@ -398,7 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("server", help="run a metaserver")
     s.add_argument("--dsn", required=True, help="PostgreSQL connection string")
     s.add_argument("--listen", default="127.0.0.1:7070")
-    s.add_argument("--blocks", required=True, help="block store URL the mounts use")
+    s.add_argument("--blocks", required=True, help="block store URL")
+    s.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve the HTTP API /api/v1 there (e.g. 127.0.0.1:7080)")
+    s.add_argument("--proxy-blocks", action="store_true",
+                   help="mounts hold no store credentials: their blocks go through this"
+                        " server, which lets each user read only their own (multi-user"
+                        " deployments; see the README's security section)")
     s.add_argument("--pool-size", type=int, default=8)
     s.add_argument("--keep-versions", type=int, default=100,
                    help="versions kept per file regardless of age (default 100)")

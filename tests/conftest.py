@@ -66,6 +66,7 @@ class Deployment:
     argv: list[str]
     log_path: str
     env: dict[str, str]
+    http: str = ""          # the HTTP API's base URL (http://HOST:PORT)
 
     def kill(self) -> None:
         """Crash the metaserver (SIGKILL: no clean shutdown)."""
@@ -73,10 +74,11 @@ class Deployment:
         self.proc.wait()
 
     def start(self) -> None:
-        """Start the metaserver again, on the same address."""
+        """Start the metaserver again, on the same addresses."""
+        argv = [*self.argv[:-2], "--listen", self.address]
+        argv[argv.index("--http") + 1] = self.http.removeprefix("http://")
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([*self.argv[:-2], "--listen", self.address],
-                                         stdout=log, stderr=log, env=self.env)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
 
     def new_user(self, quota: int = 0) -> str:
         """Create a user with an empty volume (and a quota in bytes); return its token."""
@@ -110,14 +112,16 @@ def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str],
     info = emb.path("run", f"server-{name}.json")
     log_path = emb.path("logs", f"metaserver-{name}.log")
     argv = [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", emb.dsn_for(dbname),
-            "--blocks", blocks, "--info-file", info, *extra, "--listen", "127.0.0.1:0"]
+            "--blocks", blocks, "--info-file", info, "--http", "127.0.0.1:0", *extra,
+            "--listen", "127.0.0.1:0"]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
     wait_until(lambda: os.path.exists(info) or proc.poll() is not None, 60, "metaserver")
     assert proc.poll() is None, "metaserver failed to start"
     with open(info) as f:
-        address = json.load(f)["address"]
-    return Deployment(emb.dsn_for(dbname), address, blocks, proc, argv, log_path, env)
+        bound = json.load(f)
+    return Deployment(emb.dsn_for(dbname), bound["address"], blocks, proc, argv, log_path, env,
+                      bound["http"])
 
 
 @pytest.fixture(scope="session")

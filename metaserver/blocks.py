@@ -1,0 +1,207 @@
+"""Which blocks a user may use, and block I/O for mounts without store credentials.
+
+The trust model (README, "Security"): a user may reference in a commit, or
+be told by ``have_blocks`` about, only blocks in their ``block_owners`` rows.
+A row is made when
+
+- the user uploads the block through the metaserver (``put``): the server
+  hashes the bytes it received, so possession is shown; or
+- in *direct* mode, a commit names a block that the store holds
+  (``admit``): there every mount holds the store's credentials and can read
+  any block anyway, so direct mode is one trust domain (one user, or users
+  who trust each other), and the check only keeps a block that is in no
+  store out of every version.
+
+In *proxy* mode (``nimbusfs server --proxy-blocks``) mounts get no store
+address at all: they put and get blocks through this server, which answers a
+``get`` only for the caller's own blocks, and refuses a commit naming any
+other. The store still keeps one copy of a block that several users upload
+(deduplicated storage), and nobody can tell: ``put`` answers alike whether
+the block was new or not.
+
+Store calls run in worker threads, never inside a database transaction.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import trio
+from psycopg import Cursor
+
+from blockstore import BlockNotFound, BlockStore, block_hash
+from blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
+from metaserver.auth import User
+from metaserver.errors import FSError
+from metaserver.namespace import check_extents, check_keys, unowned
+
+log = logging.getLogger(__name__)
+
+# Blocks checked in the store at once when a direct-mode commit names new ones.
+EXISTS_AT_ONCE = 16
+# Zeros of a hole are sent in pieces of this size.
+ZEROS = 1 << 20
+
+
+def _own(cur: Cursor, user_id: int, keys: list[bytes], sizes: list[int] | None = None) -> None:
+    """Record that the user may reference ``keys``; with ``sizes``, that they are stored.
+
+    A block put but not committed yet has a ``blocks`` row with no
+    references, so that block GC treats it like any block whose last
+    reference went: kept for the grace period, then collected.
+    """
+    if sizes is not None:
+        cur.execute("INSERT INTO blocks (hash, size, refcount, unref_since)"
+                    " SELECT k, n, 0, now() FROM unnest(%s::bytea[], %s::int[]) AS c(k, n)"
+                    " ON CONFLICT (hash) DO NOTHING", (keys, sizes))
+    cur.execute("INSERT INTO block_owners (user_id, hash) SELECT %s, k"
+                " FROM unnest(%s::bytea[]) AS k ON CONFLICT DO NOTHING", (user_id, keys))
+
+
+def _owns(cur: Cursor, user_id: int, key: bytes) -> bool:
+    return not unowned(cur, user_id, [key])
+
+
+class BlockAccess:
+    """The server's side of the trust model for blocks (see the module docstring)."""
+
+    def __init__(self, store: BlockStore, proxy: bool,
+                 transaction: Callable[..., Awaitable[Any]], transfers: int = 16) -> None:
+        self.store = store
+        self.proxy = proxy
+        self.transaction = transaction  # MetaServer.call: fn(cur, ...) in one transaction
+        self.transfers = trio.CapacityLimiter(transfers)
+
+    async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.transfers)
+
+    async def admit(self, u: User, extents: Any, size: Any) -> None:
+        """Before a commit: make sure its blocks are the user's to reference.
+
+        In proxy mode there is nothing to do here: ``commit`` itself refuses
+        any block not uploaded through ``put``. In direct mode a block new to
+        the user is admitted if the store holds it; one it does not hold
+        fails the commit with EACCES, as a block of someone else would.
+        """
+        blocks = check_extents(extents, size)
+        if self.proxy or not blocks:
+            return
+        new = await self.transaction(unowned, u.id, sorted(blocks))
+        if not new:
+            return
+        missing: list[bytes] = []
+        limiter = trio.CapacityLimiter(EXISTS_AT_ONCE)
+
+        async def check(key: bytes) -> None:
+            async with limiter:
+                if not await self._store(self.store.exists, key):
+                    missing.append(key)
+
+        async with trio.open_nursery() as nursery:
+            for key in new:
+                nursery.start_soon(check, key)
+        if missing:
+            log.warning("user %s committed %d block(s) the store does not hold, e.g. %s",
+                        u.name, len(missing), missing[0].hex())
+            raise FSError(errno.EACCES, "extents name blocks that are not in the store")
+        await self.transaction(_own, u.id, new)
+
+    async def put(self, u: User, key: Any, data: Any) -> None:
+        """Store a block the user sends, once its bytes are shown to hash to ``key``."""
+        check_keys([key])
+        if not (isinstance(data, bytes) and 0 < len(data) <= MAX_BLOCK):
+            raise FSError(errno.EINVAL, f"a block is 1 to {MAX_BLOCK} bytes")
+        if await trio.to_thread.run_sync(block_hash, data) != key:
+            raise FSError(errno.EINVAL, "the bytes do not hash to the key")
+        await self._store(self.store.put, key, data)
+        await self.transaction(_own, u.id, [key], [len(data)])
+
+    async def get(self, u: User, key: Any, offset: Any = 0, length: Any = None) -> bytes:
+        """A block of the user's (or ``length`` bytes of it from ``offset``).
+
+        ENOENT for a block that is not the user's, whether stored or not.
+        """
+        check_keys([key])
+        if not (type(offset) is int and 0 <= offset <= MAX_BLOCK
+                and (length is None or (type(length) is int and 0 <= length <= MAX_BLOCK))):
+            raise FSError(errno.EINVAL, "bad offset or length")
+        if not await self.transaction(_owns, u.id, key):
+            raise FSError(errno.ENOENT, "no such block")
+        if length is None:
+            return await self.get_stored(key)
+        try:
+            return await self._store(self.store.get_range, key, offset, length)
+        except BlockNotFound:
+            raise FSError(errno.EIO, "block missing from the store") from None
+
+    async def _verified(self, key: bytes) -> bytes:
+        """A block from the store, checked against its hash (fetched twice at most)."""
+        for _ in range(2):
+            data = await self.get_stored(key)
+            if block_hash(data) == key:
+                return data
+            log.error("block %s from the store fails its hash", key.hex())
+        raise FSError(errno.EIO, f"block {key.hex()} is corrupt in the store")
+
+    async def get_stored(self, key: bytes) -> bytes:
+        try:
+            return await self._store(self.store.get, key)
+        except BlockNotFound:
+            log.error("block %s is referenced but missing from the store", key.hex())
+            raise FSError(errno.EIO, "block missing from the store") from None
+
+    async def ingest(self, u: User, fd: int, size: int) -> list[list]:
+        """Cut bytes [0, size) of ``fd`` into blocks and store them; return the extents.
+
+        The server holds the bytes, so every block becomes the user's; only
+        those the user does not have yet are put (the store keeps one copy
+        of each whatever its owners). The cuts are the mount's for a file
+        written from its start, so the same bytes uploaded here and written
+        through a mount are stored once. ``fd`` is read twice (chunking,
+        then each new block), never whole into memory.
+        """
+        pieces: list[Piece] = await trio.to_thread.run_sync(chunk_fd, fd, 0, size)
+        sizes = {p.key: p.length for p in pieces if p.key is not None}
+        first = {p.key: p for p in reversed(pieces) if p.key is not None}
+        new = await self.transaction(unowned, u.id, sorted(sizes))
+
+        def put(p: Piece) -> None:
+            data = os.pread(fd, p.length, p.offset)
+            if len(data) != p.length:
+                raise FSError(errno.EIO, "the upload's spool file is short")
+            self.store.put(p.key, data)
+
+        async with trio.open_nursery() as nursery:
+            for key in new:
+                nursery.start_soon(self._store, put, first[key])
+        if new:
+            await self.transaction(_own, u.id, new, [sizes[k] for k in new])
+        extents: list[list] = []
+        for p in pieces:
+            if p.key is None and extents and extents[-1][0] is None:
+                extents[-1][1] += p.length   # adjacent holes are one
+            else:
+                extents.append([p.key, p.length])
+        return extents
+
+    async def read(self, extents: list, start: int, end: int) -> AsyncIterator[bytes]:
+        """The bytes [start, end) of a version with these extents, block by block.
+
+        Every block is hash-checked; memory holds one block at a time.
+        """
+        pos = 0
+        for key, n in extents:
+            a, b = max(start, pos), min(end, pos + n)
+            if a < b:
+                if key is None:
+                    for z in range(a, b, ZEROS):
+                        yield bytes(min(ZEROS, b - z))
+                else:
+                    yield (await self._verified(bytes(key)))[a - pos:b - pos]
+            pos += n
+            if pos >= end:
+                return

@@ -1,0 +1,183 @@
+"""The trust model for blocks: nobody learns of, references or reads another user's blocks.
+
+Direct mode (the mounts hold store credentials) and proxy mode (``--proxy-blocks``:
+blocks go through the metaserver, which hashes what it receives) share the
+rules of the mount protocol: ``have_blocks`` answers only for the caller's
+blocks, and a commit may name only blocks the caller uploaded or committed
+before; proxy mode also serves a block only to its owners.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from blockstore import block_hash, open_store
+from conftest import GCS_BUCKET, Deployment, read_file, start_metaserver, write_file
+from metaserver.client import connect
+from metaserver.errors import FSError
+
+
+@pytest.fixture(scope="module")
+def proxied(services) -> Iterator[dict[str, Deployment]]:
+    """A metaserver in proxy mode for each block store (the GCS one on the emulator)."""
+    deps = {
+        "local": start_metaserver(services.emb, "proxy_local",
+                                  "file://" + services.emb.path("proxy-blocks"), services.env,
+                                  "--proxy-blocks"),
+        "gcs": start_metaserver(services.emb, "proxy_gcs", f"gs://{GCS_BUCKET}/proxy",
+                                services.env, "--proxy-blocks"),
+    }
+    yield deps
+    for d in deps.values():
+        d.proc.terminate()
+        d.proc.wait(30)
+
+
+async def _file(c, name: bytes) -> dict:
+    return await c.call("mknod", parent=c.info["root"], name=name, mode=0o100644, uid=0, gid=0)
+
+
+async def _errno(coro) -> int:
+    with pytest.raises(FSError) as e:
+        await coro
+    return e.value.errno
+
+
+async def test_have_blocks_answers_only_for_the_callers_blocks(services):
+    """A user who knows the hash of another's block is not told it is stored."""
+    dep = services.deployments["local"]
+    data = os.urandom(300_000)
+    key = block_hash(data)
+    async with connect(dep.address, dep.new_user(), "a") as a, \
+            connect(dep.address, dep.new_user(), "b") as b:
+        f = await _file(a, b"secret")
+        open_store(a.info["blocks"]).put(key, data)
+        await a.call("commit", ino=f["ino"], base=0, extents=[[key, len(data)]],
+                     size=len(data), mtime=1)
+        assert await a.call("have_blocks", keys=[key]) == [key]
+        assert await b.call("have_blocks", keys=[key]) == []
+
+
+async def test_commit_of_a_block_in_no_store_is_refused(services):
+    """Direct mode: a block the store does not hold never enters a version."""
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "a") as a:
+        f = await _file(a, b"f")
+        key = block_hash(b"never uploaded")
+        assert await _errno(a.call("commit", ino=f["ino"], base=0, extents=[[key, 14]],
+                                   size=14, mtime=1)) == errno.EACCES
+        assert (await a.call("getattr", ino=f["ino"]))["version"] == 0
+
+
+@pytest.mark.parametrize("extents, size", [
+    ([[b"\0" * 32, -5]], -5),                        # negative length
+    ([[None, 10], [b"\0" * 32, -5]], 5),             # adds up, one length negative
+    ([[None, 1 << 63]], 1 << 63),                    # beyond a bigint
+    ([[b"short", 5]], 5),                            # not a hash
+    ([[b"\0" * 32, (4 << 20) + 1]], (4 << 20) + 1),  # longer than any block
+    ([[b"\0" * 32, 5], [b"\0" * 32, 6]], 11),        # one block, two lengths
+    ([[None, 5, 1]], 5),                             # not a pair
+    ([None], 0),
+    ("x", 0),
+])
+async def test_malformed_extents_are_einval(services, extents, size):
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "a") as a:
+        f = await _file(a, b"f")
+        assert await _errno(a.call("commit", ino=f["ino"], base=0, extents=extents,
+                                   size=size, mtime=1)) == errno.EINVAL
+        assert (await a.call("getattr", ino=f["ino"]))["version"] == 0
+
+
+@pytest.mark.parametrize("kind", ["local", "gcs"])
+async def test_proxy_mode_isolates_users_and_still_deduplicates(services, proxied, kind):
+    """In proxy mode a user reads and references only blocks they uploaded themselves.
+
+    Knowing another user's hash gets neither the bytes nor a reference; the
+    same bytes uploaded by the second user are stored once.
+    """
+    dep = proxied[kind]
+    data = os.urandom(200_000)
+    key = block_hash(data)
+    async with connect(dep.address, dep.new_user(), "a") as a, \
+            connect(dep.address, dep.new_user(), "b") as b:
+        assert a.info["blocks"] == "metaserver:"      # no store address for mounts
+        await a.call("put_block", key=key, data=data)
+        fa = await _file(a, b"secret")
+        await a.call("commit", ino=fa["ino"], base=0, extents=[[key, len(data)]],
+                     size=len(data), mtime=1)
+        assert await a.call("get_block", key=key) == data
+        assert await a.call("get_block", key=key, offset=10, length=5) == data[10:15]
+
+        fb = await _file(b, b"probe")
+        assert await b.call("have_blocks", keys=[key]) == []
+        assert await _errno(b.call("get_block", key=key)) == errno.ENOENT
+        assert await _errno(b.call("commit", ino=fb["ino"], base=0,
+                                   extents=[[key, len(data)]], size=len(data),
+                                   mtime=1)) == errno.EACCES
+        assert (await b.call("getattr", ino=fb["ino"]))["version"] == 0
+        # Bytes that do not hash to the key show no possession.
+        assert await _errno(b.call("put_block", key=key, data=data[:-1])) == errno.EINVAL
+        assert await _errno(b.call("get_block", key=key)) == errno.ENOENT
+
+        store = open_store(dep.blocks)
+        before = sorted(store.list())
+        await b.call("put_block", key=key, data=data)   # possession shown
+        assert sorted(store.list()) == before            # stored once
+        await b.call("commit", ino=fb["ino"], base=0, extents=[[key, len(data)]],
+                     size=len(data), mtime=1)
+        assert await b.call("get_block", key=key) == data
+
+
+@pytest.mark.parametrize("kind", ["local", "gcs"])
+def test_a_mount_without_store_credentials(mount_factory, proxied, kind):
+    """A mount on a proxy-mode server writes and reads its files through the server."""
+    m = mount_factory(kind, None, proxied[kind])
+    data = os.urandom(5 << 20)
+    write_file(m.p("f"), data)
+    m.remount(drop_cache=True)
+    assert read_file(m.p("f")) == data
+    assert "blocks metaserver:" in m.log()
+
+
+async def test_remote_store_reports_a_missing_block(services, proxied):
+    """The mount's side of proxy mode: another user's block reads as absent."""
+    from blockstore import BlockNotFound
+    from blockstore.remote import RemoteStore
+
+    dep = proxied["local"]
+    data = os.urandom(1000)
+    key = block_hash(data)
+    async with connect(dep.address, dep.new_user(), "a") as a, \
+            connect(dep.address, dep.new_user(), "b") as b:
+        await a.call("put_block", key=key, data=data)
+        sa, sb = RemoteStore(a.call), RemoteStore(b.call)
+        assert await trio.to_thread.run_sync(sa.get, key) == data
+        with pytest.raises(BlockNotFound):
+            await trio.to_thread.run_sync(sb.get, key)
+
+
+async def test_upgrade_gives_users_the_blocks_of_their_versions(services):
+    """Migration 0004's Python step: blocks committed before the upgrade stay usable."""
+    import importlib
+
+    import psycopg
+
+    dep = services.deployments["local"]
+    data = os.urandom(1000)
+    key = block_hash(data)
+    async with connect(dep.address, dep.new_user(), "a") as a:
+        f = await _file(a, b"old")
+        open_store(a.info["blocks"]).put(key, data)
+        await a.call("commit", ino=f["ino"], base=0, extents=[[key, 1000]], size=1000, mtime=1)
+        with psycopg.connect(dep.dsn) as conn:   # as a database from before version 4
+            conn.execute("DELETE FROM block_owners WHERE hash = %s", (key,))
+        assert await a.call("have_blocks", keys=[key]) == []
+        with psycopg.connect(dep.dsn) as conn:
+            importlib.import_module("metaserver.migrations.0004_block_owners").apply(conn)
+        assert await a.call("have_blocks", keys=[key]) == [key]
