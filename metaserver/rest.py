@@ -37,7 +37,7 @@ import trio
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -75,6 +75,9 @@ _STATUS = {
 }
 
 Id = Annotated[int, Path(ge=1, le=namespace.BIGINT_MAX, description="a file or folder id")]
+# Integers in bodies: what a PostgreSQL bigint holds (ids, sizes, versions).
+Count = Annotated[int, Field(ge=0, le=namespace.BIGINT_MAX)]
+Ref = Annotated[int, Field(ge=1, le=namespace.BIGINT_MAX)]
 
 
 # --- models: the shapes clients are written against -----------------------------------
@@ -105,17 +108,17 @@ class Listing(_Model):
 
 class Move(_Model):
     name: str | None = None
-    parent_id: int | None = None
+    parent_id: Ref | None = None
 
 
 class NewFolder(_Model):
     path: str | None = None
-    parent_id: int | None = None
+    parent_id: Ref | None = None
     name: str | None = None
 
 
 class Restore(_Model):
-    version: int
+    version: Ref
 
 
 class VersionInfo(_Model):
@@ -166,12 +169,12 @@ class StorageStats(_Model):
 
 class NewUpload(_Model):
     filename: str
-    size: int
+    size: Count
     checksum: str | None = None       # SHA-256 of the whole file, hex
     path: str | None = None
-    parent_id: int | None = None
-    file_id: int | None = None        # replace this file's content instead
-    expected_version: int | None = None
+    parent_id: Ref | None = None
+    file_id: Ref | None = None        # replace this file's content instead
+    expected_version: Count | None = None
     overwrite: bool = False
     autorename: bool = False
 
@@ -429,8 +432,6 @@ class Api:
         async def move(user: User_, id: Id, body: Move, device: Device = "http"
                        ) -> dict[str, Any]:
             """Rename and/or move; a taken name is 409."""
-            if body.parent_id is not None and not 1 <= body.parent_id <= namespace.BIGINT_MAX:
-                raise _bad("parent_id must be an id")
             await run(user, device, namespace.move, id, body.parent_id,
                       None if body.name is None else _raw(body.name))
             return await meta(user, id)
@@ -449,8 +450,6 @@ class Api:
                 parent_path, _, name = body.path.rstrip("/").rpartition("/")
                 where: int | bytes = _raw(parent_path)
             elif body.path is None and body.parent_id is not None and body.name is not None:
-                if not 1 <= body.parent_id <= namespace.BIGINT_MAX:
-                    raise _bad("parent_id must be an id")
                 where, name = body.parent_id, body.name
             else:
                 raise _bad("give either {path} or {parent_id, name}")
@@ -469,8 +468,6 @@ class Api:
         async def restore(user: User_, id: Id, body: Restore, device: Device = "http"
                           ) -> dict[str, Any]:
             """Make an old version current again, as a new version."""
-            if not 1 <= body.version <= namespace.BIGINT_MAX:
-                raise _bad("version must be a positive integer")
             await run(user, device, namespace.restore, id, body.version)
             return await meta(user, id)
 
@@ -514,8 +511,6 @@ class Api:
         @r.post("/uploads", status_code=201, response_model=UploadSession)
         async def new_upload(user: User_, body: NewUpload) -> dict[str, Any]:
             """Open a resumable upload of ``size`` bytes (507 if the quota cannot take it)."""
-            if not 0 <= body.size <= namespace.BIGINT_MAX:
-                raise _bad("size must be a non-negative int64")
             if body.checksum is not None and not re.fullmatch(r"[0-9a-f]{64}", body.checksum):
                 raise _bad("checksum must be a SHA-256 in hex")
             parent = None
