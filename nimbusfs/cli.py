@@ -2,7 +2,7 @@
 
     nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
-                              [--read-only] [--foreground]
+                              [--read-only] [--label L] [--foreground]
     nimbusfs umount MOUNTPOINT
     nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL
     nimbusfs user add NAME [--quota BYTES] --dsn DSN
@@ -44,6 +44,13 @@ def parse_size(text: str) -> int:
     return int(m[1]) << (10 * " KMGT".index(m[2].upper() or " "))
 
 
+def _label(text: str) -> str:
+    """A mount's label: part of a file name (conflicted copies), so no slash, 1-64 bytes."""
+    if "/" in text or not 0 < len(text.encode()) <= 64:
+        raise argparse.ArgumentTypeError(f"bad label {text!r} (1-64 bytes, no '/')")
+    return text
+
+
 def _mount_name(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", path).strip("-")[-40:]
@@ -75,7 +82,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_dir=os.path.abspath(args.cache_dir or emb.path("cache", name)),
         cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
         allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
-        read_only=args.read_only)
+        read_only=args.read_only, label=args.label or "")
     if args.foreground:
         return _run_mount(cfg)
     return _spawn_mount(args, emb, cfg, name)
@@ -103,6 +110,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd += ["--blocks", cfg.blocks]
     if cfg.read_only:
         cmd.append("--read-only")
+    if cfg.label:
+        cmd += ["--label", cfg.label]
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
     with open(logfile, "ab") as log_f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
@@ -353,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--read-only", action="store_true")
     m.add_argument("--outage-timeout", type=float, default=60.0,
                    help="seconds operations wait for an unreachable metaserver before EIO")
+    m.add_argument("--label", type=_label,
+                   help="names this mount in conflicted copies, after the host name"
+                        " (default: the mount point's base name)")
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
