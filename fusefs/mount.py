@@ -141,8 +141,8 @@ async def serve(cfg: MountConfig) -> None:
         client = MetaClient(nursery, cfg.server, cfg.token, device_name(cfg),
                             cfg.outage_timeout)
         await client.connect()
-        store = open_store(cfg.blocks or client.info["blocks"])
-        cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)
+        store = open_store(cfg.blocks or client.info["blocks"], cfg.outage_timeout)
+        cache = BlockCache(store, cfg.cache_dir, cfg.cache_size, timeout=cfg.outage_timeout)
         vfs = VFS(client, cache, cfg.cache_dir, nursery, Kernel())
         client.on_push = vfs.apply_changes
         await client.subscribe()  # before mounting: a failure here leaves nothing mounted

