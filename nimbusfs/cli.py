@@ -65,10 +65,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mp = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mp):
         os.makedirs(mp, exist_ok=True)
-    if os.path.ismount(mp):
-        print(f"{mp} is already mounted", file=sys.stderr)
-        return 1
     emb = Embedded(args.home)
+    if os.path.ismount(mp):
+        return _already_mounted(emb, mp, args.listen)
     name = _mount_name(mp)
     if args.server:
         if not args.token:
@@ -86,6 +85,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.foreground:
         return _run_mount(cfg)
     return _spawn_mount(args, emb, cfg, name)
+
+
+def _already_mounted(emb: Embedded, mp: str, listen: str) -> int:
+    """A mount at ``mp`` exists: if it is one of the embedded server's, start what stopped.
+
+    The supervisor restarts services that die, but it may be gone itself
+    (killed, or the machine's processes were): mounting again is what the
+    user tries, so it starts the embedded services again.
+    """
+    rec = next((r for r in emb.live_mounts() if r["mountpoint"] == mp), None)
+    if rec is None or not rec["embedded"]:
+        print(f"{mp} is already mounted", file=sys.stderr)
+        return 1
+    was = emb.supervisor_pid()
+    addr, _ = emb.start(listen)
+    print(f"{mp} is already mounted; embedded services"
+          f" {'running' if was else 'started again'} (metaserver {addr})")
+    return 0
 
 
 def _run_mount(cfg) -> int:
@@ -163,6 +180,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 # --- server and admin ----------------------------------------------------------------
 
+def cmd_supervise(args: argparse.Namespace) -> int:
+    _setup_logging()
+    return Embedded(args.home).supervise(args.listen)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     import signal
 
@@ -236,11 +258,37 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_services(emb: Embedded, mounts: list[dict]) -> None:
+    """The embedded services: running or not, restarts, and what to run if they are down."""
+    state = emb.supervisor_state()
+    pid = emb.postmaster_pid()
+    print(f"metaserver:      {emb.server_address() or 'not running'}")
+    print(f"postgres:        {f'running (pid {pid})' if pid else 'not running'}")
+    embedded = [r["mountpoint"] for r in mounts if r["embedded"]]
+    if state is None:
+        if embedded:
+            print("supervisor:      not running: nothing restarts the embedded services;"
+                  f" run ./mount.sh {embedded[0]} (nimbusfs mount) to start them again")
+        return
+    print(f"supervisor:      running (pid {state['pid']})")
+    for name, s in state["services"].items():
+        if s["restarts"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["last_restart"]))
+            print(f"  {name} restarted {s['restarts']} time{'s' * (s['restarts'] > 1)},"
+                  f" last at {when}, reason: {s['last_reason']}")
+        if s["down"]:
+            print(f"  {name} is down ({s['down']}); restarting with backoff"
+                  + (f", last try failed: {s['error']}" if s["error"] else ""))
+            print(f"    see {emb.path('logs')}/{name}.log and supervisor.log; if it does not"
+                  " recover, fix the cause, then nimbusfs umount each mount and mount again")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     emb = Embedded(args.home)
     print(f"state directory: {emb.home}")
-    print(f"metaserver:      {emb.server_address() or 'not running'}")
-    for rec in emb.live_mounts():
+    mounts = emb.live_mounts()
+    _status_services(emb, mounts)
+    for rec in mounts:
         print(f"mount:           {rec['mountpoint']} (pid {rec['pid']}, server {rec['server']})")
         conflicts = os.path.join(rec["cache_dir"], "conflicts.jsonl")
         if os.path.exists(conflicts):
@@ -399,6 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--label", default="")
     tc.add_argument("--dsn")
     tc.set_defaults(fn=cmd_token_create)
+
+    sv = sub.add_parser("supervise", help="run the embedded services' supervisor (internal)")
+    sv.add_argument("--listen", default="127.0.0.1:0")
+    sv.set_defaults(fn=cmd_supervise)
 
     st = sub.add_parser("status", help="embedded services, mounts, pending writes, conflicts")
     st.set_defaults(fn=cmd_status)

@@ -142,3 +142,24 @@ def test_store_outage_fails_at_the_deadline(services, world_tmp):
         m.stop()
         dep.kill()
     assert "Traceback" not in m.log(), m.log()
+
+
+def test_a_failing_restart_is_tried_again_with_backoff():
+    """The supervisor's watch of one service: a restart that fails is retried later, doubling."""
+    from nimbusfs.embedded import FIRST_BACKOFF, _Watch
+
+    tries: list[float] = []
+
+    def restart() -> None:
+        tries.append(w.backoff)
+        if len(tries) < 3:
+            raise SystemExit("port in use")
+
+    w = _Watch("metaserver", lambda: None if len(tries) >= 3 else "exit code 1", restart)
+    wait_until(lambda: w.step() and w.state()["error"] == "port in use", 10, "a failed restart")
+    assert w.state() == {"restarts": 0, "last_restart": None, "last_reason": None,
+                         "down": "exit code 1", "error": "port in use"}
+    wait_until(lambda: w.step() and w.restarts == 1, 30, "the restart")
+    assert tries == [2 * FIRST_BACKOFF, 4 * FIRST_BACKOFF, 8 * FIRST_BACKOFF]
+    state = w.state()
+    assert (state["down"], state["error"], state["last_reason"]) == (None, None, "exit code 1")
