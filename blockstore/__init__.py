@@ -6,7 +6,7 @@ obtain one with :func:`open_store` from a URL (``file:///dir``, a plain path, or
 ``gs://bucket[/prefix]``).
 """
 
-from blockstore.base import BlockNotFound, BlockStore, block_hash
+from blockstore.base import BlockNotFound, BlockStore, StoreUnavailable, block_hash
 from blockstore.url import open_store
 
-__all__ = ["BlockNotFound", "BlockStore", "block_hash", "open_store"]
+__all__ = ["BlockNotFound", "BlockStore", "StoreUnavailable", "block_hash", "open_store"]

@@ -24,12 +24,21 @@ class BlockNotFound(KeyError):
     """The store holds no block with this hash."""
 
 
+class StoreUnavailable(Exception):
+    """The store did not answer in time or failed, after its own retries (EIO to users)."""
+
+
 class BlockStore(abc.ABC):
     """Immutable, content-addressed blob storage.
 
     Invariant: the bytes stored under a hash always hash to it. ``put`` never
     overwrites an existing block, so concurrent writers of the same content are
     harmless and a reader can never observe a partially written block.
+
+    A remote store bounds every call by the ``timeout`` it was opened with
+    (requests and their retries) and raises :class:`StoreUnavailable` when
+    that runs out: its calls run in worker threads, which cannot be
+    cancelled, so the bound is what frees them.
     """
 
     url: str

@@ -10,18 +10,32 @@ emulator endpoint the client uses anonymous credentials.
 
 The client object is not documented as thread-safe, so each worker thread gets
 its own (``threading.local``).
+
+Every request is bounded by the store's ``timeout`` (the mount's outage
+timeout), and so are its retries: the library's defaults (60 s per request,
+retries for 120 s) kept a read or a close waiting 99 to 410 s for a dead
+emulator, with ``--outage-timeout 15``. A call that fails raises
+``StoreUnavailable``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import ParamSpec, TypeVar
 
+import requests
 from google.api_core import exceptions as gexc
+from google.auth import exceptions as gauth
+from google.cloud.storage.retry import DEFAULT_RETRY
 
-from blockstore.base import BlockNotFound, BlockStore
+from blockstore.base import BlockNotFound, BlockStore, StoreUnavailable
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _free(exc: BaseException) -> None:
@@ -44,10 +58,27 @@ def _free(exc: BaseException) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
+def _answered(fn: Callable[P, R]) -> Callable[P, R]:
+    """Raise what the client raises once its retries are over as ``StoreUnavailable``.
+
+    Errors the method answers itself (e.g. NotFound) never get here.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except (gexc.GoogleAPIError, gauth.TransportError, requests.RequestException) as e:
+            _free(e)
+            raise StoreUnavailable(f"GCS {fn.__name__}: {e}") from None
+    return wrapper
+
+
 class GCSStore(BlockStore):
     def __init__(self, bucket: str, prefix: str = "", endpoint: str | None = None,
-                 create_bucket: bool = False) -> None:
+                 create_bucket: bool = False, timeout: float = 60.0) -> None:
         self.bucket_name = bucket
+        # Passed to every request: its own timeout, and its retries' deadline.
+        self._bounds = {"timeout": timeout, "retry": DEFAULT_RETRY.with_timeout(timeout)}
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint or os.environ.get("NIMBUSFS_GCS_ENDPOINT") or os.environ.get(
             "STORAGE_EMULATOR_HOST")
@@ -55,7 +86,7 @@ class GCSStore(BlockStore):
         self._local = threading.local()
         if create_bucket:
             try:
-                self._client().create_bucket(bucket)
+                self._client().create_bucket(bucket, **self._bounds)
             except gexc.Conflict:
                 pass
 
@@ -91,43 +122,50 @@ class GCSStore(BlockStore):
     # client's default 8 KiB Python loop, which cost the mount half its cold
     # read throughput. Blocks are at most 4 MiB. ``checksum=None``: the block's
     # own hash is checked by the cache.
+    @_answered
     def get(self, key: bytes) -> bytes:
         try:
             return self._blob(key).download_as_bytes(checksum=None, raw_download=True,
-                                                     single_shot_download=True)
+                                                     single_shot_download=True, **self._bounds)
         except gexc.NotFound as e:
             _free(e)
             raise BlockNotFound(key.hex()) from None
 
+    @_answered
     def get_range(self, key: bytes, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
         try:
             return self._blob(key).download_as_bytes(
                 start=offset, end=offset + length - 1, checksum=None, raw_download=True,
-                single_shot_download=True)
+                single_shot_download=True, **self._bounds)
         except gexc.NotFound as e:
             _free(e)
             raise BlockNotFound(key.hex()) from None
 
+    @_answered
     def put(self, key: bytes, data: bytes | memoryview) -> bool:
         try:
             self._blob(key).upload_from_string(bytes(data), if_generation_match=0,
-                                               content_type="application/octet-stream")
+                                               content_type="application/octet-stream",
+                                               **self._bounds)
         except gexc.PreconditionFailed as e:
             _free(e)
             return False
         return True
 
+    @_answered
     def exists(self, key: bytes) -> bool:
-        return self._blob(key).exists()
+        return self._blob(key).exists(**self._bounds)
 
+    @_answered
     def delete(self, key: bytes) -> None:
         try:
-            self._blob(key).delete()
+            self._blob(key).delete(**self._bounds)
         except gexc.NotFound as e:
             _free(e)
 
     def list(self) -> Iterator[bytes]:
-        for blob in self._client().list_blobs(self.bucket_name, prefix=self.prefix or None):
+        for blob in self._client().list_blobs(self.bucket_name, prefix=self.prefix or None,
+                                              **self._bounds):
             yield bytes.fromhex(blob.name[len(self.prefix):])

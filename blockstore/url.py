@@ -9,9 +9,14 @@ from urllib.parse import urlparse
 from blockstore.base import BlockStore
 
 
-def open_store(url: str, call: Callable[..., Awaitable[Any]] | None = None) -> BlockStore:
+def open_store(url: str, call: Callable[..., Awaitable[Any]] | None = None,
+               timeout: float = 60.0) -> BlockStore:
     """``gs://bucket[/prefix]`` → GCS; ``file:///dir`` or a path → local directory;
-    ``metaserver:`` → through the metaserver, with the client's ``call``."""
+    ``metaserver:`` → through the metaserver, with the client's ``call``.
+
+    ``timeout`` bounds each call of a remote store, retries included (the
+    mount passes its outage timeout).
+    """
     from blockstore.remote import PROXY_URL, RemoteStore
 
     if url == PROXY_URL:
@@ -22,7 +27,7 @@ def open_store(url: str, call: Callable[..., Awaitable[Any]] | None = None) -> B
         from blockstore.gcs import GCSStore
 
         p = urlparse(url)
-        return GCSStore(p.netloc, p.path)
+        return GCSStore(p.netloc, p.path, timeout=timeout)
     if url.startswith("file://"):
         url = urlparse(url).path
     from blockstore.local import LocalStore

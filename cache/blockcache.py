@@ -15,8 +15,13 @@ local disk). Nothing unchecked ever enters the cache.
 
 Concurrency: all methods run on the trio thread; file and store I/O go to
 worker threads. Concurrent readers of one missing whole block share one
-fetch (ranged reads are not shared: each reads its own bytes).
-The disk part never exceeds ``max_bytes`` by more than the block being added.
+fetch, and its failure (ranged reads are not shared: each reads its own
+bytes); a failed block is not fetched again for ``FAILED_SECONDS``. The
+disk part never exceeds ``max_bytes`` by more than the block being added.
+
+Outages: every store call (``transfer``) fails with EIO ``timeout`` seconds
+after it was made (the mount's outage timeout), however long the store's
+worker thread still runs; blocks in memory or on disk are read as before.
 """
 
 from __future__ import annotations
@@ -25,12 +30,16 @@ import errno
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import cachetools
 import trio
 
-from blockstore import BlockNotFound, BlockStore, block_hash
+from blockstore import BlockNotFound, BlockStore, StoreUnavailable, block_hash
 from metaserver.errors import FSError
+
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +54,11 @@ REQUEST_BYTES = 64 << 10
 # RSS 328 and 287 MiB, with 32 MiB 256 and 260, fio's IOPS and fsync times
 # alike; cold sequential reads alike on both stores (4 runs, within noise).
 HOT_BYTES = 32 << 20
+# A block whose fetch failed is not fetched again for this long: its readers
+# waiting on the fetch, and the kernel, which reads a page again at once when
+# its readahead failed, get the same error instead of one more outage
+# timeout each (a read of an uncached block took twice the timeout).
+FAILED_SECONDS = 2.0
 
 
 def _missing(key: bytes) -> FSError:
@@ -56,8 +70,9 @@ def _missing(key: bytes) -> FSError:
 class BlockCache:
     def __init__(self, store: BlockStore, directory: str, max_bytes: int,
                  hot_bytes: int = HOT_BYTES, transfers: int = 8,
-                 segments: int = 4) -> None:
+                 segments: int = 4, timeout: float = 60.0) -> None:
         self.store = store
+        self.timeout = timeout
         self.dir = os.path.join(directory, "blocks")
         self.max_bytes = max_bytes
         self.hot: cachetools.LRUCache[bytes, bytes] = cachetools.LRUCache(hot_bytes, getsizeof=len)
@@ -68,6 +83,8 @@ class BlockCache:
         # files (each at most 20 MiB): bounds the memory pipelining uses.
         self.segment_slots = trio.Semaphore(segments)
         self._inflight: dict[bytes, trio.Event] = {}
+        self._failed: cachetools.TTLCache[bytes, FSError] = cachetools.TTLCache(
+            4096, FAILED_SECONDS)
         # What the ranged reads of each block not cached have cost, in bytes
         # (see get_range; bounded: a block forgotten here starts again at 0).
         self.ranged: cachetools.LRUCache[bytes, int] = cachetools.LRUCache(4096)
@@ -150,6 +167,27 @@ class BlockCache:
             self.used += len(data)
             self._evict()
 
+    async def transfer(self, fn: Callable[..., R], *args: object) -> R:
+        """``fn(*args)``, a call of the store, in a worker thread within the transfer limiter.
+
+        Fails with EIO ``timeout`` seconds after it was made, the wait for
+        the limiter included, or when the store gives up (StoreUnavailable).
+        The worker thread cannot be cancelled: it is abandoned, and ends by
+        itself once the store's own timeouts (opened with the same figure)
+        run out, holding its limiter slot until then. So a close waits for
+        no upload past its deadline: the first to fail cancels the others'
+        waits.
+        """
+        with trio.move_on_after(self.timeout):
+            try:
+                return await trio.to_thread.run_sync(fn, *args, limiter=self.transfers,
+                                                     abandon_on_cancel=True)
+            except StoreUnavailable as e:
+                log.warning("block store %s: %s", self.store.url, e)
+                raise FSError(errno.EIO, f"block store: {e}") from None
+        log.warning("block store %s: no answer within %g s", self.store.url, self.timeout)
+        raise FSError(errno.EIO, f"block store gave no answer within {self.timeout:g} s")
+
     def contains(self, key: bytes) -> bool:
         return key in self.hot or key in self.lru
 
@@ -158,7 +196,11 @@ class BlockCache:
         data = self.hot.get(key)
         if data is not None:
             return data
-        while (ev := self._inflight.get(key)) is not None:
+        while True:
+            if (failed := self._failed.get(key)) is not None:
+                raise FSError(failed.errno, failed.message)
+            if (ev := self._inflight.get(key)) is None:
+                break
             await ev.wait()
             data = self.hot.get(key)
             if data is not None:
@@ -166,6 +208,9 @@ class BlockCache:
         ev = self._inflight[key] = trio.Event()
         try:
             return await self._load(key)
+        except FSError as e:
+            self._failed[key] = e
+            raise
         finally:
             del self._inflight[key]
             ev.set()
@@ -199,8 +244,7 @@ class BlockCache:
             return block[offset:offset + length]
         self.ranged[key] = cost
         try:
-            data = await trio.to_thread.run_sync(self.store.get_range, key, offset, length,
-                                                 limiter=self.transfers)
+            data = await self.transfer(self.store.get_range, key, offset, length)
         except BlockNotFound:
             raise _missing(key) from None
         if len(data) != length:
@@ -222,7 +266,7 @@ class BlockCache:
             self.used -= self.lru.pop(key)
         for attempt in range(2):
             try:
-                data, ok = await trio.to_thread.run_sync(self._fetch, key, limiter=self.transfers)
+                data, ok = await self.transfer(self._fetch, key)
             except BlockNotFound:
                 raise _missing(key) from None
             if ok:

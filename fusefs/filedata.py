@@ -30,17 +30,21 @@ writes, truncates and flushes; reads of a clean file take no lock.
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
+from blockstore import block_hash
 from blockstore.chunking import MAX_BLOCK, Piece, chunk_buf, chunk_fd
 from cache import Ranges, Staging
+from metaserver.errors import FSError
 
 if TYPE_CHECKING:
     from fusefs.vfs import VFS
@@ -60,6 +64,20 @@ BACKLOG_BYTES = 64 << 20
 MATERIALIZE_BLOCKS = 8
 # New blocks up to this total are put without asking the server which it has.
 ASK_ABOVE_BYTES = 256 << 10
+
+
+def _read_piece(fd: int, p: Piece) -> bytes:
+    """A piece's bytes from the staging file ``fd``, checked against its hash.
+
+    Runs in an upload's worker thread, which is abandoned if the store does
+    not answer in time (``BlockCache.transfer``): it may read after the file
+    was closed and its descriptor reused, and must never store other bytes
+    under the piece's hash.
+    """
+    data = os.pread(fd, p.length, p.offset)
+    if block_hash(data) != p.key:
+        raise FSError(errno.EIO, "staging file changed under an upload")
+    return data
 
 
 class Extents:
@@ -541,7 +559,7 @@ class OpenFile:
                 data = read(p)
                 cache.store.put(p.key, data)
                 return data
-            data = await trio.to_thread.run_sync(work, limiter=cache.transfers)
+            data = await cache.transfer(work)
             await cache.add(p.key, data, hot=False)
 
         async with trio.open_nursery() as nursery:
@@ -619,7 +637,7 @@ class OpenFile:
                 rest = await trio.to_thread.run_sync(chunk_fd, fd, pos, e)
                 chunks[s] = done + rest
                 pieces += rest
-            await self._upload(pieces, lambda p: os.pread(fd, p.length, p.offset))
+            await self._upload(pieces, partial(_read_piece, fd))
             extents = self._new_extents(win, chunks)
             r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
                                            extents=extents, size=self.size, mtime=self.mtime,

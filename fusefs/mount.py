@@ -43,6 +43,7 @@ class MountConfig:
     allow_other: bool = False
     read_only: bool = False
     outage_timeout: float = 60.0
+    label: str = ""                  # names this mount in conflicted copies (default: below)
 
 
 class MountFailed(Exception):
@@ -89,6 +90,19 @@ M_ARENA_MAX = -8  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 M_TRIM_THRESHOLD = -1
 READAHEAD_KIB = 1024
+
+
+def device_name(cfg: MountConfig) -> str:
+    """``HOST/LABEL/ID``: the name of this mount in the change log, versions and conflicts.
+
+    The label (``--label``, by default the mount point's base name) is what a
+    conflicted copy is named after, with the host, so that two mounts on one
+    machine leave copies a user can tell apart. The random ID keeps every
+    mount process's name unique (also two machines with the same host name):
+    the server pushes a change to every device but the one that made it.
+    """
+    label = cfg.label or os.path.basename(cfg.mountpoint.rstrip("/")) or "root"
+    return f"{socket.gethostname()}/{label}/{uuid.uuid4().hex[:8]}"
 
 
 def _lock_cache_dir(path: str) -> int:
@@ -166,12 +180,12 @@ async def serve(cfg: MountConfig) -> None:
     lock_fd = _lock_cache_dir(cfg.cache_dir)
     shutil.rmtree(os.path.join(cfg.cache_dir, "staging"), ignore_errors=True)
     async with trio.open_nursery() as nursery:
-        # The device id names this mount in the change log and in versions.
-        device = f"{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
-        client = MetaClient(nursery, cfg.server, cfg.token, device, cfg.outage_timeout)
+        client = MetaClient(nursery, cfg.server, cfg.token, device_name(cfg),
+                            cfg.outage_timeout)
         await client.connect()
-        store = open_store(cfg.blocks or client.info["blocks"], client.call)
-        cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)
+        store = open_store(cfg.blocks or client.info["blocks"], client.call,
+                           cfg.outage_timeout)
+        cache = BlockCache(store, cfg.cache_dir, cfg.cache_size, timeout=cfg.outage_timeout)
         vfs = VFS(client, cache, cfg.cache_dir, nursery, Kernel())
         client.on_push = vfs.apply_changes
         await client.subscribe()  # before mounting: a failure here leaves nothing mounted

@@ -4,8 +4,8 @@ Used by the mount and by the CLI. A background task reads responses and wakes
 the caller waiting on each request id, and hands pushed change lists to
 ``on_push``. If the connection drops, calls reconnect with backoff and are sent
 again: every mutation carries an ``op_id`` so that the server applies it once
-even if the first attempt did reach it. After ``outage_timeout`` seconds
-without a connection a call fails with EIO.
+even if the first attempt did reach it. A call that has no answer
+``outage_timeout`` seconds after it was made fails with EIO.
 """
 
 from __future__ import annotations
@@ -55,12 +55,28 @@ class MetaClient:
         self._connect_lock = trio.Lock()
         self._send_lock = trio.Lock()
 
-    async def connect(self) -> trio.SocketStream:
+    async def connect(self, deadline: float | None = None) -> trio.SocketStream:
+        """Return the connection, opening it (with backoff) if there is none.
+
+        Fails with EIO at ``deadline`` (trio time; default ``outage_timeout``
+        from now), the caller's own: a call queued on the lock behind another
+        caller's reconnect keeps the deadline it started with instead of
+        starting a fresh one once it gets the lock, so that with the server
+        down every call fails ``outage_timeout`` after it was made, not k
+        times that for the k-th in the queue.
+        """
+        if deadline is None:
+            deadline = trio.current_time() + self.outage_timeout
+        with trio.move_on_at(deadline):
+            return await self._connect(deadline)
+        raise FSError(errno.EIO, f"metaserver {self.host}:{self.port} unreachable for"
+                                 f" {self.outage_timeout:g} s")
+
+    async def _connect(self, deadline: float) -> trio.SocketStream:
         async with self._connect_lock:
             if self._stream is not None:
                 return self._stream
             delay = 0.05
-            deadline = trio.current_time() + self.outage_timeout
             while True:
                 try:
                     stream = await trio.open_tcp_stream(self.host, self.port)
@@ -86,8 +102,22 @@ class MetaClient:
             self._stream = stream
             self.nursery.start_soon(self._read_loop, stream, reader)
             if self._subscribed:
-                self.nursery.start_soon(self.subscribe)
+                self.nursery.start_soon(self._resubscribe, stream)
             return stream
+
+    async def _resubscribe(self, stream: trio.SocketStream) -> None:
+        """Subscribe again on a new connection; if that fails, drop the connection.
+
+        A failure must not end the client's nursery (the mount): the next
+        call reconnects, and subscribes again, on a fresh connection.
+        """
+        try:
+            await self.subscribe()
+        except FSError as e:
+            log.warning("resubscribing failed (%s); reconnecting at the next call", e.message)
+            if self._stream is stream:
+                self._stream = None
+            await trio.aclose_forcefully(stream)
 
     async def subscribe(self) -> dict[str, Any]:
         """Ask for pushed changes after ``self.cursor`` (again after each reconnect).
@@ -130,28 +160,47 @@ class MetaClient:
                 self.on_push(changes)
 
     async def call(self, op: str, **args: Any) -> Any:
-        """Send one request and return its result; raise FSError for an errno."""
+        """Send one request and return its result; raise FSError for an errno.
+
+        One deadline, ``outage_timeout`` after the call is made, bounds all of
+        it: reconnecting, resending and waiting for the answer (a server that
+        accepts connections but does not answer, e.g. stopped, is an outage
+        too). Past it the call fails with EIO.
+        """
         if op not in READ_ONLY_OPS:
             args["op_id"] = uuid.uuid4().hex
         deadline = trio.current_time() + self.outage_timeout
+        with trio.move_on_at(deadline):
+            return await self._call(op, args, deadline)
+        raise FSError(errno.EIO, f"metaserver unreachable during {op}: no answer within"
+                                 f" {self.outage_timeout:g} s")
+
+    async def _call(self, op: str, args: dict[str, Any], deadline: float) -> Any:
         while True:
-            stream = await self.connect()
+            stream = await self.connect(deadline)
             rid = next(self._ids)
             waiter: list = [trio.Event(), None, stream]
             self._pending[rid] = waiter
             try:
                 async with self._send_lock:
-                    await stream.send_all(pack([rid, op, args]))
+                    try:
+                        await stream.send_all(pack([rid, op, args]))
+                    except trio.Cancelled:
+                        # Part of the frame may be out: nothing may follow it on
+                        # this stream. Its other callers resend on a new one.
+                        await trio.aclose_forcefully(stream)
+                        raise
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self._pending.pop(rid, None)
                 if self._stream is stream:
                     self._stream = None
                 continue  # nothing was sent whole: safe to send again
-            await waiter[0].wait()
+            try:
+                await waiter[0].wait()
+            finally:
+                self._pending.pop(rid, None)
             msg = waiter[1]
             if msg is None:  # connection lost: send again (op_id makes that safe)
-                if trio.current_time() > deadline:
-                    raise FSError(errno.EIO, f"metaserver unreachable during {op}")
                 if "op_id" in args:
                     args["replay"] = True  # the server may have applied it already
                 continue

@@ -606,12 +606,21 @@ def _unref(cur: Cursor, extents: list) -> None:
 
 
 def _conflict_name(name: bytes, device: str) -> bytes:
-    """``NAME (conflicted copy HOST YYYY-MM-DD HHMMSS).EXT``, at most 255 bytes."""
+    """``NAME (conflicted copy HOST LABEL YYYY-MM-DD HHMMSS).EXT``, at most 255 bytes.
+
+    A mount's device is ``HOST/LABEL/ID`` (``fusefs.mount.device_name``): the
+    host and label say which mount the copy came from (the host alone is the
+    same for two mounts on one machine). A device of two parts (``HOST/ID``,
+    an older mount) names the host only. The label is cut to 64 bytes, so
+    that the stem always keeps room.
+    """
     stem, dot, ext = name.rpartition(b".")
     if not dot or not stem:
         stem, dot, ext = name, b"", b""
-    host = device.split("/")[0].encode()
-    tag = b" (conflicted copy %s %s)" % (host, time.strftime("%Y-%m-%d %H%M%S").encode())
+    host, *rest = device.split("/")
+    label = "/".join(rest[:-1]).encode()[:64].decode(errors="ignore")
+    who = f"{host} {label}" if label else host
+    tag = b" (conflicted copy %s %s)" % (who.encode(), time.strftime("%Y-%m-%d %H%M%S").encode())
     tail = tag + dot + ext
     return stem[:max(1, NAME_MAX - len(tail))] + tail
 

@@ -2,7 +2,7 @@
 
     nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
-                              [--read-only] [--foreground]
+                              [--read-only] [--label L] [--foreground]
     nimbusfs umount MOUNTPOINT
     nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL
     nimbusfs user add NAME [--quota BYTES] --dsn DSN
@@ -44,6 +44,13 @@ def parse_size(text: str) -> int:
     return int(m[1]) << (10 * " KMGT".index(m[2].upper() or " "))
 
 
+def _label(text: str) -> str:
+    """A mount's label: part of a file name (conflicted copies), so no slash, 1-64 bytes."""
+    if "/" in text or not 0 < len(text.encode()) <= 64:
+        raise argparse.ArgumentTypeError(f"bad label {text!r} (1-64 bytes, no '/')")
+    return text
+
+
 def _mount_name(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", path).strip("-")[-40:]
@@ -62,16 +69,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
             os.makedirs(mp, exist_ok=True)
         finally:
             os.umask(private)
-    if os.path.ismount(mp):
-        print(f"{mp} is already mounted", file=sys.stderr)
-        return 1
     emb = Embedded(args.home)
+    if os.path.ismount(mp):
+        return _already_mounted(emb, mp, args.listen)
     name = _mount_name(mp)
     if args.server and not args.token:
         print("--server needs --token (or NIMBUSFS_TOKEN)", file=sys.stderr)
         return 2
     # What runs before this attempt: a mount that cannot start stops what it started.
-    had_postgres, had_server = emb._pg_running(), emb.server_address() is not None
+    had_postgres, had_server = emb.postmaster_pid() is not None, emb.server_address() is not None
     mounted = False
     try:
         if args.server:
@@ -86,7 +92,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cache_dir=os.path.abspath(args.cache_dir or emb.path("cache", name)),
             cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
             allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
-            read_only=args.read_only)
+            read_only=args.read_only, label=args.label or "")
         rc = _run_mount(cfg) if args.foreground else _spawn_mount(args, emb, cfg, name)
         mounted = rc == 0
         return rc
@@ -96,6 +102,24 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 emb.stop_server()
             if not had_postgres:
                 emb.stop_postgres()
+
+
+def _already_mounted(emb: Embedded, mp: str, listen: str) -> int:
+    """A mount at ``mp`` exists: if it is one of the embedded server's, start what stopped.
+
+    The supervisor restarts services that die, but it may be gone itself
+    (killed, or the machine's processes were): mounting again is what the
+    user tries, so it starts the embedded services again.
+    """
+    rec = next((r for r in emb.live_mounts() if r["mountpoint"] == mp), None)
+    if rec is None or not rec["embedded"]:
+        print(f"{mp} is already mounted", file=sys.stderr)
+        return 1
+    was = emb.supervisor_pid()
+    addr, _ = emb.start(listen)
+    print(f"{mp} is already mounted; embedded services"
+          f" {'running' if was else 'started again'} (metaserver {addr})")
+    return 0
 
 
 def _run_mount(cfg) -> int:
@@ -130,6 +154,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd += ["--blocks", cfg.blocks]
     if cfg.read_only:
         cmd.append("--read-only")
+    if cfg.label:
+        cmd += ["--label", cfg.label]
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
     print(f"nimbusfs: mounting {cfg.mountpoint}", file=sys.stderr)
     with open(logfile, "ab") as log_f:
@@ -186,6 +212,11 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 # --- server and admin ----------------------------------------------------------------
+
+def cmd_supervise(args: argparse.Namespace) -> int:
+    _setup_logging()
+    return Embedded(args.home).supervise(args.listen)
+
 
 def cmd_server(args: argparse.Namespace) -> int:
     import signal
@@ -270,11 +301,37 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status_services(emb: Embedded, mounts: list[dict]) -> None:
+    """The embedded services: running or not, restarts, and what to run if they are down."""
+    state = emb.supervisor_state()
+    pid = emb.postmaster_pid()
+    print(f"metaserver:      {emb.server_address() or 'not running'}")
+    print(f"postgres:        {f'running (pid {pid})' if pid else 'not running'}")
+    embedded = [r["mountpoint"] for r in mounts if r["embedded"]]
+    if state is None:
+        if embedded:
+            print("supervisor:      not running: nothing restarts the embedded services;"
+                  f" run ./mount.sh {embedded[0]} (nimbusfs mount) to start them again")
+        return
+    print(f"supervisor:      running (pid {state['pid']})")
+    for name, s in state["services"].items():
+        if s["restarts"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["last_restart"]))
+            print(f"  {name} restarted {s['restarts']} time{'s' * (s['restarts'] > 1)},"
+                  f" last at {when}, reason: {s['last_reason']}")
+        if s["down"]:
+            print(f"  {name} is down ({s['down']}); restarting with backoff"
+                  + (f", last try failed: {s['error']}" if s["error"] else ""))
+            print(f"    see {emb.path('logs')}/{name}.log and supervisor.log; if it does not"
+                  " recover, fix the cause, then nimbusfs umount each mount and mount again")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     emb = Embedded(args.home)
     print(f"state directory: {emb.home}")
-    print(f"metaserver:      {emb.server_address() or 'not running'}")
-    for rec in emb.live_mounts():
+    mounts = emb.live_mounts()
+    _status_services(emb, mounts)
+    for rec in mounts:
         print(f"mount:           {rec['mountpoint']} (pid {rec['pid']}, server {rec['server']})")
         conflicts = os.path.join(rec["cache_dir"], "conflicts.jsonl")
         if os.path.exists(conflicts):
@@ -396,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--read-only", action="store_true")
     m.add_argument("--outage-timeout", type=float, default=60.0,
                    help="seconds operations wait for an unreachable metaserver before EIO")
+    m.add_argument("--label", type=_label,
+                   help="names this mount in conflicted copies, after the host name"
+                        " (default: the mount point's base name)")
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
@@ -436,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--label", default="")
     tc.add_argument("--dsn")
     tc.set_defaults(fn=cmd_token_create)
+
+    sv = sub.add_parser("supervise", help="run the embedded services' supervisor (internal)")
+    sv.add_argument("--listen", default="127.0.0.1:0")
+    sv.set_defaults(fn=cmd_supervise)
 
     st = sub.add_parser("status", help="embedded services, mounts, pending writes, conflicts")
     st.set_defaults(fn=cmd_status)

@@ -4,10 +4,10 @@ and a local block store, all under one state directory (``$NIMBUSFS_HOME``).
 Layout of the state directory::
 
     pg/            PostgreSQL data directory
-    run/           PostgreSQL socket, metaserver pid and address, live mounts
+    run/           PostgreSQL socket, metaserver and supervisor pids and state, live mounts
     blocks/        the local block store
     cache/NAME/    the block cache and staging area of each mount
-    logs/          postgres.log, metaserver.log, mount-NAME.log
+    logs/          postgres.log, metaserver.log, supervisor.log, mount-NAME.log
     token          the owner's token (mode 0600)
 
 PostgreSQL refuses to run as root, so when root starts it the cluster runs
@@ -15,22 +15,45 @@ as the ``postgres`` system user (created by Debian's package); the state
 directory must then be reachable by that user, which is why root's default
 home is ``/var/lib/nimbusfs``. The server listens only on a Unix socket in
 ``run/`` with trust authentication: access is guarded by the directory.
+
+Supervision: the metaserver runs as the child of a small supervisor process
+(``nimbusfs supervise``, see :meth:`Embedded.supervise`), which restarts it
+and PostgreSQL with backoff when they die and records what happened in
+``run/supervisor.json`` for ``nimbusfs status``. A process of its own rather
+than the mounts: mounts come and go, several may share the services, and a
+FUSE server should not also manage a database; being the metaserver's parent,
+the supervisor learns its exit status. PostgreSQL daemonizes (``pg_ctl``),
+so it is watched through the pid in its ``postmaster.pid``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
+import logging
 import os
 import pwd
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 OWNER = "owner"
+
+log = logging.getLogger(__name__)
+
+# Restarts of a service that died: the first after FIRST_BACKOFF seconds,
+# each further one after twice the last wait, up to MAX_BACKOFF, until the
+# service has run STABLE_AFTER seconds (then the next death waits
+# FIRST_BACKOFF again). The supervisor looks every POLL seconds.
+FIRST_BACKOFF = 0.5
+MAX_BACKOFF = 30.0
+STABLE_AFTER = 60.0
+POLL = 0.2
 
 
 def default_home() -> str:
@@ -56,6 +79,16 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def exit_reason(returncode: int) -> str:
+    """How a process ended, for logs and status: ``exit code -9 (SIGKILL)``."""
+    if returncode < 0:
+        try:
+            return f"exit code {returncode} ({signal.Signals(-returncode).name})"
+        except ValueError:
+            pass
+    return f"exit code {returncode}"
 
 
 def _wait_for(cond, timeout: float, what: str) -> None:
@@ -89,8 +122,17 @@ class Embedded:
     def dsn(self) -> str:
         return self.dsn_for("nimbusfs")
 
-    def _pg_running(self) -> bool:
-        return os.path.exists(self.path("run", ".s.PGSQL.5432"))
+    def postmaster_pid(self) -> int | None:
+        """The running postmaster's pid, from its lock file; None if it is not running.
+
+        Not the socket file: a postmaster killed with SIGKILL leaves it behind.
+        """
+        try:
+            with open(self.path("pg", "postmaster.pid")) as f:
+                pid = int(f.readline())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _alive(pid) else None
 
     def start_postgres(self) -> None:
         pg, run, logs = self.path("pg"), self.path("run"), self.path("logs")
@@ -121,7 +163,7 @@ class Embedded:
                 f.write(f"listen_addresses = ''\nunix_socket_directories = '{run}'\n"
                         "unix_socket_permissions = 0700\nmax_connections = 50\n"
                         "shared_buffers = 128MB\nfsync = on\n")
-        if not self._pg_running():
+        if self.postmaster_pid() is None:
             subprocess.run([*self._pg_user(), pg_bin("pg_ctl"), "-D", pg, "-w", "-t", "60",
                             "-l", os.path.join(logs, "postgres.log"), "start"],
                            check=True, stdout=subprocess.DEVNULL, cwd="/")
@@ -137,9 +179,16 @@ class Embedded:
             subprocess.run([pg_bin("createdb"), "-h", run, "-U", "postgres", name], check=True)
 
     def stop_postgres(self) -> None:
-        if os.path.exists(self.path("pg", "postmaster.pid")):
-            subprocess.run([*self._pg_user(), pg_bin("pg_ctl"), "-D", self.path("pg"), "-w",
-                            "-m", "fast", "stop"], stdout=subprocess.DEVNULL, cwd="/")
+        """Stop PostgreSQL: a fast shutdown (open connections are ended, not waited
+        for), then an immediate one if that has not finished within 30 s."""
+        if self.postmaster_pid() is None:
+            return
+        for mode in ("fast", "immediate"):
+            r = subprocess.run([*self._pg_user(), pg_bin("pg_ctl"), "-D", self.path("pg"), "-w",
+                                "-t", "30", "-m", mode, "stop"], stdout=subprocess.DEVNULL,
+                               cwd="/")
+            if r.returncode == 0:
+                return
 
     # --- metaserver -----------------------------------------------------------------
 
@@ -152,33 +201,60 @@ class Embedded:
             return None
         return info["address"] if _alive(info["pid"]) else None
 
-    def start_server(self, listen: str = "127.0.0.1:0") -> str:
-        addr = self.server_address()
-        if addr:
-            return addr
+    def _spawn_server(self, listen: str) -> subprocess.Popen:
+        """Start a metaserver, a child of this process; return once it listens.
+
+        ``listen`` ending in ``:0`` takes the address the last one had, so
+        that running mounts reconnect to it.
+        """
         info_file = self.path("run", "metaserver.json")
         last = self.path("metaserver.address")
         if listen.endswith(":0") and os.path.exists(last):
-            with open(last) as f:   # the same port again, so running mounts reconnect
+            with open(last) as f:
                 listen = f.read().strip()
         if os.path.exists(info_file):
             os.unlink(info_file)
-        with open(self.path("logs", "metaserver.log"), "ab") as log:
+        with open(self.path("logs", "metaserver.log"), "ab") as log_f:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", self.dsn,
                  "--listen", listen, "--blocks", "file://" + self.path("blocks"),
                  "--info-file", info_file],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f, start_new_session=True)
         _wait_for(lambda: os.path.exists(info_file) or proc.poll() is not None, 60,
                   "the metaserver to start")
         if proc.poll() is not None:
-            raise SystemExit(f"metaserver failed to start; see {self.path('logs')}/metaserver.log")
-        addr = self.server_address() or ""
+            raise SystemExit(f"metaserver failed to start ({exit_reason(proc.returncode)});"
+                             f" see {self.path('logs')}/metaserver.log")
         with open(last, "w") as f:
-            f.write(addr)
-        return addr
+            f.write(self.server_address() or "")
+        return proc
+
+    def start_server(self, listen: str = "127.0.0.1:0") -> str:
+        """Start the supervisor (which starts the metaserver) unless it runs; return the address."""
+        addr = self.server_address()
+        if addr and self.supervisor_pid():
+            return addr
+        if addr:
+            self.stop_server()  # left by an older version, unsupervised: the same port again
+        os.makedirs(self.path("logs"), exist_ok=True)
+        with open(self.path("logs", "supervisor.log"), "ab") as log_f:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nimbusfs.cli", "--home", self.home, "supervise",
+                 "--listen", listen],
+                stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f, start_new_session=True)
+        # A supervisor that exits 0 found another starting: wait for its metaserver.
+        _wait_for(lambda: self.server_address() or proc.poll(), 90,
+                  "the metaserver to start")
+        if not self.server_address():
+            raise SystemExit(f"metaserver failed to start; see {self.path('logs')}/"
+                             "supervisor.log and metaserver.log")
+        return self.server_address() or ""
 
     def stop_server(self) -> None:
+        """Stop the supervisor, which stops the metaserver; or the metaserver alone."""
+        if pid := self.supervisor_pid():
+            os.kill(pid, signal.SIGTERM)
+            _wait_for(lambda: not _alive(pid), 60, "the supervisor to stop")
         try:
             with open(self.path("run", "metaserver.json")) as f:
                 pid = json.load(f)["pid"]
@@ -188,6 +264,87 @@ class Embedded:
             os.kill(pid, signal.SIGTERM)
             _wait_for(lambda: not _alive(pid), 30, "the metaserver to stop")
         os.unlink(self.path("run", "metaserver.json"))
+
+    # --- supervision --------------------------------------------------------------------
+
+    def supervisor_state(self) -> dict | None:
+        """What ``run/supervisor.json`` says, if its supervisor is running."""
+        try:
+            with open(self.path("run", "supervisor.json")) as f:
+                state = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return state if _alive(state["pid"]) else None
+
+    def supervisor_pid(self) -> int | None:
+        state = self.supervisor_state()
+        return state["pid"] if state else None
+
+    def supervise(self, listen: str) -> int:
+        """Run the supervisor in the foreground until SIGTERM or SIGINT.
+
+        Starts the metaserver, then watches it and PostgreSQL; one that dies
+        is restarted with backoff, for as long as it keeps failing (a
+        restart that fails is logged and tried again later). Each event goes
+        to the log and to ``run/supervisor.json``. On SIGTERM the metaserver
+        is stopped; PostgreSQL is left to ``stop_postgres``. A second
+        supervisor of the same home exits at once (a lock in ``run/``).
+        """
+        lock = os.open(self.path("run", "supervisor.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another supervisor runs for %s", self.home)
+            return 0
+        stopping = False
+
+        def stop(*_: object) -> None:
+            nonlocal stopping
+            stopping = True
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        server = self._spawn_server(listen)
+        listen = self.server_address() or listen
+
+        def server_gone() -> str | None:
+            return None if server.poll() is None else exit_reason(server.returncode)
+
+        def restart_server() -> None:
+            nonlocal server
+            server = self._spawn_server(listen)
+
+        def postgres_gone() -> str | None:
+            return None if self.postmaster_pid() else "the postmaster is not running"
+
+        watches = [_Watch("postgres", postgres_gone, self.start_postgres),
+                   _Watch("metaserver", server_gone, restart_server)]
+        log.info("supervising the metaserver (pid %d, %s) and PostgreSQL", server.pid, listen)
+        self._write_state(watches)
+        try:
+            while not stopping:
+                if any([w.step() for w in watches]):
+                    self._write_state(watches)
+                time.sleep(POLL)
+        finally:
+            log.info("stopping the metaserver")
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+            for name in ("metaserver.json", "supervisor.json"):
+                try:
+                    os.unlink(self.path("run", name))
+                except FileNotFoundError:
+                    pass
+        return 0
+
+    def _write_state(self, watches: list[_Watch]) -> None:
+        path = self.path("run", "supervisor.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump({"pid": os.getpid(), "services": {w.name: w.state() for w in watches}}, f)
+        os.rename(path + ".tmp", path)
 
     # --- the owner's token -------------------------------------------------------------
 
@@ -248,3 +405,54 @@ class Embedded:
         self.stop_server()
         self.stop_postgres()
         return True
+
+
+@dataclass
+class _Watch:
+    """One supervised service: how to tell it died, how to restart it, what happened."""
+
+    name: str
+    gone: Callable[[], str | None]       # why it is not running, or None
+    restart: Callable[[], None]          # raises (SystemExit too) if it cannot
+    restarts: int = 0
+    last_restart: float | None = None
+    last_reason: str | None = None       # why it died the last time
+    down: str | None = None              # why it is not running now
+    error: str | None = None             # why the last restart failed
+    backoff: float = FIRST_BACKOFF
+    retry_at: float = 0.0
+    up_since: float = field(default_factory=time.monotonic)
+
+    def step(self) -> bool:
+        """Check the service, restart it if due; return whether anything changed."""
+        now = time.monotonic()
+        if self.down is None:
+            reason = self.gone()
+            if reason is None:
+                if now - self.up_since > STABLE_AFTER:
+                    self.backoff = FIRST_BACKOFF
+                return False
+            log.warning("%s died: %s; restarting in %.1f s", self.name, reason, self.backoff)
+            self.down, self.retry_at = reason, now + self.backoff
+            return True
+        if now < self.retry_at:
+            return False
+        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        try:
+            self.restart()
+        except (Exception, SystemExit) as e:
+            self.error = str(e)
+            self.retry_at = time.monotonic() + self.backoff
+            log.warning("restarting %s failed: %s; next try in %.1f s", self.name, e,
+                        self.backoff)
+            return True
+        self.restarts += 1
+        self.last_restart, self.last_reason = time.time(), self.down
+        self.down = self.error = None
+        self.up_since = time.monotonic()
+        log.info("%s restarted (%d times so far)", self.name, self.restarts)
+        return True
+
+    def state(self) -> dict:
+        return {"restarts": self.restarts, "last_restart": self.last_restart,
+                "last_reason": self.last_reason, "down": self.down, "error": self.error}

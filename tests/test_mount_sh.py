@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import sysconfig
 
 import pytest
 
-from conftest import _world_dir
+from conftest import _world_dir, wait_until
 from nimbusfs.embedded import Embedded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,3 +194,67 @@ def test_bootstrap_steps_are_one_line_each_with_details_in_a_log(tmp_path):
     assert "the reason it failed" in lines[3:]
     assert "much progress" not in r.stderr
     assert "much progress" in log.read_text()
+
+
+def status(home: str) -> str:
+    return subprocess.run([sys.executable, "-m", "nimbusfs.cli", "--home", home, "status"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_embedded_services_are_supervised():
+    """A dead metaserver or PostgreSQL is restarted, and the mount carries on; status says so.
+
+    A dead supervisor is started again by mounting again, which before said
+    only "already mounted".
+    """
+    home = _world_dir("nimbus-home-")
+    work = _world_dir("nimbus-mnt-")
+    env = dict(os.environ, NIMBUSFS_HOME=home)
+    a = os.path.join(work, "a")
+    emb = Embedded(home)
+    try:
+        run(a, env=env)
+        server = emb.server_address()
+        with open(emb.path("run", "metaserver.json")) as f:
+            pid = json.load(f)["pid"]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: emb.server_address() == server and _server_pid(emb) != pid, 60,
+                   "the metaserver restarted")
+        with open(os.path.join(a, "after-server"), "w") as f:
+            f.write("one\n")
+        assert "metaserver restarted 1 time, last at " in status(home)
+        assert "reason: exit code -9 (SIGKILL)" in status(home)
+
+        pg = emb.postmaster_pid()
+        os.kill(pg, signal.SIGKILL)
+        wait_until(lambda: emb.postmaster_pid() not in (None, pg), 60, "PostgreSQL restarted")
+        with open(os.path.join(a, "after-postgres"), "w") as f:
+            f.write("two\n")
+        assert "postgres restarted 1 time" in status(home)
+
+        supervisor = emb.supervisor_pid()
+        os.kill(supervisor, signal.SIGKILL)
+        wait_until(lambda: emb.supervisor_pid() is None, 10, "the supervisor gone")
+        assert f"run ./mount.sh {a}" in status(home)
+        assert "started again" in run(a, env=env).stdout
+        assert emb.supervisor_pid() not in (None, supervisor)
+        assert emb.server_address() == server
+        with open(os.path.join(a, "after-server")) as f:
+            assert f.read() == "one\n"
+        assert "embedded services stopped" in run("-u", a, env=env).stdout
+        assert emb.supervisor_pid() is None and emb.postmaster_pid() is None
+    finally:
+        if os.path.ismount(a):
+            subprocess.run(["umount", "-l", a], check=False)
+        emb.stop_if_unused()
+        emb.stop_postgres()
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _server_pid(emb: Embedded) -> int | None:
+    try:
+        with open(emb.path("run", "metaserver.json")) as f:
+            return json.load(f)["pid"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 
@@ -190,6 +191,23 @@ def test_concurrent_writers_conflicted_copy(pair):
     assert read_file(a.p("doc.txt")) == mine
     assert read_file(a.p(copies[0])) == theirs
     assert "conflict" in b.log()
+
+
+def test_conflicted_copies_name_the_mount(mount_factory):
+    """Two mounts on one machine: each one's conflicted copy names it, not just the host."""
+    a = mount_factory("local", None, None, "--label", "alpha")
+    b = mount_factory("local", a.token, None, "--label", "beta")
+    for first, last in ((a, b), (b, a)):
+        write_file(a.p("doc.txt"), b"base")
+        with open(first.p("doc.txt"), "r+b") as f1, open(last.p("doc.txt"), "r+b") as f2:
+            f1.write(b"first")
+            f2.write(b"last")
+            f1.close()                         # wins; f2's close saves a copy
+    host = socket.gethostname()
+    copies = sorted(n for n in os.listdir(a.path) if n != "doc.txt")
+    assert [c.split(" 20")[0] for c in copies] == [f"doc (conflicted copy {host} alpha",
+                                                   f"doc (conflicted copy {host} beta"]
+    assert read_file(a.p(copies[0])) == b"last" and read_file(a.p(copies[1])) == b"last"
 
 
 def test_deleted_elsewhere_while_written(pair):
