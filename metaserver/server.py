@@ -17,6 +17,9 @@ import errno
 import functools
 import inspect
 import logging
+import types
+import typing
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -43,6 +46,89 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
 _signature = functools.cache(inspect.signature)
+# PostgreSQL's bigint, the widest integer column. msgpack decodes ints up to
+# 2**64 - 1; a larger one than this reaches psycopg as numeric and fails
+# inside the transaction.
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+@functools.cache
+def _arg_types(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The annotated type of each parameter of ``fn``: what a request may pass.
+
+    The operation's own annotations are the one declaration of its arguments'
+    shape. A parameter without one is a bug, raised when the server starts.
+    """
+    hints = typing.get_type_hints(fn, include_extras=True)
+    missing = [p for p in _signature(fn).parameters if p not in hints]
+    if missing:
+        raise TypeError(f"{fn.__qualname__}: parameters {missing} have no annotation")
+    return hints
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a decoded msgpack value has the annotated type ``hint``.
+
+    Exact types, as msgpack decodes them: an int is not a bool (nor the
+    reverse) and fits in a bigint; a ``tuple[...]`` annotation is an array of
+    that many items (msgpack has no tuples); ``list[T]`` and ``dict[K, V]``
+    check every item; ``Annotated[int, range(...)]`` an int in that range.
+    ``Any`` and unparameterised containers check no items.
+    """
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is typing.Annotated:
+        return _conforms(value, params[0]) and all(value in r for r in params[1:]
+                                                   if isinstance(r, range))
+    if origin in (types.UnionType, typing.Union):
+        return any(_conforms(value, h) for h in params)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return type(value) is int and value in _INT64
+    if origin is tuple:
+        return (type(value) is list and len(value) == len(params)
+                and all(map(_conforms, value, params)))
+    if origin is list:
+        return type(value) is list and all(_conforms(v, params[0]) for v in value)
+    if origin is dict:
+        return type(value) is dict and all(_conforms(k, params[0]) and _conforms(v, params[1])
+                                           for k, v in value.items())
+    return type(value) is hint
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` as an error message names it: ``mode must be an int in [0, 10) or None``."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(map(_describe, typing.get_args(hint)))
+    if hint is type(None):
+        return "None"
+    if hint is int:
+        return f"an int in [{_INT64.start}, {_INT64.stop})"
+    if origin is typing.Annotated:
+        r = typing.get_args(hint)[1]
+        return f"an int in [{r.start}, {r.stop})"
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _check_args(opname: str, fn: Callable[..., Any], fixed: tuple, args: dict[str, Any]
+                ) -> None:
+    """Raise EINVAL unless ``fn(*fixed, **args)`` is a call its annotations allow.
+
+    Checked before any transaction, so a malformed request changes nothing and
+    costs no database round trip.
+    """
+    try:
+        _signature(fn).bind(*fixed, **args)
+    except TypeError as e:
+        raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
+    types_ = _arg_types(fn)
+    for name, value in args.items():
+        if not _conforms(value, types_[name]):
+            raise FSError(errno.EINVAL, f"bad arguments for {opname}: {name} must be"
+                                        f" {_describe(types_[name])}")
 
 
 def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
@@ -123,6 +209,8 @@ class Session:
 
 class MetaServer:
     def __init__(self, db: Database, dsn: str, blocks_url: str) -> None:
+        for fn in namespace.OPS.values():
+            _arg_types(fn)  # every operation's arguments are declared (or it fails here)
         self.db = db
         self.dsn = dsn
         self.blocks_url = blocks_url
@@ -232,7 +320,7 @@ class MetaServer:
                 except _GONE:
                     return
 
-    async def _subscribe(self, s: Session, nursery: trio.Nursery, cursor: int
+    async def _subscribe(self, s: Session, nursery: trio.Nursery, cursor: int = 0
                          ) -> dict[str, Any]:
         point = await self.call(_subscribe_point, s.user.id, cursor)
         first = s.cursor < 0
@@ -300,16 +388,17 @@ class MetaServer:
     async def _dispatch(self, s: Session, nursery: trio.Nursery, opname: str,
                         args: dict[str, Any]) -> Any:
         if opname == "subscribe":
-            return await self._subscribe(s, nursery, int(args.get("cursor") or 0))
+            _check_args(opname, self._subscribe, (s, nursery), args)
+            return await self._subscribe(s, nursery, **args)
         fn = namespace.OPS.get(opname)
         if fn is None:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
         op_id = args.pop("op_id", None)
-        replay = bool(args.pop("replay", False))
-        try:
-            _signature(fn).bind(None, s.user, s.device, **args)
-        except TypeError as e:
-            raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
+        replay = args.pop("replay", False)
+        if not (op_id is None or type(op_id) is str) or type(replay) is not bool:
+            raise FSError(errno.EINVAL, f"bad arguments for {opname}: op_id must be str,"
+                                        " replay bool")
+        _check_args(opname, fn, (None, s.user, s.device), args)
         if op_id is None:
             return await self.call(fn, s.user, s.device, **args)
         return await self.call(_once, f"{s.user.id}:{op_id}", replay, fn, s.user, s.device,

@@ -69,6 +69,53 @@ async def test_bad_arguments_are_einval(services):
         assert (r["attr"]["mode"], r["attr"]["uid"], r["attr"]["version"]) == (0o100600, 7, 1)
 
 
+async def test_arguments_of_the_wrong_type_are_einval(services):
+    """Each argument is checked against its operation's annotation, before any transaction.
+
+    They answered EIO "internal error" with a traceback in the server's log (a
+    str where bytes belong, a bool for an int, a uint64 beyond bigint), or were
+    applied (a str of digits for an inode number).
+    """
+    dep = services.deployments["local"]
+    with open(dep.log_path, "rb") as f:
+        f.seek(0, 2)
+        log_start = f.tell()
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        root = c.info["root"]
+        f = await c.call("mknod", parent=root, name=b"f", mode=0o100644, uid=0, gid=0)
+        ino = f["ino"]
+        for op, args, arg in [
+                ("getattr", {"ino": str(ino)}, "ino"),
+                ("getattr", {"ino": True}, "ino"),
+                ("lookup", {"parent": root, "name": "f"}, "name"),
+                ("mknod", {"parent": root, "name": b"g", "mode": 33188.0, "uid": 0, "gid": 0},
+                 "mode"),
+                ("setattr", {"ino": ino, "mtime": 2**64 - 1}, "mtime"),  # msgpack: uint64
+                ("setattr", {"ino": ino, "atime": 2**63}, "atime"),
+                ("setattr", {"ino": ino, "mode": 1 << 40}, "mode"),  # an integer column
+                ("mknod", {"parent": root, "name": b"g", "mode": 0o100644, "uid": 2**31,
+                           "gid": 0}, "uid"),
+                ("have_blocks", {"keys": [b"k", 1]}, "keys"),
+                ("open", {"ino": ino, "read": 1}, "read"),
+                ("commit", {"ino": ino, "base": 0, "extents": [[b"k", "5"]], "size": 5,
+                            "mtime": 0}, "extents"),
+                ("commit", {"ino": ino, "base": 0, "extents": [[None, 1, 2]], "size": 1,
+                            "mtime": 0}, "extents"),
+                ("commit", {"ino": ino, "base": 0, "extents": [], "size": 0, "mtime": 0,
+                            "attrs": {"mode": True}}, "attrs"),
+                ("subscribe", {"cursor": "x"}, "cursor")]:
+            with pytest.raises(FSError) as e:
+                await c.call(op, **args)
+            assert e.value.errno == errno.EINVAL, (op, args, e.value)
+            assert f"bad arguments for {op}: {arg} must be" in e.value.message
+        attr = await c.call("getattr", ino=ino)
+        assert (attr["version"], attr["mode"]) == (0, 0o100644)  # nothing applied
+        assert [n for n, _ in await c.call("readdir", ino=root)] == [b".", b"..", b"f"]
+    with open(dep.log_path, "rb") as f:
+        f.seek(log_start)
+        assert b"Traceback" not in f.read()
+
+
 async def test_a_replayed_mutation_is_applied_once(services):
     """A request resent after a lost connection (``replay``) gets the first answer."""
     dep = services.deployments["local"]
