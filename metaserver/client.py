@@ -70,6 +70,9 @@ class MetaClient:
                     reply = await reader.read()
                     if reply is None:
                         raise ConnectionResetError("closed during hello")
+                    if reply[1] == errno.EAGAIN:  # too many wrong tokens from this address
+                        await stream.aclose()
+                        raise ConnectionRefusedError(reply[2])
                     break
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     if trio.current_time() + delay > deadline:

@@ -5,6 +5,12 @@ replicas may serve one database: every change is announced with PostgreSQL
 NOTIFY at commit, and each replica LISTENs and pushes the change log to the
 mounts connected to it.
 
+A connection is a stranger's until its hello is answered: it has
+``HELLO_TIMEOUT`` seconds and ``MAX_HELLO_FRAME`` bytes to send it, one
+address may hold ``MAX_UNAUTHENTICATED`` such connections, its wrong tokens
+are rate-limited (``WrongTokens``), and what strangers are refused is logged
+as one summary per ``REFUSAL_LOG_INTERVAL``, not a line each.
+
 Per connection: many requests may be in flight (bounded), answered in
 completion order. A request whose args carry ``op_id`` is applied at most
 once: its result is recorded in the same transaction and a replay (after a
@@ -19,6 +25,7 @@ import inspect
 import logging
 import types
 import typing
+from collections import Counter
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -31,11 +38,16 @@ from metaserver import namespace
 from metaserver.auth import User, authenticate
 from metaserver.db import Database
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import PUSH, FrameReader, pack
+from metaserver.protocol import MAX_HELLO_FRAME, PUSH, FrameError, FrameReader, pack
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
+HELLO_TIMEOUT = 10.0
+MAX_UNAUTHENTICATED = 64     # per address; the test suite's mounts all come from 127.0.0.1
+WRONG_TOKEN_BURST = 20       # per address, then WRONG_TOKEN_RATE a second
+WRONG_TOKEN_RATE = 1.0
+REFUSAL_LOG_INTERVAL = 10.0
 # Change-log sequence numbers are assigned before commit, so a later number
 # can become visible before an earlier one. Each push therefore looks back
 # this many numbers for late arrivals and skips those already sent.
@@ -190,10 +202,40 @@ def _trim(cur: psycopg.Cursor) -> None:
                 (LOG_RETENTION_DAYS,))
 
 
+class WrongTokens:
+    """Wrong tokens per peer address: a bucket of ``burst`` refilled at ``rate`` a second.
+
+    While an address's bucket is empty its hellos are answered EAGAIN without
+    looking at the token (the client waits and tries again), so a flood from
+    one address has at most ``rate`` tokens a second checked, each a
+    transaction. A mount behind that address waits too, until the bucket
+    refills: the server cannot tell it from the flood.
+    """
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst = burst
+        self.rate = rate
+        self.levels: dict[str, tuple[float, float]] = {}  # address: (level, when)
+
+    def _level(self, peer: str, now: float) -> float:
+        level, when = self.levels.get(peer, (self.burst, now))
+        return min(self.burst, level + (now - when) * self.rate)
+
+    def allowed(self, peer: str) -> bool:
+        return self._level(peer, trio.current_time()) >= 1
+
+    def failed(self, peer: str) -> None:
+        now = trio.current_time()
+        self.levels[peer] = (self._level(peer, now) - 1, now)
+        if len(self.levels) > 4096:  # many addresses: forget those whose buckets are full
+            self.levels = {p: v for p, v in self.levels.items()
+                           if self._level(p, now) < self.burst}
+
+
 class Session:
     """One authenticated mount connection."""
 
-    def __init__(self, stream: trio.SocketStream, user: User, device: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, user: User, device: str) -> None:
         self.stream = stream
         self.user = user
         self.device = device
@@ -216,6 +258,9 @@ class MetaServer:
         self.blocks_url = blocks_url
         self.limiter = trio.CapacityLimiter(db.pool_size)
         self.subscribers: dict[int, set[Session]] = {}
+        self.unauthenticated: Counter[str] = Counter()   # connections before hello, by address
+        self.wrong_tokens = WrongTokens(WRONG_TOKEN_BURST, WRONG_TOKEN_RATE)
+        self.refusals: Counter[tuple[str, str]] = Counter()  # (address, why) since the last summary
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(cur, ...)`` in one transaction on a worker thread.
@@ -234,6 +279,7 @@ class MetaServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen)
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self._log_refusals)
             listeners = await nursery.start(
                 partial(trio.serve_tcp, self.handle_connection, port, host=host))
             task_status.started(listeners)
@@ -333,17 +379,56 @@ class MetaServer:
 
     # --- connections -----------------------------------------------------------------
 
-    async def _hello(self, reader: FrameReader, stream: trio.SocketStream) -> Session | None:
-        msg = await reader.read()
-        if not (isinstance(msg, list) and len(msg) == 3 and msg[1] == "hello"
-                and isinstance(msg[2], dict)):
-            await stream.send_all(pack([0, errno.EPROTO, "expected hello"]))
-            return None
-        rid, _, args = msg
+    def _refused(self, peer: str, why: str) -> None:
+        """Count a stranger's refused connection; only the first of an interval is logged now."""
+        if not self.refusals:
+            log.warning("refused a connection from %s: %s (more are summed up every %.0f s)",
+                        peer, why, REFUSAL_LOG_INTERVAL)
+        self.refusals[peer, why] += 1
+
+    async def _log_refusals(self) -> None:
+        """Log one line per interval for the refusals beyond its first."""
+        while True:
+            await trio.sleep(REFUSAL_LOG_INTERVAL)
+            total = sum(self.refusals.values())
+            if total > 1:
+                top = self.refusals.most_common(5)
+                log.warning("refused %d connections in %.0f s: %s%s", total,
+                            REFUSAL_LOG_INTERVAL,
+                            ", ".join(f"{n} from {peer} ({why})" for (peer, why), n in top),
+                            ", ..." if len(self.refusals) > len(top) else "")
+            self.refusals.clear()
+
+    async def _hello(self, reader: FrameReader, stream: trio.abc.Stream, peer: str
+                     ) -> Session | None:
+        """Authenticate a new connection: its session, or None if refused (the reply says why)."""
         try:
-            user = await self.call(authenticate, str(args.get("token", "")))
+            msg = await reader.read(MAX_HELLO_FRAME)
+        except FrameError as e:
+            self._refused(peer, str(e))
+            return None
+        if msg is None:
+            return None
+        args = msg[2] if (isinstance(msg, list) and len(msg) == 3 and msg[1] == "hello"
+                          and isinstance(msg[2], dict)) else {}
+        token, device = args.get("token"), args.get("device", "")
+        if not (type(token) is str and type(device) is str and len(device) <= 255
+                and "\0" not in device):
+            self._refused(peer, "not a hello")
+            await stream.send_all(pack([0, errno.EPROTO, "expected hello with a token and a"
+                                                          " device name"]))
+            return None
+        rid = msg[0]
+        if not self.wrong_tokens.allowed(peer):
+            self._refused(peer, "too many wrong tokens")
+            await stream.send_all(pack([rid, errno.EAGAIN, "too many wrong tokens from this"
+                                                            " address; try again later"]))
+            return None
+        try:
+            user = await self.call(authenticate, token)
         except FSError as e:
-            log.warning("rejected connection: %s", e)
+            self.wrong_tokens.failed(peer)
+            self._refused(peer, e.message)
             await stream.send_all(pack([rid, e.errno, e.message]))
             return None
         except psycopg.OperationalError as e:
@@ -352,7 +437,25 @@ class MetaServer:
             return None
         await stream.send_all(pack([rid, 0, {"user": user.name, "root": user.root,
                                              "blocks": self.blocks_url}]))
-        return Session(stream, user, str(args.get("device", "")))
+        return Session(stream, user, device)
+
+    async def _authenticate(self, reader: FrameReader, stream: trio.abc.Stream, peer: str
+                            ) -> Session | None:
+        """``_hello`` within ``HELLO_TIMEOUT``, as one of the address's few strangers."""
+        if self.unauthenticated[peer] >= MAX_UNAUTHENTICATED:
+            self._refused(peer, f"over {MAX_UNAUTHENTICATED} connections before hello")
+            return None
+        self.unauthenticated[peer] += 1
+        try:
+            with trio.move_on_after(HELLO_TIMEOUT) as timeout:
+                return await self._hello(reader, stream, peer)
+            if timeout.cancelled_caught:
+                self._refused(peer, f"no hello within {HELLO_TIMEOUT:.0f} s")
+            return None
+        finally:
+            self.unauthenticated[peer] -= 1
+            if not self.unauthenticated[peer]:
+                del self.unauthenticated[peer]
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
         """Serve one mount's connection until it closes.
@@ -363,19 +466,20 @@ class MetaServer:
         the connection) is caught inside the nursery, where it is raised, as
         the nursery would wrap it in an ExceptionGroup on its way out.
         """
+        peer = stream.socket.getpeername()[0]
         reader = FrameReader(stream)
         slots = trio.Semaphore(MAX_IN_FLIGHT)
         session = None
         try:
             async with trio.open_nursery() as nursery:
                 try:
-                    session = await self._hello(reader, stream)
+                    session = await self._authenticate(reader, stream, peer)
                     while session is not None and (msg := await reader.read()) is not None:
                         await slots.acquire()
                         nursery.start_soon(self._answer, session, nursery, slots, msg)
                 except _GONE:
                     pass
-                except ValueError as e:
+                except FrameError as e:
                     log.warning("closing connection: %s", e)
                 nursery.cancel_scope.cancel()
         except Exception:

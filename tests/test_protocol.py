@@ -3,15 +3,48 @@
 from __future__ import annotations
 
 import errno
+import re
 import socket
 import struct
+import time
 
 import pytest
 import trio
 
+from conftest import Deployment, wait_until
+from metaserver import server
 from metaserver.client import connect
 from metaserver.errors import FSError
 from metaserver.protocol import FrameReader, pack
+
+
+def log_size(dep: Deployment) -> int:
+    with open(dep.log_path, "rb") as f:
+        return f.seek(0, 2)
+
+
+def log_since(dep: Deployment, offset: int) -> str:
+    with open(dep.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+async def open_raw(dep: Deployment) -> tuple[trio.SocketStream, FrameReader]:
+    host, port = dep.address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    return stream, FrameReader(stream)
+
+
+async def closed_by_server(stream: trio.SocketStream) -> bool:
+    """Whether the server closes ``stream`` (within a bound on a hang), reading what it sent."""
+    with trio.move_on_after(60):
+        try:
+            while await stream.receive_some(1 << 16):
+                pass
+        except trio.BrokenResourceError:
+            pass  # a reset: closed too
+        return True
+    return False
 
 
 async def test_bad_token_is_refused(services):
@@ -77,9 +110,7 @@ async def test_arguments_of_the_wrong_type_are_einval(services):
     applied (a str of digits for an inode number).
     """
     dep = services.deployments["local"]
-    with open(dep.log_path, "rb") as f:
-        f.seek(0, 2)
-        log_start = f.tell()
+    log_start = log_size(dep)
     async with connect(dep.address, dep.new_user(), "t") as c:
         root = c.info["root"]
         f = await c.call("mknod", parent=root, name=b"f", mode=0o100644, uid=0, gid=0)
@@ -111,9 +142,7 @@ async def test_arguments_of_the_wrong_type_are_einval(services):
         attr = await c.call("getattr", ino=ino)
         assert (attr["version"], attr["mode"]) == (0, 0o100644)  # nothing applied
         assert [n for n, _ in await c.call("readdir", ino=root)] == [b".", b"..", b"f"]
-    with open(dep.log_path, "rb") as f:
-        f.seek(log_start)
-        assert b"Traceback" not in f.read()
+    assert "Traceback" not in log_since(dep, log_start)
 
 
 async def test_a_replayed_mutation_is_applied_once(services):
@@ -169,3 +198,72 @@ async def test_a_reset_connection_leaves_the_server_serving(services):
             stream.socket.close()
             for _ in range(3):  # several round trips: the reset is handled meanwhile
                 assert (await other.call("getattr", ino=other.info["root"]))["ino"]
+
+
+async def test_a_stranger_may_send_only_a_hello_sized_frame(services):
+    """Before hello a frame may be 4 KiB: a 60 MiB one is refused from its length.
+
+    The server waited for the whole frame and decoded it: one such frame raised
+    its RSS from 44 to 526 MiB, eight half-sent ones held 563 MiB.
+    """
+    dep = services.deployments["local"]
+    stream, _ = await open_raw(dep)
+    await stream.send_all(struct.pack(">I", 60 << 20) + bytes(1 << 16))
+    assert await closed_by_server(stream)
+    await stream.aclose()
+    stream, _ = await open_raw(dep)
+    hello = pack([1, "hello", {"token": dep.new_user(), "device": "x" * 5000}])
+    await stream.send_all(hello)
+    assert await closed_by_server(stream)  # a real hello, but over 4 KiB
+    await stream.aclose()
+    async with connect(dep.address, dep.new_user(), "t") as c:  # the server serves on
+        keys = [i.to_bytes(32, "big") for i in range(1000)]  # 35 KB: after hello, 64 MiB
+        assert await c.call("have_blocks", keys=keys) == []
+
+
+async def test_strangers_per_address_are_capped_and_time_out(services):
+    """An address holds at most 64 connections before hello, each at most 10 s.
+
+    Connections that never sent hello stayed open forever, each with its buffer.
+    """
+    dep = services.deployments["local"]
+    silent = [(await open_raw(dep))[0] for _ in range(server.MAX_UNAUTHENTICATED)]
+    t0 = time.monotonic()
+    one_more, _ = await open_raw(dep)
+    assert await closed_by_server(one_more)  # over the cap: closed at once
+    await one_more.aclose()
+    for stream in silent:  # the hello timeout closes them
+        assert await closed_by_server(stream)
+        await stream.aclose()
+    assert time.monotonic() - t0 >= server.HELLO_TIMEOUT - 1  # not closed before their time
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+
+
+async def test_wrong_tokens_are_rate_limited_and_logged_in_summary(services):
+    """After a burst, an address's hellos are refused (EAGAIN) without checking the token.
+
+    10,000 wrong hellos went through at 566/s and wrote 10,000 log lines. A
+    client with the right token from that address waits and gets in.
+    """
+    dep = services.deployments["local"]
+    log_start = log_size(dep)
+    answers = []
+    t0 = time.monotonic()
+    for i in range(60):
+        stream, reader = await open_raw(dep)
+        await stream.send_all(pack([i, "hello", {"token": f"nfs_wrong{i}", "device": "t"}]))
+        reply = await reader.read()
+        answers.append(reply[1])
+        await stream.aclose()
+    elapsed = time.monotonic() - t0
+    assert set(answers) <= {errno.EACCES, errno.EAGAIN}
+    checked = answers.count(errno.EACCES)
+    assert checked <= server.WRONG_TOKEN_BURST + elapsed * server.WRONG_TOKEN_RATE + 1
+    assert errno.EAGAIN in answers
+    assert log_since(dep, log_start).count("refused") <= 1  # not a line per hello
+    async with connect(dep.address, dep.new_user(), "t", outage_timeout=30) as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+    summary = re.compile(r"refused (\d+) connections in \d+ s: (\d+) from 127\.0\.0\.1")
+    wait_until(lambda: summary.search(log_since(dep, log_start)), 30, "the summary line")
+    assert sum(int(m[1]) for m in summary.finditer(log_since(dep, log_start))) >= 59
