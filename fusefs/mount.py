@@ -26,7 +26,7 @@ from blockstore import open_store
 from cache import BlockCache
 from fusefs.adapter import Kernel, Operations
 from fusefs.vfs import VFS
-from metaserver.client import MetaClient
+from metaserver.client import TLS, MetaClient
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class MountConfig:
     allow_other: bool = False
     read_only: bool = False
     outage_timeout: float = 60.0
+    tls: TLS | None = None           # how to trust the metaserver (see MetaClient)
+    insecure: bool = False           # the token may go in clear to a non-loopback server
 
 
 M_ARENA_MAX = -8  # mallopt parameters, from glibc's malloc.h
@@ -126,7 +128,8 @@ async def serve(cfg: MountConfig) -> None:
     async with trio.open_nursery() as nursery:
         # The device id names this mount in the change log and in versions.
         device = f"{socket.gethostname()}/{uuid.uuid4().hex[:8]}"
-        client = MetaClient(nursery, cfg.server, cfg.token, device, cfg.outage_timeout)
+        client = MetaClient(nursery, cfg.server, cfg.token, device, cfg.outage_timeout,
+                            cfg.tls, cfg.insecure)
         await client.connect()
         store = open_store(cfg.blocks or client.info["blocks"])
         cache = BlockCache(store, cfg.cache_dir, cfg.cache_size)

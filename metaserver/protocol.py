@@ -13,6 +13,7 @@ frame may be at most ``MAX_HELLO_FRAME`` bytes.
 
 from __future__ import annotations
 
+import hashlib
 import stat
 import struct
 from typing import Any
@@ -41,6 +42,11 @@ def dropped_privileges(mode: int) -> int:
     that bit, set-group-ID marks mandatory locking, which stays).
     """
     return stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+
+
+def cert_fingerprint(der: bytes) -> str:
+    """A certificate's SHA-256, as the server prints it and ``--tls-fingerprint`` takes it."""
+    return hashlib.sha256(der).digest().hex(":").upper()
 
 
 class FrameError(ValueError):

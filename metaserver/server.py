@@ -23,6 +23,7 @@ import errno
 import functools
 import inspect
 import logging
+import ssl
 import types
 import typing
 from collections import Counter
@@ -250,12 +251,14 @@ class Session:
 
 
 class MetaServer:
-    def __init__(self, db: Database, dsn: str, blocks_url: str) -> None:
+    def __init__(self, db: Database, dsn: str, blocks_url: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         for fn in namespace.OPS.values():
             _arg_types(fn)  # every operation's arguments are declared (or it fails here)
         self.db = db
         self.dsn = dsn
         self.blocks_url = blocks_url
+        self.tls = tls  # every connection is TLS when set
         self.limiter = trio.CapacityLimiter(db.pool_size)
         self.subscribers: dict[int, set[Session]] = {}
         self.unauthenticated: Counter[str] = Counter()   # connections before hello, by address
@@ -407,6 +410,10 @@ class MetaServer:
         except FrameError as e:
             self._refused(peer, str(e))
             return None
+        except trio.BrokenResourceError as e:
+            if isinstance(e.__cause__, ssl.SSLError):  # e.g. a client not speaking TLS
+                self._refused(peer, f"TLS handshake failed: {e.__cause__.reason}")
+            return None
         if msg is None:
             return None
         args = msg[2] if (isinstance(msg, list) and len(msg) == 3 and msg[1] == "hello"
@@ -457,7 +464,7 @@ class MetaServer:
             if not self.unauthenticated[peer]:
                 del self.unauthenticated[peer]
 
-    async def handle_connection(self, stream: trio.SocketStream) -> None:
+    async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """Serve one mount's connection until it closes.
 
         Whatever happens to one connection ends that connection only: an
@@ -466,7 +473,12 @@ class MetaServer:
         the connection) is caught inside the nursery, where it is raised, as
         the nursery would wrap it in an ExceptionGroup on its way out.
         """
-        peer = stream.socket.getpeername()[0]
+        peer = tcp.socket.getpeername()[0]
+        # The TLS handshake happens on the first receive, within the hello's time.
+        # No close_notify (https_compatible): frames delimit themselves, and a
+        # closing TLS stream would otherwise finish a stranger's handshake first.
+        stream = tcp if self.tls is None else trio.SSLStream(tcp, self.tls, server_side=True,
+                                                             https_compatible=True)
         reader = FrameReader(stream)
         slots = trio.Semaphore(MAX_IN_FLIGHT)
         session = None

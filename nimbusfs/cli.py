@@ -3,14 +3,18 @@
     nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
                               [--read-only] [--foreground]
+                              [--tls-ca FILE | --tls-fingerprint SHA256 | --insecure]
     nimbusfs umount MOUNTPOINT
-    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL
+    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--tls-cert F [--tls-key F]]
     nimbusfs user add NAME [--quota BYTES] --dsn DSN
     nimbusfs token create USER --dsn DSN
     nimbusfs status
 
 Without ``--server``, ``mount`` starts (or reuses) the embedded default under
-``$NIMBUSFS_HOME`` and mounts its owner's volume.
+``$NIMBUSFS_HOME`` and mounts its owner's volume. A client sends its token to
+a metaserver that is not on loopback only over TLS (``--tls-ca`` or
+``--tls-fingerprint``, which ``server --tls-cert`` prints), or with
+``--insecure``.
 """
 
 from __future__ import annotations
@@ -44,6 +48,33 @@ def parse_size(text: str) -> int:
     return int(m[1]) << (10 * " KMGT".index(m[2].upper() or " "))
 
 
+def _tls(args: argparse.Namespace):
+    """The client's TLS settings from ``--tls-ca``/``--tls-fingerprint`` (None: plain TCP)."""
+    from metaserver.client import TLS
+
+    if args.tls_ca is None and args.tls_fingerprint is None:
+        return None
+    try:
+        return TLS(args.tls_ca, args.tls_fingerprint)
+    except ValueError as e:
+        raise SystemExit(f"nimbusfs: {e}") from None
+
+
+def _tls_argv(args: argparse.Namespace) -> list[str]:
+    """The client TLS flags given, to pass on to a child process."""
+    return [*(["--tls-ca", args.tls_ca] if args.tls_ca else []),
+            *(["--tls-fingerprint", args.tls_fingerprint] if args.tls_fingerprint else []),
+            *(["--insecure"] if args.insecure else [])]
+
+
+def _add_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", help="CA file that verifies the metaserver's certificate")
+    p.add_argument("--tls-fingerprint",
+                   help="the metaserver certificate's SHA-256 (as `nimbusfs server` prints it)")
+    p.add_argument("--insecure", action="store_true",
+                   help="send the token to a metaserver not on loopback without TLS")
+
+
 def _mount_name(mountpoint: str) -> str:
     path = os.path.abspath(mountpoint)
     slug = re.sub(r"[^A-Za-z0-9]+", "-", path).strip("-")[-40:]
@@ -75,7 +106,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         cache_dir=os.path.abspath(args.cache_dir or emb.path("cache", name)),
         cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
         allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
-        read_only=args.read_only)
+        read_only=args.read_only, tls=_tls(args), insecure=args.insecure)
     if args.foreground:
         return _run_mount(cfg)
     return _spawn_mount(args, emb, cfg, name)
@@ -85,9 +116,16 @@ def _run_mount(cfg) -> int:
     import trio
 
     from fusefs.mount import serve
+    from metaserver.errors import fs_error
 
     _setup_logging()
-    trio.run(serve, cfg)
+    try:
+        trio.run(serve, cfg)
+    except Exception as e:
+        if (err := fs_error(e)) is None:
+            raise
+        log.error("mount failed: %s", err.message)  # a refused token, an untrusted server
+        return 1
     return 0
 
 
@@ -103,6 +141,7 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd += ["--blocks", cfg.blocks]
     if cfg.read_only:
         cmd.append("--read-only")
+    cmd += _tls_argv(args)
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
     with open(logfile, "ab") as log_f:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
@@ -155,32 +194,50 @@ def cmd_umount(args: argparse.Namespace) -> int:
 # --- server and admin ----------------------------------------------------------------
 
 def cmd_server(args: argparse.Namespace) -> int:
+    import ipaddress
     import signal
+    import ssl
 
     import trio
 
     from metaserver import namespace
     from metaserver.client import parse_address
     from metaserver.db import Database
+    from metaserver.protocol import cert_fingerprint
     from metaserver.server import MetaServer
 
     _setup_logging()
+    tls, fingerprint = None, None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        with open(args.tls_cert) as f:
+            pem = f.read()
+        end = "-----END CERTIFICATE-----"
+        first = pem[pem.index("-----BEGIN CERTIFICATE-----"):pem.index(end) + len(end)]
+        fingerprint = cert_fingerprint(ssl.PEM_cert_to_DER_cert(first))
     namespace.RETENTION.update(versions=args.keep_versions, days=args.keep_days)
     db = Database(args.dsn, pool_size=args.pool_size)
     db.open()
     host, port = parse_address(args.listen)
 
     async def main() -> None:
-        server = MetaServer(db, args.dsn, args.blocks)
+        server = MetaServer(db, args.dsn, args.blocks, tls)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, host, port)
             bound = listeners[0].socket.getsockname()
             address = f"{bound[0]}:{bound[1]}"
             log.info("metaserver listening on %s (blocks %s)", address, args.blocks)
+            if fingerprint:
+                log.info("TLS certificate SHA-256 fingerprint: %s", fingerprint)
+            elif not ipaddress.ip_address(bound[0]).is_loopback:
+                log.warning("listening beyond loopback without TLS (--tls-cert): tokens"
+                            " travel in clear")
             if args.info_file:
                 tmp = args.info_file + ".tmp"
                 with open(tmp, "w") as f:
-                    json.dump({"pid": os.getpid(), "address": address}, f)
+                    json.dump({"pid": os.getpid(), "address": address,
+                               "fingerprint": fingerprint}, f)
                 os.rename(tmp, args.info_file)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
@@ -283,7 +340,8 @@ def _with_client(args: argparse.Namespace, fn) -> int:
     server, token, ino = _file_context(args)
 
     async def main() -> int:
-        async with connect(server, token, f"{os.uname().nodename}/cli") as client:
+        async with connect(server, token, f"{os.uname().nodename}/cli", tls=_tls(args),
+                           insecure=args.insecure) as client:
             return await fn(client, ino)
 
     try:
@@ -356,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
+    _add_tls_args(m)
     m.set_defaults(fn=cmd_mount)
 
     u = sub.add_parser("umount", help="flush and unmount")
@@ -371,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="versions kept per file regardless of age (default 100)")
     s.add_argument("--keep-days", type=int, default=30,
                    help="older versions are kept this many days (default 30)")
+    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM, chain first)")
+    s.add_argument("--tls-key", help="its private key (PEM; default: in --tls-cert)")
     s.add_argument("--info-file", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_server)
 
@@ -400,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
             v.add_argument("--version", type=int, required=name == "restore")
         v.add_argument("--server", help="metaserver (default: the mount's)")
         v.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
+        _add_tls_args(v)
         v.set_defaults(fn=fn)
     return p
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import errno
+import json
+import os
 import re
 import socket
 import struct
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 import trio
 
-from conftest import Deployment, wait_until
+from conftest import Deployment, Services, start_metaserver, wait_until
 from metaserver import server
-from metaserver.client import connect
+from metaserver.client import TLS, connect, is_loopback
 from metaserver.errors import FSError
 from metaserver.protocol import FrameReader, pack
 
@@ -267,3 +272,114 @@ async def test_wrong_tokens_are_rate_limited_and_logged_in_summary(services):
     summary = re.compile(r"refused (\d+) connections in \d+ s: (\d+) from 127\.0\.0\.1")
     wait_until(lambda: summary.search(log_since(dep, log_start)), 30, "the summary line")
     assert sum(int(m[1]) for m in summary.finditer(log_since(dep, log_start))) >= 59
+
+
+def self_signed(directory: str, name: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+    cert, key = os.path.join(directory, name + ".pem"), os.path.join(directory, name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key,
+                    "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_server(services: Services, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[Deployment, str, str]]:
+    """A metaserver serving TLS: (deployment, its certificate, the fingerprint it printed)."""
+    cert, key = self_signed(str(tmp_path_factory.mktemp("tls")), "nimbus-test")
+    emb = services.emb
+    dep = start_metaserver(emb, "tls", "file://" + emb.path("blocks"), services.env,
+                           "--tls-cert", cert, "--tls-key", key)
+    with open(emb.path("run", "server-tls.json")) as f:
+        fingerprint = json.load(f)["fingerprint"]
+    yield dep, cert, fingerprint
+    dep.proc.terminate()
+    dep.proc.wait(30)
+
+
+async def test_tls_with_a_pinned_fingerprint_or_a_ca(tls_server):
+    dep, cert, fingerprint = tls_server
+    openssl = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-fingerprint",
+                              "-sha256"], check=True, capture_output=True, text=True).stdout
+    assert openssl.strip().endswith("=" + fingerprint)  # what the server printed
+    token = dep.new_user()
+    bare = fingerprint.replace(":", "").lower()
+    assert TLS(fingerprint=bare) == TLS(fingerprint=fingerprint)  # colons, case: either way
+    for i, tls in enumerate((TLS(fingerprint=bare), TLS(ca_file=cert),
+                             TLS(ca_file=cert, fingerprint=fingerprint))):
+        async with connect(dep.address, token, "t", tls=tls) as c:
+            await c.call("mknod", parent=c.info["root"], name=b"f%d" % i, mode=0o100644,
+                         uid=0, gid=0)
+            assert len(await c.call("readdir", ino=c.info["root"])) == 3 + i
+
+
+async def test_tls_refuses_an_untrusted_server_before_the_token(tls_server, tmp_path):
+    """A wrong pin or CA fails at once with EACCES (no retries: it will not change)."""
+    dep, _, fingerprint = tls_server
+    other_ca, _ = self_signed(str(tmp_path), "other")
+    wrong = ("00:" + fingerprint[3:]) if not fingerprint.startswith("00") else \
+        ("11:" + fingerprint[3:])
+    for tls in (TLS(fingerprint=wrong), TLS(ca_file=other_ca),
+                TLS(ca_file=other_ca, fingerprint=fingerprint)):
+        with pytest.raises(FSError) as e:
+            async with connect(dep.address, dep.new_user(), "t", outage_timeout=60, tls=tls):
+                pass
+        assert e.value.errno == errno.EACCES, e.value
+    with pytest.raises(ValueError):
+        TLS(fingerprint="AB:CD")
+
+
+async def test_tls_and_plain_do_not_mix(services, tls_server):
+    """A plain client of a TLS server, and the reverse, fail cleanly (EIO after retries)."""
+    dep, _, fingerprint = tls_server
+    token = dep.new_user()
+    with pytest.raises(FSError) as e:
+        async with connect(dep.address, token, "t", outage_timeout=1):
+            pass
+    assert e.value.errno == errno.EIO
+    plain = services.deployments["local"]
+    with pytest.raises(FSError) as e:
+        async with connect(plain.address, plain.new_user(), "t", outage_timeout=1,
+                           tls=TLS(fingerprint=fingerprint)):
+            pass
+    assert e.value.errno == errno.EIO
+    async with connect(dep.address, token, "t", tls=TLS(fingerprint=fingerprint)) as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+
+
+async def test_no_token_in_clear_beyond_loopback(services, world_tmp):
+    """Without TLS, a client refuses to send its token to a non-loopback address.
+
+    It refuses before connecting: a connection to 10.0.0.1 (unreachable here)
+    would end in EIO after the outage timeout, not in EPERM at once.
+    """
+    assert await is_loopback("127.0.0.1") and await is_loopback("::1")
+    assert await is_loopback("localhost")
+    assert not await is_loopback("10.0.0.1")
+    with trio.fail_after(30), pytest.raises(FSError) as e:
+        async with connect("10.0.0.1:7070", "nfs_secret", "t", outage_timeout=600):
+            pass
+    assert e.value.errno == errno.EPERM
+    assert "in clear" in e.value.message
+    env = dict(services.env, NIMBUSFS_TOKEN="nfs_secret")
+    r = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "mount",
+                        os.path.join(world_tmp, "mnt"), "--foreground", "--server",
+                        "10.0.0.1:7070", "--cache-dir", os.path.join(world_tmp, "cache")],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "refusing to send the token in clear to 10.0.0.1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_mount_over_tls(tls_server, mount_factory):
+    dep, _, fingerprint = tls_server
+    m = mount_factory("local", None, dep, "--tls-fingerprint", fingerprint)
+    with open(m.p("f"), "wb") as f:
+        f.write(b"over tls")
+    with open(m.p("f"), "rb") as f:
+        assert f.read() == b"over tls"
+    m.remount(drop_cache=True)
+    with open(m.p("f"), "rb") as f:
+        assert f.read() == b"over tls"
