@@ -42,17 +42,24 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _local(address: str) -> bool:
+    # 0.0.0.0 reaches this host: the embedded server started with --listen
+    # 0.0.0.0:PORT records that address for its own mounts.
+    a = ipaddress.ip_address(address)
+    return a.is_loopback or a.is_unspecified
+
+
 async def is_loopback(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback address (False if none)."""
+    """Whether every address ``host`` names is on this host (False if none)."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return _local(host)
     except ValueError:
         pass
     try:
         infos = await trio.socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+    return bool(infos) and all(_local(i[4][0]) for i in infos)
 
 
 @dataclass(frozen=True)

@@ -356,7 +356,7 @@ async def test_no_token_in_clear_beyond_loopback(services, world_tmp):
     would end in EIO after the outage timeout, not in EPERM at once.
     """
     assert await is_loopback("127.0.0.1") and await is_loopback("::1")
-    assert await is_loopback("localhost")
+    assert await is_loopback("localhost") and await is_loopback("0.0.0.0")
     assert not await is_loopback("10.0.0.1")
     with trio.fail_after(30), pytest.raises(FSError) as e:
         async with connect("10.0.0.1:7070", "nfs_secret", "t", outage_timeout=600):
