@@ -44,10 +44,11 @@ from metaserver.protocol import (
 )
 
 NAME_MAX = 255
-# A value stored in a PostgreSQL integer column (mode, uid, gid, rdev). The
-# server checks each request's arguments against the operation's annotations,
-# this range included (``server._conforms``).
-Int32 = Annotated[int, range(-(1 << 31), 1 << 31)]
+# mode, uid, gid and rdev: unsigned in the kernel (stat's functions refuse a
+# negative mode), stored in PostgreSQL integer columns. The server checks each
+# request's arguments against the operation's annotations, this range
+# included (``server._conforms``).
+UInt31 = Annotated[int, range(1 << 31)]
 
 OPS: dict[str, Callable[..., Any]] = {}
 
@@ -306,8 +307,8 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
 
 
 @op
-def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: Int32, uid: Int32,
-          gid: Int32, rdev: Int32 = 0) -> dict[str, int]:
+def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: UInt31, uid: UInt31,
+          gid: UInt31, rdev: UInt31 = 0) -> dict[str, int]:
     """Create a file, directory, FIFO or socket (the type is in ``mode``)."""
     if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK,
                                  stat.S_IFCHR, stat.S_IFBLK):
@@ -317,7 +318,7 @@ def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: Int
 
 @op
 def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target: bytes,
-            uid: Int32, gid: Int32) -> dict[str, int]:
+            uid: UInt31, gid: UInt31) -> dict[str, int]:
     if len(target) > 4095:
         raise FSError(errno.ENAMETOOLONG, "symlink target too long")
     return _new_inode(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid,
@@ -489,8 +490,8 @@ SETATTR_KEYS = frozenset(inspect.signature(_setattr).parameters) - {"cur", "a"}
 
 
 @op
-def setattr(cur: Cursor, u: User, device: str, ino: int, mode: Int32 | None = None,
-            uid: Int32 | None = None, gid: Int32 | None = None, atime: int | None = None,
+def setattr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = None,
+            uid: UInt31 | None = None, gid: UInt31 | None = None, atime: int | None = None,
             mtime: int | None = None) -> dict[str, int]:
     """Change mode, owner or times; ctime becomes now. Size changes are commits."""
     attr = _setattr(cur, _inode(cur, u, ino, lock=True), mode, uid, gid, atime, mtime)

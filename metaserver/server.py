@@ -511,9 +511,11 @@ class MetaServer:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
         op_id = args.pop("op_id", None)
         replay = args.pop("replay", False)
-        if not (op_id is None or type(op_id) is str) or type(replay) is not bool:
-            raise FSError(errno.EINVAL, f"bad arguments for {opname}: op_id must be str,"
-                                        " replay bool")
+        # op_id is stored in a text column (no NUL); the client sends 32 hex digits.
+        if not (op_id is None or (type(op_id) is str and 0 < len(op_id) <= 64
+                                  and "\0" not in op_id)) or type(replay) is not bool:
+            raise FSError(errno.EINVAL, f"bad arguments for {opname}: op_id must be a str of"
+                                        " 1-64 characters but NUL, replay a bool")
         _check_args(opname, fn, (None, s.user, s.device), args)
         if op_id is None:
             return await self.call(fn, s.user, s.device, **args)

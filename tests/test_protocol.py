@@ -129,6 +129,8 @@ async def test_arguments_of_the_wrong_type_are_einval(services):
                 ("setattr", {"ino": ino, "mtime": 2**64 - 1}, "mtime"),  # msgpack: uint64
                 ("setattr", {"ino": ino, "atime": 2**63}, "atime"),
                 ("setattr", {"ino": ino, "mode": 1 << 40}, "mode"),  # an integer column
+                ("mknod", {"parent": root, "name": b"g", "mode": -1, "uid": 0, "gid": 0},
+                 "mode"),
                 ("mknod", {"parent": root, "name": b"g", "mode": 0o100644, "uid": 2**31,
                            "gid": 0}, "uid"),
                 ("have_blocks", {"keys": [b"k", 1]}, "keys"),
@@ -147,6 +149,14 @@ async def test_arguments_of_the_wrong_type_are_einval(services):
         attr = await c.call("getattr", ino=ino)
         assert (attr["version"], attr["mode"]) == (0, 0o100644)  # nothing applied
         assert [n for n, _ in await c.call("readdir", ino=root)] == [b".", b"..", b"f"]
+    stream, reader = await open_raw(dep)  # the request's envelope: op_id, replay
+    await stream.send_all(pack([1, "hello", {"token": dep.new_user(), "device": "t"}]))
+    root = (await reader.read())[2]["root"]
+    for i, envelope in enumerate(({"op_id": "\0"}, {"op_id": ""}, {"op_id": 7},
+                                  {"op_id": "x" * 65}, {"op_id": "a", "replay": 1}), 2):
+        await stream.send_all(pack([i, "getattr", {"ino": root, **envelope}]))
+        assert (await reader.read())[:2] == [i, errno.EINVAL], envelope
+    await stream.aclose()
     assert "Traceback" not in log_since(dep, log_start)
 
 
