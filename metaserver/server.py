@@ -404,9 +404,17 @@ class MetaServer:
 
     async def _hello(self, reader: FrameReader, stream: trio.abc.Stream, peer: str
                      ) -> Session | None:
-        """Authenticate a new connection: its session, or None if refused (the reply says why)."""
+        """Authenticate a new connection: its session, or None if refused (the reply says why).
+
+        Only the hello (and a TLS handshake) must come within ``HELLO_TIMEOUT``:
+        checking the token may wait for the database, which is no fault of the peer's.
+        """
         try:
-            msg = await reader.read(MAX_HELLO_FRAME)
+            with trio.move_on_after(HELLO_TIMEOUT) as timeout:
+                msg = await reader.read(MAX_HELLO_FRAME)
+            if timeout.cancelled_caught:
+                self._refused(peer, f"no hello within {HELLO_TIMEOUT:.0f} s")
+                return None
         except FrameError as e:
             self._refused(peer, str(e))
             return None
@@ -448,17 +456,13 @@ class MetaServer:
 
     async def _authenticate(self, reader: FrameReader, stream: trio.abc.Stream, peer: str
                             ) -> Session | None:
-        """``_hello`` within ``HELLO_TIMEOUT``, as one of the address's few strangers."""
+        """``_hello``, as one of the address's few strangers (or refused if too many)."""
         if self.unauthenticated[peer] >= MAX_UNAUTHENTICATED:
             self._refused(peer, f"over {MAX_UNAUTHENTICATED} connections before hello")
             return None
         self.unauthenticated[peer] += 1
         try:
-            with trio.move_on_after(HELLO_TIMEOUT) as timeout:
-                return await self._hello(reader, stream, peer)
-            if timeout.cancelled_caught:
-                self._refused(peer, f"no hello within {HELLO_TIMEOUT:.0f} s")
-            return None
+            return await self._hello(reader, stream, peer)
         finally:
             self.unauthenticated[peer] -= 1
             if not self.unauthenticated[peer]:
