@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
 HELLO_TIMEOUT = 10.0
-MAX_UNAUTHENTICATED = 64     # per address; the test suite's mounts all come from 127.0.0.1
+MAX_UNAUTHENTICATED = 64     # per address: mounts may share one (NAT; the tests' 127.0.0.1)
 WRONG_TOKEN_BURST = 20       # per address, then WRONG_TOKEN_RATE a second
 WRONG_TOKEN_RATE = 1.0
 REFUSAL_LOG_INTERVAL = 10.0
@@ -390,7 +390,7 @@ class MetaServer:
         self.refusals[peer, why] += 1
 
     async def _log_refusals(self) -> None:
-        """Log one line per interval for the refusals beyond its first."""
+        """Log each interval's refusals in one line (a lone one was logged as it came)."""
         while True:
             await trio.sleep(REFUSAL_LOG_INTERVAL)
             total = sum(self.refusals.values())
@@ -477,7 +477,11 @@ class MetaServer:
         the connection) is caught inside the nursery, where it is raised, as
         the nursery would wrap it in an ExceptionGroup on its way out.
         """
-        peer = tcp.socket.getpeername()[0]
+        try:
+            peer = tcp.socket.getpeername()[0]
+        except OSError:  # reset before it was served (ENOTCONN)
+            await tcp.aclose()
+            return
         # The TLS handshake happens on the first receive, within the hello's time.
         # No close_notify (https_compatible): frames delimit themselves, and a
         # closing TLS stream would otherwise finish a stranger's handshake first.
