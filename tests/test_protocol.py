@@ -393,3 +393,20 @@ def test_a_mount_over_tls(tls_server, mount_factory):
     m.remount(drop_cache=True)
     with open(m.p("f"), "rb") as f:
         assert f.read() == b"over tls"
+
+
+async def test_connections_reset_at_once_leave_the_server_serving(services):
+    """Connections reset right after connecting: the accepted socket may have no peer.
+
+    getpeername raised ENOTCONN out of the connection handler, and the
+    listener's nursery with it.
+    """
+    dep = services.deployments["local"]
+    host, port = dep.address.rsplit(":", 1)
+    for _ in range(300):
+        s = socket.create_connection((host, int(port)))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+    assert dep.proc.poll() is None
