@@ -87,7 +87,7 @@ class TLS:
         """The TLS stream over ``tcp`` once the server's certificate is trusted.
 
         An untrusted certificate raises EACCES (not retried: it will not
-        change); ``tcp`` is closed then.
+        change). ``tcp`` is closed if this fails.
         """
         ctx = ssl.create_default_context(cafile=self.ca_file)
         if self.ca_file is None:  # the pinned fingerprint alone vouches for it
@@ -98,9 +98,9 @@ class TLS:
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as e:
-            if not isinstance(e.__cause__, ssl.SSLCertVerificationError):
-                raise
             await tcp.aclose()
+            if not isinstance(e.__cause__, ssl.SSLCertVerificationError):
+                raise  # e.g. a server not speaking TLS: retried, as a lost connection
             raise FSError(errno.EACCES, "metaserver certificate not trusted:"
                                         f" {e.__cause__.verify_message}") from None
         seen = cert_fingerprint(stream.getpeercert(binary_form=True))

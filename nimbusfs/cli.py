@@ -3,7 +3,7 @@
     nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
                               [--read-only] [--foreground]
-                              [--tls-ca FILE | --tls-fingerprint SHA256 | --insecure]
+                              [--tls-ca FILE] [--tls-fingerprint SHA256] [--insecure]
     nimbusfs umount MOUNTPOINT
     nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--tls-cert F [--tls-key F]]
     nimbusfs user add NAME [--quota BYTES] --dsn DSN
@@ -62,7 +62,7 @@ def _tls(args: argparse.Namespace):
 
 def _tls_argv(args: argparse.Namespace) -> list[str]:
     """The client TLS flags given, to pass on to a child process."""
-    return [*(["--tls-ca", args.tls_ca] if args.tls_ca else []),
+    return [*(["--tls-ca", os.path.abspath(args.tls_ca)] if args.tls_ca else []),
             *(["--tls-fingerprint", args.tls_fingerprint] if args.tls_fingerprint else []),
             *(["--insecure"] if args.insecure else [])]
 
