@@ -149,8 +149,14 @@ async def test_arguments_of_the_wrong_type_are_einval(services):
         attr = await c.call("getattr", ino=ino)
         assert (attr["version"], attr["mode"]) == (0, 0o100644)  # nothing applied
         assert [n for n, _ in await c.call("readdir", ino=root)] == [b".", b"..", b"f"]
+    token = dep.new_user()
+    for device in ("a\0b", "x" * 256, 7):  # stored in text columns with every change
+        stream, reader = await open_raw(dep)
+        await stream.send_all(pack([1, "hello", {"token": token, "device": device}]))
+        assert (await reader.read())[1] == errno.EPROTO, device
+        await stream.aclose()
     stream, reader = await open_raw(dep)  # the request's envelope: op_id, replay
-    await stream.send_all(pack([1, "hello", {"token": dep.new_user(), "device": "t"}]))
+    await stream.send_all(pack([1, "hello", {"token": token, "device": "t"}]))
     root = (await reader.read())[2]["root"]
     for i, envelope in enumerate(({"op_id": "\0"}, {"op_id": ""}, {"op_id": 7},
                                   {"op_id": "x" * 65}, {"op_id": "a", "replay": 1}), 2):
