@@ -27,7 +27,7 @@ from blockstore import open_store
 from cache import BlockCache
 from fusefs.adapter import Kernel, Operations
 from fusefs.vfs import VFS
-from metaserver.client import MetaClient
+from metaserver.client import TLS, MetaClient
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class MountConfig:
     read_only: bool = False
     outage_timeout: float = 60.0
     label: str = ""                  # names this mount in conflicted copies (default: below)
+    tls: TLS | None = None           # how to trust the metaserver (see MetaClient)
+    insecure: bool = False           # the token may go in clear to a non-loopback server
 
 
 class MountFailed(Exception):
@@ -181,7 +183,7 @@ async def serve(cfg: MountConfig) -> None:
     shutil.rmtree(os.path.join(cfg.cache_dir, "staging"), ignore_errors=True)
     async with trio.open_nursery() as nursery:
         client = MetaClient(nursery, cfg.server, cfg.token, device_name(cfg),
-                            cfg.outage_timeout)
+                            cfg.outage_timeout, cfg.tls, cfg.insecure)
         await client.connect()
         store = open_store(cfg.blocks or client.info["blocks"], client.call,
                            cfg.outage_timeout)

@@ -2,7 +2,10 @@
 
 Used by the mount and by the CLI. A background task reads responses and wakes
 the caller waiting on each request id, and hands pushed change lists to
-``on_push``. If the connection drops, calls reconnect with backoff and are sent
+``on_push``. The token is sent in clear only to a loopback address (or with
+``insecure``); elsewhere the connection is TLS, the server's certificate
+checked against a CA file or a pinned SHA-256 fingerprint before the token
+is sent. If the connection drops, calls reconnect with backoff and are sent
 again: every mutation carries an ``op_id`` so that the server applies it once
 even if the first attempt did reach it. A call that has no answer
 ``outage_timeout`` seconds after it was made fails with EIO.
@@ -11,17 +14,20 @@ even if the first attempt did reach it. A call that has no answer
 from __future__ import annotations
 
 import errno
+import ipaddress
 import itertools
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import PUSH, FrameReader, pack
+from metaserver.protocol import PUSH, FrameReader, cert_fingerprint, pack
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +43,97 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _local(address: str) -> bool:
+    # 0.0.0.0 reaches this host: the embedded server started with --listen
+    # 0.0.0.0:PORT records that address for its own mounts.
+    a = ipaddress.ip_address(address)
+    return a.is_loopback or a.is_unspecified
+
+
+async def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is on this host (False if none)."""
+    try:
+        return _local(host)
+    except ValueError:
+        pass
+    try:
+        infos = await trio.socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(_local(i[4][0]) for i in infos)
+
+
+@dataclass(frozen=True)
+class TLS:
+    """How a client checks the metaserver's certificate, before it sends its token.
+
+    ``ca_file``: the chain and the host name are verified against this CA.
+    ``fingerprint``: the certificate's SHA-256 must be this one (as the server
+    prints it; colons and case do not matter). Either, or both.
+    """
+
+    ca_file: str | None = None
+    fingerprint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ca_file is None and self.fingerprint is None:
+            raise ValueError("TLS needs a CA file or a certificate fingerprint")
+        if self.fingerprint is not None:
+            digits = self.fingerprint.replace(":", "").upper()
+            if len(digits) != 64 or not all(c in "0123456789ABCDEF" for c in digits):
+                raise ValueError(f"not a SHA-256 fingerprint: {self.fingerprint!r}")
+            object.__setattr__(self, "fingerprint", bytes.fromhex(digits).hex(":").upper())
+
+    async def wrap(self, tcp: trio.SocketStream, host: str) -> trio.SSLStream:
+        """The TLS stream over ``tcp`` once the server's certificate is trusted.
+
+        An untrusted certificate raises EACCES (not retried: it will not
+        change). ``tcp`` is closed if this fails.
+        """
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if self.ca_file is None:  # the pinned fingerprint alone vouches for it
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        # No close_notify either way (https_compatible): frames delimit themselves.
+        stream = trio.SSLStream(tcp, ctx, server_hostname=host, https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as e:
+            await tcp.aclose()
+            if not isinstance(e.__cause__, ssl.SSLCertVerificationError):
+                raise  # e.g. a server not speaking TLS: retried, as a lost connection
+            raise FSError(errno.EACCES, "metaserver certificate not trusted:"
+                                        f" {e.__cause__.verify_message}") from None
+        seen = cert_fingerprint(stream.getpeercert(binary_form=True))
+        if self.fingerprint is not None and seen != self.fingerprint:
+            await tcp.aclose()
+            raise FSError(errno.EACCES, f"metaserver certificate fingerprint {seen} is not"
+                                        f" the pinned {self.fingerprint}")
+        return stream
+
+
 class MetaClient:
     def __init__(self, nursery: trio.Nursery, address: str, token: str, device: str,
-                 outage_timeout: float = 60.0) -> None:
+                 outage_timeout: float = 60.0, tls: TLS | None = None,
+                 insecure: bool = False) -> None:
         self.nursery = nursery
         self.host, self.port = parse_address(address)
         self.token = token
         self.device = device
         self.outage_timeout = outage_timeout
+        self.tls = tls
+        self.insecure = insecure  # send the token in clear to a non-loopback address
         self.info: dict[str, Any] = {}
         self.on_push: Callable[[list], None] | None = None
         self.cursor = 0                 # newest change seen, for resubscribing
         self._subscribed = False
         self._ids = itertools.count(1)
-        self._stream: trio.SocketStream | None = None
+        self._stream: trio.abc.Stream | None = None
         self._pending: dict[int, list] = {}
         self._connect_lock = trio.Lock()
         self._send_lock = trio.Lock()
 
-    async def connect(self, deadline: float | None = None) -> trio.SocketStream:
+    async def connect(self, deadline: float | None = None) -> trio.abc.Stream:
         """Return the connection, opening it (with backoff) if there is none.
 
         Fails with EIO at ``deadline`` (trio time; default ``outage_timeout``
@@ -72,21 +150,29 @@ class MetaClient:
         raise FSError(errno.EIO, f"metaserver {self.host}:{self.port} unreachable for"
                                  f" {self.outage_timeout:g} s")
 
-    async def _connect(self, deadline: float) -> trio.SocketStream:
+    async def _connect(self, deadline: float) -> trio.abc.Stream:
         async with self._connect_lock:
             if self._stream is not None:
                 return self._stream
+            if not (self.tls or self.insecure or await is_loopback(self.host)):
+                raise FSError(errno.EPERM, f"refusing to send the token in clear to {self.host}:"
+                                           " give --tls-ca or --tls-fingerprint (or --insecure)")
             delay = 0.05
             while True:
                 try:
-                    stream = await trio.open_tcp_stream(self.host, self.port)
-                    stream.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
+                    stream = tcp = await trio.open_tcp_stream(self.host, self.port)
+                    tcp.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
+                    if self.tls is not None:
+                        stream = await self.tls.wrap(tcp, self.host)
                     reader = FrameReader(stream)
                     await stream.send_all(pack([0, "hello", {"token": self.token,
                                                              "device": self.device}]))
                     reply = await reader.read()
                     if reply is None:
                         raise ConnectionResetError("closed during hello")
+                    if reply[1] == errno.EAGAIN:  # too many wrong tokens from this address
+                        await stream.aclose()
+                        raise ConnectionRefusedError(reply[2])
                     break
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                     if trio.current_time() + delay > deadline:
@@ -132,7 +218,7 @@ class MetaClient:
             self.on_push([])  # an empty list means: drop all caches
         return point
 
-    async def _read_loop(self, stream: trio.SocketStream, reader: FrameReader) -> None:
+    async def _read_loop(self, stream: trio.abc.Stream, reader: FrameReader) -> None:
         try:
             while (msg := await reader.read()) is not None:
                 if msg[0] == PUSH:
@@ -216,7 +302,8 @@ class MetaClient:
 
 
 @asynccontextmanager
-async def connect(address: str, token: str, device: str, outage_timeout: float = 60.0
+async def connect(address: str, token: str, device: str, outage_timeout: float = 60.0,
+                  tls: TLS | None = None, insecure: bool = False
                   ) -> AsyncIterator[MetaClient]:
     """Open a client for the duration of the block.
 
@@ -225,7 +312,7 @@ async def connect(address: str, token: str, device: str, outage_timeout: float =
     """
     failure: FSError | None = None
     async with trio.open_nursery() as nursery:
-        client = MetaClient(nursery, address, token, device, outage_timeout)
+        client = MetaClient(nursery, address, token, device, outage_timeout, tls, insecure)
         try:
             await client.connect()
         except FSError as e:

@@ -31,7 +31,7 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgpack
 from psycopg import Cursor
@@ -51,6 +51,11 @@ from metaserver.protocol import (
 BIGINT_MAX = (1 << 63) - 1
 # Hashes one have_blocks request may ask about.
 MAX_KEYS = 10_000
+# mode, uid, gid and rdev: unsigned in the kernel (stat's functions refuse a
+# negative mode), stored in PostgreSQL integer columns. The server checks each
+# request's arguments against the operation's annotations, this range
+# included (``server._conforms``).
+UInt31 = Annotated[int, range(1 << 31)]
 
 OPS: dict[str, Callable[..., Any]] = {}
 
@@ -331,8 +336,8 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
 
 
 @op
-def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int, uid: int,
-          gid: int, rdev: int = 0) -> dict[str, int]:
+def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: UInt31, uid: UInt31,
+          gid: UInt31, rdev: UInt31 = 0) -> dict[str, int]:
     """Create a file, directory, FIFO or socket (the type is in ``mode``)."""
     if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK,
                                  stat.S_IFCHR, stat.S_IFBLK):
@@ -342,7 +347,7 @@ def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int
 
 @op
 def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target: bytes,
-            uid: int, gid: int) -> dict[str, int]:
+            uid: UInt31, gid: UInt31) -> dict[str, int]:
     if len(target) > 4095:
         raise FSError(errno.ENAMETOOLONG, "symlink target too long")
     return _new_inode(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid,
@@ -521,8 +526,8 @@ SETATTR_KEYS = frozenset(inspect.signature(_setattr).parameters) - {"cur", "a"}
 
 
 @op
-def setattr(cur: Cursor, u: User, device: str, ino: int, mode: int | None = None,
-            uid: int | None = None, gid: int | None = None, atime: int | None = None,
+def setattr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = None,
+            uid: UInt31 | None = None, gid: UInt31 | None = None, atime: int | None = None,
             mtime: int | None = None) -> dict[str, int]:
     """Change mode, owner or times; ctime becomes now. Size changes are commits."""
     attr = _setattr(cur, _inode(cur, u, ino, lock=True), mode, uid, gid, atime, mtime)
@@ -746,7 +751,8 @@ def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
 
 
 @op
-def commit(cur: Cursor, u: User, device: str, ino: int, base: int, extents: list, size: int,
+def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
+           extents: list[tuple[bytes | None, int]], size: int,
            mtime: int, kill_priv: bool = False, parent: int | None = None,
            name: bytes | None = None, attrs: dict[str, int] | None = None,
            amend: bool = False) -> dict[str, Any]:

@@ -718,14 +718,19 @@ def make_app(server: "MetaServer") -> FastAPI:
     return app
 
 
-async def serve_http(server: "MetaServer", address: str,
+async def serve_http(server: "MetaServer", address: str, certfile: str | None = None,
+                     keyfile: str | None = None,
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the API on ``HOST:PORT`` until cancelled; ``started`` with its base URL."""
+    """Serve the API on ``HOST:PORT`` until cancelled; ``started`` with its base URL.
+
+    With ``certfile`` (the mount protocol's ``--tls-cert``) it is HTTPS.
+    """
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
     config = Config()
     config.bind = [address]
+    config.certfile, config.keyfile = certfile, keyfile
     config.accesslog = None
     config.include_server_header = False
     async with trio.open_nursery() as nursery:

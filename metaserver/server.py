@@ -5,6 +5,12 @@ replicas may serve one database: every change is announced with PostgreSQL
 NOTIFY at commit, and each replica LISTENs and pushes the change log to the
 mounts connected to it.
 
+A connection is a stranger's until its hello is answered: it has
+``HELLO_TIMEOUT`` seconds and ``MAX_HELLO_FRAME`` bytes to send it, one
+address may hold ``MAX_UNAUTHENTICATED`` such connections, its wrong tokens
+are rate-limited (``WrongTokens``), and what strangers are refused is logged
+as one summary per ``REFUSAL_LOG_INTERVAL``, not a line each.
+
 Per connection: many requests may be in flight (bounded), answered in
 completion order. A request whose args carry ``op_id`` is applied at most
 once: its result is recorded in the same transaction and a replay (after a
@@ -17,7 +23,11 @@ import errno
 import functools
 import inspect
 import logging
-from collections.abc import Iterator
+import ssl
+import types
+import typing
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -33,11 +43,16 @@ from metaserver.auth import User, authenticate
 from metaserver.blocks import BlockAccess
 from metaserver.db import Database
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import PUSH, FrameReader, pack
+from metaserver.protocol import MAX_HELLO_FRAME, PUSH, FrameError, FrameReader, pack
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
+HELLO_TIMEOUT = 10.0
+MAX_UNAUTHENTICATED = 64     # per address: mounts may share one (NAT; the tests' 127.0.0.1)
+WRONG_TOKEN_BURST = 20       # per address, then WRONG_TOKEN_RATE a second
+WRONG_TOKEN_RATE = 1.0
+REFUSAL_LOG_INTERVAL = 10.0
 # Change-log sequence numbers are assigned before commit, so a later number
 # can become visible before an earlier one. Each push therefore looks back
 # this many numbers for late arrivals and skips those already sent.
@@ -48,6 +63,89 @@ _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError)
 
 
 _signature = functools.cache(inspect.signature)
+# PostgreSQL's bigint, the widest integer column. msgpack decodes ints up to
+# 2**64 - 1; a larger one than this reaches psycopg as numeric and fails
+# inside the transaction.
+_INT64 = range(-(1 << 63), 1 << 63)
+
+
+@functools.cache
+def _arg_types(fn: Callable[..., Any]) -> dict[str, Any]:
+    """The annotated type of each parameter of ``fn``: what a request may pass.
+
+    The operation's own annotations are the one declaration of its arguments'
+    shape. A parameter without one is a bug, raised when the server starts.
+    """
+    hints = typing.get_type_hints(fn, include_extras=True)
+    missing = [p for p in _signature(fn).parameters if p not in hints]
+    if missing:
+        raise TypeError(f"{fn.__qualname__}: parameters {missing} have no annotation")
+    return hints
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a decoded msgpack value has the annotated type ``hint``.
+
+    Exact types, as msgpack decodes them: an int is not a bool (nor the
+    reverse) and fits in a bigint; a ``tuple[...]`` annotation is an array of
+    that many items (msgpack has no tuples); ``list[T]`` and ``dict[K, V]``
+    check every item; ``Annotated[int, range(...)]`` an int in that range.
+    ``Any`` and unparameterised containers check no items.
+    """
+    origin, params = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin is typing.Annotated:
+        return _conforms(value, params[0]) and all(value in r for r in params[1:]
+                                                   if isinstance(r, range))
+    if origin in (types.UnionType, typing.Union):
+        return any(_conforms(value, h) for h in params)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return type(value) is int and value in _INT64
+    if origin is tuple:
+        return (type(value) is list and len(value) == len(params)
+                and all(map(_conforms, value, params)))
+    if origin is list:
+        return type(value) is list and all(_conforms(v, params[0]) for v in value)
+    if origin is dict:
+        return type(value) is dict and all(_conforms(k, params[0]) and _conforms(v, params[1])
+                                           for k, v in value.items())
+    return type(value) is hint
+
+
+def _describe(hint: Any) -> str:
+    """``hint`` as an error message names it: ``mode must be an int in [0, 10) or None``."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(map(_describe, typing.get_args(hint)))
+    if hint is type(None):
+        return "None"
+    if hint is int:
+        return f"an int in [{_INT64.start}, {_INT64.stop})"
+    if origin is typing.Annotated:
+        r = typing.get_args(hint)[1]
+        return f"an int in [{r.start}, {r.stop})"
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def _check_args(opname: str, fn: Callable[..., Any], fixed: tuple, args: dict[str, Any]
+                ) -> None:
+    """Raise EINVAL unless ``fn(*fixed, **args)`` is a call its annotations allow.
+
+    Checked before any transaction, so a malformed request changes nothing and
+    costs no database round trip.
+    """
+    try:
+        _signature(fn).bind(*fixed, **args)
+    except TypeError as e:
+        raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
+    types_ = _arg_types(fn)
+    for name, value in args.items():
+        if not _conforms(value, types_[name]):
+            raise FSError(errno.EINVAL, f"bad arguments for {opname}: {name} must be"
+                                        f" {_describe(types_[name])}")
 
 
 def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
@@ -112,10 +210,40 @@ def _trim(cur: psycopg.Cursor) -> None:
                 " WHERE EXISTS (SELECT 1 FROM d)", (LOG_RETENTION_DAYS,))
 
 
+class WrongTokens:
+    """Wrong tokens per peer address: a bucket of ``burst`` refilled at ``rate`` a second.
+
+    While an address's bucket is empty its hellos are answered EAGAIN without
+    looking at the token (the client waits and tries again), so a flood from
+    one address has at most ``rate`` tokens a second checked, each a
+    transaction. A mount behind that address waits too, until the bucket
+    refills: the server cannot tell it from the flood.
+    """
+
+    def __init__(self, burst: int, rate: float) -> None:
+        self.burst = burst
+        self.rate = rate
+        self.levels: dict[str, tuple[float, float]] = {}  # address: (level, when)
+
+    def _level(self, peer: str, now: float) -> float:
+        level, when = self.levels.get(peer, (self.burst, now))
+        return min(self.burst, level + (now - when) * self.rate)
+
+    def allowed(self, peer: str) -> bool:
+        return self._level(peer, trio.current_time()) >= 1
+
+    def failed(self, peer: str) -> None:
+        now = trio.current_time()
+        self.levels[peer] = (self._level(peer, now) - 1, now)
+        if len(self.levels) > 4096:  # many addresses: forget those whose buckets are full
+            self.levels = {p: v for p, v in self.levels.items()
+                           if self._level(p, now) < self.burst}
+
+
 class Session:
     """One authenticated mount connection."""
 
-    def __init__(self, stream: trio.SocketStream, user: User, device: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, user: User, device: str) -> None:
         self.stream = stream
         self.user = user
         self.device = device
@@ -130,16 +258,24 @@ class Session:
 
 
 class MetaServer:
-    """``proxy``: mounts get no store address; blocks go through ``BlockAccess``."""
+    """``proxy``: mounts get no store address; blocks go through ``BlockAccess``.
+    ``tls``: every connection is TLS."""
 
-    def __init__(self, db: Database, dsn: str, store: BlockStore, proxy: bool = False) -> None:
+    def __init__(self, db: Database, dsn: str, store: BlockStore, proxy: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
+        for fn in namespace.OPS.values():
+            _arg_types(fn)  # every operation's arguments are declared (or it fails here)
         self.db = db
         self.dsn = dsn
         self.blocks_url = PROXY_URL if proxy else store.url
+        self.tls = tls
         self.limiter = trio.CapacityLimiter(db.pool_size)
         self.blocks = BlockAccess(store, proxy, self.call)
         self.subscribers: dict[int, set[Session]] = {}
         self.watchers: dict[int, set[trio.Event]] = {}
+        self.unauthenticated: Counter[str] = Counter()   # connections before hello, by address
+        self.wrong_tokens = WrongTokens(WRONG_TOKEN_BURST, WRONG_TOKEN_RATE)
+        self.refusals: Counter[tuple[str, str]] = Counter()  # (address, why) since the last summary
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(cur, ...)`` in one transaction on a worker thread.
@@ -158,6 +294,7 @@ class MetaServer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen)
             nursery.start_soon(self._housekeeping)
+            nursery.start_soon(self._log_refusals)
             listeners = await nursery.start(
                 partial(trio.serve_tcp, self.handle_connection, port, host=host))
             task_status.started(listeners)
@@ -265,7 +402,7 @@ class MetaServer:
                 except _GONE:
                     return
 
-    async def _subscribe(self, s: Session, nursery: trio.Nursery, cursor: int
+    async def _subscribe(self, s: Session, nursery: trio.Nursery, cursor: int = 0
                          ) -> dict[str, Any]:
         point = await self.call(_subscribe_point, s.user.id, cursor)
         first = s.cursor < 0
@@ -278,17 +415,68 @@ class MetaServer:
 
     # --- connections -----------------------------------------------------------------
 
-    async def _hello(self, reader: FrameReader, stream: trio.SocketStream) -> Session | None:
-        msg = await reader.read()
-        if not (isinstance(msg, list) and len(msg) == 3 and msg[1] == "hello"
-                and isinstance(msg[2], dict)):
-            await stream.send_all(pack([0, errno.EPROTO, "expected hello"]))
-            return None
-        rid, _, args = msg
+    def _refused(self, peer: str, why: str) -> None:
+        """Count a stranger's refused connection; only the first of an interval is logged now."""
+        if not self.refusals:
+            log.warning("refused a connection from %s: %s (more are summed up every %.0f s)",
+                        peer, why, REFUSAL_LOG_INTERVAL)
+        self.refusals[peer, why] += 1
+
+    async def _log_refusals(self) -> None:
+        """Log each interval's refusals in one line (a lone one was logged as it came)."""
+        while True:
+            await trio.sleep(REFUSAL_LOG_INTERVAL)
+            total = sum(self.refusals.values())
+            if total > 1:
+                top = self.refusals.most_common(5)
+                log.warning("refused %d connections in %.0f s: %s%s", total,
+                            REFUSAL_LOG_INTERVAL,
+                            ", ".join(f"{n} from {peer} ({why})" for (peer, why), n in top),
+                            ", ..." if len(self.refusals) > len(top) else "")
+            self.refusals.clear()
+
+    async def _hello(self, reader: FrameReader, stream: trio.abc.Stream, peer: str
+                     ) -> Session | None:
+        """Authenticate a new connection: its session, or None if refused (the reply says why).
+
+        Only the hello (and a TLS handshake) must come within ``HELLO_TIMEOUT``:
+        checking the token may wait for the database, which is no fault of the peer's.
+        """
         try:
-            user = await self.call(authenticate, str(args.get("token", "")))
+            with trio.move_on_after(HELLO_TIMEOUT) as timeout:
+                msg = await reader.read(MAX_HELLO_FRAME)
+            if timeout.cancelled_caught:
+                self._refused(peer, f"no hello within {HELLO_TIMEOUT:.0f} s")
+                return None
+        except FrameError as e:
+            self._refused(peer, str(e))
+            return None
+        except trio.BrokenResourceError as e:
+            if isinstance(e.__cause__, ssl.SSLError):  # e.g. a client not speaking TLS
+                self._refused(peer, f"TLS handshake failed: {e.__cause__.reason}")
+            return None
+        if msg is None:
+            return None
+        args = msg[2] if (isinstance(msg, list) and len(msg) == 3 and msg[1] == "hello"
+                          and isinstance(msg[2], dict)) else {}
+        token, device = args.get("token"), args.get("device", "")
+        if not (type(token) is str and type(device) is str and len(device) <= 255
+                and "\0" not in device):
+            self._refused(peer, "not a hello")
+            await stream.send_all(pack([0, errno.EPROTO, "expected hello with a token and a"
+                                                          " device name"]))
+            return None
+        rid = msg[0]
+        if not self.wrong_tokens.allowed(peer):
+            self._refused(peer, "too many wrong tokens")
+            await stream.send_all(pack([rid, errno.EAGAIN, "too many wrong tokens from this"
+                                                            " address; try again later"]))
+            return None
+        try:
+            user = await self.call(authenticate, token)
         except FSError as e:
-            log.warning("rejected connection: %s", e)
+            self.wrong_tokens.failed(peer)
+            self._refused(peer, e.message)
             await stream.send_all(pack([rid, e.errno, e.message]))
             return None
         except psycopg.OperationalError as e:
@@ -297,9 +485,23 @@ class MetaServer:
             return None
         await stream.send_all(pack([rid, 0, {"user": user.name, "root": user.root,
                                              "blocks": self.blocks_url}]))
-        return Session(stream, user, str(args.get("device", "")))
+        return Session(stream, user, device)
 
-    async def handle_connection(self, stream: trio.SocketStream) -> None:
+    async def _authenticate(self, reader: FrameReader, stream: trio.abc.Stream, peer: str
+                            ) -> Session | None:
+        """``_hello``, as one of the address's few strangers (or refused if too many)."""
+        if self.unauthenticated[peer] >= MAX_UNAUTHENTICATED:
+            self._refused(peer, f"over {MAX_UNAUTHENTICATED} connections before hello")
+            return None
+        self.unauthenticated[peer] += 1
+        try:
+            return await self._hello(reader, stream, peer)
+        finally:
+            self.unauthenticated[peer] -= 1
+            if not self.unauthenticated[peer]:
+                del self.unauthenticated[peer]
+
+    async def handle_connection(self, tcp: trio.SocketStream) -> None:
         """Serve one mount's connection until it closes.
 
         Whatever happens to one connection ends that connection only: an
@@ -308,19 +510,29 @@ class MetaServer:
         the connection) is caught inside the nursery, where it is raised, as
         the nursery would wrap it in an ExceptionGroup on its way out.
         """
+        try:
+            peer = tcp.socket.getpeername()[0]
+        except OSError:  # reset before it was served (ENOTCONN)
+            await tcp.aclose()
+            return
+        # The TLS handshake happens on the first receive, within the hello's time.
+        # No close_notify (https_compatible): frames delimit themselves, and a
+        # closing TLS stream would otherwise finish a stranger's handshake first.
+        stream = tcp if self.tls is None else trio.SSLStream(tcp, self.tls, server_side=True,
+                                                             https_compatible=True)
         reader = FrameReader(stream)
         slots = trio.Semaphore(MAX_IN_FLIGHT)
         session = None
         try:
             async with trio.open_nursery() as nursery:
                 try:
-                    session = await self._hello(reader, stream)
+                    session = await self._authenticate(reader, stream, peer)
                     while session is not None and (msg := await reader.read()) is not None:
                         await slots.acquire()
                         nursery.start_soon(self._answer, session, nursery, slots, msg)
                 except _GONE:
                     pass
-                except ValueError as e:
+                except FrameError as e:
                     log.warning("closing connection: %s", e)
                 nursery.cancel_scope.cancel()
         except Exception:
@@ -333,7 +545,8 @@ class MetaServer:
     async def _dispatch(self, s: Session, nursery: trio.Nursery, opname: str,
                         args: dict[str, Any]) -> Any:
         if opname == "subscribe":
-            return await self._subscribe(s, nursery, int(args.get("cursor") or 0))
+            _check_args(opname, self._subscribe, (s, nursery), args)
+            return await self._subscribe(s, nursery, **args)
         if opname in ("put_block", "get_block"):
             try:
                 return await getattr(self.blocks, opname[:3])(s.user, **args)
@@ -345,11 +558,13 @@ class MetaServer:
         if fn is None:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
         op_id = args.pop("op_id", None)
-        replay = bool(args.pop("replay", False))
-        try:
-            _signature(fn).bind(None, s.user, s.device, **args)
-        except TypeError as e:
-            raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
+        replay = args.pop("replay", False)
+        # op_id is stored in a text column (no NUL); the client sends 32 hex digits.
+        if not (op_id is None or (type(op_id) is str and 0 < len(op_id) <= 64
+                                  and "\0" not in op_id)) or type(replay) is not bool:
+            raise FSError(errno.EINVAL, f"bad arguments for {opname}: op_id must be a str of"
+                                        " 1-64 characters but NUL, replay a bool")
+        _check_args(opname, fn, (None, s.user, s.device), args)
         if op_id is None:
             return await self.call(fn, s.user, s.device, **args)
         return await self.call(_once, f"{s.user.id}:{op_id}", replay, fn, s.user, s.device,

@@ -3,14 +3,18 @@
     nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
                               [--read-only] [--label L] [--foreground]
+                              [--tls-ca FILE] [--tls-fingerprint SHA256] [--insecure]
     nimbusfs umount MOUNTPOINT
-    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL
+    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--tls-cert F [--tls-key F]]
     nimbusfs user add NAME [--quota BYTES] --dsn DSN
     nimbusfs token create USER --dsn DSN
     nimbusfs status
 
 Without ``--server``, ``mount`` starts (or reuses) the embedded default under
-``$NIMBUSFS_HOME`` and mounts its owner's volume.
+``$NIMBUSFS_HOME`` and mounts its owner's volume. A client sends its token to
+a metaserver that is not on loopback only over TLS (``--tls-ca`` or
+``--tls-fingerprint``, which ``server --tls-cert`` prints), or with
+``--insecure``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,33 @@ def _label(text: str) -> str:
     if "/" in text or not 0 < len(text.encode()) <= 64:
         raise argparse.ArgumentTypeError(f"bad label {text!r} (1-64 bytes, no '/')")
     return text
+
+
+def _tls(args: argparse.Namespace):
+    """The client's TLS settings from ``--tls-ca``/``--tls-fingerprint`` (None: plain TCP)."""
+    from metaserver.client import TLS
+
+    if args.tls_ca is None and args.tls_fingerprint is None:
+        return None
+    try:
+        return TLS(args.tls_ca, args.tls_fingerprint)
+    except ValueError as e:
+        raise SystemExit(f"nimbusfs: {e}") from None
+
+
+def _tls_argv(args: argparse.Namespace) -> list[str]:
+    """The client TLS flags given, to pass on to a child process."""
+    return [*(["--tls-ca", os.path.abspath(args.tls_ca)] if args.tls_ca else []),
+            *(["--tls-fingerprint", args.tls_fingerprint] if args.tls_fingerprint else []),
+            *(["--insecure"] if args.insecure else [])]
+
+
+def _add_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", help="CA file that verifies the metaserver's certificate")
+    p.add_argument("--tls-fingerprint",
+                   help="the metaserver certificate's SHA-256 (as `nimbusfs server` prints it)")
+    p.add_argument("--insecure", action="store_true",
+                   help="send the token to a metaserver not on loopback without TLS")
 
 
 def _mount_name(mountpoint: str) -> str:
@@ -92,7 +123,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cache_dir=os.path.abspath(args.cache_dir or emb.path("cache", name)),
             cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
             allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
-            read_only=args.read_only, label=args.label or "")
+            read_only=args.read_only, label=args.label or "", tls=_tls(args),
+            insecure=args.insecure)
         rc = _run_mount(cfg) if args.foreground else _spawn_mount(args, emb, cfg, name)
         mounted = rc == 0
         return rc
@@ -127,6 +159,7 @@ def _run_mount(cfg) -> int:
     import trio
 
     from fusefs.mount import MountFailed, serve
+    from metaserver.errors import fs_error
 
     _setup_logging()
     try:
@@ -135,9 +168,12 @@ def _run_mount(cfg) -> int:
         cause = e
         while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
             cause = cause.exceptions[0]  # raised inside the mount's nursery
-        if not isinstance(cause, MountFailed):
+        if isinstance(cause, MountFailed):
+            print(f"nimbusfs: {cause}", file=sys.stderr)
+        elif (err := fs_error(e)) is not None:
+            log.error("mount failed: %s", err.message)  # a refused token, an untrusted server
+        else:
             raise
-        print(f"nimbusfs: {cause}", file=sys.stderr)
         return 1
     return 0
 
@@ -156,6 +192,7 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd.append("--read-only")
     if cfg.label:
         cmd += ["--label", cfg.label]
+    cmd += _tls_argv(args)
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
     print(f"nimbusfs: mounting {cfg.mountpoint}", file=sys.stderr)
     with open(logfile, "ab") as log_f:
@@ -219,7 +256,9 @@ def cmd_supervise(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    import ipaddress
     import signal
+    import ssl
 
     import trio
 
@@ -227,10 +266,20 @@ def cmd_server(args: argparse.Namespace) -> int:
     from metaserver import namespace
     from metaserver.client import parse_address
     from metaserver.db import Database
+    from metaserver.protocol import cert_fingerprint
     from metaserver.rest import serve_http
     from metaserver.server import MetaServer
 
     _setup_logging()
+    tls, fingerprint = None, None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        with open(args.tls_cert) as f:
+            pem = f.read()
+        end = "-----END CERTIFICATE-----"
+        first = pem[pem.index("-----BEGIN CERTIFICATE-----"):pem.index(end) + len(end)]
+        fingerprint = cert_fingerprint(ssl.PEM_cert_to_DER_cert(first))
     namespace.RETENTION.update(versions=args.keep_versions, days=args.keep_days)
     db = Database(args.dsn, pool_size=args.pool_size)
     db.open()
@@ -239,21 +288,28 @@ def cmd_server(args: argparse.Namespace) -> int:
     store = open_store(args.blocks)
 
     async def main() -> None:
-        server = MetaServer(db, args.dsn, store, proxy=args.proxy_blocks)
+        server = MetaServer(db, args.dsn, store, args.proxy_blocks, tls)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, host, port)
             bound = listeners[0].socket.getsockname()
             address = f"{bound[0]}:{bound[1]}"
             log.info("metaserver listening on %s (blocks %s%s)", address, args.blocks,
                      ", through this server" if args.proxy_blocks else "")
+            if fingerprint:
+                log.info("TLS certificate SHA-256 fingerprint: %s", fingerprint)
+            elif not ipaddress.ip_address(bound[0]).is_loopback:
+                log.warning("listening beyond loopback without TLS (--tls-cert): tokens"
+                            " travel in clear")
             http = ""
             if args.http:
-                http = await nursery.start(serve_http, server, args.http)
+                http = await nursery.start(serve_http, server, args.http, args.tls_cert,
+                                           args.tls_key)
                 log.info("HTTP API on %s/api/v1", http)
             if args.info_file:
                 tmp = args.info_file + ".tmp"
                 with open(tmp, "w") as f:
-                    json.dump({"pid": os.getpid(), "address": address, "http": http}, f)
+                    json.dump({"pid": os.getpid(), "address": address, "http": http,
+                               "fingerprint": fingerprint}, f)
                 os.rename(tmp, args.info_file)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
@@ -383,7 +439,8 @@ def _with_client(args: argparse.Namespace, fn) -> int:
     server, token, ino = _file_context(args)
 
     async def main() -> int:
-        async with connect(server, token, f"{os.uname().nodename}/cli") as client:
+        async with connect(server, token, f"{os.uname().nodename}/cli", tls=_tls(args),
+                           insecure=args.insecure) as client:
             return await fn(client, ino)
 
     try:
@@ -459,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
+    _add_tls_args(m)
     m.set_defaults(fn=cmd_mount)
 
     u = sub.add_parser("umount", help="flush and unmount")
@@ -480,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="versions kept per file regardless of age (default 100)")
     s.add_argument("--keep-days", type=int, default=30,
                    help="older versions are kept this many days (default 30)")
+    s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM, chain first)")
+    s.add_argument("--tls-key", help="its private key (PEM; default: in --tls-cert)")
     s.add_argument("--info-file", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_server)
 
@@ -513,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
             v.add_argument("--version", type=int, required=name == "restore")
         v.add_argument("--server", help="metaserver (default: the mount's)")
         v.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
+        _add_tls_args(v)
         v.set_defaults(fn=fn)
     return p
 

@@ -3,15 +3,53 @@
 from __future__ import annotations
 
 import errno
+import json
+import os
+import re
 import socket
 import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 import trio
 
-from metaserver.client import connect
+from conftest import Deployment, Services, start_metaserver, wait_until
+from metaserver import server
+from metaserver.client import TLS, connect, is_loopback
 from metaserver.errors import FSError
 from metaserver.protocol import FrameReader, pack
+
+
+def log_size(dep: Deployment) -> int:
+    with open(dep.log_path, "rb") as f:
+        return f.seek(0, 2)
+
+
+def log_since(dep: Deployment, offset: int) -> str:
+    with open(dep.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
+async def open_raw(dep: Deployment) -> tuple[trio.SocketStream, FrameReader]:
+    host, port = dep.address.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    return stream, FrameReader(stream)
+
+
+async def closed_by_server(stream: trio.SocketStream) -> bool:
+    """Whether the server closes ``stream`` (within a bound on a hang), reading what it sent."""
+    with trio.move_on_after(60):
+        try:
+            while await stream.receive_some(1 << 16):
+                pass
+        except trio.BrokenResourceError:
+            pass  # a reset: closed too
+        return True
+    return False
 
 
 async def test_bad_token_is_refused(services):
@@ -69,6 +107,65 @@ async def test_bad_arguments_are_einval(services):
         assert (r["attr"]["mode"], r["attr"]["uid"], r["attr"]["version"]) == (0o100600, 7, 1)
 
 
+async def test_arguments_of_the_wrong_type_are_einval(services):
+    """Each argument is checked against its operation's annotation, before any transaction.
+
+    They answered EIO "internal error" with a traceback in the server's log (a
+    str where bytes belong, a bool for an int, a uint64 beyond bigint), or were
+    applied (a str of digits for an inode number).
+    """
+    dep = services.deployments["local"]
+    log_start = log_size(dep)
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        root = c.info["root"]
+        f = await c.call("mknod", parent=root, name=b"f", mode=0o100644, uid=0, gid=0)
+        ino = f["ino"]
+        for op, args, arg in [
+                ("getattr", {"ino": str(ino)}, "ino"),
+                ("getattr", {"ino": True}, "ino"),
+                ("lookup", {"parent": root, "name": "f"}, "name"),
+                ("mknod", {"parent": root, "name": b"g", "mode": 33188.0, "uid": 0, "gid": 0},
+                 "mode"),
+                ("setattr", {"ino": ino, "mtime": 2**64 - 1}, "mtime"),  # msgpack: uint64
+                ("setattr", {"ino": ino, "atime": 2**63}, "atime"),
+                ("setattr", {"ino": ino, "mode": 1 << 40}, "mode"),  # an integer column
+                ("mknod", {"parent": root, "name": b"g", "mode": -1, "uid": 0, "gid": 0},
+                 "mode"),
+                ("mknod", {"parent": root, "name": b"g", "mode": 0o100644, "uid": 2**31,
+                           "gid": 0}, "uid"),
+                ("have_blocks", {"keys": [b"k", 1]}, "keys"),
+                ("open", {"ino": ino, "read": 1}, "read"),
+                ("commit", {"ino": ino, "base": 0, "extents": [[b"k", "5"]], "size": 5,
+                            "mtime": 0}, "extents"),
+                ("commit", {"ino": ino, "base": 0, "extents": [[None, 1, 2]], "size": 1,
+                            "mtime": 0}, "extents"),
+                ("commit", {"ino": ino, "base": 0, "extents": [], "size": 0, "mtime": 0,
+                            "attrs": {"mode": True}}, "attrs"),
+                ("subscribe", {"cursor": "x"}, "cursor")]:
+            with pytest.raises(FSError) as e:
+                await c.call(op, **args)
+            assert e.value.errno == errno.EINVAL, (op, args, e.value)
+            assert f"bad arguments for {op}: {arg} must be" in e.value.message
+        attr = await c.call("getattr", ino=ino)
+        assert (attr["version"], attr["mode"]) == (0, 0o100644)  # nothing applied
+        assert [n for n, _ in await c.call("readdir", ino=root)] == [b".", b"..", b"f"]
+    token = dep.new_user()
+    for device in ("a\0b", "x" * 256, 7):  # stored in text columns with every change
+        stream, reader = await open_raw(dep)
+        await stream.send_all(pack([1, "hello", {"token": token, "device": device}]))
+        assert (await reader.read())[1] == errno.EPROTO, device
+        await stream.aclose()
+    stream, reader = await open_raw(dep)  # the request's envelope: op_id, replay
+    await stream.send_all(pack([1, "hello", {"token": token, "device": "t"}]))
+    root = (await reader.read())[2]["root"]
+    for i, envelope in enumerate(({"op_id": "\0"}, {"op_id": ""}, {"op_id": 7},
+                                  {"op_id": "x" * 65}, {"op_id": "a", "replay": 1}), 2):
+        await stream.send_all(pack([i, "getattr", {"ino": root, **envelope}]))
+        assert (await reader.read())[:2] == [i, errno.EINVAL], envelope
+    await stream.aclose()
+    assert "Traceback" not in log_since(dep, log_start)
+
+
 async def test_a_replayed_mutation_is_applied_once(services):
     """A request resent after a lost connection (``replay``) gets the first answer."""
     dep = services.deployments["local"]
@@ -122,3 +219,200 @@ async def test_a_reset_connection_leaves_the_server_serving(services):
             stream.socket.close()
             for _ in range(3):  # several round trips: the reset is handled meanwhile
                 assert (await other.call("getattr", ino=other.info["root"]))["ino"]
+
+
+async def test_a_stranger_may_send_only_a_hello_sized_frame(services):
+    """Before hello a frame may be 4 KiB: a 60 MiB one is refused from its length.
+
+    The server waited for the whole frame and decoded it: one such frame raised
+    its RSS from 44 to 526 MiB, eight half-sent ones held 563 MiB.
+    """
+    dep = services.deployments["local"]
+    stream, _ = await open_raw(dep)
+    await stream.send_all(struct.pack(">I", 60 << 20) + bytes(1 << 16))
+    assert await closed_by_server(stream)
+    await stream.aclose()
+    stream, _ = await open_raw(dep)
+    hello = pack([1, "hello", {"token": dep.new_user(), "device": "x" * 5000}])
+    await stream.send_all(hello)
+    assert await closed_by_server(stream)  # a real hello, but over 4 KiB
+    await stream.aclose()
+    async with connect(dep.address, dep.new_user(), "t") as c:  # the server serves on
+        keys = [i.to_bytes(32, "big") for i in range(1000)]  # 35 KB: after hello, 64 MiB
+        assert await c.call("have_blocks", keys=keys) == []
+
+
+async def test_strangers_per_address_are_capped_and_time_out(services):
+    """An address holds at most 64 connections before hello, each at most 10 s.
+
+    Connections that never sent hello stayed open forever, each with its buffer.
+    """
+    dep = services.deployments["local"]
+    silent = [(await open_raw(dep))[0] for _ in range(server.MAX_UNAUTHENTICATED)]
+    t0 = time.monotonic()
+    one_more, _ = await open_raw(dep)
+    assert await closed_by_server(one_more)  # over the cap: closed at once
+    await one_more.aclose()
+    for stream in silent:  # the hello timeout closes them
+        assert await closed_by_server(stream)
+        await stream.aclose()
+    assert time.monotonic() - t0 >= server.HELLO_TIMEOUT - 1  # not closed before their time
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+
+
+async def test_wrong_tokens_are_rate_limited_and_logged_in_summary(services):
+    """After a burst, an address's hellos are refused (EAGAIN) without checking the token.
+
+    10,000 wrong hellos went through at 566/s and wrote 10,000 log lines. A
+    client with the right token from that address waits and gets in.
+    """
+    dep = services.deployments["local"]
+    log_start = log_size(dep)
+    answers = []
+    t0 = time.monotonic()
+    for i in range(60):
+        stream, reader = await open_raw(dep)
+        await stream.send_all(pack([i, "hello", {"token": f"nfs_wrong{i}", "device": "t"}]))
+        reply = await reader.read()
+        answers.append(reply[1])
+        await stream.aclose()
+    elapsed = time.monotonic() - t0
+    assert set(answers) <= {errno.EACCES, errno.EAGAIN}
+    checked = answers.count(errno.EACCES)
+    assert checked <= server.WRONG_TOKEN_BURST + elapsed * server.WRONG_TOKEN_RATE + 1
+    assert errno.EAGAIN in answers
+    assert log_since(dep, log_start).count("refused") <= 1  # not a line per hello
+    async with connect(dep.address, dep.new_user(), "t", outage_timeout=30) as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+    summary = re.compile(r"refused (\d+) connections in \d+ s: (\d+) from 127\.0\.0\.1")
+    wait_until(lambda: summary.search(log_since(dep, log_start)), 30, "the summary line")
+    assert sum(int(m[1]) for m in summary.finditer(log_since(dep, log_start))) >= 59
+
+
+def self_signed(directory: str, name: str) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+    cert, key = os.path.join(directory, name + ".pem"), os.path.join(directory, name + ".key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", key,
+                    "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def tls_server(services: Services, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[Deployment, str, str]]:
+    """A metaserver serving TLS: (deployment, its certificate, the fingerprint it printed)."""
+    cert, key = self_signed(str(tmp_path_factory.mktemp("tls")), "nimbus-test")
+    emb = services.emb
+    dep = start_metaserver(emb, "tls", "file://" + emb.path("blocks"), services.env,
+                           "--tls-cert", cert, "--tls-key", key)
+    with open(emb.path("run", "server-tls.json")) as f:
+        fingerprint = json.load(f)["fingerprint"]
+    yield dep, cert, fingerprint
+    dep.proc.terminate()
+    dep.proc.wait(30)
+
+
+async def test_tls_with_a_pinned_fingerprint_or_a_ca(tls_server):
+    dep, cert, fingerprint = tls_server
+    openssl = subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-fingerprint",
+                              "-sha256"], check=True, capture_output=True, text=True).stdout
+    assert openssl.strip().endswith("=" + fingerprint)  # what the server printed
+    token = dep.new_user()
+    bare = fingerprint.replace(":", "").lower()
+    assert TLS(fingerprint=bare) == TLS(fingerprint=fingerprint)  # colons, case: either way
+    for i, tls in enumerate((TLS(fingerprint=bare), TLS(ca_file=cert),
+                             TLS(ca_file=cert, fingerprint=fingerprint))):
+        async with connect(dep.address, token, "t", tls=tls) as c:
+            await c.call("mknod", parent=c.info["root"], name=b"f%d" % i, mode=0o100644,
+                         uid=0, gid=0)
+            assert len(await c.call("readdir", ino=c.info["root"])) == 3 + i
+
+
+async def test_tls_refuses_an_untrusted_server_before_the_token(tls_server, tmp_path):
+    """A wrong pin or CA fails at once with EACCES (no retries: it will not change)."""
+    dep, _, fingerprint = tls_server
+    other_ca, _ = self_signed(str(tmp_path), "other")
+    wrong = ("00:" + fingerprint[3:]) if not fingerprint.startswith("00") else \
+        ("11:" + fingerprint[3:])
+    for tls in (TLS(fingerprint=wrong), TLS(ca_file=other_ca),
+                TLS(ca_file=other_ca, fingerprint=fingerprint)):
+        with pytest.raises(FSError) as e:
+            async with connect(dep.address, dep.new_user(), "t", outage_timeout=60, tls=tls):
+                pass
+        assert e.value.errno == errno.EACCES, e.value
+    with pytest.raises(ValueError):
+        TLS(fingerprint="AB:CD")
+
+
+async def test_tls_and_plain_do_not_mix(services, tls_server):
+    """A plain client of a TLS server, and the reverse, fail cleanly (EIO after retries)."""
+    dep, _, fingerprint = tls_server
+    token = dep.new_user()
+    with pytest.raises(FSError) as e:
+        async with connect(dep.address, token, "t", outage_timeout=1):
+            pass
+    assert e.value.errno == errno.EIO
+    plain = services.deployments["local"]
+    with pytest.raises(FSError) as e:
+        async with connect(plain.address, plain.new_user(), "t", outage_timeout=1,
+                           tls=TLS(fingerprint=fingerprint)):
+            pass
+    assert e.value.errno == errno.EIO
+    async with connect(dep.address, token, "t", tls=TLS(fingerprint=fingerprint)) as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+
+
+async def test_no_token_in_clear_beyond_loopback(services, world_tmp):
+    """Without TLS, a client refuses to send its token to a non-loopback address.
+
+    It refuses before connecting: a connection to 10.0.0.1 (unreachable here)
+    would end in EIO after the outage timeout, not in EPERM at once.
+    """
+    assert await is_loopback("127.0.0.1") and await is_loopback("::1")
+    assert await is_loopback("localhost") and await is_loopback("0.0.0.0")
+    assert not await is_loopback("10.0.0.1")
+    with trio.fail_after(30), pytest.raises(FSError) as e:
+        async with connect("10.0.0.1:7070", "nfs_secret", "t", outage_timeout=600):
+            pass
+    assert e.value.errno == errno.EPERM
+    assert "in clear" in e.value.message
+    env = dict(services.env, NIMBUSFS_TOKEN="nfs_secret")
+    r = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "mount",
+                        os.path.join(world_tmp, "mnt"), "--foreground", "--server",
+                        "10.0.0.1:7070", "--cache-dir", os.path.join(world_tmp, "cache")],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert "refusing to send the token in clear to 10.0.0.1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_mount_over_tls(tls_server, mount_factory):
+    dep, _, fingerprint = tls_server
+    m = mount_factory("local", None, dep, "--tls-fingerprint", fingerprint)
+    with open(m.p("f"), "wb") as f:
+        f.write(b"over tls")
+    with open(m.p("f"), "rb") as f:
+        assert f.read() == b"over tls"
+    m.remount(drop_cache=True)
+    with open(m.p("f"), "rb") as f:
+        assert f.read() == b"over tls"
+
+
+async def test_connections_reset_at_once_leave_the_server_serving(services):
+    """Connections reset right after connecting: the accepted socket may have no peer.
+
+    getpeername raised ENOTCONN out of the connection handler, and the
+    listener's nursery with it.
+    """
+    dep = services.deployments["local"]
+    host, port = dep.address.rsplit(":", 1)
+    for _ in range(300):
+        s = socket.create_connection((host, int(port)))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # RST
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
+    assert dep.proc.poll() is None
