@@ -552,8 +552,6 @@ class MetaServer:
                 return await getattr(self.blocks, opname[:3])(s.user, **args)
             except TypeError as e:
                 raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
-        if opname == "commit":
-            await self.blocks.admit(s.user, args.get("extents"), args.get("size"))
         fn = namespace.OPS.get(opname)
         if fn is None:
             raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
@@ -565,6 +563,8 @@ class MetaServer:
             raise FSError(errno.EINVAL, f"bad arguments for {opname}: op_id must be a str of"
                                         " 1-64 characters but NUL, replay a bool")
         _check_args(opname, fn, (None, s.user, s.device), args)
+        if opname == "commit":  # outside the transaction: it may ask the block store
+            await self.blocks.admit(s.user, args["extents"], args["size"])
         if op_id is None:
             return await self.call(fn, s.user, s.device, **args)
         return await self.call(_once, f"{s.user.id}:{op_id}", replay, fn, s.user, s.device,

@@ -218,6 +218,7 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
     print(f"nimbusfs mounted at {cfg.mountpoint}")
     print(f"  server: {cfg.server}")
     if not args.server:
+        print(f"  api:    {emb.http_url()}/api/v1 (docs: {emb.http_url()}/api/v1/docs)")
         print(f"  token:  {cfg.token}")
         print("  (another machine mounts this volume with"
               f" ./mount.sh MOUNTPOINT --server {cfg.server} --token TOKEN;"
@@ -362,6 +363,8 @@ def _status_services(emb: Embedded, mounts: list[dict]) -> None:
     state = emb.supervisor_state()
     pid = emb.postmaster_pid()
     print(f"metaserver:      {emb.server_address() or 'not running'}")
+    if url := emb.http_url():
+        print(f"HTTP API:        {url}/api/v1")
     print(f"postgres:        {f'running (pid {pid})' if pid else 'not running'}")
     embedded = [r["mountpoint"] for r in mounts if r["embedded"]]
     if state is None:

@@ -192,14 +192,22 @@ class Embedded:
 
     # --- metaserver -----------------------------------------------------------------
 
-    def server_address(self) -> str | None:
-        """The running metaserver's address, or None."""
+    def _server_info(self) -> dict:
+        """What the running metaserver wrote to its info file (empty if none runs)."""
         try:
             with open(self.path("run", "metaserver.json")) as f:
                 info = json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
-            return None
-        return info["address"] if _alive(info["pid"]) else None
+            return {}
+        return info if _alive(info["pid"]) else {}
+
+    def server_address(self) -> str | None:
+        """The running metaserver's address, or None."""
+        return self._server_info().get("address")
+
+    def http_url(self) -> str | None:
+        """The running metaserver's HTTP API base URL (``http://127.0.0.1:PORT``), or None."""
+        return self._server_info().get("http") or None
 
     def _spawn_server(self, listen: str) -> subprocess.Popen:
         """Start a metaserver, a child of this process; return once it listens.
@@ -208,17 +216,21 @@ class Embedded:
         that running mounts reconnect to it.
         """
         info_file = self.path("run", "metaserver.json")
-        last = self.path("metaserver.address")
+        last, last_http = self.path("metaserver.address"), self.path("http.address")
         if listen.endswith(":0") and os.path.exists(last):
             with open(last) as f:
                 listen = f.read().strip()
+        http = "127.0.0.1:0"   # the HTTP API stays on loopback, on the port it had before
+        if os.path.exists(last_http):
+            with open(last_http) as f:
+                http = f.read().strip().removeprefix("http://") or http
         if os.path.exists(info_file):
             os.unlink(info_file)
         with open(self.path("logs", "metaserver.log"), "ab") as log_f:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", self.dsn,
                  "--listen", listen, "--blocks", "file://" + self.path("blocks"),
-                 "--info-file", info_file],
+                 "--http", http, "--info-file", info_file],
                 stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f, start_new_session=True)
         _wait_for(lambda: os.path.exists(info_file) or proc.poll() is not None, 60,
                   "the metaserver to start")
@@ -227,6 +239,8 @@ class Embedded:
                              f" see {self.path('logs')}/metaserver.log")
         with open(last, "w") as f:
             f.write(self.server_address() or "")
+        with open(last_http, "w") as f:
+            f.write(self.http_url() or "")
         return proc
 
     def start_server(self, listen: str = "127.0.0.1:0") -> str:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import sysconfig
 
+import httpx
 import pytest
 
 from conftest import _world_dir, wait_until
@@ -63,6 +64,11 @@ def test_mount_sh_embedded_lifecycle():
         token = re.search(r"token:\s+(\S+)", out)[1]
         with open(os.path.join(a, "note.txt"), "w") as f:
             f.write("kept\n")
+        # The HTTP API it printed serves the same volume, with the same token.
+        api = re.search(r"api:\s+(http://127\.0\.0\.1:\d+/api/v1) ", out)[1]
+        listing = httpx.get(f"{api}/files", headers={"Authorization": f"Bearer {token}"})
+        assert [e["name"] for e in listing.json()["entries"]] == ["note.txt"]
+        assert httpx.get(f"{api}/files").status_code == 401
 
         # A second mount of the same volume through the running embedded server.
         run(b, "--cache-dir", os.path.join(work, "cache-b"), env=env)
