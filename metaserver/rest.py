@@ -209,9 +209,11 @@ class LongPoll(_Model):
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.extra = status, code, message, extra
+        self.headers = headers or {}
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
@@ -308,16 +310,26 @@ class Api:
         self.server = server
         self.tokens: cachetools.TTLCache[bytes, User] = cachetools.TTLCache(10_000, TOKEN_TTL)
 
-    async def user(self, authorization: Annotated[str, Header()] = "") -> User:
+    async def user(self, request: Request, authorization: Annotated[str, Header()] = ""
+                   ) -> User:
+        """The token's user. Wrong tokens count against the client's address as the
+        mount protocol's do (``MetaServer.wrong_tokens``): past the burst, 429."""
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "an Authorization: Bearer token is required")
         key = hashlib.sha256(token.encode()).digest()
         user = self.tokens.get(key)
         if user is None:
+            peer = request.client.host if request.client else ""
+            if not self.server.wrong_tokens.allowed(peer):
+                self.server.refused(peer, "too many wrong tokens")
+                raise ApiError(429, "too_many_requests", "too many wrong tokens from this"
+                               " address; try again later", {"Retry-After": "1"})
             try:
                 user = await self.server.call(authenticate, token)
-            except FSError:
+            except FSError as e:
+                self.server.wrong_tokens.failed(peer)
+                self.server.refused(peer, e.message)
                 raise ApiError(401, "unauthorized", "invalid token") from None
             self.tokens[key] = user
         return user
@@ -677,7 +689,8 @@ def make_app(server: "MetaServer") -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.code, e.message, await _drain(request), **e.extra)
+        return _error(e.status, e.code, e.message, {**e.headers, **await _drain(request)},
+                      **e.extra)
 
     @app.exception_handler(FSError)
     async def fs_error(request: Request, e: FSError) -> JSONResponse:

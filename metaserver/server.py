@@ -415,7 +415,7 @@ class MetaServer:
 
     # --- connections -----------------------------------------------------------------
 
-    def _refused(self, peer: str, why: str) -> None:
+    def refused(self, peer: str, why: str) -> None:
         """Count a stranger's refused connection; only the first of an interval is logged now."""
         if not self.refusals:
             log.warning("refused a connection from %s: %s (more are summed up every %.0f s)",
@@ -446,14 +446,14 @@ class MetaServer:
             with trio.move_on_after(HELLO_TIMEOUT) as timeout:
                 msg = await reader.read(MAX_HELLO_FRAME)
             if timeout.cancelled_caught:
-                self._refused(peer, f"no hello within {HELLO_TIMEOUT:.0f} s")
+                self.refused(peer, f"no hello within {HELLO_TIMEOUT:.0f} s")
                 return None
         except FrameError as e:
-            self._refused(peer, str(e))
+            self.refused(peer, str(e))
             return None
         except trio.BrokenResourceError as e:
             if isinstance(e.__cause__, ssl.SSLError):  # e.g. a client not speaking TLS
-                self._refused(peer, f"TLS handshake failed: {e.__cause__.reason}")
+                self.refused(peer, f"TLS handshake failed: {e.__cause__.reason}")
             return None
         if msg is None:
             return None
@@ -462,13 +462,13 @@ class MetaServer:
         token, device = args.get("token"), args.get("device", "")
         if not (type(token) is str and type(device) is str and len(device) <= 255
                 and "\0" not in device):
-            self._refused(peer, "not a hello")
+            self.refused(peer, "not a hello")
             await stream.send_all(pack([0, errno.EPROTO, "expected hello with a token and a"
                                                           " device name"]))
             return None
         rid = msg[0]
         if not self.wrong_tokens.allowed(peer):
-            self._refused(peer, "too many wrong tokens")
+            self.refused(peer, "too many wrong tokens")
             await stream.send_all(pack([rid, errno.EAGAIN, "too many wrong tokens from this"
                                                             " address; try again later"]))
             return None
@@ -476,7 +476,7 @@ class MetaServer:
             user = await self.call(authenticate, token)
         except FSError as e:
             self.wrong_tokens.failed(peer)
-            self._refused(peer, e.message)
+            self.refused(peer, e.message)
             await stream.send_all(pack([rid, e.errno, e.message]))
             return None
         except psycopg.OperationalError as e:
@@ -491,7 +491,7 @@ class MetaServer:
                             ) -> Session | None:
         """``_hello``, as one of the address's few strangers (or refused if too many)."""
         if self.unauthenticated[peer] >= MAX_UNAUTHENTICATED:
-            self._refused(peer, f"over {MAX_UNAUTHENTICATED} connections before hello")
+            self.refused(peer, f"over {MAX_UNAUTHENTICATED} connections before hello")
             return None
         self.unauthenticated[peer] += 1
         try:

@@ -404,3 +404,17 @@ def _up(api) -> bool:
         return api.get("/files").status_code == 200
     except httpx.TransportError:
         return False
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_wrong_tokens_are_rate_limited(api):
+    """Past a burst of wrong tokens an address gets 429 without a database look-up."""
+    url = f"{api.deployment.http}/api/v1/files"
+    codes = [httpx.get(url, headers={"Authorization": f"Bearer nfs_wrong{i}"}).status_code
+             for i in range(30)]
+    assert set(codes) == {401, 429} and codes[-1] == 429
+    r = httpx.get(url, headers={"Authorization": "Bearer nfs_wrong"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
+    assert r.headers["retry-after"] == "1"
+    # The bucket refills (one a second): a valid token is served again.
+    wait_until(lambda: api.get("/files").status_code == 200, 10, "the bucket to refill")
