@@ -27,15 +27,10 @@ from typing import Any
 import trio
 
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import PUSH, FrameReader, cert_fingerprint, pack
+from metaserver.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerprint, pack
 
 log = logging.getLogger(__name__)
 
-# Operations sent without an op_id: replaying them is harmless ("open" may set
-# atime, which a replay sets again; a block put again is the same block).
-READ_ONLY_OPS = frozenset({"getattr", "lookup", "readdir", "readlink", "open", "statfs",
-                           "have_blocks", "versions", "subscribe", "getxattr", "listxattr",
-                           "get_block", "put_block"})
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -124,6 +119,7 @@ class MetaClient:
         self.tls = tls
         self.insecure = insecure  # send the token in clear to a non-loopback address
         self.info: dict[str, Any] = {}
+        self.read_only: frozenset[str] = frozenset()  # from the hello: ops without op_id
         self.on_push: Callable[[list], None] | None = None
         self.cursor = 0                 # newest change seen, for resubscribing
         self._subscribed = False
@@ -165,8 +161,9 @@ class MetaClient:
                     if self.tls is not None:
                         stream = await self.tls.wrap(tcp, self.host)
                     reader = FrameReader(stream)
-                    await stream.send_all(pack([0, "hello", {"token": self.token,
-                                                             "device": self.device}]))
+                    await stream.send_all(pack([0, "hello", {
+                        "token": self.token, "device": self.device,
+                        "protocol": PROTOCOL_VERSION}]))
                     reply = await reader.read()
                     if reply is None:
                         raise ConnectionResetError("closed during hello")
@@ -184,7 +181,12 @@ class MetaClient:
             if reply[1]:
                 await stream.aclose()
                 raise FSError(reply[1], str(reply[2]))
+            if not (isinstance(reply[2], dict) and reply[2].get("protocol") == PROTOCOL_VERSION):
+                await stream.aclose()
+                raise FSError(errno.EPROTONOSUPPORT, "the metaserver speaks another protocol"
+                              f" version than this client's {PROTOCOL_VERSION}: upgrade both")
             self.info = reply[2]
+            self.read_only = frozenset(self.info["read_only"])
             self._stream = stream
             self.nursery.start_soon(self._read_loop, stream, reader)
             if self._subscribed:
@@ -253,7 +255,7 @@ class MetaClient:
         accepts connections but does not answer, e.g. stopped, is an outage
         too). Past it the call fails with EIO.
         """
-        if op not in READ_ONLY_OPS:
+        if op not in self.read_only:  # before the first hello: every op, harmlessly
             args["op_id"] = uuid.uuid4().hex
         deadline = trio.current_time() + self.outage_timeout
         with trio.move_on_at(deadline):

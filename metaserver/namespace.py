@@ -60,10 +60,24 @@ UInt31 = Annotated[int, range(1 << 31)]
 OPS: dict[str, Callable[..., Any]] = {}
 
 
-def op(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Register ``fn`` as a mount-protocol operation under its own name."""
-    OPS[fn.__name__] = fn
-    return fn
+# Operations that change nothing a replay could change twice: sent without an
+# op_id (the hello tells clients which: this is the one declaration).
+READ_ONLY: set[str] = set()
+
+
+def op(fn: Callable[..., Any] | None = None, *, read_only: bool = False) -> Any:
+    """Register ``fn`` as a mount-protocol operation under its own name.
+
+    Its annotations declare its arguments (the server checks every request
+    against them); ``read_only``: replaying it is harmless, so it needs no
+    op_id ("open" may set atime, which a replay sets again).
+    """
+    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+        OPS[f.__name__] = f
+        if read_only:
+            READ_ONLY.add(f.__name__)
+        return f
+    return register(fn) if fn is not None else register
 
 
 # ``xattrs``: whether the inode has any extended attribute, so that a mount can
@@ -177,17 +191,17 @@ def _remove_dir(cur: Cursor, parent: int, name: bytes, ino: int, now: int) -> di
 
 # --- queries -----------------------------------------------------------------
 
-@op
+@op(read_only=True)
 def hello(cur: Cursor, u: User, device: str) -> dict[str, Any]:
     return {"user": u.name, "root": u.root}
 
 
-@op
+@op(read_only=True)
 def getattr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
     return _inode(cur, u, ino)
 
 
-@op
+@op(read_only=True)
 def lookup(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, int]:
     if len(name) > NAME_MAX:
         raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
@@ -201,7 +215,7 @@ def lookup(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
     return _attr(row)
 
 
-@op
+@op(read_only=True)
 def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, dict[str, int]]]:
     """All entries of a directory with their attributes: '.', '..', then by name."""
     me = _dir(cur, u, ino, lock=False)
@@ -214,7 +228,7 @@ def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, di
     return [(b".", me), (b"..", up), *((r[0], _attr(r[1:])) for r in cur.fetchall())]
 
 
-@op
+@op(read_only=True)
 def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
     _inode(cur, u, ino)
     cur.execute("SELECT target FROM inodes WHERE id = %s", (ino,))
@@ -224,7 +238,7 @@ def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
     return bytes(target)
 
 
-@op
+@op(read_only=True)
 def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None,
          read: bool = False) -> dict[str, Any]:
     """Attributes and the extent list of a file's current (or a given) version.
@@ -256,7 +270,7 @@ def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
     return {"attr": a, "extents": msgpack.unpackb(row[14]) if version else []}
 
 
-@op
+@op(read_only=True)
 def statfs(cur: Cursor, u: User, device: str) -> dict[str, int]:
     cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
     quota, used = cur.fetchone()
@@ -280,7 +294,7 @@ def unowned(cur: Cursor, user_id: int, keys: list[bytes]) -> list[bytes]:
     return [bytes(r[0]) for r in cur.fetchall()]
 
 
-@op
+@op(read_only=True)
 def have_blocks(cur: Cursor, u: User, device: str, keys: list[bytes]) -> list[bytes]:
     """The subset of ``keys`` that the store holds and this user may reference.
 
@@ -559,7 +573,7 @@ def setxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes, value: by
     _log(cur, u, device, ("xattr", ino, None, None))
 
 
-@op
+@op(read_only=True)
 def getxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> bytes:
     _inode(cur, u, ino)
     cur.execute("SELECT value FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
@@ -569,7 +583,7 @@ def getxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> bytes:
     return bytes(row[0])
 
 
-@op
+@op(read_only=True)
 def listxattr(cur: Cursor, u: User, device: str, ino: int) -> list[bytes]:
     _inode(cur, u, ino)
     cur.execute("SELECT name FROM xattrs WHERE inode = %s ORDER BY name", (ino,))
@@ -801,7 +815,7 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
     return {"attr": a, "conflict": copy}
 
 
-@op
+@op(read_only=True)
 def versions(cur: Cursor, u: User, device: str, ino: int) -> list[dict[str, Any]]:
     """The kept versions of a file, newest first."""
     _inode(cur, u, ino)

@@ -26,6 +26,9 @@ MAX_FRAME = 64 << 20
 # A hello is a token and a device name: a peer not yet authenticated sends no more.
 MAX_HELLO_FRAME = 4 << 10
 PUSH = -1
+# Sent in hello and answered by the server: a mismatch is refused with a clear error
+# (EPROTONOSUPPORT), never half understood.
+PROTOCOL_VERSION = 1
 # Extended attribute namespaces the filesystem stores (POSIX ACLs are not supported).
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 # rename(2) flags, as the kernel passes them. RENAME_WHITEOUT (4), which

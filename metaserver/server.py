@@ -43,11 +43,21 @@ from metaserver.auth import User, authenticate
 from metaserver.blocks import BlockAccess
 from metaserver.db import Database
 from metaserver.errors import Conflict, FSError
-from metaserver.protocol import MAX_HELLO_FRAME, PUSH, FrameError, FrameReader, pack
+from metaserver.protocol import (
+    MAX_HELLO_FRAME,
+    PROTOCOL_VERSION,
+    PUSH,
+    FrameError,
+    FrameReader,
+    pack,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
+# The server's own operations (beside namespace.OPS) that need no op_id: a
+# block put again is the same block.
+READ_ONLY = frozenset({"subscribe", "get_block", "put_block"})
 HELLO_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED = 64     # per address: mounts may share one (NAT; the tests' 127.0.0.1)
 WRONG_TOKEN_BURST = 20       # per address, then WRONG_TOKEN_RATE a second
@@ -467,6 +477,12 @@ class MetaServer:
                                                           " device name"]))
             return None
         rid = msg[0]
+        if args.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            self.refused(peer, "another protocol version")
+            await stream.send_all(pack([rid, errno.EPROTONOSUPPORT,
+                                        f"this metaserver speaks protocol {PROTOCOL_VERSION}, the"
+                                        f" client {args.get('protocol')!r}: upgrade both"]))
+            return None
         if not self.wrong_tokens.allowed(peer):
             self.refused(peer, "too many wrong tokens")
             await stream.send_all(pack([rid, errno.EAGAIN, "too many wrong tokens from this"
@@ -483,8 +499,9 @@ class MetaServer:
             log.error("database unavailable, connection refused: %s", e)
             await stream.send_all(pack([rid, errno.EIO, "database unavailable"]))
             return None
-        await stream.send_all(pack([rid, 0, {"user": user.name, "root": user.root,
-                                             "blocks": self.blocks_url}]))
+        await stream.send_all(pack([rid, 0, {
+            "user": user.name, "root": user.root, "blocks": self.blocks_url,
+            "protocol": PROTOCOL_VERSION, "read_only": sorted(namespace.READ_ONLY | READ_ONLY)}]))
         return Session(stream, user, device)
 
     async def _authenticate(self, reader: FrameReader, stream: trio.abc.Stream, peer: str

@@ -20,7 +20,7 @@ from conftest import Deployment, Services, start_metaserver, wait_until
 from metaserver import server
 from metaserver.client import TLS, connect, is_loopback
 from metaserver.errors import FSError
-from metaserver.protocol import FrameReader, pack
+from metaserver.protocol import PROTOCOL_VERSION, FrameReader, pack
 
 
 def log_size(dep: Deployment) -> int:
@@ -416,3 +416,26 @@ async def test_connections_reset_at_once_leave_the_server_serving(services):
     async with connect(dep.address, dep.new_user(), "t") as c:
         assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
     assert dep.proc.poll() is None
+
+
+async def test_hello_names_the_protocol_version_and_the_read_only_operations(services):
+    """One declaration of which operations mutate: the server's, told in the hello.
+
+    A client of another protocol version is refused with a clear error.
+    """
+    dep = services.deployments["local"]
+    host, port = dep.address.rsplit(":", 1)
+    for version, expect in [(PROTOCOL_VERSION + 1, errno.EPROTONOSUPPORT),
+                            (str(PROTOCOL_VERSION), errno.EPROTONOSUPPORT), (PROTOCOL_VERSION, 0)]:
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(pack([1, "hello", {"token": dep.new_user(), "device": "t",
+                                                 "protocol": version}]))
+        reply = await FrameReader(stream).read()
+        await stream.aclose()
+        assert reply[1] == expect, reply
+    info = reply[2]
+    assert info["protocol"] == PROTOCOL_VERSION
+    assert {"getattr", "readdir", "open", "get_block"} <= set(info["read_only"])
+    assert not {"mknod", "commit", "rename", "setattr", "purge"} & set(info["read_only"])
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        assert c.read_only == frozenset(info["read_only"])
