@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import stat
 import time
 from collections.abc import Callable
@@ -39,8 +38,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from blockstore.chunking import MAX_BLOCK, Piece, chunk_buf, chunk_fd
+from blockstore.chunking import MAX_BLOCK, Piece, chunk_buf
 from cache import Ranges, Staging
+from metaserver.errors import local_io
 
 if TYPE_CHECKING:
     from fusefs.vfs import VFS
@@ -276,17 +276,17 @@ class OpenFile:
         return self.staging
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
+        """Stage ``data`` at ``off``; return the bytes stored (short on a disk filling up)."""
         async with self.lock:
-            self.kill_priv |= kill_priv
-            end = off + len(data)
-            if off < self.ahead_read and end > self.ahead_start:
+            if off < self.ahead_read and off + len(data) > self.ahead_start:
                 await self._drop_ahead(off)
             # A pwrite into the page cache is faster than a thread hop.
-            self._staging().write(off, data)
-            self.size = max(self.size, end)
+            n = self._staging().write(off, data)
+            self.kill_priv |= kill_priv
+            self.size = max(self.size, off + n)
             self._touch()
-            await self._pipeline(end)
-        return len(data)
+            await self._pipeline(off + n)
+        return n
 
     async def truncate(self, size: int) -> None:
         async with self.lock:
@@ -408,7 +408,7 @@ class OpenFile:
         before them).
         """
         def cut() -> tuple[bytes, list[Piece]]:
-            buf = os.pread(self.staging.fd, stop - pos, pos)
+            buf = self.staging.read(pos, stop - pos)
             pieces = chunk_buf(buf, pos)
             return buf, pieces if whole else pieces[:-1]
         try:
@@ -538,7 +538,8 @@ class OpenFile:
         async def put(p: Piece) -> None:
             def work() -> bytes | memoryview:
                 data = read(p)
-                cache.store.put(p.key, data)
+                with local_io(f"block store {cache.store.url}"):
+                    cache.store.put(p.key, data)
                 return data
             data = await trio.to_thread.run_sync(work, limiter=cache.transfers)
             await cache.add(p.key, data, hot=False)
@@ -603,17 +604,17 @@ class OpenFile:
             await self._materialize(win)
             chunks: dict[int, list[Piece]] = {}
             pieces: list[Piece] = []   # those still to upload
-            fd = self.staging.fd
+            st = self.staging
             for s, e in win:
                 done = self.ahead_pieces if pipelined(s, e) else []
                 pos = self.ahead_end if done else s
                 if e - pos > PIPELINE_BYTES:
                     chunks[s] = done + await self._cut_upload(pos, e)
                     continue
-                rest = await trio.to_thread.run_sync(chunk_fd, fd, pos, e)
+                rest = await trio.to_thread.run_sync(st.chunk, pos, e)
                 chunks[s] = done + rest
                 pieces += rest
-            await self._upload(pieces, lambda p: os.pread(fd, p.length, p.offset))
+            await self._upload(pieces, lambda p: st.read(p.offset, p.length))
             extents = self._new_extents(win, chunks)
             r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
                                            extents=extents, size=self.size, mtime=self.mtime,
