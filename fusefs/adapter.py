@@ -207,7 +207,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh, datasync):
-        await self.vfs.flush(fh)
+        await self.vfs.flush(fh, sync=True)
 
     @_errors
     async def release(self, fh):

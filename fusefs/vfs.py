@@ -81,6 +81,7 @@ class VFS:
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
         self.privileged: set[int] = set()   # handles opened by root (CAP_FSETID)
+        self.writers: set[int] = set()      # handles that wrote or truncated: flush commits
         self.dirs: dict[int, list] = {}
         self.orphans: set[int] = set()
         # Bounded maps: where each inode was last seen (for conflict copies), and
@@ -323,8 +324,10 @@ class VFS:
                 if not stat.S_ISREG(f.attr["mode"]):
                     raise FSError(errno.EINVAL, "not a regular file")
                 await f.truncate(size)
+                if f.handles == 1:  # no handle open: committed now, its error to the caller
+                    await self._flush(f)
             finally:
-                await self._release(f)  # commits now unless another handle keeps it open
+                await self._release(f)
         changes = {k: v for k, v in changes.items() if v is not None}
         f = self.files.get(ino)
         if f is not None and changes.get("mtime") is not None:
@@ -514,7 +517,7 @@ class VFS:
         if f.handles:
             return
         try:
-            await self._commit(f)
+            await self._settle(f)
         finally:
             if f.handles == 0 and self.files.get(f.ino) is f:
                 del self.files[f.ino]
@@ -523,13 +526,58 @@ class VFS:
                     self.orphans.discard(f.ino)
                     await self.call("purge", ino=self.srv(f.ino))
 
+    async def _settle(self, f: OpenFile) -> None:
+        """Commit ``f``'s changes that no handle will flush any more (last release, unmount).
+
+        Never behind an application's back: changes whose flush answered an
+        application an error (``failed``) are not committed later; they, and
+        changes whose commit fails here (no application to answer), are saved
+        as a recovery file instead of dropped (README, Durability).
+        """
+        if f.modified and not f.failed:
+            try:
+                await self._commit(f)
+                return
+            except Exception as e:
+                log.error("commit of inode %d at its last close failed: %s", f.ino,
+                          fs_error(e) or e)
+        if f.modified:
+            await self._recover(f)
+
+    async def _recover(self, f: OpenFile) -> None:
+        """Save ``f`` as this mount shows it under ``recovered/``, listed by ``nimbusfs status``.
+
+        Then the file is its committed version again, here and in the kernel's
+        caches (which showed the uncommitted size and bytes).
+        """
+        parent, name = self.names.get(f.ino, (self.root, b"?"))
+        path = os.path.join(self.state_dir, "recovered",
+                            f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            await f.save(path)
+        except Exception as e:
+            log.error("uncommitted bytes of %r (inode %d) are lost: saving them to %s failed: %s",
+                      name, f.ino, path, fs_error(e) or e)
+        else:
+            log.warning("uncommitted bytes of %r (inode %d) saved to %s", name, f.ino, path)
+            with open(os.path.join(self.state_dir, "recovered.jsonl"), "a") as out:
+                out.write(json.dumps({"time": time.time(), "inode": f.ino, "parent": parent,
+                                      "name": name.decode(errors="replace"), "path": path,
+                                      "size": f.size}) + "\n")
+        finally:
+            f.discard()
+            self._drop(f.ino)
+            self._invalidate(("inode", f.ino))
+
     async def open(self, ino: int, flags: int, uid: int) -> tuple[int, bool]:
         """Open a file; return the handle and whether the kernel may keep its page cache."""
         f = await self._acquire(ino, read=(flags & os.O_ACCMODE) != os.O_WRONLY)
         try:
             if not stat.S_ISREG(f.attr["mode"]):
                 raise FSError(errno.EINVAL, "not a regular file")
-            if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            trunc = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
+            if trunc:
                 await f.truncate(0)
             keep = self.page_version.get(ino) == f.base and not f.modified
             if not keep:
@@ -546,7 +594,10 @@ class VFS:
             await self._release(f)
             raise
         self.page_version[ino] = f.base
-        return self._handle(f, uid), keep
+        fh = self._handle(f, uid)
+        if trunc:
+            self.writers.add(fh)
+        return fh, keep
 
     def _handle(self, f: OpenFile, uid: int) -> int:
         fh = next(self._fh)
@@ -562,18 +613,41 @@ class VFS:
         f = self.files[attr["ino"]] = OpenFile(self, attr["ino"], attr, [])
         f.handles += 1
         self.page_version[f.ino] = f.base
-        return self._handle(f, uid), attr
+        fh = self._handle(f, uid)
+        self.writers.add(fh)  # a new file: its (empty) first version is this handle's
+        return fh, attr
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.handles[fh].read(off, size)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         # Like Linux, a write by anyone but root drops set-user-ID/set-group-ID.
+        self.writers.add(fh)
         return await self.handles[fh].write(off, data, kill_priv=fh not in self.privileged)
 
-    async def flush(self, fh: int) -> None:
-        f = self.handles[fh]
-        await self._commit(f)
+    async def flush(self, fh: int, sync: bool = False) -> None:
+        """A handle's close, or its fsync (``sync``): commit the file's changes.
+
+        A close commits only if its handle wrote: a reader's close commits
+        nothing and cannot fail for another handle's writes. An fsync syncs the
+        file whatever handle it names, as on Linux (``sync FILE`` opens it to
+        read).
+        """
+        if sync or fh in self.writers:
+            await self._flush(self.handles[fh])
+
+    async def _flush(self, f: OpenFile) -> None:
+        """Commit ``f`` for an application, which gets the error if it fails.
+
+        A failed flush keeps the changes staged, marked ``failed``: a later
+        flush by a writer retries them; none is made behind the application's
+        back (``_settle``).
+        """
+        try:
+            await self._commit(f)
+        except Exception:
+            f.failed = f.modified
+            raise
         self.page_version[f.ino] = f.base
 
     async def _commit(self, f: OpenFile) -> None:
@@ -585,9 +659,10 @@ class VFS:
 
     async def release(self, fh: int) -> None:
         self.privileged.discard(fh)
+        self.writers.discard(fh)
         await self._release(self.handles.pop(fh))
 
     async def flush_all(self) -> None:
-        """Commit every open file (before unmount)."""
+        """Commit every open file, or save it as a recovery file (before unmount)."""
         for f in list(self.files.values()):
-            await self._commit(f)
+            await self._settle(f)
