@@ -250,3 +250,21 @@ def test_reads_do_not_wait_for_an_upload(services, mount_factory):
         if stopped:
             dep.proc.send_signal(signal.SIGCONT)
         dep.kill()
+
+
+def test_leftovers_of_crashed_puts_are_removed_at_start(services, mount_factory):
+    """A put that crashed left its temporary file; a mount removes it once it is old."""
+    d = os.path.join(services.emb.path("blocks"), "ab")
+    os.makedirs(d, exist_ok=True)
+    old, young = os.path.join(d, ".tmp-crashed"), os.path.join(d, ".tmp-in-progress")
+    for p in (old, young):
+        write_file(p, b"partial block")
+    os.utime(old, (0, 0))
+    try:
+        mount_factory("local")
+        wait_until(lambda: not os.path.exists(old), what="the leftover removed")
+        assert os.path.exists(young)   # may be a put in progress in another process
+    finally:
+        for p in (old, young):
+            if os.path.exists(p):
+                os.unlink(p)
