@@ -645,8 +645,10 @@ class VFS:
         """
         try:
             await self._commit(f)
-        except Exception:
+        except Exception as e:
             f.failed = f.modified
+            log.warning("flush of %r (inode %d) failed: %s; its changes stay staged",
+                        self.names.get(f.ino, (0, b"?"))[1], f.ino, fs_error(e) or e)
             raise
         self.page_version[f.ino] = f.base
 
