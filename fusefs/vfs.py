@@ -29,6 +29,7 @@ may block an invalidation while a related request is in progress).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -519,7 +520,9 @@ class VFS:
         try:
             await self._settle(f)
         finally:
-            if f.handles == 0 and self.files.get(f.ino) is f:
+            # Changes neither committed nor saved (a full disk) keep the file
+            # open on this mount: the next last close or the unmount saves them.
+            if f.handles == 0 and self.files.get(f.ino) is f and not f.modified:
                 del self.files[f.ino]
                 f.close()
                 if f.ino in self.orphans:
@@ -548,7 +551,8 @@ class VFS:
         """Save ``f`` as this mount shows it under ``recovered/``, listed by ``nimbusfs status``.
 
         Then the file is its committed version again, here and in the kernel's
-        caches (which showed the uncommitted size and bytes).
+        caches (which showed the uncommitted size and bytes). If the file
+        cannot be saved (its disk is full too), the changes stay staged.
         """
         parent, name = self.names.get(f.ino, (self.root, b"?"))
         path = os.path.join(self.state_dir, "recovered",
@@ -557,18 +561,23 @@ class VFS:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             await f.save(path)
         except Exception as e:
-            log.error("uncommitted bytes of %r (inode %d) are lost: saving them to %s failed: %s",
+            log.error("uncommitted bytes of %r (inode %d) not saved to %s: %s; they stay staged"
+                      " on this mount (lost if it stops before they are saved)",
                       name, f.ino, path, fs_error(e) or e)
-        else:
-            log.warning("uncommitted bytes of %r (inode %d) saved to %s", name, f.ino, path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return
+        log.warning("uncommitted bytes of %r (inode %d) saved to %s", name, f.ino, path)
+        try:
             with open(os.path.join(self.state_dir, "recovered.jsonl"), "a") as out:
                 out.write(json.dumps({"time": time.time(), "inode": f.ino, "parent": parent,
                                       "name": name.decode(errors="replace"), "path": path,
                                       "size": f.size}) + "\n")
-        finally:
-            f.discard()
-            self._drop(f.ino)
-            self._invalidate(("inode", f.ino))
+        except OSError as e:
+            log.error("%s not listed for nimbusfs status: %s", path, e)
+        f.discard()
+        self._drop(f.ino)
+        self._invalidate(("inode", f.ino))
 
     async def open(self, ino: int, flags: int, uid: int) -> tuple[int, bool]:
         """Open a file; return the handle and whether the kernel may keep its page cache."""

@@ -204,6 +204,31 @@ def test_reader_close_does_not_fail_for_a_writer_and_attrs_go_back(mount_factory
     assert read_file(recovered(m)[0]["path"]) == new
 
 
+def test_bytes_that_cannot_be_saved_stay_staged_until_they_are(tmpfs, mount_factory,
+                                                               services):
+    """A failed close whose bytes cannot be saved either (the disk is full): they stay
+    staged on the mount, readable, and are saved at a later last close."""
+    cache = tmpfs(8 << 20)
+    m = mount_factory("local", services.deployments["local"].new_user(quota=1 << 20), None,
+                      "--cache-dir", cache)
+    m.cache_dir = cache
+    data = pattern(b"u", 2 << 20)
+    w = os.open(m.p("f"), os.O_WRONLY | os.O_CREAT, 0o644)
+    assert os.write(w, data) == len(data)
+    fill(cache)
+    with pytest.raises(OSError) as e:
+        os.close(w)
+    assert e.value.errno == errno.EDQUOT
+    wait_until(lambda: "not saved" in m.log(), what="the failed save")
+    assert read_file(m.p("f")) == data   # still staged: the last close tries again
+    os.unlink(os.path.join(cache, "filler"))
+    read_file(m.p("f"))
+    wait_until(lambda: recovered(m), what="the recovery file")
+    assert read_file(recovered(m)[0]["path"]) == data
+    wait_until(lambda: os.stat(m.p("f")).st_size == 0, what="the committed size")
+    assert read_file(m.p("f")) == b""
+
+
 def _blocked_in_fuse(tid: int) -> bool:
     """Whether a thread waits for the FUSE server's answer (its request is queued)."""
     with open(f"/proc/self/task/{tid}/wchan") as f:
