@@ -74,5 +74,9 @@ class BlockStore(abc.ABC):
         """(total, free) bytes where the store has a size; None if unbounded."""
         return None
 
+    def remove_leftovers(self, grace: float) -> int:
+        """Delete what puts that crashed left, older than ``grace`` seconds; return the count."""
+        return 0
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release client resources."""

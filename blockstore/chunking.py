@@ -32,6 +32,23 @@ class Piece:
     key: bytes | None
 
 
+def pread_exact(fd: int, n: int, off: int) -> bytes:
+    """Bytes [off, off + n) of ``fd``, all of them: ``os.pread`` may return fewer.
+
+    Every caller reads bytes it wrote before: a file that ends sooner is a bug,
+    never zeros to commit (EOFError).
+    """
+    parts = []
+    while n:
+        data = os.pread(fd, n, off)
+        if not data:
+            raise EOFError(f"file ends at {off}, {n} bytes before the range read")
+        parts.append(data)
+        off += len(data)
+        n -= len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class _FdRange:
     """A ``readinto`` stream over bytes [start, end) of a file descriptor."""
 
@@ -43,6 +60,8 @@ class _FdRange:
         if n <= 0:
             return 0
         got = os.preadv(self.fd, [buf[:n]], self.pos)
+        if not got:  # a stream's end: the chunks would stop short of ``end``
+            raise EOFError(f"file ends at {self.pos}, before {self.end}")
         self.pos += got
         return got
 
@@ -73,7 +92,7 @@ def chunk_fd(fd: int, start: int, end: int) -> list[Piece]:
     (CPU-bound hashing).
     """
     if end - start <= MAX_BLOCK:
-        return chunk_buf(os.pread(fd, end - start, start), start)
+        return chunk_buf(pread_exact(fd, end - start, start), start)
     return _pieces(_cdc.cut_stream(_FdRange(fd, start, end)), start)
 
 

@@ -11,6 +11,10 @@ there syncs its directory too: another thread may have renamed it in and not
 yet synced. The 256 fan-out directories are made (and the root synced) when
 the store is opened, so no ``put`` depends on another's directory creation;
 a store this process cannot write is opened to read blocks only.
+
+A put that crashes leaves its ``.tmp-*`` file: a mount removes those older
+than an hour when it starts (``remove_leftovers``; a younger one may be a put
+in progress in another process), in the background, as it lists every block.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 
 from blockstore.base import BlockNotFound, BlockStore
@@ -91,6 +96,23 @@ class LocalStore(BlockStore):
             raise
         _fsync_dir(d)
         return True
+
+    def remove_leftovers(self, grace: float) -> int:
+        cutoff, removed = time.time() - grace, 0
+        for sub in os.listdir(self.root):
+            d = os.path.join(self.root, sub)
+            if len(sub) != 2 or not os.path.isdir(d):
+                continue
+            with os.scandir(d) as entries:
+                for e in entries:
+                    if e.name.startswith(".tmp-"):
+                        try:
+                            if e.stat().st_mtime < cutoff:
+                                os.unlink(e.path)
+                                removed += 1
+                        except FileNotFoundError:
+                            pass  # its put finished (or another cleaner was first)
+        return removed
 
     def exists(self, key: bytes) -> bool:
         return os.path.exists(self._path(key))

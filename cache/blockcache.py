@@ -26,6 +26,7 @@ worker thread still runs; blocks in memory or on disk are read as before.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -127,9 +128,14 @@ class BlockCache:
         path = self._path(key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = os.path.join(os.path.dirname(path), f".{key.hex()}.{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.rename(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
     def _read_file(self, key: bytes) -> bytes | None:
         try:
@@ -161,7 +167,14 @@ class BlockCache:
         if key in self.lru:
             self.lru.move_to_end(key)
             return
-        await trio.to_thread.run_sync(self._write_file, key, data)
+        try:
+            await trio.to_thread.run_sync(self._write_file, key, data)
+        except OSError as e:
+            # A full cache disk (often full of staged bytes) costs a later read
+            # a fetch: it must not fail the read that fetched the block, nor
+            # the upload that stored it.
+            log.warning("block %s not kept in the disk cache %s: %s", key.hex(), self.dir, e)
+            return
         if key not in self.lru:
             self.lru[key] = len(data)
             self.used += len(data)

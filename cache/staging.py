@@ -21,6 +21,9 @@ import errno
 import os
 import tempfile
 
+from blockstore.chunking import Piece, chunk_fd, pread_exact
+from metaserver.errors import FSError, local_io
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -87,25 +90,67 @@ class Ranges:
 
 
 class Staging:
-    """One file's dirty bytes: a sparse temporary file and the ranges it holds."""
+    """One file's dirty bytes: a sparse temporary file and the ranges it holds.
+
+    Invariant: ``dirty`` covers only bytes the file holds. A write the disk
+    could not take whole marks only the bytes it stored, and every read of
+    staged bytes gets all of them or fails: a flush never commits a range this
+    file does not hold (a full disk once committed a megabyte of zeros while
+    every call succeeded). OS errors are raised as FSErrors naming the
+    directory (ENOSPC, EDQUOT ... as they are).
+    """
 
     def __init__(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        self.fd, path = tempfile.mkstemp(dir=directory, prefix="dirty-")
-        os.unlink(path)  # nothing to recover yet without a journal: let the kernel free it
+        self.what = f"staging file in {directory}"
+        with local_io(self.what):
+            os.makedirs(directory, exist_ok=True)
+            self.fd, path = tempfile.mkstemp(dir=directory, prefix="dirty-")
+            os.unlink(path)  # nothing to recover yet without a journal: let the kernel free it
         self.dirty = Ranges()
 
-    def write(self, off: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, off)
-        self.dirty.add(off, off + len(data))
+    def write(self, off: int, data: bytes) -> int:
+        """Stage ``data`` at ``off``; return how many bytes were stored.
+
+        Fewer than all only when the disk filled up after some were stored: a
+        short count, which the kernel passes on to the application as a local
+        file system would (its next write gets ENOSPC). Raises if none were.
+        """
+        done = self._pwrite(off, data, partial=True)
+        self.dirty.add(off, off + done)
+        return done
 
     def read(self, off: int, n: int) -> bytes:
-        data = os.pread(self.fd, n, off)
-        return data + bytes(n - len(data))
+        """Staged bytes [off, off + n), all of them."""
+        with local_io(self.what):
+            return pread_exact(self.fd, n, off)
 
-    def fill(self, off: int, data: bytes) -> None:
-        """Write clean bytes around dirty ones, to build a window to re-chunk."""
-        os.pwrite(self.fd, data, off)
+    def chunk(self, start: int, end: int) -> list[Piece]:
+        """Cut the staged bytes [start, end) into pieces (in a worker thread)."""
+        with local_io(self.what):
+            return chunk_fd(self.fd, start, end)
+
+    def fill(self, off: int, data: bytes | memoryview) -> None:
+        """Write clean bytes around dirty ones, to build a window to re-chunk: all or raise."""
+        self._pwrite(off, data, partial=False)
+
+    def _pwrite(self, off: int, data: bytes | memoryview, partial: bool) -> int:
+        """Write ``data`` at ``off`` whole, as ``os.pwrite`` may store fewer bytes.
+
+        An error (a full disk) after some bytes were stored returns their
+        count if ``partial``; otherwise, or when none were, it is raised.
+        """
+        view, done = memoryview(data), 0
+        try:
+            with local_io(self.what):
+                while done < len(view):
+                    n = os.pwrite(self.fd, view[done:], off + done)
+                    if not n:
+                        raise OSError(errno.EIO, "pwrite stored nothing")
+                    done += n
+        except FSError:
+            if not (partial and done):
+                raise
+        return done
 
     def release(self, off: int, n: int) -> None:
         """Free the staged bytes of [off, off + n): they read as zeros from now on.
@@ -116,12 +161,14 @@ class Staging:
         if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n):
             err = ctypes.get_errno()
             if err != errno.EOPNOTSUPP:
-                raise OSError(err, os.strerror(err))
+                with local_io(self.what):
+                    raise OSError(err, os.strerror(err))
 
     def reset(self) -> None:
         """Forget all dirty data (it has been committed)."""
         self.dirty.clear()
-        os.ftruncate(self.fd, 0)
+        with local_io(self.what):
+            os.ftruncate(self.fd, 0)
 
     def close(self) -> None:
         os.close(self.fd)

@@ -1,9 +1,12 @@
 """The pyfuse3 adapter: translates FUSE requests to VFS calls, nothing more.
 
 Every handler maps :class:`FSError` to its errno (also when parallel work
-raised it inside an exception group). Any other exception is a
-bug or an infrastructure failure: it is logged once with its traceback and
-answered with EIO, so an application sees an error, never a hung call.
+raised it inside an exception group); the mount's local disk I/O raises its
+OS errors as FSErrors naming the path (``metaserver.errors.local_io``), so
+ENOSPC, EDQUOT, EROFS ... reach the application as they are. Any other
+exception is a bug or an infrastructure failure: it is logged once with its
+traceback and answered with EIO, so an application sees an error, never a
+hung call.
 """
 
 from __future__ import annotations
@@ -204,7 +207,7 @@ class Operations(pyfuse3.Operations):
 
     @_errors
     async def fsync(self, fh, datasync):
-        await self.vfs.flush(fh)
+        await self.vfs.flush(fh, sync=True)
 
     @_errors
     async def release(self, fh):

@@ -24,7 +24,8 @@ lags by more than ``BACKLOG_BYTES`` (bounded memory and disk traffic).
 Invariant: ``size`` is the file's current logical size on this mount; bytes
 in ``[0, size)`` come from the staging file where ``staging.dirty`` covers
 them, else from the committed extents, else zeros. A per-file lock orders
-writes, truncates and flushes; reads of a clean file take no lock.
+writes, truncates and flushes; reads take none (``_plan``), so a reader never
+waits for a flush's upload.
 """
 
 from __future__ import annotations
@@ -32,19 +33,18 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
-import os
 import stat
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
 from blockstore import block_hash
-from blockstore.chunking import MAX_BLOCK, Piece, chunk_buf, chunk_fd
+from blockstore.chunking import MAX_BLOCK, Piece, chunk_buf
 from cache import Ranges, Staging
-from metaserver.errors import FSError
+from metaserver.errors import FSError, local_io
 
 if TYPE_CHECKING:
     from fusefs.vfs import VFS
@@ -66,15 +66,15 @@ MATERIALIZE_BLOCKS = 8
 ASK_ABOVE_BYTES = 256 << 10
 
 
-def _read_piece(fd: int, p: Piece) -> bytes:
-    """A piece's bytes from the staging file ``fd``, checked against its hash.
+def _read_piece(st: Staging, p: Piece) -> bytes:
+    """A piece's bytes from the staging file, checked against its hash.
 
     Runs in an upload's worker thread, which is abandoned if the store does
     not answer in time (``BlockCache.transfer``): it may read after the file
     was closed and its descriptor reused, and must never store other bytes
     under the piece's hash.
     """
-    data = os.pread(fd, p.length, p.offset)
+    data = st.read(p.offset, p.length)
     if block_hash(data) != p.key:
         raise FSError(errno.EIO, "staging file changed under an upload")
     return data
@@ -119,6 +119,16 @@ class Extents:
         return out
 
 
+class _Span(NamedTuple):
+    """Bytes [offset, offset + length) of a stored block of ``size`` bytes, to fetch."""
+
+    key: bytes
+    offset: int
+    length: int
+    size: int
+    ranged: bool   # read only these bytes if the block is not cached (a random read)
+
+
 class OpenFile:
     """State of one regular file while this mount has it open (shared by its handles)."""
 
@@ -156,9 +166,22 @@ class OpenFile:
         self.kill_priv = False        # an unprivileged write: the commit drops setuid/setgid
         self.deferred: dict[str, int] = {}  # mode, owner, atime changes for the commit
         self.ctime = 0                # when the last uncommitted change was made
+        self.failed = False           # a flush of these changes answered an application an error
         self._forget_ahead()
         if self.staging is not None:
             self.staging.reset()
+
+    def discard(self) -> None:
+        """Drop the uncommitted changes: the file is its committed version again."""
+        self.reset(self.attr, self.extents.pairs(0, len(self.extents)))
+
+    async def save(self, path: str) -> None:
+        """Write the file as this mount shows it (committed and staged bytes) to ``path``."""
+        with local_io(path), open(path, "xb") as out:
+            for pos in range(0, self.size, PIPELINE_BYTES):
+                data = await self._fetch(self._plan(pos, min(pos + PIPELINE_BYTES, self.size),
+                                                    False))
+                await trio.to_thread.run_sync(out.write, data)
 
     def defer(self, changes: dict[str, int]) -> bool:
         """Keep chmod/chown/utimens changes for the coming commit, if that is the first.
@@ -189,82 +212,88 @@ class OpenFile:
         sequential: it fetches whole blocks, caches them and reads ahead. Any
         other read is random: from a local store, blocks not in memory are
         read by ranges, only the bytes asked for (``BlockCache.get_range``).
+        No lock: see ``_plan``.
         """
         ranged = abs(off - self.last_read_end) > SEQ_SLACK
         # Before any await: the kernel sends a sequential reader's requests
         # concurrently, and each must see its predecessor's end.
         self.last_read_end = off + size
-        if self.staging is None:
-            end = min(off + size, self.size)
-            data = await self._read_clean(off, end, ranged)
-        else:
-            async with self.lock:
-                end = min(off + size, self.size)
-                parts = []
-                for s, e, dirty in self.staging.dirty.split(off, end) if off < end else ():
-                    parts.append(await self._read_staged(s, e) if dirty
-                                 else await self._read_clean(s, e, ranged))
-                data = b"".join(parts)
+        end = min(off + size, self.size)
+        data = await self._fetch(self._plan(off, end, ranged))
         if not ranged:
             self._readahead(end)
         return data
 
-    async def _read_clean(self, start: int, end: int, ranged: bool = False) -> bytes:
-        """Committed bytes of [start, end); zeros past the committed extents or the cut.
+    def _plan(self, start: int, end: int, ranged: bool) -> list[bytes | _Span]:
+        """What bytes [start, end) are now: staged bytes, read here, and blocks to fetch.
 
-        ``ranged``: read only these bytes of blocks not cached (a random read).
+        Synchronous: the plan is the file's content at one instant, whatever a
+        write, truncation, commit or the pump changes while its blocks are
+        fetched (blocks are named by their hash: they never change). So reads
+        take no lock, and never wait for a flush's upload and commit, which
+        hold it. ``ranged``: only the bytes asked for of blocks not cached.
         """
-        ext = self.extents
+        out: list[bytes | _Span] = []
         if start >= end:
-            return b""
+            return out
+        if self.staging is None:
+            self._plan_clean(start, end, ranged, out)
+            return out
+        for s, e, dirty in self.staging.dirty.split(start, end):
+            if dirty:
+                self._plan_staged(s, e, out)
+            else:
+                self._plan_clean(s, e, ranged, out)
+        return out
+
+    async def _fetch(self, plan: list[bytes | _Span]) -> bytes:
+        """The bytes of a plan, its blocks fetched one after the other."""
+        cache = self.vfs.cache
         parts = []
+        for x in plan:
+            if isinstance(x, bytes):
+                parts.append(x)
+            elif x.ranged:
+                parts.append(await cache.get_range(x.key, x.offset, x.length, x.size))
+            else:
+                parts.append((await cache.get(x.key))[x.offset:x.offset + x.length])
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _plan_clean(self, start: int, end: int, ranged: bool, out: list) -> None:
+        """Committed bytes of [start, end); zeros past the committed extents or the cut."""
+        ext = self.extents
         pos = start
         i = ext.index(pos)
         limit = min(ext.size, self.cut)
-        cache = self.vfs.cache
         while pos < end:
             if pos >= limit:
-                parts.append(bytes(end - pos))
+                out.append(bytes(end - pos))
                 break
             e_start, key = ext.offs[i], ext.keys[i]
             take = min(end, e_start + ext.lens[i], limit) - pos
-            if key is None:
-                parts.append(bytes(take))
-            elif ranged:
-                parts.append(await cache.get_range(key, pos - e_start, take, ext.lens[i]))
-            else:
-                block = await cache.get(key)
-                parts.append(block[pos - e_start:pos - e_start + take])
+            out.append(bytes(take) if key is None
+                       else _Span(key, pos - e_start, take, ext.lens[i], ranged))
             pos += take
             i += 1
-        return b"".join(parts) if len(parts) != 1 else parts[0]
 
-    async def _read_staged(self, start: int, end: int) -> bytes:
-        """Dirty bytes of [start, end): released ones from the pipelined pieces' blocks.
-
-        The staged bytes are read first: the pump may release more of them
-        while this awaits a block.
-        """
+    def _plan_staged(self, start: int, end: int, out: list) -> None:
+        """Dirty bytes of [start, end): released ones from the pipelined pieces' blocks."""
         a, b = max(start, self.ahead_start), min(end, self.ahead_end)
         if a >= b:
-            return self.staging.read(start, end - start)
-        head, tail = self.staging.read(start, a - start), self.staging.read(b, end - b)
-        parts = [head]
+            out.append(self.staging.read(start, end - start))
+            return
+        out.append(self.staging.read(start, a - start))
         pieces = self.ahead_pieces
         i = bisect.bisect_right(pieces, a, key=lambda p: p.offset) - 1
         pos = a
         while pos < b:
             p = pieces[i]
             take = min(b, p.offset + p.length) - pos
-            if p.key is None:
-                parts.append(bytes(take))
-            else:
-                block = await self.vfs.cache.get(p.key)
-                parts.append(block[pos - p.offset:pos - p.offset + take])
+            out.append(bytes(take) if p.key is None
+                       else _Span(p.key, pos - p.offset, take, p.length, False))
             pos += take
             i += 1
-        parts.append(tail)
-        return b"".join(parts)
+        out.append(self.staging.read(b, end - b))
 
     def _readahead(self, pos: int) -> None:
         """On sequential reads, fetch the blocks up to READAHEAD_BYTES past ``pos``.
@@ -294,17 +323,17 @@ class OpenFile:
         return self.staging
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
+        """Stage ``data`` at ``off``; return the bytes stored (short on a disk filling up)."""
         async with self.lock:
-            self.kill_priv |= kill_priv
-            end = off + len(data)
-            if off < self.ahead_read and end > self.ahead_start:
+            if off < self.ahead_read and off + len(data) > self.ahead_start:
                 await self._drop_ahead(off)
             # A pwrite into the page cache is faster than a thread hop.
-            self._staging().write(off, data)
-            self.size = max(self.size, end)
+            n = self._staging().write(off, data)
+            self.kill_priv |= kill_priv
+            self.size = max(self.size, off + n)
             self._touch()
-            await self._pipeline(end)
-        return len(data)
+            await self._pipeline(off + n)
+        return n
 
     async def truncate(self, size: int) -> None:
         async with self.lock:
@@ -427,7 +456,7 @@ class OpenFile:
         before them).
         """
         def cut() -> tuple[bytes, list[Piece]]:
-            buf = os.pread(self.staging.fd, stop - pos, pos)
+            buf = self.staging.read(pos, stop - pos)
             pieces = chunk_buf(buf, pos)
             return buf, pieces if whole else pieces[:-1]
         try:
@@ -557,7 +586,8 @@ class OpenFile:
         async def put(p: Piece) -> None:
             def work() -> bytes | memoryview:
                 data = read(p)
-                cache.store.put(p.key, data)
+                with local_io(f"block store {cache.store.url}"):
+                    cache.store.put(p.key, data)
                 return data
             data = await cache.transfer(work)
             await cache.add(p.key, data, hot=False)
@@ -627,17 +657,17 @@ class OpenFile:
             await self._materialize(win)
             chunks: dict[int, list[Piece]] = {}
             pieces: list[Piece] = []   # those still to upload
-            fd = self.staging.fd
+            st = self.staging
             for s, e in win:
                 done = self.ahead_pieces if pipelined(s, e) else []
                 pos = self.ahead_end if done else s
                 if e - pos > PIPELINE_BYTES:
                     chunks[s] = done + await self._cut_upload(pos, e)
                     continue
-                rest = await trio.to_thread.run_sync(chunk_fd, fd, pos, e)
+                rest = await trio.to_thread.run_sync(st.chunk, pos, e)
                 chunks[s] = done + rest
                 pieces += rest
-            await self._upload(pieces, partial(_read_piece, fd))
+            await self._upload(pieces, partial(_read_piece, st))
             extents = self._new_extents(win, chunks)
             r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
                                            extents=extents, size=self.size, mtime=self.mtime,

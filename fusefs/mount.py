@@ -23,7 +23,7 @@ from functools import partial
 import pyfuse3
 import trio
 
-from blockstore import open_store
+from blockstore import BlockStore, open_store
 from cache import BlockCache
 from fusefs.adapter import Kernel, Operations
 from fusefs.vfs import VFS
@@ -92,6 +92,8 @@ M_ARENA_MAX = -8  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 M_TRIM_THRESHOLD = -1
 READAHEAD_KIB = 1024
+# Temporary files of block puts older than this were left by a crash.
+LEFTOVER_GRACE = 3600.0
 
 
 def device_name(cfg: MountConfig) -> str:
@@ -159,6 +161,17 @@ async def _trim_malloc(malloc_trim: Callable[[int], int], interval: float = 0.25
         malloc_trim(0)
 
 
+def _remove_leftovers(store: BlockStore) -> None:
+    """Delete the store's temporary files that crashed puts left (in a worker thread)."""
+    try:
+        n = store.remove_leftovers(LEFTOVER_GRACE)
+    except OSError as e:
+        log.warning("leftovers of crashed puts not removed from %s: %s", store.url, e)
+        return
+    if n:
+        log.info("removed %d temporary files of crashed puts from %s", n, store.url)
+
+
 def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
     """Raise the kernel's readahead for this mount (FUSE leaves it at 128 KiB).
 
@@ -200,6 +213,8 @@ async def serve(cfg: MountConfig) -> None:
         nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint,
                                    abandon_on_cancel=True))
         nursery.start_soon(vfs.run_invalidations)
+        nursery.start_soon(partial(trio.to_thread.run_sync, _remove_leftovers, store,
+                                   abandon_on_cancel=True))
         if malloc_trim is not None:
             nursery.start_soon(_trim_malloc, malloc_trim)
         log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,

@@ -29,6 +29,7 @@ may block an invalidation while a related request is in progress).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -92,6 +93,7 @@ class VFS:
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
         self.privileged: set[int] = set()   # handles opened by root (CAP_FSETID)
+        self.writers: set[int] = set()      # handles that wrote or truncated: flush commits
         # Handles whose open truncated the file (O_TRUNC), until their first
         # commit; those whose first commit was an empty version, with it.
         self.truncating: set[int] = set()
@@ -342,8 +344,10 @@ class VFS:
                 if not stat.S_ISREG(f.attr["mode"]):
                     raise FSError(errno.EINVAL, "not a regular file")
                 await f.truncate(size)
+                if f.handles == 1:  # no handle open: committed now, its error to the caller
+                    await self._flush(f)
             finally:
-                await self._release(f)  # commits now unless another handle keeps it open
+                await self._release(f)
         changes = {k: v for k, v in changes.items() if v is not None}
         f = self.files.get(ino)
         if f is not None and changes.get("mtime") is not None:
@@ -539,14 +543,66 @@ class VFS:
         if f.handles:
             return
         try:
-            await self._commit(f)
+            await self._settle(f)
         finally:
-            if f.handles == 0 and self.files.get(f.ino) is f:
+            # Changes neither committed nor saved (a full disk) keep the file
+            # open on this mount: the next last close or the unmount saves them.
+            if f.handles == 0 and self.files.get(f.ino) is f and not f.modified:
                 del self.files[f.ino]
                 f.close()
                 if f.ino in self.orphans:
                     self.orphans.discard(f.ino)
                     await self.call("purge", ino=self.srv(f.ino))
+
+    async def _settle(self, f: OpenFile) -> None:
+        """Commit ``f``'s changes that no handle will flush any more (last release, unmount).
+
+        Never behind an application's back: changes whose flush answered an
+        application an error (``failed``) are not committed later; they, and
+        changes whose commit fails here (no application to answer), are saved
+        as a recovery file instead of dropped (README, Durability).
+        """
+        if f.modified and not f.failed:
+            try:
+                await self._commit(f)
+                return
+            except Exception as e:
+                log.error("commit of inode %d at its last close failed: %s", f.ino,
+                          fs_error(e) or e)
+        if f.modified:
+            await self._recover(f)
+
+    async def _recover(self, f: OpenFile) -> None:
+        """Save ``f`` as this mount shows it under ``recovered/``, listed by ``nimbusfs status``.
+
+        Then the file is its committed version again, here and in the kernel's
+        caches (which showed the uncommitted size and bytes). If the file
+        cannot be saved (its disk is full too), the changes stay staged.
+        """
+        parent, name = self.names.get(f.ino, (self.root, b"?"))
+        path = os.path.join(self.state_dir, "recovered",
+                            f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            await f.save(path)
+        except Exception as e:
+            log.error("uncommitted bytes of %r (inode %d) not saved to %s: %s; they stay staged"
+                      " on this mount (lost if it stops before they are saved)",
+                      name, f.ino, path, fs_error(e) or e)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            return
+        log.warning("uncommitted bytes of %r (inode %d) saved to %s", name, f.ino, path)
+        try:
+            with open(os.path.join(self.state_dir, "recovered.jsonl"), "a") as out:
+                out.write(json.dumps({"time": time.time(), "inode": f.ino, "parent": parent,
+                                      "name": name.decode(errors="replace"), "path": path,
+                                      "size": f.size}) + "\n")
+        except OSError as e:
+            log.error("%s not listed for nimbusfs status: %s", path, e)
+        f.discard()
+        self._drop(f.ino)
+        self._invalidate(("inode", f.ino))
 
     async def open(self, ino: int, flags: int, uid: int) -> tuple[int, bool]:
         """Open a file; return the handle and whether the kernel may keep its page cache."""
@@ -574,6 +630,7 @@ class VFS:
         self.page_version[ino] = f.base
         fh = self._handle(f, uid)
         if truncated:
+            self.writers.add(fh)
             self.truncating.add(fh)
         return fh, keep
 
@@ -591,33 +648,58 @@ class VFS:
         f = self.files[attr["ino"]] = OpenFile(self, attr["ino"], attr, [])
         f.handles += 1
         self.page_version[f.ino] = f.base
-        return self._handle(f, uid), attr
+        fh = self._handle(f, uid)
+        self.writers.add(fh)  # a new file: its (empty) first version is this handle's
+        return fh, attr
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return await self.handles[fh].read(off, size)
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         # Like Linux, a write by anyone but root drops set-user-ID/set-group-ID.
+        self.writers.add(fh)
         return await self.handles[fh].write(off, data, kill_priv=fh not in self.privileged)
 
-    async def flush(self, fh: int) -> None:
-        """Commit at a close (or fsync): one save, one version.
+    async def flush(self, fh: int, sync: bool = False) -> None:
+        """A handle's close, or its fsync (``sync``): commit the file's changes.
 
-        The kernel flushes at every close, also of a descriptor that has a
-        duplicate: a shell saving ``echo x > f`` opens with O_TRUNC, moves the
-        descriptor to 1 and closes the original before writing. That flush
-        commits the empty file (a close must: ``: > f`` is a save too, and
-        another mount's open must see it); the handle's next commit replaces
-        that empty version instead of adding one after it.
+        A close commits only if its handle wrote: a reader's close commits
+        nothing and cannot fail for another handle's writes. An fsync syncs the
+        file whatever handle it names, as on Linux (``sync FILE`` opens it to
+        read).
+
+        One save, one version: the kernel flushes at every close, also of a
+        descriptor that has a duplicate: a shell saving ``echo x > f`` opens
+        with O_TRUNC, moves the descriptor to 1 and closes the original before
+        writing. That flush commits the empty file (a close must: ``: > f`` is
+        a save too, and another mount's open must see it); the handle's next
+        commit replaces that empty version instead of adding one after it.
         """
+        if not (sync or fh in self.writers):
+            return
         f = self.handles[fh]
         committing = f.modified
-        await self._commit(f, self.emptied.get(fh))
+        await self._flush(f, self.emptied.get(fh))
         if committing:
             self.emptied.pop(fh, None)
             if fh in self.truncating and f.size == 0:
                 self.emptied[fh] = f.base
             self.truncating.discard(fh)
+
+    async def _flush(self, f: OpenFile, amend: int | None = None) -> None:
+        """Commit ``f`` for an application, which gets the error if it fails.
+
+        A failed flush keeps the changes staged, marked ``failed``: a later
+        flush by a writer retries them; none is made behind the application's
+        back (``_settle``). ``amend``: see ``flush``.
+        """
+        try:
+            await self._commit(f, amend)
+        except Exception as e:
+            f.failed = f.modified
+            log.warning("flush of %r (inode %d) failed: %s; its changes stay staged",
+                        self.names.get(f.ino, (0, b"?"))[1], f.ino, fs_error(e) or e)
+            raise
         self.page_version[f.ino] = f.base
 
     async def _commit(self, f: OpenFile, amend: int | None = None) -> None:
@@ -629,11 +711,12 @@ class VFS:
 
     async def release(self, fh: int) -> None:
         self.privileged.discard(fh)
+        self.writers.discard(fh)
         self.truncating.discard(fh)
         self.emptied.pop(fh, None)
         await self._release(self.handles.pop(fh))
 
     async def flush_all(self) -> None:
-        """Commit every open file (before unmount)."""
+        """Commit every open file, or save it as a recovery file (before unmount)."""
         for f in list(self.files.values()):
-            await self._commit(f)
+            await self._settle(f)

@@ -1,8 +1,23 @@
-"""Errors the server answers with: an errno the mount passes on unchanged."""
+"""Errors the server answers with: an errno the mount passes on unchanged.
+
+Also the mount's own local disk I/O (staging, disk cache, a local block store):
+``local_io`` turns its OS errors into the same FSError, so one rule maps both.
+"""
 
 from __future__ import annotations
 
 import errno as _errno
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+# OS errors of local disk I/O that tell the application what is wrong, as a
+# local file system would: passed on with their errno. Any other (EIO of a
+# failing disk, EBADF of a bug) is answered with EIO.
+PASSED_ON = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.EROFS, _errno.EFBIG,
+                       _errno.ENOMEM, _errno.EMFILE, _errno.ENFILE})
 
 
 class FSError(Exception):
@@ -39,3 +54,22 @@ def fs_error(e: BaseException) -> FSError | None:
             match = match.exceptions[0]
         e = match
     return e if isinstance(e, FSError) else None
+
+
+@contextmanager
+def local_io(what: str) -> Iterator[None]:
+    """Raise an OSError of the I/O in this block as an FSError naming ``what`` (a path).
+
+    The error is logged here with its path, once: the application sees only
+    its errno (ENOSPC, EDQUOT, EROFS ... as they are; EIO for the others,
+    logged with their traceback, as a bug or a failing disk).
+    """
+    try:
+        yield
+    except OSError as e:
+        code = e.errno if e.errno in PASSED_ON else _errno.EIO
+        if code == _errno.EIO:
+            log.exception("%s failed", what)
+        else:
+            log.warning("%s: %s", what, e)
+        raise FSError(code, f"{what}: {e.strerror or e}") from e

@@ -401,6 +401,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                     print(f"  conflict {when}: {c['name']!r} kept the other writer's version;"
                           f" this mount's bytes are in the conflicted copy (inode"
                           f" {c['copy_inode']})")
+        recovered = os.path.join(rec["cache_dir"], "recovered.jsonl")
+        if os.path.exists(recovered):
+            with open(recovered) as f:
+                for line in f:
+                    r = json.loads(line)
+                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+                    print(f"  not committed {when}: {r['name']!r} (inode {r['inode']}) kept its"
+                          f" committed version; this mount's bytes are saved in {r['path']}")
     cache_root = emb.path("cache")
     if os.path.isdir(cache_root):
         used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_root)
