@@ -30,11 +30,13 @@ import inspect
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 import msgpack
 from psycopg import Cursor
+from psycopg import errors as pgerr
 
 from blockstore.base import HASH_LEN, block_hash
 from blockstore.chunking import MAX_BLOCK
@@ -49,6 +51,8 @@ from metaserver.protocol import (
 )
 
 BIGINT_MAX = (1 << 63) - 1
+# The largest file (ext4's 16 TiB): sizes add up in bigint columns (quota use).
+MAX_FILE_SIZE = 16 << 40
 # Hashes one have_blocks request may ask about.
 MAX_KEYS = 10_000
 # mode, uid, gid and rdev: unsigned in the kernel (stat's functions refuse a
@@ -106,7 +110,7 @@ def check_name(name: bytes) -> None:
         raise FSError(errno.EINVAL, f"invalid name {name!r}")
 
 
-def _inode(cur: Cursor, u: User, ino: int, lock: bool = False) -> dict[str, int]:
+def inode(cur: Cursor, u: User, ino: int, lock: bool = False) -> dict[str, int]:
     cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s"
                 + (" FOR UPDATE" if lock else ""), (ino, u.id))
     row = cur.fetchone()
@@ -117,11 +121,11 @@ def _inode(cur: Cursor, u: User, ino: int, lock: bool = False) -> dict[str, int]
 
 def _lock(cur: Cursor, u: User, *inos: int) -> dict[int, dict[str, int]]:
     """Lock several inodes in ascending order and return their attributes."""
-    return {i: _inode(cur, u, i, lock=True) for i in sorted(set(inos))}
+    return {i: inode(cur, u, i, lock=True) for i in sorted(set(inos))}
 
 
-def _dir(cur: Cursor, u: User, ino: int, lock: bool = True) -> dict[str, int]:
-    a = _inode(cur, u, ino, lock)
+def directory(cur: Cursor, u: User, ino: int, lock: bool = True) -> dict[str, int]:
+    a = inode(cur, u, ino, lock)
     if not stat.S_ISDIR(a["mode"]):
         raise FSError(errno.ENOTDIR, f"inode {ino} is not a directory")
     if a["nlink"] == 0:
@@ -198,7 +202,7 @@ def hello(cur: Cursor, u: User, device: str) -> dict[str, Any]:
 
 @op(read_only=True)
 def getattr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
-    return _inode(cur, u, ino)
+    return inode(cur, u, ino)
 
 
 @op(read_only=True)
@@ -210,7 +214,7 @@ def lookup(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
                 " WHERE d.parent = %s AND d.name = %s AND i.owner_id = %s", (parent, name, u.id))
     row = cur.fetchone()
     if row is None:
-        _dir(cur, u, parent, lock=False)
+        directory(cur, u, parent, lock=False)
         raise FSError(errno.ENOENT, "no such entry")
     return _attr(row)
 
@@ -218,10 +222,10 @@ def lookup(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
 @op(read_only=True)
 def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, dict[str, int]]]:
     """All entries of a directory with their attributes: '.', '..', then by name."""
-    me = _dir(cur, u, ino, lock=False)
+    me = directory(cur, u, ino, lock=False)
     cur.execute("SELECT parent FROM dentries WHERE inode = %s LIMIT 1", (ino,))
     row = cur.fetchone()
-    up = _inode(cur, u, row[0]) if row and ino != u.root else me
+    up = inode(cur, u, row[0]) if row and ino != u.root else me
     cur.execute(f"SELECT d.name, {_cols('i')}"
                 " FROM dentries d JOIN inodes i ON i.id = d.inode"
                 " WHERE d.parent = %s ORDER BY d.name", (ino,))
@@ -230,7 +234,7 @@ def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, di
 
 @op(read_only=True)
 def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
-    _inode(cur, u, ino)
+    inode(cur, u, ino)
     cur.execute("SELECT target FROM inodes WHERE id = %s", (ino,))
     target = cur.fetchone()[0]
     if target is None:
@@ -323,7 +327,7 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
     """
     check_name(name)
     now = time.time_ns()
-    p = _dir(cur, u, parent)
+    p = directory(cur, u, parent)
     is_dir = stat.S_ISDIR(mode)
     # setgid directories pass their group (and, for subdirectories, the bit) on.
     if p["mode"] & stat.S_ISGID:
@@ -378,7 +382,7 @@ def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
         raise FSError(errno.EPERM, "hard link to a directory")
     if locked[ino]["nlink"] == 0:
         raise FSError(errno.ENOENT, "file was removed")
-    _dir(cur, u, parent)
+    directory(cur, u, parent)
     if _child(cur, parent, name) is not None:
         raise FSError(errno.EEXIST, "entry exists")
     cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)",
@@ -399,7 +403,7 @@ def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
     if it names a directory the transaction rolls back on EISDIR.
     """
     now = time.time_ns()
-    _dir(cur, u, parent)
+    directory(cur, u, parent)
     cur.execute("DELETE FROM dentries WHERE parent = %s AND name = %s RETURNING inode",
                 (parent, name))
     row = cur.fetchone()
@@ -419,11 +423,11 @@ def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[s
     if name == b".":
         raise FSError(errno.EINVAL, "cannot remove '.'")
     now = time.time_ns()
-    _dir(cur, u, parent)
+    directory(cur, u, parent)
     ino = _child(cur, parent, name)
     if ino is None:
         raise FSError(errno.ENOENT, "no such entry")
-    if not stat.S_ISDIR(_inode(cur, u, ino, lock=True)["mode"]):
+    if not stat.S_ISDIR(inode(cur, u, ino, lock=True)["mode"]):
         raise FSError(errno.ENOTDIR, "not a directory")
     d = _remove_dir(cur, parent, name, ino, now)
     _log(cur, u, device, ("rmdir", ino, parent, name))
@@ -453,8 +457,8 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     check_name(new_name)
     now = time.time_ns()
     _lock(cur, u, parent, new_parent)
-    _dir(cur, u, parent)
-    _dir(cur, u, new_parent)
+    directory(cur, u, parent)
+    directory(cur, u, new_parent)
     src = _child(cur, parent, name)
     if src is None:
         raise FSError(errno.ENOENT, "no such entry")
@@ -544,7 +548,7 @@ def setattr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = N
             uid: UInt31 | None = None, gid: UInt31 | None = None, atime: int | None = None,
             mtime: int | None = None) -> dict[str, int]:
     """Change mode, owner or times; ctime becomes now. Size changes are commits."""
-    attr = _setattr(cur, _inode(cur, u, ino, lock=True), mode, uid, gid, atime, mtime)
+    attr = _setattr(cur, inode(cur, u, ino, lock=True), mode, uid, gid, atime, mtime)
     _log(cur, u, device, ("setattr", ino, None, None))
     return attr
 
@@ -565,7 +569,7 @@ def setxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes, value: by
     _xattr_name(name)
     if len(value) > 65536:
         raise FSError(errno.E2BIG, "xattr value too large")
-    _inode(cur, u, ino, lock=True)
+    inode(cur, u, ino, lock=True)
     cur.execute("INSERT INTO xattrs (inode, name, value) VALUES (%s, %s, %s)"
                 " ON CONFLICT (inode, name) DO UPDATE SET value = excluded.value",
                 (ino, name, value))
@@ -575,7 +579,7 @@ def setxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes, value: by
 
 @op(read_only=True)
 def getxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> bytes:
-    _inode(cur, u, ino)
+    inode(cur, u, ino)
     cur.execute("SELECT value FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
     row = cur.fetchone()
     if row is None:
@@ -585,14 +589,14 @@ def getxattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> bytes:
 
 @op(read_only=True)
 def listxattr(cur: Cursor, u: User, device: str, ino: int) -> list[bytes]:
-    _inode(cur, u, ino)
+    inode(cur, u, ino)
     cur.execute("SELECT name FROM xattrs WHERE inode = %s ORDER BY name", (ino,))
     return [bytes(r[0]) for r in cur.fetchall()]
 
 
 @op
 def removexattr(cur: Cursor, u: User, device: str, ino: int, name: bytes) -> None:
-    _inode(cur, u, ino, lock=True)
+    inode(cur, u, ino, lock=True)
     cur.execute("DELETE FROM xattrs WHERE inode = %s AND name = %s", (ino, name))
     if cur.rowcount == 0:
         raise FSError(errno.ENODATA, "no such xattr")
@@ -633,15 +637,34 @@ def _conflict_name(name: bytes, device: str) -> bytes:
     an older mount) names the host only. The label is cut to 64 bytes, so
     that the stem always keeps room.
     """
-    stem, dot, ext = name.rpartition(b".")
-    if not dot or not stem:
-        stem, dot, ext = name, b"", b""
     host, *rest = device.split("/")
     label = "/".join(rest[:-1]).encode()[:64].decode(errors="ignore")
     who = f"{host} {label}" if label else host
-    tag = b" (conflicted copy %s %s)" % (who.encode(), time.strftime("%Y-%m-%d %H%M%S").encode())
-    tail = tag + dot + ext
-    return stem[:max(1, NAME_MAX - len(tail))] + tail
+    return tagged(name, b" (conflicted copy %s %s)" % (
+        who.encode(), time.strftime("%Y-%m-%d %H%M%S").encode()))
+
+
+def _cut(b: bytes, n: int) -> bytes:
+    """``b`` cut to at most ``n`` bytes, not inside a UTF-8 character."""
+    while 0 < n < len(b) and b[n] & 0xC0 == 0x80:
+        n -= 1
+    return b[:max(0, n)]
+
+
+def tagged(name: bytes, tag: bytes) -> bytes:
+    """``STEM TAG.EXT`` in at most ``NAME_MAX`` bytes (a conflicted copy, an autorename).
+
+    The stem is cut first (keeping a byte of it), then the extension: a long
+    name must never make the copy impossible (ENAMETOOLONG would lose the
+    conflicted copy's bytes).
+    """
+    stem, dot, ext = name.rpartition(b".")
+    if not dot or not stem:
+        stem, dot, ext = name, b"", b""
+    ext = _cut(ext, NAME_MAX - len(tag) - len(dot) - 1)
+    dot = dot if ext else b""
+    stem = _cut(stem, NAME_MAX - len(tag) - len(dot) - len(ext)) or stem[:1]
+    return _cut(stem + tag + dot + ext, NAME_MAX)
 
 
 def _save_conflict(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes,
@@ -676,8 +699,10 @@ def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
     a hole of any positive length; the lengths add up to ``size``, which fits
     a bigint. Anything else is EINVAL before the transaction touches a row.
     """
-    if not (isinstance(extents, list) and type(size) is int and 0 <= size <= BIGINT_MAX):
-        raise FSError(errno.EINVAL, "extents must be a list and size a non-negative int64")
+    if not (isinstance(extents, list) and type(size) is int and size >= 0):
+        raise FSError(errno.EINVAL, "extents must be a list and size a non-negative int")
+    if size > MAX_FILE_SIZE:
+        raise FSError(errno.EFBIG, f"a file is at most {MAX_FILE_SIZE} bytes")
     total, blocks = 0, {}
     for e in extents:
         if not (isinstance(e, list | tuple) and len(e) == 2 and type(e[1]) is int and e[1] > 0):
@@ -711,6 +736,15 @@ def _check_blocks(cur: Cursor, u: User, blocks: dict[bytes, int]) -> None:
         raise FSError(errno.EINVAL, "an extent's length is not its block's size")
 
 
+@contextmanager
+def _bigint_overflow() -> Iterator[None]:
+    """EFBIG where a sum (a volume's used bytes) would leave PostgreSQL's bigint."""
+    try:
+        yield
+    except pgerr.NumericValueOutOfRange:
+        raise FSError(errno.EFBIG, "the volume's size would exceed what is countable") from None
+
+
 def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
             mtime: int, kill_priv: bool = False) -> dict[str, int]:
     """Add a version to the locked inode ``a`` and make it current.
@@ -726,20 +760,21 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
     keys, sizes, counts = _refs(extents)
     # One statement: the quota, the version row, its block references and the
     # inode. Over quota, it is all rolled back by the exception below.
-    cur.execute(
-        "WITH q AS (UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s"
-        " RETURNING quota_bytes, used_bytes),"
-        " v AS (INSERT INTO versions (inode, version, size, extents, user_id, device)"
-        " VALUES (%s, %s, %s, %s, %s, %s)),"
-        " r AS (INSERT INTO blocks (hash, size, refcount)"
-        " SELECT * FROM unnest(%s::bytea[], %s::int[], %s::bigint[])"
-        " ON CONFLICT (hash) DO UPDATE"
-        " SET refcount = blocks.refcount + excluded.refcount, unref_since = NULL),"
-        " i AS (UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s,"
-        f" alloc = %s, mode = mode & ~%s WHERE id = %s RETURNING {_ATTR_COLS})"
-        " SELECT q.*, i.* FROM q, i",
-        (grow, u.id, ino, version, size, msgpack.packb(extents), u.id, device,
-         keys, sizes, counts, version, size, mtime, time.time_ns(), alloc, kill, ino))
+    with _bigint_overflow():
+        cur.execute(
+            "WITH q AS (UPDATE users SET used_bytes = used_bytes + %s WHERE id = %s"
+            " RETURNING quota_bytes, used_bytes),"
+            " v AS (INSERT INTO versions (inode, version, size, extents, user_id, device)"
+            " VALUES (%s, %s, %s, %s, %s, %s)),"
+            " r AS (INSERT INTO blocks (hash, size, refcount)"
+            " SELECT * FROM unnest(%s::bytea[], %s::int[], %s::bigint[])"
+            " ON CONFLICT (hash) DO UPDATE"
+            " SET refcount = blocks.refcount + excluded.refcount, unref_since = NULL),"
+            " i AS (UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s,"
+            f" alloc = %s, mode = mode & ~%s WHERE id = %s RETURNING {_ATTR_COLS})"
+            " SELECT q.*, i.* FROM q, i",
+            (grow, u.id, ino, version, size, msgpack.packb(extents), u.id, device,
+             keys, sizes, counts, version, size, mtime, time.time_ns(), alloc, kill, ino))
     row = cur.fetchone()
     quota, used = row[:2]
     if quota and grow > 0 and used > quota:
@@ -818,7 +853,7 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
 @op(read_only=True)
 def versions(cur: Cursor, u: User, device: str, ino: int) -> list[dict[str, Any]]:
     """The kept versions of a file, newest first."""
-    _inode(cur, u, ino)
+    inode(cur, u, ino)
     cur.execute("SELECT v.version, v.size, extract(epoch FROM v.created)::float8, v.device,"
                 " coalesce(us.name, ''), v.extents"
                 " FROM versions v LEFT JOIN users us ON us.id = v.user_id"
@@ -830,7 +865,7 @@ def versions(cur: Cursor, u: User, device: str, ino: int) -> list[dict[str, Any]
 @op
 def restore(cur: Cursor, u: User, device: str, ino: int, version: int) -> dict[str, int]:
     """Make an old version current again, as a new version (history is kept)."""
-    a = _inode(cur, u, ino, lock=True)
+    a = inode(cur, u, ino, lock=True)
     cur.execute("SELECT size, extents FROM versions WHERE inode = %s AND version = %s",
                 (ino, version))
     row = cur.fetchone()
@@ -877,7 +912,7 @@ def entry(cur: Cursor, u: User, device: str, ino: int) -> dict[str, Any]:
     links shows one of its entries; an orphan (open somewhere, no entry)
     answers ENOENT, as a deleted file does.
     """
-    a = _inode(cur, u, ino)
+    a = inode(cur, u, ino)
     cur.execute(
         "WITH RECURSIVE up(inode, parent, name, depth) AS ("
         " (SELECT inode, parent, name, 0 FROM dentries WHERE inode = %s ORDER BY parent, name"
@@ -911,7 +946,7 @@ def resolve(cur: Cursor, u: User, device: str, path: bytes) -> int:
     ino = u.root
     for name in (p for p in path.split(b"/") if p):
         check_name(name)
-        _dir(cur, u, ino, lock=False)
+        directory(cur, u, ino, lock=False)
         child = _child(cur, ino, name)
         if child is None:
             raise FSError(errno.ENOENT, f"no such entry {name!r}")
@@ -922,7 +957,7 @@ def resolve(cur: Cursor, u: User, device: str, path: bytes) -> int:
 def children(cur: Cursor, u: User, device: str, ino: int, after: bytes | None, limit: int
              ) -> list[dict[str, Any]]:
     """Up to ``limit`` entries of a directory in name order, those after ``after`` only."""
-    _dir(cur, u, ino, lock=False)
+    directory(cur, u, ino, lock=False)
     cur.execute(f"SELECT d.name, {_cols('i')}, v.extents FROM dentries d"
                 " JOIN inodes i ON i.id = d.inode"
                 " LEFT JOIN versions v ON v.inode = i.id AND v.version = i.version"
@@ -935,14 +970,10 @@ def children(cur: Cursor, u: User, device: str, ino: int, after: bytes | None, l
 
 def _free_name(cur: Cursor, parent: int, name: bytes) -> bytes:
     """``name``, or ``name (1).ext``, ``name (2).ext`` ... whichever is free in ``parent``."""
-    stem, dot, ext = name.rpartition(b".")
-    if not dot or not stem:
-        stem, dot, ext = name, b"", b""
     n, candidate = 0, name
     while _child(cur, parent, candidate) is not None:
         n += 1
-        tail = b" (%d)" % n + dot + ext
-        candidate = stem[:max(1, NAME_MAX - len(tail))] + tail
+        candidate = tagged(name, b" (%d)" % n)
     return candidate
 
 
@@ -953,24 +984,25 @@ def put_file(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes
     If the name is taken: ``fail`` answers EEXIST, ``overwrite`` commits a
     new version of that file (EISDIR if it is not a regular file),
     ``autorename`` creates ``name (1).ext`` (or the next free number). The
-    new file takes the parent's owner and mode 0644. Returns the file's id.
+    new file takes the parent's owner and mode 0600 (a mount with allow_other
+    shows it to its owner only). Returns the file's id.
     """
     check_name(name)
     blocks = check_extents(extents, size)
     if blocks:
         _check_blocks(cur, u, blocks)
     parent = _at(cur, u, device, parent)
-    p = _dir(cur, u, parent)
+    p = directory(cur, u, parent)
     existing = _child(cur, parent, name)
     if existing is not None and on_exists == "overwrite":
-        a = _inode(cur, u, existing, lock=True)
+        a = inode(cur, u, existing, lock=True)
         if not stat.S_ISREG(a["mode"]):
             raise FSError(errno.EISDIR, "the name is taken by a directory")
         _commit(cur, u, device, a, extents, size, mtime)
         return {"id": existing}
     if existing is not None and on_exists != "autorename":
         raise FSError(errno.EEXIST, "the name is taken")
-    a = _new_inode(cur, u, device, parent, _free_name(cur, parent, name), stat.S_IFREG | 0o644,
+    a = _new_inode(cur, u, device, parent, _free_name(cur, parent, name), stat.S_IFREG | 0o600,
                    p["uid"], p["gid"])
     _commit(cur, u, device, a, extents, size, mtime)
     return {"id": a["ino"]}
@@ -987,7 +1019,7 @@ def replace(cur: Cursor, u: User, device: str, ino: int, extents: list, size: in
     blocks = check_extents(extents, size)
     if blocks:
         _check_blocks(cur, u, blocks)
-    a = _inode(cur, u, ino, lock=True)
+    a = inode(cur, u, ino, lock=True)
     if not stat.S_ISREG(a["mode"]):
         raise FSError(errno.EISDIR, "not a regular file")
     if a["nlink"] == 0:
@@ -1015,10 +1047,10 @@ def remove(cur: Cursor, u: User, device: str, ino: int) -> None:
 
 def make_folder(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes
                 ) -> dict[str, Any]:
-    """Create a directory (mode 0755, the parent's owner) in ``parent``, by id or path."""
+    """Create a directory (mode 0700, the parent's owner) in ``parent``, by id or path."""
     parent = _at(cur, u, device, parent)
-    p = _dir(cur, u, parent, lock=False)
-    return {"id": _new_inode(cur, u, device, parent, name, stat.S_IFDIR | 0o755, p["uid"],
+    p = directory(cur, u, parent, lock=False)
+    return {"id": _new_inode(cur, u, device, parent, name, stat.S_IFDIR | 0o700, p["uid"],
                              p["gid"])["ino"]}
 
 
@@ -1028,6 +1060,8 @@ def move(cur: Cursor, u: User, device: str, ino: int, parent: int | None, name: 
     e = entry(cur, u, device, ino)
     if e["parent"] is None:
         raise FSError(errno.EBUSY, "the root cannot be moved")
+    if parent in (None, e["parent"]) and name in (None, e["name"]):
+        return  # already there
     rename(cur, u, device, e["parent"], e["name"], e["parent"] if parent is None else parent,
            e["name"] if name is None else name, RENAME_NOREPLACE)
 

@@ -37,6 +37,7 @@ import trio
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -59,9 +60,14 @@ LONGPOLL_MIN, LONGPOLL_MAX = 30, 480
 # Form fields besides the file (path, parent_id, overwrite ...), and their size.
 MAX_FIELDS = 16
 MAX_FIELD_BYTES = 64 << 10
+# The body of any request but an upload (JSON: a move, a folder, a restore ...).
+MAX_SMALL_BODY = 64 << 10
 # Resumable uploads: the chunk size suggested to clients, and the largest taken.
 CHUNK_SIZE = 8 << 20
 MAX_CHUNK = 256 << 20
+# A refused request's body is read (so that the client hears the answer) up to this:
+# an authenticated client's own upload chunk.
+MAX_DRAIN = MAX_CHUNK
 
 _STATUS = {
     errno.ENOENT: (404, "not_found"), errno.EEXIST: (409, "exists"),
@@ -227,14 +233,17 @@ def _bad(message: str) -> ApiError:
 
 
 def _name(raw: bytes) -> str:
-    # Names are bytes; a name that is not UTF-8 keeps its bytes as lone
-    # surrogates, which JSON escapes and a client can send back unchanged.
-    return raw.decode("utf-8", "surrogateescape")
+    # Names are bytes: one that is not UTF-8 (made through a mount) is shown
+    # with \xNN escapes for its other bytes; such a file is reached by its id.
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _raw(name: str) -> bytes:
+    """A name or path a client sent, as bytes: UTF-8 only (lone surrogates are refused)."""
+    if "\ufffd" in name:   # what Starlette made of a query's bytes that were not UTF-8
+        raise _bad("a name must be UTF-8")
     try:
-        return name.encode("utf-8", "surrogateescape")
+        return name.encode("utf-8")
     except UnicodeEncodeError:
         raise _bad("a name must be UTF-8") from None
 
@@ -282,6 +291,8 @@ def _range(header: str | None, size: int) -> tuple[int, int] | None:
     m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
     if m is None or (not m[1] and not m[2]):
         return None
+    if size == 0:
+        raise ApiError(416, "range_not_satisfiable", "the file is empty", size=0)
     if not m[1]:                                  # the last N bytes
         if int(m[2]) == 0:
             raise ApiError(416, "range_not_satisfiable", "empty suffix range", size=size)
@@ -303,6 +314,69 @@ _MULTIPART = {"requestBody": {"required": True, "content": {"multipart/form-data
         "expected_version": {"type": "integer"}}}}}}}
 
 
+_BEARER = HTTPBearer(auto_error=False, description="a token: nfs_...")
+
+
+class Gate:
+    """Before any route: the token is checked and a small request's body bounded.
+
+    Pure ASGI, in front of FastAPI, which reads a JSON body before it runs a
+    route's dependencies: a stranger's 300 MB body was read into memory
+    (1.8 GB peak RSS) before its 401. Here a request without a valid token
+    is answered before a byte of its body is read, and the connection closed;
+    a body of any route but the uploads must declare its length (411) and
+    stay under ``MAX_SMALL_BODY`` (413).
+    """
+
+    PUBLIC = frozenset({"/api/v1/openapi.json", "/api/v1/docs",
+                        "/api/v1/docs/oauth2-redirect"})
+    UPLOADS = re.compile(r"/api/v1/(?:files(?:/\d+)?|uploads/[^/]+(?:/chunks/\d+)?)")
+
+    def __init__(self, app: Any, api: "Api") -> None:
+        self.app, self.api = app, api
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.PUBLIC:
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope["headers"]}
+        try:
+            peer = scope["client"][0] if scope.get("client") else ""
+            user = await self.api.authenticate(peer, headers.get("authorization", ""))
+            scope.setdefault("state", {})["user"] = user
+            if not (scope["method"] in ("POST", "PUT") and self.UPLOADS.fullmatch(scope["path"])):
+                length = headers.get("content-length")
+                if length is None and "chunked" in headers.get("transfer-encoding", ""):
+                    raise ApiError(411, "length_required", "a body needs a Content-Length")
+                if length is not None and not (length.isdigit()
+                                               and int(length) <= MAX_SMALL_BODY):
+                    raise ApiError(413, "too_large",
+                                   f"a request body is at most {MAX_SMALL_BODY} bytes here")
+        except ApiError as e:
+            # A stranger's body is skipped for 1 MiB at most, a user's like any refused one.
+            limit = MAX_DRAIN if scope.get("state", {}).get("user") else 1 << 20
+            await _skip(receive, limit)
+            response = _error(e.status, e.code, e.message,
+                              {**e.headers, "Connection": "close"}, **e.extra)
+            return await response(scope, receive, send)
+        except psycopg.OperationalError as e:
+            log.error("database unavailable: %s", e)
+            response = _error(503, "unavailable", "the database is unavailable",
+                              {"Connection": "close"})
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+async def _skip(receive: Any, limit: int) -> None:
+    """Read and drop up to ``limit`` bytes of a request's body (ASGI ``receive``)."""
+    seen = 0
+    while seen <= limit:
+        msg = await receive()
+        seen += len(msg.get("body", b""))
+        if msg["type"] != "http.request" or not msg.get("more_body"):
+            return
+
+
 class Api:
     """The routes; ``server`` gives transactions (``call``) and blocks (``blocks``)."""
 
@@ -310,8 +384,14 @@ class Api:
         self.server = server
         self.tokens: cachetools.TTLCache[bytes, User] = cachetools.TTLCache(10_000, TOKEN_TTL)
 
-    async def user(self, request: Request, authorization: Annotated[str, Header()] = ""
-                   ) -> User:
+    @staticmethod
+    def user(request: Request,
+             _: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> User:
+        """The request's user, authenticated by ``Gate`` before any of its body was read
+        (the dependency declares the bearer scheme in the OpenAPI document)."""
+        return request.state.user
+
+    async def authenticate(self, peer: str, authorization: str) -> User:
         """The token's user. Wrong tokens count against the client's address as the
         mount protocol's do (``MetaServer.wrong_tokens``): past the burst, 429."""
         scheme, _, token = authorization.partition(" ")
@@ -320,7 +400,6 @@ class Api:
         key = hashlib.sha256(token.encode()).digest()
         user = self.tokens.get(key)
         if user is None:
-            peer = request.client.host if request.client else ""
             if not self.server.wrong_tokens.allowed(peer):
                 self.server.refused(peer, "too many wrong tokens")
                 raise ApiError(429, "too_many_requests", "too many wrong tokens from this"
@@ -389,8 +468,14 @@ class Api:
                 version: Annotated[int | None, Query(ge=1, le=namespace.BIGINT_MAX)] = None,
                 range_: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
                 if_none_match: Annotated[str | None, Header(max_length=1000)] = None,
+                if_range: Annotated[str | None, Header(max_length=200)] = None,
         ) -> Response:
-            """The file's bytes (or an old version's), streamed; one Range is honoured."""
+            """The file's bytes (or an old version's), streamed; one Range is honoured.
+
+            ``If-None-Match`` (a list, weak tags, ``*``) answers 304 for the
+            current content; ``If-Range`` with another tag (a newer version
+            since a partial download began) gets the whole file, not a range.
+            """
             r_ = await run(user, "http", namespace.open, id, version)
             attr, extents = r_["attr"], r_["extents"]
             if _kind(attr["mode"]) != "file":
@@ -398,9 +483,10 @@ class Api:
             size = sum(n for _, n in extents)
             etag = f'"{namespace.content_hash(extents)}"'
             headers = {"ETag": etag, "Accept-Ranges": "bytes"}
-            if etag in (t.strip() for t in (if_none_match or "").split(",")):
+            tags = {t.strip().removeprefix("W/") for t in (if_none_match or "").split(",")}
+            if etag in tags or "*" in tags:
                 return Response(status_code=304, headers=headers)
-            span = _range(range_, size)
+            span = _range(range_, size) if if_range in (None, etag) else None
             start, end = span or (0, size)
             headers["Content-Length"] = str(end - start)
             if span is not None:
@@ -417,6 +503,7 @@ class Api:
             A taken name is 409 unless ``overwrite`` (a new version of that
             file) or ``autorename`` (``name (1).ext``).
             """
+            await self._room(request, user)
             async with self._form(request) as (file, fields):
                 if not file.filename:
                     raise _bad("the file part needs a filename")
@@ -541,9 +628,14 @@ class Api:
         async def put_chunk(request: Request, user: User_, upload_id: UploadId,
                             n: Annotated[int, Path(ge=0, le=uploads.MAX_CHUNKS)]
                             ) -> dict[str, Any]:
-            """Chunk ``n`` of the upload (raw body); sent again, it replaces itself."""
-            await run(user, "http", uploads.status, upload_id)   # 404 before reading a body
-            extents, size = await self._chunk(request, user)
+            """Chunk ``n`` of the upload (raw body); sent again, it replaces itself.
+
+            The upload's existence and the room left under its declared size
+            are checked before a byte of the body is read.
+            """
+            st = await self._open_upload(user, upload_id)
+            room = st["size"] - sum(c["size"] for c in st["chunks"] if c["n"] != n)
+            extents, size = await self._chunk(request, user, room)
             st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents)
             return upload_status(upload_id, st)
 
@@ -560,6 +652,11 @@ class Api:
             m = re.fullmatch(r"bytes (\d{1,19})-(\d{1,19})/(\d{1,19}|\*)", content_range)
             if m is None or int(m[2]) < int(m[1]):
                 raise _bad("Content-Range must be 'bytes A-B/TOTAL'")
+            first, length = int(m[1]), int(m[2]) - int(m[1]) + 1
+            st = await self._open_upload(user, upload_id)
+            if (m[3] != "*" and int(m[3]) != st["size"]) or first + length > st["size"]:
+                raise _bad(f"Content-Range {content_range!r} does not fit the upload's"
+                           f" declared size of {st['size']} bytes")
             try:
                 n = await run(user, "http", uploads.chunk_at, upload_id, int(m[1]))
             except FSError as e:
@@ -568,11 +665,10 @@ class Api:
                 st = await run(user, "http", uploads.status, upload_id)
                 raise ApiError(409, "wrong_offset", e.message,
                                offset=st["uploaded_bytes"]) from None
-            extents, size = await self._chunk(request, user)
-            if size != int(m[2]) - int(m[1]) + 1:
-                raise _bad(f"Content-Range names {int(m[2]) - int(m[1]) + 1} bytes, the body"
-                           f" has {size}")
-            st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents)
+            extents, size = await self._chunk(request, user, length)
+            if size != length:
+                raise _bad(f"Content-Range names {length} bytes, the body has {size}")
+            st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents, True)
             return upload_status(upload_id, st)
 
         @r.get("/uploads/{upload_id}", response_model=UploadStatus)
@@ -635,17 +731,45 @@ class Api:
         finally:
             await form.close()
 
-    async def _chunk(self, request: Request, user: User) -> tuple[list, int]:
-        """A raw request body spooled to disk (at most ``MAX_CHUNK``), then stored as blocks."""
+    async def _chunk(self, request: Request, user: User, room: int) -> tuple[list, int]:
+        """A raw request body spooled to disk, then stored as blocks.
+
+        At most ``room`` bytes (and ``MAX_CHUNK``): a longer declared
+        ``Content-Length`` is refused before the body is read, a longer body
+        as soon as it is longer; nothing of a refused chunk is stored.
+        """
+        room = min(room, MAX_CHUNK)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > room:
+            raise ApiError(413, "too_large", f"the chunk is larger than the {room} bytes left"
+                           " in the upload")
         with tempfile.TemporaryFile() as f:
             size = 0
             async for piece in request.stream():
                 size += len(piece)
-                if size > MAX_CHUNK:
-                    raise ApiError(413, "too_large", f"a chunk is at most {MAX_CHUNK} bytes")
+                if size > room:
+                    raise ApiError(413, "too_large", f"the chunk is larger than the {room}"
+                                   " bytes left in the upload")
                 f.write(piece)   # into the page cache: cheaper than a thread hop per piece
             f.flush()
             return await self.server.blocks.ingest(user, f.fileno(), size), size
+
+    async def _open_upload(self, user: User, upload_id: str) -> dict[str, Any]:
+        """An upload's status, if it still takes chunks (409 once complete)."""
+        st = await self.server.call(uploads.status, user, "http", upload_id)
+        if st["completed"]:
+            raise FSError(errno.EBUSY, "the upload is complete")
+        return st
+
+    async def _room(self, request: Request, user: User) -> None:
+        """507 before reading a body that cannot fit the user's quota (a new file)."""
+        declared = request.headers.get("content-length", "")
+        if not declared.isdigit():
+            return
+        st = await self.server.call(namespace.statfs, user, "http")
+        if st["quota"] and int(declared) > st["quota"] - st["used"] + MAX_FIELD_BYTES:
+            raise ApiError(507, "quota_exceeded", f"{st['quota'] - st['used']} bytes are"
+                           " free under the quota")
 
     async def _sha256(self, extents: list, size: int) -> bytes:
         h = hashlib.sha256()
@@ -669,13 +793,17 @@ async def _drain(request: Request) -> dict[str, str]:
 
     An HTTP/1.1 client sends its whole body before it reads the response:
     refused unread, a large upload chunk would stall it until its timeout.
-    Past ``MAX_CHUNK`` the connection is closed instead.
+    A body declared larger than ``MAX_DRAIN``, or growing past it, is not
+    read: the connection is closed instead.
     """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_DRAIN:
+        return {"Connection": "close"}
     try:
         seen = 0
         async for piece in request.stream():
             seen += len(piece)
-            if seen > MAX_CHUNK:
+            if seen > MAX_DRAIN:
                 return {"Connection": "close"}
     except Exception:
         pass
@@ -685,7 +813,9 @@ async def _drain(request: Request) -> dict[str, str]:
 def make_app(server: "MetaServer") -> FastAPI:
     app = FastAPI(title="nimbusfs", version="1", openapi_url="/api/v1/openapi.json",
                   docs_url="/api/v1/docs", redoc_url=None)
-    app.include_router(Api(server).router())
+    api = Api(server)
+    app.include_router(api.router())
+    app.add_middleware(Gate, api=api)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -698,7 +828,7 @@ def make_app(server: "MetaServer") -> FastAPI:
         if isinstance(e, Conflict):
             return _error(409, "stale_version", e.message, headers, current_version=e.current)
         status, code = _STATUS.get(e.errno, (500, "internal"))
-        if status >= 500:
+        if status >= 500 and status != 507:
             log.error("HTTP %s %s: %s", request.method, request.url.path, e)
         return _error(status, code, e.message, headers)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import secrets
+import stat
 from typing import Any
 
 import msgpack
@@ -28,7 +29,7 @@ from psycopg import Cursor
 
 from metaserver.auth import User
 from metaserver.errors import FSError
-from metaserver.namespace import BIGINT_MAX, check_name, put_file, replace
+from metaserver.namespace import BIGINT_MAX, check_name, directory, inode, put_file, replace
 
 EXPIRY_HOURS = 24
 # The most chunks an upload may have (each at least one byte).
@@ -50,10 +51,19 @@ def _session(cur: Cursor, u: User, upload_id: str, lock: bool = False) -> dict[s
 def create(cur: Cursor, u: User, device: str, name: bytes, parent: int | None,
            file_id: int | None, expected_version: int | None, on_exists: str, size: int,
            checksum: bytes | None) -> dict[str, Any]:
-    """Open an upload of ``size`` bytes; EDQUOT now if the quota cannot take them."""
+    """Open an upload of ``size`` bytes; EDQUOT now if the quota cannot take them.
+
+    The folder (or the file to replace) must be the user's now: nothing of
+    another user's volume takes a chunk.
+    """
     check_name(name)
     if not 0 <= size <= BIGINT_MAX:
         raise FSError(errno.EINVAL, "size must be a non-negative int64")
+    if file_id is not None:
+        if not stat.S_ISREG(inode(cur, u, file_id)["mode"]):
+            raise FSError(errno.EISDIR, "only a file's content can be replaced")
+    else:
+        directory(cur, u, parent or u.root, lock=False)
     cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
     quota, used = cur.fetchone()
     if quota and used + size > quota:
@@ -83,11 +93,19 @@ def status(cur: Cursor, u: User, device: str, upload_id: str) -> dict[str, Any]:
 
 
 def add_chunk(cur: Cursor, u: User, device: str, upload_id: str, n: int, size: int,
-              extents: list) -> dict[str, Any]:
-    """Record chunk ``n`` (its blocks are stored); a chunk sent again replaces itself."""
+              extents: list, last: bool = False) -> dict[str, Any]:
+    """Record chunk ``n`` (its blocks are stored); a chunk sent again replaces itself.
+
+    ``last``: the chunk ends the bytes received (a Content-Range upload):
+    chunks after it are dropped, so that bytes sent again from an earlier
+    offset never leave stale ones behind them.
+    """
     s = _session(cur, u, upload_id, lock=True)
     if s["result"] is not None:
         raise FSError(errno.EBUSY, "the upload is complete")
+    if last:
+        cur.execute("DELETE FROM upload_chunks WHERE upload_id = %s AND n > %s",
+                    (upload_id, n))
     if not 0 <= n < min(MAX_CHUNKS, max(s["size"], 1)):
         raise FSError(errno.EINVAL, f"chunk {n} is past the upload's declared size")
     cur.execute("SELECT coalesce(sum(size), 0) FROM upload_chunks WHERE upload_id = %s"
@@ -103,20 +121,22 @@ def add_chunk(cur: Cursor, u: User, device: str, upload_id: str, n: int, size: i
 def chunk_at(cur: Cursor, u: User, device: str, upload_id: str, offset: int) -> int:
     """The index of the chunk that bytes from ``offset`` make (Content-Range uploads).
 
-    The next chunk if ``offset`` is where the contiguous bytes end, the
-    chunk that starts there if one does (it is replaced); else ESPIPE, and
-    the message says where to resume.
+    An upload by ranges is a stream: its chunks are contiguous from 0, and
+    bytes from ``offset`` replace everything from there on. ``offset`` must
+    be where the contiguous bytes end, or where one of their chunks starts
+    (that chunk and those after it are then dropped by ``add_chunk``);
+    else ESPIPE, and the message says where to resume.
     """
     st = status(cur, u, device, upload_id)
     pos = 0
     for i, c in enumerate(st["chunks"]):
-        if c["n"] != i:
+        if c["n"] != i or pos > offset:
             break
         if pos == offset:
             return i
         pos += c["size"]
     if offset == st["uploaded_bytes"]:
-        return len([c for i, c in enumerate(st["chunks"]) if c["n"] == i])
+        return sum(1 for i, c in enumerate(st["chunks"]) if c["n"] == i)
     raise FSError(errno.ESPIPE, f"resume at offset {st['uploaded_bytes']}")
 
 

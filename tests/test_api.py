@@ -418,3 +418,90 @@ def test_wrong_tokens_are_rate_limited(api):
     assert r.headers["retry-after"] == "1"
     # The bucket refills (one a second): a valid token is served again.
     wait_until(lambda: api.get("/files").status_code == 200, 10, "the bucket to refill")
+
+
+def test_a_name_that_is_not_utf8_is_escaped_not_a_500(api, mount_factory, store):
+    """A mount may make any byte name; the API shows it escaped and keeps serving."""
+    m = mount_factory(store, api.token)
+    os.mkdir(m.p("latin"))
+    write_file(os.path.join(m.p("latin").encode(), b"caf\xe9.txt"), b"x")
+    (e,) = ok(api.get("/files", params={"path": "/latin"}))["entries"]
+    assert e["name"] == "caf\\xe9.txt" and e["path"] == "/latin/caf\\xe9.txt"
+    entries, _, _ = sync_all(api)
+    assert {x["name"] for x in entries} == {"latin", "caf\\xe9.txt"}
+    assert api.get(f"/files/{e['id']}/content").content == b"x"
+    # Names sent to the API are UTF-8: a lone surrogate is refused, not stored.
+    r = api.post("/folders", content=b'{"path": "/j\\udcff"}',
+                 headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_bodies_of_strangers_are_not_read_and_small_bodies_stay_small(api):
+    url = f"{api.deployment.http}/api/v1/folders"
+    big = b'{"path": "/' + b"a" * (8 << 20) + b'"}'
+    r = httpx.post(url, content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 401 and r.headers["connection"] == "close"
+    r = api.post("/folders", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+    def chunks():
+        yield b'{"path": "/x"}'
+    r = api.post("/folders", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 411
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_refused_chunks_store_nothing(api):
+    from blockstore import open_store
+
+    blocks = open_store(api.deployment.blocks)
+    uid = new_upload(api, "f", 100)
+    before = set(blocks.list())
+    r = api.put(f"/uploads/{uid}/chunks/0", content=os.urandom(1 << 20))
+    assert r.status_code == 413
+    r = api.put(f"/uploads/{uid}", content=os.urandom(1 << 20),
+                headers={"Content-Range": f"bytes 0-{(1 << 20) - 1}/100"})
+    assert r.status_code == 400
+    r = api.put(f"/uploads/{uid}", content=os.urandom(50),
+                headers={"Content-Range": "bytes 0-49/999"})      # not the declared size
+    assert r.status_code == 400
+    assert set(blocks.list()) == before
+    other = httpx.Client(base_url=api.base_url, headers={
+        "Authorization": f"Bearer {api.deployment.new_user()}"})
+    theirs = ok(other.post("/folders", json={"path": "/theirs"}), 201)["id"]
+    r = api.post("/uploads", json={"filename": "x", "size": 1, "parent_id": theirs})
+    assert r.status_code == 404                     # refused at creation, not at complete
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_bytes_sent_again_from_an_earlier_offset_replace_what_followed(api):
+    data = b"ABCDEFGHIJKLMNOPQRST"
+    uid = new_upload(api, "s", len(data))
+
+    def put(a: int, b: int, body: bytes) -> dict:
+        return ok(api.put(f"/uploads/{uid}", content=body,
+                          headers={"Content-Range": f"bytes {a}-{b}/{len(data)}"}))
+    put(0, 4, data[:5])
+    put(5, 9, data[5:10])
+    assert put(0, 9, data[:10])["uploaded_bytes"] == 10    # not 15: 5-9 was dropped
+    put(10, 19, data[10:])
+    fid = ok(api.post(f"/uploads/{uid}/complete"))["file_id"]
+    assert api.get(f"/files/{fid}/content").content == data
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_conditional_and_empty_downloads(api):
+    fid = ok(upload(api, "f", b"0123456789"), 201)["id"]
+    r = api.get(f"/files/{fid}/content")
+    etag = r.headers["etag"]
+    for tag in ("*", f"W/{etag}", f'"other", {etag}'):
+        assert api.get(f"/files/{fid}/content",
+                       headers={"If-None-Match": tag}).status_code == 304, tag
+    r = api.get(f"/files/{fid}/content", headers={"Range": "bytes=2-3", "If-Range": '"old"'})
+    assert r.status_code == 200 and r.content == b"0123456789"     # changed: all of it
+    r = api.get(f"/files/{fid}/content", headers={"Range": "bytes=2-3", "If-Range": etag})
+    assert r.status_code == 206 and r.content == b"23"
+    empty = ok(upload(api, "e", b""), 201)["id"]
+    assert api.get(f"/files/{empty}/content", headers={"Range": "bytes=-1"}).status_code == 416
+    assert ok(api.patch(f"/files/{fid}", json={"name": "f"}))["name"] == "f"   # no-op, no 409

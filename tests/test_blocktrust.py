@@ -181,3 +181,19 @@ async def test_upgrade_gives_users_the_blocks_of_their_versions(services):
         with psycopg.connect(dep.dsn) as conn:
             importlib.import_module("metaserver.migrations.0004_block_owners").apply(conn)
         assert await a.call("have_blocks", keys=[key]) == [key]
+
+
+async def test_a_long_name_still_gets_its_conflicted_copy(services):
+    """The copy's tag fits in 255 bytes by cutting the stem, then the extension."""
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "host/label/id") as a:
+        name = b"c." + b"d" * 253
+        f = await _file(a, name)
+        await a.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=1)
+        r = await a.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=2,
+                         parent=a.info["root"], name=name)
+        copy = r["conflict"]
+        names = [n for n, _ in await a.call("readdir", ino=a.info["root"])]
+        (made,) = [n for n in names if b"conflicted copy" in n]
+        assert len(made) <= 255 and made.startswith(b"c (conflicted copy host label ")
+        assert copy["ino"] != f["ino"]
