@@ -1,6 +1,6 @@
 """Why the average block is 1 MiB: dedup granularity against per-block costs.
 
-For each FastCDC average (min = avg/4, max = avg*4, as in ``blockstore/chunking.py``)
+For each FastCDC average (min = avg/4, max = avg*4, as in ``nimbusfs/blockstore/chunking.py``)
 over a random buffer: blocks per GiB (one store object, one extent and one
 refcount row each; on GCS one request each), the bytes a one-byte insertion in
 the middle adds, and chunk+hash speed. Pure computation, no mount.
@@ -17,7 +17,7 @@ import time
 from harness import print_table
 from pyfastcdc import FastCDC
 
-from blockstore.base import block_hash
+from nimbusfs.blockstore.base import block_hash
 
 
 def cut(data: bytes, avg: int) -> list[bytes]:

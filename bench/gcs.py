@@ -28,9 +28,9 @@ from multiprocessing.sharedctypes import Synchronized
 
 from harness import MIB, free_port, timed, wait_until
 
-from blockstore.chunking import MAX_BLOCK, chunk_buf
-from blockstore.gcs import GCSStore
-from cache.blockcache import BlockCache
+from nimbusfs.blockstore.chunking import MAX_BLOCK, chunk_buf
+from nimbusfs.blockstore.gcs import GCSStore
+from nimbusfs.cache.blockcache import BlockCache
 
 # The number of block transfers a mount runs at once (BlockCache's CapacityLimiter).
 MOUNT_TRANSFERS: int = inspect.signature(BlockCache.__init__).parameters["transfers"].default

@@ -26,9 +26,9 @@ from collections import Counter
 import msgpack
 import trio
 
-from metaserver.client import connect, parse_address
-from metaserver.protocol import pack
+from nimbusfs.client import connect, parse_address
 from nimbusfs.embedded import Embedded
+from nimbusfs.protocol import pack
 
 BIG = 60 << 20
 

@@ -57,7 +57,7 @@ def _label(text: str) -> str:
 
 def _tls(args: argparse.Namespace):
     """The client's TLS settings from ``--tls-ca``/``--tls-fingerprint`` (None: plain TCP)."""
-    from metaserver.client import TLS
+    from nimbusfs.client import TLS
 
     if args.tls_ca is None and args.tls_fingerprint is None:
         return None
@@ -91,7 +91,7 @@ def _mount_name(mountpoint: str) -> str:
 # --- mount / umount ----------------------------------------------------------------
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from fusefs.mount import MountConfig
+    from nimbusfs.mount.serve import MountConfig
 
     mp = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mp):
@@ -158,8 +158,8 @@ def _run_mount(cfg) -> int:
     """Serve the mount in this process; a mount the kernel refuses is one line, no traceback."""
     import trio
 
-    from fusefs.mount import MountFailed, serve
-    from metaserver.errors import fs_error
+    from nimbusfs.errors import fs_error
+    from nimbusfs.mount.serve import MountFailed, serve
 
     _setup_logging()
     try:
@@ -263,13 +263,13 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     import trio
 
-    from blockstore import open_store
-    from metaserver import namespace
-    from metaserver.client import parse_address
-    from metaserver.db import Database
-    from metaserver.protocol import cert_fingerprint
-    from metaserver.rest import serve_http
-    from metaserver.server import MetaServer
+    from nimbusfs.api import serve_http
+    from nimbusfs.blockstore import open_store
+    from nimbusfs.client import parse_address
+    from nimbusfs.protocol import cert_fingerprint
+    from nimbusfs.server import namespace
+    from nimbusfs.server.db import Database
+    from nimbusfs.server.metaserver import MetaServer
 
     _setup_logging()
     tls, fingerprint = None, None
@@ -327,7 +327,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def _admin_db(args: argparse.Namespace):
-    from metaserver.db import Database
+    from nimbusfs.server.db import Database
 
     dsn = args.dsn or Embedded(args.home).dsn
     db = Database(dsn, pool_size=1)
@@ -336,7 +336,7 @@ def _admin_db(args: argparse.Namespace):
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
-    from metaserver.auth import create_user
+    from nimbusfs.server.auth import create_user
 
     db = _admin_db(args)
     try:
@@ -348,7 +348,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from metaserver.auth import create_token
+    from nimbusfs.server.auth import create_token
 
     db = _admin_db(args)
     try:
@@ -444,8 +444,8 @@ def _file_context(args: argparse.Namespace) -> tuple[str, str, int]:
 def _with_client(args: argparse.Namespace, fn) -> int:
     import trio
 
-    from metaserver.client import connect
-    from metaserver.errors import FSError
+    from nimbusfs.client import connect
+    from nimbusfs.errors import FSError
 
     server, token, ino = _file_context(args)
 
@@ -484,7 +484,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
     async def run(client, ino) -> int:
         import trio
 
-        from blockstore import block_hash, open_store
+        from nimbusfs.blockstore import block_hash, open_store
 
         r = await client.call("open", ino=ino, version=args.version)
         store = open_store(client.info["blocks"], client.call)

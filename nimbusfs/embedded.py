@@ -368,8 +368,8 @@ class Embedded:
         if os.path.exists(path):
             with open(path) as f:
                 return f.read().strip()
-        from metaserver.auth import create_token, create_user
-        from metaserver.db import Database
+        from nimbusfs.server.auth import create_token, create_user
+        from nimbusfs.server.db import Database
 
         db = Database(self.dsn, pool_size=1)
         db.open()

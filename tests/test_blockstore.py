@@ -9,9 +9,9 @@ import uuid
 
 import pytest
 
-from blockstore import BlockNotFound, block_hash, open_store
-from blockstore.chunking import MAX_BLOCK, MIN_BLOCK, chunk_fd
 from conftest import GCS_BUCKET
+from nimbusfs.blockstore import BlockNotFound, block_hash, open_store
+from nimbusfs.blockstore.chunking import MAX_BLOCK, MIN_BLOCK, chunk_fd
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -68,7 +68,7 @@ def test_local_put_syncs_the_renamed_entry(tmp_path, monkeypatch):
     not yet synced), and the fan-out directories are made and synced before
     any put.
     """
-    import blockstore.local as local
+    import nimbusfs.blockstore.local as local
 
     events: list[tuple[str, str]] = []
     rename, fsync = os.rename, os.fsync
@@ -99,7 +99,7 @@ def test_local_store_opens_read_only(tmp_path, monkeypatch):
     """A store the caller cannot write (nimbusfs cat as another user) still reads blocks."""
     import errno
 
-    import blockstore.local as local
+    import nimbusfs.blockstore.local as local
 
     data = b"block"
     store = open_store(str(tmp_path / "blocks"))

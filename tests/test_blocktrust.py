@@ -16,10 +16,10 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from blockstore import block_hash, open_store
 from conftest import GCS_BUCKET, Deployment, read_file, start_metaserver, write_file
-from metaserver.client import connect
-from metaserver.errors import FSError
+from nimbusfs.blockstore import block_hash, open_store
+from nimbusfs.client import connect
+from nimbusfs.errors import FSError
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_a_mount_without_store_credentials(mount_factory, proxied, kind):
 
 async def test_remote_store_reports_a_missing_block(services, proxied):
     """The mount's side of proxy mode: another user's block reads as absent."""
-    from blockstore import BlockNotFound
-    from blockstore.remote import RemoteStore
+    from nimbusfs.blockstore import BlockNotFound
+    from nimbusfs.blockstore.remote import RemoteStore
 
     dep = proxied["local"]
     data = os.urandom(1000)
@@ -179,7 +179,7 @@ async def test_upgrade_gives_users_the_blocks_of_their_versions(services):
             conn.execute("DELETE FROM block_owners WHERE hash = %s", (key,))
         assert await a.call("have_blocks", keys=[key]) == []
         with psycopg.connect(dep.dsn) as conn:
-            importlib.import_module("metaserver.migrations.0004_block_owners").apply(conn)
+            importlib.import_module("nimbusfs.server.migrations.0004_block_owners").apply(conn)
         assert await a.call("have_blocks", keys=[key]) == [key]
 
 

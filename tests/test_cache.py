@@ -9,11 +9,11 @@ import pytest
 import trio
 import trio.testing
 
-from blockstore import block_hash
-from blockstore.chunking import MAX_BLOCK, chunk_buf, chunk_fd
-from blockstore.local import LocalStore
-from cache import BlockCache, Ranges
-from metaserver.errors import FSError
+from nimbusfs.blockstore import block_hash
+from nimbusfs.blockstore.chunking import MAX_BLOCK, chunk_buf, chunk_fd
+from nimbusfs.blockstore.local import LocalStore
+from nimbusfs.cache import BlockCache, Ranges
+from nimbusfs.errors import FSError
 
 
 class CountingStore(LocalStore):

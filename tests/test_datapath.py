@@ -19,9 +19,9 @@ import tempfile
 import blake3
 import pytest
 
-from blockstore.chunking import MIN_BLOCK, chunk_fd
 from conftest import read_file, wait_until
-from fusefs.filedata import PIPELINE_BYTES, SEQ_SLACK
+from nimbusfs.blockstore.chunking import MIN_BLOCK, chunk_fd
+from nimbusfs.mount.filedata import PIPELINE_BYTES, SEQ_SLACK
 
 SIZE = 4 * PIPELINE_BYTES + 12345
 

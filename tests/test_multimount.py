@@ -43,8 +43,8 @@ def test_open_adopts_new_size_without_the_push(pair, services, store):
     never pushes it to B: only the open can tell B's kernel the size changed
     (under load, the push for a close on A arrived after B's open and read).
     """
-    from blockstore import block_hash, open_store
-    from metaserver.client import connect
+    from nimbusfs.blockstore import block_hash, open_store
+    from nimbusfs.client import connect
 
     a, b = pair
     assert not os.path.exists(b.p("marker"))       # B's kernel caches the negative answer
@@ -85,7 +85,7 @@ def test_new_file_attributes_travel_with_its_first_version(pair, services, store
     create-time attributes while the writer already sees the new ones. Once
     the file has a version, a chmod goes to the server at once again.
     """
-    from metaserver.client import connect
+    from nimbusfs.client import connect
 
     a, b = pair
     dep = services.deployments[store]
@@ -283,7 +283,7 @@ def test_metaserver_crash_loses_nothing(services, mount_factory):
         for name, data in written.items():
             assert read_file(b.p(name)) == data
         # each file was committed exactly once: one version, not a replayed second one
-        from metaserver.db import Database
+        from nimbusfs.server.db import Database
 
         db = Database(dep.dsn, pool_size=1)
         db.open()

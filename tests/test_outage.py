@@ -110,7 +110,7 @@ def test_store_outage_fails_at_the_deadline(services, world_tmp):
     lasted, a dead one for minutes. Blocks the mount has cached are still
     read throughout.
     """
-    from blockstore.gcs import GCSStore
+    from nimbusfs.blockstore.gcs import GCSStore
 
     emu = Emulator(world_tmp)
     env = dict(services.env, STORAGE_EMULATOR_HOST=emu.url)

@@ -17,10 +17,10 @@ import pytest
 import trio
 
 from conftest import Deployment, Services, start_metaserver, wait_until
-from metaserver import server
-from metaserver.client import TLS, connect, is_loopback
-from metaserver.errors import FSError
-from metaserver.protocol import PROTOCOL_VERSION, FrameReader, pack
+from nimbusfs.client import TLS, connect, is_loopback
+from nimbusfs.errors import FSError
+from nimbusfs.protocol import PROTOCOL_VERSION, FrameReader, pack
+from nimbusfs.server import metaserver
 
 
 def log_size(dep: Deployment) -> int:
@@ -248,7 +248,7 @@ async def test_strangers_per_address_are_capped_and_time_out(services):
     Connections that never sent hello stayed open forever, each with its buffer.
     """
     dep = services.deployments["local"]
-    silent = [(await open_raw(dep))[0] for _ in range(server.MAX_UNAUTHENTICATED)]
+    silent = [(await open_raw(dep))[0] for _ in range(metaserver.MAX_UNAUTHENTICATED)]
     t0 = time.monotonic()
     one_more, _ = await open_raw(dep)
     assert await closed_by_server(one_more)  # over the cap: closed at once
@@ -256,7 +256,7 @@ async def test_strangers_per_address_are_capped_and_time_out(services):
     for stream in silent:  # the hello timeout closes them
         assert await closed_by_server(stream)
         await stream.aclose()
-    assert time.monotonic() - t0 >= server.HELLO_TIMEOUT - 1  # not closed before their time
+    assert time.monotonic() - t0 >= metaserver.HELLO_TIMEOUT - 1  # not closed before their time
     async with connect(dep.address, dep.new_user(), "t") as c:
         assert (await c.call("getattr", ino=c.info["root"]))["ino"] == c.info["root"]
 
@@ -280,7 +280,7 @@ async def test_wrong_tokens_are_rate_limited_and_logged_in_summary(services):
     elapsed = time.monotonic() - t0
     assert set(answers) <= {errno.EACCES, errno.EAGAIN}
     checked = answers.count(errno.EACCES)
-    assert checked <= server.WRONG_TOKEN_BURST + elapsed * server.WRONG_TOKEN_RATE + 1
+    assert checked <= metaserver.WRONG_TOKEN_BURST + elapsed * metaserver.WRONG_TOKEN_RATE + 1
     assert errno.EAGAIN in answers
     assert log_since(dep, log_start).count("refused") <= 1  # not a line per hello
     async with connect(dep.address, dep.new_user(), "t", outage_timeout=30) as c:

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Deployment
-from metaserver import namespace
-from metaserver.protocol import MAX_HELLO_FRAME, PUSH, pack
+from nimbusfs.protocol import MAX_HELLO_FRAME, PUSH, pack
+from nimbusfs.server import namespace
 
 ANSWER_BOUND = 10.0  # seconds: a bound on a hang, not a performance figure
 

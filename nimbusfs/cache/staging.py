@@ -21,8 +21,8 @@ import errno
 import os
 import tempfile
 
-from blockstore.chunking import Piece, chunk_fd, pread_exact
-from metaserver.errors import FSError, local_io
+from nimbusfs.blockstore.chunking import Piece, chunk_fd, pread_exact
+from nimbusfs.errors import FSError, local_io
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]

@@ -14,7 +14,6 @@ frame may be at most ``MAX_HELLO_FRAME`` bytes.
 from __future__ import annotations
 
 import hashlib
-import stat
 import struct
 from typing import Any
 
@@ -29,25 +28,7 @@ PUSH = -1
 # Sent in hello and answered by the server: a mismatch is refused with a clear error
 # (EPROTONOSUPPORT), never half understood.
 PROTOCOL_VERSION = 1
-# Extended attribute namespaces the filesystem stores (POSIX ACLs are not supported).
-XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
-# rename(2) flags, as the kernel passes them. RENAME_WHITEOUT (4), which
-# overlayfs asks of its upper directory, is refused with EINVAL.
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-# The longest name of a directory entry, in bytes (the kernel lets FUSE pass up to 1024).
-NAME_MAX = 255
-
 _LEN = struct.Struct(">I")
-
-
-def dropped_privileges(mode: int) -> int:
-    """The mode bits an unprivileged write or a chown clears, as Linux does.
-
-    Set-user-ID, and set-group-ID when the file is group-executable (without
-    that bit, set-group-ID marks mandatory locking, which stays).
-    """
-    return stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
 
 
 def cert_fingerprint(der: bytes) -> str:

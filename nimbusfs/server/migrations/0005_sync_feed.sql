@@ -3,7 +3,7 @@
 -- after a higher one; a stateless cursor cannot wait for it. Each change keeps
 -- the id of the transaction that made it instead: every transaction with an
 -- id below a snapshot's xmin has ended, so "xid >= xmin of the last read" is
--- a lower bound that misses nothing (see metaserver/feed.py).
+-- a lower bound that misses nothing (see nimbusfs/server/feed.py).
 ALTER TABLE changes ADD COLUMN xid xid8 NOT NULL DEFAULT pg_current_xact_id();
 CREATE INDEX changes_owner_xid ON changes(owner_id, xid, seq);
 -- The highest xid of a change trimmed from the log: a cursor below it has

@@ -37,8 +37,8 @@ from typing import TypeVar
 import cachetools
 import trio
 
-from blockstore import BlockNotFound, BlockStore, StoreUnavailable, block_hash
-from metaserver.errors import FSError
+from nimbusfs.blockstore import BlockNotFound, BlockStore, StoreUnavailable, block_hash
+from nimbusfs.errors import FSError
 
 R = TypeVar("R")
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # 0.24 ms, the whole block read and hashed 2.7 ms.
 REQUEST_BYTES = 64 << 10
 # The hot set: blocks in memory, e.g. those read ahead until the reader gets
-# there. 32 MiB holds twice the readahead (fusefs/filedata.py). Measured with
+# there. 32 MiB holds twice the readahead (nimbusfs/mount/filedata.py). Measured with
 # 64 MiB (``./bench.sh --targets nimbus-gcs --jobs rand``, twice each): peak
 # RSS 328 and 287 MiB, with 32 MiB 256 and 260, fio's IOPS and fsync times
 # alike; cold sequential reads alike on both stores (4 runs, within noise).

@@ -5,7 +5,7 @@ protocol (hypercorn's trio worker; FastAPI/Starlette through anyio). Every
 route but the OpenAPI document and its browsable docs needs
 ``Authorization: Bearer nfs_...`` (the mount protocol's tokens) and runs as
 that user: a file of another user is 404, exactly like one that does not
-exist. Each call is one transaction of a ``metaserver.namespace`` (or
+exist. Each call is one transaction of a ``nimbusfs.server.namespace`` (or
 ``feed``) function, so the rules (names, quotas, optimistic locking, block
 ownership) are the mount's; file bytes go through ``BlockAccess`` (cut into
 the mount's blocks, stored once, hash-checked when read). The routes'
@@ -42,12 +42,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from metaserver import feed, namespace, uploads
-from metaserver.auth import User, authenticate
-from metaserver.errors import Conflict, FSError
+from nimbusfs.errors import Conflict, FSError
+from nimbusfs.server import feed, namespace, uploads
+from nimbusfs.server.auth import User, authenticate
 
 if TYPE_CHECKING:
-    from metaserver.server import MetaServer
+    from nimbusfs.server.metaserver import MetaServer
 
 log = logging.getLogger(__name__)
 

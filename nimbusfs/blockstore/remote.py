@@ -3,7 +3,7 @@
 In proxy mode (``nimbusfs server --proxy-blocks``) the server names
 ``PROXY_URL`` as the block store; the mount then reads and writes blocks with
 the mount protocol's ``get_block``/``put_block``, and the server decides which
-blocks the user may read (see ``metaserver/blocks.py``).
+blocks the user may read (see ``nimbusfs/server/blocks.py``).
 
 The store interface is synchronous and called from worker threads (see
 ``BlockStore``); each call hops back to the trio thread for the request.
@@ -17,8 +17,8 @@ from typing import Any
 
 import trio
 
-from blockstore.base import BlockNotFound, BlockStore
-from metaserver.errors import FSError
+from nimbusfs.blockstore.base import BlockNotFound, BlockStore
+from nimbusfs.errors import FSError
 
 PROXY_URL = "metaserver:"
 

@@ -2,7 +2,7 @@
 
 Every handler maps :class:`FSError` to its errno (also when parallel work
 raised it inside an exception group); the mount's local disk I/O raises its
-OS errors as FSErrors naming the path (``metaserver.errors.local_io``), so
+OS errors as FSErrors naming the path (``nimbusfs.errors.local_io``), so
 ENOSPC, EDQUOT, EROFS ... reach the application as they are. Any other
 exception is a bug or an infrastructure failure: it is logged once with its
 traceback and answered with EIO, so an application sees an error, never a
@@ -20,8 +20,8 @@ from typing import Any
 
 import pyfuse3
 
-from fusefs.vfs import VFS
-from metaserver.errors import fs_error
+from nimbusfs.errors import fs_error
+from nimbusfs.mount.vfs import VFS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def entry(attr: dict[str, Any]) -> pyfuse3.EntryAttributes:
 
 
 class Kernel:
-    """The kernel's caches (see ``fusefs.vfs.KernelCache``); calls may block."""
+    """The kernel's caches (see ``nimbusfs.mount.vfs.KernelCache``); calls may block."""
 
     def invalidate_inode(self, ino: int) -> None:
         pyfuse3.invalidate_inode(ino)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from psycopg import Cursor
 
-from metaserver.errors import FSError
+from nimbusfs.errors import FSError
 
 
 @dataclass(frozen=True)

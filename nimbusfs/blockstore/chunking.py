@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pyfastcdc import FastCDC
 
-from blockstore.base import block_hash
+from nimbusfs.blockstore.base import block_hash
 
 AVG_BLOCK = 1 << 20
 MIN_BLOCK = 256 << 10

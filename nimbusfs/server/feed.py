@@ -32,9 +32,9 @@ from typing import Any
 
 from psycopg import Cursor
 
-from metaserver.auth import User
-from metaserver.errors import FSError
-from metaserver.namespace import entry
+from nimbusfs.errors import FSError
+from nimbusfs.server.auth import User
+from nimbusfs.server.namespace import entry
 
 _N = r"(\d{1,19})"
 _CURSOR = re.compile(rf"0|f\.{_N}\.{_N}|l\.{_N}(?:\.{_N}\.{_N}\.{_N})?")

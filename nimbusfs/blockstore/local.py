@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 
-from blockstore.base import BlockNotFound, BlockStore
+from nimbusfs.blockstore.base import BlockNotFound, BlockStore
 
 
 def _fsync_dir(path: str) -> None:

@@ -33,11 +33,11 @@ from typing import Any
 import trio
 from psycopg import Cursor
 
-from blockstore import BlockNotFound, BlockStore, block_hash
-from blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
-from metaserver.auth import User
-from metaserver.errors import FSError
-from metaserver.namespace import check_extents, check_keys, unowned
+from nimbusfs.blockstore import BlockNotFound, BlockStore, block_hash
+from nimbusfs.blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
+from nimbusfs.errors import FSError
+from nimbusfs.server.auth import User
+from nimbusfs.server.namespace import check_extents, check_keys, unowned
 
 log = logging.getLogger(__name__)
 

@@ -36,14 +36,10 @@ import msgpack
 import psycopg
 import trio
 
-from blockstore import BlockStore
-from blockstore.remote import PROXY_URL
-from metaserver import namespace, uploads
-from metaserver.auth import User, authenticate
-from metaserver.blocks import BlockAccess
-from metaserver.db import Database
-from metaserver.errors import Conflict, FSError
-from metaserver.protocol import (
+from nimbusfs.blockstore import BlockStore
+from nimbusfs.blockstore.remote import PROXY_URL
+from nimbusfs.errors import Conflict, FSError
+from nimbusfs.protocol import (
     MAX_HELLO_FRAME,
     PROTOCOL_VERSION,
     PUSH,
@@ -51,6 +47,10 @@ from metaserver.protocol import (
     FrameReader,
     pack,
 )
+from nimbusfs.server import namespace, uploads
+from nimbusfs.server.auth import User, authenticate
+from nimbusfs.server.blocks import BlockAccess
+from nimbusfs.server.db import Database
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
--- Version 6: resumable uploads of the HTTP API (metaserver/uploads.py).
+-- Version 6: resumable uploads of the HTTP API (nimbusfs/server/uploads.py).
 -- A chunk's bytes are cut into blocks and stored as they arrive; the chunk
 -- row keeps its extent list, so an upload survives a server restart and is
 -- served by any replica. Completing concatenates the chunks' extents.

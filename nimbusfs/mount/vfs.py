@@ -43,11 +43,11 @@ from typing import Any, Protocol
 import trio
 from cachetools import LRUCache
 
-from cache import BlockCache
-from fusefs.filedata import OpenFile
-from metaserver.client import MetaClient
-from metaserver.errors import FSError, fs_error
-from metaserver.protocol import NAME_MAX, RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
+from nimbusfs.cache import BlockCache
+from nimbusfs.client import MetaClient
+from nimbusfs.errors import FSError, fs_error
+from nimbusfs.mount.filedata import OpenFile
+from nimbusfs.posix import NAME_MAX, RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
 
 log = logging.getLogger(__name__)
 

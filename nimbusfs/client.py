@@ -26,8 +26,8 @@ from typing import Any
 
 import trio
 
-from metaserver.errors import Conflict, FSError
-from metaserver.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerprint, pack
+from nimbusfs.errors import Conflict, FSError
+from nimbusfs.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerprint, pack
 
 log = logging.getLogger(__name__)
 

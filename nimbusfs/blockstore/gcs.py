@@ -32,7 +32,7 @@ from google.api_core import exceptions as gexc
 from google.auth import exceptions as gauth
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from blockstore.base import BlockNotFound, BlockStore, StoreUnavailable
+from nimbusfs.blockstore.base import BlockNotFound, BlockStore, StoreUnavailable
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -41,13 +41,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
-from blockstore import block_hash
-from blockstore.chunking import MAX_BLOCK, Piece, chunk_buf
-from cache import Ranges, Staging
-from metaserver.errors import FSError, local_io
+from nimbusfs.blockstore import block_hash
+from nimbusfs.blockstore.chunking import MAX_BLOCK, Piece, chunk_buf
+from nimbusfs.cache import Ranges, Staging
+from nimbusfs.errors import FSError, local_io
 
 if TYPE_CHECKING:
-    from fusefs.vfs import VFS
+    from nimbusfs.mount.vfs import VFS
 
 log = logging.getLogger(__name__)
 

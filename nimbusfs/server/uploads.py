@@ -27,9 +27,9 @@ from typing import Any
 import msgpack
 from psycopg import Cursor
 
-from metaserver.auth import User
-from metaserver.errors import FSError
-from metaserver.namespace import BIGINT_MAX, check_name, directory, inode, put_file, replace
+from nimbusfs.errors import FSError
+from nimbusfs.server.auth import User
+from nimbusfs.server.namespace import BIGINT_MAX, check_name, directory, inode, put_file, replace
 
 EXPIRY_HOURS = 24
 # The most chunks an upload may have (each at least one byte).

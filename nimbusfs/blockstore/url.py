@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
 
-from blockstore.base import BlockStore
+from nimbusfs.blockstore.base import BlockStore
 
 
 def open_store(url: str, call: Callable[..., Awaitable[Any]] | None = None,
@@ -17,19 +17,19 @@ def open_store(url: str, call: Callable[..., Awaitable[Any]] | None = None,
     ``timeout`` bounds each call of a remote store, retries included (the
     mount passes its outage timeout).
     """
-    from blockstore.remote import PROXY_URL, RemoteStore
+    from nimbusfs.blockstore.remote import PROXY_URL, RemoteStore
 
     if url == PROXY_URL:
         if call is None:
             raise ValueError("blocks through the metaserver need a connected client")
         return RemoteStore(call)
     if url.startswith("gs://"):
-        from blockstore.gcs import GCSStore
+        from nimbusfs.blockstore.gcs import GCSStore
 
         p = urlparse(url)
         return GCSStore(p.netloc, p.path, timeout=timeout)
     if url.startswith("file://"):
         url = urlparse(url).path
-    from blockstore.local import LocalStore
+    from nimbusfs.blockstore.local import LocalStore
 
     return LocalStore(url)

@@ -23,11 +23,11 @@ from functools import partial
 import pyfuse3
 import trio
 
-from blockstore import BlockStore, open_store
-from cache import BlockCache
-from fusefs.adapter import Kernel, Operations
-from fusefs.vfs import VFS
-from metaserver.client import TLS, MetaClient
+from nimbusfs.blockstore import BlockStore, open_store
+from nimbusfs.cache import BlockCache
+from nimbusfs.client import TLS, MetaClient
+from nimbusfs.mount.adapter import Kernel, Operations
+from nimbusfs.mount.vfs import VFS
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Invariants kept here:
 - ``users.used_bytes`` is the sum of current sizes of the volume's files and
   ``blocks.refcount`` counts references from every kept version;
 - a version names only blocks its user may reference (``block_owners``), and
-  ``have_blocks`` answers only for those (see ``metaserver/blocks.py``);
+  ``have_blocks`` answers only for those (see ``nimbusfs/server/blocks.py``);
 - rows are locked parent-first in ascending inode order, so concurrent
   operations cannot deadlock on each other's directories.
 
@@ -38,17 +38,17 @@ import msgpack
 from psycopg import Cursor
 from psycopg import errors as pgerr
 
-from blockstore.base import HASH_LEN, block_hash
-from blockstore.chunking import MAX_BLOCK
-from metaserver.auth import User
-from metaserver.errors import Conflict, FSError
-from metaserver.protocol import (
+from nimbusfs.blockstore.base import HASH_LEN, block_hash
+from nimbusfs.blockstore.chunking import MAX_BLOCK
+from nimbusfs.errors import Conflict, FSError
+from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_NAMESPACES,
     dropped_privileges,
 )
+from nimbusfs.server.auth import User
 
 BIGINT_MAX = (1 << 63) - 1
 # The largest file (ext4's 16 TiB): sizes add up in bigint columns (quota use).
@@ -58,7 +58,7 @@ MAX_KEYS = 10_000
 # mode, uid, gid and rdev: unsigned in the kernel (stat's functions refuse a
 # negative mode), stored in PostgreSQL integer columns. The server checks each
 # request's arguments against the operation's annotations, this range
-# included (``server._conforms``).
+# included (``metaserver._conforms``).
 UInt31 = Annotated[int, range(1 << 31)]
 
 OPS: dict[str, Callable[..., Any]] = {}
@@ -631,7 +631,7 @@ def _unref(cur: Cursor, extents: list) -> None:
 def _conflict_name(name: bytes, device: str) -> bytes:
     """``NAME (conflicted copy HOST LABEL YYYY-MM-DD HHMMSS).EXT``, at most 255 bytes.
 
-    A mount's device is ``HOST/LABEL/ID`` (``fusefs.mount.device_name``): the
+    A mount's device is ``HOST/LABEL/ID`` (``nimbusfs.mount.serve.device_name``): the
     host and label say which mount the copy came from (the host alone is the
     same for two mounts on one machine). A device of two parts (``HOST/ID``,
     an older mount) names the host only. The label is cut to 64 bytes, so

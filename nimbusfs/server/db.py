@@ -76,7 +76,7 @@ class Database:
                 delay = min(delay * 2, 2.0)
 
     def migrate(self) -> None:
-        """Apply the SQL files in ``metaserver/migrations`` not applied yet, in order.
+        """Apply the SQL files in ``nimbusfs/server/migrations`` not applied yet, in order.
 
         A migration that needs more than SQL (e.g. reading msgpack columns)
         has a Python module of the same name beside its SQL file, whose
@@ -84,7 +84,7 @@ class Database:
         advisory lock serialises replicas that start at the same time.
         """
         files = sorted(
-            (f for f in importlib.resources.files("metaserver.migrations").iterdir()
+            (f for f in importlib.resources.files("nimbusfs.server.migrations").iterdir()
              if f.name.endswith(".sql")), key=lambda f: f.name)
         with self.pool.connection() as conn:
             conn.execute("SELECT pg_advisory_lock(7316)")
@@ -99,7 +99,7 @@ class Database:
                     log.info("applying migration %s", f.name)
                     with conn.transaction():
                         conn.execute(f.read_text())
-                        step = f"metaserver.migrations.{f.name.removesuffix('.sql')}"
+                        step = f"nimbusfs.server.migrations.{f.name.removesuffix('.sql')}"
                         if importlib.util.find_spec(step) is not None:
                             importlib.import_module(step).apply(conn)
                         conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)",
