@@ -12,14 +12,17 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 
 from gcs import Emulator
 from harness import (
+    ROOT,
     dir_bytes,
     drop_page_cache,
     embedded_mounts,
@@ -35,6 +38,15 @@ NAMES = {"local": "local disk", "nimbus": "nimbusfs (local store)",
          "nimbus-gcs": "nimbusfs (GCS emulator)", "rclone": "rclone (local dir)",
          "rclone-gcs": "rclone (GCS emulator)"}
 KINDS = tuple(NAMES)
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    """A metaserver's HTTP API: base URL (``http://HOST:PORT``), a token, its pid."""
+
+    url: str
+    token: str
+    pid: int
 
 
 class Target:
@@ -66,6 +78,10 @@ class Target:
     def peak_rss_mib(self) -> float | None:
         """Peak RSS of the mount process(es) so far."""
         return None
+
+    def api(self) -> AbstractContextManager[ApiServer | None]:
+        """The HTTP API of the metaserver serving this target, on its store (None: none)."""
+        return nullcontext(None)
 
 
 class LocalDisk(Target):
@@ -109,6 +125,41 @@ class Nimbus(Target):
 
     def uploaded_bytes(self) -> int:
         return self.emu.uploaded() if self.emu else self.stored_bytes()
+
+    @contextmanager
+    def api(self) -> Iterator[ApiServer]:
+        """The embedded metaserver's API; with blocks in GCS, a metaserver of its own.
+
+        The embedded metaserver keeps its blocks in the local directory of
+        the home (``--blocks`` moves only the mount's), so an API on the
+        mount's GCS store is a second ``nimbusfs server`` on the same
+        database with that store, stopped afterwards.
+        """
+        e = Embedded(self.home)
+        if not self.blocks:
+            with open(e.path("run", "metaserver.json")) as f:
+                pid = json.load(f)["pid"]
+            yield ApiServer(e.http_url() or "", e.token(), pid)
+            return
+        info = os.path.join(self.home, "api-bench.json")
+        with open(os.path.join(self.home, "logs", "api-bench.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", e.dsn,
+                 "--listen", "127.0.0.1:0", "--blocks", self.blocks, "--http", "127.0.0.1:0",
+                 "--info-file", info], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log)
+        try:
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the API's metaserver exited {proc.returncode}; see"
+                                       f" {self.home}/logs/api-bench.log")
+                return os.path.exists(info)
+            wait_until(up, 60, "the API's metaserver")
+            with open(info) as f:
+                yield ApiServer(json.load(f)["http"], e.token(), proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(60)
 
 
 class Rclone(Target):
