@@ -17,7 +17,7 @@ file in memory: each file is written to disk once and streamed from there in
 - ``GET /files/{id}`` of a small file (one extent: the 1 GiB file's 1,024
   would add their content hash, about 0.1 ms a request) and listings of
   1,000 entries per request, from ``META_CLIENTS`` concurrent connections,
-  as requests per second.
+  as requests per second and the server's CPU time per request.
 
 The server's peak RSS (``VmHWM``) is reset before each step
 (``/proc/PID/clear_refs``) and read after it, so the 1 GiB upload's figure
@@ -33,10 +33,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import trio
-from harness import MIB, drop_page_cache, pattern, vm_hwm_mib
+from harness import MIB, cpu_seconds, drop_page_cache, pattern, vm_hwm_mib
 from targets import ApiServer, Target
 
 STREAMS = 4
@@ -46,6 +47,7 @@ META_CLIENTS = 8
 META_SECONDS = 5.0
 LISTED = 1000
 TIMEOUT = httpx.Timeout(600.0)
+T = TypeVar("T")
 
 
 def _reset_peak(pid: int) -> None:
@@ -133,8 +135,13 @@ class Client:
             list(pool.map(get, range(streams)))
 
 
-async def _rate(server: ApiServer, url: str, params: dict) -> float:
-    """Requests per second of ``GET url`` from ``META_CLIENTS`` connections for ``META_SECONDS``."""
+async def _rate(server: ApiServer, url: str, params: dict) -> tuple[float, float]:
+    """``GET url`` from ``META_CLIENTS`` connections for ``META_SECONDS``.
+
+    Returns requests per second and the server's CPU milliseconds per
+    request: the client, PostgreSQL and whatever else runs share the cores,
+    so the rate depends on the machine's load; the CPU cost much less.
+    """
     done = 0
     async with httpx.AsyncClient(base_url=server.url + "/api/v1", timeout=TIMEOUT,
                                  headers={"Authorization": f"Bearer {server.token}"}) as c:
@@ -148,11 +155,11 @@ async def _rate(server: ApiServer, url: str, params: dict) -> float:
                 if r.status_code != 200:
                     raise RuntimeError(f"GET {url}: {r.status_code} {r.text}")
                 done += 1
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds(server.pid)
         async with trio.open_nursery() as nursery:
             for _ in range(META_CLIENTS):
                 nursery.start_soon(worker)
-        return done / (time.perf_counter() - t0)
+        return done / (time.perf_counter() - t0), 1000 * (cpu_seconds(server.pid) - cpu0) / done
 
 
 async def _small_files(server: ApiServer, folder: str, n: int) -> None:
@@ -184,51 +191,51 @@ def _measure(server: ApiServer, mib: int) -> dict[str, float]:
     r: dict[str, float] = {}
     peaks: list[float] = []
 
-    def step(fn: Callable[[], object]) -> float:
-        """Wall seconds of ``fn``; the server's peak RSS during it goes to ``peaks``."""
+    def step(fn: Callable[[], T]) -> tuple[float, T]:
+        """``fn()``'s wall seconds and result; the server's peak RSS during it goes to ``peaks``."""
         _reset_peak(server.pid)
         t0 = time.perf_counter()
-        fn()
+        out = fn()
         dt = time.perf_counter() - t0
         peaks.append(vm_hwm_mib(server.pid))
-        return dt
+        return dt, out
 
     folder = f"/api-bench-{uuid.uuid4().hex[:8]}"
     c.ok(c.http.post("/folders", json={"path": folder}))
     with tempfile.TemporaryDirectory(prefix="nimbus-bench-api-", dir="/var/tmp") as tmp:
         path = os.path.join(tmp, "upload.bin")
-        made: dict = {}
 
         def fresh() -> None:
             make_file(path, mib, os.urandom(16))
             os.sync()   # its write-back does not fall into the timed upload
 
         fresh()
-        dt = step(lambda: made.update(c.post_file(path, folder, "one.bin")))
+        dt, made = step(lambda: c.post_file(path, folder, "one.bin"))
         r[f"api upload {mib} MiB, 1 stream MB/s"] = mb / dt
         r[f"api server peak RSS during {mib} MiB upload MiB"] = peaks[-1]
         fresh()
-        dt = step(lambda: c.chunked(path, folder, "four.bin", PARALLEL_CHUNK, STREAMS))
+        dt, _ = step(lambda: c.chunked(path, folder, "four.bin", PARALLEL_CHUNK, STREAMS))
         r[f"api upload, {STREAMS} streams of {PARALLEL_CHUNK // MIB} MiB chunks MB/s"] = mb / dt
         for chunk in CHUNKED:
             fresh()
-            dt = step(lambda chunk=chunk: c.chunked(path, folder, f"c{chunk}.bin", chunk, 1))
+            dt, _ = step(lambda chunk=chunk: c.chunked(path, folder, f"c{chunk}.bin", chunk, 1))
             r[f"api chunked upload, {chunk // MIB} MiB chunks MB/s"] = mb / dt
     for streams in (1, STREAMS):
         drop_page_cache()
-        dt = step(lambda streams=streams: c.download(made["id"], made["size"], streams))
+        dt, _ = step(lambda streams=streams: c.download(made["id"], made["size"], streams))
         r[f"api download cold, {streams} stream{'s' * (streams > 1)} MB/s"] = mb / dt
 
     listing = f"{folder}/listed"
     c.ok(c.http.post("/folders", json={"path": listing}))
     trio.run(_small_files, server, listing, LISTED)
     small = c.ok(c.http.get("/files", params={"path": listing, "limit": 1}))["entries"][0]
-    per_s: dict[str, float] = {}
-    step(lambda: per_s.update(get=trio.run(_rate, server, f"/files/{small['id']}", {})))
-    step(lambda: per_s.update(ls=trio.run(_rate, server, "/files",
-                                          {"path": listing, "limit": LISTED})))
-    r[f"api GET /files/{{id}} req/s ({META_CLIENTS} clients)"] = per_s["get"]
-    r[f"api list {LISTED} entries req/s ({META_CLIENTS} clients)"] = per_s["ls"]
+    for label, url, params in (
+            ("GET /files/{id}", f"/files/{small['id']}", {}),
+            (f"list {LISTED} entries", "/files", {"path": listing, "limit": LISTED})):
+        _, (per_s, cpu_ms) = step(lambda url=url, params=params: trio.run(
+            _rate, server, url, params))
+        r[f"api {label} req/s ({META_CLIENTS} clients)"] = per_s
+        r[f"api {label}: server CPU ms per request"] = cpu_ms
     r["api server peak RSS, whole job MiB"] = max(peaks)
     c.http.close()
     return r

@@ -38,18 +38,12 @@ from contextlib import ExitStack
 
 import psycopg
 from gcs import emulator
-from harness import MIB, ROOT
+from harness import MIB, ROOT, cpu_seconds
 from jobs import read_all, stream, write_stream
 from run import default_tarball
 from targets import Nimbus, open_target
 
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def process_pids(t: Nimbus) -> dict[str, int]:
