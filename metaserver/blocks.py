@@ -29,7 +29,6 @@ import logging
 import os
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from typing import Any
 
@@ -48,9 +47,9 @@ log = logging.getLogger(__name__)
 EXISTS_AT_ONCE = 16
 # Zeros of a hole are sent in pieces of this size.
 ZEROS = 1 << 20
-# Blocks a download fetches (and hash-checks) ahead of the one it sends: it
-# waits for the store once, not once per block. A download holds at most
-# this many blocks more than it sends (4 x MAX_BLOCK, 4 MiB on average).
+# Blocks a download fetches (and hash-checks) while it sends one: it waits
+# for the store once, not once per block. A download holds at most this many
+# blocks besides the one it sends (4 x MAX_BLOCK; 4 MiB on average).
 READ_AHEAD = 4
 
 
@@ -73,6 +72,41 @@ def _owns(cur: Cursor, user_id: int, key: bytes) -> bool:
     return not unowned(cur, user_id, [key])
 
 
+class _Fetch:
+    """One block of a download fetched and hash-checked in the background.
+
+    A system task rather than a nursery's: ``BlockAccess.read`` is an async
+    generator, which must not keep a nursery open across its yields. Store
+    calls count against ``limiter`` like any other; once ``scope`` is
+    cancelled (the download stopped) the worker thread is abandoned, and ends
+    with its store call.
+    """
+
+    def __init__(self, fn: Callable[[bytes], bytes], key: bytes,
+                 limiter: trio.CapacityLimiter) -> None:
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.data = b""
+        self.error: Exception | None = None
+        trio.lowlevel.spawn_system_task(self._run, fn, key, limiter)
+
+    async def _run(self, fn: Callable[[bytes], bytes], key: bytes,
+                   limiter: trio.CapacityLimiter) -> None:
+        with self.scope:
+            try:
+                self.data = await trio.to_thread.run_sync(fn, key, limiter=limiter,
+                                                          abandon_on_cancel=True)
+            except Exception as e:   # FSError, or a bug: raised to the download
+                self.error = e
+        self.done.set()
+
+    async def result(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.data
+
+
 class BlockAccess:
     """The server's side of the trust model for blocks (see the module docstring)."""
 
@@ -82,9 +116,6 @@ class BlockAccess:
         self.proxy = proxy
         self.transaction = transaction  # MetaServer.call: fn(cur, ...) in one transaction
         self.transfers = trio.CapacityLimiter(transfers)
-        # Downloads' read-ahead: futures, not trio tasks, because ``read`` is an
-        # async generator (a nursery must not be open across its yields).
-        self.reads = ThreadPoolExecutor(transfers, thread_name_prefix="read-ahead")
 
     async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.transfers)
@@ -207,9 +238,9 @@ class BlockAccess:
     async def read(self, extents: list, start: int, end: int) -> AsyncIterator[bytes]:
         """The bytes [start, end) of a version with these extents, block by block.
 
-        Every block is hash-checked; ``READ_AHEAD`` blocks are fetched and
-        checked in worker threads while the one before them is sent. Blocks
-        still to be fetched when the caller stops are not.
+        Every block is hash-checked; the next ``READ_AHEAD`` blocks are
+        fetched and checked in worker threads while one is sent. When the
+        caller stops, the fetches under way are cancelled.
         """
         spans: list[tuple[bytes | None, int, int]] = []   # (block, from, to) within it
         pos = 0
@@ -221,24 +252,25 @@ class BlockAccess:
             if pos >= end:
                 break
         todo = iter(spans)
-        ahead: deque[tuple[Future[bytes] | None, int, int]] = deque()
+        ahead: deque[tuple[_Fetch | None, int, int]] = deque()
 
         def fill() -> None:
-            for key, a, b in islice(todo, READ_AHEAD + 1 - len(ahead)):
-                ahead.append((None if key is None else self.reads.submit(self._verified, key),
-                              a, b))
+            for key, a, b in islice(todo, READ_AHEAD - len(ahead)):
+                ahead.append((None if key is None else _Fetch(self._verified, key,
+                                                              self.transfers), a, b))
         try:
             fill()
             while ahead:
-                fetch, a, b = ahead.popleft()
+                fetch, a, b = ahead[0]
+                data = None if fetch is None else await fetch.result()
+                ahead.popleft()
                 fill()
-                if fetch is None:
+                if data is None:
                     for z in range(a, b, ZEROS):
                         yield bytes(min(ZEROS, b - z))
                 else:
-                    data = await trio.to_thread.run_sync(fetch.result, abandon_on_cancel=True)
                     yield data[a:b]
         finally:
             for fetch, _, _ in ahead:
                 if fetch is not None:
-                    fetch.cancel()
+                    fetch.scope.cancel()
