@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import random
 import shutil
@@ -39,31 +38,18 @@ from contextlib import ExitStack
 
 import psycopg
 from gcs import emulator
-from harness import MIB, ROOT
+from harness import MIB, ROOT, cpu_seconds
 from jobs import read_all, stream, write_stream
 from run import default_tarball
 from targets import Nimbus, open_target
 
-from nimbusfs.embedded import Embedded
-
 PY_SPY = os.path.join(os.path.dirname(sys.executable), "py-spy")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def server_pid(home: str) -> int:
-    with open(Embedded(home).path("run", "metaserver.json")) as f:
-        return json.load(f)["pid"]
 
 
 def process_pids(t: Nimbus) -> dict[str, int]:
     """The mount's and the metaserver's pids (a remount changes both: the last
     unmount stops the metaserver)."""
-    return {"mount": t._pid(), "metaserver": server_pid(t.home)}
+    return {"mount": t._pid(), "metaserver": t.server_pid()}
 
 
 def summarize(path: str, top: int = 25) -> None:
@@ -85,9 +71,9 @@ def summarize(path: str, top: int = 25) -> None:
             print(f"  {100 * n / total:5.1f}%  {fr[:130]}")
 
 
-def transactions(home: str) -> int:
+def transactions(dsn: str) -> int:
     """Transactions the deployment's database has committed so far."""
-    with psycopg.connect(Embedded(home).dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute("SELECT xact_commit FROM pg_stat_database"
                             " WHERE datname = current_database()").fetchone()[0]
 
@@ -106,7 +92,7 @@ def profile(name: str, unit: str, t: Nimbus, pids: dict[str, int], step: Callabl
              for p, pid in pids.items()] if spy else []
     time.sleep(1)  # py-spy attached; earlier statistics reported
     before = {p: cpu_seconds(pid) for p, pid in pids.items()}
-    xacts = transactions(t.home)
+    xacts = transactions(t.dsn)
     t0 = time.perf_counter()
     rate = step()
     wall = time.perf_counter() - t0
@@ -115,7 +101,7 @@ def profile(name: str, unit: str, t: Nimbus, pids: dict[str, int], step: Callabl
         s.send_signal(2)
         s.wait()
     time.sleep(1)
-    xacts = transactions(t.home) - xacts - 1  # the first count's own
+    xacts = transactions(t.dsn) - xacts - 1  # the first count's own
     print(f"\n== {name}: {rate:.2f} {unit}, {wall:.1f} s wall; CPU s: "
           + ", ".join(f"{p} {u:.1f}" for p, u in used.items())
           + f"; PostgreSQL transactions {xacts}")

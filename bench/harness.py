@@ -112,6 +112,13 @@ def vm_hwm_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``cond`` every 50 ms; raise after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -12,6 +12,12 @@ on the emulator, with the mount's transfer parallelism). Each target is set up,
 runs every job, and is torn down before the next one starts. Prints a markdown
 table (metrics as rows, targets as columns) and writes
 ``bench/results/bench-TIMESTAMP.json``.
+
+The ``api`` job (``api.py``, the REST issue's benchmark) runs on the nimbusfs
+targets only, against the metaserver behind the mount: ``--jobs seq,api
+--size-mib 1024`` puts the HTTP API's figures beside the mount's sequential
+ones of the same run, on the same machine and load (the load average at the
+end of the run is in the title: the machine may be shared).
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from collections.abc import Callable
 from contextlib import ExitStack
 
 import jobs
+from api import api
 from gcs import MOUNT_TRANSFERS, emulator, raw_baseline
 from harness import ROOT, print_table, save_json
 from targets import KINDS, NAMES, open_target
 
 ALL = (*KINDS, "raw-gcs")
-JOBS = ("seq", "rand", "files", "dedup", "tree")
+JOBS = ("seq", "rand", "files", "dedup", "tree", "api")
 CACHE = os.path.join(ROOT, "bench", "cache")
 DJANGO = "Django==5.1.4"   # a large sdist: about 9,000 files
 
@@ -71,6 +78,7 @@ def run_target(kind: str, args: argparse.Namespace, emu, tarball: str, repo: str
         later: list[tuple[str, Callable[[], dict]]] = [
             ("dedup", lambda: jobs.dedup(t, args.dedup_mib)),
             ("tree", lambda: jobs.trees(t, tarball, repo)),
+            ("api", lambda: api(t, args.api_mib)),
         ]
         for job, fn in [*steps, *rss, *later]:
             if job not in args.jobs and not (job == "rss" and {"seq", "rand", "files"}
@@ -132,10 +140,13 @@ def render(data: dict) -> None:
     args, results = data["args"], data["results"]
     rows = [[m, *(fmt(results[t][m]) if m in results[t] else "-" for t in results)]
             for m in metric_order(results)]
+    api = f", {args['api_mib']} MiB over the API" if "api" in args["jobs"] else ""
+    load = (", load average " + " / ".join(f"{x:.1f}" for x in data["loadavg"])
+            + " (1/5/15 min)" if "loadavg" in data else "")
     print_table(f"nimbusfs benchmark ({args['size_mib']} MiB sequential, {args['rand_mib']} "
                 f"MiB random x {args['rand_seconds']} s, {args['files']} small files, "
-                f"{args['dedup_mib']} MiB dedup; {data['machine']}, {data['cpus']} cores, "
-                f"{data['date']})", ["metric", *results], rows)
+                f"{args['dedup_mib']} MiB dedup{api}; {data['machine']}, {data['cpus']} cores"
+                f"{load}, {data['date']})", ["metric", *results], rows)
 
 
 def main() -> None:
@@ -148,6 +159,8 @@ def main() -> None:
     ap.add_argument("--rand-mib", type=int, help="random I/O file (issue: 1024)")
     ap.add_argument("--rand-seconds", type=int, default=20, help="fio runtime of each job")
     ap.add_argument("--dedup-mib", type=int, help="dedup file (issue: 1024)")
+    ap.add_argument("--api-mib", type=int,
+                    help="file moved through the HTTP API (REST issue: 1024)")
     ap.add_argument("--files", type=int, default=10_000, help="small files (issue: 10000)")
     ap.add_argument("--tarball", help=f"source tarball to extract (default: {DJANGO} sdist)")
     ap.add_argument("--repo-commits", type=int, default=500,
@@ -160,6 +173,7 @@ def main() -> None:
         return
     args.rand_mib = args.rand_mib or min(1024, args.size_mib)
     args.dedup_mib = args.dedup_mib or min(1024, args.size_mib)
+    args.api_mib = args.api_mib or min(1024, args.size_mib)
     args.targets = [k.strip() for k in args.targets.split(",") if k.strip()]
     args.jobs = [j.strip() for j in args.jobs.split(",") if j.strip()]
     for bad in set(args.targets) - set(ALL):
@@ -199,8 +213,8 @@ def main() -> None:
     add_raw_ratios(results)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     data = {"args": vars(args), "date": stamp, "machine": platform.node(),
-            "cpus": os.cpu_count(), "mount_transfers": MOUNT_TRANSFERS, "results": results,
-            "errors": errors}
+            "cpus": os.cpu_count(), "loadavg": os.getloadavg(), "mount_transfers": MOUNT_TRANSFERS,
+            "results": results, "errors": errors}
     path = save_json(f"bench-{stamp}", data)
     render(data)
     print("\nJSON:", path)

@@ -12,14 +12,17 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 
 from gcs import Emulator
 from harness import (
+    ROOT,
     dir_bytes,
     drop_page_cache,
     embedded_mounts,
@@ -35,6 +38,16 @@ NAMES = {"local": "local disk", "nimbus": "nimbusfs (local store)",
          "nimbus-gcs": "nimbusfs (GCS emulator)", "rclone": "rclone (local dir)",
          "rclone-gcs": "rclone (GCS emulator)"}
 KINDS = tuple(NAMES)
+
+
+@dataclass(frozen=True)
+class ApiServer:
+    """A metaserver: its API's base URL (``http://HOST:PORT``), a token, its pid, address."""
+
+    url: str
+    token: str
+    pid: int
+    address: str
 
 
 class Target:
@@ -67,6 +80,10 @@ class Target:
         """Peak RSS of the mount process(es) so far."""
         return None
 
+    def api(self) -> AbstractContextManager[ApiServer | None]:
+        """The HTTP API of the metaserver serving this target, on its store (None: none)."""
+        return nullcontext(None)
+
 
 class LocalDisk(Target):
     def __init__(self, root: str) -> None:
@@ -74,14 +91,23 @@ class LocalDisk(Target):
 
 
 class Nimbus(Target):
-    """A nimbusfs mount on an embedded deployment; cold = remount with an empty cache."""
+    """A nimbusfs mount; cold = remount with an empty cache.
 
-    def __init__(self, name: str, mount: str, blocks: str | None,
-                 emu: Emulator | None) -> None:
+    With ``server`` None, the mount is the embedded default's; else it
+    mounts that metaserver (``--server``), which holds the blocks in the
+    GCS emulator: the embedded metaserver's store is the home's directory,
+    and a mount's ``--blocks`` must name the server's store (a commit of
+    blocks the server's store does not hold is EACCES).
+    """
+
+    def __init__(self, name: str, mount: str, emu: Emulator | None,
+                 server: ApiServer | None = None) -> None:
         base = os.path.dirname(mount)
         self.name, self.mount, self.root = name, mount, mount
         self.home, self.cache_dir = os.path.join(base, "home"), os.path.join(base, "cache0")
-        self.blocks, self.emu = blocks, emu
+        self.emu, self.server = emu, server
+        #: the deployment's database (the GCS target's server has a home of its own)
+        self.dsn = Embedded(os.path.join(base, "server") if server else self.home).dsn
         self._rss = 0.0
         self.upload_source = ("proxy (client->GCS bytes)" if emu
                               else "= stored (new blocks only)")
@@ -89,6 +115,19 @@ class Nimbus(Target):
     def _pid(self) -> int:
         (rec,) = [r for r in Embedded(self.home).live_mounts() if r["mountpoint"] == self.mount]
         return rec["pid"]
+
+    def mount_args(self) -> list[str]:
+        """``nimbusfs mount`` arguments besides the mountpoint."""
+        server = (["--server", self.server.address, "--token", self.server.token]
+                  if self.server else [])
+        return ["--cache-dir", self.cache_dir, *server]
+
+    def server_pid(self) -> int:
+        """The metaserver's pid (the embedded one changes when the last unmount stops it)."""
+        if self.server:
+            return self.server.pid
+        with open(Embedded(self.home).path("run", "metaserver.json")) as f:
+            return json.load(f)["pid"]
 
     def peak_rss_mib(self) -> float:
         self._rss = max(self._rss, vm_hwm_mib(self._pid()))
@@ -98,8 +137,7 @@ class Nimbus(Target):
         self.peak_rss_mib()
         nimbusfs(self.home, "umount", self.mount)
         shutil.rmtree(self.cache_dir)
-        extra = ["--blocks", self.blocks] if self.blocks else []
-        nimbusfs(self.home, "mount", self.mount, "--cache-dir", self.cache_dir, *extra)
+        nimbusfs(self.home, "mount", self.mount, *self.mount_args())
         drop_page_cache()
 
     def stored_bytes(self) -> int:
@@ -109,6 +147,46 @@ class Nimbus(Target):
 
     def uploaded_bytes(self) -> int:
         return self.emu.uploaded() if self.emu else self.stored_bytes()
+
+    def api(self) -> AbstractContextManager[ApiServer]:
+        if self.server:
+            return nullcontext(self.server)
+        e = Embedded(self.home)
+        return nullcontext(ApiServer(e.http_url() or "", e.token(), self.server_pid(),
+                                     e.server_address() or ""))
+
+
+@contextmanager
+def metaserver(home: str, blocks: str) -> Iterator[ApiServer]:
+    """``nimbusfs server`` on the embedded database of ``home`` with ``blocks``, its API on.
+
+    The database is started first and stopped after the server.
+    """
+    e = Embedded(home)
+    e.start_postgres()
+    info = e.path("run", "bench-metaserver.json")
+    try:
+        with open(e.path("logs", "bench-metaserver.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", e.dsn,
+                 "--listen", "127.0.0.1:0", "--blocks", blocks, "--http", "127.0.0.1:0",
+                 "--info-file", info], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log)
+        try:
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"metaserver exited {proc.returncode}; see"
+                                       f" {e.path('logs', 'bench-metaserver.log')}")
+                return os.path.exists(info)
+            wait_until(up, 60, "the metaserver")
+            with open(info) as f:
+                i = json.load(f)
+            yield ApiServer(i["http"], e.token(), proc.pid, i["address"])
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    finally:
+        e.stop_postgres()
 
 
 class Rclone(Target):
@@ -211,17 +289,22 @@ def open_target(kind: str, emu: Emulator | None) -> Iterator[Target]:
         stack.callback(shutil.rmtree, base, ignore_errors=True)
         if kind == "local":
             yield LocalDisk(base)
-        elif kind in ("nimbus", "nimbus-gcs"):
-            extra: list[str] = []
-            blocks = None
-            if kind == "nimbus-gcs":
-                assert emu is not None
-                emu.create_bucket("nimbus")
-                blocks = "gs://nimbus/blocks"
-                extra = ["--blocks", blocks]
-                stack.enter_context(_env("STORAGE_EMULATOR_HOST", emu.url))
-            (m,) = stack.enter_context(embedded_mounts(1, *extra))
-            yield Nimbus(NAMES[kind], m, blocks, emu if kind == "nimbus-gcs" else None)
+        elif kind == "nimbus":
+            (m,) = stack.enter_context(embedded_mounts(1))
+            yield Nimbus(NAMES[kind], m, None)
+        elif kind == "nimbus-gcs":
+            # The server's database in a home of its own: the mounts' home
+            # stops its embedded services on the last unmount (cold).
+            assert emu is not None
+            emu.create_bucket("nimbus")
+            stack.enter_context(_env("STORAGE_EMULATOR_HOST", emu.url))
+            os.chmod(base, 0o755)   # the postgres user must reach the home when run as root
+            server = stack.enter_context(metaserver(os.path.join(base, "server"),
+                                                    "gs://nimbus/blocks"))
+            t = Nimbus(NAMES[kind], os.path.join(base, "mnt0"), emu, server)
+            nimbusfs(t.home, "mount", t.mount, *t.mount_args())
+            stack.callback(nimbusfs, t.home, "umount", t.mount)
+            yield t
         elif kind in ("rclone", "rclone-gcs"):
             if kind == "rclone":
                 backing = os.path.join(base, "backing")

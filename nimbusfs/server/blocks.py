@@ -27,7 +27,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from itertools import islice
 from typing import Any
 
 import trio
@@ -45,6 +47,10 @@ log = logging.getLogger(__name__)
 EXISTS_AT_ONCE = 16
 # Zeros of a hole are sent in pieces of this size.
 ZEROS = 1 << 20
+# Blocks a download fetches (and hash-checks) while it sends one: it waits
+# for the store once, not once per block. A download holds at most this many
+# blocks besides the one it sends (4 x MAX_BLOCK; 4 MiB on average).
+READ_AHEAD = 4
 
 
 def _own(cur: Cursor, user_id: int, keys: list[bytes], sizes: list[int] | None = None) -> None:
@@ -64,6 +70,41 @@ def _own(cur: Cursor, user_id: int, keys: list[bytes], sizes: list[int] | None =
 
 def _owns(cur: Cursor, user_id: int, key: bytes) -> bool:
     return not unowned(cur, user_id, [key])
+
+
+class _Fetch:
+    """One block of a download fetched and hash-checked in the background.
+
+    A system task rather than a nursery's: ``BlockAccess.read`` is an async
+    generator, which must not keep a nursery open across its yields. Store
+    calls count against ``limiter`` like any other; once ``scope`` is
+    cancelled (the download stopped) the worker thread is abandoned, and ends
+    with its store call.
+    """
+
+    def __init__(self, fn: Callable[[bytes], bytes], key: bytes,
+                 limiter: trio.CapacityLimiter) -> None:
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.data = b""
+        self.error: Exception | None = None
+        trio.lowlevel.spawn_system_task(self._run, fn, key, limiter)
+
+    async def _run(self, fn: Callable[[bytes], bytes], key: bytes,
+                   limiter: trio.CapacityLimiter) -> None:
+        with self.scope:
+            try:
+                self.data = await trio.to_thread.run_sync(fn, key, limiter=limiter,
+                                                          abandon_on_cancel=True)
+            except Exception as e:   # FSError, or a bug: raised to the download
+                self.error = e
+        self.done.set()
+
+    async def result(self) -> bytes:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.data
 
 
 class BlockAccess:
@@ -138,18 +179,24 @@ class BlockAccess:
         except BlockNotFound:
             raise FSError(errno.EIO, "block missing from the store") from None
 
-    async def _verified(self, key: bytes) -> bytes:
-        """A block from the store, checked against its hash (fetched twice at most)."""
+    def _verified(self, key: bytes) -> bytes:
+        """A block from the store, checked against its hash (fetched twice at most).
+
+        Runs in a worker thread.
+        """
         for _ in range(2):
-            data = await self.get_stored(key)
+            data = self._get(key)
             if block_hash(data) == key:
                 return data
             log.error("block %s from the store fails its hash", key.hex())
         raise FSError(errno.EIO, f"block {key.hex()} is corrupt in the store")
 
     async def get_stored(self, key: bytes) -> bytes:
+        return await self._store(self._get, key)
+
+    def _get(self, key: bytes) -> bytes:
         try:
-            return await self._store(self.store.get, key)
+            return self.store.get(key)
         except BlockNotFound:
             log.error("block %s is referenced but missing from the store", key.hex())
             raise FSError(errno.EIO, "block missing from the store") from None
@@ -191,17 +238,39 @@ class BlockAccess:
     async def read(self, extents: list, start: int, end: int) -> AsyncIterator[bytes]:
         """The bytes [start, end) of a version with these extents, block by block.
 
-        Every block is hash-checked; memory holds one block at a time.
+        Every block is hash-checked; the next ``READ_AHEAD`` blocks are
+        fetched and checked in worker threads while one is sent. When the
+        caller stops, the fetches under way are cancelled.
         """
+        spans: list[tuple[bytes | None, int, int]] = []   # (block, from, to) within it
         pos = 0
         for key, n in extents:
             a, b = max(start, pos), min(end, pos + n)
             if a < b:
-                if key is None:
+                spans.append((None if key is None else bytes(key), a - pos, b - pos))
+            pos += n
+            if pos >= end:
+                break
+        todo = iter(spans)
+        ahead: deque[tuple[_Fetch | None, int, int]] = deque()
+
+        def fill() -> None:
+            for key, a, b in islice(todo, READ_AHEAD - len(ahead)):
+                ahead.append((None if key is None else _Fetch(self._verified, key,
+                                                              self.transfers), a, b))
+        try:
+            fill()
+            while ahead:
+                fetch, a, b = ahead[0]
+                data = None if fetch is None else await fetch.result()
+                ahead.popleft()
+                fill()
+                if data is None:
                     for z in range(a, b, ZEROS):
                         yield bytes(min(ZEROS, b - z))
                 else:
-                    yield (await self._verified(bytes(key)))[a - pos:b - pos]
-            pos += n
-            if pos >= end:
-                return
+                    yield data[a:b]
+        finally:
+            for fetch, _, _ in ahead:
+                if fetch is not None:
+                    fetch.scope.cancel()
