@@ -166,6 +166,17 @@ class SyncPage(_Model):
     to_download: list[SyncEntry]
 
 
+class StoreTotals(_Model):
+    logical_size: int
+    stored_size: int
+    unique_blocks_size: int
+    block_count: int
+    dedup_ratio: float
+    file_count: int
+    version_count: int
+    user_count: int
+
+
 class StorageStats(_Model):
     logical_size: int
     stored_size: int
@@ -176,6 +187,7 @@ class StorageStats(_Model):
     version_count: int
     quota: int
     used: int
+    store: StoreTotals | None = None   # for an administrator: every volume together
 
 
 class NewUpload(_Model):
@@ -706,10 +718,18 @@ class Api:
 
         @r.get("/storage/stats", response_model=StorageStats)
         async def storage_stats(user: User_) -> dict[str, Any]:
-            """The volume's size, and how much deduplication saves (``dedup_ratio``)."""
-            st = await run(user, "http", namespace.storage_stats)
-            unique = st["unique_blocks_size"]
-            return {**st, "dedup_ratio": round(st["stored_size"] / unique, 3) if unique else 1.0}
+            """The volume's size, and how much deduplication saves (``dedup_ratio``).
+
+            An administrator's answer also holds the whole store's (``store``).
+            """
+            def ratio(st: dict[str, Any]) -> dict[str, Any]:
+                unique = st["unique_blocks_size"]
+                return {**st, "dedup_ratio": round(st["stored_size"] / unique, 3) if unique
+                        else 1.0}
+            out = ratio(await run(user, "http", namespace.storage_stats))
+            if user.admin:
+                out["store"] = ratio(await run(user, "http", namespace.store_stats))
+            return out
 
         return r
 

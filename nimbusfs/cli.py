@@ -340,7 +340,7 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
     db = _admin_db(args)
     try:
-        user = db.run(create_user, args.name, args.quota)
+        user = db.run(create_user, args.name, args.quota, args.admin)
     finally:
         db.close()
     print(f"user {user.name} created (id {user.id})")
@@ -558,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     ua = us.add_parser("add")
     ua.add_argument("name")
     ua.add_argument("--quota", type=parse_size, default=0)
+    ua.add_argument("--admin", action="store_true",
+                    help="may see the whole store's totals (GET /api/v1/storage/stats)")
     ua.add_argument("--dsn")
     ua.set_defaults(fn=cmd_user_add)
 

@@ -505,3 +505,27 @@ def test_conditional_and_empty_downloads(api):
     empty = ok(upload(api, "e", b""), 201)["id"]
     assert api.get(f"/files/{empty}/content", headers={"Range": "bytes=-1"}).status_code == 416
     assert ok(api.patch(f"/files/{fid}", json={"name": "f"}))["name"] == "f"   # no-op, no 409
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_an_administrator_sees_the_whole_stores_totals(api, services):
+    from nimbusfs.server.auth import create_token, create_user
+    from nimbusfs.server.db import Database
+
+    ok(upload(api, "a", os.urandom(1 << 20)), 201)
+    assert "store" not in ok(api.get("/storage/stats")) or \
+        ok(api.get("/storage/stats"))["store"] is None
+    db = Database(api.deployment.dsn, pool_size=1)
+    db.open()
+    try:
+        name = "admin" + os.urandom(4).hex()
+        db.run(create_user, name, 0, True)
+        token = db.run(create_token, name)
+    finally:
+        db.close()
+    with httpx.Client(base_url=api.base_url, headers={"Authorization": f"Bearer {token}"}) as c:
+        st = ok(c.get("/storage/stats"))
+    assert st["file_count"] == 0                       # the admin's own volume
+    whole = st["store"]
+    assert whole["user_count"] >= 2 and whole["file_count"] >= 1
+    assert whole["unique_blocks_size"] >= 1 << 20 and whole["stored_size"] >= 1 << 20

@@ -23,19 +23,20 @@ class User:
     id: int
     name: str
     root: int
+    admin: bool = False     # sees the whole store's totals (storage stats)
 
 
 def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def create_user(cur: Cursor, name: str, quota_bytes: int = 0) -> User:
+def create_user(cur: Cursor, name: str, quota_bytes: int = 0, admin: bool = False) -> User:
     """Create a user with an empty root directory (owned by root, mode 0755)."""
     cur.execute("SELECT id FROM users WHERE name = %s", (name,))
     if cur.fetchone():
         raise FSError(errno.EEXIST, f"user {name!r} exists")
-    cur.execute("INSERT INTO users (name, quota_bytes) VALUES (%s, %s) RETURNING id",
-                (name, quota_bytes))
+    cur.execute("INSERT INTO users (name, quota_bytes, admin) VALUES (%s, %s, %s) RETURNING id",
+                (name, quota_bytes, admin))
     uid = cur.fetchone()[0]
     now = time.time_ns()
     cur.execute(
@@ -44,7 +45,7 @@ def create_user(cur: Cursor, name: str, quota_bytes: int = 0) -> User:
         (uid, 0o040755, now, now, now))
     root = cur.fetchone()[0]
     cur.execute("UPDATE users SET root_inode = %s WHERE id = %s", (root, uid))
-    return User(uid, name, root)
+    return User(uid, name, root, admin)
 
 
 def create_token(cur: Cursor, user_name: str, label: str = "") -> str:
@@ -62,7 +63,7 @@ def create_token(cur: Cursor, user_name: str, label: str = "") -> str:
 def authenticate(cur: Cursor, token: str) -> User:
     cur.execute(
         "UPDATE tokens t SET last_used = now() FROM users u"
-        " WHERE t.hash = %s AND u.id = t.user_id RETURNING u.id, u.name, u.root_inode",
+        " WHERE t.hash = %s AND u.id = t.user_id RETURNING u.id, u.name, u.root_inode, u.admin",
         (token_hash(token),))
     row = cur.fetchone()
     if not row:

@@ -1092,3 +1092,25 @@ def storage_stats(cur: Cursor, u: User, device: str) -> dict[str, int]:
     return {"logical_size": used, "stored_size": stored, "file_count": files,
             "version_count": versions, "block_count": len(blocks),
             "unique_blocks_size": sum(blocks.values()), "quota": quota, "used": used}
+
+
+def store_stats(cur: Cursor, u: User, device: str) -> dict[str, int]:
+    """The same totals for every volume of the store (an administrator's view).
+
+    From ``blocks`` alone: its reference counts count every kept version's
+    references, so no extent list is read.
+    """
+    if not u.admin:
+        raise FSError(errno.EACCES, "only an administrator sees the whole store")
+    cur.execute("SELECT coalesce(sum(used_bytes), 0)::bigint, count(*) FROM users")
+    used, users = cur.fetchone()
+    cur.execute("SELECT count(*) FILTER (WHERE mode & 61440 = 32768 AND nlink > 0) FROM inodes")
+    files = cur.fetchone()[0]
+    cur.execute("SELECT count(*) FROM versions")
+    versions = cur.fetchone()[0]
+    cur.execute("SELECT count(*), coalesce(sum(size), 0)::bigint,"
+                " coalesce(sum(size * refcount), 0)::bigint FROM blocks WHERE refcount > 0")
+    count, unique, stored = cur.fetchone()
+    return {"logical_size": used, "stored_size": stored, "unique_blocks_size": unique,
+            "block_count": count, "file_count": files, "version_count": versions,
+            "user_count": users}
