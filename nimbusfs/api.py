@@ -166,7 +166,7 @@ class SyncPage(_Model):
     to_download: list[SyncEntry]
 
 
-class StoreTotals(_Model):
+class _Totals(_Model):
     logical_size: int
     stored_size: int
     unique_blocks_size: int
@@ -174,17 +174,13 @@ class StoreTotals(_Model):
     dedup_ratio: float
     file_count: int
     version_count: int
+
+
+class StoreTotals(_Totals):
     user_count: int
 
 
-class StorageStats(_Model):
-    logical_size: int
-    stored_size: int
-    unique_blocks_size: int
-    block_count: int
-    dedup_ratio: float
-    file_count: int
-    version_count: int
+class StorageStats(_Totals):
     quota: int
     used: int
     store: StoreTotals | None = None   # for an administrator: every volume together

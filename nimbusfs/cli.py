@@ -28,6 +28,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 from nimbusfs.embedded import Embedded, _alive, _wait_for, default_home
 
@@ -385,6 +386,16 @@ def _status_services(emb: Embedded, mounts: list[dict]) -> None:
                   " recover, fix the cause, then nimbusfs umount each mount and mount again")
 
 
+def _records(cache_dir: str, name: str) -> Iterator[tuple[dict, str]]:
+    """The events a mount recorded in ``cache_dir/name`` (JSON lines), with their local time."""
+    path = os.path.join(cache_dir, name)
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                r = json.loads(line)
+                yield r, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     emb = Embedded(args.home)
     print(f"state directory: {emb.home}")
@@ -392,23 +403,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     _status_services(emb, mounts)
     for rec in mounts:
         print(f"mount:           {rec['mountpoint']} (pid {rec['pid']}, server {rec['server']})")
-        conflicts = os.path.join(rec["cache_dir"], "conflicts.jsonl")
-        if os.path.exists(conflicts):
-            with open(conflicts) as f:
-                for line in f:
-                    c = json.loads(line)
-                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"]))
-                    print(f"  conflict {when}: {c['name']!r} kept the other writer's version;"
-                          f" this mount's bytes are in the conflicted copy (inode"
-                          f" {c['copy_inode']})")
-        recovered = os.path.join(rec["cache_dir"], "recovered.jsonl")
-        if os.path.exists(recovered):
-            with open(recovered) as f:
-                for line in f:
-                    r = json.loads(line)
-                    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
-                    print(f"  not committed {when}: {r['name']!r} (inode {r['inode']}) kept its"
-                          f" committed version; this mount's bytes are saved in {r['path']}")
+        for c, when in _records(rec["cache_dir"], "conflicts.jsonl"):
+            print(f"  conflict {when}: {c['name']!r} kept the other writer's version;"
+                  f" this mount's bytes are in the conflicted copy (inode {c['copy_inode']})")
+        for r, when in _records(rec["cache_dir"], "recovered.jsonl"):
+            print(f"  not committed {when}: {r['name']!r} (inode {r['inode']}) kept its"
+                  f" committed version; this mount's bytes are saved in {r['path']}")
     cache_root = emb.path("cache")
     if os.path.isdir(cache_root):
         used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_root)
