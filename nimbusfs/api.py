@@ -365,6 +365,7 @@ class Gate:
                                                and int(length) <= MAX_SMALL_BODY):
                     raise ApiError(413, "too_large",
                                    f"a request body is at most {MAX_SMALL_BODY} bytes here")
+                receive = _capped(receive, MAX_SMALL_BODY)  # HTTP/2 declares no length
         except ApiError as e:
             # A stranger's body is skipped for 1 MiB at most, a user's like any refused one.
             limit = MAX_DRAIN if scope.get("state", {}).get("user") else 1 << 20
@@ -378,6 +379,26 @@ class Gate:
                               {"Connection": "close"})
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+def _capped(receive: Any, limit: int) -> Any:
+    """``receive`` whose body ends after ``limit`` bytes (what follows is not read).
+
+    A body cut short is no longer the JSON it was: the route answers 400.
+    """
+    seen = 0
+
+    async def capped() -> dict:
+        nonlocal seen
+        if seen > limit:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        msg = await receive()
+        if msg["type"] == "http.request":
+            seen += len(msg.get("body", b""))
+            if seen > limit:
+                return {"type": "http.request", "body": b"", "more_body": False}
+        return msg
+    return capped
 
 
 async def _skip(receive: Any, limit: int) -> None:
@@ -647,6 +668,8 @@ class Api:
             are checked before a byte of the body is read.
             """
             st = await self._open_upload(user, upload_id)
+            if n >= min(uploads.MAX_CHUNKS, max(st["size"], 1)):
+                raise _bad(f"chunk {n} is past the upload's declared size")
             room = st["size"] - sum(c["size"] for c in st["chunks"] if c["n"] != n)
             extents, size = await self._chunk(request, user, room)
             st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents)
@@ -671,17 +694,18 @@ class Api:
                 raise _bad(f"Content-Range {content_range!r} does not fit the upload's"
                            f" declared size of {st['size']} bytes")
             try:
-                n = await run(user, "http", uploads.chunk_at, upload_id, int(m[1]))
+                n = await run(user, "http", uploads.chunk_at, upload_id, first)
+                extents, size = await self._chunk(request, user, length)
+                if size != length:
+                    raise _bad(f"Content-Range names {length} bytes, the body has {size}")
+                st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents,
+                               first)
             except FSError as e:
                 if e.errno != errno.ESPIPE:
                     raise
                 st = await run(user, "http", uploads.status, upload_id)
                 raise ApiError(409, "wrong_offset", e.message,
                                offset=st["uploaded_bytes"]) from None
-            extents, size = await self._chunk(request, user, length)
-            if size != length:
-                raise _bad(f"Content-Range names {length} bytes, the body has {size}")
-            st = await run(user, "http", uploads.add_chunk, upload_id, n, size, extents, True)
             return upload_status(upload_id, st)
 
         @r.get("/uploads/{upload_id}", response_model=UploadStatus)
@@ -905,6 +929,23 @@ def make_app(server: "MetaServer") -> FastAPI:
     return app
 
 
+def _http1_only() -> None:
+    """Keep hypercorn from switching a cleartext connection to HTTP/2.
+
+    It does so on the HTTP/2 preface or an ``Upgrade: h2c``, with no setting
+    to turn it off, and its HTTP/2 handling let one client stop the whole
+    metaserver: DATA frames for a stream already answered (a refused body)
+    raised KeyError out of its connection's task group and the server's.
+    The API speaks HTTP/1.1 only (over TLS, ALPN offers nothing else).
+    """
+    from hypercorn.protocol.h11 import H11Protocol
+
+    async def no_switch(self: H11Protocol, event: object) -> None:
+        return None
+
+    H11Protocol._check_protocol = no_switch  # type: ignore[method-assign]
+
+
 async def serve_http(server: "MetaServer", address: str, certfile: str | None = None,
                      keyfile: str | None = None,
                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
@@ -915,8 +956,10 @@ async def serve_http(server: "MetaServer", address: str, certfile: str | None = 
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    _http1_only()
     config = Config()
     config.bind = [address]
+    config.alpn_protocols = ["http/1.1"]
     config.certfile, config.keyfile = certfile, keyfile
     config.accesslog = None
     config.include_server_header = False

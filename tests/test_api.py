@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import httpx
@@ -529,3 +530,51 @@ def test_an_administrator_sees_the_whole_stores_totals(api, services):
     whole = st["store"]
     assert whole["user_count"] >= 2 and whole["file_count"] >= 1
     assert whole["unique_blocks_size"] >= 1 << 20 and whole["stored_size"] >= 1 << 20
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_http2_is_refused_and_the_server_stays_up(api):
+    """HTTP/2 (no declared length; and hypercorn's handling of a refused body stopped the
+    whole server) is not spoken: the client fails, the server serves on."""
+    def body():
+        for _ in range(64):
+            yield b" " * (64 << 10)
+        yield b'{"path": "/x"}'
+    with httpx.Client(base_url=api.base_url, http1=False, http2=True, timeout=30,
+                      headers={"Authorization": f"Bearer {api.token}"}) as c, \
+            pytest.raises(httpx.HTTPError):
+        c.post("/folders", content=body(), headers={"Content-Type": "application/json"})
+    assert ok(api.get("/files"))["entries"] == []
+
+
+@pytest.mark.parametrize("store", ["local"])
+def test_a_stale_range_request_cannot_splice_an_upload(api):
+    """A range request that waited (offset mapped to chunk 1) while the client started
+    over with other ranges is refused when it lands, and changes nothing."""
+    from nimbusfs.errors import FSError
+    from nimbusfs.server import uploads
+    from nimbusfs.server.auth import authenticate
+    from nimbusfs.server.db import Database
+
+    data = bytes(range(256)) * 2 + b"x" * 88      # 600 bytes
+    uid = new_upload(api, "r", len(data))
+
+    def put(a: int, b: int) -> dict:
+        return ok(api.put(f"/uploads/{uid}", content=data[a:b + 1],
+                          headers={"Content-Range": f"bytes {a}-{b}/{len(data)}"}))
+    put(0, 99)
+    db = Database(api.deployment.dsn, pool_size=1)
+    db.open()
+    try:
+        user = db.run(authenticate, api.token)
+        n = db.run(uploads.chunk_at, user, "t", uid, 100)   # the stale request's first step
+        put(0, 149)                                          # the client starts over
+        put(150, 249)
+        with pytest.raises(FSError) as e:                    # the stale request lands
+            db.run(uploads.add_chunk, user, "t", uid, n, 100, [[None, 100]], 100)
+        assert e.value.errno == errno.ESPIPE
+    finally:
+        db.close()
+    put(250, len(data) - 1)
+    fid = ok(api.post(f"/uploads/{uid}/complete"))["file_id"]
+    assert api.get(f"/files/{fid}/content").content == data

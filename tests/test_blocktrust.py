@@ -197,3 +197,19 @@ async def test_a_long_name_still_gets_its_conflicted_copy(services):
         (made,) = [n for n in names if b"conflicted copy" in n]
         assert len(made) <= 255 and made.startswith(b"c (conflicted copy host label ")
         assert copy["ino"] != f["ino"]
+
+
+async def test_two_conflicts_in_one_second_on_a_long_name_get_two_copies(services):
+    """The copy's number is part of the tag, which is never cut (it looped forever)."""
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "h" * 200 + "/label/id") as a:
+        name = b"x" * 250
+        f = await _file(a, name)
+        await a.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=1)
+        for _ in range(2):
+            with trio.fail_after(30):
+                await a.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=2,
+                             parent=a.info["root"], name=name)
+        names = [n for n, _ in await a.call("readdir", ino=a.info["root"])]
+        copies = [n for n in names if b"conflicted copy" in n]
+        assert len(copies) == 2 and all(len(n) <= 255 for n in copies)

@@ -108,7 +108,7 @@ class Operations(pyfuse3.Operations):
     @_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         return entry(await self.vfs.setattr(
-            inode,
+            inode, fh,
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,

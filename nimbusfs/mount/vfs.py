@@ -333,9 +333,15 @@ class VFS:
             self._fill(attr, token)
         return self._out(attr)
 
-    async def setattr(self, ino: int, size: int | None = None, **changes: int | None
-                      ) -> dict[str, Any]:
-        """Apply chmod/chown/utimens changes and/or a truncation."""
+    async def setattr(self, ino: int, fh: int | None = None, size: int | None = None,
+                      **changes: int | None) -> dict[str, Any]:
+        """Apply chmod/chown/utimens changes and/or a truncation.
+
+        A truncation through a handle (``ftruncate``) is that handle's write:
+        its close commits it and answers for it. One by path (``truncate``)
+        is committed before it returns, as a local disk's is durable in the
+        page cache at once: no close of another handle (a reader's) would.
+        """
         if size is not None:
             f = await self._acquire(ino)
             try:
@@ -344,7 +350,9 @@ class VFS:
                 if not stat.S_ISREG(f.attr["mode"]):
                     raise FSError(errno.EINVAL, "not a regular file")
                 await f.truncate(size)
-                if f.handles == 1:  # no handle open: committed now, its error to the caller
+                if fh is not None and self.handles.get(fh) is f:
+                    self.writers.add(fh)
+                else:
                     await self._flush(f)
             finally:
                 await self._release(f)
@@ -582,6 +590,11 @@ class VFS:
         parent, name = self.names.get(f.ino, (self.root, b"?"))
         path = os.path.join(self.state_dir, "recovered",
                             f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
+        async with f.lock:  # no write or flush while it is saved and dropped
+            await self._save_aside(f, parent, name, path)
+
+    async def _save_aside(self, f: OpenFile, parent: int, name: bytes, path: str) -> None:
+        """``_recover``'s work, under the file's lock."""
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             await f.save(path)
@@ -600,6 +613,13 @@ class VFS:
                                       "size": f.size}) + "\n")
         except OSError as e:
             log.error("%s not listed for nimbusfs status: %s", path, e)
+        if f.handles:
+            # Opened again while it was saved (an editor retrying its save): the
+            # new handle showed and took over these bytes; its close commits them.
+            log.warning("inode %d was opened again while saved: its changes stay staged",
+                        f.ino)
+            f.failed = False
+            return
         f.discard()
         self._drop(f.ino)
         self._invalidate(("inode", f.ino))

@@ -36,6 +36,7 @@ import trio
 from psycopg import Cursor
 
 from nimbusfs.blockstore import BlockNotFound, BlockStore, block_hash
+from nimbusfs.blockstore.base import StoreUnavailable
 from nimbusfs.blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
 from nimbusfs.errors import FSError
 from nimbusfs.server.auth import User
@@ -107,6 +108,11 @@ class _Fetch:
         return self.data
 
 
+def _unavailable(e: StoreUnavailable) -> FSError:
+    log.error("block store unavailable: %s", e)
+    return FSError(errno.EIO, "the block store is unavailable")
+
+
 class BlockAccess:
     """The server's side of the trust model for blocks (see the module docstring)."""
 
@@ -118,7 +124,11 @@ class BlockAccess:
         self.transfers = trio.CapacityLimiter(transfers)
 
     async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.transfers)
+        """A store call in a worker thread; a store that does not answer is EIO (503)."""
+        try:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self.transfers)
+        except StoreUnavailable as e:
+            raise _unavailable(e) from None
 
     async def admit(self, u: User, extents: Any, size: Any) -> None:
         """Before a commit: make sure its blocks are the user's to reference.
@@ -200,6 +210,8 @@ class BlockAccess:
         except BlockNotFound:
             log.error("block %s is referenced but missing from the store", key.hex())
             raise FSError(errno.EIO, "block missing from the store") from None
+        except StoreUnavailable as e:
+            raise _unavailable(e) from None
 
     async def ingest(self, u: User, fd: int, size: int) -> list[list]:
         """Cut bytes [0, size) of ``fd`` into blocks and store them; return the extents.

@@ -628,20 +628,22 @@ def _unref(cur: Cursor, extents: list) -> None:
             (keys, counts))
 
 
-def _conflict_name(name: bytes, device: str) -> bytes:
-    """``NAME (conflicted copy HOST LABEL YYYY-MM-DD HHMMSS).EXT``, at most 255 bytes.
+def _conflict_name(name: bytes, device: str, n: int = 1) -> bytes:
+    """``NAME (conflicted copy HOST LABEL YYYY-MM-DD HHMMSS[ N]).EXT``, at most 255 bytes.
 
     A mount's device is ``HOST/LABEL/ID`` (``nimbusfs.mount.serve.device_name``): the
     host and label say which mount the copy came from (the host alone is the
     same for two mounts on one machine). A device of two parts (``HOST/ID``,
-    an older mount) names the host only. The label is cut to 64 bytes, so
-    that the stem always keeps room.
+    an older mount) names the host only. Host and label are cut to 64 bytes
+    each, so that the tag always fits; ``n`` > 1 (a second copy in the same
+    second) is part of the tag, which ``tagged`` never cuts.
     """
     host, *rest = device.split("/")
-    label = "/".join(rest[:-1]).encode()[:64].decode(errors="ignore")
-    who = f"{host} {label}" if label else host
-    return tagged(name, b" (conflicted copy %s %s)" % (
-        who.encode(), time.strftime("%Y-%m-%d %H%M%S").encode()))
+    who = " ".join(p.encode()[:64].decode(errors="ignore")
+                   for p in (host, "/".join(rest[:-1])) if p)
+    count = b" %d" % n if n > 1 else b""
+    return tagged(name, b" (conflicted copy %s %s%s)" % (
+        who.encode(), time.strftime("%Y-%m-%d %H%M%S").encode(), count))
 
 
 def _cut(b: bytes, n: int) -> bytes:
@@ -685,7 +687,7 @@ def _save_conflict(cur: Cursor, u: User, device: str, ino: int, parent: int, nam
     n = 1
     while _child(cur, parent, copy_name) is not None:
         n += 1
-        copy_name = _conflict_name(name + b" %d" % n, device)
+        copy_name = _conflict_name(name, device, n)
     a = _new_inode(cur, u, device, parent, copy_name, stat.S_IFREG | stat.S_IMODE(mode), uid,
                    gid)
     return {**_commit(cur, u, device, a, extents, size, mtime), "dir": a["dir"]}

@@ -93,17 +93,24 @@ def status(cur: Cursor, u: User, device: str, upload_id: str) -> dict[str, Any]:
 
 
 def add_chunk(cur: Cursor, u: User, device: str, upload_id: str, n: int, size: int,
-              extents: list, last: bool = False) -> dict[str, Any]:
+              extents: list, offset: int | None = None) -> dict[str, Any]:
     """Record chunk ``n`` (its blocks are stored); a chunk sent again replaces itself.
 
-    ``last``: the chunk ends the bytes received (a Content-Range upload):
-    chunks after it are dropped, so that bytes sent again from an earlier
-    offset never leave stale ones behind them.
+    ``offset``: the chunk is bytes from there of a Content-Range upload, so
+    it ends the bytes received: chunks after it are dropped (bytes sent again
+    from an earlier offset never leave stale ones behind them), and the
+    chunks before it must still end at ``offset`` (a request that waited
+    while the client started over with other ranges is refused, ESPIPE).
     """
     s = _session(cur, u, upload_id, lock=True)
     if s["result"] is not None:
         raise FSError(errno.EBUSY, "the upload is complete")
-    if last:
+    if offset is not None:
+        cur.execute("SELECT coalesce(sum(size), 0), count(*) FROM upload_chunks"
+                    " WHERE upload_id = %s AND n < %s", (upload_id, n))
+        before, count = cur.fetchone()
+        if (before, count) != (offset, n):
+            raise FSError(errno.ESPIPE, "the upload changed meanwhile; ask where to resume")
         cur.execute("DELETE FROM upload_chunks WHERE upload_id = %s AND n > %s",
                     (upload_id, n))
     if not 0 <= n < min(MAX_CHUNKS, max(s["size"], 1)):
