@@ -365,7 +365,6 @@ class Gate:
                                                and int(length) <= MAX_SMALL_BODY):
                     raise ApiError(413, "too_large",
                                    f"a request body is at most {MAX_SMALL_BODY} bytes here")
-                receive = _capped(receive, MAX_SMALL_BODY)  # HTTP/2 declares no length
         except ApiError as e:
             # A stranger's body is skipped for 1 MiB at most, a user's like any refused one.
             limit = MAX_DRAIN if scope.get("state", {}).get("user") else 1 << 20
@@ -379,26 +378,6 @@ class Gate:
                               {"Connection": "close"})
             return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
-def _capped(receive: Any, limit: int) -> Any:
-    """``receive`` whose body ends after ``limit`` bytes (what follows is not read).
-
-    A body cut short is no longer the JSON it was: the route answers 400.
-    """
-    seen = 0
-
-    async def capped() -> dict:
-        nonlocal seen
-        if seen > limit:
-            return {"type": "http.request", "body": b"", "more_body": False}
-        msg = await receive()
-        if msg["type"] == "http.request":
-            seen += len(msg.get("body", b""))
-            if seen > limit:
-                return {"type": "http.request", "body": b"", "more_body": False}
-        return msg
-    return capped
 
 
 async def _skip(receive: Any, limit: int) -> None:
