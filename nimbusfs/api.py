@@ -771,8 +771,7 @@ class Api:
         as soon as it is longer; nothing of a refused chunk is stored.
         """
         room = min(room, MAX_CHUNK)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > room:
+        if _declared(request) > room:
             raise ApiError(413, "too_large", f"the chunk is larger than the {room} bytes left"
                            " in the upload")
         with tempfile.TemporaryFile() as f:
@@ -795,11 +794,11 @@ class Api:
 
     async def _room(self, request: Request, user: User) -> None:
         """507 before reading a body that cannot fit the user's quota (a new file)."""
-        declared = request.headers.get("content-length", "")
-        if not declared.isdigit():
+        declared = _declared(request)
+        if declared < 0:
             return
         st = await self.server.call(namespace.statfs, user, "http")
-        if st["quota"] and int(declared) > st["quota"] - st["used"] + MAX_FIELD_BYTES:
+        if st["quota"] and declared > st["quota"] - st["used"] + MAX_FIELD_BYTES:
             raise ApiError(507, "quota_exceeded", f"{st['quota'] - st['used']} bytes are"
                            " free under the quota")
 
@@ -835,6 +834,12 @@ async def _pieces(stream: AsyncIterator[bytes], size: int) -> AsyncIterator[byte
         yield b"".join(held)
 
 
+def _declared(request: Request) -> int:
+    """The body's length its ``Content-Length`` declares; -1 if it declares none."""
+    declared = request.headers.get("content-length", "")
+    return int(declared) if declared.isdigit() else -1
+
+
 async def _drain(request: Request) -> dict[str, str]:
     """Read what is left of a refused request's body, so that the client hears the answer.
 
@@ -843,8 +848,7 @@ async def _drain(request: Request) -> dict[str, str]:
     A body declared larger than ``MAX_DRAIN``, or growing past it, is not
     read: the connection is closed instead.
     """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_DRAIN:
+    if _declared(request) > MAX_DRAIN:
         return {"Connection": "close"}
     try:
         seen = 0

@@ -722,12 +722,16 @@ def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
     return blocks
 
 
-def _check_blocks(cur: Cursor, u: User, blocks: dict[bytes, int]) -> None:
-    """Refuse blocks the user may not reference, or named with another length than stored.
+def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
+    """Validate extents (``check_extents``), and refuse blocks the user may not
+    reference or names with another length than stored.
 
     EACCES says the same whether a block is stored for someone else or not
     at all: nothing is learnt of other users' data.
     """
+    blocks = check_extents(extents, size)
+    if not blocks:
+        return
     keys = sorted(blocks)
     if unowned(cur, u.id, keys):
         raise FSError(errno.EACCES, "extents name blocks this user has not uploaded")
@@ -825,13 +829,11 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
     with O_TRUNC, flushed before the writes); it is dropped, so that one save
     is one version. A base with bytes, or another device's, is kept.
     """
-    blocks = check_extents(extents, size)
     attrs = attrs or {}
     if not (isinstance(attrs, dict) and set(attrs) <= SETATTR_KEYS
             and all(type(v) is int for v in attrs.values())):
         raise FSError(errno.EINVAL, "bad attributes")
-    if blocks:
-        _check_blocks(cur, u, blocks)
+    _check_blocks(cur, u, extents, size)
     cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
                 (ino, u.id))
     row = cur.fetchone()
@@ -990,9 +992,7 @@ def put_file(cur: Cursor, u: User, device: str, parent: int | bytes, name: bytes
     shows it to its owner only). Returns the file's id.
     """
     check_name(name)
-    blocks = check_extents(extents, size)
-    if blocks:
-        _check_blocks(cur, u, blocks)
+    _check_blocks(cur, u, extents, size)
     parent = _at(cur, u, device, parent)
     p = directory(cur, u, parent)
     existing = _child(cur, parent, name)
@@ -1018,9 +1018,7 @@ def replace(cur: Cursor, u: User, device: str, ino: int, extents: list, size: in
     same rule as the mount's commit, without the conflicted copy (the
     caller decides).
     """
-    blocks = check_extents(extents, size)
-    if blocks:
-        _check_blocks(cur, u, blocks)
+    _check_blocks(cur, u, extents, size)
     a = inode(cur, u, ino, lock=True)
     if not stat.S_ISREG(a["mode"]):
         raise FSError(errno.EISDIR, "not a regular file")
