@@ -332,7 +332,8 @@ def test_upload_chunks_in_any_order_missing_replaced_and_checked(api):
     st = ok(api.put(f"/uploads/{uid}/chunks/0", content=parts[0]))     # replaces itself
     assert st["uploaded_bytes"] == len(parts[0])
     ok(api.put(f"/uploads/{uid}/chunks/1", content=parts[1]))
-    ok(api.put(f"/uploads/{uid}/chunks/3", content=parts[3][:-1] + b"!"))  # corrupted
+    corrupted = parts[3][:-1] + bytes([parts[3][-1] ^ 1])   # never equal to the original
+    ok(api.put(f"/uploads/{uid}/chunks/3", content=corrupted))
     r = api.post(f"/uploads/{uid}/complete")
     assert r.status_code == 422 and r.json()["error"]["code"] == "checksum_mismatch"
     assert ok(api.get("/files"))["entries"] == []                      # nothing committed
