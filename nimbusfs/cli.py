@@ -4,6 +4,7 @@
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
                               [--read-only] [--label L] [--foreground]
                               [--tls-ca FILE] [--tls-fingerprint SHA256] [--insecure]
+                              [--metrics HOST:PORT]
     nimbusfs umount MOUNTPOINT
     nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--tls-cert F [--tls-key F]]
     nimbusfs user add NAME [--quota BYTES] --dsn DSN
@@ -125,7 +126,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
             allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
             read_only=args.read_only, label=args.label or "", tls=_tls(args),
-            insecure=args.insecure)
+            insecure=args.insecure, metrics=args.metrics)
         rc = _run_mount(cfg) if args.foreground else _spawn_mount(args, emb, cfg, name)
         mounted = rc == 0
         return rc
@@ -193,6 +194,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd.append("--read-only")
     if cfg.label:
         cmd += ["--label", cfg.label]
+    if cfg.metrics:
+        cmd += ["--metrics", cfg.metrics]
     cmd += _tls_argv(args)
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
     print(f"nimbusfs: mounting {cfg.mountpoint}", file=sys.stderr)
@@ -524,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--label", type=_label,
                    help="names this mount in conflicted copies, after the host name"
                         " (default: the mount point's base name)")
+    m.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (FUSE operations, cache, transfers) there,"
+                        " without a token: keep it on loopback or a monitoring network")
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
