@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import subprocess
+import sys
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -214,3 +218,43 @@ def test_mount_counts_fuse_ops_cache_transfers_and_reconnects(dep, mount_factory
         value(after, "nimbusfs_mount_reconnects_total") + 1
     wait_until(lambda: value(scrape(url), "nimbusfs_mount_server_connected") == 1, 10,
                "the mount to reconnect")
+
+
+def _status(home: str, *args: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nimbusfs.cli", "--home", home, "status",
+                             *args], stdout=subprocess.PIPE, text=True, **popen)
+
+
+def test_status_shows_the_figures_once_and_live(dep, mount_factory, world_tmp):
+    """``nimbusfs status`` reads the mounts it knows (their records) and the URLs given."""
+    from nimbusfs.embedded import Embedded
+
+    m = mount_factory("local", None, dep, "--metrics", "127.0.0.1:0")
+    write_file(m.p("one"), os.urandom(1 << 20))
+    home = os.path.join(world_tmp, "home")
+    rec = Embedded(home).mount_record(m.path)
+    os.makedirs(os.path.dirname(rec))
+    with open(rec, "w") as f:   # as ``nimbusfs mount`` records the mounts it starts
+        json.dump({"pid": m.proc.pid, "mountpoint": m.path, "server": dep.address,
+                   "log": m.log_path, "cache_dir": m.cache_dir, "embedded": False}, f)
+    out, _ = _status(home, "--metrics", dep.http + "/metrics").communicate(timeout=60)
+    mount_part = out[out.index(f"mount {m.path} (since it started):"):]
+    assert "uploaded 1.0 MiB" in mount_part and "metaserver connected" in mount_part
+    assert re.search(r"^    create +1 ", mount_part, re.M), mount_part
+    server_part = out[out.index(f"{dep.http}/metrics (since it started):"):]
+    assert re.search(r"^  mounts connected [1-9]", server_part, re.M), server_part
+    assert re.search(r"^    commit +[1-9]", server_part, re.M), server_part
+
+    # Live: the second frame shows rates over the interval.
+    lines: list[str] = []
+    proc = _status(home, "--watch", "0.5")
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: any("(rates over the last" in line for line in lines), 30,
+                   "a second frame")
+        frame = "".join(lines).rsplit("\033[H\033[2J", 1)[-1]
+        assert re.search(r"FUSE operations [0-9.,]+/s", frame), frame
+    finally:
+        proc.terminate()
+        proc.wait(10)
