@@ -30,9 +30,8 @@ import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyfuse3
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -45,6 +44,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from nimbusfs.blockstore.base import BlockStore
+
+if TYPE_CHECKING:
+    import pyfuse3
 
 SERVER = CollectorRegistry()
 MOUNT = CollectorRegistry()
@@ -244,17 +246,24 @@ CONNECTED = Gauge("nimbusfs_mount_server_connected",
                   "1 while the mount holds a connection to the metaserver", registry=MOUNT)
 
 
-def _timed(name: str, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    """``handler`` (a FUSE operation) counted and timed under ``name``."""
-    seconds = FUSE_OPS.labels(name)   # the label's child once, not per call
+def _timed(name: str, handler: Callable[..., Awaitable[Any]], answer: type[Exception]
+           ) -> Callable[..., Awaitable[Any]]:
+    """``handler`` (a FUSE operation) counted and timed under ``name``; an ``answer``
+    exception (pyfuse3's FUSEError) is counted by its errno."""
+    # Each label's child looked up once, not per call (``labels`` takes a lock).
+    seconds = FUSE_OPS.labels(name)
+    errors: dict[int, Counter] = {}
 
     @functools.wraps(handler)
     async def op(*args: Any) -> Any:
         start = time.perf_counter()
         try:
             return await handler(*args)
-        except pyfuse3.FUSEError as e:
-            FUSE_ERRORS.labels(name, errname(e.errno)).inc()
+        except answer as e:
+            code = getattr(e, "errno", 0)
+            if (counter := errors.get(code)) is None:
+                counter = errors[code] = FUSE_ERRORS.labels(name, errname(code))
+            counter.inc()
             raise
         finally:
             seconds.observe(time.perf_counter() - start)
@@ -266,11 +275,14 @@ def instrument(ops: pyfuse3.Operations) -> pyfuse3.Operations:
 
     Each request handler of ``pyfuse3.Operations`` is replaced on the
     instance (pyfuse3 looks them up there) by a timed one, so a mount
-    without ``--metrics`` runs the handlers as they are.
+    without ``--metrics`` runs the handlers as they are. pyfuse3 is imported
+    here, not with the module: a metaserver's host needs no libfuse.
     """
+    import pyfuse3
+
     for name, fn in vars(pyfuse3.Operations).items():
         if not name.startswith("_") and inspect.iscoroutinefunction(fn):
-            setattr(ops, name, _timed(name, getattr(ops, name)))
+            setattr(ops, name, _timed(name, getattr(ops, name), pyfuse3.FUSEError))
     return ops
 
 
