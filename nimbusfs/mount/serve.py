@@ -199,7 +199,12 @@ METRICS_URL_FILE = "metrics.url"
 
 
 def _publish(vfs: VFS, cache: BlockCache, client: MetaClient) -> None:
-    """Let the mount's gauges read what they show from its parts, when scraped."""
+    """Let the mount's gauges read what they show from its parts, when scraped.
+
+    They are read in the metrics server's thread, while the trio thread
+    changes what they read: each reads attributes, or copies the open files'
+    dict in one call (which the GIL makes atomic), never iterating it live.
+    """
     metrics.CACHE_BYTES.labels("disk").set_function(lambda: cache.used)
     metrics.CACHE_BYTES.labels("memory").set_function(lambda: cache.hot.currsize)
     metrics.CACHE_LIMIT.labels("disk").set(cache.max_bytes if cache.on_disk else 0)
@@ -211,8 +216,8 @@ def _publish(vfs: VFS, cache: BlockCache, client: MetaClient) -> None:
 def _serve_metrics(cfg: MountConfig, ops: Operations) -> Callable[[], None] | None:
     """With ``cfg.metrics``: time FUSE operations and serve ``/metrics``; what stops it.
 
-    Its URL is written to ``METRICS_URL_FILE`` in the cache directory (one
-    left by an earlier mount of this cache is removed).
+    Its URL is written to ``METRICS_URL_FILE`` in the cache directory while
+    it serves (one left by a mount of this cache that crashed is removed).
     """
     url_file = os.path.join(cfg.cache_dir, METRICS_URL_FILE)
     with contextlib.suppress(FileNotFoundError):
@@ -228,7 +233,11 @@ def _serve_metrics(cfg: MountConfig, ops: Operations) -> Callable[[], None] | No
         f.write(url + "\n")
     os.rename(url_file + ".tmp", url_file)
     log.info("metrics on %s", url)
-    return httpd.shutdown
+
+    def stop() -> None:
+        os.unlink(url_file)
+        httpd.shutdown()
+    return stop
 
 
 async def serve(cfg: MountConfig) -> None:
