@@ -89,6 +89,10 @@ class Figures:
         """A count, or its rate per second over the interval."""
         return f"{n / self.seconds:,.1f}/s" if self.seconds else f"{n:,.0f}"
 
+    def bytes(self, n: float) -> str:
+        """A number of bytes, or their rate per second over the interval."""
+        return f"{_size(n / self.seconds)}/s" if self.seconds else _size(n)
+
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:,.2f} ms"
@@ -100,6 +104,17 @@ def _size(n: float) -> str:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
         n /= 1024
     return ""
+
+
+def _errors(f: Figures, name: str, label: str) -> str:
+    """A counter of errors, with its most frequent kinds (``label``): "3 (ENOENT 2, ...)".
+
+    Most are answers, not faults: ENOENT for a name that does not exist,
+    ENODATA for an extended attribute a file does not have, 404.
+    """
+    kinds = sorted(((n, k) for k, n in f.by(name, label).items() if n > 0), reverse=True)
+    listed = ", ".join(f"{k} {f.amount(n)}" for n, k in kinds[:4])
+    return f.amount(sum(n for n, _ in kinds)) + (f" ({listed})" if listed else "")
 
 
 def _ops(f: Figures, name: str, label: str, top: int) -> list[str]:
@@ -129,7 +144,7 @@ def server(f: Figures, top: int = 8) -> list[str]:
         "  requests: " + ", ".join(
             f"{iface} {f.amount(f.count(f'{requests}_count', interface=iface))}"
             for iface in ("protocol", "http"))
-        + f"; errors {f.amount(f.count('nimbusfs_server_request_errors_total'))}",
+        + f"; errors {_errors(f, 'nimbusfs_server_request_errors_total', 'error')}",
         *_ops(f, requests, "op", top),
     ]
     lag = "nimbusfs_server_push_lag_seconds"
@@ -142,7 +157,7 @@ def server(f: Figures, top: int = 8) -> list[str]:
     if last:
         lines.append(f"  GC: runs {f.amount(f.count('nimbusfs_gc_runs_total'))}, blocks deleted"
                      f" {f.amount(f.count('nimbusfs_gc_deleted_blocks_total'))},"
-                     f" reclaimed {_size(f.count('nimbusfs_gc_reclaimed_bytes_total'))};"
+                     f" reclaimed {f.bytes(f.count('nimbusfs_gc_reclaimed_bytes_total'))};"
                      f" last pass {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))},"
                      f" {f.gauge('nimbusfs_gc_unreferenced_blocks'):,.0f} blocks unreferenced")
     else:
@@ -159,19 +174,19 @@ def mount(f: Figures, top: int = 8) -> list[str]:
     connected = f.gauge("nimbusfs_mount_server_connected")
     limit = f.gauge("nimbusfs_mount_cache_limit_bytes", tier="disk")
     disk = (f"{_size(f.gauge('nimbusfs_mount_cache_bytes', tier='disk'))} of {_size(limit)}"
-            if limit else "nothing (the store is on this machine's disk)")
+            if limit else "none (the store is on this machine's disk)")
     return [
-        f"  FUSE operations {f.amount(f.count(f'{ops}_count'))}, errors"
-        f" {f.amount(f.count('nimbusfs_mount_fuse_errors_total'))}",
+        f"  FUSE operations {f.amount(f.count(f'{ops}_count'))}, answered with an errno"
+        f" {_errors(f, 'nimbusfs_mount_fuse_errors_total', 'errno')}",
         *_ops(f, ops, "op", top),
         f"  cache: {100 * (reads - misses) / reads if reads else 0:.1f}% of block reads hit"
         f" (memory {f.amount(hits.get('memory', 0))}, disk {f.amount(hits.get('disk', 0))},"
-        f" misses {f.amount(misses)}, {_size(f.count('nimbusfs_mount_cache_miss_bytes_total'))}"
-        f" fetched); holds {disk} on disk, "
-        f"{_size(f.gauge('nimbusfs_mount_cache_bytes', tier='memory'))} in memory",
+        f" misses {f.amount(misses)}, {f.bytes(f.count('nimbusfs_mount_cache_miss_bytes_total'))}"
+        f" fetched); on disk {disk}, in memory"
+        f" {_size(f.gauge('nimbusfs_mount_cache_bytes', tier='memory'))}",
         f"  store: uploaded"
-        f" {_size(f.count('nimbusfs_mount_store_bytes_total', direction='upload'))}, downloaded"
-        f" {_size(f.count('nimbusfs_mount_store_bytes_total', direction='download'))};"
+        f" {f.bytes(f.count('nimbusfs_mount_store_bytes_total', direction='upload'))}, downloaded"
+        f" {f.bytes(f.count('nimbusfs_mount_store_bytes_total', direction='download'))};"
         f" uploads in flight {f.gauge('nimbusfs_mount_uploads_in_flight'):.0f}, files not"
         f" committed {f.gauge('nimbusfs_mount_dirty_files'):.0f}",
         f"  metaserver {'connected' if connected else 'NOT CONNECTED'}, reconnects"
