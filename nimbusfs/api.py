@@ -38,11 +38,13 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from nimbusfs import metrics
 from nimbusfs.errors import Conflict, FSError
 from nimbusfs.server import feed, namespace, uploads
 from nimbusfs.server.auth import User, authenticate
@@ -333,6 +335,10 @@ _BEARER = HTTPBearer(auto_error=False, description="a token: nfs_...")
 class Gate:
     """Before any route: the token is checked and a small request's body bounded.
 
+    ``/metrics`` (Prometheus text, outside ``/api/v1``) needs no token from
+    this host's loopback (a scraper beside the server; ``nimbusfs status``)
+    and an administrator's token from anywhere else: a user's token is 403.
+
     Pure ASGI, in front of FastAPI, which reads a JSON body before it runs a
     route's dependencies: a stranger's 300 MB body was read into memory
     (1.8 GB peak RSS) before its 401. Here a request without a valid token
@@ -355,7 +361,12 @@ class Gate:
                    for k, v in scope["headers"]}
         try:
             peer = scope["client"][0] if scope.get("client") else ""
+            if scope["path"] == "/metrics" and metrics.is_loopback(peer):
+                return await self.app(scope, receive, send)
             user = await self.api.authenticate(peer, headers.get("authorization", ""))
+            if scope["path"] == "/metrics" and not user.admin:
+                raise ApiError(403, "forbidden", "the metrics need an administrator's token"
+                               " off this host")
             scope.setdefault("state", {})["user"] = user
             if not (scope["method"] in ("POST", "PUT") and self.UPLOADS.fullmatch(scope["path"])):
                 length = headers.get("content-length")
@@ -867,6 +878,12 @@ def make_app(server: "MetaServer") -> FastAPI:
     api = Api(server)
     app.include_router(api.router())
     app.add_middleware(Gate, api=api)
+    app.add_middleware(metrics.HttpMetrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_text() -> Response:
+        """The metaserver's figures, Prometheus text (``Gate`` decides who may read them)."""
+        return Response(generate_latest(metrics.SERVER), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:

@@ -4,11 +4,12 @@
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
                               [--read-only] [--label L] [--foreground]
                               [--tls-ca FILE] [--tls-fingerprint SHA256] [--insecure]
+                              [--metrics HOST:PORT]
     nimbusfs umount MOUNTPOINT
     nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--tls-cert F [--tls-key F]]
     nimbusfs user add NAME [--quota BYTES] --dsn DSN
     nimbusfs token create USER --dsn DSN
-    nimbusfs status
+    nimbusfs status [--watch [SECONDS]] [--metrics URL]... [--token T]
 
 Without ``--server``, ``mount`` starts (or reuses) the embedded default under
 ``$NIMBUSFS_HOME`` and mounts its owner's volume. A client sends its token to
@@ -20,7 +21,9 @@ a metaserver that is not on loopback only over TLS (``--tls-ca`` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,8 +32,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from nimbusfs.embedded import Embedded, _alive, _wait_for, default_home
+
+if TYPE_CHECKING:
+    from nimbusfs.metricsview import Reading
 
 log = logging.getLogger("nimbusfs")
 
@@ -125,7 +132,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
             allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
             read_only=args.read_only, label=args.label or "", tls=_tls(args),
-            insecure=args.insecure)
+            insecure=args.insecure, metrics=args.metrics)
         rc = _run_mount(cfg) if args.foreground else _spawn_mount(args, emb, cfg, name)
         mounted = rc == 0
         return rc
@@ -193,6 +200,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd.append("--read-only")
     if cfg.label:
         cmd += ["--label", cfg.label]
+    if cfg.metrics:
+        cmd += ["--metrics", cfg.metrics]
     cmd += _tls_argv(args)
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
     print(f"nimbusfs: mounting {cfg.mountpoint}", file=sys.stderr)
@@ -396,7 +405,49 @@ def _records(cache_dir: str, name: str) -> Iterator[tuple[dict, str]]:
                 yield r, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"]))
 
 
+def _status_metrics(args: argparse.Namespace, emb: Embedded, mounts: list[dict],
+                    before: dict[str, Reading]) -> dict[str, Reading]:
+    """The figures of the embedded metaserver, of each mount serving metrics, and of
+    each ``--metrics`` URL; returns this reading of each, for the next (``--watch``)."""
+    from nimbusfs.metricsview import show
+    from nimbusfs.mount.serve import METRICS_URL_FILE
+
+    endpoints = []
+    if url := emb.http_url():
+        endpoints.append(("metaserver", f"{url}/metrics", None))
+    for rec in mounts:
+        with contextlib.suppress(OSError), open(os.path.join(rec["cache_dir"],
+                                                             METRICS_URL_FILE)) as f:
+            endpoints.append((f"mount {rec['mountpoint']}", f.read().strip(), None))
+    endpoints += [(url, url, args.token) for url in args.metrics]
+    now: dict[str, Reading] = {}
+    for title, url, token in endpoints:
+        reading = show(title, url, token, before.get(url))
+        if reading is not None:
+            now[url] = reading
+    return now
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    """Print the status once, or with ``--watch`` again every few seconds, with rates."""
+    if args.watch is None:
+        _status(args, {})
+        return 0
+    before: dict[str, Reading] = {}
+    try:
+        while True:
+            frame = io.StringIO()
+            with contextlib.redirect_stdout(frame):
+                print(time.strftime("%Y-%m-%d %H:%M:%S"), f"(every {args.watch:g} s;"
+                      " Ctrl-C stops)")
+                before = _status(args, before)
+            print("\033[H\033[2J" + frame.getvalue(), end="", flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _status(args: argparse.Namespace, before: dict[str, Reading]) -> dict[str, Reading]:
     emb = Embedded(args.home)
     print(f"state directory: {emb.home}")
     mounts = emb.live_mounts()
@@ -414,7 +465,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_root)
                    for f in fs)
         print(f"cache use:       {used / 2**20:.1f} MiB in {cache_root}")
-    return 0
+    return _status_metrics(args, emb, mounts, before)
 
 
 # --- versions ---------------------------------------------------------------------------
@@ -524,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--label", type=_label,
                    help="names this mount in conflicted copies, after the host name"
                         " (default: the mount point's base name)")
+    m.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics (FUSE operations, cache, transfers) there,"
+                        " without a token: keep it on loopback or a monitoring network")
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
@@ -574,7 +628,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--listen", default="127.0.0.1:0")
     sv.set_defaults(fn=cmd_supervise)
 
-    st = sub.add_parser("status", help="embedded services, mounts, pending writes, conflicts")
+    st = sub.add_parser("status", help="embedded services, mounts, pending writes, conflicts,"
+                                       " and their metrics")
+    st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                    help="show it again every SECONDS (default 2), with rates over that time")
+    st.add_argument("--metrics", action="append", default=[], metavar="URL",
+                    help="also show the figures of this /metrics endpoint (another"
+                         " metaserver, or a mount); repeatable")
+    st.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"),
+                    help="an administrator's token, for a metaserver's /metrics off this host")
     st.set_defaults(fn=cmd_status)
 
     for name, fn, help_ in (("versions", cmd_versions, "list a file's versions"),

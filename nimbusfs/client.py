@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from nimbusfs.errors import Conflict, FSError
+from nimbusfs.metrics import RECONNECTS
 from nimbusfs.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerprint, pack
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,8 @@ class MetaClient:
                 await stream.aclose()
                 raise FSError(errno.EPROTONOSUPPORT, "the metaserver speaks another protocol"
                               f" version than this client's {PROTOCOL_VERSION}: upgrade both")
+            if self.info:
+                RECONNECTS.inc()   # not the first connection
             self.info = reply[2]
             self.read_only = frozenset(self.info["read_only"])
             self._stream = stream
@@ -192,6 +195,11 @@ class MetaClient:
             if self._subscribed:
                 self.nursery.start_soon(self._resubscribe, stream)
             return stream
+
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the metaserver is open now."""
+        return self._stream is not None
 
     async def _resubscribe(self, stream: trio.SocketStream) -> None:
         """Subscribe again on a new connection; if that fails, drop the connection.

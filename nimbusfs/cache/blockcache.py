@@ -39,6 +39,7 @@ import trio
 
 from nimbusfs.blockstore import BlockNotFound, BlockStore, StoreUnavailable, block_hash
 from nimbusfs.errors import FSError
+from nimbusfs.metrics import CACHE_HIT_BYTES, CACHE_HITS, CACHE_MISS_BYTES, CACHE_MISSES
 
 R = TypeVar("R")
 
@@ -60,6 +61,20 @@ HOT_BYTES = 32 << 20
 # its readahead failed, get the same error instead of one more outage
 # timeout each (a read of an uncached block took twice the timeout).
 FAILED_SECONDS = 2.0
+
+
+def _hit(tier: str, data: bytes) -> bytes:
+    """Count a block read the cache served from ``tier``; return the block."""
+    CACHE_HITS.labels(tier).inc()
+    CACHE_HIT_BYTES.labels(tier).inc(len(data))
+    return data
+
+
+def _miss(data: bytes) -> bytes:
+    """Count a read the store served (a whole block or a range); return its bytes."""
+    CACHE_MISSES.inc()
+    CACHE_MISS_BYTES.inc(len(data))
+    return data
 
 
 def _missing(key: bytes) -> FSError:
@@ -208,7 +223,7 @@ class BlockCache:
         """Return the block's bytes from memory, disk or the store."""
         data = self.hot.get(key)
         if data is not None:
-            return data
+            return _hit("memory", data)
         while True:
             if (failed := self._failed.get(key)) is not None:
                 raise FSError(failed.errno, failed.message)
@@ -216,8 +231,8 @@ class BlockCache:
                 break
             await ev.wait()
             data = self.hot.get(key)
-            if data is not None:
-                return data
+            if data is not None:  # another reader's fetch
+                return _hit("memory", data)
         ev = self._inflight[key] = trio.Event()
         try:
             return await self._load(key)
@@ -262,7 +277,7 @@ class BlockCache:
             raise _missing(key) from None
         if len(data) != length:
             raise FSError(errno.EIO, f"block {key.hex()} is short in the store")
-        return data
+        return _miss(data)
 
     def _fetch(self, key: bytes) -> tuple[bytes, bool]:
         """Get a block from the store and check its hash (one worker-thread hop)."""
@@ -275,7 +290,7 @@ class BlockCache:
             if data is not None:
                 self.lru.move_to_end(key)
                 self._remember(key, data)
-                return data
+                return _hit("disk", data)
             self.used -= self.lru.pop(key)
         for attempt in range(2):
             try:
@@ -284,6 +299,6 @@ class BlockCache:
                 raise _missing(key) from None
             if ok:
                 await self.add(key, data)
-                return data
+                return _miss(data)
             log.error("block %s from store fails its hash (attempt %d)", key.hex(), attempt + 1)
         raise FSError(errno.EIO, f"block {key.hex()} is corrupt in the store")

@@ -7,6 +7,7 @@ unmounts itself.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import logging
@@ -23,6 +24,7 @@ from functools import partial
 import pyfuse3
 import trio
 
+from nimbusfs import metrics
 from nimbusfs.blockstore import BlockStore, open_store
 from nimbusfs.cache import BlockCache
 from nimbusfs.client import TLS, MetaClient
@@ -46,6 +48,7 @@ class MountConfig:
     label: str = ""                  # names this mount in conflicted copies (default: below)
     tls: TLS | None = None           # how to trust the metaserver (see MetaClient)
     insecure: bool = False           # the token may go in clear to a non-loopback server
+    metrics: str | None = None       # HOST:PORT to serve Prometheus metrics on (FUSE ops timed)
 
 
 class MountFailed(Exception):
@@ -190,6 +193,53 @@ def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
         log.info("kernel readahead left at its default: %s", e)
 
 
+# Where a mount serving metrics writes their URL, in its cache directory
+# (``nimbusfs status`` reads it; the port may have been chosen by the kernel).
+METRICS_URL_FILE = "metrics.url"
+
+
+def _publish(vfs: VFS, cache: BlockCache, client: MetaClient) -> None:
+    """Let the mount's gauges read what they show from its parts, when scraped.
+
+    They are read in the metrics server's thread, while the trio thread
+    changes what they read: each reads attributes, or copies the open files'
+    dict in one call (which the GIL makes atomic), never iterating it live.
+    """
+    metrics.CACHE_BYTES.labels("disk").set_function(lambda: cache.used)
+    metrics.CACHE_BYTES.labels("memory").set_function(lambda: cache.hot.currsize)
+    metrics.CACHE_LIMIT.labels("disk").set(cache.max_bytes if cache.on_disk else 0)
+    metrics.CACHE_LIMIT.labels("memory").set(cache.hot.maxsize)
+    metrics.DIRTY_FILES.set_function(lambda: sum(f.modified for f in list(vfs.files.values())))
+    metrics.CONNECTED.set_function(lambda: client.connected)
+
+
+def _serve_metrics(cfg: MountConfig, ops: Operations) -> Callable[[], None] | None:
+    """With ``cfg.metrics``: time FUSE operations and serve ``/metrics``; what stops it.
+
+    Its URL is written to ``METRICS_URL_FILE`` in the cache directory while
+    it serves (one left by a mount of this cache that crashed is removed).
+    """
+    url_file = os.path.join(cfg.cache_dir, METRICS_URL_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(url_file)
+    if cfg.metrics is None:
+        return None
+    try:
+        httpd, url = metrics.serve_mount(cfg.metrics)
+    except (OSError, ValueError) as e:
+        raise MountFailed(f"cannot serve metrics on {cfg.metrics}: {e}") from None
+    metrics.instrument(ops)
+    with open(url_file + ".tmp", "w") as f:
+        f.write(url + "\n")
+    os.rename(url_file + ".tmp", url_file)
+    log.info("metrics on %s", url)
+
+    def stop() -> None:
+        os.unlink(url_file)
+        httpd.shutdown()
+    return stop
+
+
 async def serve(cfg: MountConfig) -> None:
     malloc_trim = _tune_malloc()
     lock_fd = _lock_cache_dir(cfg.cache_dir)
@@ -198,18 +248,21 @@ async def serve(cfg: MountConfig) -> None:
         client = MetaClient(nursery, cfg.server, cfg.token, device_name(cfg),
                             cfg.outage_timeout, cfg.tls, cfg.insecure)
         await client.connect()
-        store = open_store(cfg.blocks or client.info["blocks"], client.call,
-                           cfg.outage_timeout)
+        store = metrics.MeteredStore(open_store(cfg.blocks or client.info["blocks"],
+                                                client.call, cfg.outage_timeout))
         cache = BlockCache(store, cfg.cache_dir, cfg.cache_size, timeout=cfg.outage_timeout)
         vfs = VFS(client, cache, cfg.cache_dir, nursery, Kernel())
         client.on_push = vfs.apply_changes
+        _publish(vfs, cache, client)
         await client.subscribe()  # before mounting: a failure here leaves nothing mounted
         options = {"fsname=nimbusfs", "subtype=nimbusfs", "default_permissions"}
         if cfg.allow_other:
             options.add("allow_other")
         if cfg.read_only:
             options.add("ro")
-        _fuse_init(Operations(vfs), cfg.mountpoint, options)
+        ops = Operations(vfs)
+        stop_metrics = _serve_metrics(cfg, ops)
+        _fuse_init(ops, cfg.mountpoint, options)
         nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint,
                                    abandon_on_cancel=True))
         nursery.start_soon(vfs.run_invalidations)
@@ -239,6 +292,8 @@ async def serve(cfg: MountConfig) -> None:
             pyfuse3.close(unmount=stop_requested)
             log.info("unmounted %s", cfg.mountpoint)
             await client.aclose()
+            if stop_metrics is not None:
+                stop_metrics()
             store.close()
             os.close(lock_fd)
             nursery.cancel_scope.cancel()

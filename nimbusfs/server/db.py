@@ -24,6 +24,8 @@ import psycopg
 from psycopg import errors as pgerr
 from psycopg_pool import ConnectionPool
 
+from nimbusfs.metrics import DB_RETRIES
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -66,11 +68,14 @@ class Database:
                 # opened, or rolls it back if ``fn`` raised.
                 with self.pool.connection() as conn, conn.cursor() as cur:
                     return fn(cur, *args, **kwargs)
-            except _RETRY:
+            except _RETRY as e:
+                DB_RETRIES.labels("deadlock" if isinstance(e, pgerr.DeadlockDetected)
+                                  else "serialization").inc()
                 continue
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 if isinstance(e, pgerr.QueryCanceled) or time.monotonic() > deadline:
                     raise
+                DB_RETRIES.labels("connection").inc()
                 log.warning("database unavailable (%s); retrying in %.2fs", e, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)

@@ -24,6 +24,7 @@ import functools
 import inspect
 import logging
 import ssl
+import time
 import types
 import typing
 from collections import Counter
@@ -36,6 +37,7 @@ import msgpack
 import psycopg
 import trio
 
+from nimbusfs import metrics
 from nimbusfs.blockstore import BlockStore
 from nimbusfs.blockstore.remote import PROXY_URL
 from nimbusfs.errors import Conflict, FSError
@@ -58,6 +60,9 @@ MAX_IN_FLIGHT = 64
 # The server's own operations (beside namespace.OPS) that need no op_id: a
 # block put again is the same block.
 READ_ONLY = frozenset({"subscribe", "get_block", "put_block"})
+# What a request's op is counted as in the metrics: a name a client made up
+# is "other", so that clients cannot add label values.
+_COUNTED = frozenset(namespace.OPS) | READ_ONLY
 HELLO_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED = 64     # per address: mounts may share one (NAT; the tests' 127.0.0.1)
 WRONG_TOKEN_BURST = 20       # per address, then WRONG_TOKEN_RATE a second
@@ -261,6 +266,9 @@ class Session:
         self.wake = trio.Event()
         self.cursor = -1            # -1: not subscribed
         self.sent: set[int] = set()
+        # When a change notification first woke the pump since its last push
+        # (trio time; None: woken by nothing but a (re)subscription): push lag.
+        self.notified: float | None = None
 
     async def send(self, msg: Any) -> None:
         async with self.send_lock:
@@ -286,6 +294,20 @@ class MetaServer:
         self.unauthenticated: Counter[str] = Counter()   # connections before hello, by address
         self.wrong_tokens = WrongTokens(WRONG_TOKEN_BURST, WRONG_TOKEN_RATE)
         self.refusals: Counter[tuple[str, str]] = Counter()  # (address, why) since the last summary
+        self.sessions = 0     # authenticated connections
+
+    def metrics_state(self) -> dict[str, int]:
+        """What ``metrics.ServerState`` publishes: connections, the pool, transactions."""
+        pool = self.db.pool.get_stats()
+        return {"mounts": sum(map(len, self.subscribers.values())),
+                "connections": self.sessions,
+                "db_pool_connections": pool.get("pool_size", 0),
+                "db_pool_idle": pool.get("pool_available", 0),
+                "db_pool_max": pool.get("pool_max", 0),
+                "db_transactions": self.limiter.borrowed_tokens,
+                "db_transactions_waiting": self.limiter.statistics().tasks_waiting,
+                "db_connections_lost": pool.get("connections_lost", 0),
+                "db_connection_errors": pool.get("connections_errors", 0)}
 
     async def call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(cur, ...)`` in one transaction on a worker thread.
@@ -301,13 +323,14 @@ class MetaServer:
 
     async def serve(self, host: str, port: int,
                     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._listen)
-            nursery.start_soon(self._housekeeping)
-            nursery.start_soon(self._log_refusals)
-            listeners = await nursery.start(
-                partial(trio.serve_tcp, self.handle_connection, port, host=host))
-            task_status.started(listeners)
+        with metrics.serving(self.metrics_state):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._listen)
+                nursery.start_soon(self._housekeeping)
+                nursery.start_soon(self._log_refusals)
+                listeners = await nursery.start(
+                    partial(trio.serve_tcp, self.handle_connection, port, host=host))
+                task_status.started(listeners)
 
     # --- change notifications -------------------------------------------------------
 
@@ -320,10 +343,13 @@ class MetaServer:
         """
         groups = [self.subscribers.get(owner, ())] if owner is not None \
             else list(self.subscribers.values())
+        now = trio.current_time()
         for group in groups:
             for s in group:
                 if not device or s.device != device:
                     s.wake.set()
+                    if owner is not None and s.notified is None:
+                        s.notified = now
         for watchers in ([self.watchers.get(owner, ())] if owner is not None
                          else list(self.watchers.values())):
             for ev in watchers:
@@ -392,6 +418,7 @@ class MetaServer:
         while True:
             await s.wake.wait()
             s.wake = trio.Event()
+            notified, s.notified = s.notified, None  # what this pass's read will see
             lower = max(0, s.cursor - LOOKBACK)
             try:
                 fresh = await self.call(_changes_since, s.user.id, lower,
@@ -399,6 +426,7 @@ class MetaServer:
             except psycopg.OperationalError as e:
                 log.error("database unavailable, changes not pushed yet: %s", e)
                 s.wake.set()
+                s.notified = notified
                 await trio.sleep(1)
                 continue
             if fresh:
@@ -411,6 +439,9 @@ class MetaServer:
                     await s.send([PUSH, "changes", fresh])
                 except _GONE:
                     return
+                metrics.PUSHED_CHANGES.inc(len(fresh))
+                if notified is not None:
+                    metrics.PUSH_LAG.observe(trio.current_time() - notified)
 
     async def _subscribe(self, s: Session, nursery: trio.Nursery, cursor: int = 0
                          ) -> dict[str, Any]:
@@ -544,6 +575,8 @@ class MetaServer:
             async with trio.open_nursery() as nursery:
                 try:
                     session = await self._authenticate(reader, stream, peer)
+                    if session is not None:
+                        self.sessions += 1
                     while session is not None and (msg := await reader.read()) is not None:
                         await slots.acquire()
                         nursery.start_soon(self._answer, session, nursery, slots, msg)
@@ -556,6 +589,7 @@ class MetaServer:
             log.exception("connection failed")
         finally:
             if session is not None:
+                self.sessions -= 1
                 self.subscribers.get(session.user.id, set()).discard(session)
             await stream.aclose()
 
@@ -590,6 +624,7 @@ class MetaServer:
     async def _answer(self, s: Session, nursery: trio.Nursery, slots: trio.Semaphore,
                       msg: Any) -> None:
         rid = msg[0] if isinstance(msg, list) and msg else 0
+        start = time.perf_counter()
         try:
             if not (isinstance(msg, list) and len(msg) == 3 and isinstance(msg[2], dict)):
                 raise FSError(errno.EPROTO, "malformed request")
@@ -604,6 +639,10 @@ class MetaServer:
         except Exception:
             log.exception("request failed: %r", msg[:2] if isinstance(msg, list) else msg)
             reply = [rid, errno.EIO, "internal error"]
+        op = msg[1] if isinstance(msg, list) and len(msg) > 1 else None
+        metrics.request("protocol", op if type(op) is str and op in _COUNTED else "other",
+                        time.perf_counter() - start, metrics.errname(reply[1]) if reply[1]
+                        else None)
         try:
             await s.send(reply)
         except _GONE:
