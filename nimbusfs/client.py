@@ -55,7 +55,7 @@ async def is_loopback(host: str) -> bool:
         infos = await trio.socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return bool(infos) and all(_local(i[4][0]) for i in infos)
+    return bool(infos) and all(_local(str(i[4][0])) for i in infos)
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,7 @@ class MetaClient:
                                            " give --tls-ca or --tls-fingerprint (or --insecure)")
             delay = 0.05
             while True:
+                stream: trio.abc.Stream
                 try:
                     stream = tcp = await trio.open_tcp_stream(self.host, self.port)
                     tcp.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
@@ -193,7 +194,7 @@ class MetaClient:
                 self.nursery.start_soon(self._resubscribe, stream)
             return stream
 
-    async def _resubscribe(self, stream: trio.SocketStream) -> None:
+    async def _resubscribe(self, stream: trio.abc.Stream) -> None:
         """Subscribe again on a new connection; if that fails, drop the connection.
 
         A failure must not end the client's nursery (the mount): the next

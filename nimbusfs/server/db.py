@@ -27,6 +27,20 @@ from psycopg_pool import ConnectionPool
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+def one(cur: psycopg.Cursor) -> tuple[Any, ...]:
+    """The row of a statement that answers exactly one (an aggregate, a RETURNING
+    of a row the transaction has locked or just made, a row a foreign key keeps).
+
+    No row there is a bug, not a missing entry (those are checked where they
+    can happen, with their errno): it is raised as one, which the server
+    answers EIO ("internal error") and logs with its traceback.
+    """
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"no row where one was certain ({cur.statusmessage})")
+    return row
+
+
 # Errors after which the whole transaction can safely run again.
 _RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
 

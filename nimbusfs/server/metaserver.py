@@ -50,7 +50,7 @@ from nimbusfs.protocol import (
 from nimbusfs.server import namespace, uploads
 from nimbusfs.server.auth import User, authenticate
 from nimbusfs.server.blocks import BlockAccess
-from nimbusfs.server.db import Database
+from nimbusfs.server.db import Database, one
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
                     " ON CONFLICT (id) DO NOTHING RETURNING 1", (op_id, user_id))
         if cur.fetchone() is None:
             cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
-            return msgpack.unpackb(cur.fetchone()[0], raw=False, strict_map_key=False)
+            return msgpack.unpackb(one(cur)[0], raw=False, strict_map_key=False)
         result = fn(cur, *args, **kwargs)
         cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
                     (msgpack.packb(result, use_bin_type=True), op_id))
@@ -206,7 +206,7 @@ def _subscribe_point(cur: psycopg.Cursor, owner: int, cursor: int) -> dict[str, 
     the change at ``cursor`` itself is still kept: trimming removes the oldest.
     """
     cur.execute("SELECT coalesce(max(seq), 0) FROM changes WHERE owner_id = %s", (owner,))
-    newest = cur.fetchone()[0]
+    newest = one(cur)[0]
     cur.execute("SELECT 1 FROM changes WHERE owner_id = %s AND seq = %s", (owner, cursor))
     return {"newest": newest, "reset": bool(cursor) and cur.fetchone() is None}
 
