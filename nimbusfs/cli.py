@@ -30,7 +30,8 @@ import sys
 import time
 from collections.abc import Iterator
 
-from nimbusfs.embedded import Embedded, _alive, _wait_for, default_home
+from nimbusfs.embedded import Embedded, alive, default_home
+from nimbusfs.retry import wait_until
 
 log = logging.getLogger("nimbusfs")
 
@@ -200,8 +201,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         start = log_f.tell()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
                                 env=env, start_new_session=True)
-    _wait_for(lambda: os.path.ismount(cfg.mountpoint) or proc.poll() is not None, 120,
-              "the mount")
+    wait_until(lambda: os.path.ismount(cfg.mountpoint) or proc.poll() is not None, 120,
+               "the mount")
     if proc.poll() is not None:
         # The mount process's last line says why (one line for a refused mount).
         with open(logfile, "rb") as f:
@@ -243,7 +244,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
             print(f"cannot unmount {mp} (files still open?)", file=sys.stderr)
             return 1
     if pid:
-        _wait_for(lambda: not _alive(pid), 120, "the mount process to finish")
+        wait_until(lambda: not alive(pid), 120, "the mount process to finish")
         os.unlink(rec_path)
     if emb.stop_if_unused():
         print("embedded services stopped")
@@ -601,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     args.caller_umask = os.umask(0o077)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except TimeoutError as e:  # a service or a mount that did not come (or go) in time
+        raise SystemExit(f"nimbusfs: {e}") from None
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import trio
 
 from nimbusfs.errors import Conflict, FSError
 from nimbusfs.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerprint, pack
+from nimbusfs.retry import RECONNECT
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class MetaClient:
             if not (self.tls or self.insecure or await is_loopback(self.host)):
                 raise FSError(errno.EPERM, f"refusing to send the token in clear to {self.host}:"
                                            " give --tls-ca or --tls-fingerprint (or --insecure)")
-            delay = 0.05
+            waits = RECONNECT.until(deadline, trio.current_time)
             while True:
                 stream: trio.abc.Stream
                 try:
@@ -173,12 +174,12 @@ class MetaClient:
                         raise ConnectionRefusedError(reply[2])
                     break
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    if trio.current_time() + delay > deadline:
+                    delay = next(waits, None)
+                    if delay is None:
                         raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
                     log.warning("metaserver %s:%s unreachable (%s); retrying", self.host,
                                 self.port, e)
                     await trio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
             if reply[1]:
                 await stream.aclose()
                 raise FSError(reply[1], str(reply[2]))

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,18 +23,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from nimbusfs.embedded import Embedded
+from nimbusfs.retry import wait_until
 
 GCS_BUCKET = "nimbus-test"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
-               ) -> None:
-    """Poll ``cond`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 import blake3
 import pytest
 
-from conftest import read_file, start_metaserver, wait_until, write_file
+from conftest import read_file, start_metaserver, write_file
+from nimbusfs.retry import wait_until
 
 
 def pattern(seed: bytes, size: int) -> bytes:

@@ -15,8 +15,9 @@ import sysconfig
 import httpx
 import pytest
 
-from conftest import _world_dir, wait_until
+from conftest import _world_dir
 from nimbusfs.embedded import Embedded
+from nimbusfs.retry import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,7 +11,8 @@ import sys
 import pytest
 import trio
 
-from conftest import read_file, start_metaserver, wait_until, write_file
+from conftest import read_file, start_metaserver, write_file
+from nimbusfs.retry import wait_until
 
 
 @pytest.fixture

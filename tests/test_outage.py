@@ -12,7 +12,8 @@ import time
 
 import trio
 
-from conftest import Mount, read_file, start_metaserver, wait_until, write_file
+from conftest import Mount, read_file, start_metaserver, write_file
+from nimbusfs.retry import wait_until
 
 OUTAGE = 3.0
 # What a call may take past its deadline on a loaded 2-core machine: generous,
@@ -146,7 +147,7 @@ def test_store_outage_fails_at_the_deadline(services, world_tmp):
 
 def test_a_failing_restart_is_tried_again_with_backoff():
     """The supervisor's watch of one service: a restart that fails is retried later, doubling."""
-    from nimbusfs.embedded import FIRST_BACKOFF, _Watch
+    from nimbusfs.embedded import RESTARTS, Watch
 
     tries: list[float] = []
 
@@ -155,11 +156,11 @@ def test_a_failing_restart_is_tried_again_with_backoff():
         if len(tries) < 3:
             raise SystemExit("port in use")
 
-    w = _Watch("metaserver", lambda: None if len(tries) >= 3 else "exit code 1", restart)
+    w = Watch("metaserver", lambda: None if len(tries) >= 3 else "exit code 1", restart)
     wait_until(lambda: w.step() and w.state()["error"] == "port in use", 10, "a failed restart")
     assert w.state() == {"restarts": 0, "last_restart": None, "last_reason": None,
                          "down": "exit code 1", "error": "port in use"}
     wait_until(lambda: w.step() and w.restarts == 1, 30, "the restart")
-    assert tries == [2 * FIRST_BACKOFF, 4 * FIRST_BACKOFF, 8 * FIRST_BACKOFF]
+    assert tries == [2 * RESTARTS.first, 4 * RESTARTS.first, 8 * RESTARTS.first]
     state = w.state()
     assert (state["down"], state["error"], state["last_reason"]) == (None, None, "exit code 1")

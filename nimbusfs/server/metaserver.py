@@ -47,6 +47,7 @@ from nimbusfs.protocol import (
     FrameReader,
     pack,
 )
+from nimbusfs.retry import RECONNECT
 from nimbusfs.server import namespace, uploads
 from nimbusfs.server.auth import User, authenticate
 from nimbusfs.server.blocks import BlockAccess
@@ -347,18 +348,22 @@ class MetaServer:
                 del self.watchers[owner]
 
     async def _listen(self) -> None:
-        """LISTEN on a connection of its own, without a thread: wait for its socket."""
-        delay = 0.1
+        """LISTEN on a connection of its own, without a thread: wait for its socket.
+
+        Never gives up: a lost connection is opened again with the
+        ``RECONNECT`` backoff, for as long as the database is away.
+        """
+        waits = RECONNECT.delays()
         while True:
             try:
                 conn = await trio.to_thread.run_sync(
                     partial(psycopg.connect, self.dsn, autocommit=True))
             except psycopg.OperationalError as e:
-                log.warning("LISTEN connection failed (%s); retrying", e)
+                delay = next(waits)
+                log.warning("LISTEN connection failed (%s); retrying in %.2fs", e, delay)
                 await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
-            delay = 0.1
+            waits = RECONNECT.delays()
             try:
                 conn.execute(f"LISTEN {namespace.CHANNEL}")
                 self._wake()  # anything committed while we were not listening
@@ -387,8 +392,10 @@ class MetaServer:
         """Push the change log to a subscribed session whenever it is woken.
 
         Ends when the connection is gone. While the database is unreachable
-        it retries (``Database.run`` already waited ``outage_timeout``).
+        it retries, with the ``RECONNECT`` backoff between the tries
+        (``Database.run`` already waited ``outage_timeout`` in each).
         """
+        waits = RECONNECT.delays()
         while True:
             await s.wake.wait()
             s.wake = trio.Event()
@@ -399,8 +406,9 @@ class MetaServer:
             except psycopg.OperationalError as e:
                 log.error("database unavailable, changes not pushed yet: %s", e)
                 s.wake.set()
-                await trio.sleep(1)
+                await trio.sleep(next(waits))
                 continue
+            waits = RECONNECT.delays()
             if fresh:
                 s.cursor = max(s.cursor, fresh[-1][0])
                 if len(fresh) == 5000:
