@@ -48,15 +48,19 @@ class Backoff:
 
     def until(self, deadline: float, clock: Callable[[], float] = time.monotonic
               ) -> Iterator[float]:
-        """The waits that end before ``deadline`` on ``clock``; then none (give up).
+        """The waits up to ``deadline`` on ``clock``, the last one cut to end there;
+        then none (give up).
 
-        ``clock`` is the caller's: ``time.monotonic`` in a thread,
-        ``trio.current_time`` in a trio task (whose deadlines are in trio time).
+        So the last try is made at the deadline, not a wait earlier: a server
+        that comes back just before it is still reached. ``clock`` is the
+        caller's: ``time.monotonic`` in a thread, ``trio.current_time`` in a
+        trio task (whose deadlines are in trio time).
         """
         for d in self.delays():
-            if clock() + d > deadline:
+            left = deadline - clock()
+            if left <= 0:
                 return
-            yield d
+            yield min(d, left)
 
 
 # A lost database connection, a serialization failure or deadlock, a

@@ -22,15 +22,21 @@ def test_waits_double_up_to_the_cap_each_cut_by_at_most_the_jitter():
     assert Backoff(0.5, 30.0, jitter=0).delay(10_000) == 30.0   # no float overflow
 
 
-def test_waits_stop_before_the_deadline():
+def test_the_last_wait_ends_at_the_deadline():
+    """The last try is made at the deadline, not one wait before it.
+
+    The reconnect loop used to give up once the next wait would pass the
+    deadline: with a 2 s outage timeout, at 1.55 s (1.2 s or so with
+    jitter), so a metaserver back at 1.8 s was not reached.
+    """
     now = [0.0]
     waits = Backoff(first=1.0, cap=4.0, jitter=0).until(10.0, lambda: now[0])
     taken = []
     for w in waits:
         taken.append(w)
         now[0] += w
-    assert taken == [1.0, 2.0, 4.0]       # the next, 4 s more, would end at 11 > 10
-    assert now[0] <= 10.0
+    assert taken == [1.0, 2.0, 4.0, 3.0]  # the fourth, 4 s, is cut to end at 10
+    assert now[0] == 10.0
 
 
 def test_a_transaction_that_keeps_losing_is_retried_with_backoff_then_raised(services):
