@@ -2,13 +2,22 @@
 
     nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
-                              [--read-only] [--label L] [--foreground]
+                              [--read-only] [--outage-timeout SECONDS] [--label L]
+                              [--foreground] [--listen HOST:PORT]
                               [--tls-ca FILE] [--tls-fingerprint SHA256] [--insecure]
     nimbusfs umount MOUNTPOINT
-    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--tls-cert F [--tls-key F]]
-    nimbusfs user add NAME [--quota BYTES] --dsn DSN
-    nimbusfs token create USER --dsn DSN
+    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--http HOST:PORT]
+                    [--proxy-blocks] [--keep-versions N] [--keep-days D]
+                    [--tls-cert F [--tls-key F]]
+    nimbusfs user add NAME [--quota BYTES] [--admin] [--dsn DSN]
+    nimbusfs token create USER [--dsn DSN]
     nimbusfs status
+    nimbusfs versions PATH
+    nimbusfs cat PATH [--version N]
+    nimbusfs restore PATH --version N
+
+(``versions``, ``cat`` and ``restore`` take ``--server``, ``--token`` and the
+TLS flags too; ``--dsn`` defaults to the embedded database.)
 
 Without ``--server``, ``mount`` starts (or reuses) the embedded default under
 ``$NIMBUSFS_HOME`` and mounts its owner's volume. A client sends its token to
@@ -575,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--listen", default="127.0.0.1:0")
     sv.set_defaults(fn=cmd_supervise)
 
-    st = sub.add_parser("status", help="embedded services, mounts, pending writes, conflicts")
+    st = sub.add_parser("status", help="embedded services, mounts, conflicts, files not"
+                                       " committed, cache use")
     st.set_defaults(fn=cmd_status)
 
     for name, fn, help_ in (("versions", cmd_versions, "list a file's versions"),

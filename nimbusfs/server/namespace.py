@@ -15,8 +15,12 @@ Invariants kept here:
   ``blocks.refcount`` counts references from every kept version;
 - a version names only blocks its user may reference (``block_owners``), and
   ``have_blocks`` answers only for those (see ``nimbusfs/server/blocks.py``);
-- rows are locked parent-first in ascending inode order, so concurrent
-  operations cannot deadlock on each other's directories.
+- an operation that locks several inodes at once takes them in ascending
+  order (``_lock``: rename's two parents, then its source and target; link's
+  file and directory); the others lock the parent directory, then the
+  entry's inode. The two orders can cross (a link of a file numbered below
+  its new directory, against an unlink in that directory): PostgreSQL then
+  detects the deadlock and ``Database.run`` reruns the transaction that lost.
 
 Namespace changes answer with what they changed (the parent directory's new
 attributes under ``dir``, the removed or replaced inode), so that a mount can
@@ -791,14 +795,15 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
     return _attr(row[2:])
 
 
-# Retention: a version is dropped once it is both beyond the newest KEEP_VERSIONS
-# and older than KEEP_DAYS (the server's --keep-versions / --keep-days).
+# Retention: a version is dropped once it is both beyond the newest
+# RETENTION["versions"] and older than RETENTION["days"] (set from the server's
+# --keep-versions / --keep-days).
 RETENTION = {"versions": 100, "days": 30}
 
 
 def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
     if current <= RETENTION["versions"]:
-        return  # no version is beyond the newest KEEP_VERSIONS yet
+        return  # no version is beyond the kept number yet
     cur.execute("DELETE FROM versions WHERE inode = %s AND version <= %s"
                 " AND created < now() - make_interval(days => %s) RETURNING extents",
                 (ino, current - RETENTION["versions"], RETENTION["days"]))
