@@ -48,19 +48,22 @@ class Backoff:
 
     def until(self, deadline: float, clock: Callable[[], float] = time.monotonic
               ) -> Iterator[float]:
-        """The waits up to ``deadline`` on ``clock``, the last one cut to end there;
-        then none (give up).
+        """The waits up to ``deadline`` on ``clock``; then none (give up).
 
-        So the last try is made at the deadline, not a wait earlier: a server
-        that comes back just before it is still reached. ``clock`` is the
-        caller's: ``time.monotonic`` in a thread, ``trio.current_time`` in a
-        trio task (whose deadlines are in trio time).
+        No wait is longer than half the time left, and none is made once less
+        than ``first`` is left: so the tries go on, closer and closer, until
+        ``first`` before the deadline, and a server that comes back just
+        before it is still reached (a wait that merely ended at the deadline
+        would leave no time for the try itself, and one that would pass it
+        left up to ``cap`` unused). ``clock`` is the caller's:
+        ``time.monotonic`` in a thread, ``trio.current_time`` in a trio task
+        (whose deadlines are in trio time).
         """
         for d in self.delays():
             left = deadline - clock()
-            if left <= 0:
+            if left < self.first:
                 return
-            yield min(d, left)
+            yield min(d, left / 2)
 
 
 # A lost database connection, a serialization failure or deadlock, a
