@@ -73,6 +73,24 @@ class Deployment:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
 
+    def wait_up(self) -> None:
+        """Wait until the (re)started metaserver accepts connections.
+
+        A test that checks that a mount "carries on once the server is back"
+        must not race the server's start: on the loaded 2-core machine a
+        start took longer than a 2 s outage timeout, and the call failed.
+        """
+        host, _, port = self.address.rpartition(":")
+
+        def up() -> bool:
+            assert self.proc.poll() is None, "the metaserver exited"
+            try:
+                socket.create_connection((host, int(port)), 0.2).close()
+                return True
+            except OSError:
+                return False
+        wait_until(up, 60, "the metaserver to listen")
+
     def new_user(self, quota: int = 0) -> str:
         """Create a user with an empty volume (and a quota in bytes); return its token."""
         from nimbusfs.server.auth import create_token, create_user
