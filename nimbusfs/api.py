@@ -491,7 +491,7 @@ class Api:
             current content; ``If-Range`` with another tag (a newer version
             since a partial download began) gets the whole file, not a range.
             """
-            r_ = await run(user, "http", namespace.open, id, version)
+            r_ = await run(user, "http", namespace.open_file, id, version)
             attr, extents = r_["attr"], r_["extents"]
             if _kind(attr["mode"]) != "file":
                 raise _bad("only a file has content")

@@ -62,8 +62,8 @@ def test_rename_over_a_directory_only_when_empty(call, user):
     r = call(ns.rename, parent=user.root, name=b"a", new_parent=user.root, new_name=b"b")
     assert (r["ino"], r["replaced"]) == (a, b)
     assert call(ns.lookup, parent=user.root, name=b"b")["ino"] == a
-    assert call(ns.getattr, ino=user.root)["nlink"] == 3   # 2 + the one subdirectory left
-    assert _errno(call, ns.getattr, ino=b) == errno.ENOENT
+    assert call(ns.get_attr, ino=user.root)["nlink"] == 3   # 2 + the one subdirectory left
+    assert _errno(call, ns.get_attr, ino=b) == errno.ENOENT
 
 
 def test_a_directory_cannot_move_into_itself(call, user):
@@ -84,13 +84,13 @@ def test_link_counts(call, user):
     assert _errno(call, ns.link, ino=d["ino"], parent=user.root,
                   name=b"h") == errno.EPERM                       # no hard link to a directory
     assert call(ns.unlink, parent=d["ino"], name=b"f")["orphan"] is None
-    assert call(ns.getattr, ino=f["ino"])["nlink"] == 1
+    assert call(ns.get_attr, ino=f["ino"])["nlink"] == 1
     assert call(ns.unlink, parent=user.root, name=b"g")["orphan"] == f["ino"]
-    assert call(ns.getattr, ino=f["ino"])["nlink"] == 0      # open handles still see it
+    assert call(ns.get_attr, ino=f["ino"])["nlink"] == 0      # open handles still see it
     assert call(ns.purge, ino=f["ino"]) is True
-    assert _errno(call, ns.getattr, ino=f["ino"]) == errno.ENOENT
+    assert _errno(call, ns.get_attr, ino=f["ino"]) == errno.ENOENT
     call(ns.rmdir, parent=user.root, name=b"d")
-    assert call(ns.getattr, ino=user.root)["nlink"] == 2
+    assert call(ns.get_attr, ino=user.root)["nlink"] == 2
 
 
 def test_a_commit_on_a_stale_base_changes_nothing(call, user):
@@ -110,17 +110,17 @@ def test_a_commit_on_a_stale_base_changes_nothing(call, user):
     assert copy_name.endswith(b").txt")
     copy = call(ns.lookup, parent=user.root, name=copy_name)
     assert copy["ino"] == r["conflict"]["ino"] and copy["size"] == 9
-    assert call(ns.getattr, ino=f["ino"])["size"] == 5
+    assert call(ns.get_attr, ino=f["ino"])["size"] == 5
 
 
 def test_another_users_inode_is_not_there(db, call, user):
     other = db.run(create_user, "ns" + uuid.uuid4().hex[:12])
     f = call(ns.mknod, parent=user.root, name=b"mine", mode=FILE, uid=0, gid=0)["ino"]
     as_other = {"u": other, "device": DEVICE}
-    for fn, args in ((ns.getattr, {"ino": f}), (ns.open, {"ino": f}),
+    for fn, args in ((ns.get_attr, {"ino": f}), (ns.open_file, {"ino": f}),
                      (ns.unlink, {"parent": user.root, "name": b"mine"}),
                      (ns.link, {"ino": f, "parent": other.root, "name": b"stolen"})):
         with pytest.raises(FSError) as e:
             db.run(fn, **as_other, **args)
         assert e.value.errno == errno.ENOENT, fn.__name__
-    assert call(ns.getattr, ino=f)["nlink"] == 1
+    assert call(ns.get_attr, ino=f)["nlink"] == 1

@@ -74,17 +74,20 @@ OPS: dict[str, Callable[..., Any]] = {}
 READ_ONLY: set[str] = set()
 
 
-def op(fn: Callable[..., Any] | None = None, *, read_only: bool = False) -> Any:
-    """Register ``fn`` as a mount-protocol operation under its own name.
+def op(fn: Callable[..., Any] | None = None, *, read_only: bool = False,
+       name: str | None = None) -> Any:
+    """Register ``fn`` as a mount-protocol operation under ``name`` (default: its own).
 
     Its annotations declare its arguments (the server checks every request
     against them); ``read_only``: replaying it is harmless, so it needs no
-    op_id ("open" may set atime, which a replay sets again).
+    op_id ("open" may set atime, which a replay sets again). ``name`` keeps
+    the protocol's name of an operation whose function is not named so
+    (``get_attr`` is "getattr": a function must not shadow a builtin).
     """
     def register(f: Callable[..., Any]) -> Callable[..., Any]:
-        OPS[f.__name__] = f
+        OPS[name or f.__name__] = f
         if read_only:
-            READ_ONLY.add(f.__name__)
+            READ_ONLY.add(name or f.__name__)
         return f
     return register(fn) if fn is not None else register
 
@@ -205,8 +208,8 @@ def hello(cur: Cursor, u: User, device: str) -> dict[str, Any]:
     return {"user": u.name, "root": u.root}
 
 
-@op(read_only=True)
-def getattr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
+@op(read_only=True, name="getattr")
+def get_attr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
     return inode(cur, u, ino)
 
 
@@ -247,9 +250,9 @@ def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
     return bytes(target)
 
 
-@op(read_only=True)
-def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None,
-         read: bool = False) -> dict[str, Any]:
+@op(read_only=True, name="open")
+def open_file(cur: Cursor, u: User, device: str, ino: int, version: int | None = None,
+              read: bool = False) -> dict[str, Any]:
     """Attributes and the extent list of a file's current (or a given) version.
 
     ``read``: the file is opened for reading, so atime is updated the way
@@ -548,10 +551,10 @@ def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int |
 SETATTR_KEYS = frozenset(inspect.signature(_setattr).parameters) - {"cur", "a"}
 
 
-@op
-def setattr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = None,
-            uid: UInt31 | None = None, gid: UInt31 | None = None, atime: int | None = None,
-            mtime: int | None = None) -> dict[str, int]:
+@op(name="setattr")
+def set_attr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = None,
+             uid: UInt31 | None = None, gid: UInt31 | None = None, atime: int | None = None,
+             mtime: int | None = None) -> dict[str, int]:
     """Change mode, owner or times; ctime becomes now. Size changes are commits."""
     attr = _setattr(cur, inode(cur, u, ino, lock=True), mode, uid, gid, atime, mtime)
     _log(cur, u, device, ("setattr", ino, None, None))
