@@ -93,7 +93,6 @@ def exit_reason(returncode: int) -> str:
     return f"exit code {returncode}"
 
 
-
 @dataclass
 class Embedded:
     home: str
@@ -228,7 +227,7 @@ class Embedded:
                  "--http", http, "--info-file", info_file],
                 stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f, start_new_session=True)
         wait_until(lambda: os.path.exists(info_file) or proc.poll() is not None, 60,
-                  "the metaserver to start")
+                   "the metaserver to start")
         if proc.poll() is not None:
             raise SystemExit(f"metaserver failed to start ({exit_reason(proc.returncode)});"
                              f" see {self.path('logs')}/metaserver.log")
@@ -253,7 +252,7 @@ class Embedded:
                 stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f, start_new_session=True)
         # A supervisor that exits 0 found another starting: wait for its metaserver.
         wait_until(lambda: self.server_address() or proc.poll(), 90,
-                  "the metaserver to start")
+                   "the metaserver to start")
         if not self.server_address():
             raise SystemExit(f"metaserver failed to start; see {self.path('logs')}/"
                              "supervisor.log and metaserver.log")
