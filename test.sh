@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the whole test suite: installs what is missing, then runs ruff and pytest.
+# Run the whole test suite: installs what is missing, then runs ruff, mypy and pytest.
 # Extra arguments go to pytest (e.g. ./test.sh -k rename -x).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/bootstrap.sh"
@@ -13,4 +13,5 @@ if ! ls "$VENV"/testdata/trio-*.tar.gz >/dev/null 2>&1; then
         "trio==$trio_version" >&2
 fi
 "$VENV/bin/ruff" check .
+"$VENV/bin/mypy"   # the package, as [tool.mypy] in pyproject.toml configures it
 exec "$VENV/bin/python" -m pytest "$@"

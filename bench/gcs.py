@@ -26,11 +26,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
 
-from harness import MIB, free_port, timed, wait_until
+from harness import MIB, free_port, timed
 
 from nimbusfs.blockstore.chunking import MAX_BLOCK, chunk_buf
 from nimbusfs.blockstore.gcs import GCSStore
 from nimbusfs.cache.blockcache import BlockCache
+from nimbusfs.retry import wait_until
 
 # The number of block transfers a mount runs at once (BlockCache's CapacityLimiter).
 MOUNT_TRANSFERS: int = inspect.signature(BlockCache.__init__).parameters["transfers"].default

@@ -29,10 +29,10 @@ from harness import (
     free_port,
     nimbusfs,
     vm_hwm_mib,
-    wait_until,
 )
 
 from nimbusfs.embedded import Embedded
+from nimbusfs.retry import wait_until
 
 NAMES = {"local": "local disk", "nimbus": "nimbusfs (local store)",
          "nimbus-gcs": "nimbusfs (GCS emulator)", "rclone": "rclone (local dir)",
@@ -253,7 +253,7 @@ class Rclone(Target):
             if c.get("uploadsInProgress", 0) + c.get("uploadsQueued", 0):
                 since[0] = time.monotonic()
             return time.monotonic() - since[0] >= 1.0
-        wait_until(idle, 3600, "rclone uploads")
+        wait_until(idle, 3600, "rclone uploads", interval=0.05)
         return since[0]
 
     def peak_rss_mib(self) -> float:

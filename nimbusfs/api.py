@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -279,11 +279,12 @@ def _meta(e: dict[str, Any], path: bytes) -> dict[str, Any]:
             "modified": _iso(e["mtime"])}
 
 
-def _int(value: str | None, what: str, default: int | None = None, lo: int = 0,
-         hi: int = namespace.BIGINT_MAX) -> int | None:
-    """A form field as an int (form fields are parsed here, with the parser's limits)."""
+def _int(value: str | None, what: str, lo: int = 0, hi: int = namespace.BIGINT_MAX
+         ) -> int | None:
+    """A form field as an int, None if absent (form fields are parsed here, with the
+    parser's limits)."""
     if value is None or value == "":
-        return default
+        return None
     if not re.fullmatch(r"[0-9]{1,19}", value) or not lo <= int(value) <= hi:
         raise _bad(f"{what} must be an integer from {lo} to {hi}")
     return int(value)
@@ -458,7 +459,8 @@ class Api:
                 return await run(user, "http", namespace.resolve, _raw(path))
             if isinstance(parent_id, int):
                 return parent_id
-            return _int(parent_id, "parent_id", user.root, 1)
+            ino = _int(parent_id, "parent_id", lo=1)
+            return user.root if ino is None else ino
 
         @r.get("/files/{id}", response_model=FileMeta)
         async def get_file(user: User_, id: Id) -> dict[str, Any]:
@@ -500,7 +502,7 @@ class Api:
             current content; ``If-Range`` with another tag (a newer version
             since a partial download began) gets the whole file, not a range.
             """
-            r_ = await run(user, "http", namespace.open, id, version)
+            r_ = await run(user, "http", namespace.open_file, id, version)
             attr, extents = r_["attr"], r_["extents"]
             if _kind(attr["mode"]) != "file":
                 raise _bad("only a file has content")
@@ -830,7 +832,7 @@ class Api:
         return await self.server.blocks.ingest(user, fd, size), size
 
 
-async def _pieces(stream: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+async def _pieces(stream: AsyncIterator[bytes], size: int) -> AsyncGenerator[bytes, None]:
     """``stream``'s bytes in pieces of at least ``size`` bytes (the last one may be shorter)."""
     held: list[bytes] = []
     n = 0
@@ -964,5 +966,8 @@ async def serve_http(server: "MetaServer", address: str, certfile: str | None = 
     config.accesslog = None
     config.include_server_header = False
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(partial(serve, make_app(server), config))
+        # FastAPI's ASGI callable is typed by Starlette, hypercorn's parameter by
+        # hypercorn: the same protocol, two sets of type declarations.
+        app: Any = make_app(server)
+        binds = await nursery.start(partial(serve, app, config))
         task_status.started(binds[0])

@@ -2,14 +2,23 @@
 
     nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
-                              [--read-only] [--label L] [--foreground]
+                              [--read-only] [--outage-timeout SECONDS] [--label L]
+                              [--foreground] [--listen HOST:PORT]
                               [--tls-ca FILE] [--tls-fingerprint SHA256] [--insecure]
                               [--metrics HOST:PORT]
     nimbusfs umount MOUNTPOINT
-    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--tls-cert F [--tls-key F]]
-    nimbusfs user add NAME [--quota BYTES] --dsn DSN
-    nimbusfs token create USER --dsn DSN
+    nimbusfs server --dsn DSN --listen HOST:PORT --blocks URL [--http HOST:PORT]
+                    [--proxy-blocks] [--keep-versions N] [--keep-days D]
+                    [--tls-cert F [--tls-key F]]
+    nimbusfs user add NAME [--quota BYTES] [--admin] [--dsn DSN]
+    nimbusfs token create USER [--dsn DSN]
     nimbusfs status [--watch [SECONDS]] [--metrics URL]... [--token T]
+    nimbusfs versions PATH
+    nimbusfs cat PATH [--version N]
+    nimbusfs restore PATH --version N
+
+(``versions``, ``cat`` and ``restore`` take ``--server``, ``--token`` and the
+TLS flags too; ``--dsn`` defaults to the embedded database.)
 
 Without ``--server``, ``mount`` starts (or reuses) the embedded default under
 ``$NIMBUSFS_HOME`` and mounts its owner's volume. A client sends its token to
@@ -34,7 +43,8 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from nimbusfs.embedded import Embedded, _alive, _wait_for, default_home
+from nimbusfs.embedded import Embedded, alive, default_home
+from nimbusfs.retry import wait_until
 
 if TYPE_CHECKING:
     from nimbusfs.metricsview import Reading
@@ -209,8 +219,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         start = log_f.tell()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
                                 env=env, start_new_session=True)
-    _wait_for(lambda: os.path.ismount(cfg.mountpoint) or proc.poll() is not None, 120,
-              "the mount")
+    wait_until(lambda: os.path.ismount(cfg.mountpoint) or proc.poll() is not None, 120,
+               "the mount")
     if proc.poll() is not None:
         # The mount process's last line says why (one line for a refused mount).
         with open(logfile, "rb") as f:
@@ -252,7 +262,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
             print(f"cannot unmount {mp} (files still open?)", file=sys.stderr)
             return 1
     if pid:
-        _wait_for(lambda: not _alive(pid), 120, "the mount process to finish")
+        wait_until(lambda: not alive(pid), 120, "the mount process to finish")
         os.unlink(rec_path)
     if emb.stop_if_unused():
         print("embedded services stopped")
@@ -628,8 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--listen", default="127.0.0.1:0")
     sv.set_defaults(fn=cmd_supervise)
 
-    st = sub.add_parser("status", help="embedded services, mounts, pending writes, conflicts,"
-                                       " and their metrics")
+    st = sub.add_parser("status", help="embedded services, mounts, conflicts, files not"
+                                       " committed, cache use, and their metrics")
     st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                     help="show it again every SECONDS (default 2), with rates over that time")
     st.add_argument("--metrics", action="append", default=[], metavar="URL",
@@ -663,7 +673,10 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     args.caller_umask = os.umask(0o077)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except TimeoutError as e:  # a service or a mount that did not come (or go) in time
+        raise SystemExit(f"nimbusfs: {e}") from None
 
 
 if __name__ == "__main__":

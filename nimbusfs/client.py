@@ -29,6 +29,7 @@ import trio
 from nimbusfs.errors import Conflict, FSError
 from nimbusfs.metrics import RECONNECTS
 from nimbusfs.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerprint, pack
+from nimbusfs.retry import RECONNECT
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ async def is_loopback(host: str) -> bool:
         infos = await trio.socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return bool(infos) and all(_local(i[4][0]) for i in infos)
+    return bool(infos) and all(_local(str(i[4][0])) for i in infos)
 
 
 @dataclass(frozen=True)
@@ -154,8 +155,9 @@ class MetaClient:
             if not (self.tls or self.insecure or await is_loopback(self.host)):
                 raise FSError(errno.EPERM, f"refusing to send the token in clear to {self.host}:"
                                            " give --tls-ca or --tls-fingerprint (or --insecure)")
-            delay = 0.05
+            waits = RECONNECT.until(deadline, trio.current_time)
             while True:
+                stream: trio.abc.Stream
                 try:
                     stream = tcp = await trio.open_tcp_stream(self.host, self.port)
                     tcp.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
@@ -173,12 +175,12 @@ class MetaClient:
                         raise ConnectionRefusedError(reply[2])
                     break
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                    if trio.current_time() + delay > deadline:
+                    delay = next(waits, None)
+                    if delay is None:
                         raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
                     log.warning("metaserver %s:%s unreachable (%s); retrying", self.host,
                                 self.port, e)
                     await trio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
             if reply[1]:
                 await stream.aclose()
                 raise FSError(reply[1], str(reply[2]))
@@ -201,7 +203,7 @@ class MetaClient:
         """Whether a connection to the metaserver is open now."""
         return self._stream is not None
 
-    async def _resubscribe(self, stream: trio.SocketStream) -> None:
+    async def _resubscribe(self, stream: trio.abc.Stream) -> None:
         """Subscribe again on a new connection; if that fails, drop the connection.
 
         A failure must not end the client's nursery (the mount): the next

@@ -42,16 +42,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from nimbusfs.retry import Backoff, wait_until
+
 OWNER = "owner"
 
 log = logging.getLogger(__name__)
 
-# Restarts of a service that died: the first after FIRST_BACKOFF seconds,
-# each further one after twice the last wait, up to MAX_BACKOFF, until the
-# service has run STABLE_AFTER seconds (then the next death waits
-# FIRST_BACKOFF again). The supervisor looks every POLL seconds.
-FIRST_BACKOFF = 0.5
-MAX_BACKOFF = 30.0
+# Restarts of a service that died: the first after 0.5 s, each further one
+# after twice the last wait, up to 30 s, until the service has run
+# STABLE_AFTER seconds (then the next death waits 0.5 s again). No jitter:
+# one supervisor per home has nobody to spread its tries from, and its waits
+# are what ``status`` reports. The supervisor looks every POLL seconds.
+RESTARTS = Backoff(first=0.5, cap=30.0, jitter=0.0)
 STABLE_AFTER = 60.0
 POLL = 0.2
 
@@ -72,7 +74,7 @@ def pg_bin(name: str) -> str:
     return found[-1]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether ``pid`` runs; an exited child its parent has not reaped yet does not."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -89,14 +91,6 @@ def exit_reason(returncode: int) -> str:
         except ValueError:
             pass
     return f"exit code {returncode}"
-
-
-def _wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 @dataclass
@@ -132,7 +126,7 @@ class Embedded:
                 pid = int(f.readline())
         except (FileNotFoundError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if alive(pid) else None
 
     def start_postgres(self) -> None:
         pg, run, logs = self.path("pg"), self.path("run"), self.path("logs")
@@ -199,7 +193,7 @@ class Embedded:
                 info = json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
             return {}
-        return info if _alive(info["pid"]) else {}
+        return info if alive(info["pid"]) else {}
 
     def server_address(self) -> str | None:
         """The running metaserver's address, or None."""
@@ -232,8 +226,8 @@ class Embedded:
                  "--listen", listen, "--blocks", "file://" + self.path("blocks"),
                  "--http", http, "--info-file", info_file],
                 stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f, start_new_session=True)
-        _wait_for(lambda: os.path.exists(info_file) or proc.poll() is not None, 60,
-                  "the metaserver to start")
+        wait_until(lambda: os.path.exists(info_file) or proc.poll() is not None, 60,
+                   "the metaserver to start")
         if proc.poll() is not None:
             raise SystemExit(f"metaserver failed to start ({exit_reason(proc.returncode)});"
                              f" see {self.path('logs')}/metaserver.log")
@@ -257,8 +251,8 @@ class Embedded:
                  "--listen", listen],
                 stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f, start_new_session=True)
         # A supervisor that exits 0 found another starting: wait for its metaserver.
-        _wait_for(lambda: self.server_address() or proc.poll(), 90,
-                  "the metaserver to start")
+        wait_until(lambda: self.server_address() or proc.poll(), 90,
+                   "the metaserver to start")
         if not self.server_address():
             raise SystemExit(f"metaserver failed to start; see {self.path('logs')}/"
                              "supervisor.log and metaserver.log")
@@ -266,17 +260,17 @@ class Embedded:
 
     def stop_server(self) -> None:
         """Stop the supervisor, which stops the metaserver; or the metaserver alone."""
-        if pid := self.supervisor_pid():
-            os.kill(pid, signal.SIGTERM)
-            _wait_for(lambda: not _alive(pid), 60, "the supervisor to stop")
+        if supervisor := self.supervisor_pid():
+            os.kill(supervisor, signal.SIGTERM)
+            wait_until(lambda: not alive(supervisor), 60, "the supervisor to stop")
         try:
             with open(self.path("run", "metaserver.json")) as f:
                 pid = json.load(f)["pid"]
         except (FileNotFoundError, json.JSONDecodeError):
             return
-        if _alive(pid):
+        if alive(pid):
             os.kill(pid, signal.SIGTERM)
-            _wait_for(lambda: not _alive(pid), 30, "the metaserver to stop")
+            wait_until(lambda: not alive(pid), 30, "the metaserver to stop")
         os.unlink(self.path("run", "metaserver.json"))
 
     # --- supervision --------------------------------------------------------------------
@@ -288,7 +282,7 @@ class Embedded:
                 state = json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return state if _alive(state["pid"]) else None
+        return state if alive(state["pid"]) else None
 
     def supervisor_pid(self) -> int | None:
         state = self.supervisor_state()
@@ -330,8 +324,8 @@ class Embedded:
         def postgres_gone() -> str | None:
             return None if self.postmaster_pid() else "the postmaster is not running"
 
-        watches = [_Watch("postgres", postgres_gone, self.start_postgres),
-                   _Watch("metaserver", server_gone, restart_server)]
+        watches = [Watch("postgres", postgres_gone, self.start_postgres),
+                   Watch("metaserver", server_gone, restart_server)]
         log.info("supervising the metaserver (pid %d, %s) and PostgreSQL", server.pid, listen)
         self._write_state(watches)
         try:
@@ -354,7 +348,7 @@ class Embedded:
                     pass
         return 0
 
-    def _write_state(self, watches: list[_Watch]) -> None:
+    def _write_state(self, watches: list[Watch]) -> None:
         path = self.path("run", "supervisor.json")
         with open(path + ".tmp", "w") as f:
             json.dump({"pid": os.getpid(), "services": {w.name: w.state() for w in watches}}, f)
@@ -407,7 +401,7 @@ class Embedded:
                     rec = json.load(f)
             except (OSError, json.JSONDecodeError):
                 continue
-            if _alive(rec["pid"]):
+            if alive(rec["pid"]):
                 out.append(rec)
             else:
                 os.unlink(p)
@@ -422,18 +416,19 @@ class Embedded:
 
 
 @dataclass
-class _Watch:
+class Watch:
     """One supervised service: how to tell it died, how to restart it, what happened."""
 
     name: str
     gone: Callable[[], str | None]       # why it is not running, or None
-    restart: Callable[[], None]          # raises (SystemExit too) if it cannot
+    restart: Callable[[], None]          # raises (SystemExit, TimeoutError ...) if it cannot
     restarts: int = 0
     last_restart: float | None = None
     last_reason: str | None = None       # why it died the last time
     down: str | None = None              # why it is not running now
     error: str | None = None             # why the last restart failed
-    backoff: float = FIRST_BACKOFF
+    failures: int = 0                    # restarts tried since it was last stable
+    backoff: float = RESTARTS.first      # the wait before the next try
     retry_at: float = 0.0
     up_since: float = field(default_factory=time.monotonic)
 
@@ -444,14 +439,15 @@ class _Watch:
             reason = self.gone()
             if reason is None:
                 if now - self.up_since > STABLE_AFTER:
-                    self.backoff = FIRST_BACKOFF
+                    self.failures, self.backoff = 0, RESTARTS.first
                 return False
             log.warning("%s died: %s; restarting in %.1f s", self.name, reason, self.backoff)
             self.down, self.retry_at = reason, now + self.backoff
             return True
         if now < self.retry_at:
             return False
-        self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        self.failures += 1
+        self.backoff = RESTARTS.delay(self.failures)
         try:
             self.restart()
         except (Exception, SystemExit) as e:

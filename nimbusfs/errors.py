@@ -50,9 +50,9 @@ def fs_error(e: BaseException) -> FSError | None:
         match, rest = e.split(FSError)
         if match is None or rest is not None:
             return None
-        while isinstance(match, BaseExceptionGroup):
-            match = match.exceptions[0]
         e = match
+        while isinstance(e, BaseExceptionGroup):
+            e = e.exceptions[0]
     return e if isinstance(e, FSError) else None
 
 

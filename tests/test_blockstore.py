@@ -18,7 +18,6 @@ from nimbusfs.blockstore.chunking import MAX_BLOCK, MIN_BLOCK, chunk_fd
 def bstore(request, services, tmp_path):
     if request.param == "local":
         return open_store(str(tmp_path / "blocks"))
-    os.environ["STORAGE_EMULATOR_HOST"] = services.gcs_endpoint
     return open_store(f"gs://{GCS_BUCKET}/unit-{uuid.uuid4().hex[:8]}")
 
 

@@ -19,9 +19,10 @@ import tempfile
 import blake3
 import pytest
 
-from conftest import read_file, wait_until
+from conftest import read_file
 from nimbusfs.blockstore.chunking import MIN_BLOCK, chunk_fd
 from nimbusfs.mount.filedata import PIPELINE_BYTES, SEQ_SLACK
+from nimbusfs.retry import wait_until
 
 SIZE = 4 * PIPELINE_BYTES + 12345
 

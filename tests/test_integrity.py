@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 import blake3
 import pytest
 
-from conftest import read_file, start_metaserver, wait_until, write_file
+from conftest import read_file, start_metaserver, version_sizes, write_file
+from nimbusfs.retry import wait_until
 
 
 def pattern(seed: bytes, size: int) -> bytes:
@@ -298,19 +299,17 @@ def test_leftovers_of_crashed_puts_are_removed_at_start(services, mount_factory)
 def test_a_truncation_is_committed_by_the_handle_that_made_it(mount_factory, services):
     """ftruncate is its handle's write: its close commits it (and answers for it);
     truncate by path is committed before it returns, whoever else holds the file."""
-    from test_saves import _sizes
-
     m = mount_factory("local", services.deployments["local"].new_user(quota=1 << 20))
     p = m.p("f")
     write_file(p, b"0123456789")
     fd = os.open(p, os.O_RDWR)
     os.ftruncate(fd, 4)
     os.close(fd)
-    assert _sizes(m, p)[0] == 4                  # committed when close returned
+    assert version_sizes(m, p)[0] == 4                  # committed when close returned
     reader = os.open(p, os.O_RDONLY)
     try:
         os.truncate(p, 3)
-        assert _sizes(m, p)[0] == 3              # a reader's close would commit nothing
+        assert version_sizes(m, p)[0] == 3              # a reader's close would commit nothing
     finally:
         os.close(reader)
     fd = os.open(p, os.O_RDWR)

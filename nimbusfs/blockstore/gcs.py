@@ -38,7 +38,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _free(exc: BaseException) -> None:
+def _free(exc: BaseException | None) -> None:
     """Clear the frames an exception from the client holds, and of those it chained.
 
     The client's retry wrappers keep the errors they saw in a list in their own

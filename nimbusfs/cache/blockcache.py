@@ -176,7 +176,7 @@ class BlockCache:
         which is not kept.
         """
         if hot:
-            self._remember(key, data)
+            self._remember(key, bytes(data))  # bytes(b) is b itself: no copy
         if not self.on_disk:
             return
         if key in self.lru:
@@ -286,11 +286,11 @@ class BlockCache:
 
     async def _load(self, key: bytes) -> bytes:
         if key in self.lru:
-            data = await trio.to_thread.run_sync(self._read_file, key)
-            if data is not None:
+            cached = await trio.to_thread.run_sync(self._read_file, key)
+            if cached is not None:
                 self.lru.move_to_end(key)
-                self._remember(key, data)
-                return _hit("disk", data)
+                self._remember(key, cached)
+                return _hit("disk", cached)
             self.used -= self.lru.pop(key)
         for attempt in range(2):
             try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from psycopg import Cursor
 
 from nimbusfs.errors import FSError
+from nimbusfs.server.db import one
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,13 @@ def create_user(cur: Cursor, name: str, quota_bytes: int = 0, admin: bool = Fals
         raise FSError(errno.EEXIST, f"user {name!r} exists")
     cur.execute("INSERT INTO users (name, quota_bytes, admin) VALUES (%s, %s, %s) RETURNING id",
                 (name, quota_bytes, admin))
-    uid = cur.fetchone()[0]
+    uid = one(cur)[0]
     now = time.time_ns()
     cur.execute(
         "INSERT INTO inodes (owner_id, mode, uid, gid, nlink, atime_ns, mtime_ns, ctime_ns)"
         " VALUES (%s, %s, 0, 0, 2, %s, %s, %s) RETURNING id",
         (uid, 0o040755, now, now, now))
-    root = cur.fetchone()[0]
+    root = one(cur)[0]
     cur.execute("UPDATE users SET root_inode = %s WHERE id = %s", (root, uid))
     return User(uid, name, root, admin)
 

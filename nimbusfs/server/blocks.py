@@ -228,15 +228,16 @@ class BlockAccess:
         first = {p.key: p for p in reversed(pieces) if p.key is not None}
         new = await self.transaction(unowned, u.id, sorted(sizes))
 
-        def put(p: Piece) -> None:
+        def put(key: bytes) -> None:
+            p = first[key]
             data = os.pread(fd, p.length, p.offset)
             if len(data) != p.length:
                 raise FSError(errno.EIO, "the upload's spool file is short")
-            self.store.put(p.key, data)
+            self.store.put(key, data)
 
         async with trio.open_nursery() as nursery:
             for key in new:
-                nursery.start_soon(self._store, put, first[key])
+                nursery.start_soon(self._store, put, key)
         if new:
             await self.transaction(_own, u.id, new, [sizes[k] for k in new])
         extents: list[list] = []

@@ -25,12 +25,28 @@ from psycopg import errors as pgerr
 from psycopg_pool import ConnectionPool
 
 from nimbusfs.metrics import DB_RETRIES
+from nimbusfs.retry import RECONNECT
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Errors after which the whole transaction can safely run again.
-_RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
+
+def one(cur: psycopg.Cursor) -> tuple[Any, ...]:
+    """The row of a statement that answers exactly one (an aggregate, a RETURNING
+    of a row the transaction has locked or just made, a row a foreign key keeps).
+
+    No row there is a bug, not a missing entry (those are checked where they
+    can happen, with their errno): it is raised as one, which the server
+    answers EIO ("internal error") and logs with its traceback.
+    """
+    row = cur.fetchone()
+    if row is None:
+        raise LookupError(f"no row where one was certain ({cur.statusmessage})")
+    return row
+
+
+# Contention: the transaction lost to a concurrent one and can safely run again.
+_CONTENTION = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
 
 
 class Database:
@@ -54,31 +70,34 @@ class Database:
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(cur, *args, **kwargs)`` in one transaction and return its result.
 
-        Serialization failures and deadlocks rerun the transaction. A lost
-        connection (database restart) is retried with backoff for up to
-        ``outage_timeout`` seconds. A transaction that failed on a lost
-        connection never committed only if the failure came before COMMIT was
-        sent; the operations are written so that a rerun is harmless.
+        Serialization failures and deadlocks rerun the transaction, and so
+        does a lost connection (database restart), with the ``RECONNECT``
+        backoff for up to ``outage_timeout`` seconds, after which the last
+        error is raised (the server answers EIO). A statement cancelled by
+        ``statement_timeout`` is not retried. A transaction that failed on a
+        lost connection never committed only if the failure came before
+        COMMIT was sent; the operations are written so that a rerun is
+        harmless.
         """
-        deadline = time.monotonic() + self.outage_timeout
-        delay = 0.05
+        waits = RECONNECT.until(time.monotonic() + self.outage_timeout)
         while True:
             try:
                 # The pool's context commits the transaction the first statement
                 # opened, or rolls it back if ``fn`` raised.
                 with self.pool.connection() as conn, conn.cursor() as cur:
                     return fn(cur, *args, **kwargs)
-            except _RETRY as e:
-                DB_RETRIES.labels("deadlock" if isinstance(e, pgerr.DeadlockDetected)
-                                  else "serialization").inc()
-                continue
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
-                if isinstance(e, pgerr.QueryCanceled) or time.monotonic() > deadline:
+                if isinstance(e, pgerr.QueryCanceled) or (delay := next(waits, None)) is None:
                     raise
-                DB_RETRIES.labels("connection").inc()
-                log.warning("database unavailable (%s); retrying in %.2fs", e, delay)
+                if isinstance(e, _CONTENTION):
+                    DB_RETRIES.labels("deadlock" if isinstance(e, pgerr.DeadlockDetected)
+                                      else "serialization").inc()
+                    log.debug("transaction lost to a concurrent one (%s); rerun in %.3fs",
+                              type(e).__name__, delay)
+                else:
+                    DB_RETRIES.labels("connection").inc()
+                    log.warning("database unavailable (%s); retrying in %.2fs", e, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     def migrate(self) -> None:
         """Apply the SQL files in ``nimbusfs/server/migrations`` not applied yet, in order.

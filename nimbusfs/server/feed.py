@@ -34,6 +34,7 @@ from psycopg import Cursor
 
 from nimbusfs.errors import FSError
 from nimbusfs.server.auth import User
+from nimbusfs.server.db import one
 from nimbusfs.server.namespace import entry
 
 _N = r"(\d{1,19})"
@@ -53,7 +54,7 @@ def _parse(cursor: str) -> tuple[Any, ...]:
 
 def _xmin(cur: Cursor) -> int:
     cur.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-    return cur.fetchone()[0]
+    return one(cur)[0]
 
 
 def _state(cur: Cursor, u: User, device: str, ino: int, parent: int | None,
@@ -91,7 +92,9 @@ def page(cur: Cursor, u: User, device: str, cursor: str, limit: int) -> dict[str
         entries = [{**_state(cur, u, device, i, None, None), "own": False} for i in inos]
         return {"entries": entries, "has_more": more, "reset": reset,
                 "cursor": f"f.{nxt}.{inos[-1]}" if more else f"l.{nxt}"}
-    lo, nxt, pos_xid, pos_seq = (*n, *([_xmin(cur), 0, 0] if len(n) == 1 else []))
+    if len(n) == 1:  # a round's first page: the next round starts at this read's xmin
+        n = [*n, _xmin(cur), 0, 0]
+    lo, nxt, pos_xid, pos_seq = n
     cur.execute("SELECT xid::text::bigint, seq, inode, parent, name, device FROM changes"
                 " WHERE owner_id = %s AND xid >= %s::text::xid8"
                 " AND (xid, seq) > (%s::text::xid8, %s) ORDER BY xid, seq LIMIT %s",
@@ -119,4 +122,4 @@ def pending(cur: Cursor, u: User, device: str, cursor: str) -> bool:
                 " AND xid >= %s::text::xid8 AND (xid, seq) > (%s::text::xid8, %s))"
                 " OR (SELECT upto::text::bigint >= %s FROM changes_trimmed)",
                 (u.id, n[0], n[2] if len(n) > 1 else 0, n[3] if len(n) > 1 else 0, n[0]))
-    return bool(cur.fetchone()[0])
+    return bool(one(cur)[0])

@@ -49,10 +49,11 @@ from nimbusfs.protocol import (
     FrameReader,
     pack,
 )
+from nimbusfs.retry import RECONNECT
 from nimbusfs.server import namespace, uploads
 from nimbusfs.server.auth import User, authenticate
 from nimbusfs.server.blocks import BlockAccess
-from nimbusfs.server.db import Database
+from nimbusfs.server.db import Database, one
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
                     " ON CONFLICT (id) DO NOTHING RETURNING 1", (op_id, user_id))
         if cur.fetchone() is None:
             cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
-            return msgpack.unpackb(cur.fetchone()[0], raw=False, strict_map_key=False)
+            return msgpack.unpackb(one(cur)[0], raw=False, strict_map_key=False)
         result = fn(cur, *args, **kwargs)
         cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
                     (msgpack.packb(result, use_bin_type=True), op_id))
@@ -211,7 +212,7 @@ def _subscribe_point(cur: psycopg.Cursor, owner: int, cursor: int) -> dict[str, 
     the change at ``cursor`` itself is still kept: trimming removes the oldest.
     """
     cur.execute("SELECT coalesce(max(seq), 0) FROM changes WHERE owner_id = %s", (owner,))
-    newest = cur.fetchone()[0]
+    newest = one(cur)[0]
     cur.execute("SELECT 1 FROM changes WHERE owner_id = %s AND seq = %s", (owner, cursor))
     return {"newest": newest, "reset": bool(cursor) and cur.fetchone() is None}
 
@@ -373,18 +374,22 @@ class MetaServer:
                 del self.watchers[owner]
 
     async def _listen(self) -> None:
-        """LISTEN on a connection of its own, without a thread: wait for its socket."""
-        delay = 0.1
+        """LISTEN on a connection of its own, without a thread: wait for its socket.
+
+        Never gives up: a lost connection is opened again with the
+        ``RECONNECT`` backoff, for as long as the database is away.
+        """
+        waits = RECONNECT.delays()
         while True:
             try:
                 conn = await trio.to_thread.run_sync(
                     partial(psycopg.connect, self.dsn, autocommit=True))
             except psycopg.OperationalError as e:
-                log.warning("LISTEN connection failed (%s); retrying", e)
+                delay = next(waits)
+                log.warning("LISTEN connection failed (%s); retrying in %.2fs", e, delay)
                 await trio.sleep(delay)
-                delay = min(delay * 2, 5.0)
                 continue
-            delay = 0.1
+            waits = RECONNECT.delays()
             try:
                 conn.execute(f"LISTEN {namespace.CHANNEL}")
                 self._wake()  # anything committed while we were not listening
@@ -413,8 +418,10 @@ class MetaServer:
         """Push the change log to a subscribed session whenever it is woken.
 
         Ends when the connection is gone. While the database is unreachable
-        it retries (``Database.run`` already waited ``outage_timeout``).
+        it retries, with the ``RECONNECT`` backoff between the tries
+        (``Database.run`` already waited ``outage_timeout`` in each).
         """
+        waits = RECONNECT.delays()
         while True:
             await s.wake.wait()
             s.wake = trio.Event()
@@ -427,8 +434,9 @@ class MetaServer:
                 log.error("database unavailable, changes not pushed yet: %s", e)
                 s.wake.set()
                 s.notified = notified
-                await trio.sleep(1)
+                await trio.sleep(next(waits))
                 continue
+            waits = RECONNECT.delays()
             if fresh:
                 s.cursor = max(s.cursor, fresh[-1][0])
                 if len(fresh) == 5000:

@@ -15,8 +15,12 @@ Invariants kept here:
   ``blocks.refcount`` counts references from every kept version;
 - a version names only blocks its user may reference (``block_owners``), and
   ``have_blocks`` answers only for those (see ``nimbusfs/server/blocks.py``);
-- rows are locked parent-first in ascending inode order, so concurrent
-  operations cannot deadlock on each other's directories.
+- an operation that locks several inodes at once takes them in ascending
+  order (``_lock``: rename's two parents, then its source and target; link's
+  file and directory); the others lock the parent directory, then the
+  entry's inode. The two orders can cross (a link of a file numbered below
+  its new directory, against an unlink in that directory): PostgreSQL then
+  detects the deadlock and ``Database.run`` reruns the transaction that lost.
 
 Namespace changes answer with what they changed (the parent directory's new
 attributes under ``dir``, the removed or replaced inode), so that a mount can
@@ -49,6 +53,7 @@ from nimbusfs.posix import (
     dropped_privileges,
 )
 from nimbusfs.server.auth import User
+from nimbusfs.server.db import one
 
 BIGINT_MAX = (1 << 63) - 1
 # The largest file (ext4's 16 TiB): sizes add up in bigint columns (quota use).
@@ -69,17 +74,20 @@ OPS: dict[str, Callable[..., Any]] = {}
 READ_ONLY: set[str] = set()
 
 
-def op(fn: Callable[..., Any] | None = None, *, read_only: bool = False) -> Any:
-    """Register ``fn`` as a mount-protocol operation under its own name.
+def op(fn: Callable[..., Any] | None = None, *, read_only: bool = False,
+       name: str | None = None) -> Any:
+    """Register ``fn`` as a mount-protocol operation under ``name`` (default: its own).
 
     Its annotations declare its arguments (the server checks every request
     against them); ``read_only``: replaying it is harmless, so it needs no
-    op_id ("open" may set atime, which a replay sets again).
+    op_id ("open" may set atime, which a replay sets again). ``name`` keeps
+    the protocol's name of an operation whose function is not named so
+    (``get_attr`` is "getattr": a function must not shadow a builtin).
     """
     def register(f: Callable[..., Any]) -> Callable[..., Any]:
-        OPS[f.__name__] = f
+        OPS[name or f.__name__] = f
         if read_only:
-            READ_ONLY.add(f.__name__)
+            READ_ONLY.add(name or f.__name__)
         return f
     return register(fn) if fn is not None else register
 
@@ -143,7 +151,7 @@ def _touch(cur: Cursor, ino: int, now: int) -> dict[str, int]:
     """Set ctime and mtime of a directory whose entries changed; return its attributes."""
     cur.execute(f"UPDATE inodes SET ctime_ns = %s, mtime_ns = %s WHERE id = %s"
                 f" RETURNING {_ATTR_COLS}", (now, now, ino))
-    return _attr(cur.fetchone())
+    return _attr(one(cur))
 
 
 CHANNEL = "nimbus_changes"
@@ -176,7 +184,7 @@ def _drop_link(cur: Cursor, ino: int, now: int) -> tuple[int | None, int]:
     """Decrement nlink; return (ino if it became an orphan, else None; its mode)."""
     cur.execute("UPDATE inodes SET nlink = nlink - 1, ctime_ns = %s WHERE id = %s"
                 " RETURNING nlink, mode", (now, ino))
-    nlink, mode = cur.fetchone()
+    nlink, mode = one(cur)
     return (ino if nlink == 0 else None), mode
 
 
@@ -200,8 +208,8 @@ def hello(cur: Cursor, u: User, device: str) -> dict[str, Any]:
     return {"user": u.name, "root": u.root}
 
 
-@op(read_only=True)
-def getattr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
+@op(read_only=True, name="getattr")
+def get_attr(cur: Cursor, u: User, device: str, ino: int) -> dict[str, int]:
     return inode(cur, u, ino)
 
 
@@ -236,15 +244,15 @@ def readdir(cur: Cursor, u: User, device: str, ino: int) -> list[tuple[bytes, di
 def readlink(cur: Cursor, u: User, device: str, ino: int) -> bytes:
     inode(cur, u, ino)
     cur.execute("SELECT target FROM inodes WHERE id = %s", (ino,))
-    target = cur.fetchone()[0]
+    target = one(cur)[0]
     if target is None:
         raise FSError(errno.EINVAL, "not a symlink")
     return bytes(target)
 
 
-@op(read_only=True)
-def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None,
-         read: bool = False) -> dict[str, Any]:
+@op(read_only=True, name="open")
+def open_file(cur: Cursor, u: User, device: str, ino: int, version: int | None = None,
+              read: bool = False) -> dict[str, Any]:
     """Attributes and the extent list of a file's current (or a given) version.
 
     ``read``: the file is opened for reading, so atime is updated the way
@@ -277,9 +285,9 @@ def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
 @op(read_only=True)
 def statfs(cur: Cursor, u: User, device: str) -> dict[str, int]:
     cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
-    quota, used = cur.fetchone()
+    quota, used = one(cur)
     cur.execute("SELECT count(*) FROM inodes WHERE owner_id = %s", (u.id,))
-    return {"quota": quota, "used": used, "inodes": cur.fetchone()[0]}
+    return {"quota": quota, "used": used, "inodes": one(cur)[0]}
 
 
 def check_keys(keys: list) -> list[bytes]:
@@ -345,7 +353,7 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
         " SELECT EXISTS (SELECT 1 FROM d), i.*, p.* FROM i, p",
         (u.id, mode, uid, gid, 2 if is_dir else 1, rdev, len(target or b""), now, now, now,
          target, parent, name, now, now, int(is_dir), parent))
-    row = cur.fetchone()
+    row = one(cur)
     if not row[0]:
         raise FSError(errno.EEXIST, "entry exists")
     a = _attr(row[1:14])
@@ -374,7 +382,7 @@ def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target:
 
 @op
 def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
-         ) -> dict[str, int]:
+         ) -> dict[str, Any]:
     check_name(name)
     now = time.time_ns()
     locked = _lock(cur, u, ino, parent)
@@ -389,7 +397,7 @@ def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
                 (parent, name, ino))
     cur.execute(f"UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s"
                 f" RETURNING {_ATTR_COLS}", (now, ino))
-    a = _attr(cur.fetchone())
+    a = _attr(one(cur))
     d = _touch(cur, parent, now)
     _log(cur, u, device, ("link", ino, parent, name))
     return {**a, "dir": d}
@@ -473,7 +481,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     if src_dir and parent != new_parent and _is_ancestor(cur, src, new_parent):
         raise FSError(errno.EINVAL, "cannot move a directory into itself")
     dst_dir = dst is not None and stat.S_ISDIR(attrs[dst]["mode"])
-    if flags & RENAME_EXCHANGE and dst_dir and parent != new_parent \
+    if flags & RENAME_EXCHANGE and dst is not None and dst_dir and parent != new_parent \
             and _is_ancestor(cur, dst, parent):
         raise FSError(errno.EINVAL, "cannot move a directory into itself")
     if src == dst:
@@ -513,7 +521,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
         dirs.append(_touch(cur, new_parent, now))
     changes: list[Change] = [("rename_from", src, parent, name),
                              ("rename", src, new_parent, new_name)]
-    if flags & RENAME_EXCHANGE:
+    if flags & RENAME_EXCHANGE and dst is not None:
         changes.append(("rename", dst, parent, name))
     _log(cur, u, device, *changes)
     return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs}
@@ -536,17 +544,17 @@ def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int |
             vals.append(v)
     cur.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE id = %s RETURNING {_ATTR_COLS}",
                 (*vals, a["ino"]))
-    return _attr(cur.fetchone())
+    return _attr(one(cur))
 
 
 # The changes ``_setattr`` takes: what a commit's ``attrs`` may hold.
 SETATTR_KEYS = frozenset(inspect.signature(_setattr).parameters) - {"cur", "a"}
 
 
-@op
-def setattr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = None,
-            uid: UInt31 | None = None, gid: UInt31 | None = None, atime: int | None = None,
-            mtime: int | None = None) -> dict[str, int]:
+@op(name="setattr")
+def set_attr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = None,
+             uid: UInt31 | None = None, gid: UInt31 | None = None, atime: int | None = None,
+             mtime: int | None = None) -> dict[str, int]:
     """Change mode, owner or times; ctime becomes now. Size changes are commits."""
     attr = _setattr(cur, inode(cur, u, ino, lock=True), mode, uid, gid, atime, mtime)
     _log(cur, u, device, ("setattr", ino, None, None))
@@ -705,7 +713,7 @@ def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
         raise FSError(errno.EINVAL, "extents must be a list and size a non-negative int")
     if size > MAX_FILE_SIZE:
         raise FSError(errno.EFBIG, f"a file is at most {MAX_FILE_SIZE} bytes")
-    total, blocks = 0, {}
+    total, blocks = 0, dict[bytes, int]()
     for e in extents:
         if not (isinstance(e, list | tuple) and len(e) == 2 and type(e[1]) is int and e[1] > 0):
             raise FSError(errno.EINVAL, "an extent is [hash or nil, positive length]")
@@ -781,7 +789,7 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
             " SELECT q.*, i.* FROM q, i",
             (grow, u.id, ino, version, size, msgpack.packb(extents), u.id, device,
              keys, sizes, counts, version, size, mtime, time.time_ns(), alloc, kill, ino))
-    row = cur.fetchone()
+    row = one(cur)
     quota, used = row[:2]
     if quota and grow > 0 and used > quota:
         raise FSError(errno.EDQUOT, "storage quota exceeded")  # the transaction rolls back
@@ -790,14 +798,15 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
     return _attr(row[2:])
 
 
-# Retention: a version is dropped once it is both beyond the newest KEEP_VERSIONS
-# and older than KEEP_DAYS (the server's --keep-versions / --keep-days).
+# Retention: a version is dropped once it is both beyond the newest
+# RETENTION["versions"] and older than RETENTION["days"] (set from the server's
+# --keep-versions / --keep-days).
 RETENTION = {"versions": 100, "days": 30}
 
 
 def _expire_versions(cur: Cursor, ino: int, current: int) -> None:
     if current <= RETENTION["versions"]:
-        return  # no version is beyond the newest KEEP_VERSIONS yet
+        return  # no version is beyond the kept number yet
     cur.execute("DELETE FROM versions WHERE inode = %s AND version <= %s"
                 " AND created < now() - make_interval(days => %s) RETURNING extents",
                 (ino, current - RETENTION["versions"], RETENTION["days"]))
@@ -1075,10 +1084,10 @@ def storage_stats(cur: Cursor, u: User, device: str) -> dict[str, int]:
     person, not for a hot path.
     """
     cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
-    quota, used = cur.fetchone()
+    quota, used = one(cur)
     cur.execute("SELECT count(*) FILTER (WHERE mode & 61440 = 32768) FROM inodes"
                 " WHERE owner_id = %s AND nlink > 0", (u.id,))
-    files = cur.fetchone()[0]
+    files = one(cur)[0]
     blocks: dict[bytes, int] = {}
     stored = versions = 0
     cur.execute("SELECT v.extents FROM versions v JOIN inodes i ON i.id = v.inode"
@@ -1103,14 +1112,14 @@ def store_stats(cur: Cursor, u: User, device: str) -> dict[str, int]:
     if not u.admin:
         raise FSError(errno.EACCES, "only an administrator sees the whole store")
     cur.execute("SELECT coalesce(sum(used_bytes), 0)::bigint, count(*) FROM users")
-    used, users = cur.fetchone()
+    used, users = one(cur)
     cur.execute("SELECT count(*) FILTER (WHERE mode & 61440 = 32768 AND nlink > 0) FROM inodes")
-    files = cur.fetchone()[0]
+    files = one(cur)[0]
     cur.execute("SELECT count(*) FROM versions")
-    versions = cur.fetchone()[0]
+    versions = one(cur)[0]
     cur.execute("SELECT count(*), coalesce(sum(size), 0)::bigint,"
                 " coalesce(sum(size * refcount), 0)::bigint FROM blocks WHERE refcount > 0")
-    count, unique, stored = cur.fetchone()
+    count, unique, stored = one(cur)
     return {"logical_size": used, "stored_size": stored, "unique_blocks_size": unique,
             "block_count": count, "file_count": files, "version_count": versions,
             "user_count": users}

@@ -29,6 +29,7 @@ from psycopg import Cursor
 
 from nimbusfs.errors import FSError
 from nimbusfs.server.auth import User
+from nimbusfs.server.db import one
 from nimbusfs.server.namespace import BIGINT_MAX, check_name, directory, inode, put_file, replace
 
 EXPIRY_HOURS = 24
@@ -65,7 +66,7 @@ def create(cur: Cursor, u: User, device: str, name: bytes, parent: int | None,
     else:
         directory(cur, u, parent or u.root, lock=False)
     cur.execute("SELECT quota_bytes, used_bytes FROM users WHERE id = %s", (u.id,))
-    quota, used = cur.fetchone()
+    quota, used = one(cur)
     if quota and used + size > quota:
         raise FSError(errno.EDQUOT, f"the upload needs {size} bytes; {quota - used} are free")
     upload_id = secrets.token_urlsafe(18)
@@ -74,7 +75,7 @@ def create(cur: Cursor, u: User, device: str, name: bytes, parent: int | None,
                 " %s, now() + make_interval(hours => %s)) RETURNING expires",
                 (upload_id, u.id, name, parent, file_id, expected_version, on_exists, size,
                  checksum, EXPIRY_HOURS))
-    return {"upload_id": upload_id, "expires": cur.fetchone()[0]}
+    return {"upload_id": upload_id, "expires": one(cur)[0]}
 
 
 def status(cur: Cursor, u: User, device: str, upload_id: str) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def add_chunk(cur: Cursor, u: User, device: str, upload_id: str, n: int, size: i
     if offset is not None:
         cur.execute("SELECT coalesce(sum(size), 0), count(*) FROM upload_chunks"
                     " WHERE upload_id = %s AND n < %s", (upload_id, n))
-        before, count = cur.fetchone()
+        before, count = one(cur)
         if (before, count) != (offset, n):
             raise FSError(errno.ESPIPE, "the upload changed meanwhile; ask where to resume")
         cur.execute("DELETE FROM upload_chunks WHERE upload_id = %s AND n > %s",
@@ -117,7 +118,7 @@ def add_chunk(cur: Cursor, u: User, device: str, upload_id: str, n: int, size: i
         raise FSError(errno.EINVAL, f"chunk {n} is past the upload's declared size")
     cur.execute("SELECT coalesce(sum(size), 0) FROM upload_chunks WHERE upload_id = %s"
                 " AND n <> %s", (upload_id, n))
-    if cur.fetchone()[0] + size > s["size"]:
+    if one(cur)[0] + size > s["size"]:
         raise FSError(errno.EFBIG, f"the chunks exceed the declared size of {s['size']} bytes")
     cur.execute("INSERT INTO upload_chunks (upload_id, n, size, extents) VALUES (%s, %s, %s, %s)"
                 " ON CONFLICT (upload_id, n) DO UPDATE SET size = excluded.size,"
