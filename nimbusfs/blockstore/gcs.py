@@ -1,8 +1,9 @@
 """Block store in a Google Cloud Storage bucket.
 
-Uses the official ``google-cloud-storage`` client. ``put`` is a conditional
-create (``if_generation_match=0``), so two machines uploading the same block
-race harmlessly: the loser gets 412 and the block is already there.
+Uses the official ``google-cloud-storage`` client's credentials, endpoint and
+retry policy. ``put`` is a conditional create (``ifGenerationMatch=0``), so two
+machines uploading the same block race harmlessly: the loser gets 412 and the
+block is already there.
 
 The endpoint is configurable (``NIMBUSFS_GCS_ENDPOINT`` or the standard
 ``STORAGE_EMULATOR_HOST``) so tests run against an emulator on loopback; with an
@@ -87,7 +88,7 @@ class GCSStore(BlockStore):
     def __init__(self, bucket: str, prefix: str = "", endpoint: str | None = None,
                  create_bucket: bool = False, timeout: float = 60.0) -> None:
         self.bucket_name = bucket
-        # Passed to every request: its own timeout, and its retries' deadline.
+        # Every request's own timeout, and its retries' deadline.
         self.timeout = timeout
         self._bounds = {"timeout": timeout, "retry": DEFAULT_RETRY.with_timeout(timeout)}
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
