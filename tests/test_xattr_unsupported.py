@@ -24,6 +24,7 @@ ACL_NAMES = ("system.posix_acl_access", "system.posix_acl_default")
 def _errno(fn, *args) -> int:
     with pytest.raises(OSError) as e:
         fn(*args)
+    assert e.value.errno is not None
     return e.value.errno
 
 
