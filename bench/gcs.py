@@ -164,7 +164,12 @@ def emulator(base: str) -> Iterator[Emulator]:
 
 def raw_baseline(emu: Emulator, mib: int, parallel: int = MOUNT_TRANSFERS,
                  bucket: str = "raw") -> dict[str, float]:
-    """Upload then download ``mib`` MiB with the store code the mount uses.
+    """Upload then download ``mib`` MiB with the google-cloud-storage client alone.
+
+    Its own calls (``Blob.upload_from_string``, ``Blob.download_as_bytes``
+    in one read, no checksum), one client per thread: the baseline the
+    mount's store is measured against, not the store's code (which moves
+    blocks with its own requests, see nimbusfs/blockstore/gcs.py).
 
     The objects have the sizes the mount's chunker gives random bytes (256 KiB
     to 4 MiB, about 1 MiB on average), so that the comparison is of the same
@@ -173,7 +178,13 @@ def raw_baseline(emu: Emulator, mib: int, parallel: int = MOUNT_TRANSFERS,
     used before, made it about 2.5 times fewer requests per byte).
     """
     emu.create_bucket(bucket)
-    store = GCSStore(bucket, endpoint=emu.url)
+    local = threading.local()
+
+    def blob(i: int):
+        if not hasattr(local, "bucket"):
+            local.bucket = emu.client().bucket(bucket)
+        return local.bucket.blob(names[i])
+
     rng = random.Random(4)
     data = rng.randbytes(MAX_BLOCK)
     cut = [p.length for p in chunk_buf(rng.randbytes(64 * MIB), 0)[:-1]]
@@ -182,19 +193,21 @@ def raw_baseline(emu: Emulator, mib: int, parallel: int = MOUNT_TRANSFERS,
         n = min(cut[len(sizes) % len(cut)], mib * MIB - total)
         sizes.append(n)
         total += n
-    keys = [i.to_bytes(4, "big") + os.urandom(28) for i in range(len(sizes))]
+    names = [f"{i:08d}-{os.urandom(8).hex()}" for i in range(len(sizes))]
 
     def put(i: int) -> None:
-        store.put(keys[i], memoryview(data)[:sizes[i]])
+        blob(i).upload_from_string(data[:sizes[i]], if_generation_match=0,
+                                   content_type="application/octet-stream")
 
     def get(i: int) -> None:
-        assert len(store.get(keys[i])) == sizes[i]
+        got = blob(i).download_as_bytes(checksum=None, raw_download=True,
+                                        single_shot_download=True)
+        assert len(got) == sizes[i]
 
     with ThreadPoolExecutor(parallel) as pool:
         t_up = timed(lambda: list(pool.map(put, range(len(sizes)))))
         time.sleep(0.1)
         t_down = timed(lambda: list(pool.map(get, range(len(sizes)))))
-    for k in keys:
-        store.delete(k)
+        list(pool.map(lambda i: blob(i).delete(), range(len(sizes))))
     return {"upload MB/s": total / 1e6 / t_up, "download MB/s": total / 1e6 / t_down,
             "objects": len(sizes), "parallel": parallel}

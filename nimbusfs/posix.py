@@ -11,12 +11,29 @@ import stat
 
 # Extended attribute namespaces the filesystem stores (POSIX ACLs are not supported).
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+# Names in those namespaces it does not store: SELinux labels. A kernel with
+# SELinux answers them itself for FUSE (a label from the policy's genfscon)
+# and refuses to set them, so the file system never holds one that counts.
+UNSUPPORTED_XATTRS = frozenset({b"security.selinux"})
 # rename(2) flags, as the kernel passes them. RENAME_WHITEOUT (4), which
 # overlayfs asks of its upper directory, is refused with EINVAL.
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 # The longest name of a directory entry, in bytes (the kernel lets FUSE pass up to 1024).
 NAME_MAX = 255
+
+
+def xattr_supported(name: bytes) -> bool:
+    """Whether the file system stores extended attributes of this name.
+
+    The others are EOPNOTSUPP for get, set and remove, as Linux answers for a
+    namespace a file system has no handler for (``system.posix_acl_access``
+    on a file system without ACLs), not ENODATA: tools take EOPNOTSUPP as "not
+    supported on this device" and stop asking (GNU ls -l asks for
+    ``security.selinux`` and ``system.posix_acl_access`` of every entry until
+    one says so).
+    """
+    return name.startswith(XATTR_NAMESPACES) and name not in UNSUPPORTED_XATTRS
 
 
 def dropped_privileges(mode: int) -> int:

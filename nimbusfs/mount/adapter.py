@@ -121,8 +121,8 @@ class Operations(pyfuse3.Operations):
         await self.vfs.setxattr(inode, name, value)
 
     async def getxattr(self, inode, name, ctx):
-        if self.vfs.lacks_xattr(inode, name):  # the frequent answer, without the wrapper
-            raise pyfuse3.FUSEError(errno.ENODATA)
+        if (err := self.vfs.xattr_error(inode, name)) is not None:
+            raise pyfuse3.FUSEError(err)  # the frequent answer, without the wrapper
         return await self._getxattr(inode, name)
 
     @_errors

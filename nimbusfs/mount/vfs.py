@@ -47,7 +47,7 @@ from nimbusfs.cache import BlockCache
 from nimbusfs.client import MetaClient
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile
-from nimbusfs.posix import NAME_MAX, RENAME_EXCHANGE, XATTR_NAMESPACES, dropped_privileges
+from nimbusfs.posix import NAME_MAX, RENAME_EXCHANGE, dropped_privileges, xattr_supported
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,12 @@ def _check_length(*names: bytes) -> None:
     """
     if any(len(n) > NAME_MAX for n in names):
         raise FSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+
+
+def _check_xattr_name(name: bytes) -> None:
+    """EOPNOTSUPP for a name the file system does not store (see ``xattr_supported``)."""
+    if not xattr_supported(name):
+        raise FSError(errno.EOPNOTSUPP, "unsupported xattr name")
 
 
 class KernelCache(Protocol):
@@ -387,33 +393,43 @@ class VFS:
         return attr
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        _check_xattr_name(name)
         self.xattr_names.pop(ino, None)
         await self.call("setxattr", ino=self.srv(ino), name=name, value=value)
         self._drop(ino)  # ctime and the has-xattrs flag changed
 
-    def lacks_xattr(self, ino: int, name: bytes) -> bool:
-        """Whether ``name`` is known to be absent, without waiting for anything.
+    def xattr_error(self, ino: int, name: bytes) -> int | None:
+        """getxattr's errno when it is known without waiting for anything, else None.
 
-        The kernel asks before every write (security.capability) and ``ls -l``
-        asks twice per entry (security.selinux, system.posix_acl_access); the
-        adapter answers those from here without a coroutine.
+        EOPNOTSUPP for names the file system does not store, ENODATA for names
+        this inode is known not to have. The kernel asks before every write
+        (security.capability) and ``ls -l`` of each entry (security.selinux,
+        system.posix_acl_access, until the first EOPNOTSUPP); the adapter
+        answers those from here without a coroutine.
         """
+        if not xattr_supported(name):
+            return errno.EOPNOTSUPP
         names = self.xattr_names.get(ino)
-        return not name.startswith(XATTR_NAMESPACES) or (names is not None and name not in names)
+        return errno.ENODATA if names is not None and name not in names else None
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        if self.lacks_xattr(ino, name) or name not in await self.listxattr(ino):
+        if (err := self.xattr_error(ino, name)) is not None:
+            raise FSError(err, "no such xattr" if err == errno.ENODATA else "unsupported xattr")
+        if name not in await self.listxattr(ino):
             raise FSError(errno.ENODATA, "no such xattr")
         return await self.call("getxattr", ino=self.srv(ino), name=name)
 
     async def listxattr(self, ino: int) -> frozenset[bytes]:
+        """The inode's attribute names (without any stored before their name was refused)."""
         names = self.xattr_names.get(ino)
         if names is None:
-            names = frozenset(await self.call("listxattr", ino=self.srv(ino)))
+            names = frozenset(n for n in await self.call("listxattr", ino=self.srv(ino))
+                              if xattr_supported(n))
             self.xattr_names[ino] = names
         return names
 
     async def removexattr(self, ino: int, name: bytes) -> None:
+        _check_xattr_name(name)
         self.xattr_names.pop(ino, None)
         await self.call("removexattr", ino=self.srv(ino), name=name)
         self._drop(ino)

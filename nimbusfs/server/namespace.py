@@ -49,8 +49,8 @@ from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
-    XATTR_NAMESPACES,
     dropped_privileges,
+    xattr_supported,
 )
 from nimbusfs.server.auth import User
 from nimbusfs.server.db import one
@@ -565,8 +565,8 @@ def set_attr(cur: Cursor, u: User, device: str, ino: int, mode: UInt31 | None = 
 
 
 def _xattr_name(name: bytes) -> None:
-    if not name.startswith(XATTR_NAMESPACES):
-        raise FSError(errno.EOPNOTSUPP, "unsupported xattr namespace")
+    if not xattr_supported(name):
+        raise FSError(errno.EOPNOTSUPP, "unsupported xattr name")
     if len(name) > 255:
         raise FSError(errno.ERANGE, "xattr name too long")
 

@@ -1,0 +1,87 @@
+"""Cold sequential reads on the GCS emulator, alternating two versions of the code on one mount.
+
+Usage (root)::
+
+    git archive OLD | tar -x -C /tmp/old      # the code to compare with
+    python bench/ab_cold_read.py /tmp/old [--mib 512] [--rounds 3]
+
+On a shared machine, runs minutes apart do not compare (the raw client's
+download swung 448-982 MB/s between runs of ``./bench.sh``). This writes one
+file on one nimbus-gcs target, then for each round measures the raw client's
+download (``raw_baseline``) and reads the file cold (``Target.cold``: page
+cache dropped, cache directory deleted, remounted) once with the mount run
+from the tree given (A) and once from this one (B), printing MB/s, the
+mount's CPU seconds, the load average and how idle the CPUs were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from contextlib import ExitStack
+
+import harness
+from gcs import emulator, raw_baseline
+from harness import MIB, cpu_seconds
+from jobs import read_all, stream, write_stream
+from targets import Nimbus, open_target
+
+HERE = harness.ROOT
+
+
+def use(tree: str) -> None:
+    """Mount (at the next ``cold``) from ``tree``: ``nimbusfs`` runs there, importing it first."""
+    harness.ROOT = tree
+    if tree == HERE:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = tree
+
+
+def cpu_busy() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of all CPUs."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("old", help="a copy of the code to compare with (A)")
+    ap.add_argument("--mib", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    trees = {"A": os.path.abspath(args.old), "B": HERE}
+    mb = args.mib * MIB / 1e6
+    with ExitStack() as stack:
+        base = tempfile.mkdtemp(prefix="nimbus-ab-", dir="/var/tmp")
+        stack.callback(shutil.rmtree, base, ignore_errors=True)
+        emu = stack.enter_context(emulator(base))
+        use(trees["A"])
+        stack.callback(use, HERE)
+        t = stack.enter_context(open_target("nimbus-gcs", emu))
+        assert isinstance(t, Nimbus)
+        path = os.path.join(t.root, "seq.bin")
+        write_stream(path, stream(args.mib, b"ab"))
+        for r in range(1, args.rounds + 1):
+            raw = raw_baseline(emu, args.mib)
+            print(f"round {r}: raw client download {raw['download MB/s']:.0f} MB/s", flush=True)
+            for name, tree in trees.items():
+                use(tree)
+                t.cold()
+                pid = t._pid()
+                c0, i0 = cpu_seconds(pid), cpu_busy()
+                t0 = time.perf_counter()
+                read_all(path)
+                dt = time.perf_counter() - t0
+                c1, i1 = cpu_seconds(pid), cpu_busy()
+                idle = 100 * (i1[0] - i0[0]) / max(1, i1[1] - i0[1])
+                print(f"  {name}: cold read {mb / dt:.0f} MB/s, mount CPU {c1 - c0:.2f} s,"
+                      f" load {os.getloadavg()[0]:.1f}, CPUs {idle:.0f}% idle", flush=True)
+
+
+if __name__ == "__main__":
+    main()
