@@ -15,6 +15,8 @@ Invariants kept here:
   ``blocks.refcount`` counts references from every kept version;
 - a version names only blocks its user may reference (``block_owners``), and
   ``have_blocks`` answers only for those (see ``nimbusfs/server/blocks.py``);
+- a commit references only live blocks, locked until it ends, so block GC
+  never deletes a block a version references (``nimbusfs/server/gc.py``);
 - rows are locked parent-first in ascending inode order, so concurrent
   operations cannot deadlock on each other's directories.
 
@@ -724,7 +726,10 @@ def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
 
 def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
     """Validate extents (``check_extents``), and refuse blocks the user may not
-    reference or names with another length than stored.
+    reference, names with another length than stored, and blocks that are
+    not live (EAGAIN: block GC collected them since the caller stored them,
+    or is collecting them; the caller puts them again and retries). This is
+    the commit's half of block GC's invariant (``nimbusfs/server/gc.py``).
 
     EACCES says the same whether a block is stored for someone else or not
     at all: nothing is learnt of other users' data.
@@ -735,11 +740,16 @@ def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
     keys = sorted(blocks)
     if unowned(cur, u.id, keys):
         raise FSError(errno.EACCES, "extents name blocks this user has not uploaded")
-    cur.execute("SELECT 1 FROM blocks b, unnest(%s::bytea[], %s::bigint[]) AS c(hash, n)"
-                " WHERE b.hash = c.hash AND b.size <> c.n LIMIT 1",
-                (keys, [blocks[k] for k in keys]))
-    if cur.fetchone():
+    # Locked (in hash order, as ``_commit`` locks them) until the commit ends:
+    # block GC dooms a block only under this lock, and only unreferenced.
+    cur.execute("SELECT hash, size, state FROM blocks WHERE hash = ANY(%s) ORDER BY hash"
+                " FOR NO KEY UPDATE", (keys,))
+    rows = cur.fetchall()
+    if any(blocks[bytes(k)] != n for k, n, _ in rows):
         raise FSError(errno.EINVAL, "an extent's length is not its block's size")
+    if len(rows) != len(keys) or any(state != "live" for _, _, state in rows):
+        raise FSError(errno.EAGAIN, "blocks were collected since they were stored:"
+                                    " upload them again")
 
 
 @contextmanager
