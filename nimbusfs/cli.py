@@ -373,6 +373,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fsck(args: argparse.Namespace) -> int:
+    import time
+
+    from nimbusfs.server import fsck
+
+    _setup_logging()
+    started = time.monotonic()
+    db, store = _admin_db(args), _admin_store(args)
+    try:
+        faults = fsck.check(db, store, args.verify_blocks, args.repair)
+    finally:
+        db.close()
+        store.close()
+    for f in faults:
+        print(f)
+    print(fsck.summary(faults, started))
+    return 1 if faults else 0
+
+
 def cmd_user_add(args: argparse.Namespace) -> int:
     from nimbusfs.server.auth import create_user
 
@@ -601,6 +620,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     _add_admin_args(g)
     g.set_defaults(fn=cmd_gc)
+
+    f = sub.add_parser("fsck", help="check the database and the block store (exit 1 on faults)")
+    f.add_argument("--verify-blocks", action="store_true",
+                   help="also read every referenced block and check its hash")
+    f.add_argument("--repair", action="store_true",
+                   help="recount references, links and use; drop entries that point nowhere;"
+                        " purge orphans left behind; mark versions with lost blocks damaged")
+    _add_admin_args(f)
+    f.set_defaults(fn=cmd_fsck)
 
     us = sub.add_parser("user", help="manage users").add_subparsers(dest="ucmd", required=True)
     ua = us.add_parser("add")

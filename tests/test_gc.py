@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import os
 import random
 import threading
@@ -31,14 +32,16 @@ ROUNDS = 25     # operations per writer
 # all a direct-mode mount's put would be collected before its commit every
 # time, the commit refused each time.)
 GRACE = 1.0
+_worlds = itertools.count()
 
 
 @pytest.fixture
 def gc_world(services, store) -> Iterator[tuple[Deployment, Database, object]]:
     """A metaserver with its own database and store, keeping 2 versions of any age."""
-    blocks = ("file://" + services.emb.path(f"gc-blocks-{os.getpid()}") if store == "local"
-              else f"gs://{GCS_BUCKET}/gc-{os.getpid()}")
-    dep = start_metaserver(services.emb, f"gc_{store}_{os.getpid()}", blocks, services.env,
+    name = f"gc_{store}_{os.getpid()}_{next(_worlds)}"   # a database and store of its own
+    blocks = ("file://" + services.emb.path(name) if store == "local"
+              else f"gs://{GCS_BUCKET}/{name}")
+    dep = start_metaserver(services.emb, name, blocks, services.env,
                            "--keep-versions", "2", "--keep-days", "0", "--gc-interval", "0")
     os.environ["STORAGE_EMULATOR_HOST"] = services.gcs_endpoint
     db = Database(dep.dsn, pool_size=2)
@@ -226,3 +229,24 @@ async def test_commit_racing_gc_is_refused_never_committed_over_a_missing_block(
                      size=len(data), mtime=1)
     assert bstore.exists(key)
     assert gc.collect(db, bstore, 0.0).blocks == 0
+
+
+def test_the_metaserver_collects_on_its_schedule(services):
+    """``--gc-interval``: the metaserver runs rounds itself, and logs what they deleted."""
+    name = f"gc_sched_{os.getpid()}_{next(_worlds)}"
+    blocks = "file://" + services.emb.path(name)
+    dep = start_metaserver(services.emb, name, blocks, services.env, "--gc-interval", "1",
+                           "--gc-grace", "0")
+    try:
+        bstore = open_store(blocks)
+        stray = os.urandom(5000)   # stored, never committed
+        bstore.put(block_hash(stray), stray)
+        wait_until(lambda: not bstore.exists(block_hash(stray)), 60, "the scheduled GC")
+
+        def logged() -> bool:
+            with open(dep.log_path) as f:
+                return "and 1 store object(s) no row knew" in f.read()
+        wait_until(logged, 60, "the round's report in the log")
+    finally:
+        dep.proc.terminate()
+        dep.proc.wait(30)

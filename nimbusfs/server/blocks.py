@@ -19,6 +19,13 @@ other. The store still keeps one copy of a block that several users upload
 (deduplicated storage), and nobody can tell: ``put`` answers alike whether
 the block was new or not.
 
+Block GC (``nimbusfs/server/gc.py``) deletes blocks nothing references; its
+invariant needs every put and every direct-mode admission to *pin* the
+block's row before its bytes are stored or looked for, and to *confirm* it
+after (``_pin``, ``_confirm``). An ownership row outlives a block GC
+collected: a commit of that block is then refused with EAGAIN (put it
+again), not EACCES.
+
 Store calls run in worker threads, never inside a database transaction.
 """
 

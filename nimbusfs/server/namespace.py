@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
 import stat
 import time
 from collections import Counter
@@ -51,6 +52,8 @@ from nimbusfs.posix import (
     dropped_privileges,
 )
 from nimbusfs.server.auth import User
+
+log = logging.getLogger(__name__)
 
 BIGINT_MAX = (1 << 63) - 1
 # The largest file (ext4's 16 TiB): sizes add up in bigint columns (quota use).
@@ -249,6 +252,9 @@ def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
          read: bool = False) -> dict[str, Any]:
     """Attributes and the extent list of a file's current (or a given) version.
 
+    A version ``nimbusfs fsck --repair`` marked damaged (blocks of it are
+    lost) is EIO, never bytes other than its own.
+
     ``read``: the file is opened for reading, so atime is updated the way
     Linux's ``relatime`` does: only if it is not newer than mtime and ctime, or
     is a day old, so a file read over and over costs one update. atime changes
@@ -261,9 +267,8 @@ def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
         "WITH t AS (UPDATE inodes SET atime_ns = %s WHERE %s AND id = %s AND owner_id = %s"
         " AND (atime_ns <= greatest(mtime_ns, ctime_ns) OR atime_ns <= %s) RETURNING atime_ns)"
         f" SELECT {_cols('i')}, coalesce((SELECT atime_ns FROM t), i.atime_ns),"
-        " (SELECT extents FROM versions v WHERE v.inode = i.id"
-        " AND v.version = coalesce(%s, i.version))"
-        " FROM inodes i WHERE i.id = %s AND i.owner_id = %s",
+        " v.extents, v.damaged FROM inodes i LEFT JOIN versions v ON v.inode = i.id"
+        " AND v.version = coalesce(%s, i.version) WHERE i.id = %s AND i.owner_id = %s",
         (now, read, ino, u.id, now - 86_400 * 10**9, version, ino, u.id))
     row = cur.fetchone()
     if row is None:
@@ -273,6 +278,10 @@ def open(cur: Cursor, u: User, device: str, ino: int, version: int | None = None
         version = a["version"]
     if version and row[14] is None:
         raise FSError(errno.ENOENT, f"no version {version}")
+    if row[15]:
+        log.error("inode %d version %d is damaged (fsck found blocks of it lost): read"
+                  " refused", ino, version)
+        raise FSError(errno.EIO, f"version {version} is damaged: blocks of it are lost")
     return {"attr": a, "extents": msgpack.unpackb(row[14]) if version else []}
 
 
