@@ -194,41 +194,62 @@ def test_gc_deletes_unreferenced_and_unknown_blocks_past_the_grace(gc_world, mou
     assert read_file(m.p("again")) == drop
 
 
-async def test_commit_racing_gc_is_refused_never_committed_over_a_missing_block(gc_world):
+@pytest.mark.parametrize("mode", ["direct", "proxy"])
+async def test_commit_racing_gc_is_refused_never_committed_over_a_missing_block(
+        services, mode):
     """The race of the invariant, step by step, on the mount protocol.
 
     ``have_blocks`` says a block is stored (another file holds it); that
     file goes, GC collects the block; the commit that deduplicated against
-    it comes now. It must be refused (EAGAIN: the mount puts the block
-    again), and once the block is put again it commits.
+    it comes now. It must be refused (EAGAIN, in both modes: the mount puts
+    the block again), and once the block is put again it commits.
     """
     from nimbusfs.client import connect
     from nimbusfs.errors import FSError
 
-    dep, db, bstore = gc_world
+    name = f"gc_race_{mode}_{os.getpid()}_{next(_worlds)}"
+    blocks = "file://" + services.emb.path(name)
+    dep = start_metaserver(services.emb, name, blocks, services.env, "--gc-interval", "0",
+                           *(["--proxy-blocks"] if mode == "proxy" else []))
+    db = Database(dep.dsn, pool_size=1)
+    db.open()
+    bstore = open_store(blocks)
     data = os.urandom(100_000)
     key = block_hash(data)
-    async with connect(dep.address, dep.new_user(), "a") as c:
-        root = c.info["root"]
-        g = await c.call("mknod", parent=root, name=b"g", mode=0o100644, uid=0, gid=0)
-        f = await c.call("mknod", parent=root, name=b"f", mode=0o100644, uid=0, gid=0)
-        bstore.put(key, data)
-        await c.call("commit", ino=g["ino"], base=0, extents=[[key, len(data)]],
-                     size=len(data), mtime=1)
-        assert await c.call("have_blocks", keys=[key]) == [key]
-        await c.call("unlink", parent=root, name=b"g")
-        assert await c.call("purge", ino=g["ino"])
-        assert gc.collect(db, bstore, 0.0).blocks == 1
-        with pytest.raises(FSError) as e:
-            await c.call("commit", ino=f["ino"], base=0, extents=[[key, len(data)]],
-                         size=len(data), mtime=1)
-        assert e.value.errno == errno.EAGAIN
-        assert (await c.call("getattr", ino=f["ino"]))["version"] == 0
-        bstore.put(key, data)
-        await c.call("commit", ino=f["ino"], base=0, extents=[[key, len(data)]],
-                     size=len(data), mtime=1)
-    assert bstore.exists(key)
-    assert gc.collect(db, bstore, 0.0).blocks == 0
+    try:
+        async with connect(dep.address, dep.new_user(), "a") as c:
+            async def put() -> None:
+                if mode == "proxy":
+                    await c.call("put_block", key=key, data=data)
+                else:
+                    bstore.put(key, data)
+
+            async def commit(ino: int) -> None:
+                await c.call("commit", ino=ino, base=0, extents=[[key, len(data)]],
+                             size=len(data), mtime=1)
+
+            root = c.info["root"]
+            g = await c.call("mknod", parent=root, name=b"g", mode=0o100644, uid=0, gid=0)
+            f = await c.call("mknod", parent=root, name=b"f", mode=0o100644, uid=0, gid=0)
+            await put()
+            await commit(g["ino"])
+            assert await c.call("have_blocks", keys=[key]) == [key]
+            await c.call("unlink", parent=root, name=b"g")
+            assert await c.call("purge", ino=g["ino"])
+            assert gc.collect(db, bstore, 0.0).blocks == 1
+            assert not bstore.exists(key)
+            with pytest.raises(FSError) as e:
+                await commit(f["ino"])
+            assert e.value.errno == errno.EAGAIN
+            assert (await c.call("getattr", ino=f["ino"]))["version"] == 0
+            await put()
+            await commit(f["ino"])
+        assert bstore.exists(key)
+        assert gc.collect(db, bstore, 0.0).blocks == 0
+    finally:
+        dep.proc.terminate()
+        dep.proc.wait(30)
+        db.close()
 
 
 def test_the_metaserver_collects_on_its_schedule(services):
