@@ -524,10 +524,11 @@ class Api:
                 on_exists = ("autorename" if _bool(fields.get("autorename"), "autorename")
                              else "overwrite" if _bool(fields.get("overwrite"), "overwrite")
                              else "fail")
+                name = _raw(file.filename)
                 made = await self._commit_file(
                     user, file, lambda ext, size: run(user, device, namespace.put_file, where,
-                                                      _raw(file.filename), ext, size,
-                                                      time.time_ns(), on_exists))
+                                                      name, ext, size, time.time_ns(),
+                                                      on_exists))
             return await meta(user, made["id"])
 
         @r.put("/files/{id}", response_model=FileMeta, openapi_extra=_MULTIPART)
