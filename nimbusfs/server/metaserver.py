@@ -408,6 +408,9 @@ class MetaServer:
             except (psycopg.OperationalError, StoreUnavailable) as e:
                 log.error("block GC stopped: %s", e)
                 continue
+            except Exception:   # a bug: logged, and the server serves on
+                log.exception("block GC failed")
+                continue
             finally:
                 stop.set()
             if report is not None:
