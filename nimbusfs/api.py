@@ -25,7 +25,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from functools import partial
@@ -537,9 +537,11 @@ class Api:
                 on_exists = ("autorename" if _bool(fields.get("autorename"), "autorename")
                              else "overwrite" if _bool(fields.get("overwrite"), "overwrite")
                              else "fail")
-                extents, size = await self._ingest(user, file)
-                made = await run(user, device, namespace.put_file, where, _raw(file.filename),
-                                 extents, size, time.time_ns(), on_exists)
+                name = _raw(file.filename)
+                made = await self._commit_file(
+                    user, file, lambda ext, size: run(user, device, namespace.put_file, where,
+                                                      name, ext, size, time.time_ns(),
+                                                      on_exists))
             return await meta(user, made["id"])
 
         @r.put("/files/{id}", response_model=FileMeta, openapi_extra=_MULTIPART)
@@ -548,9 +550,9 @@ class Api:
             """New content for a file; a stale ``expected_version`` is 409 and changes nothing."""
             async with self._form(request) as (file, fields):
                 expected = _int(fields.get("expected_version"), "expected_version")
-                extents, size = await self._ingest(user, file)
-                await run(user, device, namespace.replace, id, extents, size, time.time_ns(),
-                          expected)
+                await self._commit_file(
+                    user, file, lambda ext, size: run(user, device, namespace.replace, id, ext,
+                                                      size, time.time_ns(), expected))
             return await meta(user, id)
 
         @r.patch("/files/{id}", response_model=FileMeta)
@@ -820,6 +822,21 @@ class Api:
         async for piece in self.server.blocks.read(extents, 0, size):
             await trio.to_thread.run_sync(h.update, piece)
         return h.digest()
+
+    async def _commit_file(self, user: User, file: UploadFile,
+                           commit: Callable[[list, int], Awaitable[Any]]) -> Any:
+        """Store the uploaded file's blocks and ``commit(extents, size)`` them.
+
+        A commit refused with EAGAIN found a block that block GC collected
+        between the two (only with a grace shorter than the upload): the
+        blocks are stored again, once.
+        """
+        try:
+            return await commit(*await self._ingest(user, file))
+        except FSError as e:
+            if e.errno != errno.EAGAIN:
+                raise
+        return await commit(*await self._ingest(user, file))
 
     async def _ingest(self, user: User, file: UploadFile) -> tuple[list, int]:
         """The uploaded file's blocks stored; its extents and size.

@@ -66,6 +66,14 @@ def parse_size(text: str) -> int:
     return int(m[1]) << (10 * " KMGT".index(m[2].upper() or " "))
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``1h`` or ``2d``."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd]?)", text.strip(), re.I)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r} (e.g. 90s, 15m, 1h, 2d)")
+    return float(m[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m[2].lower()]
+
+
 def _label(text: str) -> str:
     """A mount's label: part of a file name (conflicted copies), so no slash, 1-64 bytes."""
     if "/" in text or not 0 < len(text.encode()) <= 64:
@@ -309,7 +317,8 @@ def cmd_server(args: argparse.Namespace) -> int:
     store = open_store(args.blocks)
 
     async def main() -> None:
-        server = MetaServer(db, args.dsn, store, args.proxy_blocks, tls)
+        server = MetaServer(db, args.dsn, store, args.proxy_blocks, tls, args.gc_interval,
+                            args.gc_grace)
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(server.serve, host, port)
             bound = listeners[0].socket.getsockname()
@@ -346,6 +355,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_admin_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dsn", help="PostgreSQL connection string (default: the embedded one)")
+    p.add_argument("--blocks", help="block store URL (default: the embedded one)")
+
+
 def _admin_db(args: argparse.Namespace):
     from nimbusfs.server.db import Database
 
@@ -353,6 +367,48 @@ def _admin_db(args: argparse.Namespace):
     db = Database(dsn, pool_size=1)
     db.open()
     return db
+
+
+def _admin_store(args: argparse.Namespace):
+    from nimbusfs.blockstore import open_store
+
+    return open_store(args.blocks or "file://" + Embedded(args.home).path("blocks"))
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from nimbusfs.server import gc
+
+    _setup_logging()
+    db, store = _admin_db(args), _admin_store(args)
+    try:
+        report = gc.collect(db, store, args.grace, args.dry_run)
+    finally:
+        db.close()
+        store.close()
+    if report is None:
+        print("another block GC is running (a metaserver's schedule?); try again later")
+        return 1
+    print(report)
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    import time
+
+    from nimbusfs.server import fsck
+
+    _setup_logging()
+    started = time.monotonic()
+    db, store = _admin_db(args), _admin_store(args)
+    try:
+        faults = fsck.check(db, store, args.verify_blocks, args.repair)
+    finally:
+        db.close()
+        store.close()
+    for f in faults:
+        print(f)
+    print(fsck.summary(faults, started))
+    return 1 if faults else 0
 
 
 def cmd_user_add(args: argparse.Namespace) -> int:
@@ -613,10 +669,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="versions kept per file regardless of age (default 100)")
     s.add_argument("--keep-days", type=int, default=30,
                    help="older versions are kept this many days (default 30)")
+    s.add_argument("--gc-interval", type=parse_duration, default=3600.0, metavar="DURATION",
+                   help="run block GC this often (default 1h; 0: never)")
+    s.add_argument("--gc-grace", type=parse_duration, default=3600.0, metavar="DURATION",
+                   help="GC deletes what has been unreferenced this long (default 1h)")
     s.add_argument("--tls-cert", help="serve TLS with this certificate (PEM, chain first)")
     s.add_argument("--tls-key", help="its private key (PEM; default: in --tls-cert)")
     s.add_argument("--info-file", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_server)
+
+    g = sub.add_parser("gc", help="delete blocks unreferenced for longer than the grace")
+    g.add_argument("--grace", type=parse_duration, default=3600.0, metavar="DURATION",
+                   help="keep what was unreferenced or stored more recently (default 1h)")
+    g.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    _add_admin_args(g)
+    g.set_defaults(fn=cmd_gc)
+
+    f = sub.add_parser("fsck", help="check the database and the block store (exit 1 on faults)")
+    f.add_argument("--verify-blocks", action="store_true",
+                   help="also read every referenced block and check its hash")
+    f.add_argument("--repair", action="store_true",
+                   help="recount references, links and use; drop entries that point nowhere;"
+                        " purge orphans left behind; mark versions with lost blocks damaged")
+    _add_admin_args(f)
+    f.set_defaults(fn=cmd_fsck)
 
     us = sub.add_parser("user", help="manage users").add_subparsers(dest="ucmd", required=True)
     ua = us.add_parser("add")

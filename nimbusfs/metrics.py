@@ -346,6 +346,9 @@ class MeteredStore(BlockStore):
     def list(self) -> Iterator[bytes]:
         return self.store.list()
 
+    def objects(self) -> Iterator[tuple[bytes, int, float]]:
+        return self.store.objects()
+
     def capacity(self) -> tuple[int, int] | None:
         return self.store.capacity()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 import uuid
 
 import pytest
@@ -39,6 +40,20 @@ def test_put_get_range_exists_delete_list(bstore):
     bstore.delete(key)  # absent is not an error
     assert not bstore.exists(key)
     assert list(bstore.list()) == [block_hash(other)]
+
+
+def test_objects_lists_sizes_and_ages(bstore):
+    """Block GC's listing: every block with its size and when it was stored."""
+    before = time.time()
+    blocks = [os.urandom(n) for n in (1, 5000, 70_000)]
+    for b in blocks:
+        bstore.put(block_hash(b), b)
+    listed = {k: (n, t) for k, n, t in bstore.objects()}
+    assert {k: n for k, (n, _) in listed.items()} == {block_hash(b): len(b) for b in blocks}
+    # GCS timestamps are the server's (milliseconds): a second either side.
+    assert all(before - 1 <= t <= time.time() + 1 for _, t in listed.values())
+    bstore.delete(block_hash(blocks[0]))
+    assert {k for k, _, _ in bstore.objects()} == {block_hash(b) for b in blocks[1:]}
 
 
 def test_put_of_stored_block_keeps_no_reference(bstore):

@@ -70,6 +70,14 @@ class BlockStore(abc.ABC):
     def list(self) -> Iterator[bytes]:
         """Yield the hash of every stored block."""
 
+    @abc.abstractmethod
+    def objects(self) -> Iterator[tuple[bytes, int, float]]:
+        """Yield (hash, size, time stored in seconds since the epoch) of every stored block.
+
+        Block GC deletes an object no database row knows only once it is
+        older than the grace: a block just put may not be committed yet.
+        """
+
     def capacity(self) -> tuple[int, int] | None:
         """(total, free) bytes where the store has a size; None if unbounded."""
         return None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import string
 import threading
 import traceback
 from collections.abc import Callable, Iterator
@@ -42,7 +43,7 @@ from google.auth import exceptions as gauth
 from google.auth.transport.urllib3 import AuthorizedHttp
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from nimbusfs.blockstore.base import BlockNotFound, BlockStore, StoreUnavailable
+from nimbusfs.blockstore.base import HASH_LEN, BlockNotFound, BlockStore, StoreUnavailable
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -237,6 +238,18 @@ class GCSStore(BlockStore):
             _free(e)
 
     def list(self) -> Iterator[bytes]:
+        for key, _, _ in self.objects():
+            yield key
+
+    def objects(self) -> Iterator[tuple[bytes, int, float]]:
+        """The time of a block is its object's creation time (a put never rewrites one).
+
+        Objects under the prefix whose names are not block hashes are not
+        the store's and are skipped.
+        """
         for blob in self._client().list_blobs(self.bucket_name, prefix=self.prefix or None,
                                               **self._bounds):
-            yield bytes.fromhex(blob.name[len(self.prefix):])
+            name = blob.name[len(self.prefix):]
+            if len(name) != 2 * HASH_LEN or name.strip(string.hexdigits):
+                continue
+            yield bytes.fromhex(name), blob.size, blob.time_created.timestamp()

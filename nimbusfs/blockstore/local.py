@@ -135,3 +135,19 @@ class LocalStore(BlockStore):
             for name in os.listdir(d):
                 if not name.startswith("."):
                     yield bytes.fromhex(name)
+
+    def objects(self) -> Iterator[tuple[bytes, int, float]]:
+        """The time of a block is its file's mtime: when its ``put`` wrote it."""
+        for sub in sorted(os.listdir(self.root)):
+            d = os.path.join(self.root, sub)
+            if len(sub) != 2 or not os.path.isdir(d):
+                continue
+            with os.scandir(d) as entries:
+                for e in entries:
+                    if e.name.startswith("."):
+                        continue
+                    try:
+                        st = e.stat()
+                    except FileNotFoundError:
+                        continue  # deleted since the listing
+                    yield bytes.fromhex(e.name), st.st_size, st.st_mtime

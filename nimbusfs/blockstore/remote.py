@@ -57,3 +57,6 @@ class RemoteStore(BlockStore):
 
     def list(self) -> Iterator[bytes]:
         raise FSError(errno.EPERM, "a mount does not list blocks")
+
+    def objects(self) -> Iterator[tuple[bytes, int, float]]:
+        raise FSError(errno.EPERM, "a mount does not list blocks")

@@ -64,6 +64,9 @@ BACKLOG_BYTES = 64 << 20
 MATERIALIZE_BLOCKS = 8
 # New blocks up to this total are put without asking the server which it has.
 ASK_ABOVE_BYTES = 256 << 10
+# Commits tried when the server answers that block GC collected some of the
+# blocks (they are put again between tries).
+COMMIT_ATTEMPTS = 3
 
 
 def _read_piece(st: Staging, p: Piece) -> bytes:
@@ -596,6 +599,32 @@ class OpenFile:
             for p in todo.values():
                 nursery.start_soon(put, p)
 
+    async def _put_again(self, extents: list[list], staged: dict[bytes, Piece]) -> None:
+        """Put every block of ``extents`` into the store, whether it seems stored or not.
+
+        After the server refused a commit because block GC collected some of
+        its blocks since they were uploaded or deduplicated against (EAGAIN:
+        a commit that came more than the GC grace after its uploads). A
+        block's bytes come from the staging file (``staged``), else from the
+        block cache (which fetches, and hash-checks, what it does not hold:
+        a block gone from both fails the commit with that error).
+        """
+        st = self.staging
+
+        async def put(key: bytes) -> None:
+            p = staged.get(key)
+            data = (await trio.to_thread.run_sync(_read_piece, st, p) if p is not None
+                    and st is not None else await self.vfs.cache.get(key))
+
+            def work() -> None:
+                with local_io(f"block store {self.vfs.cache.store.url}"):
+                    self.vfs.cache.store.put(key, data)
+            await self.vfs.cache.transfer(work)
+
+        async with trio.open_nursery() as nursery:
+            for key in {bytes(k) for k, _ in extents if k is not None}:
+                nursery.start_soon(put, key)
+
     async def _cut_upload(self, pos: int, end: int) -> list[Piece]:
         """Cut bytes [pos, end) of the staging file into pieces and upload them.
 
@@ -669,12 +698,21 @@ class OpenFile:
                 pieces += rest
             await self._upload(pieces, partial(_read_piece, st))
             extents = self._new_extents(win, chunks)
-            r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
-                                           extents=extents, size=self.size, mtime=self.mtime,
-                                           kill_priv=self.kill_priv,
-                                           **({"attrs": self.deferred} if self.deferred else {}),
-                                           **({"amend": True} if amend == self.base else {}),
-                                           **self.vfs.commit_hint(self.ino))
+            args = {"ino": self.vfs.srv(self.ino), "base": self.base, "extents": extents,
+                    "size": self.size, "mtime": self.mtime, "kill_priv": self.kill_priv,
+                    **({"attrs": self.deferred} if self.deferred else {}),
+                    **({"amend": True} if amend == self.base else {}),
+                    **self.vfs.commit_hint(self.ino)}
+            for attempt in range(COMMIT_ATTEMPTS):
+                try:
+                    r = await self.vfs.client.call("commit", **args)
+                    break
+                except FSError as e:
+                    if e.errno != errno.EAGAIN or attempt == COMMIT_ATTEMPTS - 1:
+                        raise
+                log.info("inode %d: blocks of its commit were collected; putting them again",
+                         self.ino)
+                await self._put_again(extents, {p.key: p for p in pieces if p.key})
             if "conflict" not in r:
                 self.reset(r["attr"], extents)
                 return

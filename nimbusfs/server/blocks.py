@@ -19,6 +19,13 @@ other. The store still keeps one copy of a block that several users upload
 (deduplicated storage), and nobody can tell: ``put`` answers alike whether
 the block was new or not.
 
+Block GC (``nimbusfs/server/gc.py``) deletes blocks nothing references; its
+invariant needs every put and every direct-mode admission to *pin* the
+block's row before its bytes are stored or looked for, and to *confirm* it
+after (``_pin``, ``_confirm``). An ownership row outlives a block GC
+collected: a commit of that block is then refused with EAGAIN (put it
+again), not EACCES.
+
 Store calls run in worker threads, never inside a database transaction.
 """
 
@@ -44,6 +51,8 @@ from nimbusfs.server.namespace import check_extents, check_keys, unowned
 
 log = logging.getLogger(__name__)
 
+# Seconds a put waits for block GC to finish deleting a block it doomed.
+DOOMED_WAIT = 10.0
 # Blocks checked in the store at once when a direct-mode commit names new ones.
 EXISTS_AT_ONCE = 16
 # Zeros of a hole are sent in pieces of this size.
@@ -54,17 +63,59 @@ ZEROS = 1 << 20
 READ_AHEAD = 4
 
 
-def _own(cur: Cursor, user_id: int, keys: list[bytes], sizes: list[int] | None = None) -> None:
-    """Record that the user may reference ``keys``; with ``sizes``, that they are stored.
+def _unusable(cur: Cursor, user_id: int, keys: list[bytes]) -> list[bytes]:
+    """The blocks of ``keys`` a commit of the user's could not reference as they are.
 
-    A block put but not committed yet has a ``blocks`` row with no
-    references, so that block GC treats it like any block whose last
-    reference went: kept for the grace period, then collected.
+    Those the user does not own, and those whose row is not live (GC
+    collected the block, or is collecting it, or a put of it is unfinished):
+    these must be put again (or, in direct mode, seen in the store again).
     """
-    if sizes is not None:
-        cur.execute("INSERT INTO blocks (hash, size, refcount, unref_since)"
-                    " SELECT k, n, 0, now() FROM unnest(%s::bytea[], %s::int[]) AS c(k, n)"
-                    " ON CONFLICT (hash) DO NOTHING", (keys, sizes))
+    cur.execute("SELECT k FROM unnest(%s::bytea[]) AS k WHERE NOT EXISTS"
+                " (SELECT 1 FROM block_owners o WHERE o.user_id = %s AND o.hash = k)"
+                " OR NOT EXISTS (SELECT 1 FROM blocks b WHERE b.hash = k AND b.state = 'live')",
+                (keys, user_id))
+    return [bytes(r[0]) for r in cur.fetchall()]
+
+
+def _pin(cur: Cursor, keys: list[bytes], sizes: list[int]) -> dict[bytes, Any]:
+    """Step one of making blocks usable, before their bytes are put or looked for.
+
+    Each block gets a row that GC leaves alone for a whole grace period: a
+    missing row is made ``pending``; an unreferenced one has its grace
+    restarted (``unref_since``). A doomed row (GC is deleting the object)
+    is EAGAIN: the caller tries again once GC is done with it. Returns the
+    blocks that are not live yet, with their rows' ``first_seen``, which
+    ``_confirm`` checks (see the module docstring of ``gc``: a row GC
+    deleted and someone made again is another row). ``first_seen`` of a new
+    row is ``clock_timestamp()``, later than the deletion of any row before
+    it, whenever that row's transaction began.
+    """
+    cur.execute("INSERT INTO blocks (hash, size, refcount, unref_since, state, first_seen)"
+                " SELECT k, n, 0, now(), 'pending', clock_timestamp()"
+                " FROM unnest(%s::bytea[], %s::int[]) AS c(k, n) ORDER BY k"
+                " ON CONFLICT (hash) DO UPDATE SET unref_since = CASE"
+                " WHEN blocks.refcount = 0 THEN now() ELSE blocks.unref_since END"
+                " RETURNING hash, state, first_seen", (keys, sizes))
+    rows = cur.fetchall()
+    if any(state == "doomed" for _, state, _ in rows):
+        raise FSError(errno.EAGAIN, "a block is being deleted by block GC; try again")
+    return {bytes(k): first for k, state, first in rows if state != "live"}
+
+
+def _confirm(cur: Cursor, user_id: int, keys: list[bytes], pending: dict[bytes, Any]) -> None:
+    """Step two, once every block of ``pending`` was put (or seen) in the store after ``_pin``.
+
+    They become live, if their rows are still the ones pinned (EAGAIN if
+    GC took one meanwhile: their bytes may have gone with it), and every
+    block of ``keys`` becomes the user's to reference.
+    """
+    if pending:
+        cur.execute("UPDATE blocks b SET state = 'live'"
+                    " FROM unnest(%s::bytea[], %s::timestamptz[]) AS c(k, t)"
+                    " WHERE b.hash = c.k AND b.first_seen = c.t AND b.state <> 'doomed'"
+                    " RETURNING b.hash", (list(pending), list(pending.values())))
+        if cur.rowcount != len(pending):
+            raise FSError(errno.EAGAIN, "block GC took a block while it was stored; try again")
     cur.execute("INSERT INTO block_owners (user_id, hash) SELECT %s, k"
                 " FROM unnest(%s::bytea[]) AS k ON CONFLICT DO NOTHING", (user_id, keys))
 
@@ -130,20 +181,43 @@ class BlockAccess:
         except StoreUnavailable as e:
             raise _unavailable(e) from None
 
+    async def _pinned(self, keys: list[bytes], sizes: list[int]) -> dict[bytes, Any]:
+        """``_pin``, waiting (up to ``DOOMED_WAIT`` seconds) for GC to finish with a doomed block.
+
+        GC deletes a doomed block's object and then its row in well under a
+        second; after that the block can be stored again.
+        """
+        delay = 0.05
+        deadline = trio.current_time() + DOOMED_WAIT
+        while True:
+            try:
+                return await self.transaction(_pin, keys, sizes)
+            except FSError as e:
+                if e.errno != errno.EAGAIN or trio.current_time() > deadline:
+                    raise
+            await trio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
     async def admit(self, u: User, extents: Any, size: Any) -> None:
-        """Before a commit: make sure its blocks are the user's to reference.
+        """Before a commit: make sure its blocks are the user's to reference, and live.
 
         In proxy mode there is nothing to do here: ``commit`` itself refuses
-        any block not uploaded through ``put``. In direct mode a block new to
-        the user is admitted if the store holds it; one it does not hold
-        fails the commit with EACCES, as a block of someone else would.
+        any block not uploaded through ``put`` (EACCES), or collected since
+        (EAGAIN: the mount puts it again). In direct mode a block that is
+        new to the user, or not live, is pinned (``_pin``), then looked for
+        in the store, then confirmed: a block the store does not hold fails
+        the commit with EAGAIN, so that the mount puts it (again) and
+        retries: block GC may have collected it since it was put, as an
+        object no row knew (direct mode is one trust domain, so the answer
+        tells nobody anything they could not read in the store).
         """
         blocks = check_extents(extents, size)
         if self.proxy or not blocks:
             return
-        new = await self.transaction(unowned, u.id, sorted(blocks))
+        new = await self.transaction(_unusable, u.id, sorted(blocks))
         if not new:
             return
+        pending = await self._pinned(new, [blocks[k] for k in new])
         missing: list[bytes] = []
         limiter = trio.CapacityLimiter(EXISTS_AT_ONCE)
 
@@ -153,23 +227,30 @@ class BlockAccess:
                     missing.append(key)
 
         async with trio.open_nursery() as nursery:
-            for key in new:
+            for key in pending:
                 nursery.start_soon(check, key)
         if missing:
-            log.warning("user %s committed %d block(s) the store does not hold, e.g. %s",
-                        u.name, len(missing), missing[0].hex())
-            raise FSError(errno.EACCES, "extents name blocks that are not in the store")
-        await self.transaction(_own, u.id, new)
+            log.info("user %s committed %d block(s) the store does not hold, e.g. %s",
+                     u.name, len(missing), missing[0].hex())
+            raise FSError(errno.EAGAIN, "extents name blocks that are not in the store:"
+                                        " upload them (again)")
+        await self.transaction(_confirm, u.id, new, pending)
 
     async def put(self, u: User, key: Any, data: Any) -> None:
-        """Store a block the user sends, once its bytes are shown to hash to ``key``."""
+        """Store a block the user sends, once its bytes are shown to hash to ``key``.
+
+        Pinned before it is put and confirmed after (see ``_pin``): the
+        store's put does nothing if the object is there, and an object of a
+        block GC doomed may be there still, about to go.
+        """
         check_keys([key])
         if not (isinstance(data, bytes) and 0 < len(data) <= MAX_BLOCK):
             raise FSError(errno.EINVAL, f"a block is 1 to {MAX_BLOCK} bytes")
         if await trio.to_thread.run_sync(block_hash, data) != key:
             raise FSError(errno.EINVAL, "the bytes do not hash to the key")
+        pending = await self._pinned([key], [len(data)])
         await self._store(self.store.put, key, data)
-        await self.transaction(_own, u.id, [key], [len(data)])
+        await self.transaction(_confirm, u.id, [key], pending)
 
     async def get(self, u: User, key: Any, offset: Any = 0, length: Any = None) -> bytes:
         """A block of the user's (or ``length`` bytes of it from ``offset``).
@@ -217,8 +298,11 @@ class BlockAccess:
         """Cut bytes [0, size) of ``fd`` into blocks and store them; return the extents.
 
         The server holds the bytes, so every block becomes the user's; only
-        those the user does not have yet are put (the store keeps one copy
-        of each whatever its owners). The cuts are the mount's for a file
+        those the user cannot reference as they are (not theirs yet, or not
+        live) are put (the store keeps one copy of each whatever its
+        owners). Every block is pinned (``_pin``), which restarts the GC
+        grace of those no version references: an upload's chunks wait for
+        its completion with nothing else holding them. The cuts are the mount's for a file
         written from its start, so the same bytes uploaded here and written
         through a mount are stored once. ``fd`` is read twice (chunking,
         then each new block), never whole into memory.
@@ -226,7 +310,9 @@ class BlockAccess:
         pieces: list[Piece] = await trio.to_thread.run_sync(chunk_fd, fd, 0, size)
         sizes = {p.key: p.length for p in pieces if p.key is not None}
         first = {p.key: p for p in reversed(pieces) if p.key is not None}
-        new = await self.transaction(unowned, u.id, sorted(sizes))
+        keys = sorted(sizes)
+        pending = await self._pinned(keys, [sizes[k] for k in keys]) if keys else {}
+        new = sorted(set(await self.transaction(_unusable, u.id, keys)) | set(pending))
 
         def put(key: bytes) -> None:
             p = first[key]
@@ -239,7 +325,7 @@ class BlockAccess:
             for key in new:
                 nursery.start_soon(self._store, put, key)
         if new:
-            await self.transaction(_own, u.id, new, [sizes[k] for k in new])
+            await self.transaction(_confirm, u.id, new, pending)
         extents: list[list] = []
         for p in pieces:
             if p.key is None and extents and extents[-1][0] is None:

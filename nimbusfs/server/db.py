@@ -53,6 +53,7 @@ class Database:
     def __init__(self, dsn: str, pool_size: int = 8, statement_timeout_ms: int = 30_000,
                  outage_timeout: float = 60.0) -> None:
         self.outage_timeout = outage_timeout
+        self.dsn = dsn
         self.pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, open=False,
             # No per-checkout health check (it costs a round trip per request):

@@ -24,6 +24,7 @@ import functools
 import inspect
 import logging
 import ssl
+import threading
 import time
 import types
 import typing
@@ -39,6 +40,7 @@ import trio
 
 from nimbusfs import metrics
 from nimbusfs.blockstore import BlockStore
+from nimbusfs.blockstore.base import StoreUnavailable
 from nimbusfs.blockstore.remote import PROXY_URL
 from nimbusfs.errors import Conflict, FSError
 from nimbusfs.protocol import (
@@ -50,7 +52,7 @@ from nimbusfs.protocol import (
     pack,
 )
 from nimbusfs.retry import RECONNECT
-from nimbusfs.server import namespace, uploads
+from nimbusfs.server import gc, namespace, uploads
 from nimbusfs.server.auth import User, authenticate
 from nimbusfs.server.blocks import BlockAccess
 from nimbusfs.server.db import Database, one
@@ -278,10 +280,13 @@ class Session:
 
 class MetaServer:
     """``proxy``: mounts get no store address; blocks go through ``BlockAccess``.
-    ``tls``: every connection is TLS."""
+    ``tls``: every connection is TLS. ``gc_interval``: seconds between block
+    GC rounds (0: none; see ``nimbusfs/server/gc.py``), which delete what has
+    been unreferenced for ``gc_grace`` seconds."""
 
     def __init__(self, db: Database, dsn: str, store: BlockStore, proxy: bool = False,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, gc_interval: float = 3600.0,
+                 gc_grace: float = 3600.0) -> None:
         for fn in namespace.OPS.values():
             _arg_types(fn)  # every operation's arguments are declared (or it fails here)
         self.db = db
@@ -290,6 +295,8 @@ class MetaServer:
         self.tls = tls
         self.limiter = trio.CapacityLimiter(db.pool_size)
         self.blocks = BlockAccess(store, proxy, self.call)
+        self.gc_interval = gc_interval
+        self.gc_grace = gc_grace
         self.subscribers: dict[int, set[Session]] = {}
         self.watchers: dict[int, set[trio.Event]] = {}
         self.unauthenticated: Counter[str] = Counter()   # connections before hello, by address
@@ -329,6 +336,8 @@ class MetaServer:
                 nursery.start_soon(self._listen)
                 nursery.start_soon(self._housekeeping)
                 nursery.start_soon(self._log_refusals)
+                if self.gc_interval > 0:
+                    nursery.start_soon(self._collect_blocks)
                 listeners = await nursery.start(
                     partial(trio.serve_tcp, self.handle_connection, port, host=host))
                 task_status.started(listeners)
@@ -413,6 +422,30 @@ class MetaServer:
             except psycopg.OperationalError as e:
                 log.error("database unavailable, log not trimmed: %s", e)
             await trio.sleep(3600)
+
+    async def _collect_blocks(self) -> None:
+        """Block GC every ``gc_interval`` seconds, first after one interval.
+
+        One replica collects at a time (the others find the lock taken and
+        skip the round). On shutdown the round stops between batches.
+        """
+        while True:
+            await trio.sleep(self.gc_interval)
+            stop = threading.Event()
+            try:
+                report = await trio.to_thread.run_sync(
+                    partial(gc.collect, self.db, self.blocks.store, self.gc_grace, stop=stop),
+                    abandon_on_cancel=True)
+            except (psycopg.OperationalError, StoreUnavailable) as e:
+                log.error("block GC stopped: %s", e)
+                continue
+            except Exception:   # a bug: logged, and the server serves on
+                log.exception("block GC failed")
+                continue
+            finally:
+                stop.set()
+            if report is not None:
+                log.info("%s", report)
 
     async def _pump(self, s: Session) -> None:
         """Push the change log to a subscribed session whenever it is woken.

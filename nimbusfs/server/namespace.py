@@ -21,6 +21,8 @@ Invariants kept here:
   entry's inode. The two orders can cross (a link of a file numbered below
   its new directory, against an unlink in that directory): PostgreSQL then
   detects the deadlock and ``Database.run`` reruns the transaction that lost.
+- a commit references only live blocks, locked until it ends, so block GC
+  never deletes a block a version references (``nimbusfs/server/gc.py``);
 
 Namespace changes answer with what they changed (the parent directory's new
 attributes under ``dir``, the removed or replaced inode), so that a mount can
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
 import stat
 import time
 from collections import Counter
@@ -54,6 +57,8 @@ from nimbusfs.posix import (
 )
 from nimbusfs.server.auth import User
 from nimbusfs.server.db import one
+
+log = logging.getLogger(__name__)
 
 BIGINT_MAX = (1 << 63) - 1
 # The largest file (ext4's 16 TiB): sizes add up in bigint columns (quota use).
@@ -255,6 +260,9 @@ def open_file(cur: Cursor, u: User, device: str, ino: int, version: int | None =
               read: bool = False) -> dict[str, Any]:
     """Attributes and the extent list of a file's current (or a given) version.
 
+    A version ``nimbusfs fsck --repair`` marked damaged (blocks of it are
+    lost) is EIO, never bytes other than its own.
+
     ``read``: the file is opened for reading, so atime is updated the way
     Linux's ``relatime`` does: only if it is not newer than mtime and ctime, or
     is a day old, so a file read over and over costs one update. atime changes
@@ -267,9 +275,8 @@ def open_file(cur: Cursor, u: User, device: str, ino: int, version: int | None =
         "WITH t AS (UPDATE inodes SET atime_ns = %s WHERE %s AND id = %s AND owner_id = %s"
         " AND (atime_ns <= greatest(mtime_ns, ctime_ns) OR atime_ns <= %s) RETURNING atime_ns)"
         f" SELECT {_cols('i')}, coalesce((SELECT atime_ns FROM t), i.atime_ns),"
-        " (SELECT extents FROM versions v WHERE v.inode = i.id"
-        " AND v.version = coalesce(%s, i.version))"
-        " FROM inodes i WHERE i.id = %s AND i.owner_id = %s",
+        " v.extents, v.damaged FROM inodes i LEFT JOIN versions v ON v.inode = i.id"
+        " AND v.version = coalesce(%s, i.version) WHERE i.id = %s AND i.owner_id = %s",
         (now, read, ino, u.id, now - 86_400 * 10**9, version, ino, u.id))
     row = cur.fetchone()
     if row is None:
@@ -279,6 +286,10 @@ def open_file(cur: Cursor, u: User, device: str, ino: int, version: int | None =
         version = a["version"]
     if version and row[14] is None:
         raise FSError(errno.ENOENT, f"no version {version}")
+    if row[15]:
+        log.error("inode %d version %d is damaged (fsck found blocks of it lost): read"
+                  " refused", ino, version)
+        raise FSError(errno.EIO, f"version {version} is damaged: blocks of it are lost")
     return {"attr": a, "extents": msgpack.unpackb(row[14]) if version else []}
 
 
@@ -732,7 +743,10 @@ def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
 
 def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
     """Validate extents (``check_extents``), and refuse blocks the user may not
-    reference or names with another length than stored.
+    reference, names with another length than stored, and blocks that are
+    not live (EAGAIN: block GC collected them since the caller stored them,
+    or is collecting them; the caller puts them again and retries). This is
+    the commit's half of block GC's invariant (``nimbusfs/server/gc.py``).
 
     EACCES says the same whether a block is stored for someone else or not
     at all: nothing is learnt of other users' data.
@@ -743,11 +757,16 @@ def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
     keys = sorted(blocks)
     if unowned(cur, u.id, keys):
         raise FSError(errno.EACCES, "extents name blocks this user has not uploaded")
-    cur.execute("SELECT 1 FROM blocks b, unnest(%s::bytea[], %s::bigint[]) AS c(hash, n)"
-                " WHERE b.hash = c.hash AND b.size <> c.n LIMIT 1",
-                (keys, [blocks[k] for k in keys]))
-    if cur.fetchone():
+    # Locked (in hash order, as ``_commit`` locks them) until the commit ends:
+    # block GC dooms a block only under this lock, and only unreferenced.
+    cur.execute("SELECT hash, size, state FROM blocks WHERE hash = ANY(%s) ORDER BY hash"
+                " FOR NO KEY UPDATE", (keys,))
+    rows = cur.fetchall()
+    if any(blocks[bytes(k)] != n for k, n, _ in rows):
         raise FSError(errno.EINVAL, "an extent's length is not its block's size")
+    if len(rows) != len(keys) or any(state != "live" for _, _, state in rows):
+        raise FSError(errno.EAGAIN, "blocks were collected since they were stored:"
+                                    " upload them again")
 
 
 @contextmanager
