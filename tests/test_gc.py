@@ -26,7 +26,8 @@ from nimbusfs.blockstore import block_hash, open_store
 from nimbusfs.server import gc
 from nimbusfs.server.db import Database
 
-ROUNDS = 25     # operations per writer
+ROUNDS = 25     # operations per writer, at least: they go on until GC has collected
+MAX_ROUNDS = 500  # something (it must race with them), at most this many
 # Blocks unreferenced (or stored unknown) for a second are collected, while
 # commits keep referring to blocks freed a moment before. (With no grace at
 # all a direct-mode mount's put would be collected before its commit every
@@ -73,6 +74,13 @@ def test_gc_in_a_loop_never_loses_a_version(gc_world, mount_factory, store):
     stop, errors = threading.Event(), []
     totals = {"rounds": 0, "blocks": 0, "orphans": 0}
 
+    def rounds() -> Iterator[int]:
+        """A writer's rounds: ROUNDS, and on until GC has collected a block meanwhile."""
+        for i in range(MAX_ROUNDS):
+            if i >= ROUNDS and totals["blocks"] > 0:
+                return
+            yield i
+
     def collector() -> None:
         while not stop.is_set():
             report = gc.collect(db, bstore, GRACE)
@@ -83,7 +91,7 @@ def test_gc_in_a_loop_never_loses_a_version(gc_world, mount_factory, store):
     def mount_writer(m, name: str, seed: int) -> None:
         r = random.Random(seed)
         os.makedirs(m.p(name), exist_ok=True)
-        for i in range(ROUNDS):
+        for i in rounds():
             path = m.p(name, f"f{r.randrange(4)}")
             op = r.random()
             if op < 0.15 and os.path.exists(path):
@@ -107,7 +115,7 @@ def test_gc_in_a_loop_never_loses_a_version(gc_world, mount_factory, store):
         r = random.Random(99)
         api.post("/folders", json={"path": "/r"}).raise_for_status()
         ids: dict[str, int] = {}
-        for _ in range(ROUNDS):
+        for _ in rounds():
             name = f"g{r.randrange(4)}"
             op = r.random()
             if op < 0.15 and name in ids:
