@@ -1,6 +1,6 @@
 """The ``nimbusfs`` command.
 
-    nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
+    nimbusfs mount MOUNTPOINT [--server HOST:PORT[,HOST:PORT...] --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
                               [--read-only] [--label L] [--foreground]
                               [--tls-ca FILE] [--tls-fingerprint SHA256] [--insecure]
@@ -511,7 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount a volume")
     m.add_argument("mountpoint")
-    m.add_argument("--server", help="metaserver HOST:PORT (default: the embedded one)")
+    m.add_argument("--server", help="metaserver HOST:PORT, or several replicas of one volume"
+                   " HOST:PORT,HOST:PORT tried in turn (default: the embedded one)")
     m.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
     m.add_argument("--cache-dir")
     m.add_argument("--cache-size", type=parse_size, default=parse_size("10G"))
@@ -584,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("path")
         if name != "versions":
             v.add_argument("--version", type=int, required=name == "restore")
-        v.add_argument("--server", help="metaserver (default: the mount's)")
+        v.add_argument("--server", help="metaserver HOST:PORT[,HOST:PORT...] (default: the"
+                       " mount's)")
         v.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
         _add_tls_args(v)
         v.set_defaults(fn=fn)

@@ -9,6 +9,14 @@ is sent. If the connection drops, calls reconnect with backoff and are sent
 again: every mutation carries an ``op_id`` so that the server applies it once
 even if the first attempt did reach it. A call that has no answer
 ``outage_timeout`` seconds after it was made fails with EIO.
+
+Several metaservers may serve one volume (``HOST:PORT,HOST:PORT``): they
+share one database and keep no state of their own, so the client talks to one
+at a time and, when its connection drops or a connect fails, moves on to the
+next in the list. Op ids are recorded in the database, so a mutation sent to
+a replica that died before answering and sent again to another is applied
+once; the change cursor is the database's, so resubscribing on the other
+replica resumes where the pushes stopped.
 """
 
 from __future__ import annotations
@@ -31,11 +39,23 @@ from nimbusfs.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerpr
 
 log = logging.getLogger(__name__)
 
+# A TCP (and TLS) connect to one metaserver that takes longer than this moves
+# on to the next: a host that is down drops SYNs, and the kernel would wait
+# minutes. The hello is not bounded by it: its answer may wait on the database.
+CONNECT_TIMEOUT = 5.0
 
 
 def parse_address(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_addresses(addresses: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]``: the metaservers of one volume, in the order tried."""
+    servers = [parse_address(a.strip()) for a in addresses.split(",") if a.strip()]
+    if not servers:
+        raise ValueError(f"no metaserver address in {addresses!r}")
+    return servers
 
 
 def _local(address: str) -> bool:
@@ -108,11 +128,14 @@ class TLS:
 
 
 class MetaClient:
+    """``address``: one metaserver, or several of one volume separated by commas."""
+
     def __init__(self, nursery: trio.Nursery, address: str, token: str, device: str,
                  outage_timeout: float = 60.0, tls: TLS | None = None,
                  insecure: bool = False) -> None:
         self.nursery = nursery
-        self.host, self.port = parse_address(address)
+        self.servers = parse_addresses(address)
+        self._server = 0                # index in ``servers`` of the one to try next
         self.token = token
         self.device = device
         self.outage_timeout = outage_timeout
@@ -143,23 +166,44 @@ class MetaClient:
             deadline = trio.current_time() + self.outage_timeout
         with trio.move_on_at(deadline):
             return await self._connect(deadline)
-        raise FSError(errno.EIO, f"metaserver {self.host}:{self.port} unreachable for"
+        raise FSError(errno.EIO, f"metaserver {self.address} unreachable for"
                                  f" {self.outage_timeout:g} s")
+
+    @property
+    def address(self) -> str:
+        """The metaservers, as given."""
+        return ",".join(f"{h}:{p}" for h, p in self.servers)
+
+    async def _open(self, host: str, port: int) -> trio.abc.Stream:
+        """A TCP (and TLS) connection to one metaserver, within ``CONNECT_TIMEOUT``."""
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            tcp = await trio.open_tcp_stream(host, port)
+            tcp.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
+            if self.tls is None:
+                return tcp
+            try:
+                return await self.tls.wrap(tcp, host)
+            except trio.Cancelled:  # the handshake timed out (wrap closes tcp otherwise)
+                await trio.aclose_forcefully(tcp)
+                raise
+        raise TimeoutError(f"no connection within {CONNECT_TIMEOUT:g} s")
 
     async def _connect(self, deadline: float) -> trio.abc.Stream:
         async with self._connect_lock:
             if self._stream is not None:
                 return self._stream
-            if not (self.tls or self.insecure or await is_loopback(self.host)):
-                raise FSError(errno.EPERM, f"refusing to send the token in clear to {self.host}:"
-                                           " give --tls-ca or --tls-fingerprint (or --insecure)")
+            if not (self.tls or self.insecure):
+                for host, _ in self.servers:
+                    if not await is_loopback(host):
+                        raise FSError(errno.EPERM, "refusing to send the token in clear to"
+                                      f" {host}: give --tls-ca or --tls-fingerprint"
+                                      " (or --insecure)")
             delay = 0.05
+            tried = 0                   # servers tried since the last backoff
             while True:
+                host, port = self.servers[self._server]
                 try:
-                    stream = tcp = await trio.open_tcp_stream(self.host, self.port)
-                    tcp.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
-                    if self.tls is not None:
-                        stream = await self.tls.wrap(tcp, self.host)
+                    stream = await self._open(host, port)
                     reader = FrameReader(stream)
                     await stream.send_all(pack([0, "hello", {
                         "token": self.token, "device": self.device,
@@ -172,10 +216,17 @@ class MetaClient:
                         raise ConnectionRefusedError(reply[2])
                     break
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    # The next one now; once every one was tried, back off first.
+                    self._server = (self._server + 1) % len(self.servers)
+                    tried += 1
+                    if tried < len(self.servers):
+                        log.warning("metaserver %s:%s unreachable (%s); trying %s:%s", host,
+                                    port, e, *self.servers[self._server])
+                        continue
+                    tried = 0
                     if trio.current_time() + delay > deadline:
                         raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
-                    log.warning("metaserver %s:%s unreachable (%s); retrying", self.host,
-                                self.port, e)
+                    log.warning("metaserver %s:%s unreachable (%s); retrying", host, port, e)
                     await trio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             if reply[1]:
