@@ -54,9 +54,13 @@ class Database:
 
         Serialization failures and deadlocks rerun the transaction. A lost
         connection (database restart) is retried with backoff for up to
-        ``outage_timeout`` seconds. A transaction that failed on a lost
+        ``outage_timeout`` seconds (a restart, or a failover: a DSN naming
+        several hosts with ``target_session_attrs=read-write`` reaches the new
+        primary on the next connect). A transaction that failed on a lost
         connection never committed only if the failure came before COMMIT was
-        sent; the operations are written so that a rerun is harmless.
+        sent: the rerun is given the same ``fn``, and the mount protocol's
+        mutations (``metaserver._Once``) then look up their op id instead of
+        applying themselves again.
         """
         deadline = time.monotonic() + self.outage_timeout
         delay = 0.05

@@ -158,10 +158,10 @@ def _check_args(opname: str, fn: Callable[..., Any], fixed: tuple, args: dict[st
                                         f" {_describe(types_[name])}")
 
 
-def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
-          **kwargs: Any) -> Any:
-    """Run ``fn`` unless ``op_id`` was applied already; either way return its result.
+class _Once:
+    """Run a mutation unless its ``op_id`` was applied already; either way, its result.
 
+    Called as the transaction's function (``Database.run(once, fn, *args)``).
     A first attempt runs ``fn`` and then records its result (one statement).
     A replay claims ``op_id`` first, so that its key lock makes a later replay
     wait for it, and reads the recorded result if the claim finds one. Should
@@ -169,25 +169,40 @@ def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
     was lost meanwhile), both may run ``fn`` but only one commits: the first
     attempt's record then finds the key taken and rolls it back. Its client is
     gone, so nobody waits for that answer.
+
+    Every run after the first is a replay: ``Database.run`` runs the
+    transaction again when the database connection was lost, and the lost
+    connection may have taken the answer to a COMMIT that was applied (a
+    database failover). The replay then returns the recorded result instead
+    of applying ``fn`` a second time (a commit's base version would be stale,
+    a mkdir's name taken). The key is the user's: one user's op ids cannot
+    collide with another's, and any replica finds it in the shared database.
     """
-    user_id = args[0].id
-    if replay:
-        cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, '')"
-                    " ON CONFLICT (id) DO NOTHING RETURNING 1", (op_id, user_id))
-        if cur.fetchone() is None:
-            cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
-            return msgpack.unpackb(cur.fetchone()[0], raw=False, strict_map_key=False)
+
+    def __init__(self, key: str, replay: bool) -> None:
+        self.key = key
+        self.replay = replay
+
+    def __call__(self, cur: psycopg.Cursor, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        replay, self.replay = self.replay, True
+        user_id = args[0].id
+        if replay:
+            cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, '')"
+                        " ON CONFLICT (id) DO NOTHING RETURNING 1", (self.key, user_id))
+            if cur.fetchone() is None:
+                cur.execute("SELECT result FROM applied_ops WHERE id = %s", (self.key,))
+                return msgpack.unpackb(cur.fetchone()[0], raw=False, strict_map_key=False)
+            result = fn(cur, *args, **kwargs)
+            cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
+                        (msgpack.packb(result, use_bin_type=True), self.key))
+            return result
         result = fn(cur, *args, **kwargs)
-        cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
-                    (msgpack.packb(result, use_bin_type=True), op_id))
+        cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (id) DO NOTHING RETURNING 1",
+                    (self.key, user_id, msgpack.packb(result, use_bin_type=True)))
+        if cur.fetchone() is None:
+            raise FSError(errno.EALREADY, "applied by a replay of this request")
         return result
-    result = fn(cur, *args, **kwargs)
-    cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, %s)"
-                " ON CONFLICT (id) DO NOTHING RETURNING 1",
-                (op_id, user_id, msgpack.packb(result, use_bin_type=True)))
-    if cur.fetchone() is None:
-        raise FSError(errno.EALREADY, "applied by a replay of this request")
-    return result
 
 
 def _changes_since(cur: psycopg.Cursor, owner: int, after: int, sent: list[int]) -> list[list]:
@@ -584,7 +599,7 @@ class MetaServer:
             await self.blocks.admit(s.user, args["extents"], args["size"])
         if op_id is None:
             return await self.call(fn, s.user, s.device, **args)
-        return await self.call(_once, f"{s.user.id}:{op_id}", replay, fn, s.user, s.device,
+        return await self.call(_Once(f"{s.user.id}:{op_id}", replay), fn, s.user, s.device,
                                **args)
 
     async def _answer(self, s: Session, nursery: trio.Nursery, slots: trio.Semaphore,
