@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -15,7 +16,7 @@ from nimbusfs.protocol import FrameReader, pack
 
 
 @pytest.fixture
-def replicas(services) -> list[Deployment]:
+def replicas(services) -> Iterator[list[Deployment]]:
     """Two metaservers on one database of their own and the local block store."""
     emb = services.emb
     emb.ensure_database("nimbus_replicas")
@@ -99,7 +100,9 @@ async def test_a_mutation_answered_by_a_dead_replica_is_not_applied_again(replic
         stream = await trio.open_tcp_stream(host, int(port))
         reader = FrameReader(stream)
         await stream.send_all(pack([1, "hello", {"token": token, "device": "t"}]))
-        return stream, reader, (await reader.read())[2]
+        reply = await reader.read()
+        assert reply is not None and reply[1] == 0
+        return stream, reader, reply[2]
 
     args = {"name": b"once", "mode": 0o100644, "uid": 0, "gid": 0, "op_id": "op-1"}
     stream, reader, info = await hello(a)

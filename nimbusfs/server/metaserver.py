@@ -191,7 +191,9 @@ class _Once:
                         " ON CONFLICT (id) DO NOTHING RETURNING 1", (self.key, user_id))
             if cur.fetchone() is None:
                 cur.execute("SELECT result FROM applied_ops WHERE id = %s", (self.key,))
-                return msgpack.unpackb(cur.fetchone()[0], raw=False, strict_map_key=False)
+                row = cur.fetchone()
+                assert row is not None  # the claim just found it
+                return msgpack.unpackb(row[0], raw=False, strict_map_key=False)
             result = fn(cur, *args, **kwargs)
             cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
                         (msgpack.packb(result, use_bin_type=True), self.key))
