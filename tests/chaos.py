@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from conftest import read_file, wait_until
@@ -69,23 +70,33 @@ class Load:
         for t in self._threads:
             t.join(120)
             assert not t.is_alive(), "a writer hangs"
+        assert not self.errors, self.errors
 
-    def run_through(self, fault, steps_after: int = 60, timeout: float = 60) -> float:
-        """Start, let a few saves through, call ``fault()``, run until ``steps_after``
-        more steps returned; stop. Returns the recovery time: the longest span from
-        the fault on in which no step returned (an outage as the writers saw it)."""
-        self.start()
-        wait_until(lambda: len(self.acked) >= 4 * self.writers or bool(self.errors), timeout,
-                   "saves before the fault")
+    def outage(self, fault: Callable[[], None], steps_after: int = 60,
+               timeout: float = 60) -> float:
+        """Let a few saves through, call ``fault()``, wait for ``steps_after`` more steps.
+
+        Returns the recovery time: the longest span from the fault on in which
+        no step returned (the outage as the writers saw it).
+        """
+        before = len(self.acked)
+        wait_until(lambda: len(self.acked) >= before + 4 * self.writers or bool(self.errors),
+                   timeout, "saves before the fault")
         fault_at = time.monotonic()
         fault()
         wait_until(lambda: self.steps_after(fault_at) >= steps_after or bool(self.errors),
                    timeout, "saves after the fault")
-        self.stop()
         assert not self.errors, self.errors
         with self._lock:
             after = sorted(d for d in self.done_at if d > fault_at)
         return max(b - a for a, b in zip([fault_at, *after], after, strict=False))
+
+    def run_through(self, fault: Callable[[], None]) -> float:
+        """Start, one ``outage(fault)``, stop: its recovery time."""
+        self.start()
+        recovery = self.outage(fault)
+        self.stop()
+        return recovery
 
     def check(self, root: str | None = None) -> None:
         """Every acknowledged save is there with its bytes, nothing else is (``root``: the

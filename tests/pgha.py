@@ -45,8 +45,9 @@ class PgPair:
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.dirs = [os.path.join(root, "primary"), os.path.join(root, "standby")]
+        self.dirs = [os.path.join(root, f"pg{i}") for i in (0, 1)]
         self.ports = [_free_port(), _free_port()]
+        self.primary = 0            # which of the two is the primary now
 
     def _run(self, *argv: str) -> None:
         subprocess.run([*_as_postgres(), *argv], check=True, cwd="/",
@@ -56,6 +57,7 @@ class PgPair:
         self._run(pg_bin("pg_ctl"), "-D", self.dirs[i], "-w", "-t", "60", *argv)
 
     def psql(self, i: int, sql: str, dbname: str = "postgres") -> str:
+        """Run ``sql`` on server ``i``; its output, unaligned."""
         return subprocess.run(
             [pg_bin("psql"), "-h", "127.0.0.1", "-p", str(self.ports[i]), "-U", "postgres",
              "-d", dbname, "-tAc", sql], check=True, capture_output=True, text=True
@@ -65,27 +67,35 @@ class PgPair:
         if os.geteuid() == 0:  # the clusters and their logs are the postgres user's
             pw = pwd.getpwnam("postgres")
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        primary, standby = self.dirs
-        self._run(pg_bin("initdb"), "-D", primary, "-U", "postgres", "--auth=trust",
+        self._run(pg_bin("initdb"), "-D", self.dirs[0], "-U", "postgres", "--auth=trust",
                   "-E", "UTF8", "--locale=C.UTF-8")
         # initdb's pg_hba.conf lets replication connections in from 127.0.0.1 (trust).
-        with open(os.path.join(primary, "postgresql.auto.conf"), "a") as f:
+        with open(os.path.join(self.dirs[0], "postgresql.auto.conf"), "a") as f:
             f.write(f"listen_addresses = '127.0.0.1'\nport = {self.ports[0]}\n"
                     "unix_socket_directories = ''\nmax_connections = 60\n"
                     f"shared_buffers = 32MB\nsynchronous_standby_names = '{STANDBY_NAME}'\n"
                     "synchronous_commit = on\n")
-        self._pg_ctl(0, "-l", os.path.join(self.root, "primary.log"), "start")
-        self._run(pg_bin("pg_basebackup"), "-D", standby, "-R", "-X", "stream", "-c", "fast",
-                  "-d", f"host=127.0.0.1 port={self.ports[0]} user=postgres")
-        with open(os.path.join(standby, "postgresql.auto.conf"), "a") as f:
-            f.write(f"port = {self.ports[1]}\nsynchronous_standby_names = ''\n"
-                    f"primary_conninfo = 'host=127.0.0.1 port={self.ports[0]} user=postgres"
-                    f" application_name={STANDBY_NAME}'\n")
-        self._pg_ctl(1, "-l", os.path.join(self.root, "standby.log"), "start")
-        wait_until(lambda: self.psql(0, "SELECT sync_state FROM pg_stat_replication WHERE"
-                                        f" application_name = '{STANDBY_NAME}'") == "sync",
-                   60, "the standby to be synchronous")
+        self._pg_ctl(0, "-l", os.path.join(self.root, "pg0.log"), "start")
+        self.rebuild_standby()
         self.psql(0, f"CREATE DATABASE {dbname}")
+
+    def rebuild_standby(self) -> None:
+        """A fresh standby of the primary in the other directory, synchronous once caught up
+        (after a failover: the old primary's place, as an operator rebuilds it)."""
+        i = 1 - self.primary
+        shutil.rmtree(self.dirs[i], ignore_errors=True)
+        self._run(pg_bin("pg_basebackup"), "-D", self.dirs[i], "-R", "-X", "stream", "-c",
+                  "fast", "-d", f"host=127.0.0.1 port={self.ports[self.primary]} user=postgres")
+        with open(os.path.join(self.dirs[i], "postgresql.auto.conf"), "a") as f:
+            f.write(f"port = {self.ports[i]}\nsynchronous_standby_names = ''\n"
+                    f"primary_conninfo = 'host=127.0.0.1 port={self.ports[self.primary]}"
+                    f" user=postgres application_name={STANDBY_NAME}'\n")
+        self._pg_ctl(i, "-l", os.path.join(self.root, f"pg{i}.log"), "start")
+        self.psql(self.primary, f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'")
+        self.psql(self.primary, "SELECT pg_reload_conf()")
+        wait_until(lambda: self.psql(self.primary, "SELECT sync_state FROM pg_stat_replication"
+                                     f" WHERE application_name = '{STANDBY_NAME}'") == "sync",
+                   60, "the standby to be synchronous")
 
     def dsn(self, dbname: str) -> str:
         """Both servers, the writable one chosen at each connect (libpq's failover)."""
@@ -96,12 +106,13 @@ class PgPair:
     def fail_primary(self) -> None:
         """The primary dies: an immediate shutdown, as a crash (no checkpoint, no goodbye
         to its clients beyond their sockets closing)."""
-        self._pg_ctl(0, "-m", "immediate", "stop")
+        self._pg_ctl(self.primary, "-m", "immediate", "stop")
 
     def promote(self) -> float:
         """Promote the standby; how long until it accepts writes, in seconds."""
         start = time.monotonic()
-        self._pg_ctl(1, "promote")
+        self._pg_ctl(1 - self.primary, "promote")
+        self.primary = 1 - self.primary
         return time.monotonic() - start
 
     def stop(self) -> None:
