@@ -283,7 +283,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         first = pem[pem.index("-----BEGIN CERTIFICATE-----"):pem.index(end) + len(end)]
         fingerprint = cert_fingerprint(ssl.PEM_cert_to_DER_cert(first))
     namespace.RETENTION.update(versions=args.keep_versions, days=args.keep_days)
-    db = Database(args.dsn, pool_size=args.pool_size)
+    db = Database(args.dsn, pool_size=args.pool_size, outage_timeout=args.outage_timeout)
     db.open()
     host, port = parse_address(args.listen)
 
@@ -546,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " server, which lets each user read only their own (multi-user"
                         " deployments; see the README's security section)")
     s.add_argument("--pool-size", type=int, default=8)
+    s.add_argument("--outage-timeout", type=float, default=60.0,
+                   help="seconds a request waits for an unreachable database (a restart, a"
+                        " failover) before it fails with EIO (default 60)")
     s.add_argument("--keep-versions", type=int, default=100,
                    help="versions kept per file regardless of age (default 100)")
     s.add_argument("--keep-days", type=int, default=30,

@@ -89,7 +89,9 @@ def test_failover_soak(pg_pair, ha_server, mount_factory):
         recovery = load.outage(_failover(pg_pair, delay), timeout=120)
         print(f"round {n}: promoted {delay} s after the death, writers waited at most"
               f" {recovery:.2f} s, {len(load.acked)} saves acknowledged so far")
-        assert recovery < delay + RECOVERY_BOUND
+        # Back within about db.RECONNECT and run()'s backoff (2 s) of the promotion;
+        # with the pool's own backoff, 14.3 s for the promotion 8 s late.
+        assert recovery < delay + 5
         pg_pair.rebuild_standby()
     load.stop()
     load.check()

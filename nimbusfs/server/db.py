@@ -29,6 +29,16 @@ T = TypeVar("T")
 
 # Errors after which the whole transaction can safely run again.
 _RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
+# How long the pool tries to replace a lost connection, and a transaction
+# waits for one, before ``run`` tries again (and so asks the pool for a new
+# attempt). The pool's own retries back off without a cap, 1, 3, 7, 15, 31,
+# 63 s after the loss: a database back 8 s after it went (a standby promoted
+# late) was reached 14.3 s after (tests/test_failover.py's soak), one back
+# after 32 s would be after 63 s. Bounded here, the next attempt comes within
+# about this time plus ``run``'s own backoff (at most 2 s). Transactions never wait
+# this long for a healthy pool: the server's CapacityLimiter lets no more
+# transactions run at once than the pool holds.
+RECONNECT = 2.0
 
 
 class Database:
@@ -36,7 +46,7 @@ class Database:
                  outage_timeout: float = 60.0) -> None:
         self.outage_timeout = outage_timeout
         self.pool = ConnectionPool(
-            dsn, min_size=1, max_size=pool_size, open=False,
+            dsn, min_size=1, max_size=pool_size, open=False, reconnect_timeout=RECONNECT,
             # No per-checkout health check (it costs a round trip per request):
             # a broken connection fails its transaction, which run() retries.
             kwargs={"options": f"-c statement_timeout={statement_timeout_ms}"})
@@ -68,7 +78,7 @@ class Database:
             try:
                 # The pool's context commits the transaction the first statement
                 # opened, or rolls it back if ``fn`` raised.
-                with self.pool.connection() as conn, conn.cursor() as cur:
+                with self.pool.connection(RECONNECT) as conn, conn.cursor() as cur:
                     return fn(cur, *args, **kwargs)
             except _RETRY:
                 continue
