@@ -127,8 +127,9 @@ class PgPair:
 class CommitAnswerLoss:
     """A TCP proxy to a PostgreSQL socket that can lose the answer to one COMMIT.
 
-    Once armed, the next simple-query ``COMMIT`` a client sends is passed on;
-    the server's answer is read up to its ReadyForQuery (so the transaction
+    Once armed (``arm(marker)``), the next simple-query ``COMMIT`` sent on a
+    connection whose transaction sent a statement containing ``marker`` is
+    passed on; the server's answer is read up to its ReadyForQuery (so the transaction
     has committed) and then both connections are closed without relaying it:
     the client sees a lost connection where its COMMIT's result should be, as
     when a primary dies between committing and answering. Clients must
@@ -139,7 +140,7 @@ class CommitAnswerLoss:
         self.unix_socket = unix_socket
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.armed = threading.Event()
+        self.marker: bytes | None = None     # armed: the statement to wait for
         self.lost = threading.Event()        # set once a COMMIT's answer was dropped
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -157,6 +158,10 @@ class CommitAnswerLoss:
             threading.Thread(target=self._to_client, args=(server, client, dropping),
                              daemon=True).start()
 
+    def arm(self, marker: bytes) -> None:
+        self.lost.clear()
+        self.marker = marker
+
     @staticmethod
     def _message(src: socket.socket, typed: bool) -> bytes:
         """One protocol message (the startup message has no type byte)."""
@@ -167,12 +172,16 @@ class CommitAnswerLoss:
                    dropping: threading.Event) -> None:
         try:
             server.sendall(self._message(client, typed=False))
+            marked = False          # this transaction sent the marker
             while True:
                 msg = self._message(client, typed=True)
-                if msg[:1] == b"Q" and msg[5:].rstrip(b"\0").upper() == b"COMMIT" \
-                        and self.armed.is_set():
-                    self.armed.clear()
-                    dropping.set()
+                marker = self.marker
+                marked = marked or (marker is not None and marker in msg)
+                if msg[:1] == b"Q" and msg[5:].rstrip(b"\0").upper() == b"COMMIT":
+                    if marked and self.marker is not None:
+                        self.marker = None
+                        dropping.set()
+                    marked = False
                 server.sendall(msg)
         except OSError:
             pass

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 
 from chaos import Load
@@ -98,15 +99,9 @@ def test_failover_soak(pg_pair, ha_server, mount_factory):
     assert set(load.versions(ha_server.dsn).values()) == {1}
 
 
-async def test_a_mutation_whose_commit_answer_was_lost_is_applied_once(services):
-    """The database committed a mutation but the answer to COMMIT was lost.
-
-    The metaserver's transaction runner sees a lost connection and runs the
-    transaction again on a new one; that rerun is a replay of the op id,
-    which finds the mutation's record and returns its result. Run as a first
-    attempt again, the mknod failed EEXIST (a commit would have been refused
-    as stale and saved as a conflicted copy).
-    """
+@pytest.fixture
+def commit_loss(services) -> Iterator[tuple[CommitAnswerLoss, Deployment]]:
+    """A metaserver whose database connections go through ``CommitAnswerLoss``."""
     emb = services.emb
     emb.ensure_database("nimbus_commit_loss")
     proxy = CommitAnswerLoss(emb.path("run", ".s.PGSQL.5432"))
@@ -115,15 +110,45 @@ async def test_a_mutation_whose_commit_answer_was_lost_is_applied_once(services)
                            dsn=f"host=127.0.0.1 port={proxy.port} dbname=nimbus_commit_loss"
                                " user=postgres sslmode=disable")
     try:
-        async with connect(dep.address, dep.new_user(), "t") as client:
-            root = client.info["root"]
-            proxy.armed.set()
-            made = await client.call("mknod", parent=root, name=b"once", mode=0o100644,
-                                     uid=0, gid=0)
-            assert proxy.lost.is_set()
-            listing = await client.call("readdir", ino=root)
-            assert [(n, e["ino"]) for n, e in listing if n == b"once"] == [(b"once",
-                                                                            made["ino"])]
+        yield proxy, dep
     finally:
         dep.kill()
         proxy.close()
+
+
+async def test_a_mutation_whose_commit_answer_was_lost_is_applied_once(commit_loss):
+    """The database committed a mutation but the answer to COMMIT was lost.
+
+    The metaserver's transaction runner sees a lost connection and runs the
+    transaction again on a new one; that rerun is a replay of the op id,
+    which finds the mutation's record and returns its result. Run as a first
+    attempt again, the mknod failed EEXIST (a commit would have been refused
+    as stale and saved as a conflicted copy).
+    """
+    proxy, dep = commit_loss
+    async with connect(dep.address, dep.new_user(), "t") as client:
+        root = client.info["root"]
+        proxy.arm(b"INSERT INTO inodes")
+        made = await client.call("mknod", parent=root, name=b"once", mode=0o100644,
+                                 uid=0, gid=0)
+        assert proxy.lost.is_set()
+        listing = await client.call("readdir", ino=root)
+        assert [(n, e["ino"]) for n, e in listing if n == b"once"] == [(b"once", made["ino"])]
+
+
+def test_an_http_mutation_whose_commit_answer_was_lost_is_applied_once(commit_loss):
+    """The same for the HTTP API, whose requests carry no op id: the server gives
+    each mutation one. Rerun without it, the folder was 409 and the autorenamed
+    upload was stored twice ("a (1).txt" and "a (2).txt")."""
+    proxy, dep = commit_loss
+    with httpx.Client(base_url=dep.http + "/api/v1", timeout=60,
+                      headers={"Authorization": f"Bearer {dep.new_user()}"}) as api:
+        proxy.arm(b"INSERT INTO inodes")
+        r = api.post("/folders", json={"path": "/docs"})
+        assert proxy.lost.is_set() and r.status_code == 201, r.text
+        assert api.post("/files", files={"file": ("a.txt", b"one")}).status_code == 201
+        proxy.arm(b"INSERT INTO inodes")
+        r = api.post("/files", files={"file": ("a.txt", b"two")}, data={"autorename": "true"})
+        assert proxy.lost.is_set() and r.status_code == 201, r.text
+        names = sorted(e["name"] for e in api.get("/files").json()["entries"])
+        assert names == ["a (1).txt", "a.txt", "docs"]

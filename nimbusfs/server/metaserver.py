@@ -26,6 +26,7 @@ import logging
 import ssl
 import types
 import typing
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -315,6 +316,18 @@ class MetaServer:
         return await trio.to_thread.run_sync(
             partial(self.db.run, fn, *args, **kwargs), limiter=self.limiter,
             abandon_on_cancel=True)
+
+    async def mutate(self, fn: Any, user: User, device: str, *args: Any) -> Any:
+        """Run a mutation that comes without an op id (an HTTP request's) exactly once.
+
+        It is given one, recorded like the mount protocol's: should the answer
+        to its COMMIT be lost (a database failover), the transaction's rerun
+        finds the record instead of applying it again (a second copy of an
+        autorenamed upload, a 409 for a folder it made). Nobody replays it
+        from outside: an HTTP client that lost its answer decides itself.
+        """
+        return await self.call(_Once(f"{user.id}:{uuid.uuid4().hex}", False), fn, user,
+                               device, *args)
 
     async def serve(self, host: str, port: int,
                     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
