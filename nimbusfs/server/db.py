@@ -35,9 +35,9 @@ _RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
 # 63 s after the loss: a database back 8 s after it went (a standby promoted
 # late) was reached 14.3 s after (tests/test_failover.py's soak), one back
 # after 32 s would be after 63 s. Bounded here, the next attempt comes within
-# about this time plus ``run``'s own backoff (at most 2 s). Transactions never wait
-# this long for a healthy pool: the server's CapacityLimiter lets no more
-# transactions run at once than the pool holds.
+# about this time plus ``run``'s own backoff (at most 2 s). Transactions never
+# wait this long for a healthy pool: the server's CapacityLimiter lets no
+# more transactions run at once than the pool holds.
 RECONNECT = 2.0
 
 
@@ -68,9 +68,9 @@ class Database:
         several hosts with ``target_session_attrs=read-write`` reaches the new
         primary on the next connect). A transaction that failed on a lost
         connection never committed only if the failure came before COMMIT was
-        sent: the rerun is given the same ``fn``, and the mount protocol's
-        mutations (``metaserver._Once``) then look up their op id instead of
-        applying themselves again.
+        sent: the rerun is given the same ``fn``, and mutations (the mount
+        protocol's and the HTTP API's, run by ``metaserver._Once``) then look
+        up their op id instead of applying themselves again.
         """
         deadline = time.monotonic() + self.outage_timeout
         delay = 0.05
