@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 # on to the next: a host that is down drops SYNs, and the kernel would wait
 # minutes. The hello is not bounded by it: its answer may wait on the database.
 CONNECT_TIMEOUT = 5.0
+# A connection on which nothing has come for PING_AFTER seconds is pinged
+# (any answer proves the server alive, even an older server's ENOSYS); one
+# silent for SILENT_LIMIT seconds is dropped and its calls are sent again, to
+# the next server. A hung server (a stopped process, a host frozen or cut
+# off) sends no reset: its connection would hold every call to its deadline.
+# A hello has as long to be answered.
+PING_AFTER = 5.0
+SILENT_LIMIT = 15.0
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -208,7 +216,11 @@ class MetaClient:
                     await stream.send_all(pack([0, "hello", {
                         "token": self.token, "device": self.device,
                         "protocol": PROTOCOL_VERSION}]))
-                    reply = await reader.read()
+                    with trio.move_on_after(SILENT_LIMIT) as hello_wait:
+                        reply = await reader.read()
+                    if hello_wait.cancelled_caught:
+                        await trio.aclose_forcefully(stream)
+                        raise TimeoutError(f"no answer to hello within {SILENT_LIMIT:g} s")
                     if reply is None:
                         raise ConnectionResetError("closed during hello")
                     if reply[1] == errno.EAGAIN:  # too many wrong tokens from this address
@@ -239,10 +251,47 @@ class MetaClient:
             self.info = reply[2]
             self.read_only = frozenset(self.info["read_only"])
             self._stream = stream
-            self.nursery.start_soon(self._read_loop, stream, reader)
+            heard = [trio.current_time()]       # when the last frame came on ``stream``
+            self.nursery.start_soon(self._read_loop, stream, reader, heard)
+            self.nursery.start_soon(self._watch, stream, heard)
             if self._subscribed:
                 self.nursery.start_soon(self._resubscribe, stream)
             return stream
+
+    async def _watch(self, stream: trio.abc.Stream, heard: list[float]) -> None:
+        """Ping ``stream`` when it is silent; drop it, and move on, once silent too long.
+
+        Silence does not count while a request is being sent (a large one may
+        take a while on a slow link). Dropping the connection ends its read
+        loop, which wakes the calls waiting on it: they are sent again on a
+        new connection, mutations marked ``replay``.
+        """
+        while True:
+            await trio.sleep(PING_AFTER)
+            if self._stream is not stream:
+                return
+            if self._send_lock.locked():
+                heard[0] = max(heard[0], trio.current_time() - PING_AFTER)
+                continue
+            silent = trio.current_time() - heard[0]
+            if silent >= SILENT_LIMIT:
+                break
+            if silent >= PING_AFTER:
+                self.nursery.start_soon(self._ping, stream)
+        host, port = self.servers[self._server]
+        log.warning("metaserver %s:%s silent for %.0f s; dropping its connection", host, port,
+                    silent)
+        self._stream = None
+        self._server = (self._server + 1) % len(self.servers)
+        await trio.aclose_forcefully(stream)
+
+    async def _ping(self, stream: trio.abc.Stream) -> None:
+        """Ask for an answer (any frame is a sign of life, see ``_watch``)."""
+        try:
+            async with self._send_lock:
+                await stream.send_all(pack([next(self._ids), "ping", {}]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the read loop sees it too
 
     async def _resubscribe(self, stream: trio.SocketStream) -> None:
         """Subscribe again on a new connection; if that fails, drop the connection.
@@ -271,9 +320,11 @@ class MetaClient:
             self.on_push([])  # an empty list means: drop all caches
         return point
 
-    async def _read_loop(self, stream: trio.abc.Stream, reader: FrameReader) -> None:
+    async def _read_loop(self, stream: trio.abc.Stream, reader: FrameReader,
+                         heard: list[float]) -> None:
         try:
             while (msg := await reader.read()) is not None:
+                heard[0] = trio.current_time()
                 if msg[0] == PUSH:
                     self._pushed(msg[2])
                     continue

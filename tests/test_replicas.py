@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import uuid
 from collections.abc import Iterator
+from functools import partial
 
+import psycopg
 import pytest
 import trio
 
 from chaos import Load
 from conftest import Deployment, read_file, start_metaserver, wait_until, write_file
+from nimbusfs.client import connect
 from nimbusfs.protocol import FrameReader, pack
 
 
@@ -80,6 +84,31 @@ def test_killing_a_replica_under_load_loses_and_doubles_nothing(replicas, mount_
     load.check(staying.p())
 
 
+def test_a_hung_replica_is_left_for_another(replicas, mount_factory):
+    """A replica that stops answering (SIGSTOP: no reset, its connections stay
+    open, its transactions hold their locks) is left after its silence.
+
+    The mount pings a silent connection and drops it after
+    ``client.SILENT_LIMIT``; the calls waiting on it go to the other replica,
+    which waits for no more than ``db.IDLE_IN_TRANSACTION_MS`` on rows the hung
+    one had locked. Without that the writers waited for the calls' deadline
+    and failed with EIO.
+    """
+    from nimbusfs.client import SILENT_LIMIT
+
+    a, b = replicas
+    moving = mount_factory("local", None, both(a, b))
+    load = Load(moving.p())
+    try:
+        recovery = load.run_through(lambda: os.kill(a.proc.pid, signal.SIGSTOP))
+    finally:
+        os.kill(a.proc.pid, signal.SIGCONT)  # for its SIGKILL
+    print(f"\nreplica SIGSTOPped under load: writers waited at most {recovery:.2f} s"
+          f" (silence limit {SILENT_LIMIT:g} s), {len(load.acked)} saves acknowledged")
+    load.check()
+    assert set(load.versions(a.dsn).values()) == {1}
+
+
 def test_a_dead_first_server_is_passed_over_at_mount(replicas, mount_factory):
     """``--server A,B`` with A down from the start mounts through B."""
     a, b = replicas
@@ -117,3 +146,42 @@ async def test_a_mutation_answered_by_a_dead_replica_is_not_applied_again(replic
     await stream.send_all(pack([3, "readdir", {"ino": info["root"]}]))
     assert [n for n, _ in (await reader.read())[2]].count(b"once") == 1
     await stream.aclose()
+
+
+async def test_a_hung_replica_holds_no_lock_for_long(replicas):
+    """A replica hung inside a transaction (its rows locked) blocks the others only
+    until the database ends that transaction (``db.IDLE_IN_TRANSACTION_MS``).
+
+    Replica A's mknod is held at the root directory's row lock, A is stopped,
+    the lock is released: A's transaction now holds the root locked and never
+    goes on. B's mknod in the same directory waited for it until its statement
+    timeout (30 s) and failed with EIO.
+    """
+    a, b = replicas
+    token = a.new_user()
+    args = {"mode": 0o100644, "uid": 0, "gid": 0}
+    with psycopg.connect(a.dsn) as lock, psycopg.connect(a.dsn, autocommit=True) as watch:
+        def backends(state: str, waiting: bool = False) -> int:
+            return watch.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND state = %s AND (NOT %s OR wait_event_type = 'Lock')",
+                (state, waiting)).fetchone()[0]
+
+        async with connect(a.address, token, "hung") as ca, \
+                connect(b.address, token, "other") as cb, trio.open_nursery() as nursery:
+            root = ca.info["root"]
+            lock.execute("SELECT 1 FROM inodes WHERE id = %s FOR UPDATE", (root,))
+            nursery.start_soon(partial(ca.call, "mknod", parent=root, name=b"a", **args))
+            await trio.to_thread.run_sync(wait_until, lambda: backends("active", True) == 1,
+                                          30, "A's mknod waiting for the lock")
+            os.kill(a.proc.pid, signal.SIGSTOP)
+            try:
+                lock.commit()
+                await trio.to_thread.run_sync(
+                    wait_until, lambda: backends("idle in transaction") == 1, 30,
+                    "A's transaction holding the lock")
+                made = await cb.call("mknod", parent=root, name=b"b", **args)
+                assert made["ino"]
+            finally:
+                os.kill(a.proc.pid, signal.SIGCONT)
+                nursery.cancel_scope.cancel()

@@ -39,6 +39,13 @@ _RETRY = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
 # wait this long for a healthy pool: the server's CapacityLimiter lets no
 # more transactions run at once than the pool holds.
 RECONNECT = 2.0
+# A transaction that waits this long for its next statement is ended by the
+# database, its locks released. Between statements there is only this
+# process's Python code (store calls never run inside a transaction), so
+# this happens only when the process is hung (stopped, or its host frozen or
+# cut off): another replica, to which the mounts moved, then waits no longer
+# for the rows the hung one had locked.
+IDLE_IN_TRANSACTION_MS = 10_000
 
 
 class Database:
@@ -49,7 +56,8 @@ class Database:
             dsn, min_size=1, max_size=pool_size, open=False, reconnect_timeout=RECONNECT,
             # No per-checkout health check (it costs a round trip per request):
             # a broken connection fails its transaction, which run() retries.
-            kwargs={"options": f"-c statement_timeout={statement_timeout_ms}"})
+            kwargs={"options": f"-c statement_timeout={statement_timeout_ms}"
+                               f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"})
         self.pool_size = pool_size
 
     def open(self) -> None:
@@ -101,6 +109,8 @@ class Database:
             (f for f in importlib.resources.files("nimbusfs.server.migrations").iterdir()
              if f.name.endswith(".sql")), key=lambda f: f.name)
         with self.pool.connection() as conn:
+            # A migration's Python step may think between statements for long.
+            conn.execute("SET idle_in_transaction_session_timeout = 0")
             conn.execute("SELECT pg_advisory_lock(7316)")
             try:
                 conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -120,4 +130,5 @@ class Database:
                                      (f.name,))
             finally:
                 conn.execute("SELECT pg_advisory_unlock(7316)")
+                conn.execute("RESET idle_in_transaction_session_timeout")
                 conn.commit()

@@ -57,8 +57,9 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
 # The server's own operations (beside namespace.OPS) that need no op_id: a
-# block put again is the same block.
-READ_ONLY = frozenset({"subscribe", "get_block", "put_block"})
+# block put again is the same block; ping (a client's check that a silent
+# connection's server is alive) is answered without the database.
+READ_ONLY = frozenset({"subscribe", "get_block", "put_block", "ping"})
 HELLO_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED = 64     # per address: mounts may share one (NAT; the tests' 127.0.0.1)
 WRONG_TOKEN_BURST = 20       # per address, then WRONG_TOKEN_RATE a second
@@ -591,6 +592,8 @@ class MetaServer:
 
     async def _dispatch(self, s: Session, nursery: trio.Nursery, opname: str,
                         args: dict[str, Any]) -> Any:
+        if opname == "ping":
+            return None
         if opname == "subscribe":
             _check_args(opname, self._subscribe, (s, nursery), args)
             return await self._subscribe(s, nursery, **args)
