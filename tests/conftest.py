@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -74,11 +75,22 @@ class Deployment:
         self.proc.wait()
 
     def start(self) -> None:
-        """Start the metaserver again, on the same addresses."""
+        """Start the metaserver again, on the same addresses; return once it listens
+        (a test's next call may have an outage timeout shorter than its start)."""
         argv = [*self.argv[:-2], "--listen", self.address]
         argv[argv.index("--http") + 1] = self.http.removeprefix("http://")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
+        host, port = self.address.rsplit(":", 1)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection((host, int(port)), 1).close()
+                return True
+            except OSError:
+                return self.proc.poll() is not None
+
+        wait_until(listening, 60, "the metaserver to listen again")
 
     def new_user(self, quota: int = 0) -> str:
         """Create a user with an empty volume (and a quota in bytes); return its token."""
