@@ -73,8 +73,13 @@ class Meter:
     def __init__(self, dsn: str) -> None:
         self.conn = psycopg.connect(dsn, autocommit=True)
 
+    def _one(self, sql: str) -> tuple:
+        row = self.conn.execute(sql).fetchone()
+        assert row is not None  # an aggregate: always one row
+        return row
+
     def _wal(self) -> int:
-        return self.conn.execute("SELECT pg_current_wal_insert_lsn() - '0/0'").fetchone()[0]
+        return int(self._one("SELECT pg_current_wal_insert_lsn() - '0/0'")[0])
 
     def start(self) -> None:
         self.conn.execute("SELECT pg_stat_statements_reset()")
@@ -84,12 +89,12 @@ class Meter:
         """(statements, planning + execution ms, WAL bytes) since ``start``, this meter's
         own excluded."""
         wal = self._wal() - self.wal
-        calls, ms = self.conn.execute(
+        calls, ms = self._one(
             "SELECT coalesce(sum(calls), 0),"
             " coalesce(sum(total_plan_time + total_exec_time), 0)"
             " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
             " WHERE datname = current_database()) AND query NOT LIKE '%pg_stat_statements%'"
-            " AND query NOT LIKE '%pg_current_wal_insert_lsn%'").fetchone()
+            " AND query NOT LIKE '%pg_current_wal_insert_lsn%'")
         return int(calls), float(ms), int(wal)
 
 
