@@ -447,6 +447,10 @@ class Api:
         async def run(user: User, device: str, fn: Any, *args: Any) -> Any:
             return await self.server.call(fn, user, device, *args)
 
+        async def change(user: User, device: str, fn: Any, *args: Any) -> Any:
+            """A namespace mutation: applied once even if its COMMIT's answer is lost."""
+            return await self.server.mutate(fn, user, device, *args)
+
         async def meta(user: User, ino: int) -> dict[str, Any]:
             e = await run(user, "http", namespace.entry, ino)
             return _meta(e, e["path"])
@@ -539,9 +543,9 @@ class Api:
                              else "fail")
                 name = _raw(file.filename)
                 made = await self._commit_file(
-                    user, file, lambda ext, size: run(user, device, namespace.put_file, where,
-                                                      name, ext, size, time.time_ns(),
-                                                      on_exists))
+                    user, file, lambda ext, size: change(user, device, namespace.put_file, where,
+                                                         name, ext, size, time.time_ns(),
+                                                         on_exists))
             return await meta(user, made["id"])
 
         @r.put("/files/{id}", response_model=FileMeta, openapi_extra=_MULTIPART)
@@ -551,22 +555,22 @@ class Api:
             async with self._form(request) as (file, fields):
                 expected = _int(fields.get("expected_version"), "expected_version")
                 await self._commit_file(
-                    user, file, lambda ext, size: run(user, device, namespace.replace, id, ext,
-                                                      size, time.time_ns(), expected))
+                    user, file, lambda ext, size: change(user, device, namespace.replace, id, ext,
+                                                         size, time.time_ns(), expected))
             return await meta(user, id)
 
         @r.patch("/files/{id}", response_model=FileMeta)
         async def move(user: User_, id: Id, body: Move, device: Device = "http"
                        ) -> dict[str, Any]:
             """Rename and/or move; a taken name is 409."""
-            await run(user, device, namespace.move, id, body.parent_id,
-                      None if body.name is None else _raw(body.name))
+            await change(user, device, namespace.move, id, body.parent_id,
+                         None if body.name is None else _raw(body.name))
             return await meta(user, id)
 
         @r.delete("/files/{id}", status_code=204, response_class=Response)
         async def delete(user: User_, id: Id, device: Device = "http") -> Response:
             """Delete a file, or an empty folder (409 if not empty)."""
-            await run(user, device, namespace.remove, id)
+            await change(user, device, namespace.remove, id)
             return Response(status_code=204)
 
         @r.post("/folders", status_code=201, response_model=FileMeta)
@@ -580,7 +584,7 @@ class Api:
                 where, name = body.parent_id, body.name
             else:
                 raise _bad("give either {path} or {parent_id, name}")
-            made = await run(user, device, namespace.make_folder, where, _raw(name))
+            made = await change(user, device, namespace.make_folder, where, _raw(name))
             return await meta(user, made["id"])
 
         @r.get("/files/{id}/versions", response_model=Versions)
@@ -595,7 +599,7 @@ class Api:
         async def restore(user: User_, id: Id, body: Restore, device: Device = "http"
                           ) -> dict[str, Any]:
             """Make an old version current again, as a new version."""
-            await run(user, device, namespace.restore, id, body.version)
+            await change(user, device, namespace.restore, id, body.version)
             return await meta(user, id)
 
         @r.get("/sync", response_model=SyncPage)

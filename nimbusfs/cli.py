@@ -1,6 +1,6 @@
 """The ``nimbusfs`` command.
 
-    nimbusfs mount MOUNTPOINT [--server HOST:PORT --token T] [--cache-dir D]
+    nimbusfs mount MOUNTPOINT [--server HOST:PORT[,HOST:PORT...] --token T] [--cache-dir D]
                               [--blocks URL] [--cache-size BYTES] [--allow-other]
                               [--read-only] [--outage-timeout SECONDS] [--label L]
                               [--foreground] [--listen HOST:PORT]
@@ -310,7 +310,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         first = pem[pem.index("-----BEGIN CERTIFICATE-----"):pem.index(end) + len(end)]
         fingerprint = cert_fingerprint(ssl.PEM_cert_to_DER_cert(first))
     namespace.RETENTION.update(versions=args.keep_versions, days=args.keep_days)
-    db = Database(args.dsn, pool_size=args.pool_size)
+    db = Database(args.dsn, pool_size=args.pool_size, outage_timeout=args.outage_timeout)
     db.open()
     host, port = parse_address(args.listen)
 
@@ -628,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("mount", help="mount a volume")
     m.add_argument("mountpoint")
-    m.add_argument("--server", help="metaserver HOST:PORT (default: the embedded one)")
+    m.add_argument("--server", help="metaserver HOST:PORT, or several replicas of one volume"
+                   " HOST:PORT,HOST:PORT tried in turn (default: the embedded one)")
     m.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
     m.add_argument("--cache-dir")
     m.add_argument("--cache-size", type=parse_size, default=parse_size("10G"))
@@ -665,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
                         " server, which lets each user read only their own (multi-user"
                         " deployments; see the README's security section)")
     s.add_argument("--pool-size", type=int, default=8)
+    s.add_argument("--outage-timeout", type=float, default=60.0,
+                   help="seconds a request waits for an unreachable database (a restart, a"
+                        " failover) before it fails with EIO (default 60)")
     s.add_argument("--keep-versions", type=int, default=100,
                    help="versions kept per file regardless of age (default 100)")
     s.add_argument("--keep-days", type=int, default=30,
@@ -732,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("path")
         if name != "versions":
             v.add_argument("--version", type=int, required=name == "restore")
-        v.add_argument("--server", help="metaserver (default: the mount's)")
+        v.add_argument("--server", help="metaserver HOST:PORT[,HOST:PORT...] (default: the"
+                       " mount's)")
         v.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
         _add_tls_args(v)
         v.set_defaults(fn=fn)

@@ -9,6 +9,14 @@ is sent. If the connection drops, calls reconnect with backoff and are sent
 again: every mutation carries an ``op_id`` so that the server applies it once
 even if the first attempt did reach it. A call that has no answer
 ``outage_timeout`` seconds after it was made fails with EIO.
+
+Several metaservers may serve one volume (``HOST:PORT,HOST:PORT``): they
+share one database and keep no state of their own, so the client talks to one
+at a time and, when its connection drops or a connect fails, moves on to the
+next in the list. Op ids are recorded in the database, so a mutation sent to
+a replica that died before answering and sent again to another is applied
+once; the change cursor is the database's, so resubscribing on the other
+replica resumes where the pushes stopped.
 """
 
 from __future__ import annotations
@@ -33,11 +41,31 @@ from nimbusfs.retry import RECONNECT
 
 log = logging.getLogger(__name__)
 
+# A TCP (and TLS) connect to one metaserver that takes longer than this moves
+# on to the next: a host that is down drops SYNs, and the kernel would wait
+# minutes. The hello is not bounded by it: its answer may wait on the database.
+CONNECT_TIMEOUT = 5.0
+# A connection on which nothing has come for PING_AFTER seconds is pinged
+# (any answer proves the server alive, even an older server's ENOSYS); one
+# silent for SILENT_LIMIT seconds is dropped and its calls are sent again, to
+# the next server. A hung server (a stopped process, a host frozen or cut
+# off) sends no reset: its connection would hold every call to its deadline.
+# A hello has as long to be answered.
+PING_AFTER = 5.0
+SILENT_LIMIT = 15.0
 
 
 def parse_address(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_addresses(addresses: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]``: the metaservers of one volume, in the order tried."""
+    servers = [parse_address(a.strip()) for a in addresses.split(",") if a.strip()]
+    if not servers:
+        raise ValueError(f"no metaserver address in {addresses!r}")
+    return servers
 
 
 def _local(address: str) -> bool:
@@ -110,11 +138,14 @@ class TLS:
 
 
 class MetaClient:
+    """``address``: one metaserver, or several of one volume separated by commas."""
+
     def __init__(self, nursery: trio.Nursery, address: str, token: str, device: str,
                  outage_timeout: float = 60.0, tls: TLS | None = None,
                  insecure: bool = False) -> None:
         self.nursery = nursery
-        self.host, self.port = parse_address(address)
+        self.servers = parse_addresses(address)
+        self._server = 0                # index in ``servers`` of the one to try next
         self.token = token
         self.device = device
         self.outage_timeout = outage_timeout
@@ -145,29 +176,53 @@ class MetaClient:
             deadline = trio.current_time() + self.outage_timeout
         with trio.move_on_at(deadline):
             return await self._connect(deadline)
-        raise FSError(errno.EIO, f"metaserver {self.host}:{self.port} unreachable for"
+        raise FSError(errno.EIO, f"metaserver {self.address} unreachable for"
                                  f" {self.outage_timeout:g} s")
+
+    @property
+    def address(self) -> str:
+        """The metaservers, as given."""
+        return ",".join(f"{h}:{p}" for h, p in self.servers)
+
+    async def _open(self, host: str, port: int) -> trio.abc.Stream:
+        """A TCP (and TLS) connection to one metaserver, within ``CONNECT_TIMEOUT``."""
+        with trio.move_on_after(CONNECT_TIMEOUT):
+            tcp = await trio.open_tcp_stream(host, port)
+            tcp.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
+            if self.tls is None:
+                return tcp
+            try:
+                return await self.tls.wrap(tcp, host)
+            except trio.Cancelled:  # the handshake timed out (wrap closes tcp otherwise)
+                await trio.aclose_forcefully(tcp)
+                raise
+        raise TimeoutError(f"no connection within {CONNECT_TIMEOUT:g} s")
 
     async def _connect(self, deadline: float) -> trio.abc.Stream:
         async with self._connect_lock:
             if self._stream is not None:
                 return self._stream
-            if not (self.tls or self.insecure or await is_loopback(self.host)):
-                raise FSError(errno.EPERM, f"refusing to send the token in clear to {self.host}:"
-                                           " give --tls-ca or --tls-fingerprint (or --insecure)")
+            if not (self.tls or self.insecure):
+                for host, _ in self.servers:
+                    if not await is_loopback(host):
+                        raise FSError(errno.EPERM, "refusing to send the token in clear to"
+                                      f" {host}: give --tls-ca or --tls-fingerprint"
+                                      " (or --insecure)")
             waits = RECONNECT.until(deadline, trio.current_time)
+            tried = 0                   # servers tried since the last backoff
             while True:
-                stream: trio.abc.Stream
+                host, port = self.servers[self._server]
                 try:
-                    stream = tcp = await trio.open_tcp_stream(self.host, self.port)
-                    tcp.setsockopt(6, 1, 1)  # TCP_NODELAY: requests are small
-                    if self.tls is not None:
-                        stream = await self.tls.wrap(tcp, self.host)
+                    stream = await self._open(host, port)
                     reader = FrameReader(stream)
                     await stream.send_all(pack([0, "hello", {
                         "token": self.token, "device": self.device,
                         "protocol": PROTOCOL_VERSION}]))
-                    reply = await reader.read()
+                    with trio.move_on_after(SILENT_LIMIT) as hello_wait:
+                        reply = await reader.read()
+                    if hello_wait.cancelled_caught:
+                        await trio.aclose_forcefully(stream)
+                        raise TimeoutError(f"no answer to hello within {SILENT_LIMIT:g} s")
                     if reply is None:
                         raise ConnectionResetError("closed during hello")
                     if reply[1] == errno.EAGAIN:  # too many wrong tokens from this address
@@ -175,11 +230,18 @@ class MetaClient:
                         raise ConnectionRefusedError(reply[2])
                     break
                 except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                    # The next one now; once every one was tried, back off first.
+                    self._server = (self._server + 1) % len(self.servers)
+                    tried += 1
+                    if tried < len(self.servers):
+                        log.warning("metaserver %s:%s unreachable (%s); trying %s:%s", host,
+                                    port, e, *self.servers[self._server])
+                        continue
+                    tried = 0
                     delay = next(waits, None)
                     if delay is None:
                         raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
-                    log.warning("metaserver %s:%s unreachable (%s); retrying", self.host,
-                                self.port, e)
+                    log.warning("metaserver %s:%s unreachable (%s); retrying", host, port, e)
                     await trio.sleep(delay)
             if reply[1]:
                 await stream.aclose()
@@ -193,7 +255,9 @@ class MetaClient:
             self.info = reply[2]
             self.read_only = frozenset(self.info["read_only"])
             self._stream = stream
-            self.nursery.start_soon(self._read_loop, stream, reader)
+            heard = [trio.current_time()]       # when the last frame came on ``stream``
+            self.nursery.start_soon(self._read_loop, stream, reader, heard)
+            self.nursery.start_soon(self._watch, stream, heard)
             if self._subscribed:
                 self.nursery.start_soon(self._resubscribe, stream)
             return stream
@@ -202,6 +266,41 @@ class MetaClient:
     def connected(self) -> bool:
         """Whether a connection to the metaserver is open now."""
         return self._stream is not None
+
+    async def _watch(self, stream: trio.abc.Stream, heard: list[float]) -> None:
+        """Ping ``stream`` when it is silent; drop it, and move on, once silent too long.
+
+        Silence does not count while a request is being sent (a large one may
+        take a while on a slow link). Dropping the connection ends its read
+        loop, which wakes the calls waiting on it: they are sent again on a
+        new connection, mutations marked ``replay``.
+        """
+        while True:
+            await trio.sleep(PING_AFTER)
+            if self._stream is not stream:
+                return
+            if self._send_lock.locked():
+                heard[0] = max(heard[0], trio.current_time() - PING_AFTER)
+                continue
+            silent = trio.current_time() - heard[0]
+            if silent >= SILENT_LIMIT:
+                break
+            if silent >= PING_AFTER:
+                self.nursery.start_soon(self._ping, stream)
+        host, port = self.servers[self._server]
+        log.warning("metaserver %s:%s silent for %.0f s; dropping its connection", host, port,
+                    silent)
+        self._stream = None
+        self._server = (self._server + 1) % len(self.servers)
+        await trio.aclose_forcefully(stream)
+
+    async def _ping(self, stream: trio.abc.Stream) -> None:
+        """Ask for an answer (any frame is a sign of life, see ``_watch``)."""
+        try:
+            async with self._send_lock:
+                await stream.send_all(pack([next(self._ids), "ping", {}]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the read loop sees it too
 
     async def _resubscribe(self, stream: trio.abc.Stream) -> None:
         """Subscribe again on a new connection; if that fails, drop the connection.
@@ -230,9 +329,11 @@ class MetaClient:
             self.on_push([])  # an empty list means: drop all caches
         return point
 
-    async def _read_loop(self, stream: trio.abc.Stream, reader: FrameReader) -> None:
+    async def _read_loop(self, stream: trio.abc.Stream, reader: FrameReader,
+                         heard: list[float]) -> None:
         try:
             while (msg := await reader.read()) is not None:
+                heard[0] = trio.current_time()
                 if msg[0] == PUSH:
                     self._pushed(msg[2])
                     continue

@@ -67,11 +67,22 @@ class Deployment:
         self.proc.wait()
 
     def start(self) -> None:
-        """Start the metaserver again, on the same addresses."""
+        """Start the metaserver again, on the same addresses; return once it listens
+        (a test's next call may have an outage timeout shorter than its start)."""
         argv = [*self.argv[:-2], "--listen", self.address]
         argv[argv.index("--http") + 1] = self.http.removeprefix("http://")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
+        host, port = self.address.rsplit(":", 1)
+
+        def listening() -> bool:
+            try:
+                socket.create_connection((host, int(port)), 1).close()
+                return True
+            except OSError:
+                return self.proc.poll() is not None
+
+        wait_until(listening, 60, "the metaserver to listen again")
 
     def wait_up(self) -> None:
         """Wait until the (re)started metaserver accepts connections.
@@ -163,13 +174,15 @@ class Services:
 
 
 def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str],
-                     *extra: str) -> Deployment:
-    """A metaserver on loopback with a database of its own."""
-    dbname = f"nimbus_{name}"
-    emb.ensure_database(dbname)
+                     *extra: str, dsn: str | None = None) -> Deployment:
+    """A metaserver on loopback with a database of its own (or the one ``dsn`` names)."""
+    if dsn is None:
+        dbname = f"nimbus_{name}"
+        emb.ensure_database(dbname)
+        dsn = emb.dsn_for(dbname)
     info = emb.path("run", f"server-{name}.json")
     log_path = emb.path("logs", f"metaserver-{name}.log")
-    argv = [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", emb.dsn_for(dbname),
+    argv = [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", dsn,
             "--blocks", blocks, "--info-file", info, "--http", "127.0.0.1:0", *extra,
             "--listen", "127.0.0.1:0"]
     with open(log_path, "ab") as log:
@@ -178,8 +191,7 @@ def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str],
     assert proc.poll() is None, "metaserver failed to start"
     with open(info) as f:
         bound = json.load(f)
-    return Deployment(emb.dsn_for(dbname), bound["address"], blocks, proc, argv, log_path, env,
-                      bound["http"])
+    return Deployment(dsn, bound["address"], blocks, proc, argv, log_path, env, bound["http"])
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,23 @@ def one(cur: psycopg.Cursor) -> tuple[Any, ...]:
 
 # Contention: the transaction lost to a concurrent one and can safely run again.
 _CONTENTION = (pgerr.SerializationFailure, pgerr.DeadlockDetected)
+# How long the pool tries to replace a lost connection, and a transaction
+# waits for one, before ``run`` tries again (and so asks the pool for a new
+# attempt). The pool's own retries back off without a cap, 1, 3, 7, 15, 31,
+# 63 s after the loss: a database back 8 s after it went (a standby promoted
+# late) was reached 14.3 s after (tests/test_failover.py's soak), one back
+# after 32 s would be after 63 s. Bounded here, the next attempt comes within
+# about this time plus ``run``'s own backoff (at most 2 s). Transactions never
+# wait this long for a healthy pool: the server's CapacityLimiter lets no
+# more transactions run at once than the pool holds.
+POOL_RECONNECT = 2.0
+# A transaction that waits this long for its next statement is ended by the
+# database, its locks released. Between statements there is only this
+# process's Python code (store calls never run inside a transaction), so
+# this happens only when the process is hung (stopped, or its host frozen or
+# cut off): another replica, to which the mounts moved, then waits no longer
+# for the rows the hung one had locked.
+IDLE_IN_TRANSACTION_MS = 10_000
 
 
 class Database:
@@ -55,10 +72,11 @@ class Database:
         self.outage_timeout = outage_timeout
         self.dsn = dsn
         self.pool = ConnectionPool(
-            dsn, min_size=1, max_size=pool_size, open=False,
+            dsn, min_size=1, max_size=pool_size, open=False, reconnect_timeout=POOL_RECONNECT,
             # No per-checkout health check (it costs a round trip per request):
             # a broken connection fails its transaction, which run() retries.
-            kwargs={"options": f"-c statement_timeout={statement_timeout_ms}"})
+            kwargs={"options": f"-c statement_timeout={statement_timeout_ms}"
+                               f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"})
         self.pool_size = pool_size
 
     def open(self) -> None:
@@ -71,21 +89,26 @@ class Database:
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(cur, *args, **kwargs)`` in one transaction and return its result.
 
-        Serialization failures and deadlocks rerun the transaction, and so
-        does a lost connection (database restart), with the ``RECONNECT``
-        backoff for up to ``outage_timeout`` seconds, after which the last
-        error is raised (the server answers EIO). A statement cancelled by
-        ``statement_timeout`` is not retried. A transaction that failed on a
-        lost connection never committed only if the failure came before
-        COMMIT was sent; the operations are written so that a rerun is
-        harmless.
+        Serialization failures and deadlocks rerun the transaction. A lost
+        connection (database restart) is retried with backoff for up to
+        ``outage_timeout`` seconds (a restart, or a failover: a DSN naming
+        several hosts with ``target_session_attrs=read-write`` reaches the new
+        primary on the next connect). A transaction that failed on a lost
+        connection never committed only if the failure came before COMMIT was
+        sent: the rerun is given the same ``fn``, and mutations (the mount
+        protocol's and the HTTP API's, run by ``metaserver._Once``) then look
+        up their op id instead of applying themselves again. Every retry
+        waits with the ``RECONNECT`` backoff (deadlocks and serialization
+        failures too), for up to ``outage_timeout`` seconds, after which the
+        last error is raised (the server answers EIO). A statement cancelled
+        by ``statement_timeout`` is not retried.
         """
         waits = RECONNECT.until(time.monotonic() + self.outage_timeout)
         while True:
             try:
                 # The pool's context commits the transaction the first statement
                 # opened, or rolls it back if ``fn`` raised.
-                with self.pool.connection() as conn, conn.cursor() as cur:
+                with self.pool.connection(POOL_RECONNECT) as conn, conn.cursor() as cur:
                     return fn(cur, *args, **kwargs)
             except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 if isinstance(e, pgerr.QueryCanceled) or (delay := next(waits, None)) is None:
@@ -112,6 +135,8 @@ class Database:
             (f for f in importlib.resources.files("nimbusfs.server.migrations").iterdir()
              if f.name.endswith(".sql")), key=lambda f: f.name)
         with self.pool.connection() as conn:
+            # A migration's Python step may think between statements for long.
+            conn.execute("SET idle_in_transaction_session_timeout = 0")
             conn.execute("SELECT pg_advisory_lock(7316)")
             try:
                 conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -131,4 +156,5 @@ class Database:
                                      (f.name,))
             finally:
                 conn.execute("SELECT pg_advisory_unlock(7316)")
+                conn.execute("RESET idle_in_transaction_session_timeout")
                 conn.commit()

@@ -28,6 +28,7 @@ import threading
 import time
 import types
 import typing
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,8 +62,9 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
 # The server's own operations (beside namespace.OPS) that need no op_id: a
-# block put again is the same block.
-READ_ONLY = frozenset({"subscribe", "get_block", "put_block"})
+# block put again is the same block; ping (a client's check that a silent
+# connection's server is alive) is answered without the database.
+READ_ONLY = frozenset({"subscribe", "get_block", "put_block", "ping"})
 # What a request's op is counted as in the metrics: a name a client made up
 # is "other", so that clients cannot add label values.
 _COUNTED = frozenset(namespace.OPS) | READ_ONLY
@@ -166,10 +168,10 @@ def _check_args(opname: str, fn: Callable[..., Any], fixed: tuple, args: dict[st
                                         f" {_describe(types_[name])}")
 
 
-def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
-          **kwargs: Any) -> Any:
-    """Run ``fn`` unless ``op_id`` was applied already; either way return its result.
+class _Once:
+    """Run a mutation unless its ``op_id`` was applied already; either way, its result.
 
+    Called as the transaction's function (``Database.run(once, fn, *args)``).
     A first attempt runs ``fn`` and then records its result (one statement).
     A replay claims ``op_id`` first, so that its key lock makes a later replay
     wait for it, and reads the recorded result if the claim finds one. Should
@@ -177,25 +179,40 @@ def _once(cur: psycopg.Cursor, op_id: str, replay: bool, fn: Any, *args: Any,
     was lost meanwhile), both may run ``fn`` but only one commits: the first
     attempt's record then finds the key taken and rolls it back. Its client is
     gone, so nobody waits for that answer.
+
+    Every run after the first is a replay: ``Database.run`` runs the
+    transaction again when the database connection was lost, and the lost
+    connection may have taken the answer to a COMMIT that was applied (a
+    database failover). The replay then returns the recorded result instead
+    of applying ``fn`` a second time (a commit's base version would be stale,
+    a mkdir's name taken). The key is the user's: one user's op ids cannot
+    collide with another's, and any replica finds it in the shared database.
     """
-    user_id = args[0].id
-    if replay:
-        cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, '')"
-                    " ON CONFLICT (id) DO NOTHING RETURNING 1", (op_id, user_id))
-        if cur.fetchone() is None:
-            cur.execute("SELECT result FROM applied_ops WHERE id = %s", (op_id,))
-            return msgpack.unpackb(one(cur)[0], raw=False, strict_map_key=False)
+
+    def __init__(self, key: str, replay: bool) -> None:
+        self.key = key
+        self.replay = replay
+
+    def __call__(self, cur: psycopg.Cursor, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        replay, self.replay = self.replay, True
+        user_id = args[0].id
+        if replay:
+            cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, '')"
+                        " ON CONFLICT (id) DO NOTHING RETURNING 1", (self.key, user_id))
+            if cur.fetchone() is None:
+                cur.execute("SELECT result FROM applied_ops WHERE id = %s", (self.key,))
+                return msgpack.unpackb(one(cur)[0], raw=False, strict_map_key=False)
+            result = fn(cur, *args, **kwargs)
+            cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
+                        (msgpack.packb(result, use_bin_type=True), self.key))
+            return result
         result = fn(cur, *args, **kwargs)
-        cur.execute("UPDATE applied_ops SET result = %s WHERE id = %s",
-                    (msgpack.packb(result, use_bin_type=True), op_id))
+        cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, %s)"
+                    " ON CONFLICT (id) DO NOTHING RETURNING 1",
+                    (self.key, user_id, msgpack.packb(result, use_bin_type=True)))
+        if cur.fetchone() is None:
+            raise FSError(errno.EALREADY, "applied by a replay of this request")
         return result
-    result = fn(cur, *args, **kwargs)
-    cur.execute("INSERT INTO applied_ops (id, user_id, result) VALUES (%s, %s, %s)"
-                " ON CONFLICT (id) DO NOTHING RETURNING 1",
-                (op_id, user_id, msgpack.packb(result, use_bin_type=True)))
-    if cur.fetchone() is None:
-        raise FSError(errno.EALREADY, "applied by a replay of this request")
-    return result
 
 
 def _changes_since(cur: psycopg.Cursor, owner: int, after: int, sent: list[int]) -> list[list]:
@@ -328,6 +345,18 @@ class MetaServer:
         return await trio.to_thread.run_sync(
             partial(self.db.run, fn, *args, **kwargs), limiter=self.limiter,
             abandon_on_cancel=True)
+
+    async def mutate(self, fn: Any, user: User, device: str, *args: Any) -> Any:
+        """Run a mutation that comes without an op id (an HTTP request's) exactly once.
+
+        It is given one, recorded like the mount protocol's: should the answer
+        to its COMMIT be lost (a database failover), the transaction's rerun
+        finds the record instead of applying it again (a second copy of an
+        autorenamed upload, a 409 for a folder it made). Nobody replays it
+        from outside: an HTTP client that lost its answer decides itself.
+        """
+        return await self.call(_Once(f"{user.id}:{uuid.uuid4().hex}", False), fn, user,
+                               device, *args)
 
     async def serve(self, host: str, port: int,
                     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -636,6 +665,8 @@ class MetaServer:
 
     async def _dispatch(self, s: Session, nursery: trio.Nursery, opname: str,
                         args: dict[str, Any]) -> Any:
+        if opname == "ping":
+            return None
         if opname == "subscribe":
             _check_args(opname, self._subscribe, (s, nursery), args)
             return await self._subscribe(s, nursery, **args)
@@ -659,7 +690,7 @@ class MetaServer:
             await self.blocks.admit(s.user, args["extents"], args["size"])
         if op_id is None:
             return await self.call(fn, s.user, s.device, **args)
-        return await self.call(_once, f"{s.user.id}:{op_id}", replay, fn, s.user, s.device,
+        return await self.call(_Once(f"{s.user.id}:{op_id}", replay), fn, s.user, s.device,
                                **args)
 
     async def _answer(self, s: Session, nursery: trio.Nursery, slots: trio.Semaphore,
