@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -174,3 +175,41 @@ def test_install_units_verify(tmp_path):
                         "./nimbusfs@srv-nimbus.service"], cwd=units, capture_output=True,
                        text=True)
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_servers_starting_together_migrate_the_schema_once(services):
+    """Four metaservers' migrations at once on an empty database: each migration is applied
+    once and every server starts (the advisory lock in Database.migrate serialises them;
+    without it the others failed creating tables the first had created)."""
+    from nimbusfs.server.db import Database
+
+    name = f"nimbus_migrate_{uuid.uuid4().hex[:8]}"
+    services.emb.ensure_database(name)
+    dsn = services.emb.dsn_for(name)
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def server_start() -> None:
+        db = Database(dsn, pool_size=1)
+        start.wait()
+        try:
+            db.open()
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=server_start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    db = Database(dsn, pool_size=1)
+    db.open()
+    try:
+        applied = db.run(lambda cur: cur.execute(
+            "SELECT version, count(*) FROM schema_migrations GROUP BY version").fetchall())
+    finally:
+        db.close()
+    assert applied and all(n == 1 for _, n in applied), applied
