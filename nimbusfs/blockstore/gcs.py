@@ -11,11 +11,24 @@ emulator endpoint the client uses anonymous credentials.
 The client object is not documented as thread-safe, so each worker thread gets
 its own (``threading.local``).
 
-Every request is bounded by the store's ``timeout`` (the mount's outage
-timeout), and so are its retries: the library's defaults (60 s per request,
-retries for 120 s) kept a read or a close waiting 99 to 410 s for a dead
-emulator, with ``--outage-timeout 15``. A call that fails raises
-``StoreUnavailable``.
+Retries are the client library's own (``google.cloud.storage.retry``: 429,
+5xx, resets, timeouts; uploads included, which are idempotent here: a block
+is immutable and a retried create finds it, 412), configured, not
+re-implemented:
+
+- a call's retries end at the store's ``timeout`` (the mount's outage
+  timeout): the library's defaults (60 s per request, retries for 120 s) kept
+  a read or a close waiting 99 to 410 s for a dead emulator, with
+  ``--outage-timeout 15``. A call that fails then raises ``StoreUnavailable``;
+- each attempt waits at most ``ATTEMPT_TIMEOUT`` (a quarter of that, 10 s at
+  most) for its connection to move: a connection that died silently (a black
+  hole, a NAT that forgot the flow) otherwise held the one attempt for the
+  whole timeout, and the store's return went unnoticed until the call failed;
+- the waits between attempts grow from 0.25 s to 4 s at most (the library's
+  1 s to 60 s): once the store is back, a call waiting on it resumes within
+  4 s and a retry.
+
+``tests/test_store_faults.py`` checks this through a fault-injecting proxy.
 """
 
 from __future__ import annotations
@@ -33,6 +46,10 @@ from google.auth import exceptions as gauth
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from nimbusfs.blockstore.base import BlockNotFound, BlockStore, StoreUnavailable
+
+# The longest one attempt waits for its connection (connect, or between bytes).
+ATTEMPT_TIMEOUT = 10.0
+RETRY = DEFAULT_RETRY.with_delay(initial=0.25, maximum=4.0, multiplier=2.0)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,8 +94,9 @@ class GCSStore(BlockStore):
     def __init__(self, bucket: str, prefix: str = "", endpoint: str | None = None,
                  create_bucket: bool = False, timeout: float = 60.0) -> None:
         self.bucket_name = bucket
-        # Passed to every request: its own timeout, and its retries' deadline.
-        self._bounds = {"timeout": timeout, "retry": DEFAULT_RETRY.with_timeout(timeout)}
+        # Passed to every request: one attempt's timeout, and its retries' (see above).
+        self._bounds = {"timeout": max(1.0, min(timeout / 4, ATTEMPT_TIMEOUT)),
+                        "retry": RETRY.with_timeout(timeout)}
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint or os.environ.get("NIMBUSFS_GCS_ENDPOINT") or os.environ.get(
             "STORAGE_EMULATOR_HOST")
