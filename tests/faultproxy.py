@@ -24,7 +24,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import trio
@@ -47,7 +47,6 @@ class Counts:
     answered: int = 0         # with the injected status
     reset: int = 0
     swallowed: int = 0        # by the black hole
-    methods: dict[str, int] = field(default_factory=dict)   # forwarded, by method
 
 
 def _reset(stream: trio.SocketStream) -> None:
@@ -156,8 +155,6 @@ class FaultProxy:
                 _reset(upstream)
                 return
             self.counts.forwarded += 1
-            method = request.split(b" ", 1)[0].decode()
-            self.counts.methods[method] = self.counts.methods.get(method, 0) + 1
             await upstream.send_all(request)
 
     async def _responses(self, upstream: trio.SocketStream, client: trio.SocketStream,

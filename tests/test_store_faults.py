@@ -168,7 +168,7 @@ def run_fault(rig: Rig, root: str, fault: dict, seconds: float, outage: float) -
         lost = sum(1 for o in acked if read_file(m.p(o.name)) != o.data)
         doubled = sum(1 for o in acked if _versions(rig.dep, m.token, m.p(o.name)) != 1)
         # A failed close committed nothing of its bytes (its file stays empty).
-        half = sum(1 for o in failed if read_file(m.p(o.name)) not in (b"",))
+        half = sum(1 for o in failed if read_file(m.p(o.name)) != b"")
     finally:
         rig.proxy.set()
         m.stop()
