@@ -123,6 +123,32 @@ def test_mount_t_fuse_nimbusfs_and_an_fstab_line(services, world_tmp, ns):
         _umount(ns, mp, pid)
 
 
+def test_under_systemd_the_mount_logs_to_the_journal(services, world_tmp, ns):
+    """A helper whose stderr is the journal ($JOURNAL_STREAM names it, as systemd sets it for
+    a .mount unit) leaves its mount process logging there, not to a file of its own."""
+    dep = services.deployments["local"]
+    token_file = os.path.join(world_tmp, "token")
+    with open(os.open(token_file, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+        f.write(dep.new_user())
+    home, mp = os.path.join(world_tmp, "home"), os.path.join(world_tmp, "mnt")
+    os.makedirs(mp)
+    journal = os.path.join(world_tmp, "journal")
+    with open(journal, "wb") as out:
+        st = os.fstat(out.fileno())
+        r = subprocess.run(
+            ["nsenter", "-t", str(ns.proc.pid), "-m", "mount", "-t", "fuse.nimbusfs",
+             dep.address, mp, "-o", f"token_file={token_file},home={home}"],
+            stdout=out, stderr=out, env=dict(os.environ, JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"),
+            timeout=120)
+    assert r.returncode == 0, read_file(journal)
+    pid = _mount_pid(home)
+    try:
+        assert f"mounted {mp}" in read_file(journal).decode()
+        assert glob.glob(os.path.join(home, "logs", "*")) == []
+    finally:
+        _umount(ns, mp, pid)
+
+
 def test_mount_helper_refuses_options_it_does_not_know(services, world_tmp, ns):
     """``noexec`` (not honoured) fails the mount with its name; nothing is mounted."""
     mp = os.path.join(world_tmp, "mnt")
