@@ -16,6 +16,8 @@
     nimbusfs versions PATH
     nimbusfs cat PATH [--version N]
     nimbusfs restore PATH --version N
+    nimbusfs install-units [--prefix DIR] [--bin PATH]
+    nimbusfs SOURCE MOUNTPOINT -o OPTIONS    (mount -t fuse.nimbusfs, fstab: services.py)
 
 (``versions``, ``cat`` and ``restore`` take ``--server``, ``--token`` and the
 TLS flags too; ``--dsn`` defaults to the embedded database.)
@@ -45,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from nimbusfs.embedded import Embedded, alive, default_home
 from nimbusfs.retry import wait_until
+from nimbusfs.services import helper_argv, install_units, is_helper_call, stderr_is_journal
 
 if TYPE_CHECKING:
     from nimbusfs.metricsview import Reading
@@ -130,8 +133,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if os.path.ismount(mp):
         return _already_mounted(emb, mp, args.listen)
     name = _mount_name(mp)
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                args.token = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"nimbusfs: cannot read the token file: {e}") from None
     if args.server and not args.token:
-        print("--server needs --token (or NIMBUSFS_TOKEN)", file=sys.stderr)
+        print("--server needs --token (or NIMBUSFS_TOKEN, or --token-file)", file=sys.stderr)
         return 2
     # What runs before this attempt: a mount that cannot start stops what it started.
     had_postgres, had_server = emb.postmaster_pid() is not None, emb.server_address() is not None
@@ -206,8 +215,9 @@ def _run_mount(cfg) -> int:
 
 def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int:
     """Start the mount process in the background and return once the mount is ready."""
-    os.makedirs(emb.path("logs"), exist_ok=True)
-    logfile = emb.path("logs", f"mount-{name}.log")
+    # Started by systemd (a .mount unit from fstab): its logs go to the journal too.
+    journal = stderr_is_journal()
+    logfile = "the journal" if journal else emb.path("logs", f"mount-{name}.log")
     cmd = [sys.executable, "-m", "nimbusfs.cli", "--home", emb.home, "mount", cfg.mountpoint,
            "--foreground", "--server", cfg.server, "--cache-dir", cfg.cache_dir,
            "--cache-size", str(cfg.cache_size), "--outage-timeout", str(cfg.outage_timeout),
@@ -223,12 +233,19 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
     cmd += _tls_argv(args)
     env = dict(os.environ, NIMBUSFS_TOKEN=cfg.token)  # not on the command line: ps shows it
     print(f"nimbusfs: mounting {cfg.mountpoint}", file=sys.stderr)
-    with open(logfile, "ab") as log_f:
-        start = log_f.tell()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
-                                env=env, start_new_session=True)
+    if journal:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    else:
+        os.makedirs(emb.path("logs"), exist_ok=True)
+        with open(logfile, "ab") as log_f:
+            start = log_f.tell()
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_f, stderr=log_f,
+                                    env=env, start_new_session=True)
     wait_until(lambda: os.path.ismount(cfg.mountpoint) or proc.poll() is not None, 120,
                "the mount")
+    if proc.poll() is not None and journal:
+        print("nimbusfs: mount failed (see the journal)", file=sys.stderr)
+        return 1
     if proc.poll() is not None:
         # The mount process's last line says why (one line for a refused mount).
         with open(logfile, "rb") as f:
@@ -352,6 +369,17 @@ def cmd_server(args: argparse.Namespace) -> int:
     finally:
         db.close()
         store.close()
+    return 0
+
+
+def cmd_install_units(args: argparse.Namespace) -> int:
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "docs", "operations.md")
+    for path in install_units(args.prefix, os.path.abspath(args.bin), docs):
+        print(f"wrote {path}")
+    print("next: fill /etc/nimbusfs/server.env and mount-INSTANCE.env from the examples,"
+          " then systemctl daemon-reload; systemctl enable --now nimbusfs-server"
+          " nimbusfs@$(systemd-escape --path MOUNTPOINT)")
     return 0
 
 
@@ -631,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--server", help="metaserver HOST:PORT, or several replicas of one volume"
                    " HOST:PORT,HOST:PORT tried in turn (default: the embedded one)")
     m.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
+    m.add_argument("--token-file", help="read the token from this file (fstab, units)")
     m.add_argument("--cache-dir")
     m.add_argument("--cache-size", type=parse_size, default=parse_size("10G"))
     m.add_argument("--blocks", help="block store: a directory or gs://BUCKET[/PREFIX]")
@@ -718,6 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--listen", default="127.0.0.1:0")
     sv.set_defaults(fn=cmd_supervise)
 
+    iu = sub.add_parser("install-units",
+                        help="write the systemd units (nimbusfs-server, nimbusfs@MOUNTPOINT)")
+    iu.add_argument("--prefix", default="/",
+                    help="root to write under (default /: /etc/systemd/system, /etc/nimbusfs)")
+    iu.add_argument("--bin", default=os.path.join(os.path.dirname(sys.executable), "nimbusfs"),
+                    help="the nimbusfs program the units run (default: this one)")
+    iu.set_defaults(fn=cmd_install_units)
+
     st = sub.add_parser("status", help="embedded services, mounts, conflicts, files not"
                                        " committed, cache use, and their metrics")
     st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
@@ -741,18 +778,23 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--token", default=os.environ.get("NIMBUSFS_TOKEN"))
         _add_tls_args(v)
         v.set_defaults(fn=fn)
+    p.set_defaults(commands=set(sub.choices))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command with umask 077.
+    """Run a command with umask 077 (mount.fuse3's ``SOURCE MOUNTPOINT -o OPTIONS`` too).
 
     What it and the processes it starts create is private to the user: the
     state directory's logs (they name mountpoints), mount records, the
     metaserver's address, block cache and store files, conflict lists (they
     name files). A mountpoint made by ``mount`` gets the caller's umask.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if is_helper_call(argv, parser.get_default("commands")):
+        argv = helper_argv(argv)
+    args = parser.parse_args(argv)
     args.caller_umask = os.umask(0o077)
     try:
         return args.fn(args)

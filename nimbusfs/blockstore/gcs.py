@@ -12,11 +12,24 @@ emulator endpoint the client uses anonymous credentials.
 The client object is not documented as thread-safe, so each worker thread gets
 its own (``threading.local``), and its own connection for blocks.
 
-Every request is bounded by the store's ``timeout`` (the mount's outage
-timeout), and so are its retries: the library's defaults (60 s per request,
-retries for 120 s) kept a read or a close waiting 99 to 410 s for a dead
-emulator, with ``--outage-timeout 15``. A call that fails raises
-``StoreUnavailable``.
+Retries are the client library's own (``google.cloud.storage.retry``: 429,
+5xx, resets, timeouts; uploads included, which are idempotent here: a block
+is immutable and a retried create finds it, 412), configured, not
+re-implemented:
+
+- a call's retries end at the store's ``timeout`` (the mount's outage
+  timeout): the library's defaults (60 s per request, retries for 120 s) kept
+  a read or a close waiting 99 to 410 s for a dead emulator, with
+  ``--outage-timeout 15``. A call that fails then raises ``StoreUnavailable``;
+- each attempt waits at most ``ATTEMPT_TIMEOUT`` (a quarter of that, 10 s at
+  most) for its connection to move: a connection that died silently (a black
+  hole, a NAT that forgot the flow) otherwise held the one attempt for the
+  whole timeout, and the store's return went unnoticed until the call failed;
+- the waits between attempts grow from 0.25 s to 4 s at most (the library's
+  1 s to 60 s): once the store is back, a call waiting on it resumes within
+  4 s and a retry.
+
+``tests/test_store_faults.py`` checks this through a fault-injecting proxy.
 
 Blocks (``get``, ``get_range``, ``put``) move with requests of this module's
 own over urllib3 (``_media``), with the client's credentials and retry
@@ -44,6 +57,10 @@ from google.auth.transport.urllib3 import AuthorizedHttp
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from nimbusfs.blockstore.base import HASH_LEN, BlockNotFound, BlockStore, StoreUnavailable
+
+# The longest one attempt waits for its connection (connect, or between bytes).
+ATTEMPT_TIMEOUT = 10.0
+RETRY = DEFAULT_RETRY.with_delay(initial=0.25, maximum=4.0, multiplier=2.0)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -89,9 +106,9 @@ class GCSStore(BlockStore):
     def __init__(self, bucket: str, prefix: str = "", endpoint: str | None = None,
                  create_bucket: bool = False, timeout: float = 60.0) -> None:
         self.bucket_name = bucket
-        # Every request's own timeout, and its retries' deadline.
-        self.timeout = timeout
-        self._bounds = {"timeout": timeout, "retry": DEFAULT_RETRY.with_timeout(timeout)}
+        # Passed to every request: one attempt's timeout, and its retries' (see above).
+        self.attempt_timeout = max(1.0, min(timeout / 4, ATTEMPT_TIMEOUT))
+        self._bounds = {"timeout": self.attempt_timeout, "retry": RETRY.with_timeout(timeout)}
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.endpoint = endpoint or os.environ.get("NIMBUSFS_GCS_ENDPOINT") or os.environ.get(
             "STORAGE_EMULATOR_HOST")
@@ -151,7 +168,7 @@ class GCSStore(BlockStore):
             # The proxy and CA bundle the client's session found for that URL.
             session = client._http
             kw: dict[str, Any] = {"maxsize": 1, "retries": False, "timeout": urllib3.Timeout(
-                connect=self.timeout, read=self.timeout)}
+                connect=self.attempt_timeout, read=self.attempt_timeout)}
             if isinstance(session.verify, str):
                 kw["ca_certs"] = session.verify
             proxy = session.proxies.get(base.partition(":")[0])

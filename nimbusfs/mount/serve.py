@@ -30,6 +30,7 @@ from nimbusfs.cache import BlockCache
 from nimbusfs.client import TLS, MetaClient
 from nimbusfs.mount.adapter import Kernel, Operations
 from nimbusfs.mount.vfs import VFS
+from nimbusfs.services import notify_ready
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,7 @@ async def serve(cfg: MountConfig) -> None:
             nursery.start_soon(_trim_malloc, malloc_trim)
         log.info("mounted %s (server %s, blocks %s, user %s)", cfg.mountpoint, cfg.server,
                  store.url, client.info["user"])
+        notify_ready()  # the kernel queues requests until pyfuse3.main() serves them
         stop_requested = False
 
         async def on_signals() -> None:

@@ -45,7 +45,7 @@ from psycopg import Cursor
 from nimbusfs.blockstore import BlockNotFound, BlockStore, block_hash
 from nimbusfs.blockstore.base import StoreUnavailable
 from nimbusfs.blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
-from nimbusfs.errors import FSError
+from nimbusfs.errors import FSError, fs_error
 from nimbusfs.server.auth import User
 from nimbusfs.server.namespace import check_extents, check_keys, unowned
 
@@ -226,9 +226,16 @@ class BlockAccess:
                 if not await self._store(self.store.exists, key):
                     missing.append(key)
 
-        async with trio.open_nursery() as nursery:
-            for key in pending:
-                nursery.start_soon(check, key)
+        try:
+            async with trio.open_nursery() as nursery:
+                for key in pending:
+                    nursery.start_soon(check, key)
+        except BaseExceptionGroup as group:
+            # The store gave up on the checks (EIO): one error, not a group the
+            # request's handler would log as a bug with its traceback.
+            if (err := fs_error(group)) is None:
+                raise
+            raise err from None
         if missing:
             log.info("user %s committed %d block(s) the store does not hold, e.g. %s",
                      u.name, len(missing), missing[0].hex())

@@ -129,7 +129,12 @@ class Database:
         A migration that needs more than SQL (e.g. reading msgpack columns)
         has a Python module of the same name beside its SQL file, whose
         ``apply(conn)`` runs after the SQL in the same transaction. An
-        advisory lock serialises replicas that start at the same time.
+        advisory lock serialises replicas that start at the same time: a
+        session lock, not a transaction's, so it is released only once all
+        is committed (released before its COMMIT, another server read no
+        migration as applied and failed creating the first one's tables).
+        Each migration is a transaction of its own, committed with its
+        ``schema_migrations`` row: a crash leaves the migrations before it.
         """
         files = sorted(
             (f for f in importlib.resources.files("nimbusfs.server.migrations").iterdir()
@@ -143,6 +148,7 @@ class Database:
                              "(version text PRIMARY KEY, applied timestamptz DEFAULT now())")
                 conn.commit()
                 done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+                conn.commit()  # so that each ``transaction()`` below is one, not a savepoint
                 for f in files:
                     if f.name in done:
                         continue
@@ -155,6 +161,7 @@ class Database:
                         conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)",
                                      (f.name,))
             finally:
+                conn.rollback()  # nothing uncommitted is left but a failed statement's
                 conn.execute("SELECT pg_advisory_unlock(7316)")
                 conn.execute("RESET idle_in_transaction_session_timeout")
                 conn.commit()
