@@ -37,7 +37,7 @@ import stat
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -152,6 +152,10 @@ class OpenFile:
         self.ahead_idle = trio.Event()     # set when no pump runs for this file
         self.ahead_idle.set()
         self.ahead_moved = trio.Event()    # set (and replaced) when ahead_end advances
+        # Counts changes (writes, truncations, deferred attributes, mtime): a
+        # write-back close with nothing new since the last journal record
+        # needs neither the lock nor a record.
+        self.edits = 0
         self.reset(attr, extents)
 
     def reset(self, attr: dict, extents: list) -> None:
@@ -201,6 +205,7 @@ class OpenFile:
             return False
         self.deferred.update((k, v) for k, v in changes.items() if k != "mtime")
         self.ctime = time.time_ns()
+        self.edits += 1
         return True
 
     # --- reading ---------------------------------------------------------------
@@ -319,7 +324,8 @@ class OpenFile:
 
     def _staging(self) -> Staging:
         if self.staging is None:
-            self.staging = Staging(self.vfs.staging_dir)
+            # Write-back: the journal names the file, to find it after a crash.
+            self.staging = Staging(self.vfs.staging_dir, keep=self.vfs.writeback is not None)
         return self.staging
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
@@ -349,6 +355,7 @@ class OpenFile:
         """A write or truncation: mtime and ctime change (ctime shows until the commit)."""
         self.modified = True
         self.mtime = self.ctime = time.time_ns()
+        self.edits += 1
 
     # --- pipelined upload ------------------------------------------------------
 
@@ -647,45 +654,96 @@ class OpenFile:
         async with self.lock:
             if not self.modified:
                 return
-            await self.ahead_idle.wait()
-            win = self._windows()
+            extents, args = await self.prepare()
+            if amend == self.base:
+                args["amend"] = True
+            await self.adopt(await self.vfs.client.call("commit", **args), extents)
 
-            def pipelined(s: int, e: int) -> bool:
-                return s == self.ahead_start and self.ahead_end <= e
-            if self.ahead_pieces and not any(pipelined(s, e) for s, e in win):
-                await self._drop_ahead(self.ahead_start)  # re-chunked whole: restore its bytes
-            await self._materialize(win)
-            chunks: dict[int, list[Piece]] = {}
-            pieces: list[Piece] = []   # those still to upload
-            st = self.staging
-            for s, e in win:
-                done = self.ahead_pieces if pipelined(s, e) else []
-                pos = self.ahead_end if done else s
-                if e - pos > PIPELINE_BYTES:
-                    chunks[s] = done + await self._cut_upload(pos, e)
-                    continue
-                rest = await trio.to_thread.run_sync(st.chunk, pos, e)
-                chunks[s] = done + rest
-                pieces += rest
-            await self._upload(pieces, partial(_read_piece, st))
-            extents = self._new_extents(win, chunks)
-            r = await self.vfs.client.call("commit", ino=self.vfs.srv(self.ino), base=self.base,
-                                           extents=extents, size=self.size, mtime=self.mtime,
-                                           kill_priv=self.kill_priv,
-                                           **({"attrs": self.deferred} if self.deferred else {}),
-                                           **({"amend": True} if amend == self.base else {}),
-                                           **self.vfs.commit_hint(self.ino))
-            if "conflict" not in r:
-                self.reset(r["attr"], extents)
-                return
-            # Another writer won (or the file was deleted elsewhere): our bytes are
-            # in the conflicted copy; this file now shows the winner's version.
-            self.vfs.record_conflict(self.ino, r["conflict"])
-            if r["attr"] is None:
-                self.reset(r["conflict"], extents)
-            else:
-                cur = await self.vfs.client.call("open", ino=self.vfs.srv(self.ino))
-                self.reset(cur["attr"], cur["extents"])
+    async def prepare(self) -> tuple[list[list], dict[str, Any]]:
+        """Upload the dirty state's new blocks; return its extents and the ``commit`` args.
+
+        Called with the lock held and changes pending; the caller sends the
+        commit (alone, or in a write-back batch) and passes the answer to
+        ``adopt`` before it releases the lock.
+        """
+        await self.ahead_idle.wait()
+        win = self._windows()
+
+        def pipelined(s: int, e: int) -> bool:
+            return s == self.ahead_start and self.ahead_end <= e
+        if self.ahead_pieces and not any(pipelined(s, e) for s, e in win):
+            await self._drop_ahead(self.ahead_start)  # re-chunked whole: restore its bytes
+        await self._materialize(win)
+        chunks: dict[int, list[Piece]] = {}
+        pieces: list[Piece] = []   # those still to upload
+        st = self.staging
+        for s, e in win:
+            done = self.ahead_pieces if pipelined(s, e) else []
+            pos = self.ahead_end if done else s
+            if e - pos > PIPELINE_BYTES:
+                chunks[s] = done + await self._cut_upload(pos, e)
+                continue
+            rest = await trio.to_thread.run_sync(st.chunk, pos, e)
+            chunks[s] = done + rest
+            pieces += rest
+        await self._upload(pieces, partial(_read_piece, st))
+        extents = self._new_extents(win, chunks)
+        return extents, {"ino": self.vfs.srv(self.ino), "base": self.base, "extents": extents,
+                         "size": self.size, "mtime": self.mtime, "kill_priv": self.kill_priv,
+                         **({"attrs": self.deferred} if self.deferred else {}),
+                         **self.vfs.commit_hint(self.ino)}
+
+    async def adopt(self, r: dict[str, Any], extents: list[list]) -> None:
+        """Take a commit's answer: the committed version, or the conflict's outcome."""
+        if "conflict" not in r:
+            self.reset(r["attr"], extents)
+            return
+        # Another writer won (or the file was deleted elsewhere): our bytes are
+        # in the conflicted copy; this file now shows the winner's version.
+        self.vfs.record_conflict(self.ino, r["conflict"])
+        if r["attr"] is None:
+            self.reset(r["conflict"], extents)
+        else:
+            cur = await self.vfs.client.call("open", ino=self.vfs.srv(self.ino))
+            self.reset(cur["attr"], cur["extents"])
+
+    # --- write-back ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The uncommitted state, for the write-back journal (lock held, no pump running).
+
+        With the staging file's bytes (``staging``'s path, or ``inline`` bytes
+        the caller adds) it is everything ``restore`` needs to rebuild this
+        file after a crash and ``prepare`` its commit.
+        """
+        st = self.staging
+        return {"attr": self.attr, "extents": self.extents.pairs(0, len(self.extents)),
+                "size": self.size, "cut": self.cut, "mtime": self.mtime, "ctime": self.ctime,
+                "kill_priv": self.kill_priv, "deferred": self.deferred,
+                "dirty": [[a, b] for a, b in st.dirty] if st else [],
+                "ahead": [self.ahead_start, self.ahead_end,
+                          [[p.offset, p.length, p.key] for p in self.ahead_pieces]],
+                "staging": st.path if st else None, "inline": None}
+
+    @classmethod
+    def restore(cls, vfs: VFS, ino: int, state: dict[str, Any]) -> OpenFile:
+        """The file of a journal record, with its uncommitted changes (no handle open)."""
+        f = cls(vfs, ino, state["attr"], state["extents"])
+        f.size, f.cut = state["size"], state["cut"]
+        f.mtime, f.ctime = state["mtime"], state["ctime"]
+        f.kill_priv, f.deferred, f.modified = state["kill_priv"], state["deferred"], True
+        if state["staging"] is not None or state["inline"] is not None:
+            st = f.staging = Staging(vfs.staging_dir, keep=True, path=state["staging"])
+            for off, data in state["inline"] or ():
+                st.fill(off, data)
+            for a, b in state["dirty"]:
+                st.dirty.add(a, b)
+        start, end, pieces = state["ahead"]
+        if pieces:
+            f.ahead_start, f.ahead_end = start, end
+            f.ahead_read = end
+            f.ahead_pieces = [Piece(o, n, None if k is None else bytes(k)) for o, n, k in pieces]
+        return f
 
     def close(self) -> None:
         if self.staging is not None:

@@ -1,0 +1,288 @@
+"""Write-back of file contents: close and fsync are local; a drainer commits later.
+
+In write-back mode (``nimbusfs mount --writeback``) a close or fsync of a
+written file returns once the file's uncommitted state is durable on the
+local disk: its staged bytes (fdatasynced, or inline in the record when
+small) and a :class:`~nimbusfs.mount.journal.Journal` record, fsynced in
+groups. The file stays in the VFS's open files, modified, until it is
+committed, so reads and stats on this mount see its pending bytes and size
+at once; other mounts see them once drained.
+
+The :class:`WriteBack` drainer commits pending files in journal order, in
+batches: it takes each file's lock, cuts and uploads its new blocks
+(``OpenFile.prepare``), sends the commits of the batch's longest prefix of
+prepared files as one ``batch`` request (one transaction on the server,
+each commit with the op_id of its journal record), then adopts the answers.
+It holds the files' locks until the batch is answered, retrying through an
+outage, so that a file never changes between an attempt and its answer: a
+commit sent again (after a lost answer, or a crash: the op_id is in the
+journal) is applied once, and its answer is the version it made.
+
+Answers: a committed version, or a conflict (another mount changed the file
+meanwhile: the server saved these bytes as a conflicted copy, as for a sync
+close); a refused commit (quota, permission) saves the bytes under
+``recovered/`` as a failed last close does. A journal record is removed
+only after its answer was adopted or saved aside, and the staged bytes are
+freed only after that: nothing acknowledged is dropped.
+
+Backpressure: past ``limit`` bytes journalled and not yet committed (or
+``MAX_PENDING_FILES`` files), writes wait for the drainer (``room``); they
+never fail for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from nimbusfs.errors import FSError, fs_error
+from nimbusfs.mount.filedata import OpenFile
+from nimbusfs.mount.journal import Journal, Record
+
+if TYPE_CHECKING:
+    from nimbusfs.mount.vfs import VFS
+
+log = logging.getLogger(__name__)
+
+# A file whose dirty bytes are at most this is journalled with its bytes in
+# the record (one fsync, the journal's, makes the close durable); a larger
+# one has its staging file fdatasynced and named in the record.
+INLINE_BYTES = 64 << 10
+# Files committed by one batch request (one transaction on the server).
+BATCH_FILES = 256
+# Pending files at most (each holds its staging file open): past it, writes
+# wait as past the byte limit.
+MAX_PENDING_FILES = 8192
+# A batch's files: their extents and commit arguments (``OpenFile.prepare``),
+# None for nothing to commit, missing if preparing failed.
+Prepared = dict[int, tuple[list[list], dict[str, Any]] | None]
+# Backoff between drain attempts that made no progress (the store is down).
+RETRY_DELAY = (0.1, 5.0)
+
+
+class WriteBack:
+    """The pending files of a write-back mount and the task that drains them."""
+
+    def __init__(self, vfs: VFS, journal: Journal, limit: int) -> None:
+        self.vfs = vfs
+        self.journal = journal
+        self.limit = limit
+        # ino -> its journal record (``state`` dropped: the OpenFile holds it),
+        # in drain order: a dict keeps a key's first position when updated.
+        self.pending: dict[int, Record] = {}
+        self.bytes = 0
+        self._edits: dict[int, int] = {}  # ino -> OpenFile.edits its journal record holds
+        self._seq = journal.next_seq()
+        self._work = trio.Event()       # set when a record is added
+        self._progress = trio.Event()   # set (and replaced) when records are removed
+
+    # --- recording -------------------------------------------------------------
+
+    def replay(self) -> int:
+        """Rebuild the journal's pending files as open files (at start, before mounting)."""
+        for rec in self.journal.records():
+            f = OpenFile.restore(self.vfs, rec.ino, rec.state)
+            hint = rec.state["hint"]
+            if hint:
+                self.vfs.names[rec.ino] = (hint["parent"], hint["name"])
+            self.vfs.files[rec.ino] = f
+            self._add(rec)
+        return len(self.pending)
+
+    async def stage(self, f: OpenFile) -> None:
+        """Make ``f``'s uncommitted changes durable in the journal; return once they are.
+
+        This is a write-back close or fsync. The record's op_id and place in
+        the drain order are the file's first pending record's. Nothing new
+        since the file's record: nothing to wait for (not even a drain in
+        progress, which holds the file's lock).
+        """
+        if f.ino in self.pending and self._edits.get(f.ino) == f.edits:
+            return
+        async with f.lock:
+            if not f.modified:
+                return
+            await f.ahead_idle.wait()   # the pump's pieces are part of the state
+            state = f.snapshot()
+            state["hint"] = self.vfs.commit_hint(f.ino) or None
+            st = f.staging
+            size = sum(b - a for a, b in state["dirty"])
+            if st is not None and size <= INLINE_BYTES and not f.ahead_pieces:
+                state["inline"] = [[a, st.read(a, b - a)] for a, b in state["dirty"]]
+                state["staging"] = None
+            elif st is not None:
+                await trio.to_thread.run_sync(st.sync)
+            old = self.pending.get(f.ino)
+            rec = Record(f.ino, old.seq if old else self._seq, old.op_id if old else
+                         uuid.uuid4().hex, state, size, old.created if old else time.time())
+            await self.journal.put(rec)
+            if old is None:
+                self._seq += 1
+            rec.state = {}
+            self._add(rec)
+            self._edits[f.ino] = f.edits
+
+    def _add(self, rec: Record) -> None:
+        old = self.pending.get(rec.ino)
+        self.bytes += rec.bytes - (old.bytes if old else 0)
+        self.pending[rec.ino] = rec
+        self._work.set()
+
+    async def room(self) -> None:
+        """Wait while more than ``limit`` bytes (or ``MAX_PENDING_FILES`` files) are
+        journalled and not committed."""
+        while self.bytes > self.limit or len(self.pending) >= MAX_PENDING_FILES:
+            await self._progress.wait()
+
+    async def committed(self, parent: int, name: bytes) -> None:
+        """Wait until the pending file last seen at ``parent``/``name`` is committed.
+
+        Before a rename of it: other mounts must never see a file at its new
+        name without its content (a save by writing a temporary file and
+        renaming it over the original is atomic for them too), and the
+        server applies the rename after the commit, as this mount made them.
+        """
+        where = (parent, name)
+        ino = next((i for i in self.pending if self.vfs.names.get(i) == where), None)
+        while ino in self.pending:
+            await self._progress.wait()
+
+    # --- draining --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drain pending files for as long as the mount runs."""
+        delay = RETRY_DELAY[0]
+        while True:
+            if not self.pending:
+                self._work = trio.Event()
+                await self._work.wait()
+            if await self._drain(list(self.pending)[:BATCH_FILES]):
+                delay = RETRY_DELAY[0]
+            else:
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_DELAY[1])
+
+    async def drained(self, give_up: float | None = None) -> bool:
+        """Wait until nothing is pending; False if ``give_up`` seconds pass without progress."""
+        while self.pending:
+            with trio.move_on_after(give_up if give_up is not None else float("inf")):
+                await self._progress.wait()
+                continue
+            return False
+        return True
+
+    async def _drain(self, inos: list[int]) -> bool:
+        """Commit a batch of pending files, in order; whether any record was removed."""
+        prepared: Prepared = {}
+        answers: dict[int, list] = {}
+        ready = {ino: trio.Event() for ino in inos}
+        answered = trio.Event()
+        done: list[tuple[int, str]] = []
+        async with trio.open_nursery() as nursery:
+            for ino in inos:
+                nursery.start_soon(self._file, ino, prepared, ready[ino], answered, answers,
+                                   done)
+            for ev in ready.values():
+                await ev.wait()
+            batch: list[int] = []
+            ops: list[list] = []
+            for ino in inos:  # the longest prefix of prepared files, to keep the order
+                if ino not in prepared:
+                    break
+                p = prepared[ino]
+                if p is not None:
+                    batch.append(ino)
+                    ops.append(["commit", self.pending[ino].op_id, p[1]])
+            if batch:
+                answers.update(zip(batch, await self._send(ops), strict=True))
+                # Durably forgotten before any staged byte is freed (``adopt``).
+                committed = [(ino, self.pending[ino].op_id) for ino in batch
+                             if answers[ino][0] == 0]
+                await self.journal.remove(committed)
+                done += committed
+            answered.set()
+        for ino, _ in done:
+            self._edits.pop(ino, None)
+            rec = self.pending.pop(ino)
+            self.bytes -= rec.bytes
+            f = self.vfs.files.get(ino)
+            if f is not None and self.vfs.forget(f):
+                self.vfs.spawn(self.vfs.call, "purge", ino=self.vfs.srv(ino))
+        if done:
+            self._progress.set()
+            self._progress = trio.Event()
+        return bool(done)
+
+    async def _file(self, ino: int, prepared: Prepared, ready: trio.Event, answered: trio.Event,
+                    answers: dict[int, list], done: list[tuple[int, str]]) -> None:
+        """One file of a batch: prepared under its lock, held until the batch is answered.
+
+        ``prepared[ino]`` is None when there is nothing to commit (the file
+        was committed or discarded since, or deleted and closed: its bytes
+        are gone as on a local disk), and missing if preparing failed (a
+        store outage): then it and the files after it wait for the next batch.
+        """
+        f = self.vfs.files.get(ino)
+        rec = self.pending[ino]
+        if f is None:
+            prepared[ino] = None
+            ready.set()
+            return
+        async with f.lock:
+            try:
+                if f.ino in self.vfs.orphans and not f.handles:
+                    f.discard()
+                if f.modified:
+                    prepared[ino] = await f.prepare()
+                else:
+                    prepared[ino] = None
+            except Exception as e:
+                log.warning("write-back of inode %d not ready: %s; retrying", ino,
+                            fs_error(e) or e)
+            finally:
+                ready.set()
+            await answered.wait()
+            if ino not in prepared:
+                return
+            p = prepared[ino]
+            if p is None:
+                await self.journal.remove([(ino, rec.op_id)])
+                done.append((ino, rec.op_id))
+                return
+            answer = answers.get(ino)
+            if answer is None:
+                return  # not sent: a file before it failed to prepare
+            if answer[0] == 0:
+                await f.adopt(answer[1], p[0])
+                self.vfs.committed(f, bool(answer[1].get("conflict")))
+                return
+            log.error("write-back commit of inode %d refused: %s", ino,
+                      os.strerror(answer[0]) if isinstance(answer[1], dict) else answer[1])
+            if await self.vfs.save_aside(f):
+                await self.journal.remove([(ino, rec.op_id)])
+                done.append((ino, rec.op_id))
+
+    async def _send(self, ops: list[list]) -> list[list]:
+        """Send a batch of commits until it is answered (the same op_ids every time).
+
+        An outage fails a call with EIO after the client's outage timeout: the
+        batch is sent again, as a replay (each commit is applied once). Any
+        other error of the whole request is every commit's answer.
+        """
+        delay = RETRY_DELAY[0]
+        while True:
+            try:
+                return await self.vfs.client.call("batch", ops=ops)
+            except FSError as e:
+                if e.errno != errno.EIO:
+                    return [[e.errno, e.message]] * len(ops)
+                log.warning("write-back of %d files waits for the metaserver: %s", len(ops),
+                            e.message)
+            await trio.sleep(delay)
+            delay = min(delay * 2, RETRY_DELAY[1])
