@@ -108,6 +108,28 @@ def test_close_is_local_reads_see_pending_and_other_mounts_get_it(mount_factory)
     assert {n: read_file(a.p(n)) for n in files} == files
 
 
+def test_a_renamed_pending_file_reaches_other_mounts_with_its_content(mount_factory):
+    """Write a temporary file, rename it over the original: atomic for other mounts too.
+
+    The rename waits for the pending file's commit, so another mount never
+    sees the new name without the content (it would see an empty file).
+    """
+    a = mount_factory("local", None, None, "--writeback")
+    b = mount_factory("local", a.token)
+    old = b"old"
+    write_file(a.p("doc"), old)
+    wait_until(lambda: os.path.exists(b.p("doc")), 30, "the first version on B")
+    for i in range(3):
+        data = pattern(b"save%d" % i, 24 << 20)
+        write_file(a.p("doc.tmp"), data)
+        os.rename(a.p("doc.tmp"), a.p("doc"))
+        # B's kernel learns of the rename by a push: until then it shows the
+        # old file; from then on, the whole new one (never an empty file).
+        wait_until(lambda o=old: read_file(b.p("doc")) != o, 30, "the rename on B")
+        assert read_file(b.p("doc")) == data, i
+        old = data
+
+
 EXTRACT = r"""
 import os, sys, tarfile
 tar, dest, done = sys.argv[1:]

@@ -175,6 +175,10 @@ class OpenFile:
         if self.staging is not None:
             self.staging.reset()
 
+    def staged_bytes(self) -> int:
+        """Bytes written since the last commit (holes between them not counted)."""
+        return sum(e - s for s, e in self.staging.dirty) if self.staging is not None else 0
+
     def discard(self) -> None:
         """Drop the uncommitted changes: the file is its committed version again."""
         self.reset(self.attr, self.extents.pairs(0, len(self.extents)))

@@ -277,7 +277,8 @@ class VFS:
         f = self.files.get(attr["ino"])
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
-            attr["alloc"] = max(attr["alloc"], f.size)  # an estimate until the commit
+            # An estimate until the commit: the committed blocks and the staged bytes.
+            attr["alloc"] = min(f.size, attr["alloc"] + f.staged_bytes())
             if f.kill_priv:
                 attr["mode"] &= ~dropped_privileges(attr["mode"])
             attr.update((k, v) for k, v in f.deferred.items() if k != "mode")
@@ -335,16 +336,19 @@ class VFS:
 
     async def getattr(self, ino: int) -> dict[str, Any]:
         attr = self.attrs.get(ino)
-        f = self.files.get(ino)
-        if attr is None and self.writeback is not None and f is not None and f.modified:
-            # A pending file (write-back) is shown as this mount holds it,
-            # without the server, which may be out of reach: its attributes
-            # as of its last commit or setattr; whether it has xattrs is not
-            # known from them (they may predate a setxattr).
-            attr = {**f.attr, "xattrs": True}
         if attr is None:
             token = self._gen
-            attr = await self.call("getattr", ino=self.srv(ino))
+            try:
+                attr = await self.call("getattr", ino=self.srv(ino))
+            except FSError as e:
+                f = self.files.get(ino)
+                if not (e.errno == errno.EIO and self.writeback is not None
+                        and f is not None and f.modified):
+                    raise
+                # A pending file (write-back) while the server is out of
+                # reach: shown from its attributes as of its last commit or
+                # setattr, which may predate a setxattr (so: xattrs unknown).
+                return self._out({**f.attr, "xattrs": True})
             self._fill(attr, token)
         return self._out(attr)
 
@@ -481,6 +485,8 @@ class VFS:
 
     async def unlink(self, parent: int, name: bytes) -> None:
         _check_length(name)
+        if self.writeback is not None:  # the pending file at the name first
+            await self.writeback.committed(self.srv(parent), name)
         token = self._gen
         r = await self.call("unlink", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -499,8 +505,9 @@ class VFS:
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
         _check_length(name, new_name)
-        if self.writeback is not None:
+        if self.writeback is not None:  # the pending files at both names first
             await self.writeback.committed(self.srv(parent), name)
+            await self.writeback.committed(self.srv(new_parent), new_name)
         token = self._gen
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)

@@ -78,6 +78,10 @@ class WriteBack:
         self.pending: dict[int, Record] = {}
         self.bytes = 0
         self._edits: dict[int, int] = {}  # ino -> OpenFile.edits its journal record holds
+        # Where each pending file was when journalled, both ways: a pending
+        # file is not renamed (``committed`` first), so this stays true.
+        self._at: dict[tuple[int, bytes], int] = {}
+        self._loc: dict[int, tuple[int, bytes]] = {}
         self._seq = journal.next_seq()
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
@@ -93,6 +97,7 @@ class WriteBack:
                 self.vfs.names[rec.ino] = (hint["parent"], hint["name"])
             self.vfs.files[rec.ino] = f
             self._add(rec)
+            self._place(rec.ino)
         return len(self.pending)
 
     async def stage(self, f: OpenFile) -> None:
@@ -112,7 +117,7 @@ class WriteBack:
             state = f.snapshot()
             state["hint"] = self.vfs.commit_hint(f.ino) or None
             st = f.staging
-            size = sum(b - a for a, b in state["dirty"])
+            size = f.staged_bytes()
             if st is not None and size <= INLINE_BYTES and not f.ahead_pieces:
                 state["inline"] = [[a, st.read(a, b - a)] for a, b in state["dirty"]]
                 state["staging"] = None
@@ -127,6 +132,13 @@ class WriteBack:
             rec.state = {}
             self._add(rec)
             self._edits[f.ino] = f.edits
+            self._place(f.ino)
+
+    def _place(self, ino: int) -> None:
+        loc = self.vfs.names.get(ino)
+        if loc is not None:
+            self._at[loc] = ino
+            self._loc[ino] = loc
 
     def _add(self, rec: Record) -> None:
         old = self.pending.get(rec.ino)
@@ -141,16 +153,17 @@ class WriteBack:
             await self._progress.wait()
 
     async def committed(self, parent: int, name: bytes) -> None:
-        """Wait until the pending file last seen at ``parent``/``name`` is committed.
+        """Wait until the pending file at ``parent``/``name`` (if any) is committed.
 
-        Before a rename of it: other mounts must never see a file at its new
+        Before a rename or unlink of that name, so that the server sees them
+        in this mount's order: another mount never sees a file at its new
         name without its content (a save by writing a temporary file and
-        renaming it over the original is atomic for them too), and the
-        server applies the rename after the commit, as this mount made them.
+        renaming it over the original is atomic for them too), and a commit
+        never reaches a file this mount deleted or replaced meanwhile (which
+        would save it as a conflicted copy).
         """
-        where = (parent, name)
-        ino = next((i for i in self.pending if self.vfs.names.get(i) == where), None)
-        while ino in self.pending:
+        ino = self._at.get((parent, name))
+        while ino is not None and ino in self.pending:
             await self._progress.wait()
 
     # --- draining --------------------------------------------------------------
@@ -209,6 +222,9 @@ class WriteBack:
             answered.set()
         for ino, _ in done:
             self._edits.pop(ino, None)
+            loc = self._loc.pop(ino, None)
+            if loc is not None and self._at.get(loc) == ino:
+                del self._at[loc]
             rec = self.pending.pop(ino)
             self.bytes -= rec.bytes
             f = self.vfs.files.get(ino)
