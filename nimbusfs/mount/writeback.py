@@ -32,6 +32,7 @@ never fail for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -196,7 +197,7 @@ class WriteBack:
         answers: dict[int, list] = {}
         ready = {ino: trio.Event() for ino in inos}
         answered = trio.Event()
-        done: list[tuple[int, str]] = []
+        done: list[int] = []   # inos whose records were removed
         async with trio.open_nursery() as nursery:
             for ino in inos:
                 nursery.start_soon(self._file, ino, prepared, ready[ino], answered, answers,
@@ -215,18 +216,10 @@ class WriteBack:
             if batch:
                 answers.update(zip(batch, await self._send(ops), strict=True))
                 # Durably forgotten before any staged byte is freed (``adopt``).
-                committed = [(ino, self.pending[ino].op_id) for ino in batch
-                             if answers[ino][0] == 0]
-                await self.journal.remove(committed)
-                done += committed
+                await self.journal.remove([(ino, self.pending[ino].op_id) for ino in batch
+                                           if answers[ino][0] == 0])
             answered.set()
-        for ino, _ in done:
-            self._edits.pop(ino, None)
-            loc = self._loc.pop(ino, None)
-            if loc is not None and self._at.get(loc) == ino:
-                del self._at[loc]
-            rec = self.pending.pop(ino)
-            self.bytes -= rec.bytes
+        for ino in done:
             f = self.vfs.files.get(ino)
             if f is not None and self.vfs.forget(f):
                 self.vfs.spawn(self.vfs.call, "purge", ino=self.vfs.srv(ino))
@@ -235,29 +228,37 @@ class WriteBack:
             self._progress = trio.Event()
         return bool(done)
 
+    def _forget(self, ino: int, done: list[int]) -> None:
+        """``ino``'s record is removed from the journal: forget it here too.
+
+        Called with the file's lock held (if it is open), so that a close
+        waiting for it journals its later changes as a new record, with a
+        new op_id, never under the committed record's.
+        """
+        self._edits.pop(ino, None)
+        loc = self._loc.pop(ino, None)
+        if loc is not None and self._at.get(loc) == ino:
+            del self._at[loc]
+        self.bytes -= self.pending.pop(ino).bytes
+        done.append(ino)
+
     async def _file(self, ino: int, prepared: Prepared, ready: trio.Event, answered: trio.Event,
-                    answers: dict[int, list], done: list[tuple[int, str]]) -> None:
+                    answers: dict[int, list], done: list[int]) -> None:
         """One file of a batch: prepared under its lock, held until the batch is answered.
 
         ``prepared[ino]`` is None when there is nothing to commit (the file
-        was committed or discarded since, or deleted and closed: its bytes
-        are gone as on a local disk), and missing if preparing failed (a
-        store outage): then it and the files after it wait for the next batch.
+        was discarded since, e.g. saved aside, or deleted and closed: its
+        bytes are gone as on a local disk), and missing if preparing failed
+        (a store outage): then it and the files after it wait for the next
+        batch.
         """
         f = self.vfs.files.get(ino)
         rec = self.pending[ino]
-        if f is None:
-            prepared[ino] = None
-            ready.set()
-            return
-        async with f.lock:
+        async with f.lock if f is not None else contextlib.nullcontext():
             try:
-                if f.ino in self.vfs.orphans and not f.handles:
+                if f is not None and f.ino in self.vfs.orphans and not f.handles:
                     f.discard()
-                if f.modified:
-                    prepared[ino] = await f.prepare()
-                else:
-                    prepared[ino] = None
+                prepared[ino] = await f.prepare() if f is not None and f.modified else None
             except Exception as e:
                 log.warning("write-back of inode %d not ready: %s; retrying", ino,
                             fs_error(e) or e)
@@ -269,12 +270,14 @@ class WriteBack:
             p = prepared[ino]
             if p is None:
                 await self.journal.remove([(ino, rec.op_id)])
-                done.append((ino, rec.op_id))
+                self._forget(ino, done)
                 return
             answer = answers.get(ino)
             if answer is None:
                 return  # not sent: a file before it failed to prepare
-            if answer[0] == 0:
+            assert f is not None
+            if answer[0] == 0:  # its record is removed already (``_drain``)
+                self._forget(ino, done)
                 await f.adopt(answer[1], p[0])
                 self.vfs.committed(f, bool(answer[1].get("conflict")))
                 return
@@ -282,7 +285,7 @@ class WriteBack:
                       os.strerror(answer[0]) if isinstance(answer[1], dict) else answer[1])
             if await self.vfs.save_aside(f):
                 await self.journal.remove([(ino, rec.op_id)])
-                done.append((ino, rec.op_id))
+                self._forget(ino, done)
 
     async def _send(self, ops: list[list]) -> list[list]:
         """Send a batch of commits until it is answered (the same op_ids every time).
