@@ -130,6 +130,20 @@ def test_a_renamed_pending_file_reaches_other_mounts_with_its_content(mount_fact
         old = data
 
 
+def test_a_file_rewritten_while_it_drains_keeps_its_last_close_across_a_crash(mount_factory):
+    """Each close of a file being drained is journalled as its own record: after kill -9
+    and the replay, the file holds what its last close wrote, on the server too."""
+    a = mount_factory("local", None, None, "--writeback")
+    for i in range(300):
+        write_file(a.p("f"), pattern(b"r%d" % i, 1000 + 37 * i))
+    last = pattern(b"r%d" % i, 1000 + 37 * i)
+    crash(a)
+    a.start()
+    assert read_file(a.p("f")) == last
+    b = mount_factory("local", a.token)
+    assert read_file(b.p("f")) == last
+
+
 EXTRACT = r"""
 import os, sys, tarfile
 tar, dest, done = sys.argv[1:]
