@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import os
 import stat
 import time
 from collections.abc import Callable
@@ -727,7 +728,9 @@ class OpenFile:
                 "dirty": [[a, b] for a, b in st.dirty] if st else [],
                 "ahead": [self.ahead_start, self.ahead_end,
                           [[p.offset, p.length, p.key] for p in self.ahead_pieces]],
-                "staging": st.path if st else None, "inline": None}
+                # The staging file's name in the staging directory.
+                "staging": os.path.basename(st.path) if st and st.path else None,
+                "inline": None}
 
     @classmethod
     def restore(cls, vfs: VFS, ino: int, state: dict[str, Any]) -> OpenFile:
@@ -737,7 +740,9 @@ class OpenFile:
         f.mtime, f.ctime = state["mtime"], state["ctime"]
         f.kill_priv, f.deferred, f.modified = state["kill_priv"], state["deferred"], True
         if state["staging"] is not None or state["inline"] is not None:
-            st = f.staging = Staging(vfs.staging_dir, keep=True, path=state["staging"])
+            name = state["staging"]
+            st = f.staging = Staging(vfs.staging_dir, keep=True, path=name and os.path.join(
+                vfs.staging_dir, name))
             for off, data in state["inline"] or ():
                 st.fill(off, data)
             for a, b in state["dirty"]:

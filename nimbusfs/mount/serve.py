@@ -187,7 +187,7 @@ def _open_journal(cfg: MountConfig) -> Journal | None:
     named = {r.state["staging"] for r in journal.records()}
     if os.path.isdir(staging):
         for name in os.listdir(staging):
-            if os.path.join(staging, name) not in named:
+            if name not in named:
                 os.unlink(os.path.join(staging, name))
     return journal
 
