@@ -120,6 +120,7 @@ class VFS:
         self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(MAX_ATTRS)
         self.listings: LRUCache[int, set[bytes]] = LRUCache(MAX_LISTED, getsizeof=len)
         self._gen = 0
+        self.drops = 0   # cached attributes dropped so far (``_gen`` also counts listings)
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
 
@@ -140,6 +141,7 @@ class VFS:
             self.attrs.clear()
             self.listings.clear()
             self._gen += 1
+            self.drops += 1
             return
         for _, ino, parent, name, kind, device in changes:
             if device == self.client.device and kind != "xattr":
@@ -212,6 +214,7 @@ class VFS:
     def _drop(self, *inos: int | None) -> None:
         """Forget cached attributes; replies to requests already in flight are not cached."""
         self._gen += 1
+        self.drops += 1
         for ino in inos:
             if ino is not None:
                 self.attrs.pop(self.fuse(ino), None)
@@ -637,13 +640,22 @@ class VFS:
         await self._save_aside(f, parent, name, path)
         return not f.modified or f.handles > 0
 
-    def committed(self, f: OpenFile, conflict: bool) -> None:
-        """The drainer committed ``f``: the kernel and the caches see the server's version."""
-        self._drop(f.ino)
+    def committed(self, f: OpenFile, conflict: bool, token: int) -> None:
+        """The drainer committed ``f``: the kernel and the caches see the server's version.
+
+        The commit's attributes are cached (a ``stat`` needs no round trip)
+        unless some cached attributes were dropped since the batch was sent
+        (``token``: ``drops`` then): the answer may predate that change.
+        """
         if conflict:  # the file shows the other writer's version now
+            self._drop(f.ino)
             self._invalidate(("inode", f.ino))
+            return
+        self.page_version[f.ino] = f.base
+        if token == self.drops:
+            self.attrs[f.ino] = f.attr
         else:
-            self.page_version[f.ino] = f.base
+            self.attrs.pop(f.ino, None)
 
     async def _save_aside(self, f: OpenFile, parent: int, name: bytes, path: str) -> None:
         """``_recover``'s work, under the file's lock."""

@@ -84,6 +84,7 @@ class WriteBack:
         self._at: dict[tuple[int, bytes], int] = {}
         self._loc: dict[int, tuple[int, bytes]] = {}
         self._seq = journal.next_seq()
+        self._token = 0   # VFS.drops when the batch being answered was sent
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
 
@@ -214,6 +215,7 @@ class WriteBack:
                     batch.append(ino)
                     ops.append(["commit", self.pending[ino].op_id, p[1]])
             if batch:
+                self._token = self.vfs.drops
                 answers.update(zip(batch, await self._send(ops), strict=True))
                 # Durably forgotten before any staged byte is freed (``adopt``).
                 await self.journal.remove([(ino, self.pending[ino].op_id) for ino in batch
@@ -279,7 +281,7 @@ class WriteBack:
             if answer[0] == 0:  # its record is removed already (``_drain``)
                 self._forget(ino, done)
                 await f.adopt(answer[1], p[0])
-                self.vfs.committed(f, bool(answer[1].get("conflict")))
+                self.vfs.committed(f, bool(answer[1].get("conflict")), self._token)
                 return
             log.error("write-back commit of inode %d refused: %s", ino,
                       os.strerror(answer[0]) if isinstance(answer[1], dict) else answer[1])
