@@ -138,8 +138,11 @@ def trees(t: Target, tarball: str, repo: str) -> dict[str, float]:
     """Wall time of extracting a source tarball and of ``git clone`` of a local repository."""
     d = os.path.join(t.root, "tree")
     os.mkdir(d)
+    start = time.monotonic()
     r = {"tar x of source tarball s": timed(lambda: subprocess.run(
         ["tar", "xf", tarball, "-C", d], check=True))}
+    if t.uploads_after_close:
+        r["tar x until uploaded s"] = t.settle() - start
     r["git clone s"] = timed(lambda: subprocess.run(
         ["git", "clone", "-q", f"file://{repo}", os.path.join(d, "clone")], check=True))
     return r

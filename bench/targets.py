@@ -32,9 +32,11 @@ from harness import (
 )
 
 from nimbusfs.embedded import Embedded
+from nimbusfs.mount.journal import summary
 from nimbusfs.retry import wait_until
 
 NAMES = {"local": "local disk", "nimbus": "nimbusfs (local store)",
+         "nimbus-wb": "nimbusfs write-back (local store)",
          "nimbus-gcs": "nimbusfs (GCS emulator)", "rclone": "rclone (local dir)",
          "rclone-gcs": "rclone (GCS emulator)"}
 KINDS = tuple(NAMES)
@@ -101,11 +103,12 @@ class Nimbus(Target):
     """
 
     def __init__(self, name: str, mount: str, emu: Emulator | None,
-                 server: ApiServer | None = None) -> None:
+                 server: ApiServer | None = None, writeback: bool = False) -> None:
         base = os.path.dirname(mount)
         self.name, self.mount, self.root = name, mount, mount
         self.home, self.cache_dir = os.path.join(base, "home"), os.path.join(base, "cache0")
         self.emu, self.server = emu, server
+        self.writeback = self.uploads_after_close = writeback
         #: the deployment's database (the GCS target's server has a home of its own)
         self.dsn = Embedded(os.path.join(base, "server") if server else self.home).dsn
         self._rss = 0.0
@@ -120,7 +123,15 @@ class Nimbus(Target):
         """``nimbusfs mount`` arguments besides the mountpoint."""
         server = (["--server", self.server.address, "--token", self.server.token]
                   if self.server else [])
-        return ["--cache-dir", self.cache_dir, *server]
+        return ["--cache-dir", self.cache_dir, *server,
+                "--writeback" if self.writeback else "--sync"]
+
+    def settle(self) -> float:
+        """Write-back: wait until the mount's journal is drained (polled every 50 ms)."""
+        if self.writeback:
+            wait_until(lambda: not (summary(self.cache_dir) or (0,))[0], 3600,
+                       "the write-back drain")
+        return time.monotonic()
 
     def server_pid(self) -> int:
         """The metaserver's pid (the embedded one changes when the last unmount stops it)."""
@@ -289,9 +300,10 @@ def open_target(kind: str, emu: Emulator | None) -> Iterator[Target]:
         stack.callback(shutil.rmtree, base, ignore_errors=True)
         if kind == "local":
             yield LocalDisk(base)
-        elif kind == "nimbus":
-            (m,) = stack.enter_context(embedded_mounts(1))
-            yield Nimbus(NAMES[kind], m, None)
+        elif kind in ("nimbus", "nimbus-wb"):
+            wb = kind == "nimbus-wb"
+            (m,) = stack.enter_context(embedded_mounts(1, "--writeback" if wb else "--sync"))
+            yield Nimbus(NAMES[kind], m, None, writeback=wb)
         elif kind == "nimbus-gcs":
             # The server's database in a home of its own: the mounts' home
             # stops its embedded services on the last unmount (cold).

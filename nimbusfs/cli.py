@@ -159,7 +159,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
             allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
             read_only=args.read_only, label=args.label or "", tls=_tls(args),
-            insecure=args.insecure, metrics=args.metrics)
+            insecure=args.insecure, metrics=args.metrics,
+            # Write-back by default on the embedded single-machine deployment only.
+            writeback=args.writeback if args.writeback is not None else not args.server,
+            writeback_limit=args.writeback_limit)
         rc = _run_mount(cfg) if args.foreground else _spawn_mount(args, emb, cfg, name)
         mounted = rc == 0
         return rc
@@ -226,6 +229,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd += ["--blocks", cfg.blocks]
     if cfg.read_only:
         cmd.append("--read-only")
+    cmd += (["--writeback", "--writeback-limit", str(cfg.writeback_limit)] if cfg.writeback
+            else ["--sync"])
     if cfg.label:
         cmd += ["--label", cfg.label]
     if cfg.metrics:
@@ -272,14 +277,57 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
     return 0
 
 
+def _waiting(cache_dir: str | None) -> tuple[int, int, float]:
+    """(files, bytes, oldest first close) in a mount's write-back journal."""
+    from nimbusfs.mount.journal import summary
+
+    return (summary(cache_dir) if cache_dir else None) or (0, 0, 0.0)
+
+
+def _drain_progress(pid: int, cache_dir: str | None, stall: float = 120.0) -> None:
+    """Wait for an unmounted mount's process, which drains its journal first.
+
+    One line per change of what is waiting (a progress bar on a terminal).
+    Gives up after ``stall`` seconds without progress.
+    """
+    last, since = None, time.monotonic()
+    total = _waiting(cache_dir)[1]
+    while alive(pid):
+        files, size, _ = now = _waiting(cache_dir)
+        if now != last:
+            last, since = now, time.monotonic()
+            if files:
+                done = 1 - size / total if total else 1.0
+                bar = "#" * int(30 * done)
+                end = "\r" if sys.stdout.isatty() else "\n"
+                print(f"  draining: [{bar:<30}] {files} files, {size / 2**20:.1f} MiB to go",
+                      end=end, flush=True)
+        elif time.monotonic() - since > stall:
+            raise SystemExit(f"the mount process {pid} made no progress for {stall:g} s")
+        time.sleep(0.2)
+    if last and last[0] and sys.stdout.isatty():
+        print()
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
+    """Unmount; a write-back mount's process commits what it journalled before it exits.
+
+    Nothing journalled is dropped: what the process could not commit (the
+    server unreachable) stays in the journal and is committed by the next
+    mount of the same cache directory, before that mount answers.
+    """
     mp = os.path.abspath(args.mountpoint)
     emb = Embedded(args.home)
     rec_path = emb.mount_record(mp)
-    pid = None
+    pid = cache_dir = None
     if os.path.exists(rec_path):
         with open(rec_path) as f:
-            pid = json.load(f)["pid"]
+            rec = json.load(f)
+        pid, cache_dir = rec["pid"], rec.get("cache_dir")
+    files, size, _ = _waiting(cache_dir)
+    if files:
+        print(f"nimbusfs: {files} files ({size / 2**20:.1f} MiB) written on {mp} are not on"
+              " the server yet: draining them before unmounting")
     if os.path.ismount(mp):
         tool = ["umount", mp] if os.geteuid() == 0 else ["fusermount3", "-u", mp]
         r = subprocess.run(tool)
@@ -287,11 +335,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
             print(f"cannot unmount {mp} (files still open?)", file=sys.stderr)
             return 1
     if pid:
-        wait_until(lambda: not alive(pid), 120, "the mount process to finish")
+        _drain_progress(pid, cache_dir)
         os.unlink(rec_path)
+    files, size, _ = _waiting(cache_dir)
+    if files:
+        print(f"nimbusfs: {files} files ({size / 2**20:.1f} MiB) could not be committed (see"
+              f" the mount's log); they stay in {cache_dir} and are committed by the next"
+              f" mount of {mp}", file=sys.stderr)
     if emb.stop_if_unused():
         print("embedded services stopped")
-    return 0
+    return 1 if files else 0
 
 
 # --- server and admin ----------------------------------------------------------------
@@ -548,6 +601,10 @@ def _status(args: argparse.Namespace, before: dict[str, Reading]) -> dict[str, R
     _status_services(emb, mounts)
     for rec in mounts:
         print(f"mount:           {rec['mountpoint']} (pid {rec['pid']}, server {rec['server']})")
+        files, size, oldest = _waiting(rec["cache_dir"])
+        if files:
+            print(f"  write-back: {files} files, {size / 2**20:.1f} MiB waiting for the server,"
+                  f" oldest closed {time.time() - oldest:.0f} s ago")
         for c, when in _records(rec["cache_dir"], "conflicts.jsonl"):
             print(f"  conflict {when}: {c['name']!r} kept the other writer's version;"
                   f" this mount's bytes are in the conflicted copy (inode {c['copy_inode']})")
@@ -675,6 +732,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics (FUSE operations, cache, transfers) there,"
                         " without a token: keep it on loopback or a monitoring network")
     m.add_argument("--foreground", action="store_true")
+    mode = m.add_mutually_exclusive_group()
+    mode.add_argument("--writeback", dest="writeback", action="store_true", default=None,
+                      help="close and fsync return once the data is journalled on the local"
+                           " disk; committed to the server in the background, in order (the"
+                           " default of the embedded server)")
+    mode.add_argument("--sync", dest="writeback", action="store_false",
+                      help="close and fsync return once the data is committed on the server"
+                           " (the default with --server)")
+    m.add_argument("--writeback-limit", type=parse_size, default=parse_size("10G"),
+                   help="journalled bytes not yet committed before writes wait (default 10G)")
     m.add_argument("--listen", default="127.0.0.1:0",
                    help="address for the embedded metaserver, if this starts it")
     _add_tls_args(m)

@@ -41,10 +41,12 @@ def synced_mode(path: str) -> int:
     return int.from_bytes(buf.raw[28:30], "little")  # stx_mode
 
 
-@pytest.fixture(params=["nimbusfs", "localdisk"])
+@pytest.fixture(params=["nimbusfs", "nimbusfs-writeback", "localdisk"])
 def root(request, mount_factory, world_tmp) -> str:
     if request.param == "nimbusfs":
         return mount_factory("local").path
+    if request.param == "nimbusfs-writeback":   # the same answers from pending files
+        return mount_factory("local", None, None, "--writeback").path
     d = os.path.join(world_tmp, "control")
     os.mkdir(d)
     return d

@@ -440,3 +440,37 @@ async def test_hello_names_the_protocol_version_and_the_read_only_operations(ser
     assert not {"mknod", "commit", "rename", "setattr", "purge"} & set(info["read_only"])
     async with connect(dep.address, dep.new_user(), "t") as c:
         assert c.read_only == frozenset(info["read_only"])
+
+
+async def test_a_batch_applies_in_order_each_op_once_and_failures_alone(services):
+    """``batch``: one transaction for many operations, each applied once by its op_id.
+
+    Sent again (as a write-back mount does after a lost answer or a crash),
+    every operation answers its first result; an operation that fails
+    (EEXIST here) is answered its errno and the others still apply.
+    """
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "t") as c:
+        root = c.info["root"]
+        f = await c.call("mknod", parent=root, name=b"f", mode=0o100644, uid=0, gid=0)
+        ops = [["mknod", "b-1", {"parent": root, "name": b"a", "mode": 0o100644, "uid": 0,
+                                 "gid": 0}],
+               ["mknod", "b-2", {"parent": root, "name": b"f", "mode": 0o100644, "uid": 0,
+                                 "gid": 0}],
+               ["commit", "b-3", {"ino": f["ino"], "base": f["version"], "extents": [],
+                                  "size": 0, "mtime": 7}],
+               ["commit", "b-4", {"ino": f["ino"], "base": f["version"] + 1,
+                                  "extents": [[None, 5]], "size": 5, "mtime": 8}]]
+        first = await c.call("batch", ops=ops)
+        assert [e for e, _ in first] == [0, errno.EEXIST, 0, 0]
+        assert first[3][1]["attr"]["size"] == 5   # after the commit before it, in order
+        again = await c.call("batch", ops=ops)
+        assert [r for e, r in again if not e] == [r for e, r in first if not e]
+        assert len(await c.call("versions", ino=f["ino"])) == 2
+        names = [n for n, _ in await c.call("readdir", ino=root)]
+        assert names.count(b"a") == 1
+        for bad in ([], [["getattr", "x", {"ino": root}]], [["commit", None, {}]],
+                    [["nosuch", "x", {}]], [["mknod", "x", {"parent": root}]]):
+            with pytest.raises(FSError) as e:
+                await c.call("batch", ops=bad)
+            assert e.value.errno in (errno.EINVAL, errno.ENOSYS), bad

@@ -100,13 +100,41 @@ class Staging:
     directory (ENOSPC, EDQUOT ... as they are).
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, keep: bool = False, path: str | None = None) -> None:
+        """A new, empty staging file in ``directory``; or the existing file ``path``.
+
+        ``keep``: the file keeps its name until ``close``, so that a write-back
+        journal can name it and find it again after a crash; otherwise it is
+        unlinked at once and the kernel frees it when it is closed.
+        """
+        self.directory = directory
         self.what = f"staging file in {directory}"
+        self.path: str | None = None
+        self._listed = path is not None   # the name is durable in its directory
         with local_io(self.what):
-            os.makedirs(directory, exist_ok=True)
-            self.fd, path = tempfile.mkstemp(dir=directory, prefix="dirty-")
-            os.unlink(path)  # nothing to recover yet without a journal: let the kernel free it
+            if path is not None:
+                self.fd, self.path = os.open(path, os.O_RDWR), path
+            else:
+                os.makedirs(directory, exist_ok=True)
+                self.fd, name = tempfile.mkstemp(dir=directory, prefix="dirty-")
+                if keep:
+                    self.path = name
+                else:
+                    os.unlink(name)
         self.dirty = Ranges()
+
+    def sync(self) -> None:
+        """Make the staged bytes and the file's name durable (in a worker thread)."""
+        with local_io(self.what):
+            os.fdatasync(self.fd)
+            if self._listed:
+                return
+            d = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(d)
+            finally:
+                os.close(d)
+        self._listed = True
 
     def write(self, off: int, data: bytes) -> int:
         """Stage ``data`` at ``off``; return how many bytes were stored.
@@ -171,4 +199,8 @@ class Staging:
             os.ftruncate(self.fd, 0)
 
     def close(self) -> None:
+        """Close the file; a kept one is removed (its bytes are committed or given up)."""
         os.close(self.fd)
+        if self.path is not None:
+            with local_io(self.what):
+                os.unlink(self.path)

@@ -33,11 +33,12 @@ from __future__ import annotations
 import bisect
 import errno
 import logging
+import os
 import stat
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
@@ -122,6 +123,14 @@ class Extents:
         return out
 
 
+class Prepared(NamedTuple):
+    """A commit made ready by ``OpenFile.prepare``: its blocks are in the store."""
+
+    extents: list[list]
+    args: dict[str, Any]            # the ``commit`` request's arguments
+    staged: dict[bytes, Piece]      # the blocks this commit cut, by hash (``put_again``)
+
+
 class _Span(NamedTuple):
     """Bytes [offset, offset + length) of a stored block of ``size`` bytes, to fetch."""
 
@@ -155,6 +164,10 @@ class OpenFile:
         self.ahead_idle = trio.Event()     # set when no pump runs for this file
         self.ahead_idle.set()
         self.ahead_moved = trio.Event()    # set (and replaced) when ahead_end advances
+        # Counts changes (writes, truncations, deferred attributes, mtime): a
+        # write-back close with nothing new since the last journal record
+        # needs neither the lock nor a record.
+        self.edits = 0
         self.reset(attr, extents)
 
     def reset(self, attr: dict, extents: list) -> None:
@@ -173,6 +186,10 @@ class OpenFile:
         self._forget_ahead()
         if self.staging is not None:
             self.staging.reset()
+
+    def staged_bytes(self) -> int:
+        """Bytes written since the last commit (holes between them not counted)."""
+        return sum(e - s for s, e in self.staging.dirty) if self.staging is not None else 0
 
     def discard(self) -> None:
         """Drop the uncommitted changes: the file is its committed version again."""
@@ -204,6 +221,7 @@ class OpenFile:
             return False
         self.deferred.update((k, v) for k, v in changes.items() if k != "mtime")
         self.ctime = time.time_ns()
+        self.edits += 1
         return True
 
     # --- reading ---------------------------------------------------------------
@@ -322,7 +340,8 @@ class OpenFile:
 
     def _staging(self) -> Staging:
         if self.staging is None:
-            self.staging = Staging(self.vfs.staging_dir)
+            # Write-back: the journal names the file, to find it after a crash.
+            self.staging = Staging(self.vfs.staging_dir, keep=self.vfs.writeback is not None)
         return self.staging
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
@@ -352,6 +371,7 @@ class OpenFile:
         """A write or truncation: mtime and ctime change (ctime shows until the commit)."""
         self.modified = True
         self.mtime = self.ctime = time.time_ns()
+        self.edits += 1
 
     # --- pipelined upload ------------------------------------------------------
 
@@ -599,17 +619,19 @@ class OpenFile:
             for p in todo.values():
                 nursery.start_soon(put, p)
 
-    async def _put_again(self, extents: list[list], staged: dict[bytes, Piece]) -> None:
-        """Put every block of ``extents`` into the store, whether it seems stored or not.
+    async def put_again(self, prepared: Prepared) -> None:
+        """Put every block of a prepared commit into the store, whether it seems stored or not.
 
-        After the server refused a commit because block GC collected some of
-        its blocks since they were uploaded or deduplicated against (EAGAIN:
-        a commit that came more than the GC grace after its uploads). A
-        block's bytes come from the staging file (``staged``), else from the
+        After the server refused the commit because block GC collected some
+        of its blocks since they were uploaded or deduplicated against
+        (EAGAIN: a commit that came more than the GC grace after its uploads,
+        e.g. a write-back drain after a long outage). A block's bytes come
+        from the staging file (the pieces this commit cut), else from the
         block cache (which fetches, and hash-checks, what it does not hold:
         a block gone from both fails the commit with that error).
         """
-        st = self.staging
+        log.info("inode %d: blocks of its commit were collected; putting them again", self.ino)
+        st, staged, extents = self.staging, prepared.staged, prepared.extents
 
         async def put(key: bytes) -> None:
             p = staged.get(key)
@@ -676,54 +698,110 @@ class OpenFile:
         async with self.lock:
             if not self.modified:
                 return
-            await self.ahead_idle.wait()
-            win = self._windows()
-
-            def pipelined(s: int, e: int) -> bool:
-                return s == self.ahead_start and self.ahead_end <= e
-            if self.ahead_pieces and not any(pipelined(s, e) for s, e in win):
-                await self._drop_ahead(self.ahead_start)  # re-chunked whole: restore its bytes
-            await self._materialize(win)
-            chunks: dict[int, list[Piece]] = {}
-            pieces: list[Piece] = []   # those still to upload
-            st = self.staging
-            for s, e in win:
-                done = self.ahead_pieces if pipelined(s, e) else []
-                pos = self.ahead_end if done else s
-                if e - pos > PIPELINE_BYTES:
-                    chunks[s] = done + await self._cut_upload(pos, e)
-                    continue
-                rest = await trio.to_thread.run_sync(st.chunk, pos, e)
-                chunks[s] = done + rest
-                pieces += rest
-            await self._upload(pieces, partial(_read_piece, st))
-            extents = self._new_extents(win, chunks)
-            args = {"ino": self.vfs.srv(self.ino), "base": self.base, "extents": extents,
-                    "size": self.size, "mtime": self.mtime, "kill_priv": self.kill_priv,
-                    **({"attrs": self.deferred} if self.deferred else {}),
-                    **({"amend": True} if amend == self.base else {}),
-                    **self.vfs.commit_hint(self.ino)}
+            p = await self.prepare()
+            if amend == self.base:
+                p.args["amend"] = True
             for attempt in range(COMMIT_ATTEMPTS):
                 try:
-                    r = await self.vfs.client.call("commit", **args)
+                    r = await self.vfs.client.call("commit", **p.args)
                     break
                 except FSError as e:
                     if e.errno != errno.EAGAIN or attempt == COMMIT_ATTEMPTS - 1:
                         raise
-                log.info("inode %d: blocks of its commit were collected; putting them again",
-                         self.ino)
-                await self._put_again(extents, {p.key: p for p in pieces if p.key})
-            if "conflict" not in r:
-                self.reset(r["attr"], extents)
-                return
-            # Another writer won (or the file was deleted elsewhere): our bytes are
-            # in the conflicted copy; this file now shows the winner's version.
-            self.vfs.record_conflict(self.ino, r["conflict"])
-            if r["attr"] is None:
-                self.reset(r["conflict"], extents)
-            else:
-                cur = await self.vfs.client.call("open", ino=self.vfs.srv(self.ino))
-                self.reset(cur["attr"], cur["extents"])
+                await self.put_again(p)
+            await self.adopt(r, p.extents)
+
+    async def prepare(self) -> Prepared:
+        """Upload the dirty state's new blocks; return its extents and the ``commit`` args.
+
+        Called with the lock held and changes pending; the caller sends the
+        commit (alone, or in a write-back batch), passes an EAGAIN answer to
+        ``put_again`` (and sends it again), and passes the answer to ``adopt``
+        before it releases the lock.
+        """
+        await self.ahead_idle.wait()
+        win = self._windows()
+
+        def pipelined(s: int, e: int) -> bool:
+            return s == self.ahead_start and self.ahead_end <= e
+        if self.ahead_pieces and not any(pipelined(s, e) for s, e in win):
+            await self._drop_ahead(self.ahead_start)  # re-chunked whole: restore its bytes
+        await self._materialize(win)
+        chunks: dict[int, list[Piece]] = {}
+        pieces: list[Piece] = []   # those still to upload
+        st = self.staging
+        for s, e in win:
+            done = self.ahead_pieces if pipelined(s, e) else []
+            pos = self.ahead_end if done else s
+            if e - pos > PIPELINE_BYTES:
+                chunks[s] = done + await self._cut_upload(pos, e)
+                continue
+            rest = await trio.to_thread.run_sync(st.chunk, pos, e)
+            chunks[s] = done + rest
+            pieces += rest
+        await self._upload(pieces, partial(_read_piece, st))
+        extents = self._new_extents(win, chunks)
+        return Prepared(extents, {
+            "ino": self.vfs.srv(self.ino), "base": self.base, "extents": extents,
+            "size": self.size, "mtime": self.mtime, "kill_priv": self.kill_priv,
+            **({"attrs": self.deferred} if self.deferred else {}),
+            **self.vfs.commit_hint(self.ino)}, {p.key: p for p in pieces if p.key})
+
+    async def adopt(self, r: dict[str, Any], extents: list[list]) -> None:
+        """Take a commit's answer: the committed version, or the conflict's outcome."""
+        if "conflict" not in r:
+            self.reset(r["attr"], extents)
+            return
+        # Another writer won (or the file was deleted elsewhere): our bytes are
+        # in the conflicted copy; this file now shows the winner's version.
+        self.vfs.record_conflict(self.ino, r["conflict"])
+        if r["attr"] is None:
+            self.reset(r["conflict"], extents)
+        else:
+            cur = await self.vfs.client.call("open", ino=self.vfs.srv(self.ino))
+            self.reset(cur["attr"], cur["extents"])
+
+    # --- write-back ----------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The uncommitted state, for the write-back journal (lock held, no pump running).
+
+        With the staging file's bytes (``staging``'s path, or ``inline`` bytes
+        the caller adds) it is everything ``restore`` needs to rebuild this
+        file after a crash and ``prepare`` its commit.
+        """
+        st = self.staging
+        return {"attr": self.attr, "extents": self.extents.pairs(0, len(self.extents)),
+                "size": self.size, "cut": self.cut, "mtime": self.mtime, "ctime": self.ctime,
+                "kill_priv": self.kill_priv, "deferred": self.deferred,
+                "dirty": [[a, b] for a, b in st.dirty] if st else [],
+                "ahead": [self.ahead_start, self.ahead_end,
+                          [[p.offset, p.length, p.key] for p in self.ahead_pieces]],
+                # The staging file's name in the staging directory.
+                "staging": os.path.basename(st.path) if st and st.path else None,
+                "inline": None}
+
+    @classmethod
+    def restore(cls, vfs: VFS, ino: int, state: dict[str, Any]) -> OpenFile:
+        """The file of a journal record, with its uncommitted changes (no handle open)."""
+        f = cls(vfs, ino, state["attr"], state["extents"])
+        f.size, f.cut = state["size"], state["cut"]
+        f.mtime, f.ctime = state["mtime"], state["ctime"]
+        f.kill_priv, f.deferred, f.modified = state["kill_priv"], state["deferred"], True
+        if state["staging"] is not None or state["inline"] is not None:
+            name = state["staging"]
+            st = f.staging = Staging(vfs.staging_dir, keep=True, path=name and os.path.join(
+                vfs.staging_dir, name))
+            for off, data in state["inline"] or ():
+                st.fill(off, data)
+            for a, b in state["dirty"]:
+                st.dirty.add(a, b)
+        start, end, pieces = state["ahead"]
+        if pieces:
+            f.ahead_start, f.ahead_end = start, end
+            f.ahead_read = end
+            f.ahead_pieces = [Piece(o, n, None if k is None else bytes(k)) for o, n, k in pieces]
+        return f
 
     def close(self) -> None:
         if self.staging is not None:

@@ -2,7 +2,13 @@
 
 Runs in the foreground until the filesystem is unmounted (``fusermount3 -u``)
 or it receives SIGTERM/SIGINT, in which case it commits every open file and
-unmounts itself.
+unmounts itself. In write-back mode it waits for the drainer before it
+exits (up to ``outage_timeout`` without progress; the journal keeps the rest).
+
+A write-back journal left by an earlier mount of the same cache directory
+(a crash, or an unmount while the server was down) is replayed and drained
+before the kernel mount is made, in either mode: nothing journalled is
+dropped, and the mount never shows a state older than what it acknowledged.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -29,7 +36,9 @@ from nimbusfs.blockstore import BlockStore, open_store
 from nimbusfs.cache import BlockCache
 from nimbusfs.client import TLS, MetaClient
 from nimbusfs.mount.adapter import Kernel, Operations
+from nimbusfs.mount.journal import JOURNAL_NAME, Journal
 from nimbusfs.mount.vfs import VFS
+from nimbusfs.mount.writeback import WriteBack
 from nimbusfs.services import notify_ready
 
 log = logging.getLogger(__name__)
@@ -50,6 +59,8 @@ class MountConfig:
     tls: TLS | None = None           # how to trust the metaserver (see MetaClient)
     insecure: bool = False           # the token may go in clear to a non-loopback server
     metrics: str | None = None       # HOST:PORT to serve Prometheus metrics on (FUSE ops timed)
+    writeback: bool = False          # close/fsync durable locally, committed in the background
+    writeback_limit: int = 10 << 30  # bytes journalled and not committed before writes wait
 
 
 class MountFailed(Exception):
@@ -165,6 +176,33 @@ async def _trim_malloc(malloc_trim: Callable[[int], int], interval: float = 0.25
         malloc_trim(0)
 
 
+def _open_journal(cfg: MountConfig) -> Journal | None:
+    """The write-back journal (None in sync mode without one left to replay).
+
+    Staging files no journal record names are left from a crash of a sync
+    mount (or before the record was written): nothing acknowledged them, and
+    they are removed.
+    """
+    staging = os.path.join(cfg.cache_dir, "staging")
+    if not (cfg.writeback or os.path.exists(os.path.join(cfg.cache_dir, JOURNAL_NAME))):
+        shutil.rmtree(staging, ignore_errors=True)
+        return None
+    journal = Journal(cfg.cache_dir)
+    named = {r.state["staging"] for r in journal.records()}
+    if os.path.isdir(staging):
+        for name in os.listdir(staging):
+            if name not in named:
+                os.unlink(os.path.join(staging, name))
+    return journal
+
+
+def _raise_file_limit() -> None:
+    """Raise the soft limit of open files to the hard one: each pending file holds one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _remove_leftovers(store: BlockStore) -> None:
     """Delete the store's temporary files that crashed puts left (in a worker thread)."""
     try:
@@ -244,7 +282,8 @@ def _serve_metrics(cfg: MountConfig, ops: Operations) -> Callable[[], None] | No
 async def serve(cfg: MountConfig) -> None:
     malloc_trim = _tune_malloc()
     lock_fd = _lock_cache_dir(cfg.cache_dir)
-    shutil.rmtree(os.path.join(cfg.cache_dir, "staging"), ignore_errors=True)
+    journal = _open_journal(cfg)
+    _raise_file_limit()
     async with trio.open_nursery() as nursery:
         client = MetaClient(nursery, cfg.server, cfg.token, device_name(cfg),
                             cfg.outage_timeout, cfg.tls, cfg.insecure)
@@ -256,6 +295,16 @@ async def serve(cfg: MountConfig) -> None:
         client.on_push = vfs.apply_changes
         _publish(vfs, cache, client)
         await client.subscribe()  # before mounting: a failure here leaves nothing mounted
+        if journal is not None:
+            vfs.writeback = WriteBack(vfs, journal, cfg.writeback_limit)
+            nursery.start_soon(vfs.writeback.run)
+            if n := vfs.writeback.replay():
+                log.info("replaying the write-back journal: %d files (%.1f MiB) to commit"
+                         " before mounting", n, vfs.writeback.bytes / 2**20)
+                await vfs.writeback.drained()
+                log.info("journal replayed")
+            if not cfg.writeback:
+                vfs.writeback = None
         options = {"fsname=nimbusfs", "subtype=nimbusfs", "default_permissions"}
         if cfg.allow_other:
             options.add("allow_other")
@@ -282,7 +331,7 @@ async def serve(cfg: MountConfig) -> None:
                 async for _ in signals:
                     log.info("signal received: committing open files and unmounting")
                     stop_requested = True
-                    await vfs.flush_all()
+                    await vfs.flush_all(cfg.outage_timeout)
                     pyfuse3.terminate()
                     return
 
@@ -290,12 +339,14 @@ async def serve(cfg: MountConfig) -> None:
         try:
             await pyfuse3.main()
         finally:
-            await vfs.flush_all()
+            await vfs.flush_all(cfg.outage_timeout)
             pyfuse3.close(unmount=stop_requested)
             log.info("unmounted %s", cfg.mountpoint)
             await client.aclose()
             if stop_metrics is not None:
                 stop_metrics()
             store.close()
+            if journal is not None:
+                journal.close()
             os.close(lock_fd)
             nursery.cancel_scope.cancel()

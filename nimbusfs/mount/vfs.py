@@ -21,10 +21,14 @@ State kept per mount:
 Namespace operations go straight to the server (one transaction each) and
 are visible to every mount as soon as they return. File content is
 close-to-open: a close or fsync commits it before returning, and every open
-asks the server for the current version. Changes made by other mounts are
-pushed by the server; ``apply_changes`` turns them into kernel cache
-invalidations, done by one background task in a worker thread (the kernel
-may block an invalidation while a related request is in progress).
+asks the server for the current version. In write-back mode (``writeback``)
+a close or fsync journals the file's changes on the local disk instead, and
+the file stays in ``files``, modified, until the drainer has committed it:
+this mount reads its own pending bytes, other mounts see them once drained.
+Changes made by other mounts are pushed by the server; ``apply_changes``
+turns them into kernel cache invalidations, done by one background task in
+a worker thread (the kernel may block an invalidation while a related
+request is in progress).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from cachetools import LRUCache
@@ -48,6 +52,9 @@ from nimbusfs.client import MetaClient
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile
 from nimbusfs.posix import NAME_MAX, RENAME_EXCHANGE, dropped_privileges, xattr_supported
+
+if TYPE_CHECKING:
+    from nimbusfs.mount.writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,7 @@ class VFS:
         self.staging_dir = os.path.join(state_dir, "staging")
         self.nursery = nursery
         self.root = client.info["root"]
+        self.writeback: WriteBack | None = None  # write-back mode (set before mounting)
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, OpenFile] = {}
         self.privileged: set[int] = set()   # handles opened by root (CAP_FSETID)
@@ -118,6 +126,7 @@ class VFS:
         self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(MAX_ATTRS)
         self.listings: LRUCache[int, set[bytes]] = LRUCache(MAX_LISTED, getsizeof=len)
         self._gen = 0
+        self.drops = 0   # cached attributes dropped so far (``_gen`` also counts listings)
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
 
@@ -138,6 +147,7 @@ class VFS:
             self.attrs.clear()
             self.listings.clear()
             self._gen += 1
+            self.drops += 1
             return
         for _, ino, parent, name, kind, device in changes:
             if device == self.client.device and kind != "xattr":
@@ -210,6 +220,7 @@ class VFS:
     def _drop(self, *inos: int | None) -> None:
         """Forget cached attributes; replies to requests already in flight are not cached."""
         self._gen += 1
+        self.drops += 1
         for ino in inos:
             if ino is not None:
                 self.attrs.pop(self.fuse(ino), None)
@@ -275,7 +286,8 @@ class VFS:
         f = self.files.get(attr["ino"])
         if f is not None and f.modified:
             attr["size"], attr["mtime"] = f.size, f.mtime
-            attr["alloc"] = max(attr["alloc"], f.size)  # an estimate until the commit
+            # An estimate until the commit: the committed blocks and the staged bytes.
+            attr["alloc"] = min(f.size, attr["alloc"] + f.staged_bytes())
             if f.kill_priv:
                 attr["mode"] &= ~dropped_privileges(attr["mode"])
             attr.update((k, v) for k, v in f.deferred.items() if k != "mode")
@@ -335,7 +347,17 @@ class VFS:
         attr = self.attrs.get(ino)
         if attr is None:
             token = self._gen
-            attr = await self.call("getattr", ino=self.srv(ino))
+            try:
+                attr = await self.call("getattr", ino=self.srv(ino))
+            except FSError as e:
+                f = self.files.get(ino)
+                if not (e.errno == errno.EIO and self.writeback is not None
+                        and f is not None and f.modified):
+                    raise
+                # A pending file (write-back) while the server is out of
+                # reach: shown from its attributes as of its last commit or
+                # setattr, which may predate a setxattr (so: xattrs unknown).
+                return self._out({**f.attr, "xattrs": True})
             self._fill(attr, token)
         return self._out(attr)
 
@@ -366,6 +388,7 @@ class VFS:
         f = self.files.get(ino)
         if f is not None and changes.get("mtime") is not None:
             f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
+            f.edits += 1
         if changes and f is not None and (f.base == 0 or (f.kill_priv and "mode" in changes)):
             # Under the file's lock: no commit carrying deferred changes or
             # ``kill_priv`` is in flight, and none starts before this change is
@@ -481,6 +504,8 @@ class VFS:
 
     async def unlink(self, parent: int, name: bytes) -> None:
         _check_length(name)
+        if self.writeback is not None:  # the pending file at the name first
+            await self.writeback.committed(self.srv(parent), name)
         token = self._gen
         r = await self.call("unlink", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -499,6 +524,9 @@ class VFS:
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
         _check_length(name, new_name)
+        if self.writeback is not None:  # the pending files at both names first
+            await self.writeback.committed(self.srv(parent), name)
+            await self.writeback.committed(self.srv(new_parent), new_name)
         token = self._gen
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
@@ -571,12 +599,23 @@ class VFS:
         finally:
             # Changes neither committed nor saved (a full disk) keep the file
             # open on this mount: the next last close or the unmount saves them.
-            if f.handles == 0 and self.files.get(f.ino) is f and not f.modified:
-                del self.files[f.ino]
-                f.close()
-                if f.ino in self.orphans:
-                    self.orphans.discard(f.ino)
-                    await self.call("purge", ino=self.srv(f.ino))
+            # So do journalled ones, until the drainer commits them.
+            if self.forget(f):
+                await self.call("purge", ino=self.srv(f.ino))
+
+    def forget(self, f: OpenFile) -> bool:
+        """Drop ``f`` if no handle has it open and nothing of it is uncommitted.
+
+        Returns whether its inode, deleted while open, is to be purged now.
+        """
+        if f.handles or self.files.get(f.ino) is not f or f.modified:
+            return False
+        del self.files[f.ino]
+        f.close()
+        if f.ino not in self.orphans:
+            return False
+        self.orphans.discard(f.ino)
+        return True
 
     async def _settle(self, f: OpenFile) -> None:
         """Commit ``f``'s changes that no handle will flush any more (last release, unmount).
@@ -588,7 +627,7 @@ class VFS:
         """
         if f.modified and not f.failed:
             try:
-                await self._commit(f)
+                await (self.writeback.stage(f) if self.writeback else self._commit(f))
                 return
             except Exception as e:
                 log.error("commit of inode %d at its last close failed: %s", f.ino,
@@ -608,6 +647,31 @@ class VFS:
                             f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
         async with f.lock:  # no write or flush while it is saved and dropped
             await self._save_aside(f, parent, name, path)
+
+    async def save_aside(self, f: OpenFile) -> bool:
+        """``_recover`` with the file's lock held (a refused write-back commit); whether saved."""
+        parent, name = self.names.get(f.ino, (self.root, b"?"))
+        path = os.path.join(self.state_dir, "recovered",
+                            f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
+        await self._save_aside(f, parent, name, path)
+        return not f.modified or f.handles > 0
+
+    def committed(self, f: OpenFile, conflict: bool, token: int) -> None:
+        """The drainer committed ``f``: the kernel and the caches see the server's version.
+
+        The commit's attributes are cached (a ``stat`` needs no round trip)
+        unless some cached attributes were dropped since the batch was sent
+        (``token``: ``drops`` then): the answer may predate that change.
+        """
+        if conflict:  # the file shows the other writer's version now
+            self._drop(f.ino)
+            self._invalidate(("inode", f.ino))
+            return
+        self.page_version[f.ino] = f.base
+        if token == self.drops:
+            self.attrs[f.ino] = f.attr
+        else:
+            self.attrs.pop(f.ino, None)
 
     async def _save_aside(self, f: OpenFile, parent: int, name: bytes, path: str) -> None:
         """``_recover``'s work, under the file's lock."""
@@ -694,6 +758,8 @@ class VFS:
     async def write(self, fh: int, off: int, data: bytes) -> int:
         # Like Linux, a write by anyone but root drops set-user-ID/set-group-ID.
         self.writers.add(fh)
+        if self.writeback is not None:
+            await self.writeback.room()  # past the write-back limit: wait for the drainer
         return await self.handles[fh].write(off, data, kill_priv=fh not in self.privileged)
 
     async def flush(self, fh: int, sync: bool = False) -> None:
@@ -730,6 +796,9 @@ class VFS:
         back (``_settle``). ``amend``: see ``flush``.
         """
         try:
+            if self.writeback is not None:
+                await self.writeback.stage(f)  # durable here; committed by the drainer
+                return
             await self._commit(f, amend)
         except Exception as e:
             f.failed = f.modified
@@ -752,7 +821,25 @@ class VFS:
         self.emptied.pop(fh, None)
         await self._release(self.handles.pop(fh))
 
-    async def flush_all(self) -> None:
-        """Commit every open file, or save it as a recovery file (before unmount)."""
+    async def flush_all(self, give_up: float | None = None) -> bool:
+        """Commit every open file, or save it as a recovery file (before unmount).
+
+        In write-back mode: journal them, then wait for the drainer until
+        nothing is pending, or ``give_up`` seconds pass without progress
+        (the journal keeps the rest for the next mount). Whether all is
+        committed.
+        """
         for f in list(self.files.values()):
-            await self._settle(f)
+            if f.modified:
+                await self._settle(f)
+        if self.writeback is None:
+            return True
+        n, size = len(self.writeback.pending), self.writeback.bytes
+        if n:
+            log.info("draining %d pending files (%.1f MiB) before unmounting", n, size / 2**20)
+        if await self.writeback.drained(give_up):
+            return True
+        log.error("%d files (%.1f MiB) not committed: the metaserver or the store does not"
+                  " answer; they stay in the journal, committed at the next mount of this"
+                  " cache directory", len(self.writeback.pending), self.writeback.bytes / 2**20)
+        return False

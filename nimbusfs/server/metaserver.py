@@ -63,11 +63,14 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 64
 # The server's own operations (beside namespace.OPS) that need no op_id: a
 # block put again is the same block; ping (a client's check that a silent
-# connection's server is alive) is answered without the database.
-READ_ONLY = frozenset({"subscribe", "get_block", "put_block", "ping"})
+# connection's server is alive) is answered without the database. A batch
+# carries no op_id of its own: each of its operations carries one.
+READ_ONLY = frozenset({"subscribe", "get_block", "put_block", "ping", "batch"})
 # What a request's op is counted as in the metrics: a name a client made up
 # is "other", so that clients cannot add label values.
 _COUNTED = frozenset(namespace.OPS) | READ_ONLY
+# Operations in one ``batch`` request (a write-back mount's drain).
+MAX_BATCH = 1000
 HELLO_TIMEOUT = 10.0
 MAX_UNAUTHENTICATED = 64     # per address: mounts may share one (NAT; the tests' 127.0.0.1)
 WRONG_TOKEN_BURST = 20       # per address, then WRONG_TOKEN_RATE a second
@@ -168,6 +171,21 @@ def _check_args(opname: str, fn: Callable[..., Any], fixed: tuple, args: dict[st
                                         f" {_describe(types_[name])}")
 
 
+def _operation(opname: str) -> Callable[..., Any]:
+    fn = namespace.OPS.get(opname)
+    if fn is None:
+        raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
+    return fn
+
+
+def _check_op_id(opname: str, op_id: Any, replay: Any) -> None:
+    # op_id is stored in a text column (no NUL); the client sends 32 hex digits.
+    if not (op_id is None or (type(op_id) is str and 0 < len(op_id) <= 64
+                              and "\0" not in op_id)) or type(replay) is not bool:
+        raise FSError(errno.EINVAL, f"bad arguments for {opname}: op_id must be a str of"
+                                    " 1-64 characters but NUL, replay a bool")
+
+
 class _Once:
     """Run a mutation unless its ``op_id`` was applied already; either way, its result.
 
@@ -213,6 +231,38 @@ class _Once:
         if cur.fetchone() is None:
             raise FSError(errno.EALREADY, "applied by a replay of this request")
         return result
+
+
+def _apply_batch(cur: psycopg.Cursor, user: User, device: str, ops: list[tuple[str, str, Any]],
+           failed: dict[int, list]) -> list[list]:
+    """Apply ``ops`` in order in one transaction; answer ``[errno, result]`` for each.
+
+    Each operation runs as a replay of its op_id (``_Once``), so a batch sent
+    again after a lost answer, or after the mount restarted, applies each
+    operation once. Each runs in a savepoint: an operation that fails (a
+    quota, a deleted file) is answered its errno and leaves no trace, and
+    the others still apply. ``failed``: operations refused before the
+    transaction (by index), answered as they are.
+    """
+    out: list[list] = []
+    for i, (opname, op_id, args) in enumerate(ops):
+        if i in failed:
+            out.append(failed[i])
+            continue
+        cur.execute("SAVEPOINT batch_op")
+        try:
+            result = _Once(f"{user.id}:{op_id}", True)(cur, namespace.OPS[opname], user,
+                                                       device, **args)
+        except Conflict as e:
+            cur.execute("ROLLBACK TO SAVEPOINT batch_op")
+            out.append([e.errno, {"conflict": e.current, "message": e.message}])
+        except FSError as e:
+            cur.execute("ROLLBACK TO SAVEPOINT batch_op")
+            out.append([e.errno, e.message])
+        else:
+            cur.execute("RELEASE SAVEPOINT batch_op")
+            out.append([0, result])
+    return out
 
 
 def _changes_since(cur: psycopg.Cursor, owner: int, after: int, sent: list[int]) -> list[list]:
@@ -675,16 +725,12 @@ class MetaServer:
                 return await getattr(self.blocks, opname[:3])(s.user, **args)
             except TypeError as e:
                 raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
-        fn = namespace.OPS.get(opname)
-        if fn is None:
-            raise FSError(errno.ENOSYS, f"unknown operation {opname!r}")
+        if opname == "batch":
+            return await self._batch(s, args)
+        fn = _operation(opname)
         op_id = args.pop("op_id", None)
         replay = args.pop("replay", False)
-        # op_id is stored in a text column (no NUL); the client sends 32 hex digits.
-        if not (op_id is None or (type(op_id) is str and 0 < len(op_id) <= 64
-                                  and "\0" not in op_id)) or type(replay) is not bool:
-            raise FSError(errno.EINVAL, f"bad arguments for {opname}: op_id must be a str of"
-                                        " 1-64 characters but NUL, replay a bool")
+        _check_op_id(opname, op_id, replay)
         _check_args(opname, fn, (None, s.user, s.device), args)
         if opname == "commit":  # outside the transaction: it may ask the block store
             await self.blocks.admit(s.user, args["extents"], args["size"])
@@ -692,6 +738,44 @@ class MetaServer:
             return await self.call(fn, s.user, s.device, **args)
         return await self.call(_Once(f"{s.user.id}:{op_id}", replay), fn, s.user, s.device,
                                **args)
+
+    async def _batch(self, s: Session, args: dict[str, Any]) -> list[list]:
+        """``batch``: many namespace operations, in order, in one transaction.
+
+        ``ops`` is a list of ``[op, op_id, args]`` (each with its op_id: a
+        batch is made to be sent again); the answer lists ``[0, result]`` or
+        ``[errno, message]`` for each, in order. A write-back mount drains its
+        journal this way: one PostgreSQL commit for many closes. Blocks of the
+        commits are admitted first, outside the transaction, all at once; if
+        that fails, commit by commit, so that only the commits at fault fail.
+        """
+        ops = args.get("ops")
+        if set(args) != {"ops"} or not (isinstance(ops, list) and 0 < len(ops) <= MAX_BATCH):
+            raise FSError(errno.EINVAL, f"bad arguments for batch: ops must be a list of 1 to"
+                                        f" {MAX_BATCH} [op, op_id, args]")
+        for item in ops:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and isinstance(item[1], str) and isinstance(item[2], dict)):
+                raise FSError(errno.EINVAL, "bad arguments for batch: each op is"
+                                            " [op, op_id, args]")
+            fn = _operation(item[0])
+            if item[0] in namespace.READ_ONLY:
+                raise FSError(errno.EINVAL, f"bad arguments for batch: {item[0]} changes"
+                                            " nothing")
+            _check_op_id(item[0], item[1], False)
+            _check_args(item[0], fn, (None, s.user, s.device), item[2])
+        failed: dict[int, list] = {}
+        commits = [(i, a) for i, (name, _, a) in enumerate(ops) if name == "commit"]
+        try:
+            await self.blocks.admit(s.user, [e for _, a in commits for e in a["extents"]],
+                                    sum(a["size"] for _, a in commits))
+        except FSError:
+            for i, a in commits:
+                try:
+                    await self.blocks.admit(s.user, a["extents"], a["size"])
+                except FSError as e:
+                    failed[i] = [e.errno, e.message]
+        return await self.call(_apply_batch, s.user, s.device, ops, failed)
 
     async def _answer(self, s: Session, nursery: trio.Nursery, slots: trio.Semaphore,
                       msg: Any) -> None:

@@ -1,0 +1,330 @@
+"""Write-back mode: close is local and durable, the journal drains in order, crashes lose nothing.
+
+Real mounts, a real metaserver and PostgreSQL. A mount is crashed with
+SIGKILL; a metaserver is stopped with SIGKILL and started again on the same
+address; two metaservers on one database stand for a server one mount
+cannot reach while another mount can.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+
+import blake3
+import pytest
+import trio
+
+from conftest import read_file, start_metaserver, wait_until, write_file
+from nimbusfs.mount.journal import summary
+
+
+def pattern(seed: bytes, size: int) -> bytes:
+    return blake3.blake3(seed).digest(length=size)
+
+
+def crash(m) -> None:
+    """kill -9 the mount process and detach its dead FUSE mount."""
+    m.proc.kill()
+    m.proc.wait()
+    m.proc = None
+    subprocess.run(["umount", "-l", m.path], check=False)
+
+
+def _read_or_none(path: str) -> bytes | None:
+    try:
+        return read_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def pending(m) -> tuple[int, int]:
+    """(files, bytes) waiting in the mount's journal."""
+    s = summary(m.cache_dir)
+    return (s[0], s[1]) if s else (0, 0)
+
+
+def server_view(dep, token: str, *names: str) -> list[dict]:
+    """What the metaserver holds for names in the volume's root: attrs and versions."""
+    from nimbusfs.client import connect
+
+    async def run() -> list[dict]:
+        out = []
+        async with connect(dep.address, token, "test") as c:
+            for name in names:
+                a = await c.call("lookup", parent=c.info["root"], name=name.encode())
+                a["versions"] = len(await c.call("versions", ino=a["ino"]))
+                out.append(a)
+        return out
+    return trio.run(run)
+
+
+def restart(dep) -> None:
+    """Start the metaserver again and wait until it accepts connections."""
+    host, port = dep.address.rsplit(":", 1)
+
+    def listening() -> bool:
+        try:
+            socket.create_connection((host, int(port)), 1).close()
+            return True
+        except OSError:
+            return False
+    dep.start()
+    wait_until(listening, 60, "the metaserver to listen")
+
+
+def twin(services, dep, name: str):
+    """A second metaserver on ``dep``'s database (the server is stateless)."""
+    from conftest import Deployment
+
+    info = services.emb.path("run", f"server-{name}.json")
+    argv = list(dep.argv)
+    argv[argv.index("--info-file") + 1] = info
+    log_path = services.emb.path("logs", f"metaserver-{name}.log")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=dep.env)
+    wait_until(lambda: os.path.exists(info) or proc.poll() is not None, 60, "metaserver")
+    with open(info) as f:
+        bound = json.load(f)
+    return Deployment(dep.dsn, bound["address"], dep.blocks, proc, argv, log_path, dep.env,
+                      bound["http"])
+
+
+def test_close_is_local_reads_see_pending_and_other_mounts_get_it(mount_factory):
+    """Read-your-writes on the writer; the drain brings every file to another mount."""
+    a = mount_factory("local", None, None, "--writeback")
+    b = mount_factory("local", a.token)
+    files = {f"f{i}": pattern(b"%d" % i, size)
+             for i, size in enumerate([0, 1, 4096, 70_000, 5 << 20, 20 << 20])}
+    for name, data in files.items():
+        write_file(a.p(name), data)
+        assert os.stat(a.p(name)).st_size == len(data)
+        assert read_file(a.p(name)) == data
+    for name, data in files.items():
+        wait_until(lambda n=name, d=data: os.path.exists(b.p(n)) and read_file(b.p(n)) == d,
+                   60, f"{name} on the other mount")
+    wait_until(lambda: pending(a) == (0, 0), 30, "the journal to empty")
+    a.remount(drop_cache=True)
+    assert {n: read_file(a.p(n)) for n in files} == files
+
+
+def test_a_renamed_pending_file_reaches_other_mounts_with_its_content(mount_factory):
+    """Write a temporary file, rename it over the original: atomic for other mounts too.
+
+    The rename waits for the pending file's commit, so another mount never
+    sees the new name without the content (it would see an empty file).
+    """
+    a = mount_factory("local", None, None, "--writeback")
+    b = mount_factory("local", a.token)
+    old = b"old"
+    write_file(a.p("doc"), old)
+    wait_until(lambda: os.path.exists(b.p("doc")), 30, "the first version on B")
+    for i in range(3):
+        data = pattern(b"save%d" % i, 24 << 20)
+        write_file(a.p("doc.tmp"), data)
+        os.rename(a.p("doc.tmp"), a.p("doc"))
+        # B's kernel learns of the rename by a push: until then it shows the
+        # old file (or ENOENT: its cached entry names the replaced inode);
+        # from then on, the whole new one (never an empty file).
+        wait_until(lambda o=old: _read_or_none(b.p("doc")) not in (o, None), 30,
+                   "the rename on B")
+        assert read_file(b.p("doc")) == data, i
+        old = data
+
+
+def test_a_file_rewritten_while_it_drains_keeps_its_last_close_across_a_crash(mount_factory):
+    """Each close of a file being drained is journalled as its own record: after kill -9
+    and the replay, the file holds what its last close wrote, on the server too."""
+    a = mount_factory("local", None, None, "--writeback")
+    for i in range(300):
+        write_file(a.p("f"), pattern(b"r%d" % i, 1000 + 37 * i))
+    last = pattern(b"r%d" % i, 1000 + 37 * i)
+    crash(a)
+    a.start()
+    assert read_file(a.p("f")) == last
+    b = mount_factory("local", a.token)
+    assert read_file(b.p("f")) == last
+
+
+EXTRACT = r"""
+import os, sys, tarfile
+tar, dest, done = sys.argv[1:]
+with tarfile.open(tar) as t, open(done, "a") as log:
+    for m in t:
+        path = os.path.join(dest, m.name)
+        if m.isdir():
+            os.makedirs(path, exist_ok=True)
+            continue
+        data = t.extractfile(m).read()
+        with open(path, "wb") as f:
+            f.write(data)
+        log.write(m.name + "\n")   # only once its close returned
+        log.flush()
+        os.fsync(log.fileno())
+"""
+
+
+def _tarball(rng: random.Random) -> tuple[bytes, dict[str, bytes]]:
+    """A tarball of small files (journalled inline), larger ones (named staging files)
+    and one big enough to be uploaded ahead while it is written."""
+    files: dict[str, bytes] = {}
+    for i in range(150):
+        size = rng.choice([rng.randrange(0, 2000), rng.randrange(2000, 60_000),
+                           rng.randrange(70_000, 1 << 20)])
+        files[f"d{i % 7}/f{i}"] = pattern(b"t%d" % i, size)
+    files["d0/big"] = pattern(b"big", 40 << 20)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        names = list(files)
+        rng.shuffle(names)
+        names.insert(rng.randrange(len(names)), names.pop(names.index("d0/big")))
+        for d in sorted({n.split("/")[0] for n in names}):
+            info = tarfile.TarInfo(d)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            t.addfile(info)
+        for n in names:
+            info = tarfile.TarInfo(n)
+            info.size = len(files[n])
+            t.addfile(info, io.BytesIO(files[n]))
+    return buf.getvalue(), files
+
+
+def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
+    """kill -9 of the mount during an extraction, at a random point, ``rounds`` times.
+
+    After the remount (journal replayed and drained before it answers), every
+    file whose close returned holds its bytes, and no commit was applied twice
+    (that would leave a conflicted copy: its base would be stale).
+    """
+    rng = random.Random(os.environ.get("NIMBUS_SEED", "16"))
+    data, files = _tarball(rng)
+    tar = os.path.join(world_tmp, "t.tar")
+    with open(tar, "wb") as f:
+        f.write(data)
+    m = mount_factory("local", None, None, "--writeback")
+    for r in range(rounds):
+        dest = m.p(f"r{r}")
+        os.mkdir(dest)
+        done = os.path.join(world_tmp, f"done{r}")
+        open(done, "w").close()
+        proc = subprocess.Popen([sys.executable, "-c", EXTRACT, tar, dest, done],
+                                stderr=subprocess.DEVNULL)
+        at = rng.randrange(1, len(files))
+        wait_until(lambda d=done, n=at, p=proc: len(read_file(d).splitlines()) >= n
+                   or p.poll() is not None, 300, "the extraction")
+        crash(m)
+        proc.wait()
+        m.start()
+        closed = read_file(done).decode().split()
+        assert closed, "nothing was extracted before the crash"
+        for name in closed:
+            assert read_file(os.path.join(dest, name)) == files[name], (r, name)
+        copies = [n for _, _, fs in os.walk(dest) for n in fs if "conflicted copy" in n]
+        assert not copies, copies
+    wait_until(lambda: pending(m) == (0, 0), 60, "the journal to empty")
+
+
+def test_kill_during_extraction(mount_factory, world_tmp):
+    _crash_rounds(mount_factory, world_tmp, 3)
+
+
+@pytest.mark.soak
+def test_kill_during_extraction_20_rounds(mount_factory, world_tmp):
+    _crash_rounds(mount_factory, world_tmp, 20)
+
+
+def test_server_down_writes_continue_and_drain_once(services, mount_factory):
+    """Closes return while the metaserver is down; after its restart each file has one version."""
+    dep = start_metaserver(services.emb, "wb_outage", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        m = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        names = [f"f{i}" for i in range(20)]
+        fds = [os.open(m.p(n), os.O_RDWR | os.O_CREAT) for n in names]
+        dep.kill()
+        for i, fd in enumerate(fds):
+            os.write(fd, pattern(b"o%d" % i, 100_000 * (i % 3) + 10))
+            os.fsync(fd)
+            os.close(fd)
+        assert pending(m)[0] == len(names)
+        restart(dep)
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain after the restart")
+        view = server_view(dep, m.token, *names)
+        assert [a["size"] for a in view] == [100_000 * (i % 3) + 10 for i in range(len(names))]
+        assert [a["versions"] for a in view] == [1] * len(names)
+        m.remount(drop_cache=True)
+        for i, n in enumerate(names):
+            assert read_file(m.p(n)) == pattern(b"o%d" % i, 100_000 * (i % 3) + 10)
+    finally:
+        dep.kill()
+
+
+def test_pending_change_loses_to_another_mount_as_a_conflicted_copy(services, mount_factory):
+    """A's change waits (its server is down, then A crashes); B changes the file; A's replay
+    makes A's bytes a conflicted copy beside B's version: nothing is lost."""
+    dep = start_metaserver(services.emb, "wb_conflict", "file://" + services.emb.path("blocks"),
+                           services.env)
+    other = twin(services, dep, "wb_conflict_twin")
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        b = mount_factory("local", a.token, other)
+        write_file(a.p("f"), b"base")
+        wait_until(lambda: os.path.exists(b.p("f")) and read_file(b.p("f")) == b"base", 30,
+                   "the first version on B")
+        fd = os.open(a.p("f"), os.O_WRONLY | os.O_TRUNC)
+        dep.kill()
+        os.write(fd, b"mine")
+        os.close(fd)
+        assert read_file(a.p("f")) == b"mine"
+        crash(a)
+        write_file(b.p("f"), b"theirs")
+        restart(dep)
+        a.start()
+        assert read_file(a.p("f")) == b"theirs"
+        copies = [n for n in os.listdir(a.p()) if n.startswith("f (conflicted copy")]
+        assert len(copies) == 1, os.listdir(a.p())
+        assert read_file(a.p(copies[0])) == b"mine"
+        wait_until(lambda: copies[0] in os.listdir(b.p()), 30, "the copy on B")
+    finally:
+        dep.kill()
+        other.kill()
+
+
+def test_limit_reached_writes_wait_then_continue(services, mount_factory):
+    """Past --writeback-limit writes wait (never fail) until the drainer catches up."""
+    dep = start_metaserver(services.emb, "wb_limit", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        m = mount_factory("local", None, dep, "--writeback", "--writeback-limit", "1M",
+                          "--outage-timeout", "2")
+        n = 6
+        fds = [os.open(m.p(f"f{i}"), os.O_RDWR | os.O_CREAT) for i in range(n)]
+        dep.kill()
+        written: list[int] = []
+
+        def writer() -> None:
+            for i, fd in enumerate(fds):
+                os.write(fd, pattern(b"l%d" % i, 512 << 10))
+                os.close(fd)
+                written.append(i)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        wait_until(lambda: pending(m)[1] > 1 << 20, 30, "the journal past the limit")
+        assert t.is_alive() and len(written) < n
+        restart(dep)
+        t.join(120)
+        assert not t.is_alive() and written == list(range(n))
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
+        for i in range(n):
+            assert read_file(m.p(f"f{i}")) == pattern(b"l%d" % i, 512 << 10)
+    finally:
+        dep.kill()
