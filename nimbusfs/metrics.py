@@ -9,7 +9,7 @@ The metric objects are module-level, one set per process, and the code that
 moves them imports them from here: the metaserver's request loop, the HTTP
 API, ``Database.run``, the mount's FUSE operations (``instrument``), its
 block cache, its block store (``MeteredStore``) and its protocol client.
-The GC figures (``GC_*``) are for the block GC to set; nothing else does.
+The GC figures (``GC_*``) are set by the metaserver's scheduled GC rounds (``gc_round``).
 
 Cost: a counter or histogram update is a lock and an addition (about a
 microsecond), made once per request, per block or per FUSE operation, never
@@ -89,21 +89,29 @@ PUSH_LAG = Histogram(
 PUSHED_CHANGES = Counter(
     "nimbusfs_server_pushed_changes", "Change-log rows pushed to mounts", registry=SERVER)
 
-# For the block GC (``nimbusfs gc`` and the server's schedule) to set.
+# Block GC rounds of the server's schedule (``--gc-interval``): set by
+# ``gc_round``. A round of ``nimbusfs gc`` runs in its own process and prints
+# its figures instead.
 GC_RUNS = Counter("nimbusfs_gc_runs", "GC passes completed", registry=SERVER)
 GC_DELETED_BLOCKS = Counter("nimbusfs_gc_deleted_blocks",
-                            "Blocks deleted from the store by GC", registry=SERVER)
+                            "Blocks and unknown objects deleted from the store by GC",
+                            registry=SERVER)
 GC_RECLAIMED_BYTES = Counter("nimbusfs_gc_reclaimed_bytes",
-                             "Bytes of blocks deleted from the store by GC", registry=SERVER)
-GC_UNREFERENCED_BLOCKS = Gauge(
-    "nimbusfs_gc_unreferenced_blocks",
-    "Blocks no version references, waiting for the grace period (at the last pass)",
-    registry=SERVER)
+                             "Bytes deleted from the store by GC", registry=SERVER)
 GC_DURATION = Histogram("nimbusfs_gc_run_seconds", "How long each GC pass took",
                         buckets=(.1, 1.0, 5.0, 30.0, 60.0, 300.0, 900.0, 3600.0),
                         registry=SERVER)
 GC_LAST_RUN = Gauge("nimbusfs_gc_last_run_timestamp_seconds",
                     "When the last GC pass ended (Unix time)", registry=SERVER)
+
+
+def gc_round(deleted: int, deleted_bytes: int, seconds: float) -> None:
+    """Count a finished block GC round of this metaserver."""
+    GC_RUNS.inc()
+    GC_DELETED_BLOCKS.inc(deleted)
+    GC_RECLAIMED_BYTES.inc(deleted_bytes)
+    GC_DURATION.observe(seconds)
+    GC_LAST_RUN.set_to_current_time()
 
 
 class ServerState(Collector):

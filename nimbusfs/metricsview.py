@@ -158,8 +158,7 @@ def server(f: Figures, top: int = 8) -> list[str]:
         lines.append(f"  GC: runs {f.amount(f.count('nimbusfs_gc_runs_total'))}, blocks deleted"
                      f" {f.amount(f.count('nimbusfs_gc_deleted_blocks_total'))},"
                      f" reclaimed {f.bytes(f.count('nimbusfs_gc_reclaimed_bytes_total'))};"
-                     f" last pass {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))},"
-                     f" {f.gauge('nimbusfs_gc_unreferenced_blocks'):,.0f} blocks unreferenced")
+                     f" last pass {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))}")
     else:
         lines.append("  GC: no pass yet")
     return lines

@@ -20,9 +20,11 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import GCS_BUCKET, Deployment, read_file, start_metaserver, wait_until, write_file
 from nimbusfs.blockstore import block_hash, open_store
+from nimbusfs.mount.journal import summary
 from nimbusfs.server import gc
 from nimbusfs.server.db import Database
 
@@ -202,6 +204,34 @@ def test_gc_deletes_unreferenced_and_unknown_blocks_past_the_grace(gc_world, mou
     assert read_file(m.p("again")) == drop
 
 
+def test_a_write_back_drain_after_gc_puts_the_collected_blocks_again(
+        gc_world, mount_factory, store):
+    """A write-back commit that reaches the server after GC took its blocks still commits.
+
+    The mount journals the close and uploads the blocks while the metaserver
+    is down; GC (grace 0) deletes them as objects no row knows; once the
+    server is back it refuses the drained commit (EAGAIN), the mount puts the
+    blocks again and commits: the file holds its bytes, nothing is saved aside.
+    """
+    dep, db, bstore = gc_world
+    token = dep.new_user()
+    m = mount_factory(store, token, dep, "--writeback")
+    data = os.urandom(200_000)   # past the journal's inline bytes, put without asking
+    dep.proc.kill()
+    dep.proc.wait()
+    write_file(m.p("f"), data)   # journalled; the drainer uploads, then waits for the server
+    wait_until(lambda: bstore.exists(block_hash(data)), 60, "the drainer's upload")
+    assert gc.collect(db, bstore, 0.0).orphans == 1
+    assert not bstore.exists(block_hash(data))
+    dep.start()
+    wait_until(lambda: (summary(m.cache_dir) or (0,))[0] == 0, 120, "the journal to drain")
+    assert "were collected; putting them again" in m.log()
+    recovered = os.path.join(m.cache_dir, "recovered")
+    assert not os.path.isdir(recovered) or not os.listdir(recovered)
+    other = mount_factory(store, token, dep)
+    assert read_file(other.p("f")) == data   # read from the store: the block is back
+
+
 @pytest.mark.parametrize("mode", ["direct", "proxy"])
 async def test_commit_racing_gc_is_refused_never_committed_over_a_missing_block(
         services, mode):
@@ -276,6 +306,12 @@ def test_the_metaserver_collects_on_its_schedule(services):
             with open(dep.log_path) as f:
                 return "and 1 store object(s) no row knew" in f.read()
         wait_until(logged, 60, "the round's report in the log")
+        # ... and counts them on /metrics.
+        figures = {s.name: s.value for f in text_string_to_metric_families(
+            httpx.get(dep.http + "/metrics", timeout=30).text) for s in f.samples}
+        assert figures["nimbusfs_gc_runs_total"] >= 1
+        assert figures["nimbusfs_gc_deleted_blocks_total"] >= 1
+        assert figures["nimbusfs_gc_reclaimed_bytes_total"] >= len(stray)
     finally:
         dep.proc.terminate()
         dep.proc.wait(30)

@@ -523,8 +523,10 @@ class MetaServer:
                 continue
             finally:
                 stop.set()
-            if report is not None:
+            if report is not None:   # None: another replica's round holds the lock
                 log.info("%s", report)
+                metrics.gc_round(report.blocks + report.orphans,
+                                 report.block_bytes + report.orphan_bytes, report.seconds)
 
     async def _pump(self, s: Session) -> None:
         """Push the change log to a subscribed session whenever it is woken.
