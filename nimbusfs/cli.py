@@ -749,7 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=cmd_umount)
 
     s = sub.add_parser("server", help="run a metaserver")
-    s.add_argument("--dsn", required=True, help="PostgreSQL connection string")
+    # $NIMBUSFS_DSN keeps a password off the command line, which every local user can read.
+    s.add_argument("--dsn", default=os.environ.get("NIMBUSFS_DSN"),
+                   required="NIMBUSFS_DSN" not in os.environ,
+                   help="PostgreSQL connection string (default: $NIMBUSFS_DSN)")
     s.add_argument("--listen", default="127.0.0.1:7070")
     s.add_argument("--blocks", required=True, help="block store URL")
     s.add_argument("--http", metavar="HOST:PORT",

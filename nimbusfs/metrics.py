@@ -166,6 +166,10 @@ def request(interface: str, op: str, seconds: float, error: str | None) -> None:
         REQUEST_ERRORS.labels(interface, op, error).inc()
 
 
+# The methods counted under their own name (label values come from a known set).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class HttpMetrics:
     """ASGI middleware: every HTTP request counted by route template and timed.
 
@@ -192,7 +196,9 @@ class HttpMetrics:
             await self.app(scope, receive, send_)
         finally:
             route = scope.get("route")   # set by Starlette's router on a match
-            op = f"{scope['method']} {route.path}" if route is not None else "unrouted"
+            # Set on a 405 too, whatever the method: one a client made up is "other".
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
+            op = f"{method} {route.path}" if route is not None else "unrouted"
             request("http", op, time.perf_counter() - start,
                     str(status) if status >= 400 else None)
 

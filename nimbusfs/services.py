@@ -138,7 +138,9 @@ After=network-online.target postgresql.service
 # NIMBUSFS_DSN, NIMBUSFS_SERVER_ARGS (--listen, --blocks, --http, --tls-cert ...),
 # and GOOGLE_APPLICATION_CREDENTIALS for a gs:// store.
 EnvironmentFile={etc}/server.env
-ExecStart={bin} server --dsn ${{NIMBUSFS_DSN}} $NIMBUSFS_SERVER_ARGS
+# The server reads NIMBUSFS_DSN from its environment: on its command line the
+# DSN (and a password in it) would be readable by every local user (ps).
+ExecStart={bin} server $NIMBUSFS_SERVER_ARGS
 # The schema is migrated at start under an advisory lock, so restarts and
 # replicas starting together are safe.
 Restart=on-failure

@@ -166,3 +166,27 @@ def test_a_version_with_a_lost_block_reads_eio_after_repair(world):
     os.unlink(m.p("d", "a"))                     # gone with its last link: sound again
     os.unlink(m.p("d", "b"))
     assert fsck(dep)[0] == 0
+
+
+def test_fsck_counts_a_large_database_in_one_snapshot(world, monkeypatch):
+    """fsck reads every table in one transaction and counts in Python between its
+    statements: on a large database that takes longer than the server's limit on a
+    transaction idle between statements (10 s), which must not end fsck's snapshot."""
+    from nimbusfs.server import db as db_module
+    from nimbusfs.server import fsck as fsck_module
+
+    dep, db, bstore, m = world
+    ino = os.stat(m.p("c")).st_ino
+    key = block_of(db, ino)
+    sql(db, "INSERT INTO versions (inode, version, size, extents) SELECT %s, 1000 + g, 10, %s"
+            " FROM generate_series(1, 100000) g", ino, msgpack.packb([[key, 10]]))
+    # The same limit, scaled down with the database: counting 100,000 versions takes longer.
+    monkeypatch.setattr(db_module, "IDLE_IN_TRANSACTION_MS", 20)
+    small = Database(dep.dsn, pool_size=1, outage_timeout=5)
+    small.open()
+    try:
+        faults = fsck_module.check(small, bstore)
+    finally:
+        small.close()
+    assert [f.kind for f in faults] == ["refcount"], faults
+    assert "versions hold 100001" in faults[0].message

@@ -258,3 +258,15 @@ def test_status_shows_the_figures_once_and_live(dep, mount_factory, world_tmp):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_http_method_a_client_makes_up_is_not_a_label(dep):
+    """A route matched with a method it does not serve (405) is counted under a known
+    method: a user making methods up cannot grow the registry without bound."""
+    with api(dep, dep.new_user()) as c:
+        r = c.request("BREWCOFFEE", "/files/1")
+    assert r.status_code == 405
+    after = server_metrics(dep)
+    assert not any("BREWCOFFEE" in v for _, labels in after for _, v in labels)
+    count = "nimbusfs_server_request_seconds_count"
+    assert value(after, count, interface="http", op="other /api/v1/files/{id}") >= 1

@@ -296,3 +296,29 @@ def test_an_upgraded_server_migrates_while_a_mount_waits_and_reconnects(services
         if m is not None:
             m.stop()    # while its server runs: an unmount commits through it
         dep.kill()
+
+
+def test_the_server_unit_keeps_the_dsn_off_the_command_line(services, tmp_path):
+    """The DSN (it may hold the database's password) comes from ``$NIMBUSFS_DSN``,
+    which the unit's mode-0600 environment file sets: a command line is readable by
+    every local user (``ps``, /proc/PID/cmdline), a process's environment is not."""
+    from nimbusfs.services import SERVER_UNIT
+
+    exec_start = next(line for line in SERVER_UNIT.splitlines() if line.startswith("ExecStart="))
+    assert "DSN" not in exec_start
+    emb = services.emb
+    emb.ensure_database("nimbus_dsn_env")
+    dsn = emb.dsn_for("nimbus_dsn_env")
+    info = str(tmp_path / "server.json")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nimbusfs.cli", "server", "--blocks",
+         f"file://{tmp_path}/blocks", "--info-file", info, "--listen", "127.0.0.1:0"],
+        env=dict(services.env, NIMBUSFS_DSN=dsn), stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: os.path.exists(info) or proc.poll() is not None, 60, "metaserver")
+        assert proc.poll() is None, proc.communicate()[1]
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert dsn.encode() not in f.read()
+    finally:
+        proc.terminate()
+        proc.wait(30)

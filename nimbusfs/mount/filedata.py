@@ -128,7 +128,7 @@ class Prepared(NamedTuple):
 
     extents: list[list]
     args: dict[str, Any]            # the ``commit`` request's arguments
-    staged: dict[bytes, Piece]      # the blocks this commit cut, by hash (``put_again``)
+    staged: dict[bytes, Piece]      # its blocks whose bytes are staged, by hash (``put_again``)
 
 
 class _Span(NamedTuple):
@@ -300,7 +300,7 @@ class OpenFile:
     def _plan_staged(self, start: int, end: int, out: list) -> None:
         """Dirty bytes of [start, end): released ones from the pipelined pieces' blocks."""
         a, b = max(start, self.ahead_start), min(end, self.ahead_end)
-        if a >= b:
+        if a >= b or not self._releases():
             out.append(self.staging.read(start, end - start))
             return
         out.append(self.staging.read(start, a - start))
@@ -343,6 +343,17 @@ class OpenFile:
             # Write-back: the journal names the file, to find it after a crash.
             self.staging = Staging(self.vfs.staging_dir, keep=self.vfs.writeback is not None)
         return self.staging
+
+    def _releases(self) -> bool:
+        """Whether the pump releases a pipelined segment's staged bytes once its blocks are
+        stored (a hole is punched: a large file is not written to the disk twice).
+
+        Not in write-back mode (a staging file the journal names): until their
+        commit those blocks are unreferenced, and block GC collects them past its
+        grace (a journal held through a long outage), so the staging file keeps
+        every byte the journal acknowledged, for ``put_again``.
+        """
+        return self.staging is None or self.staging.path is None
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
         """Stage ``data`` at ``off``; return the bytes stored (short on a disk filling up)."""
@@ -392,7 +403,7 @@ class OpenFile:
         pieces = self.ahead_pieces
         keep = bisect.bisect_right(pieces, pos, key=lambda p: p.offset + p.length)
         for p in pieces[keep:]:  # all put back before any is forgotten (EIO midway)
-            if p.key is not None:
+            if p.key is not None and self._releases():
                 self.staging.fill(p.offset, await self.vfs.cache.get(p.key))
         if keep < len(pieces):
             self.ahead_end = pieces[keep].offset
@@ -439,7 +450,8 @@ class OpenFile:
             del buf  # its slot is free: so is its memory, while it waits for its turn
             await turn.wait()
             end = pieces[-1].offset + pieces[-1].length
-            self.staging.release(self.ahead_end, end - self.ahead_end)
+            if self._releases():
+                self.staging.release(self.ahead_end, end - self.ahead_end)
             self.ahead_pieces += pieces
             self.ahead_end = end
             self.ahead_moved.set()
@@ -626,9 +638,10 @@ class OpenFile:
         of its blocks since they were uploaded or deduplicated against
         (EAGAIN: a commit that came more than the GC grace after its uploads,
         e.g. a write-back drain after a long outage). A block's bytes come
-        from the staging file (the pieces this commit cut), else from the
-        block cache (which fetches, and hash-checks, what it does not hold:
-        a block gone from both fails the commit with that error).
+        from the staging file (the pieces this commit cut; in write-back mode
+        the pipelined ones too, see ``_releases``), else from the block cache
+        (which fetches, and hash-checks, what it does not hold: a block gone
+        from both fails the commit with that error).
         """
         log.info("inode %d: blocks of its commit were collected; putting them again", self.ino)
         st, staged, extents = self.staging, prepared.staged, prepared.extents
@@ -729,23 +742,29 @@ class OpenFile:
         await self._materialize(win)
         chunks: dict[int, list[Piece]] = {}
         pieces: list[Piece] = []   # those still to upload
+        staged: list[Piece] = []   # those whose bytes the staging file holds
         st = self.staging
         for s, e in win:
             done = self.ahead_pieces if pipelined(s, e) else []
+            if not self._releases():
+                staged += done
             pos = self.ahead_end if done else s
             if e - pos > PIPELINE_BYTES:
-                chunks[s] = done + await self._cut_upload(pos, e)
+                cut = await self._cut_upload(pos, e)
+                chunks[s] = done + cut
+                staged += cut
                 continue
             rest = await trio.to_thread.run_sync(st.chunk, pos, e)
             chunks[s] = done + rest
             pieces += rest
+            staged += rest
         await self._upload(pieces, partial(_read_piece, st))
         extents = self._new_extents(win, chunks)
         return Prepared(extents, {
             "ino": self.vfs.srv(self.ino), "base": self.base, "extents": extents,
             "size": self.size, "mtime": self.mtime, "kill_priv": self.kill_priv,
             **({"attrs": self.deferred} if self.deferred else {}),
-            **self.vfs.commit_hint(self.ino)}, {p.key: p for p in pieces if p.key})
+            **self.vfs.commit_hint(self.ino)}, {p.key: p for p in staged if p.key})
 
     async def adopt(self, r: dict[str, Any], extents: list[list]) -> None:
         """Take a commit's answer: the committed version, or the conflict's outcome."""

@@ -89,6 +89,10 @@ class Snapshot:
 
 def _read(cur: Cursor) -> Snapshot:
     cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    # Counting a large database's rows here between statements takes longer
+    # than the pool's limit on an idle transaction (``db.IDLE_IN_TRANSACTION_MS``,
+    # meant for a hung server): it would end the snapshot midway.
+    cur.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
     s = Snapshot()
     cur.execute("SELECT inode, version, extents, damaged FROM versions")
     for ino, version, ext, damaged in cur:

@@ -41,12 +41,16 @@ or that a commit in flight is about to reference.** The argument, on the
    answers only referenced blocks; a mount's cache may skip blocks it holds)
    at some time before the commit. If GC collected one since, the row is
    doomed or gone, and by 2 the commit is refused with EAGAIN: the mount puts
-   its blocks again and commits again (``OpenFile._put_again``), the HTTP API
+   its blocks again and commits again (``OpenFile.put_again``), the HTTP API
    stores the file again. Nothing is committed over a missing block. The
    grace makes this rare: a pin restarts it, so a commit that follows its
    uploads within the grace is never refused. A write-back mount whose
    journal holds a commit longer than the grace (an outage) sees the
-   refusal and uploads from its staging data.
+   refusal and uploads from its staging data, which keeps every byte until
+   the commit. A sync mount does not keep the bytes of the blocks it
+   uploaded ahead while a large file was written (``OpenFile._releases``):
+   a file written for longer than the grace loses them (a known bug,
+   ``tests/test_gc.py``'s strict xfail).
 
 GC itself runs in one process at a time (a PostgreSQL advisory lock), in
 batches: each batch dooms its rows in one short transaction, deletes the
