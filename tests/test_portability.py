@@ -24,14 +24,14 @@ USED = {
     r"\bxid8\b": {"feed.py", "0005_sync_feed.sql"},
     r"\bpg_current_xact_id\b": {"0005_sync_feed.sql"},
     r"\bpg_current_snapshot\b|\bpg_snapshot_xmin\b": {"feed.py"},
-    r"\bpg_advisory_(un)?lock\b": {"db.py"},
+    r"\bpg_(try_)?advisory_(un)?lock\b": {"db.py", "gc.py"},
     r"\bCREATE SEQUENCE\b|\bnextval\b": {"0001_init.sql"},
     r"\bbigserial\b": {"0001_init.sql"},
 }
 # Features the server must not start using without the same review.
 AVOIDED = [r"\bCREATE TRIGGER\b", r"\bCREATE (OR REPLACE )?FUNCTION\b", r"\bLOCK TABLE\b",
            r"\bDEFERRABLE\b", r"\bEXCLUDE USING\b", r"\bgist\b", r"\bctid\b",
-           r"\bCREATE EXTENSION\b", r"\bpg_try_advisory", r"\bINHERITS\b",
+           r"\bCREATE EXTENSION\b", r"\bINHERITS\b",
            r"\bGENERATED ALWAYS AS\b"]
 
 
