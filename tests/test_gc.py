@@ -217,9 +217,11 @@ def test_a_write_back_drain_after_gc_puts_the_collected_blocks_again(
     token = dep.new_user()
     m = mount_factory(store, token, dep, "--writeback")
     data = os.urandom(200_000)   # past the journal's inline bytes, put without asking
+    fd = os.open(m.p("f"), os.O_CREAT | os.O_WRONLY)   # a create still needs the server
     dep.proc.kill()
     dep.proc.wait()
-    write_file(m.p("f"), data)   # journalled; the drainer uploads, then waits for the server
+    os.write(fd, data)
+    os.close(fd)                 # journalled; the drainer uploads, then waits for the server
     wait_until(lambda: bstore.exists(block_hash(data)), 60, "the drainer's upload")
     assert gc.collect(db, bstore, 0.0).orphans == 1
     assert not bstore.exists(block_hash(data))
