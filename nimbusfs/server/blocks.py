@@ -25,6 +25,9 @@ block's row before its bytes are stored or looked for, and to *confirm* it
 after (``_pin``, ``_confirm``). An ownership row outlives a block GC
 collected: a commit of that block is then refused with EAGAIN (put it
 again), not EACCES.
+A mount holds the blocks it uploaded for a file it has not
+committed yet (``hold``, ``hold_blocks``): by the rules above, only blocks
+it may reference; another user's block is answered as one nobody stores.
 
 Store calls run in worker threads, never inside a database transaction.
 """
