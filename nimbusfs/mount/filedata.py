@@ -467,13 +467,13 @@ class OpenFile:
             end = pieces[-1].offset + pieces[-1].length
             if self._releases():
                 self.staging.release(self.ahead_end, end - self.ahead_end)
-                if not self.holding:
-                    self.holding = True
-                    self.vfs.spawn(self._keep_held)
             self.ahead_pieces += pieces
             self.ahead_end = end
             self.ahead_moved.set()
             self.ahead_moved = trio.Event()
+            if self._releases() and not self.holding:
+                self.holding = True
+                self.vfs.spawn(self._keep_held)
             done.set()
 
         try:
