@@ -263,7 +263,7 @@ async def test_hold_blocks_holds_only_what_the_caller_may_reference(services, pr
             assert held_by_b == [absent]
             assert _age(dep, key) == ("live", 0)
         assert await a.call("hold_blocks", extents=[[None, 5]]) == []
-        for bad in ([[key[:-1], len(data)]], [[key, 0]], [[key, 1 << 30]], [key],
+        for bad in ([[key[:-1], len(data)]], [[key, 0]], [[key, 1 << 30]], [[key, 1 << 62]], [key],
                     [[key, len(data)]] * 10_001, "x"):
             assert await _errno(a.call("hold_blocks", extents=bad)) == errno.EINVAL
         assert await _errno(a.call("hold_blocks", keys=[key])) == errno.EINVAL

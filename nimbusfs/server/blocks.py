@@ -290,8 +290,11 @@ class BlockAccess:
         """
         if not (isinstance(extents, list) and len(extents) <= MAX_KEYS):
             raise FSError(errno.EINVAL, f"extents must be a list of at most {MAX_KEYS}")
-        blocks = check_extents(extents, sum(e[1] for e in extents if isinstance(e, list | tuple)
-                                            and len(e) == 2 and type(e[1]) is int))
+        # What the lengths add up to if they are all a block's: any other is
+        # EINVAL in check_extents (never summed into an EFBIG).
+        size = sum(e[1] for e in extents if isinstance(e, list | tuple) and len(e) == 2
+                   and type(e[1]) is int and 0 < e[1] <= MAX_BLOCK)
+        blocks = check_extents(extents, size)
         if not blocks:
             return []
         lost = await self.transaction(_hold, u.id, sorted(blocks))
