@@ -13,6 +13,7 @@ import errno
 import os
 from collections.abc import Iterator
 
+import psycopg
 import pytest
 import trio
 
@@ -36,6 +37,18 @@ def proxied(services) -> Iterator[dict[str, Deployment]]:
     for d in deps.values():
         d.proc.terminate()
         d.proc.wait(30)
+
+
+def _age(dep: Deployment, key: bytes, then: int | None = None) -> tuple[str, int]:
+    """A block row's state and the whole days since it became unreferenced; ``then``: make
+    that ``then`` seconds ago, after reading it."""
+    with psycopg.connect(dep.dsn, autocommit=True) as c:
+        state, days = c.execute("SELECT state, extract(epoch FROM now() - unref_since)::int"
+                                " / 86400 * 86400 FROM blocks WHERE hash = %s", (key,)).fetchone()
+        if then is not None:
+            c.execute("UPDATE blocks SET unref_since = now() - make_interval(secs => %s)"
+                      " WHERE hash = %s", (then, key))
+    return state, days
 
 
 async def _file(c, name: bytes) -> dict:
@@ -216,3 +229,41 @@ async def test_two_conflicts_in_one_second_on_a_long_name_get_two_copies(service
         names = [n for n, _ in await a.call("readdir", ino=a.info["root"])]
         copies = [n for n in names if b"conflicted copy" in n]
         assert len(copies) == 2 and all(len(n) <= 255 for n in copies)
+
+
+@pytest.mark.parametrize("mode", ["direct", "proxy"])
+async def test_hold_blocks_holds_only_what_the_caller_may_reference(services, proxied, mode):
+    """``hold_blocks`` (a mount keeps the blocks it uploaded ahead from block GC).
+
+    It holds the caller's stored blocks and answers the others as not held. In
+    proxy mode another user's block is answered exactly as a block nobody
+    stores; in direct mode (one trust domain) a block the store holds is held
+    and becomes the caller's, as a commit naming it would make it.
+    """
+    dep = proxied["local"] if mode == "proxy" else services.deployments["local"]
+    data, nowhere = os.urandom(200_000), os.urandom(1000)
+    key, absent = block_hash(data), block_hash(nowhere)
+    extents = [[key, len(data)], [None, 5], [absent, len(nowhere)]]
+    async with connect(dep.address, dep.new_user(), "a") as a, \
+            connect(dep.address, dep.new_user(), "b") as b:
+        assert a.info["gc_grace"] == 3600.0      # the servers' default, told to mounts
+        if mode == "proxy":
+            await a.call("put_block", key=key, data=data)
+        else:
+            open_store(a.info["blocks"]).put(key, data)
+        assert await a.call("hold_blocks", extents=extents) == [absent]
+        assert _age(dep, key, 86400) == ("live", 0)          # then as if unused for a day
+        assert await a.call("hold_blocks", extents=extents) == [absent]
+        assert _age(dep, key, 86400) == ("live", 0)          # its grace restarted
+        held_by_b = await b.call("hold_blocks", extents=extents)
+        if mode == "proxy":                                  # not told it is stored
+            assert sorted(held_by_b) == sorted([key, absent])
+            assert _age(dep, key) == ("live", 86400)
+        else:
+            assert held_by_b == [absent]
+            assert _age(dep, key) == ("live", 0)
+        assert await a.call("hold_blocks", extents=[[None, 5]]) == []
+        for bad in ([[key[:-1], len(data)]], [[key, 0]], [[key, 1 << 30]], [[key, 1 << 62]], [key],
+                    [[key, len(data)]] * 10_001, "x"):
+            assert await _errno(a.call("hold_blocks", extents=bad)) == errno.EINVAL
+        assert await _errno(a.call("hold_blocks", keys=[key])) == errno.EINVAL

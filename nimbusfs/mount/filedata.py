@@ -19,7 +19,10 @@ completed blocks are cut, hashed and uploaded in the background (one task per
 file, a bounded segment at a time), so a flush only handles the tail. Those
 blocks are referenced by nothing until the flush commits them: a crash before
 that leaves the old version intact. Writes wait when the background upload
-lags by more than ``BACKLOG_BYTES`` (bounded memory and disk traffic).
+lags by more than ``BACKLOG_BYTES`` (bounded memory and disk traffic). Their
+staged bytes are released once the server holds the blocks (``hold_blocks``),
+and held again every third of the server's GC grace until the commit, so
+that block GC never collects them however long the file is written.
 
 Invariant: ``size`` is the file's current logical size on this mount; bytes
 in ``[0, size)`` come from the staging file where ``staging.dirty`` covers
@@ -68,6 +71,8 @@ ASK_ABOVE_BYTES = 256 << 10
 # Commits tried when the server answers that block GC collected some of the
 # blocks (they are put again between tries).
 COMMIT_ATTEMPTS = 3
+# Blocks named in one ``hold_blocks`` request (the server takes up to 10,000).
+HOLD_AT_ONCE = 1000
 
 
 def _read_piece(st: Staging, p: Piece) -> bytes:
@@ -161,6 +166,10 @@ class OpenFile:
         # their bytes put back (_drop_ahead) or once committed (reset).
         self.ahead_start = self.ahead_end = self.ahead_read = -1
         self.ahead_pieces: list[Piece] = []
+        # The server's GC grace when this range began, if it holds blocks
+        # (``hold_blocks``; an older server does not: the bytes stay staged).
+        self.ahead_grace: float | None = None
+        self.holding = False               # a ``_keep_held`` task runs for this file
         self.ahead_idle = trio.Event()     # set when no pump runs for this file
         self.ahead_idle.set()
         self.ahead_moved = trio.Event()    # set (and replaced) when ahead_end advances
@@ -346,14 +355,17 @@ class OpenFile:
 
     def _releases(self) -> bool:
         """Whether the pump releases a pipelined segment's staged bytes once its blocks are
-        stored (a hole is punched: a large file is not written to the disk twice).
+        stored and held (a hole is punched: a large file is not written to the disk twice).
 
-        Not in write-back mode (a staging file the journal names): until their
-        commit those blocks are unreferenced, and block GC collects them past its
-        grace (a journal held through a long outage), so the staging file keeps
-        every byte the journal acknowledged, for ``put_again``.
+        Until their commit those blocks are unreferenced, and block GC collects
+        them past its grace unless the mount holds them (``_hold``). Not with
+        a server that does not hold blocks (an older one), nor in write-back
+        mode (a staging file the journal names: a journal held through a long
+        outage cannot hold them): the staging file then keeps every byte,
+        for ``put_again``.
         """
-        return self.staging is None or self.staging.path is None
+        return self.ahead_grace is not None and (self.staging is None
+                                                 or self.staging.path is None)
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
         """Stage ``data`` at ``off``; return the bytes stored (short on a disk filling up)."""
@@ -426,6 +438,7 @@ class OpenFile:
                 return  # the pump works on another range, or its pieces hold its bytes
             self._forget_ahead()
             self.ahead_start = self.ahead_end = self.ahead_read = start
+            self.ahead_grace = self.vfs.client.info.get("gc_grace")
         while stop - self.ahead_end > BACKLOG_BYTES and not self.ahead_idle.is_set():
             await self.ahead_moved.wait()  # back-pressure: the store is slower than the writer
         if self.ahead_idle.is_set() and stop - self.ahead_end >= PIPELINE_BYTES:
@@ -448,6 +461,8 @@ class OpenFile:
                        done: trio.Event) -> None:
             await self._send(buf, pieces)
             del buf  # its slot is free: so is its memory, while it waits for its turn
+            if self._releases():
+                await self._hold(pieces)   # before the bytes go: nothing else has them
             await turn.wait()
             end = pieces[-1].offset + pieces[-1].length
             if self._releases():
@@ -456,6 +471,9 @@ class OpenFile:
             self.ahead_end = end
             self.ahead_moved.set()
             self.ahead_moved = trio.Event()
+            if self._releases() and not self.holding:
+                self.holding = True
+                self.vfs.spawn(self._keep_held)
             done.set()
 
         try:
@@ -480,6 +498,43 @@ class OpenFile:
         finally:
             self.ahead_idle.set()
             self.ahead_moved.set()
+
+    async def _hold(self, pieces: list[Piece]) -> None:
+        """Have the server hold the pieces' blocks for another GC grace (``hold_blocks``).
+
+        EAGAIN if it does not hold one (GC collected it, e.g. an object put
+        again over one GC was about to delete in direct mode): the pump stops
+        before releasing that segment's bytes, and the flush uploads it again.
+        """
+        extents = list({p.key: [p.key, p.length] for p in pieces if p.key is not None}.values())
+        for i in range(0, len(extents), HOLD_AT_ONCE):
+            if lost := await self.vfs.client.call("hold_blocks",
+                                                  extents=extents[i:i + HOLD_AT_ONCE]):
+                raise FSError(errno.EAGAIN, f"inode {self.ino}: {len(lost)} uploaded block(s)"
+                                            " were collected by block GC, e.g."
+                                            f" {bytes(lost[0]).hex()}")
+
+    async def _keep_held(self) -> None:
+        """Hold the released pipelined blocks every third of the GC grace until committed.
+
+        One task per file, ended once no released pieces are left (committed,
+        or discarded). A failed hold (the server unreachable) is logged and
+        tried again at the next tick: GC takes a block only a whole grace
+        after its last hold. A block reported collected (the mount was
+        suspended, or the server unreachable, for longer than the grace) is
+        put again from the block cache at the commit if it still holds it
+        (``put_again``), else that commit fails.
+        """
+        try:
+            while self.ahead_pieces and (grace := self.ahead_grace) and self._releases():
+                await trio.sleep(grace / 3)
+                try:
+                    await self._hold(list(self.ahead_pieces))
+                except FSError as e:
+                    log.warning("holding the uploaded blocks of inode %d: %s", self.ino,
+                                e.message)
+        finally:
+            self.holding = False
 
     async def _cut(self, pos: int, stop: int, whole: bool) -> tuple[bytes, list[Piece]]:
         """Read bytes [pos, stop) of the staging file into memory and cut them.

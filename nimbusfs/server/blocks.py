@@ -25,6 +25,9 @@ block's row before its bytes are stored or looked for, and to *confirm* it
 after (``_pin``, ``_confirm``). An ownership row outlives a block GC
 collected: a commit of that block is then refused with EAGAIN (put it
 again), not EACCES.
+A mount holds the blocks it uploaded for a file it has not
+committed yet (``hold``, ``hold_blocks``): by the rules above, only blocks
+it may reference; another user's block is answered as one nobody stores.
 
 Store calls run in worker threads, never inside a database transaction.
 """
@@ -47,7 +50,7 @@ from nimbusfs.blockstore.base import StoreUnavailable
 from nimbusfs.blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.server.auth import User
-from nimbusfs.server.namespace import check_extents, check_keys, unowned
+from nimbusfs.server.namespace import MAX_KEYS, check_extents, check_keys, unowned
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +121,22 @@ def _confirm(cur: Cursor, user_id: int, keys: list[bytes], pending: dict[bytes, 
             raise FSError(errno.EAGAIN, "block GC took a block while it was stored; try again")
     cur.execute("INSERT INTO block_owners (user_id, hash) SELECT %s, k"
                 " FROM unnest(%s::bytea[]) AS k ON CONFLICT DO NOTHING", (user_id, keys))
+
+
+def _hold(cur: Cursor, user_id: int, keys: list[bytes]) -> list[bytes]:
+    """Restart the GC grace of the user's unreferenced live blocks among ``keys`` (sorted);
+    return the blocks of ``keys`` the user could not reference as they are (``_unusable``).
+
+    The rows are locked in hash order, as a commit locks them (no deadlock).
+    A row GC doomed meanwhile is not held (READ COMMITTED rechecks it once
+    locked); one held is not doomed by a round that began before: GC's doom
+    skips locked rows and rechecks ``unref_since`` on the others.
+    """
+    cur.execute("UPDATE blocks b SET unref_since = now() FROM (SELECT hash FROM blocks"
+                " WHERE hash = ANY(%s) AND refcount = 0 AND state = 'live' AND EXISTS"
+                " (SELECT 1 FROM block_owners o WHERE o.user_id = %s AND o.hash = blocks.hash)"
+                " ORDER BY hash FOR UPDATE) h WHERE b.hash = h.hash", (keys, user_id))
+    return _unusable(cur, user_id, keys)
 
 
 def _owns(cur: Cursor, user_id: int, key: bytes) -> bool:
@@ -198,26 +217,20 @@ class BlockAccess:
             await trio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def admit(self, u: User, extents: Any, size: Any) -> None:
-        """Before a commit: make sure its blocks are the user's to reference, and live.
+    async def _seen(self, u: User, sizes: dict[bytes, int]) -> list[bytes]:
+        """Direct mode: make the blocks of ``sizes`` usable by the user if the store holds
+        them; return those it does not hold.
 
-        In proxy mode there is nothing to do here: ``commit`` itself refuses
-        any block not uploaded through ``put`` (EACCES), or collected since
-        (EAGAIN: the mount puts it again). In direct mode a block that is
-        new to the user, or not live, is pinned (``_pin``), then looked for
-        in the store, then confirmed: a block the store does not hold fails
-        the commit with EAGAIN, so that the mount puts it (again) and
-        retries: block GC may have collected it since it was put, as an
-        object no row knew (direct mode is one trust domain, so the answer
-        tells nobody anything they could not read in the store).
+        A block that is new to the user, or not live, is pinned (``_pin``),
+        then looked for in the store, then confirmed with the others found
+        (see the module docstring of ``gc``, point 3). Direct mode is one
+        trust domain, so the answer tells nobody anything they could not
+        read in the store.
         """
-        blocks = check_extents(extents, size)
-        if self.proxy or not blocks:
-            return
-        new = await self.transaction(_unusable, u.id, sorted(blocks))
+        new = await self.transaction(_unusable, u.id, sorted(sizes))
         if not new:
-            return
-        pending = await self._pinned(new, [blocks[k] for k in new])
+            return []
+        pending = await self._pinned(new, [sizes[k] for k in new])
         missing: list[bytes] = []
         limiter = trio.CapacityLimiter(EXISTS_AT_ONCE)
 
@@ -236,12 +249,58 @@ class BlockAccess:
             if (err := fs_error(group)) is None:
                 raise
             raise err from None
-        if missing:
+        if found := [k for k in new if k not in missing]:
+            await self.transaction(_confirm, u.id, found,
+                                   {k: pending[k] for k in found if k in pending})
+        return missing
+
+    async def admit(self, u: User, extents: Any, size: Any) -> None:
+        """Before a commit: make sure its blocks are the user's to reference, and live.
+
+        In proxy mode there is nothing to do here: ``commit`` itself refuses
+        any block not uploaded through ``put`` (EACCES), or collected since
+        (EAGAIN: the mount puts it again). In direct mode (``_seen``) a
+        block the store does not hold fails the commit with EAGAIN, so that
+        the mount puts it (again) and retries: block GC may have collected
+        it since it was put, as an object no row knew.
+        """
+        blocks = check_extents(extents, size)
+        if self.proxy or not blocks:
+            return
+        if missing := await self._seen(u, blocks):
             log.info("user %s committed %d block(s) the store does not hold, e.g. %s",
                      u.name, len(missing), missing[0].hex())
             raise FSError(errno.EAGAIN, "extents name blocks that are not in the store:"
                                         " upload them (again)")
-        await self.transaction(_confirm, u.id, new, pending)
+
+    async def hold(self, u: User, extents: Any) -> list[bytes]:
+        """``hold_blocks``: keep blocks a mount uploaded for a file it has not committed yet.
+
+        ``extents`` as a commit's (``[hash, length]``; holes are ignored), at
+        most ``MAX_KEYS``. Each block the user may reference and that is
+        live has its GC grace restarted (``_hold``); in direct mode the
+        others are looked for in the store as a commit would (``_seen``),
+        which gives the objects the mount put rows that GC keeps. Returns
+        the blocks that are not held: GC collected them (or is collecting
+        them), or, in proxy mode, the user never put them. That answer is
+        the same whether another user stores a block or not. A mount calls
+        this for its uploaded-ahead blocks every third of the grace it was
+        told in the hello, so no round ever finds one past its grace; a
+        commit still refuses any block that is not live (EAGAIN).
+        """
+        if not (isinstance(extents, list) and len(extents) <= MAX_KEYS):
+            raise FSError(errno.EINVAL, f"extents must be a list of at most {MAX_KEYS}")
+        # What the lengths add up to if they are all a block's: any other is
+        # EINVAL in check_extents (never summed into an EFBIG).
+        size = sum(e[1] for e in extents if isinstance(e, list | tuple) and len(e) == 2
+                   and type(e[1]) is int and 0 < e[1] <= MAX_BLOCK)
+        blocks = check_extents(extents, size)
+        if not blocks:
+            return []
+        lost = await self.transaction(_hold, u.id, sorted(blocks))
+        if self.proxy or not lost:
+            return lost
+        return await self._seen(u, {k: blocks[k] for k in lost})
 
     async def put(self, u: User, key: Any, data: Any) -> None:
         """Store a block the user sends, once its bytes are shown to hash to ``key``.

@@ -47,10 +47,26 @@ or that a commit in flight is about to reference.** The argument, on the
    uploads within the grace is never refused. A write-back mount whose
    journal holds a commit longer than the grace (an outage) sees the
    refusal and uploads from its staging data, which keeps every byte until
-   the commit. A sync mount does not keep the bytes of the blocks it
-   uploaded ahead while a large file was written (``OpenFile._releases``):
-   a file written for longer than the grace loses them (a known bug,
-   ``tests/test_gc.py``'s strict xfail).
+   the commit.
+5. A sync mount does not keep the bytes of the blocks it uploaded ahead
+   while a large file is written (``OpenFile._releases``), so it *holds*
+   them (``hold_blocks``, ``BlockAccess.hold``) before releasing their
+   bytes and then every third of the grace the server told it in the hello
+   until the commit. A live row the caller may reference has its grace
+   restarted under its row lock (``_hold``: a row GC doomed first is not
+   held; a row held first fails GC's recheck of ``unref_since``); in direct
+   mode the other blocks go through the same pin, look, confirm as a
+   commit's (point 3, the only way a hold makes a row live), which gives the
+   objects the mount put rows, so they stop being "objects no row knows"
+   (one the mount's put found there already, old, and GC deleted before the
+   pin, is found missing). A block the answer names as not held (collected) keeps its bytes
+   staged (the first hold) or is put again at the commit from the block
+   cache. So a block held within every grace is never collected, and the
+   commit's EAGAIN rule (point 2) still guards everything else: a mount
+   suspended, or cut off from every server, for longer than the grace loses
+   such a block and its close fails (EIO), never commits over it. A GC run
+   with a shorter grace than the servers' (``nimbusfs gc --grace``) may
+   collect held blocks the same way.
 
 GC itself runs in one process at a time (a PostgreSQL advisory lock), in
 batches: each batch dooms its rows in one short transaction, deletes the

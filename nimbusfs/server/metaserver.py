@@ -62,10 +62,10 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 64
 # The server's own operations (beside namespace.OPS) that need no op_id: a
-# block put again is the same block; ping (a client's check that a silent
+# block put (or held) again is the same block; ping (a client's check that a silent
 # connection's server is alive) is answered without the database. A batch
 # carries no op_id of its own: each of its operations carries one.
-READ_ONLY = frozenset({"subscribe", "get_block", "put_block", "ping", "batch"})
+READ_ONLY = frozenset({"subscribe", "get_block", "put_block", "hold_blocks", "ping", "batch"})
 # What a request's op is counted as in the metrics: a name a client made up
 # is "other", so that clients cannot add label values.
 _COUNTED = frozenset(namespace.OPS) | READ_ONLY
@@ -654,7 +654,9 @@ class MetaServer:
             return None
         await stream.send_all(pack([rid, 0, {
             "user": user.name, "root": user.root, "blocks": self.blocks_url,
-            "protocol": PROTOCOL_VERSION, "read_only": sorted(namespace.READ_ONLY | READ_ONLY)}]))
+            "protocol": PROTOCOL_VERSION, "read_only": sorted(namespace.READ_ONLY | READ_ONLY),
+            # How often a mount must hold its uploaded-ahead blocks (``hold_blocks``).
+            "gc_grace": self.gc_grace}]))
         return Session(stream, user, device)
 
     async def _authenticate(self, reader: FrameReader, stream: trio.abc.Stream, peer: str
@@ -722,9 +724,9 @@ class MetaServer:
         if opname == "subscribe":
             _check_args(opname, self._subscribe, (s, nursery), args)
             return await self._subscribe(s, nursery, **args)
-        if opname in ("put_block", "get_block"):
+        if opname in ("put_block", "get_block", "hold_blocks"):
             try:
-                return await getattr(self.blocks, opname[:3])(s.user, **args)
+                return await getattr(self.blocks, opname.split("_")[0])(s.user, **args)
             except TypeError as e:
                 raise FSError(errno.EINVAL, f"bad arguments for {opname}: {e}") from None
         if opname == "batch":
