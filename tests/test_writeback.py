@@ -201,8 +201,9 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
     """kill -9 of the mount during an extraction, at a random point, ``rounds`` times.
 
     After the remount (journal replayed and drained before it answers), every
-    file whose close returned holds its bytes, and no commit was applied twice
-    (that would leave a conflicted copy: its base would be stale).
+    file whose close returned holds its bytes, no commit was applied twice
+    (that would leave a conflicted copy: its base would be stale), no
+    journalled create either, and another mount sees the same files.
     """
     rng = random.Random(os.environ.get("NIMBUS_SEED", "16"))
     data, files = _tarball(rng)
@@ -227,9 +228,20 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
         assert closed, "nothing was extracted before the crash"
         for name in closed:
             assert read_file(os.path.join(dest, name)) == files[name], (r, name)
-        copies = [n for _, _, fs in os.walk(dest) for n in fs if "conflicted copy" in n]
-        assert not copies, copies
+        # Creates are journalled with their files: none is doubled (a conflicted
+        # copy) or made twice, and no file appears that was not in the tarball.
+        present = {os.path.relpath(os.path.join(d, n), dest)
+                   for d, _, fs in os.walk(dest) for n in fs}
+        assert set(closed) <= present <= set(files), (r, present - set(files))
     wait_until(lambda: pending(m) == (0, 0), 60, "the journal to empty")
+    other = mount_factory("local", m.token)
+    for r in range(rounds):   # the server holds what the writer shows
+        tree = {os.path.relpath(os.path.join(d, n), m.p(f"r{r}"))
+                for d, _, fs in os.walk(m.p(f"r{r}")) for n in fs}
+        assert {os.path.relpath(os.path.join(d, n), other.p(f"r{r}"))
+                for d, _, fs in os.walk(other.p(f"r{r}")) for n in fs} == tree, r
+        for name in tree:
+            assert read_file(other.p(f"r{r}", name)) == read_file(m.p(f"r{r}", name)), name
 
 
 def test_kill_during_extraction(mount_factory, world_tmp):
@@ -358,7 +370,7 @@ def test_creates_need_no_server_and_reach_other_mounts_once_drained(services, mo
         write_file(a.p("d/late"), b"late")   # listed at once (drained or not)
         assert sorted(os.listdir(a.p("d"))) == sorted([n[2:] for n in files] + ["late"])
         os.unlink(a.p("d/late"))
-        b = mount_factory("local", a.token, dep)
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
         assert sorted(os.listdir(b.p("d"))) == sorted(n[2:] for n in files)
         for name, data in files.items():
             assert read_file(b.p(name)) == data, name
@@ -377,7 +389,7 @@ def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(serv
     other = twin(services, dep, "wb_taken_twin")
     try:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        b = mount_factory("local", a.token, other)
+        b = mount_factory("local", a.token, other, "--outage-timeout", "2")
         write_file(a.p("first"), b"1")   # takes the first lease
         wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
         os.listdir(a.p())   # A knows "x" is free without asking
