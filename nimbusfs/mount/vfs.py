@@ -19,7 +19,12 @@ State kept per mount:
   (as every create does first) needs no round trip.
 
 Namespace operations go straight to the server (one transaction each) and
-are visible to every mount as soon as they return. File content is
+are visible to every mount as soon as they return; but in write-back mode a
+create is local (``_create_here``: a leased inode number, the create
+journalled with the file's first close), and until the server has applied
+it the file is this mount's alone: lookups, getattr and readdir answer for
+it from ``WriteBack.new``, and any request naming it waits for its create
+(``call``). File content is
 close-to-open: a close or fsync commits it before returning, and every open
 asks the server for the current version. In write-back mode (``writeback``)
 a close or fsync journals the file's changes on the local disk instead, and

@@ -25,6 +25,18 @@ close); a refused commit (quota, permission) saves the bytes under
 only after its answer was adopted or saved aside, and the staged bytes are
 freed only after that: nothing acknowledged is dropped.
 
+Creates (namespace write-back): a file created on a write-back mount gets
+an inode number from a range the server leased to this mount (kept in the
+journal, so that a replay uses the same numbers), and its ``mknod`` travels
+in its journal record, sent just before its commit in the same batch (one
+ordered journal; each applied once by its op_id). The server applies it
+with ``keep``: if another mount took the name meanwhile the file gets the
+conflicted copy's name beside it, if its directory was removed it goes to
+the volume's root; the mount logs that and records it in
+``conflicts.jsonl``. A refused create (quota, a lease not this mount's)
+saves the bytes under ``recovered/`` as a refused commit does. Nothing is
+dropped.
+
 Backpressure: past ``limit`` bytes journalled and not yet committed (or
 ``MAX_PENDING_FILES`` files), writes wait for the drainer (``room``); they
 never fail for it.
