@@ -130,10 +130,10 @@ class WriteBack:
     async def new_ino(self) -> int:
         """A leased inode number for a create (a round trip only when none is left)."""
         if len(self.free) < LEASE_LOW:
-            if self.free:
-                self.vfs.spawn(self._lease)
-            else:
+            if not self.free:
                 await self._lease()
+            elif not self._leasing.locked():
+                self.vfs.spawn(self._lease)
         return self.free.pop(0)
 
     async def _lease(self) -> None:
@@ -243,9 +243,9 @@ class WriteBack:
         never reaches a file this mount deleted or replaced meanwhile (which
         would save it as a conflicted copy).
         """
-        new = self.new.get(parent, {}).get(name)
+        new = self.vfs.files.get(self.new.get(parent, {}).get(name, 0))
         if new is not None:
-            await self.created(self.vfs.files[new])
+            await self.created(new)
         ino = self._at.get((parent, name))
         while ino is not None and ino in self.pending:
             await self._progress.wait()
@@ -367,6 +367,9 @@ class WriteBack:
             p = prepared[ino]
             if p is None:
                 await self.journal.remove([(ino, rec.op_id)])
+                if f is not None and f.creating is not None:  # discarded before its create
+                    self.vfs.uncreated(f.ino, f.creating["parent"], f.creating["name"])
+                    self._applied(f)
                 self._forget(ino, done)
                 return
             answer = answers.get(ino)
