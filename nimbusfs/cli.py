@@ -159,7 +159,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             cache_size=args.cache_size, blocks=args.blocks, outage_timeout=args.outage_timeout,
             allow_other=args.allow_other if args.allow_other is not None else os.geteuid() == 0,
             read_only=args.read_only, label=args.label or "", tls=_tls(args),
-            insecure=args.insecure, metrics=args.metrics, writeback=args.writeback,
+            insecure=args.insecure, metrics=args.metrics,
+            # Write-back by default on the embedded single-machine deployment only.
+            writeback=args.writeback if args.writeback is not None else not args.server,
             writeback_limit=args.writeback_limit)
         rc = _run_mount(cfg) if args.foreground else _spawn_mount(args, emb, cfg, name)
         mounted = rc == 0
@@ -227,8 +229,8 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
         cmd += ["--blocks", cfg.blocks]
     if cfg.read_only:
         cmd.append("--read-only")
-    if cfg.writeback:
-        cmd += ["--writeback", "--writeback-limit", str(cfg.writeback_limit)]
+    cmd += (["--writeback", "--writeback-limit", str(cfg.writeback_limit)] if cfg.writeback
+            else ["--sync"])
     if cfg.label:
         cmd += ["--label", cfg.label]
     if cfg.metrics:
@@ -731,12 +733,13 @@ def build_parser() -> argparse.ArgumentParser:
                         " without a token: keep it on loopback or a monitoring network")
     m.add_argument("--foreground", action="store_true")
     mode = m.add_mutually_exclusive_group()
-    mode.add_argument("--writeback", dest="writeback", action="store_true", default=False,
+    mode.add_argument("--writeback", dest="writeback", action="store_true", default=None,
                       help="close and fsync return once the data is journalled on the local"
-                           " disk; committed to the server in the background, in order")
+                           " disk; committed to the server in the background, in order (the"
+                           " default of the embedded server)")
     mode.add_argument("--sync", dest="writeback", action="store_false",
                       help="close and fsync return once the data is committed on the server"
-                           " (the default)")
+                           " (the default with --server)")
     m.add_argument("--writeback-limit", type=parse_size, default=parse_size("10G"),
                    help="journalled bytes not yet committed before writes wait (default 10G)")
     m.add_argument("--listen", default="127.0.0.1:0",

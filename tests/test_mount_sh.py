@@ -15,7 +15,7 @@ import sysconfig
 import httpx
 import pytest
 
-from conftest import world_dir
+from conftest import read_file, world_dir
 from nimbusfs.embedded import Embedded
 from nimbusfs.retry import wait_until
 
@@ -71,10 +71,11 @@ def test_mount_sh_embedded_lifecycle():
         assert [e["name"] for e in listing.json()["entries"]] == ["note.txt"]
         assert httpx.get(f"{api}/files").status_code == 401
 
-        # A second mount of the same volume through the running embedded server.
+        # A second mount of the same volume through the running embedded server
+        # (a's note reaches it once a's write-back journal is drained).
         run(b, "--cache-dir", os.path.join(work, "cache-b"), env=env)
-        with open(os.path.join(b, "note.txt")) as f:
-            assert f.read() == "kept\n"
+        wait_until(lambda: read_file(os.path.join(b, "note.txt")) == b"kept\n", 30,
+                   "a's note on b")
         # And as another machine would: by address and token.
         run(c, "--server", server, "--token", token, "--cache-dir", os.path.join(work, "cc"),
             env=env)

@@ -25,7 +25,7 @@ USED = {
     r"\bpg_current_xact_id\b": {"0005_sync_feed.sql"},
     r"\bpg_current_snapshot\b|\bpg_snapshot_xmin\b": {"feed.py"},
     r"\bpg_(try_)?advisory_(un)?lock\b": {"db.py", "gc.py"},
-    r"\bCREATE SEQUENCE\b|\bnextval\b": {"0001_init.sql"},
+    r"\bCREATE SEQUENCE\b|\bnextval\b": {"0001_init.sql", "namespace.py"},
     r"\bbigserial\b": {"0001_init.sql"},
 }
 # Features the server must not start using without the same review.

@@ -474,3 +474,43 @@ async def test_a_batch_applies_in_order_each_op_once_and_failures_alone(services
             with pytest.raises(FSError) as e:
                 await c.call("batch", ops=bad)
             assert e.value.errno in (errno.EINVAL, errno.ENOSYS), bad
+
+
+async def test_leased_inode_numbers_are_the_lessees_and_used_once(services):
+    """A create under a leased number is accepted once, from its user and lessee only;
+    one sent late with ``keep`` takes a conflicted name if its name was taken meanwhile,
+    and the volume's root if its directory was removed."""
+    dep = services.deployments["local"]
+    user = dep.new_user()
+    async with connect(dep.address, user, "a") as a, connect(dep.address, user, "b") as b, \
+            connect(dep.address, dep.new_user(), "c") as stranger:
+        root = a.info["root"]
+        nums = await a.call("lease_inodes", count=3, lessee="mount-a")
+        assert len(set(nums)) == 3
+        args = {"parent": root, "mode": 0o100644, "uid": 0, "gid": 0}
+        for c, lessee in ((b, "mount-b"), (stranger, "mount-a")):
+            with pytest.raises(FSError) as e:
+                await c.call("mknod", **args, name=b"x", ino=nums[0], lessee=lessee)
+            assert e.value.errno == errno.EACCES
+        f = await a.call("mknod", **args, name=b"x", ino=nums[0], lessee="mount-a")
+        assert f["ino"] == nums[0]
+        with pytest.raises(FSError) as e:   # used up
+            await a.call("mknod", **args, name=b"y", ino=nums[0], lessee="mount-a")
+        assert e.value.errno == errno.EACCES
+        # The name taken meanwhile (by b): kept under the conflicted copy's name.
+        await b.call("mknod", **args, name=b"taken")
+        g = await a.call("mknod", **args, name=b"taken", ino=nums[1], lessee="mount-a",
+                         keep=True)
+        assert (g["ino"], g["parent"]) == (nums[1], root)
+        assert g["name"].startswith(b"taken (conflicted copy ")
+        # Its directory removed meanwhile: kept in the root.
+        d = await b.call("mknod", **{**args, "mode": 0o40755}, name=b"d")
+        await b.call("rmdir", parent=root, name=b"d")
+        h = await a.call("mknod", **{**args, "parent": d["ino"]}, name=b"z", ino=nums[2],
+                         lessee="mount-a", keep=True)
+        assert (h["parent"], h["name"]) == (root, b"z")
+        names = {n for n, _ in await b.call("readdir", ino=root)}
+        assert {b"x", b"taken", g["name"], b"z"} <= names
+        with pytest.raises(FSError) as e:
+            await a.call("lease_inodes", count=0, lessee="mount-a")
+        assert e.value.errno == errno.EINVAL

@@ -201,8 +201,9 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
     """kill -9 of the mount during an extraction, at a random point, ``rounds`` times.
 
     After the remount (journal replayed and drained before it answers), every
-    file whose close returned holds its bytes, and no commit was applied twice
-    (that would leave a conflicted copy: its base would be stale).
+    file whose close returned holds its bytes, no commit was applied twice
+    (that would leave a conflicted copy: its base would be stale), no
+    journalled create either, and another mount sees the same files.
     """
     rng = random.Random(os.environ.get("NIMBUS_SEED", "16"))
     data, files = _tarball(rng)
@@ -227,9 +228,20 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
         assert closed, "nothing was extracted before the crash"
         for name in closed:
             assert read_file(os.path.join(dest, name)) == files[name], (r, name)
-        copies = [n for _, _, fs in os.walk(dest) for n in fs if "conflicted copy" in n]
-        assert not copies, copies
+        # Creates are journalled with their files: none is doubled (a conflicted
+        # copy) or made twice, and no file appears that was not in the tarball.
+        present = {os.path.relpath(os.path.join(d, n), dest)
+                   for d, _, fs in os.walk(dest) for n in fs}
+        assert set(closed) <= present <= set(files), (r, present - set(files))
     wait_until(lambda: pending(m) == (0, 0), 60, "the journal to empty")
+    other = mount_factory("local", m.token)
+    for r in range(rounds):   # the server holds what the writer shows
+        tree = {os.path.relpath(os.path.join(d, n), m.p(f"r{r}"))
+                for d, _, fs in os.walk(m.p(f"r{r}")) for n in fs}
+        assert {os.path.relpath(os.path.join(d, n), other.p(f"r{r}"))
+                for d, _, fs in os.walk(other.p(f"r{r}")) for n in fs} == tree, r
+        for name in tree:
+            assert read_file(other.p(f"r{r}", name)) == read_file(m.p(f"r{r}", name)), name
 
 
 def test_kill_during_extraction(mount_factory, world_tmp):
@@ -328,3 +340,76 @@ def test_limit_reached_writes_wait_then_continue(services, mount_factory):
             assert read_file(m.p(f"f{i}")) == pattern(b"l%d" % i, 512 << 10)
     finally:
         dep.kill()
+
+
+def test_creates_need_no_server_and_reach_other_mounts_once_drained(services, mount_factory):
+    """Namespace write-back: with the metaserver down, files are created, written,
+    looked up and read on the writer at once (leased inode numbers, a journalled create);
+    a kill -9 before the restart loses none: after it another mount sees them with
+    their bytes, each created once."""
+    dep = start_metaserver(services.emb, "wb_ns", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        os.mkdir(a.p("d"))
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        dep.kill()
+        files = {f"d/n{i}": pattern(b"n%d" % i, 10 + 997 * i) for i in range(40)}
+        for name, data in files.items():
+            write_file(a.p(name), data)
+        assert not os.path.exists(a.p("d/none"))
+        for name, data in files.items():
+            assert os.stat(a.p(name)).st_size == len(data)
+            assert read_file(a.p(name)) == data
+        assert pending(a)[0] == len(files)
+        crash(a)
+        restart(dep)
+        a.start()   # replays and drains before it answers
+        assert pending(a) == (0, 0)
+        write_file(a.p("d/late"), b"late")   # listed at once (drained or not)
+        assert sorted(os.listdir(a.p("d"))) == sorted([n[2:] for n in files] + ["late"])
+        os.unlink(a.p("d/late"))
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        assert sorted(os.listdir(b.p("d"))) == sorted(n[2:] for n in files)
+        for name, data in files.items():
+            assert read_file(b.p(name)) == data, name
+        view = server_view(dep, a.token, "first")
+        assert view[0]["versions"] == 1
+    finally:
+        dep.kill()
+
+
+def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(services,
+                                                                            mount_factory):
+    """A creates ``x`` while its server is down; B creates ``x`` meanwhile: after A's drain
+    B's file is ``x`` and A's is kept beside it under the conflicted-copy name."""
+    dep = start_metaserver(services.emb, "wb_taken", "file://" + services.emb.path("blocks"),
+                           services.env)
+    other = twin(services, dep, "wb_taken_twin")
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        b = mount_factory("local", a.token, other, "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows "x" is free without asking
+        dep.kill()
+        write_file(a.p("x"), b"mine")
+        assert read_file(a.p("x")) == b"mine"
+        write_file(b.p("x"), b"theirs")
+        restart(dep)
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+
+        def copies(m) -> list[str]:
+            return [n for n in os.listdir(m.p()) if n.startswith("x (conflicted copy")]
+        wait_until(lambda: len(copies(b)) == 1, 30, "the copy on B")
+        assert read_file(b.p(copies(b)[0])) == b"mine"
+        assert read_file(b.p("x")) == b"theirs"
+        wait_until(lambda: len(copies(a)) == 1 and _read_or_none(a.p("x")) == b"theirs", 30,
+                   "the copy and B's file on A")
+        assert read_file(a.p(copies(a)[0])) == b"mine"
+        with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
+            assert any(json.loads(line).get("kept_as") == copies(a)[0] for line in f)
+    finally:
+        dep.kill()
+        other.kill()

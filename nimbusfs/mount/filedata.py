@@ -177,6 +177,10 @@ class OpenFile:
         # write-back close with nothing new since the last journal record
         # needs neither the lock nor a record.
         self.edits = 0
+        # Write-back: the ``mknod`` arguments of a create journalled with the
+        # file and not yet applied by the server (the inode is this mount's
+        # alone until then); None once applied, and for every other file.
+        self.creating: dict[str, Any] | None = None
         self.reset(attr, extents)
 
     def reset(self, attr: dict, extents: list) -> None:
@@ -853,7 +857,7 @@ class OpenFile:
                           [[p.offset, p.length, p.key] for p in self.ahead_pieces]],
                 # The staging file's name in the staging directory.
                 "staging": os.path.basename(st.path) if st and st.path else None,
-                "inline": None}
+                "inline": None, "create": self.creating}
 
     @classmethod
     def restore(cls, vfs: VFS, ino: int, state: dict[str, Any]) -> OpenFile:
@@ -862,6 +866,7 @@ class OpenFile:
         f.size, f.cut = state["size"], state["cut"]
         f.mtime, f.ctime = state["mtime"], state["ctime"]
         f.kill_priv, f.deferred, f.modified = state["kill_priv"], state["deferred"], True
+        f.creating = state.get("create")   # absent from records of older mounts
         if state["staging"] is not None or state["inline"] is not None:
             name = state["staging"]
             st = f.staging = Staging(vfs.staging_dir, keep=True, path=name and os.path.join(

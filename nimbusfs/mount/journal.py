@@ -23,6 +23,11 @@ Invariants:
   first closed; ``seq`` grows across restarts.
 - **Removed once committed.** ``remove`` deletes a row only for the op_id
   it was committed with, durably, before the caller frees the staged bytes.
+- **Leases.** Inode numbers leased to this mount are durable before any is
+  used; a number leaves ``leases`` in the transaction that removes the row
+  of the file created under it (the server has applied that create). So
+  after a crash the free numbers are those in ``leases`` that no row uses:
+  a number is never used for two files the server would both see.
 
 The database is read by ``nimbusfs status`` (another process) to show what
 is waiting: ``summary`` opens it read-only.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +57,12 @@ CREATE TABLE IF NOT EXISTS pending (
     state BLOB NOT NULL,      -- msgpack: OpenFile.snapshot()
     bytes INTEGER NOT NULL,   -- staged bytes waiting (for the write-back limit and status)
     created REAL NOT NULL     -- when the file was first closed (unix time)
-)
+);
+-- Namespace write-back: this mount's lessee id (``lease_inodes``), stable
+-- across its restarts, and the inode numbers leased to it and not yet used
+-- by a create the server applied.
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (ino INTEGER PRIMARY KEY);
 """
 
 
@@ -104,7 +115,11 @@ class Journal:
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute(_SCHEMA)
+            self.db.executescript(_SCHEMA)
+            self.db.execute("INSERT INTO meta VALUES ('lessee', ?) ON CONFLICT DO NOTHING",
+                            (uuid.uuid4().hex,))
+            self.lessee: str = self.db.execute(
+                "SELECT value FROM meta WHERE key = 'lessee'").fetchone()[0]
         self._lock = trio.Lock()
         self._group = _Group()
 
@@ -140,31 +155,49 @@ class Journal:
             raise group.error
 
     def _write(self, rows: list[Record]) -> None:
-        self._transaction(
+        self._transaction([(
             "INSERT INTO pending (ino, seq, op_id, state, bytes, created)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (ino) DO UPDATE"
             " SET state = excluded.state, bytes = excluded.bytes",
             [(r.ino, r.seq, r.op_id, msgpack.packb(r.state, use_bin_type=True), r.bytes,
-              r.created) for r in rows])
+              r.created) for r in rows])])
 
-    def _transaction(self, sql: str, rows: list[tuple]) -> None:
-        """One statement for each of ``rows``, in one transaction (one fsync at COMMIT)."""
+    def _transaction(self, statements: list[tuple[str, list[tuple]]]) -> None:
+        """Each statement for each of its rows, in one transaction (one fsync at COMMIT)."""
         with local_io(self.path):
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                self.db.executemany(sql, rows)
+                for sql, rows in statements:
+                    self.db.executemany(sql, rows)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
 
     async def remove(self, done: Iterable[tuple[int, str]]) -> None:
-        """Durably delete the rows of ``(ino, op_id)`` committed by the server."""
+        """Durably delete the rows of ``(ino, op_id)`` committed by the server, and the
+        lease of each one's number (its create, if it had one, is applied too)."""
         rows = list(done)
         if rows:
+            statements: list[tuple[str, list[tuple]]] = [
+                ("DELETE FROM pending WHERE ino = ? AND op_id = ?", list(rows)),
+                ("DELETE FROM leases WHERE ino = ?", [(ino,) for ino, _ in rows])]
             async with self._lock:
-                await trio.to_thread.run_sync(
-                    self._transaction, "DELETE FROM pending WHERE ino = ? AND op_id = ?", rows)
+                await trio.to_thread.run_sync(self._transaction, statements)
+
+    def leases(self) -> list[int]:
+        """The leased numbers no pending row uses (at start, before anything is written)."""
+        with local_io(self.path):
+            return [r[0] for r in self.db.execute(
+                "SELECT ino FROM leases WHERE ino NOT IN (SELECT ino FROM pending)"
+                " ORDER BY ino")]
+
+    async def add_leases(self, inos: list[int]) -> None:
+        """Make newly leased numbers durable (before any of them is used)."""
+        async with self._lock:
+            await trio.to_thread.run_sync(
+                self._transaction, [("INSERT OR IGNORE INTO leases VALUES (?)",
+                                     [(i,) for i in inos])])
 
     def close(self) -> None:
         self.db.close()

@@ -19,7 +19,12 @@ State kept per mount:
   (as every create does first) needs no round trip.
 
 Namespace operations go straight to the server (one transaction each) and
-are visible to every mount as soon as they return. File content is
+are visible to every mount as soon as they return; but in write-back mode a
+create is local (``_create_here``: a leased inode number, the create
+journalled with the file's first close), and until the server has applied
+it the file is this mount's alone: lookups, getattr and readdir answer for
+it from ``WriteBack.new``, and any request naming it waits for its create
+(``call``). File content is
 close-to-open: a close or fsync commits it before returning, and every open
 asks the server for the current version. In write-back mode (``writeback``)
 a close or fsync journals the file's changes on the local disk instead, and
@@ -202,12 +207,15 @@ class VFS:
         # The log names inodes only; the names are in conflicts.jsonl (0600).
         log.warning("conflict on inode %d: another writer's version was kept; this"
                     " mount's bytes are saved as inode %d", ino, copy["ino"])
+        self._log_conflict({"time": time.time(), "inode": ino, "parent": parent,
+                            "name": name.decode(errors="replace"), "copy_inode": copy["ino"]})
+
+    def _log_conflict(self, entry: dict[str, Any]) -> None:
+        """Append to ``conflicts.jsonl`` (0600: it names files; the log names inodes only)."""
         fd = os.open(os.path.join(self.state_dir, "conflicts.jsonl"),
-                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # it names files
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a") as f:
-            f.write(json.dumps({"time": time.time(), "inode": ino, "parent": parent,
-                                "name": name.decode(errors="replace"),
-                                "copy_inode": copy["ino"]}) + "\n")
+            f.write(json.dumps(entry) + "\n")
 
     # --- helpers -----------------------------------------------------------------
 
@@ -307,6 +315,10 @@ class VFS:
         self.nursery.start_soon(guarded)
 
     async def call(self, op: str, **args: Any) -> Any:
+        """Send a request; one naming a file created here waits until the server knows it."""
+        f = self.files.get(self.fuse(args["ino"])) if "ino" in args else None
+        if f is not None and f.creating is not None and self.writeback is not None:
+            await self.writeback.created(f)
         return await self.client.call(op, **args)
 
     def _orphaned(self, result: dict[str, Any]) -> None:
@@ -331,6 +343,8 @@ class VFS:
             return await self.getattr(parent)
         if name == b"..":
             raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
+        if (f := self._new_file(parent, name)) is not None:
+            return self._out(f.attr)
         names = self.listings.get(parent)
         if names is not None and name not in names:
             return None
@@ -345,6 +359,9 @@ class VFS:
 
     async def getattr(self, ino: int) -> dict[str, Any]:
         attr = self.attrs.get(ino)
+        f = self.files.get(ino)
+        if attr is None and f is not None and f.creating is not None:
+            attr = f.attr   # created here, not on the server yet
         if attr is None:
             token = self._gen
             try:
@@ -386,6 +403,12 @@ class VFS:
                 await self._release(f)
         changes = {k: v for k, v in changes.items() if v is not None}
         f = self.files.get(ino)
+        if changes and f is not None and f.creating is not None and self.writeback is not None:
+            async with f.lock:
+                if f.defer(changes):
+                    return await self.getattr(ino)
+            # Not deferrable (set-user-ID involved): the server must know the file first.
+            await self.writeback.created(f)
         if f is not None and changes.get("mtime") is not None:
             f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
             f.edits += 1
@@ -484,6 +507,82 @@ class VFS:
         self._entries_changed(parent, add=name)
         return attr
 
+    async def _create_here(self, parent: int, name: bytes, mode: int, uid: int, gid: int
+                           ) -> OpenFile:
+        """A new empty file at ``parent``/``name`` that only this mount knows of, yet.
+
+        Its attributes are what the server's ``mknod`` would make (a set-group-ID
+        directory passes its group on); the directory's cached times move as
+        the server's will, so that the kernel's getattr of it after the create
+        needs no round trip. The kernel has looked the name up (holding the
+        directory's lock): it is free as far as this mount knows; if another
+        mount took it meanwhile, the drain keeps this file under a conflicted
+        name.
+        """
+        _check_length(name)
+        assert self.writeback is not None
+        p = await self.getattr(parent)
+        if not stat.S_ISDIR(p["mode"]):
+            raise FSError(errno.ENOTDIR, "not a directory")
+        if name in self.listings.get(parent, ()) or self._new_file(parent, name) is not None:
+            raise FSError(errno.EEXIST, "entry exists")
+        ino = await self.writeback.new_ino()
+        now = time.time_ns()
+        attr = {"ino": ino, "mode": mode, "nlink": 1, "uid": uid,
+                "gid": p["gid"] if p["mode"] & stat.S_ISGID else gid, "rdev": 0, "size": 0,
+                "atime": now, "mtime": now, "ctime": now, "version": 0, "alloc": 0,
+                "xattrs": False}
+        f = self.files[ino] = OpenFile(self, ino, attr, [])
+        self.writeback.creating(f, self.srv(parent), name, mode, uid, attr["gid"])
+        self.names[ino] = (self.srv(parent), name)
+        if (d := self.attrs.get(parent)) is not None:
+            self.attrs[parent] = {**d, "mtime": now, "ctime": now}
+        self._entries_changed(parent, add=name)
+        return f
+
+    def _new_file(self, parent: int, name: bytes) -> OpenFile | None:
+        """The file created here at ``parent``/``name`` that the server does not know yet."""
+        if self.writeback is None:
+            return None
+        ino = self.writeback.new.get(self.srv(parent), {}).get(name)
+        return None if ino is None else self.files.get(ino)
+
+    def _new_entries(self, parent: int, listed: set[bytes]) -> list[tuple[bytes, dict]]:
+        """readdir's entries for the files created here in ``parent`` and not on the server
+        yet (nor in its listing: one may have been applied while it was read)."""
+        if self.writeback is None:
+            return []
+        new = self.writeback.new.get(self.srv(parent), {})
+        return [(n, self.files[i].attr) for n, i in new.items()
+                if n not in listed and i in self.files]
+
+    def moved_by_server(self, ino: int, asked: tuple[int, bytes],
+                        placed: tuple[int, bytes]) -> None:
+        """A create of this mount was applied elsewhere than it was made (the drain's
+        ``keep``: the name was taken meanwhile, or the directory removed): the
+        file is kept there, and the kernel and the caches forget the old place."""
+        self.names[ino] = placed
+        log.warning("create of inode %d: its name was taken or its directory removed"
+                    " meanwhile; the file is kept under another name", ino)
+        self._place_changed(asked)
+        self._place_changed(placed)
+        self._log_conflict({"time": time.time(), "inode": ino, "parent": asked[0],
+                            "name": asked[1].decode(errors="replace"),
+                            "kept_as": placed[1].decode(errors="replace"),
+                            "kept_in": placed[0]})
+
+    def uncreated(self, ino: int, parent: int, name: bytes) -> None:
+        """A create of this mount was refused; its bytes are saved aside: the name goes."""
+        self._place_changed((parent, name))
+        self._entries_changed(self.fuse(parent), remove=name)
+
+    def _place_changed(self, place: tuple[int, bytes]) -> None:
+        parent = self.fuse(place[0])
+        self._drop(place[0])
+        self.listings.pop(parent, None)
+        self._invalidate(("entry", parent, place[1]))
+        self._invalidate(("inode", parent))
+
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
                       ) -> dict[str, Any]:
         _check_length(name)
@@ -513,8 +612,18 @@ class VFS:
         self._entries_changed(parent, remove=name)
         self._orphaned(r)
 
+    async def _check_no_new(self, parent: int, name: bytes) -> None:
+        """ENOTEMPTY if ``parent``/``name`` is a directory holding files created here and
+        not on the server yet (which would let the server remove or replace it)."""
+        if self.writeback is None or not self.writeback.new:
+            return
+        attr = await self.lookup(parent, name)
+        if attr is not None and self.srv(attr["ino"]) in self.writeback.new:
+            raise FSError(errno.ENOTEMPTY, "directory not empty")
+
     async def rmdir(self, parent: int, name: bytes) -> None:
         _check_length(name)
+        await self._check_no_new(parent, name)
         token = self._gen
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -525,6 +634,7 @@ class VFS:
                      flags: int) -> None:
         _check_length(name, new_name)
         if self.writeback is not None:  # the pending files at both names first
+            await self._check_no_new(new_parent, new_name)
             await self.writeback.committed(self.srv(parent), name)
             await self.writeback.committed(self.srv(new_parent), new_name)
         token = self._gen
@@ -558,6 +668,7 @@ class VFS:
             listing = await self.call("readdir", ino=self.srv(d[0]))
             for _, a in listing:
                 self._fill(a, token)
+            listing += self._new_entries(d[0], {n for n, _ in listing})
             if token == self._gen and len(listing) < MAX_LISTED:
                 self.listings[d[0]] = {n for n, _ in listing} - {b".", b".."}
             d[1] = [(n, self._out(a)) for n, a in listing]
@@ -743,9 +854,18 @@ class VFS:
 
     async def create(self, parent: int, name: bytes, mode: int, flags: int, uid: int,
                      gid: int) -> tuple[int, dict[str, Any]]:
-        """Create and open a new file: its first (empty) version needs no ``open`` call."""
-        attr = await self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
-        f = self.files[attr["ino"]] = OpenFile(self, attr["ino"], attr, [])
+        """Create and open a new file: its first (empty) version needs no ``open`` call.
+
+        In write-back mode the file is created here, under a leased inode
+        number, and journalled with its first close (``WriteBack.creating``).
+        """
+        mode = stat.S_IFREG | stat.S_IMODE(mode)
+        if self.writeback is not None:
+            f = await self._create_here(parent, name, mode, uid, gid)
+            attr = self._out(f.attr)
+        else:
+            attr = await self.mknod(parent, name, mode, uid, gid)
+            f = self.files[attr["ino"]] = OpenFile(self, attr["ino"], attr, [])
         f.handles += 1
         self.page_version[f.ino] = f.base
         fh = self._handle(f, uid)

@@ -25,6 +25,18 @@ close); a refused commit (quota, permission) saves the bytes under
 only after its answer was adopted or saved aside, and the staged bytes are
 freed only after that: nothing acknowledged is dropped.
 
+Creates (namespace write-back): a file created on a write-back mount gets
+an inode number from a range the server leased to this mount (kept in the
+journal, so that a replay uses the same numbers), and its ``mknod`` travels
+in its journal record, sent just before its commit in the same batch (one
+ordered journal; each applied once by its op_id). The server applies it
+with ``keep``: if another mount took the name meanwhile the file gets the
+conflicted copy's name beside it, if its directory was removed it goes to
+the volume's root; the mount logs that and records it in
+``conflicts.jsonl``. A refused create (quota, a lease not this mount's)
+saves the bytes under ``recovered/`` as a refused commit does. Nothing is
+dropped.
+
 Backpressure: past ``limit`` bytes journalled and not yet committed (or
 ``MAX_PENDING_FILES`` files), writes wait for the drainer (``room``); they
 never fail for it.
@@ -61,6 +73,10 @@ BATCH_FILES = 256
 # Pending files at most (each holds its staging file open): past it, writes
 # wait as past the byte limit.
 MAX_PENDING_FILES = 8192
+# Inode numbers asked for at a time (``lease_inodes``), and how few left
+# start the next lease in the background, so that a create rarely waits.
+LEASE = 1024
+LEASE_LOW = 256
 # Waits between drain attempts that made no progress (the store or the
 # metaserver is down), and between sends of a batch through an outage.
 RETRY = Backoff(first=0.1, cap=5.0)
@@ -83,6 +99,12 @@ class WriteBack:
         self._at: dict[tuple[int, bytes], int] = {}
         self._loc: dict[int, tuple[int, bytes]] = {}
         self._seq = journal.next_seq()
+        # Namespace write-back: leased inode numbers not used yet, and the
+        # files created here that the server does not know yet, by place
+        # (server parent -> name -> inode): lookups and listings show them.
+        self.free: list[int] = journal.leases()
+        self._leasing = trio.Lock()
+        self.new: dict[int, dict[bytes, int]] = {}
         self._token = 0   # VFS.drops when the batch being answered was sent
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
@@ -97,9 +119,67 @@ class WriteBack:
             if hint:
                 self.vfs.names[rec.ino] = (hint["parent"], hint["name"])
             self.vfs.files[rec.ino] = f
+            if f.creating is not None:
+                self.new.setdefault(f.creating["parent"], {})[f.creating["name"]] = rec.ino
             self._add(rec)
             self._place(rec.ino)
         return len(self.pending)
+
+    # --- namespace ----------------------------------------------------------------
+
+    async def new_ino(self) -> int:
+        """A leased inode number for a create (a round trip only when none is left)."""
+        if len(self.free) < LEASE_LOW:
+            if not self.free:
+                await self._lease()
+            elif not self._leasing.locked():
+                self.vfs.spawn(self._lease)
+        return self.free.pop(0)
+
+    async def _lease(self) -> None:
+        """Lease ``LEASE`` more numbers; durable in the journal before any is used."""
+        async with self._leasing:
+            if len(self.free) >= LEASE_LOW:
+                return  # another task leased meanwhile
+            inos = await self.vfs.call("lease_inodes", count=LEASE, lessee=self.journal.lessee)
+            await self.journal.add_leases(inos)
+            self.free += inos
+
+    def creating(self, f: OpenFile, parent: int, name: bytes, mode: int, uid: int,
+                 gid: int) -> None:
+        """``f`` (new, under a leased number) was created at ``parent``/``name`` here.
+
+        The create goes to the server with the file's first journal record,
+        as its ``mknod`` before its ``commit``, in the same batch: one
+        ordered journal. Until applied, the file is this mount's alone: the
+        VFS answers for it (``new``), and any request naming it waits for
+        ``created``.
+        """
+        f.creating = {"op_id": uuid.uuid4().hex, "parent": parent, "name": name, "mode": mode,
+                      "uid": uid, "gid": gid}
+        f.modified = True   # its close journals (and commits) it, even empty
+        self.new.setdefault(parent, {})[name] = f.ino
+
+    async def created(self, f: OpenFile) -> None:
+        """Return once the server knows ``f`` (journalled now if it was not yet).
+
+        Before an operation that names the file to the server (unlink,
+        rename, link, xattrs, a chmod that cannot wait for the commit).
+        """
+        while f.creating is not None and self.vfs.files.get(f.ino) is f:
+            progress = self._progress   # set by a drain that ends while this stages
+            await self.stage(f)
+            await progress.wait()
+
+    def _applied(self, f: OpenFile) -> None:
+        """``f``'s create is applied (or given up, its bytes saved aside): not new any more."""
+        assert f.creating is not None
+        names = self.new.get(f.creating["parent"], {})
+        if names.get(f.creating["name"]) == f.ino:
+            del names[f.creating["name"]]
+            if not names:
+                del self.new[f.creating["parent"]]
+        f.creating = None
 
     async def stage(self, f: OpenFile) -> None:
         """Make ``f``'s uncommitted changes durable in the journal; return once they are.
@@ -163,6 +243,9 @@ class WriteBack:
         never reaches a file this mount deleted or replaced meanwhile (which
         would save it as a conflicted copy).
         """
+        new = self.vfs.files.get(self.new.get(parent, {}).get(name, 0))
+        if new is not None:
+            await self.created(new)
         ino = self._at.get((parent, name))
         while ino is not None and ino in self.pending:
             await self._progress.wait()
@@ -196,13 +279,14 @@ class WriteBack:
         # commit, missing if preparing failed.
         prepared: dict[int, Prepared | None] = {}
         answers: dict[int, list] = {}
+        made: dict[int, list] = {}   # the answers to the creates sent with their commits
         ready = {ino: trio.Event() for ino in inos}
         answered = trio.Event()
         done: list[int] = []   # inos whose records were removed
         async with trio.open_nursery() as nursery:
             for ino in inos:
-                nursery.start_soon(self._file, ino, prepared, ready[ino], answered, answers,
-                                   done)
+                nursery.start_soon(self._file, ino, prepared, ready[ino], answered,
+                                   (made, answers), done)
             for ev in ready.values():
                 await ev.wait()
             batch: list[int] = []
@@ -213,10 +297,19 @@ class WriteBack:
                 p = prepared[ino]
                 if p is not None:
                     batch.append(ino)
+                    c = self.vfs.files[ino].creating   # stays, under the file's lock
+                    if c is not None:
+                        ops.append(["mknod", c["op_id"], {
+                            **{k: c[k] for k in ("parent", "name", "mode", "uid", "gid")},
+                            "ino": ino, "lessee": self.journal.lessee, "keep": True}])
                     ops.append(["commit", self.pending[ino].op_id, p.args])
             if batch:
                 self._token = self.vfs.drops
-                answers.update(zip(batch, await self._send(ops), strict=True))
+                replies = iter(await self._send(ops))
+                for ino in batch:
+                    if self.vfs.files[ino].creating is not None:
+                        made[ino] = next(replies)
+                    answers[ino] = next(replies)
                 # Durably forgotten before any staged byte is freed (``adopt``).
                 await self.journal.remove([(ino, self.pending[ino].op_id) for ino in batch
                                            if answers[ino][0] == 0])
@@ -225,7 +318,7 @@ class WriteBack:
             f = self.vfs.files.get(ino)
             if f is not None and self.vfs.forget(f):
                 self.vfs.spawn(self.vfs.call, "purge", ino=self.vfs.srv(ino))
-        if done:
+        if done or made:
             self._progress.set()
             self._progress = trio.Event()
         return bool(done)
@@ -245,15 +338,17 @@ class WriteBack:
         done.append(ino)
 
     async def _file(self, ino: int, prepared: dict[int, Prepared | None], ready: trio.Event,
-                    answered: trio.Event, answers: dict[int, list], done: list[int]) -> None:
+                    answered: trio.Event, replies: tuple[dict[int, list], dict[int, list]],
+                    done: list[int]) -> None:
         """One file of a batch: prepared under its lock, held until the batch is answered.
 
         ``prepared[ino]`` is None when there is nothing to commit (the file
         was discarded since, e.g. saved aside, or deleted and closed: its
         bytes are gone as on a local disk), and missing if preparing failed
         (a store outage): then it and the files after it wait for the next
-        batch.
+        batch. ``replies``: the answers to the batch's creates and commits.
         """
+        made, answers = replies
         f = self.vfs.files.get(ino)
         rec = self.pending[ino]
         async with f.lock if f is not None else contextlib.nullcontext():
@@ -272,12 +367,21 @@ class WriteBack:
             p = prepared[ino]
             if p is None:
                 await self.journal.remove([(ino, rec.op_id)])
+                if f is not None and f.creating is not None:  # discarded before its create
+                    self.vfs.uncreated(f.ino, f.creating["parent"], f.creating["name"])
+                    self._applied(f)
                 self._forget(ino, done)
                 return
             answer = answers.get(ino)
             if answer is None:
                 return  # not sent: a file before it failed to prepare
             assert f is not None
+            create = made.get(ino)
+            if create is not None and create[0] == 0:
+                self._placed(f, create[1])
+            elif create is not None:
+                log.error("write-back create of inode %d refused: %s", ino,
+                          os.strerror(create[0]))
             if answer[0] == 0:  # its record is removed already (``_drain``)
                 self._forget(ino, done)
                 await f.adopt(answer[1], p.extents)
@@ -298,7 +402,20 @@ class WriteBack:
                       os.strerror(answer[0]) if isinstance(answer[1], dict) else answer[1])
             if await self.vfs.save_aside(f):
                 await self.journal.remove([(ino, rec.op_id)])
+                if f.creating is not None:  # never created: gone from here too
+                    self.vfs.uncreated(f.ino, f.creating["parent"], f.creating["name"])
+                    self._applied(f)
                 self._forget(ino, done)
+
+    def _placed(self, f: OpenFile, attr: dict) -> None:
+        """``f``'s create was applied: where the server put it (``mknod``'s ``keep``)."""
+        assert f.creating is not None
+        asked = (f.creating["parent"], f.creating["name"])
+        self._applied(f)
+        if (attr["parent"], attr["name"]) != asked:
+            # The name was taken by another mount meanwhile (a conflicted
+            # copy's name), or the directory removed (the volume's root).
+            self.vfs.moved_by_server(f.ino, asked, (attr["parent"], attr["name"]))
 
     async def _send(self, ops: list[list]) -> list[list]:
         """Send a batch of commits until it is answered (the same op_ids every time).

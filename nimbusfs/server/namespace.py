@@ -335,14 +335,15 @@ def have_blocks(cur: Cursor, u: User, device: str, keys: list[bytes]) -> list[by
 # --- namespace changes ---------------------------------------------------------
 
 def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int,
-               uid: int, gid: int, rdev: int = 0, target: bytes | None = None
-               ) -> dict[str, Any]:
+               uid: int, gid: int, rdev: int = 0, target: bytes | None = None,
+               ino: int | None = None) -> dict[str, Any]:
     """Create an inode and its entry in ``parent``; answer its attributes and the parent's.
 
     The parent is locked first; the inode, the entry and the parent's new
     times are then written by one statement. The entry's primary key is the
     existence check: if the name is taken, nothing of the statement is kept
-    (the transaction rolls back on EEXIST).
+    (the transaction rolls back on EEXIST). ``ino``: a leased number the
+    caller has claimed (``_claim``), else the next of ``inode_seq``.
     """
     check_name(name)
     now = time.time_ns()
@@ -354,15 +355,16 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
         if is_dir:
             mode |= stat.S_ISGID
     cur.execute(
-        "WITH i AS (INSERT INTO inodes (owner_id, mode, uid, gid, nlink, rdev, size, atime_ns,"
-        " mtime_ns, ctime_ns, target) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+        "WITH i AS (INSERT INTO inodes (id, owner_id, mode, uid, gid, nlink, rdev, size,"
+        " atime_ns, mtime_ns, ctime_ns, target) VALUES (coalesce(%s::bigint,"
+        " nextval('inode_seq')),%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
         f" RETURNING {_ATTR_COLS}),"
         " d AS (INSERT INTO dentries (parent, name, inode) SELECT %s, %s, id FROM i"
         " ON CONFLICT DO NOTHING RETURNING 1),"
         f" p AS (UPDATE inodes SET ctime_ns = %s, mtime_ns = %s, nlink = nlink + %s"
         f" WHERE id = %s RETURNING {_ATTR_COLS})"
         " SELECT EXISTS (SELECT 1 FROM d), i.*, p.* FROM i, p",
-        (u.id, mode, uid, gid, 2 if is_dir else 1, rdev, len(target or b""), now, now, now,
+        (ino, u.id, mode, uid, gid, 2 if is_dir else 1, rdev, len(target or b""), now, now, now,
          target, parent, name, now, now, int(is_dir), parent))
     row = one(cur)
     if not row[0]:
@@ -372,14 +374,81 @@ def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode
     return {**a, "dir": _attr(row[14:])}
 
 
+# Inode numbers one ``lease_inodes`` request may ask for.
+MAX_LEASE = 4096
+
+
+@op
+def lease_inodes(cur: Cursor, u: User, device: str, count: int, lessee: str) -> list[int]:
+    """Lease ``count`` inode numbers to ``lessee`` (a write-back mount), for its creates.
+
+    The numbers come from ``inode_seq``: no other inode takes them. A create
+    naming one (``mknod``'s ``ino``) is accepted once, from this user and
+    lessee only (``_claim``). ``lessee`` is a random id the mount keeps in its
+    journal, so that its creates replayed after a restart still qualify.
+    """
+    if not 0 < count <= MAX_LEASE or not 0 < len(lessee) <= 64:
+        raise FSError(errno.EINVAL, f"a lease is 1 to {MAX_LEASE} numbers for a lessee id"
+                                    " of 1 to 64 characters")
+    cur.execute("INSERT INTO inode_leases (ino, user_id, lessee) SELECT nextval('inode_seq'),"
+                " %s, %s FROM generate_series(1, %s) RETURNING ino", (u.id, lessee, count))
+    return sorted(r[0] for r in cur.fetchall())
+
+
+def _claim(cur: Cursor, u: User, ino: int, lessee: str | None) -> None:
+    """Use up the leased number ``ino``; EACCES unless it is leased to ``u`` and ``lessee``.
+
+    The same answer whether the number is another lessee's, another user's,
+    used already or never leased: nothing is learnt of what is not theirs.
+    """
+    cur.execute("DELETE FROM inode_leases WHERE ino = %s AND user_id = %s AND lessee = %s"
+                " RETURNING 1", (ino, u.id, lessee))
+    if cur.fetchone() is None:
+        raise FSError(errno.EACCES, f"inode number {ino} is not leased to this mount")
+
+
+def _kept_place(cur: Cursor, u: User, device: str, parent: int, name: bytes
+                ) -> tuple[int, bytes]:
+    """Where a create sent late (``keep``) goes: its name, else a conflicted copy's name.
+
+    A write-back mount's create reaches the server after it returned: if the
+    name was taken meanwhile by another mount, the file gets the conflicted
+    copy's name beside it; if its directory was removed, it goes to the
+    volume's root (as a conflicted copy's bytes do, ``_save_conflict``).
+    """
+    cur.execute("SELECT 1 FROM inodes WHERE id = %s AND owner_id = %s AND nlink > 0"
+                " AND mode & 61440 = 16384", (parent, u.id))
+    if cur.fetchone() is None:
+        parent = u.root
+    directory(cur, u, parent)  # locked: the name found free stays free
+    if _child(cur, parent, name) is None:
+        return parent, name
+    n = 1
+    while _child(cur, parent, copy := _conflict_name(name, device, n)) is not None:
+        n += 1
+    return parent, copy
+
+
 @op
 def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: UInt31, uid: UInt31,
-          gid: UInt31, rdev: UInt31 = 0) -> dict[str, int]:
-    """Create a file, directory, FIFO or socket (the type is in ``mode``)."""
+          gid: UInt31, rdev: UInt31 = 0, ino: int | None = None, lessee: str | None = None,
+          keep: bool = False) -> dict[str, Any]:
+    """Create a file, directory, FIFO or socket (the type is in ``mode``).
+
+    A write-back mount's journalled create names its leased number (``ino``,
+    ``lessee``) and asks to ``keep`` the file whatever happened meanwhile
+    (``_kept_place``); the answer then also says where it went (``parent``,
+    ``name``).
+    """
     if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK,
                                  stat.S_IFCHR, stat.S_IFBLK):
         raise FSError(errno.EINVAL, "bad file type")
-    return _new_inode(cur, u, device, parent, name, mode, uid, gid, rdev)
+    if ino is not None:
+        _claim(cur, u, ino, lessee)
+    if keep:
+        parent, name = _kept_place(cur, u, device, parent, name)
+    a = _new_inode(cur, u, device, parent, name, mode, uid, gid, rdev, ino=ino)
+    return {**a, "parent": parent, "name": name} if keep else a
 
 
 @op
