@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nimbusfs.embedded import Embedded, alive, default_home
 from nimbusfs.retry import wait_until
@@ -450,22 +450,28 @@ def _admin_db(args: argparse.Namespace):
     return db
 
 
-def _admin_store(args: argparse.Namespace):
+@contextlib.contextmanager
+def _store_and_db(args: argparse.Namespace) -> Iterator[tuple[Any, Any]]:
+    """The database and the block store an admin command works on (default: the embedded ones)."""
     from nimbusfs.blockstore import open_store
 
-    return open_store(args.blocks or "file://" + Embedded(args.home).path("blocks"))
+    db = _admin_db(args)
+    try:
+        store = open_store(args.blocks or "file://" + Embedded(args.home).path("blocks"))
+        try:
+            yield db, store
+        finally:
+            store.close()
+    finally:
+        db.close()
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from nimbusfs.server import gc
 
     _setup_logging()
-    db, store = _admin_db(args), _admin_store(args)
-    try:
+    with _store_and_db(args) as (db, store):
         report = gc.collect(db, store, args.grace, args.dry_run)
-    finally:
-        db.close()
-        store.close()
     if report is None:
         print("another block GC is running (a metaserver's schedule?); try again later")
         return 1
@@ -474,18 +480,12 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    import time
-
     from nimbusfs.server import fsck
 
     _setup_logging()
     started = time.monotonic()
-    db, store = _admin_db(args), _admin_store(args)
-    try:
+    with _store_and_db(args) as (db, store):
         faults = fsck.check(db, store, args.verify_blocks, args.repair)
-    finally:
-        db.close()
-        store.close()
     for f in faults:
         print(f)
     print(fsck.summary(faults, started))

@@ -73,16 +73,7 @@ class Deployment:
         argv[argv.index("--http") + 1] = self.http.removeprefix("http://")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)
-        host, port = self.address.rsplit(":", 1)
-
-        def listening() -> bool:
-            try:
-                socket.create_connection((host, int(port)), 1).close()
-                return True
-            except OSError:
-                return self.proc.poll() is not None
-
-        wait_until(listening, 60, "the metaserver to listen again")
+        self.wait_up()
 
     def wait_up(self) -> None:
         """Wait until the (re)started metaserver accepts connections.

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tarfile
@@ -64,20 +63,6 @@ def server_view(dep, token: str, *names: str) -> list[dict]:
                 out.append(a)
         return out
     return trio.run(run)
-
-
-def restart(dep) -> None:
-    """Start the metaserver again and wait until it accepts connections."""
-    host, port = dep.address.rsplit(":", 1)
-
-    def listening() -> bool:
-        try:
-            socket.create_connection((host, int(port)), 1).close()
-            return True
-        except OSError:
-            return False
-    dep.start()
-    wait_until(listening, 60, "the metaserver to listen")
 
 
 def twin(services, dep, name: str):
@@ -267,7 +252,7 @@ def test_server_down_writes_continue_and_drain_once(services, mount_factory):
             os.fsync(fd)
             os.close(fd)
         assert pending(m)[0] == len(names)
-        restart(dep)
+        dep.start()
         wait_until(lambda: pending(m) == (0, 0), 60, "the drain after the restart")
         view = server_view(dep, m.token, *names)
         assert [a["size"] for a in view] == [100_000 * (i % 3) + 10 for i in range(len(names))]
@@ -298,7 +283,7 @@ def test_pending_change_loses_to_another_mount_as_a_conflicted_copy(services, mo
         assert read_file(a.p("f")) == b"mine"
         crash(a)
         write_file(b.p("f"), b"theirs")
-        restart(dep)
+        dep.start()
         a.start()
         assert read_file(a.p("f")) == b"theirs"
         copies = [n for n in os.listdir(a.p()) if n.startswith("f (conflicted copy")]
@@ -332,7 +317,7 @@ def test_limit_reached_writes_wait_then_continue(services, mount_factory):
         t.start()
         wait_until(lambda: pending(m)[1] > 1 << 20, 30, "the journal past the limit")
         assert t.is_alive() and len(written) < n
-        restart(dep)
+        dep.start()
         t.join(120)
         assert not t.is_alive() and written == list(range(n))
         wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
@@ -364,7 +349,7 @@ def test_creates_need_no_server_and_reach_other_mounts_once_drained(services, mo
             assert read_file(a.p(name)) == data
         assert pending(a)[0] == len(files)
         crash(a)
-        restart(dep)
+        dep.start()
         a.start()   # replays and drains before it answers
         assert pending(a) == (0, 0)
         write_file(a.p("d/late"), b"late")   # listed at once (drained or not)
@@ -397,7 +382,7 @@ def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(serv
         write_file(a.p("x"), b"mine")
         assert read_file(a.p("x")) == b"mine"
         write_file(b.p("x"), b"theirs")
-        restart(dep)
+        dep.start()
         wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
 
         def copies(m) -> list[str]:

@@ -97,12 +97,16 @@ class LocalStore(BlockStore):
         _fsync_dir(d)
         return True
 
+    def _fanout(self) -> Iterator[str]:
+        """The store's fan-out directories (two hex digits), in order."""
+        for sub in sorted(os.listdir(self.root)):
+            d = os.path.join(self.root, sub)
+            if len(sub) == 2 and os.path.isdir(d):
+                yield d
+
     def remove_leftovers(self, grace: float) -> int:
         cutoff, removed = time.time() - grace, 0
-        for sub in os.listdir(self.root):
-            d = os.path.join(self.root, sub)
-            if len(sub) != 2 or not os.path.isdir(d):
-                continue
+        for d in self._fanout():
             with os.scandir(d) as entries:
                 for e in entries:
                     if e.name.startswith(".tmp-"):
@@ -128,20 +132,14 @@ class LocalStore(BlockStore):
         return usage.total, usage.free
 
     def list(self) -> Iterator[bytes]:
-        for sub in sorted(os.listdir(self.root)):
-            d = os.path.join(self.root, sub)
-            if len(sub) != 2 or not os.path.isdir(d):
-                continue
+        for d in self._fanout():
             for name in os.listdir(d):
                 if not name.startswith("."):
                     yield bytes.fromhex(name)
 
     def objects(self) -> Iterator[tuple[bytes, int, float]]:
         """The time of a block is its file's mtime: when its ``put`` wrote it."""
-        for sub in sorted(os.listdir(self.root)):
-            d = os.path.join(self.root, sub)
-            if len(sub) != 2 or not os.path.isdir(d):
-                continue
+        for d in self._fanout():
             with os.scandir(d) as entries:
                 for e in entries:
                     if e.name.startswith("."):
