@@ -41,6 +41,18 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
+def query(dsn: str, sql: str) -> list[tuple]:
+    """The rows of one statement on the database at ``dsn`` (what a test checks there)."""
+    from nimbusfs.server.db import Database
+
+    db = Database(dsn, pool_size=1)
+    db.open()
+    try:
+        return db.run(lambda cur: cur.execute(sql).fetchall())
+    finally:
+        db.close()
+
+
 def world_dir(prefix: str) -> str:
     """A temp dir the postgres user can reach too (pytest's own is 0700 root)."""
     d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")

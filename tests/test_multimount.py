@@ -11,7 +11,7 @@ import sys
 import pytest
 import trio
 
-from conftest import read_file, start_metaserver, write_file
+from conftest import query, read_file, start_metaserver, write_file
 from nimbusfs.retry import wait_until
 
 
@@ -282,15 +282,7 @@ def test_metaserver_crash_loses_nothing(services, mount_factory):
         for name, data in written.items():
             assert read_file(b.p(name)) == data
         # each file was committed exactly once: one version, not a replayed second one
-        from nimbusfs.server.db import Database
-
-        db = Database(dep.dsn, pool_size=1)
-        db.open()
-        try:
-            counts = db.run(lambda cur: cur.execute(
-                "SELECT max(version), count(*) FROM versions GROUP BY inode").fetchall())
-        finally:
-            db.close()
+        counts = query(dep.dsn, "SELECT max(version), count(*) FROM versions GROUP BY inode")
         assert all(v == 1 and c == 1 for v, c in counts)
         assert len(counts) == len(written)
     finally:

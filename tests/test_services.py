@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import Mount, read_file, start_metaserver, wait_until, write_file
+from conftest import Mount, query, read_file, start_metaserver, wait_until, write_file
 from nimbusfs.embedded import alive
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -238,13 +238,7 @@ def test_servers_starting_together_migrate_the_schema_once(services):
         for t in threads:
             t.join(120)
         assert errors == []
-        db = Database(dsn, pool_size=1)
-        db.open()
-        try:
-            applied = db.run(lambda cur: cur.execute(
-                "SELECT version, count(*) FROM schema_migrations GROUP BY version").fetchall())
-        finally:
-            db.close()
+        applied = query(dsn, "SELECT version, count(*) FROM schema_migrations GROUP BY version")
         assert applied and all(n == 1 for _, n in applied), applied
 
 

@@ -49,6 +49,7 @@ from nimbusfs.blockstore import BlockNotFound, BlockStore, block_hash
 from nimbusfs.blockstore.base import StoreUnavailable
 from nimbusfs.blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
 from nimbusfs.errors import FSError, fs_error
+from nimbusfs.retry import Backoff
 from nimbusfs.server.auth import User
 from nimbusfs.server.namespace import MAX_KEYS, check_extents, check_keys, unowned
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # Seconds a put waits for block GC to finish deleting a block it doomed.
 DOOMED_WAIT = 10.0
+# The waits between its looks: 50 ms doubling to 1 s.
+DOOMED_RETRY = Backoff(first=0.05, cap=1.0, jitter=0.0)
 # Blocks checked in the store at once when a direct-mode commit names new ones.
 EXISTS_AT_ONCE = 16
 # Zeros of a hole are sent in pieces of this size.
@@ -206,16 +209,14 @@ class BlockAccess:
         GC deletes a doomed block's object and then its row in well under a
         second; after that the block can be stored again.
         """
-        delay = 0.05
-        deadline = trio.current_time() + DOOMED_WAIT
+        waits = DOOMED_RETRY.until(trio.current_time() + DOOMED_WAIT, trio.current_time)
         while True:
             try:
                 return await self.transaction(_pin, keys, sizes)
             except FSError as e:
-                if e.errno != errno.EAGAIN or trio.current_time() > deadline:
+                if e.errno != errno.EAGAIN or (delay := next(waits, None)) is None:
                     raise
             await trio.sleep(delay)
-            delay = min(delay * 2, 1.0)
 
     async def _seen(self, u: User, sizes: dict[bytes, int]) -> list[bytes]:
         """Direct mode: make the blocks of ``sizes`` usable by the user if the store holds
