@@ -230,7 +230,11 @@ def test_embedded_services_are_supervised():
                    "the metaserver restarted")
         with open(os.path.join(a, "after-server"), "w") as f:
             f.write("one\n")
-        assert "metaserver restarted 1 time, last at " in status(home)
+        # A mkdir reaches the server before it returns, write-back or not.
+        os.mkdir(os.path.join(a, "made-after-server"))
+        # The supervisor records the restart after the service is up: wait for it.
+        wait_until(lambda: "metaserver restarted 1 time, last at " in status(home), 60,
+                   "the metaserver's restart in status")
         assert "reason: exit code -9 (SIGKILL)" in status(home)
 
         pg = emb.postmaster_pid()
@@ -238,7 +242,9 @@ def test_embedded_services_are_supervised():
         wait_until(lambda: emb.postmaster_pid() not in (None, pg), 60, "PostgreSQL restarted")
         with open(os.path.join(a, "after-postgres"), "w") as f:
             f.write("two\n")
-        assert "postgres restarted 1 time" in status(home)
+        os.mkdir(os.path.join(a, "made-after-postgres"))
+        wait_until(lambda: "postgres restarted 1 time" in status(home), 60,
+                   "PostgreSQL's restart in status")
 
         supervisor = emb.supervisor_pid()
         os.kill(supervisor, signal.SIGKILL)
