@@ -108,6 +108,12 @@ class PgPair:
         to its clients beyond their sockets closing)."""
         self._pg_ctl(self.primary, "-m", "immediate", "stop")
 
+    def start_primary(self) -> None:
+        """Start the primary again after ``fail_primary`` (a database back after an outage,
+        no failover); its standby reconnects on its own."""
+        self._pg_ctl(self.primary, "-l", os.path.join(self.root, f"pg{self.primary}.log"),
+                     "start")
+
     def promote(self) -> float:
         """Promote the standby; how long until it accepts writes, in seconds."""
         start = time.monotonic()

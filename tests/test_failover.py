@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from chaos import Load
-from conftest import Deployment, start_metaserver, wait_until, write_file
+from conftest import Deployment, query, read_file, start_metaserver, wait_until, write_file
 from nimbusfs.client import connect
+from nimbusfs.mount.journal import summary
 from pgha import CommitAnswerLoss, PgPair
 
 # The issue's bound on the outage the writers see, primary death to service.
@@ -97,6 +98,46 @@ def test_failover_soak(pg_pair, ha_server, mount_factory):
     load.stop()
     load.check()
     assert set(load.versions(ha_server.dsn).values()) == {1}
+
+
+def test_a_writeback_mount_rides_out_a_database_outage(pg_pair, ha_server, mount_factory):
+    """Issue 16: PostgreSQL down (no standby promoted) during a write-back burst.
+
+    Creates, writes and closes keep returning on the write-back mount (they
+    are journalled; names listed before the outage are known to be free), as
+    do writes to a file held open across the outage;
+    once the database is back the journal drains, in order, each file once,
+    and another mount reads every byte.
+    """
+    m = mount_factory("local", None, ha_server, "--writeback")
+    write_file(m.p("first"), b"1")   # takes the first lease of inode numbers
+    wait_until(lambda: _pending(m) == 0, 30, "the first drain")
+    os.listdir(m.p())
+    files = {f"f{i}": os.urandom(10 + 4099 * i) for i in range(40)}
+    with open(m.p("first"), "r+b") as held:   # an editor holding its file open
+        pg_pair.fail_primary()
+        for name, data in files.items():
+            write_file(m.p(name), data)
+        held.truncate()
+        held.write(b"overwritten while the database was down")
+    assert _pending(m) == len(files) + 1
+    pg_pair.start_primary()
+    wait_until(lambda: _pending(m) == 0, 120, "the drain after the database came back")
+    other = mount_factory("local", m.token, ha_server)
+    for name, data in files.items():
+        assert read_file(other.p(name)) == data, name
+    assert read_file(other.p("first")) == b"overwritten while the database was down"
+    inos = {os.stat(m.p(n)).st_ino: n for n in [*files, "first"]}
+    rows = query(ha_server.dsn, "SELECT inode, count(*) FROM versions WHERE inode IN"
+                 f" ({','.join(map(str, inos))}) GROUP BY inode")
+    assert {inos[i]: n for i, n in rows} == {**dict.fromkeys(files, 1), "first": 2}
+    assert not os.path.exists(os.path.join(m.cache_dir, "recovered"))
+
+
+def _pending(m) -> int:
+    """Files waiting in a write-back mount's journal."""
+    s = summary(m.cache_dir)
+    return s[0] if s else 0
 
 
 @pytest.fixture

@@ -388,7 +388,14 @@ class VFS:
         page cache at once: no close of another handle (a reader's) would.
         """
         if size is not None:
-            f = await self._acquire(ino)
+            held = self.handles.get(fh) if fh is not None else None
+            if held is not None and held.ino == ino:
+                # The handle's file as its open adopted it, as a write through
+                # it would be: no round trip (an outage does not fail it).
+                f = held
+                f.handles += 1
+            else:
+                f = await self._acquire(ino)
             try:
                 if stat.S_ISDIR(f.attr["mode"]):
                     raise FSError(errno.EISDIR, "is a directory")
