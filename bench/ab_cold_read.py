@@ -1,17 +1,18 @@
-"""Cold sequential reads on the GCS emulator, alternating two versions of the code on one mount.
+"""Cold sequential reads on the GCS emulator, alternating versions of the code on one mount.
 
 Usage (root)::
 
     git archive OLD | tar -x -C /tmp/old      # the code to compare with
-    python bench/ab_cold_read.py /tmp/old [--mib 512] [--rounds 3]
+    python bench/ab_cold_read.py /tmp/old [/tmp/other ...] [--mib 512] [--rounds 3]
 
 On a shared machine, runs minutes apart do not compare (the raw client's
 download swung 448-982 MB/s between runs of ``./bench.sh``). This writes one
 file on one nimbus-gcs target, then for each round measures the raw client's
 download (``raw_baseline``) and reads the file cold (``Target.cold``: page
 cache dropped, cache directory deleted, remounted) once with the mount run
-from the tree given (A) and once from this one (B), printing MB/s, the
-mount's CPU seconds, the load average and how idle the CPUs were.
+from each tree given (A, B, ...) and once from this one (the last letter),
+printing MB/s, the mount's CPU seconds (and the kernel's share), the load average and how idle the
+CPUs were.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from contextlib import ExitStack
 
 import harness
 from gcs import emulator, raw_baseline
-from harness import MIB, cpu_seconds
+from harness import MIB, cpu_times
 from jobs import read_all, stream, write_stream
 from targets import Nimbus, open_target
 
@@ -50,17 +51,17 @@ def cpu_busy() -> tuple[int, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("old", help="a copy of the code to compare with (A)")
+    ap.add_argument("old", nargs="+", help="copies of the code to compare with (A, B, ...)")
     ap.add_argument("--mib", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    trees = {"A": os.path.abspath(args.old), "B": HERE}
+    trees = {chr(ord("A") + i): os.path.abspath(t) for i, t in enumerate([*args.old, HERE])}
     mb = args.mib * MIB / 1e6
     with ExitStack() as stack:
         base = tempfile.mkdtemp(prefix="nimbus-ab-", dir="/var/tmp")
         stack.callback(shutil.rmtree, base, ignore_errors=True)
         emu = stack.enter_context(emulator(base))
-        use(trees["A"])
+        use(trees["A"])   # the file is written by the first tree's mount
         stack.callback(use, HERE)
         t = stack.enter_context(open_target("nimbus-gcs", emu))
         assert isinstance(t, Nimbus)
@@ -73,13 +74,15 @@ def main() -> None:
                 use(tree)
                 t.cold()
                 pid = t._pid()
-                c0, i0 = cpu_seconds(pid), cpu_busy()
+                c0, i0 = cpu_times(pid), cpu_busy()
                 t0 = time.perf_counter()
                 read_all(path)
                 dt = time.perf_counter() - t0
-                c1, i1 = cpu_seconds(pid), cpu_busy()
+                c1, i1 = cpu_times(pid), cpu_busy()
                 idle = 100 * (i1[0] - i0[0]) / max(1, i1[1] - i0[1])
-                print(f"  {name}: cold read {mb / dt:.0f} MB/s, mount CPU {c1 - c0:.2f} s,"
+                user, system = c1[0] - c0[0], c1[1] - c0[1]
+                print(f"  {name}: cold read {mb / dt:.0f} MB/s, mount CPU {user + system:.2f} s"
+                      f" (system {system:.2f}),"
                       f" load {os.getloadavg()[0]:.1f}, CPUs {idle:.0f}% idle", flush=True)
 
 

@@ -43,7 +43,7 @@ from targets import KINDS, NAMES, open_target
 ALL = (*KINDS, "raw-gcs")
 JOBS = ("seq", "rand", "files", "dedup", "tree", "api")
 CACHE = os.path.join(ROOT, "bench", "cache")
-DJANGO = "Django==5.1.4"   # a large sdist: about 9,000 files
+DJANGO = "Django==5.1.4"   # a large sdist: 10,042 entries (6,809 files, 3,233 directories)
 
 
 def default_tarball() -> str:
@@ -57,8 +57,8 @@ def default_tarball() -> str:
 
 
 def fmt(v: float | str) -> str:
-    if isinstance(v, str):
-        return v
+    if isinstance(v, str | int):
+        return str(v)
     a = abs(v)
     return f"{v:.0f}" if a >= 100 else f"{v:.1f}" if a >= 10 else f"{v:.2f}"
 

@@ -86,6 +86,10 @@ class Target:
         """The HTTP API of the metaserver serving this target, on its store (None: none)."""
         return nullcontext(None)
 
+    def second_mount(self) -> AbstractContextManager[str | None]:
+        """``root`` as another machine sees it (None: no such view), unmounted after."""
+        return nullcontext(None)
+
 
 class LocalDisk(Target):
     def __init__(self, root: str) -> None:
@@ -119,12 +123,24 @@ class Nimbus(Target):
         (rec,) = [r for r in Embedded(self.home).live_mounts() if r["mountpoint"] == self.mount]
         return rec["pid"]
 
-    def mount_args(self) -> list[str]:
-        """``nimbusfs mount`` arguments besides the mountpoint."""
+    def mount_args(self, cache_dir: str | None = None, sync: bool = False) -> list[str]:
+        """``nimbusfs mount`` arguments besides the mountpoint (another mount's: its cache)."""
         server = (["--server", self.server.address, "--token", self.server.token]
                   if self.server else [])
-        return ["--cache-dir", self.cache_dir, *server,
-                "--writeback" if self.writeback else "--sync"]
+        return ["--cache-dir", cache_dir or self.cache_dir, *server,
+                "--writeback" if self.writeback and not sync else "--sync"]
+
+    @contextmanager
+    def second_mount(self) -> Iterator[str]:
+        """Another mount of the volume, with its own cache, ``--sync`` (it only reads)."""
+        base = os.path.dirname(self.mount)
+        mount = os.path.join(base, "mnt-b")
+        nimbusfs(self.home, "mount", mount,
+                 *self.mount_args(os.path.join(base, "cache-b"), sync=True))
+        try:
+            yield mount
+        finally:
+            nimbusfs(self.home, "umount", mount)
 
     def settle(self) -> float:
         """Write-back: wait until the mount's journal is drained (polled every 50 ms)."""
