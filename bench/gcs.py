@@ -162,10 +162,10 @@ def emulator(base: str) -> Iterator[Emulator]:
 
 
 def raw_baseline(emu: Emulator, mib: int, parallel: int = MOUNT_TRANSFERS,
-                 bucket: str = "raw") -> dict[str, float]:
+                 bucket: str = "raw", cold: bool = True) -> dict[str, float]:
     """Upload then download ``mib`` MiB with the google-cloud-storage client alone.
 
-    The download is cold: the page cache is dropped first (root only).
+    The download is ``cold``: the page cache is dropped first (root only).
 
     Its own calls (``Blob.upload_from_string``, ``Blob.download_as_bytes``
     in one read, no checksum), one client per thread: the baseline the
@@ -210,7 +210,8 @@ def raw_baseline(emu: Emulator, mib: int, parallel: int = MOUNT_TRANSFERS,
         # Cold, as the mounts' cold reads are (Target.cold): the emulator reads
         # the objects from its disk, not from the page cache its writes filled
         # (that made this download 10% faster: 622-706 MB/s against 575-642).
-        drop_page_cache()
+        if cold:
+            drop_page_cache()
         t_down = timed(lambda: list(pool.map(get, range(len(sizes)))))
         list(pool.map(lambda i: blob(i).delete(), range(len(sizes))))
     return {"upload MB/s": total / 1e6 / t_up, "download MB/s": total / 1e6 / t_down,
