@@ -5,7 +5,8 @@ Usage (as root: cold reads drop the kernel page cache)::
     python bench/run.py [--size-mib 2048] [--files 10000] [--targets local,nimbus,...]
 
 Targets: ``local`` (a directory on local disk), ``nimbus`` (nimbusfs, local
-block store), ``nimbus-gcs`` (nimbusfs, blocks in the GCS emulator), ``rclone``
+block store), ``nimbus-wb`` (the same, write-back), ``nimbus-gcs`` (nimbusfs,
+blocks in the GCS emulator, ``--sync``), ``nimbus-gcs-wb`` (the same, write-back), ``rclone``
 and ``rclone-gcs`` (``rclone mount --vfs-cache-mode full`` over a local
 directory / the emulator), ``raw-gcs`` (the google-cloud-storage client alone,
 on the emulator, with the mount's transfer parallelism). Each target is set up,
