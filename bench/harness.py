@@ -112,11 +112,17 @@ def vm_hwm_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) a live process has used so far."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a live process has used so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far."""
+    return sum(cpu_times(pid))
 
 
 def free_port() -> int:

@@ -37,7 +37,8 @@ from nimbusfs.retry import wait_until
 
 NAMES = {"local": "local disk", "nimbus": "nimbusfs (local store)",
          "nimbus-wb": "nimbusfs write-back (local store)",
-         "nimbus-gcs": "nimbusfs (GCS emulator)", "rclone": "rclone (local dir)",
+         "nimbus-gcs": "nimbusfs (GCS emulator)",
+         "nimbus-gcs-wb": "nimbusfs write-back (GCS emulator)", "rclone": "rclone (local dir)",
          "rclone-gcs": "rclone (GCS emulator)"}
 KINDS = tuple(NAMES)
 
@@ -86,6 +87,10 @@ class Target:
         """The HTTP API of the metaserver serving this target, on its store (None: none)."""
         return nullcontext(None)
 
+    def second_mount(self) -> AbstractContextManager[str | None]:
+        """``root`` as another machine sees it (None: no such view), unmounted after."""
+        return nullcontext(None)
+
 
 class LocalDisk(Target):
     def __init__(self, root: str) -> None:
@@ -103,11 +108,12 @@ class Nimbus(Target):
     """
 
     def __init__(self, name: str, mount: str, emu: Emulator | None,
-                 server: ApiServer | None = None, writeback: bool = False) -> None:
+                 server: ApiServer | None = None, writeback: bool = False,
+                 bucket: str = "") -> None:
         base = os.path.dirname(mount)
         self.name, self.mount, self.root = name, mount, mount
         self.home, self.cache_dir = os.path.join(base, "home"), os.path.join(base, "cache0")
-        self.emu, self.server = emu, server
+        self.emu, self.server, self.bucket = emu, server, bucket
         self.writeback = self.uploads_after_close = writeback
         #: the deployment's database (the GCS target's server has a home of its own)
         self.dsn = Embedded(os.path.join(base, "server") if server else self.home).dsn
@@ -119,12 +125,24 @@ class Nimbus(Target):
         (rec,) = [r for r in Embedded(self.home).live_mounts() if r["mountpoint"] == self.mount]
         return rec["pid"]
 
-    def mount_args(self) -> list[str]:
-        """``nimbusfs mount`` arguments besides the mountpoint."""
+    def mount_args(self, cache_dir: str | None = None, sync: bool = False) -> list[str]:
+        """``nimbusfs mount`` arguments besides the mountpoint (another mount's: its cache)."""
         server = (["--server", self.server.address, "--token", self.server.token]
                   if self.server else [])
-        return ["--cache-dir", self.cache_dir, *server,
-                "--writeback" if self.writeback else "--sync"]
+        return ["--cache-dir", cache_dir or self.cache_dir, *server,
+                "--writeback" if self.writeback and not sync else "--sync"]
+
+    @contextmanager
+    def second_mount(self) -> Iterator[str]:
+        """Another mount of the volume, with its own cache, ``--sync`` (it only reads)."""
+        base = os.path.dirname(self.mount)
+        mount = os.path.join(base, "mnt-b")
+        nimbusfs(self.home, "mount", mount,
+                 *self.mount_args(os.path.join(base, "cache-b"), sync=True))
+        try:
+            yield mount
+        finally:
+            nimbusfs(self.home, "umount", mount)
 
     def settle(self) -> float:
         """Write-back: wait until the mount's journal is drained (polled every 50 ms)."""
@@ -153,7 +171,7 @@ class Nimbus(Target):
 
     def stored_bytes(self) -> int:
         if self.emu:
-            return self.emu.bucket_bytes("nimbus")
+            return self.emu.bucket_bytes(self.bucket)
         return dir_bytes(os.path.join(self.home, "blocks"))
 
     def uploaded_bytes(self) -> int:
@@ -304,16 +322,18 @@ def open_target(kind: str, emu: Emulator | None) -> Iterator[Target]:
             wb = kind == "nimbus-wb"
             (m,) = stack.enter_context(embedded_mounts(1, "--writeback" if wb else "--sync"))
             yield Nimbus(NAMES[kind], m, None, writeback=wb)
-        elif kind == "nimbus-gcs":
+        elif kind in ("nimbus-gcs", "nimbus-gcs-wb"):
             # The server's database in a home of its own: the mounts' home
             # stops its embedded services on the last unmount (cold).
             assert emu is not None
-            emu.create_bucket("nimbus")
+            bucket = kind.replace("-gcs", "")   # one per target: what it stores
+            emu.create_bucket(bucket)
             stack.enter_context(_env("STORAGE_EMULATOR_HOST", emu.url))
             os.chmod(base, 0o755)   # the postgres user must reach the home when run as root
             server = stack.enter_context(metaserver(os.path.join(base, "server"),
-                                                    "gs://nimbus/blocks"))
-            t = Nimbus(NAMES[kind], os.path.join(base, "mnt0"), emu, server)
+                                                    f"gs://{bucket}/blocks"))
+            t = Nimbus(NAMES[kind], os.path.join(base, "mnt0"), emu, server,
+                       writeback=kind == "nimbus-gcs-wb", bucket=bucket)
             nimbusfs(t.home, "mount", t.mount, *t.mount_args())
             stack.callback(nimbusfs, t.home, "umount", t.mount)
             yield t
