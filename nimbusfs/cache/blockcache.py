@@ -38,7 +38,7 @@ import cachetools
 import trio
 
 from nimbusfs.blockstore import BlockNotFound, BlockStore, StoreUnavailable, block_hash
-from nimbusfs.errors import FSError
+from nimbusfs.errors import FSError, local_io
 from nimbusfs.metrics import CACHE_HIT_BYTES, CACHE_HITS, CACHE_MISS_BYTES, CACHE_MISSES
 
 R = TypeVar("R")
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 # 0.24 ms, the whole block read and hashed 2.7 ms.
 REQUEST_BYTES = 64 << 10
 # The hot set: blocks in memory, e.g. those read ahead until the reader gets
-# there. 32 MiB holds twice the readahead (nimbusfs/mount/filedata.py). Measured with
+# there. 32 MiB holds twice the readahead (nimbusfs/content/reader.py). Measured with
 # 64 MiB (``./bench.sh --targets nimbus-gcs --jobs rand``, twice each): peak
 # RSS 328 and 287 MiB, with 32 MiB 256 and 260, fio's IOPS and fsync times
 # alike; cold sequential reads alike on both stores (4 runs, within noise).
@@ -84,12 +84,15 @@ def _missing(key: bytes) -> FSError:
 
 
 class BlockCache:
-    def __init__(self, store: BlockStore, directory: str, max_bytes: int,
+    """``directory``: where the disk part lives; None: no disk part, only the hot set
+    (the metaserver, ``nimbusfs cat``: processes that read a block once)."""
+
+    def __init__(self, store: BlockStore, directory: str | None, max_bytes: int,
                  hot_bytes: int = HOT_BYTES, transfers: int = 8,
                  segments: int = 4, timeout: float = 60.0) -> None:
         self.store = store
         self.timeout = timeout
-        self.dir = os.path.join(directory, "blocks")
+        self.dir = os.path.join(directory or "", "blocks")
         self.max_bytes = max_bytes
         self.hot: cachetools.LRUCache[bytes, bytes] = cachetools.LRUCache(hot_bytes, getsizeof=len)
         self.lru: OrderedDict[bytes, int] = OrderedDict()
@@ -104,8 +107,9 @@ class BlockCache:
         # What the ranged reads of each block not cached have cost, in bytes
         # (see get_range; bounded: a block forgotten here starts again at 0).
         self.ranged: cachetools.LRUCache[bytes, int] = cachetools.LRUCache(4096)
-        self.on_disk = not store.local
-        os.makedirs(self.dir, exist_ok=True)
+        self.on_disk = directory is not None and not store.local
+        if directory is not None:
+            os.makedirs(self.dir, exist_ok=True)
         if self.on_disk:
             self._load_index()
 
@@ -215,6 +219,24 @@ class BlockCache:
                 raise FSError(errno.EIO, f"block store: {e}") from None
         log.warning("block store %s: no answer within %g s", self.store.url, self.timeout)
         raise FSError(errno.EIO, f"block store gave no answer within {self.timeout:g} s")
+
+    async def put(self, key: bytes, read: Callable[[], bytes | memoryview],
+                  keep: bool = True) -> None:
+        """Store the block ``read()`` returns under ``key`` (the caller vouches for its hash).
+
+        ``read`` runs in the transfer's worker thread, so a block staged on
+        disk is read there, not on the trio thread. The store puts it only if
+        absent. ``keep``: add it to the disk cache, out of the hot set (a
+        block just written: the writer's page cache holds its bytes).
+        """
+        def work() -> bytes | memoryview:
+            data = read()
+            with local_io(f"block store {self.store.url}"):
+                self.store.put(key, data)
+            return data
+        data = await self.transfer(work)
+        if keep:
+            await self.add(key, data, hot=False)
 
     def contains(self, key: bytes) -> bool:
         return key in self.hot or key in self.lru
