@@ -47,14 +47,12 @@ log = logging.getLogger(__name__)
 
 # What one ranged read of a local store costs besides its bytes (a thread hop,
 # open, pread), counted in bytes read: it decides when a block is cheaper to
-# read whole. Measured, 1 MiB blocks not in the page cache: a 4 KiB range
-# 0.24 ms, the whole block read and hashed 2.7 ms.
+# read whole (measured: docs/benchmarks.md, "Ranged reads of a local store").
 REQUEST_BYTES = 64 << 10
 # The hot set: blocks in memory, e.g. those read ahead until the reader gets
-# there. 32 MiB holds twice the readahead (nimbusfs/content/reader.py). Measured with
-# 64 MiB (``./bench.sh --targets nimbus-gcs --jobs rand``, twice each): peak
-# RSS 328 and 287 MiB, with 32 MiB 256 and 260, fio's IOPS and fsync times
-# alike; cold sequential reads alike on both stores (4 runs, within noise).
+# there. 32 MiB holds twice the readahead (nimbusfs/content/reader.py); more
+# costs memory and gains nothing measurable (docs/benchmarks.md, "The hot
+# set's size").
 HOT_BYTES = 32 << 20
 # A block whose fetch failed is not fetched again for this long: its readers
 # waiting on the fetch, and the kernel, which reads a page again at once when
@@ -279,12 +277,9 @@ class BlockCache:
         choice in hindsight); for a 1 MiB block, at the 16th 4 KiB read.
 
         A remote store's blocks are fetched whole, through ``get``: there a
-        request's latency is most of its cost (GCS emulator: 3.3 ms for 4 KiB,
-        7 ms for 1 MiB), and the block, cached on disk, serves the reads near
-        it. Measured with fio, 4 KiB random reads of a 1 GiB file on the
-        emulator, on a shared 2-core machine: 217-253 IOPS in three runs with
-        ranges (a block fetched whole at its second read), 119-746 in four
-        with whole blocks (median ~260): ranges did not win there.
+        request's latency is most of its cost, and the block, cached on disk,
+        serves the reads near it; ranges did not win there when measured
+        (docs/benchmarks.md, "Ranged reads of a remote store").
         """
         cost = self.ranged.get(key, 0) + REQUEST_BYTES + length
         if (not self.store.local or key in self.hot or key in self._inflight
