@@ -10,6 +10,7 @@ test_fileops, test_writeback ...).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from nimbusfs.blockstore import block_hash, open_store
 from nimbusfs.cache import BlockCache
 from nimbusfs.content import Content, Writer
 from nimbusfs.content.writer import PIPELINE_BYTES
+from nimbusfs.errors import FSError
 from nimbusfs.server import namespace
 from nimbusfs.server.auth import User, authenticate
 from nimbusfs.server.contentmeta import NamespaceMeta
@@ -178,3 +180,23 @@ async def test_conflict_keeps_both(front: Front) -> None:
     await check(front, b, b"first writer")             # b shows the winner now
     copy = await front.open(b.copies[0]["ino"], b"")
     assert await copy.read(0, 100) == b"second writer"
+
+
+async def test_corrupt_block_is_eio_never_wrong_bytes(front: Front) -> None:
+    """A block whose stored bytes fail their hash: every reader gets EIO, not the bytes."""
+    data = os.urandom(300_000)
+    f = await front.create(b"bad.bin")
+    await f.write(0, data, kill_priv=False)
+    await f.flush()
+    key = f.extents.keys[0]
+    assert key is not None
+    path = os.path.join(front.server.blocks.store.root, key[:1].hex(), key.hex())
+    with open(path, "r+b") as out:
+        out.write(b"\xff" * 16)
+    fresh = await front.open(f.ino, b"bad.bin")
+    with pytest.raises(FSError) as e:
+        await front.download(f.ino)
+    assert e.value.errno == errno.EIO
+    with pytest.raises(FSError) as e:
+        await fresh.read(0, 4096 * 4)   # sequential: whole blocks, hash-checked
+    assert e.value.errno == errno.EIO
