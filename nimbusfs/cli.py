@@ -682,24 +682,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_cat(args: argparse.Namespace) -> int:
-    """Write a version's bytes to stdout, fetched from the block store and hash-checked."""
+    """Write a version's bytes to stdout, read as the mount reads them (hash-checked)."""
     async def run(client, ino) -> int:
         import trio
 
-        from nimbusfs.blockstore import block_hash, open_store
+        from nimbusfs.blockstore import open_store
+        from nimbusfs.cache import BlockCache
+        from nimbusfs.content.reader import stream
 
         r = await client.call("open", ino=ino, version=args.version)
-        store = open_store(client.info["blocks"], client.call)
+        cache = BlockCache(open_store(client.info["blocks"], client.call), None, 0)
         out = sys.stdout.buffer
-        for key, length in r["extents"]:
-            if key is None:
-                out.write(bytes(length))
-                continue
-            data = await trio.to_thread.run_sync(store.get, bytes(key))
-            if block_hash(data) != bytes(key):
-                print(f"nimbusfs: block {bytes(key).hex()} is corrupt", file=sys.stderr)
-                return 1
-            out.write(data)
+        size = sum(n for _, n in r["extents"])   # the version's ("attr" is the file's now)
+        async for data in stream(cache, r["extents"], 0, size):
+            await trio.to_thread.run_sync(out.write, data)
         out.flush()
         return 0
     return _with_client(args, run)

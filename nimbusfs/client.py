@@ -374,6 +374,24 @@ class MetaClient:
         raise FSError(errno.EIO, f"metaserver unreachable during {op}: no answer within"
                                  f" {self.outage_timeout:g} s")
 
+    # --- the content layer's metadata interface (``nimbusfs.content.meta.Metadata``) ---
+
+    @property
+    def gc_grace(self) -> float | None:
+        return self.info.get("gc_grace")
+
+    async def open_file(self, ino: int) -> dict[str, Any]:
+        return await self.call("open", ino=ino)
+
+    async def have_blocks(self, keys: list[bytes]) -> list[bytes]:
+        return await self.call("have_blocks", keys=keys)
+
+    async def hold_blocks(self, extents: list[list[Any]]) -> list[bytes]:
+        return await self.call("hold_blocks", extents=extents)
+
+    async def commit(self, args: dict[str, Any]) -> dict[str, Any]:
+        return await self.call("commit", **args)
+
     async def _call(self, op: str, args: dict[str, Any], deadline: float) -> Any:
         while True:
             stream = await self.connect(deadline)

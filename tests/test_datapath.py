@@ -21,7 +21,8 @@ import pytest
 
 from conftest import read_file
 from nimbusfs.blockstore.chunking import MIN_BLOCK, chunk_fd
-from nimbusfs.mount.filedata import PIPELINE_BYTES, SEQ_SLACK
+from nimbusfs.content.reader import SEQ_SLACK
+from nimbusfs.content.writer import PIPELINE_BYTES
 from nimbusfs.retry import wait_until
 
 SIZE = 4 * PIPELINE_BYTES + 12345

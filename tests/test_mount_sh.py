@@ -65,10 +65,14 @@ def test_mount_sh_embedded_lifecycle():
         token = re.search(r"token:\s+(\S+)", out)[1]
         with open(os.path.join(a, "note.txt"), "w") as f:
             f.write("kept\n")
-        # The HTTP API it printed serves the same volume, with the same token.
+        # The HTTP API it printed serves the same volume, with the same token
+        # (write-back: the note's create reaches the server once journalled and drained).
         api = re.search(r"api:\s+(http://127\.0\.0\.1:\d+/api/v1) ", out)[1]
-        listing = httpx.get(f"{api}/files", headers={"Authorization": f"Bearer {token}"})
-        assert [e["name"] for e in listing.json()["entries"]] == ["note.txt"]
+
+        def listed() -> list[str]:
+            r = httpx.get(f"{api}/files", headers={"Authorization": f"Bearer {token}"})
+            return [e["name"] for e in r.json()["entries"]]
+        wait_until(lambda: listed() == ["note.txt"], 30, "the HTTP API to list the note")
         assert httpx.get(f"{api}/files").status_code == 401
 
         # A second mount of the same volume through the running embedded server

@@ -38,7 +38,7 @@ import cachetools
 import trio
 
 from nimbusfs.blockstore import BlockNotFound, BlockStore, StoreUnavailable, block_hash
-from nimbusfs.errors import FSError
+from nimbusfs.errors import FSError, local_io
 from nimbusfs.metrics import CACHE_HIT_BYTES, CACHE_HITS, CACHE_MISS_BYTES, CACHE_MISSES
 
 R = TypeVar("R")
@@ -47,14 +47,12 @@ log = logging.getLogger(__name__)
 
 # What one ranged read of a local store costs besides its bytes (a thread hop,
 # open, pread), counted in bytes read: it decides when a block is cheaper to
-# read whole. Measured, 1 MiB blocks not in the page cache: a 4 KiB range
-# 0.24 ms, the whole block read and hashed 2.7 ms.
+# read whole (measured: docs/benchmarks.md, "Ranged reads of a local store").
 REQUEST_BYTES = 64 << 10
 # The hot set: blocks in memory, e.g. those read ahead until the reader gets
-# there. 32 MiB holds twice the readahead (nimbusfs/mount/filedata.py). Measured with
-# 64 MiB (``./bench.sh --targets nimbus-gcs --jobs rand``, twice each): peak
-# RSS 328 and 287 MiB, with 32 MiB 256 and 260, fio's IOPS and fsync times
-# alike; cold sequential reads alike on both stores (4 runs, within noise).
+# there. 32 MiB holds twice the readahead (nimbusfs/content/reader.py); more
+# costs memory and gains nothing measurable (docs/benchmarks.md, "The hot
+# set's size").
 HOT_BYTES = 32 << 20
 # A block whose fetch failed is not fetched again for this long: its readers
 # waiting on the fetch, and the kernel, which reads a page again at once when
@@ -84,12 +82,15 @@ def _missing(key: bytes) -> FSError:
 
 
 class BlockCache:
-    def __init__(self, store: BlockStore, directory: str, max_bytes: int,
+    """``directory``: where the disk part lives; None: no disk part, only the hot set
+    (the metaserver, ``nimbusfs cat``: processes that read a block once)."""
+
+    def __init__(self, store: BlockStore, directory: str | None, max_bytes: int,
                  hot_bytes: int = HOT_BYTES, transfers: int = 8,
                  segments: int = 4, timeout: float = 60.0) -> None:
         self.store = store
         self.timeout = timeout
-        self.dir = os.path.join(directory, "blocks")
+        self.dir = os.path.join(directory or "", "blocks")
         self.max_bytes = max_bytes
         self.hot: cachetools.LRUCache[bytes, bytes] = cachetools.LRUCache(hot_bytes, getsizeof=len)
         self.lru: OrderedDict[bytes, int] = OrderedDict()
@@ -104,8 +105,9 @@ class BlockCache:
         # What the ranged reads of each block not cached have cost, in bytes
         # (see get_range; bounded: a block forgotten here starts again at 0).
         self.ranged: cachetools.LRUCache[bytes, int] = cachetools.LRUCache(4096)
-        self.on_disk = not store.local
-        os.makedirs(self.dir, exist_ok=True)
+        self.on_disk = directory is not None and not store.local
+        if directory is not None:
+            os.makedirs(self.dir, exist_ok=True)
         if self.on_disk:
             self._load_index()
 
@@ -216,6 +218,24 @@ class BlockCache:
         log.warning("block store %s: no answer within %g s", self.store.url, self.timeout)
         raise FSError(errno.EIO, f"block store gave no answer within {self.timeout:g} s")
 
+    async def put(self, key: bytes, read: Callable[[], bytes | memoryview],
+                  keep: bool = True) -> None:
+        """Store the block ``read()`` returns under ``key`` (the caller vouches for its hash).
+
+        ``read`` runs in the transfer's worker thread, so a block staged on
+        disk is read there, not on the trio thread. The store puts it only if
+        absent. ``keep``: add it to the disk cache, out of the hot set (a
+        block just written: the writer's page cache holds its bytes).
+        """
+        def work() -> bytes | memoryview:
+            data = read()
+            with local_io(f"block store {self.store.url}"):
+                self.store.put(key, data)
+            return data
+        data = await self.transfer(work)
+        if keep:
+            await self.add(key, data, hot=False)
+
     def contains(self, key: bytes) -> bool:
         return key in self.hot or key in self.lru
 
@@ -257,12 +277,9 @@ class BlockCache:
         choice in hindsight); for a 1 MiB block, at the 16th 4 KiB read.
 
         A remote store's blocks are fetched whole, through ``get``: there a
-        request's latency is most of its cost (GCS emulator: 3.3 ms for 4 KiB,
-        7 ms for 1 MiB), and the block, cached on disk, serves the reads near
-        it. Measured with fio, 4 KiB random reads of a 1 GiB file on the
-        emulator, on a shared 2-core machine: 217-253 IOPS in three runs with
-        ranges (a block fetched whole at its second read), 119-746 in four
-        with whole blocks (median ~260): ranges did not win there.
+        request's latency is most of its cost, and the block, cached on disk,
+        serves the reads near it; ranges did not win there when measured
+        (docs/benchmarks.md, "Ranged reads of a remote store").
         """
         cost = self.ranged.get(key, 0) + REQUEST_BYTES + length
         if (not self.store.local or key in self.hot or key in self._inflight

@@ -8,9 +8,8 @@ staging file, so memory use does not grow with the amount written.
 Staged bytes whose blocks are already in the store (a pipelined upload) can be
 released: a hole is punched where they were, so the kernel never writes them
 back to disk. Without that, a file written faster than the kernel's dirty
-page limit allows (about 10% of memory) is written to disk twice: measured, a
-6 GiB file on the local store cost 10.1 GiB of disk writes at 94 MB/s, and
-6.1 GiB at 118 MB/s with released bytes.
+page limit allows (about 10% of memory) is written to disk twice
+(docs/benchmarks.md, "Released staged bytes").
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
 """The FUSE mount: the pyfuse3 adapter (``adapter``), POSIX semantics over the
 metaserver and the block cache (``vfs``), a file's content while open
-(``filedata``), and the mount process (``serve``)."""
+(``filedata``: the content layer's writer with the mount's handles), and the mount
+process (``serve``)."""

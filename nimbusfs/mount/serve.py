@@ -141,8 +141,8 @@ def _tune_malloc() -> Callable[[int], int] | None:
 
     Block transfers run in many worker threads, each allocating megabyte
     buffers. With an arena per busy thread (glibc's default: 8 per core),
-    freed memory stays spread over them: arenas are capped at 2 (measured: 342
-    -> 190 MiB peak RSS, sequential job on the GCS store). The mmap and trim
+    freed memory stays spread over them: arenas are capped at 2 (peak RSS:
+    docs/benchmarks.md, "malloc arenas"). The mmap and trim
     thresholds are fixed (glibc would slide them with the largest buffer
     freed): blocks and read replies come from the heap, which is reused
     without page faults (mapping every block-sized buffer afresh cost a third
@@ -164,12 +164,8 @@ async def _trim_malloc(malloc_trim: Callable[[int], int], interval: float = 0.25
     """Every ``interval`` seconds, give the kernel the heap's free pages back.
 
     Blocks of many sizes, some held long by the hot set, fragment the heap so
-    that freed memory cannot shrink it from the top: on the GCS store's
-    random I/O job peak RSS was 674 MiB without this and 310 MiB with it,
-    while the local store's sequential throughput stayed the same. Every
-    0.25 s instead of every second (``./bench.sh --targets nimbus-gcs --jobs
-    seq,rand``): peak 256 and 250 MiB against 309, 269 and 282, with the
-    same throughput within the VM's noise.
+    that freed memory cannot shrink it from the top; trimming often lowers
+    peak RSS at no cost in throughput (docs/benchmarks.md, "Heap trimming").
     """
     while True:
         await trio.sleep(interval)
@@ -217,11 +213,12 @@ def _remove_leftovers(store: BlockStore) -> None:
 def _raise_readahead(mountpoint: str, kib: int = READAHEAD_KIB) -> None:
     """Raise the kernel's readahead for this mount (FUSE leaves it at 128 KiB).
 
-    Sequential reads then arrive as 1 MiB requests: cold reads of a 2 GiB file
-    went from ~270 to ~500 MB/s with half the CPU. Runs in a worker thread once
-    the mount serves requests: the stat waits for the FUSE handshake, which
-    sets the readahead from its own limit (so a value written earlier would be
-    lowered again). Needs root; otherwise the default stays.
+    Sequential reads then arrive as 1 MiB requests, about twice the cold read
+    throughput for half the CPU (docs/benchmarks.md, "Kernel readahead").
+    Runs in a worker thread once the mount serves requests: the stat waits
+    for the FUSE handshake, which sets the readahead from its own limit (so a
+    value written earlier would be lowered again). Needs root; otherwise the
+    default stays.
     """
     st = os.stat(mountpoint)
     try:

@@ -37,9 +37,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from itertools import islice
 from typing import Any
 
 import trio
@@ -48,6 +46,8 @@ from psycopg import Cursor
 from nimbusfs.blockstore import BlockNotFound, BlockStore, block_hash
 from nimbusfs.blockstore.base import StoreUnavailable
 from nimbusfs.blockstore.chunking import MAX_BLOCK, Piece, chunk_fd
+from nimbusfs.cache import BlockCache
+from nimbusfs.content.reader import stream
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.retry import Backoff
 from nimbusfs.server.auth import User
@@ -59,14 +59,10 @@ log = logging.getLogger(__name__)
 DOOMED_WAIT = 10.0
 # The waits between its looks: 50 ms doubling to 1 s.
 DOOMED_RETRY = Backoff(first=0.05, cap=1.0, jitter=0.0)
+# Seconds a download waits for a block from the store before EIO.
+STORE_TIMEOUT = 60.0
 # Blocks checked in the store at once when a direct-mode commit names new ones.
 EXISTS_AT_ONCE = 16
-# Zeros of a hole are sent in pieces of this size.
-ZEROS = 1 << 20
-# Blocks a download fetches (and hash-checks) while it sends one: it waits
-# for the store once, not once per block. A download holds at most this many
-# blocks besides the one it sends (4 x MAX_BLOCK; 4 MiB on average).
-READ_AHEAD = 4
 
 
 def _unusable(cur: Cursor, user_id: int, keys: list[bytes]) -> list[bytes]:
@@ -146,41 +142,6 @@ def _owns(cur: Cursor, user_id: int, key: bytes) -> bool:
     return not unowned(cur, user_id, [key])
 
 
-class _Fetch:
-    """One block of a download fetched and hash-checked in the background.
-
-    A system task rather than a nursery's: ``BlockAccess.read`` is an async
-    generator, which must not keep a nursery open across its yields. Store
-    calls count against ``limiter`` like any other; once ``scope`` is
-    cancelled (the download stopped) the worker thread is abandoned, and ends
-    with its store call.
-    """
-
-    def __init__(self, fn: Callable[[bytes], bytes], key: bytes,
-                 limiter: trio.CapacityLimiter) -> None:
-        self.scope = trio.CancelScope()
-        self.done = trio.Event()
-        self.data = b""
-        self.error: Exception | None = None
-        trio.lowlevel.spawn_system_task(self._run, fn, key, limiter)
-
-    async def _run(self, fn: Callable[[bytes], bytes], key: bytes,
-                   limiter: trio.CapacityLimiter) -> None:
-        with self.scope:
-            try:
-                self.data = await trio.to_thread.run_sync(fn, key, limiter=limiter,
-                                                          abandon_on_cancel=True)
-            except Exception as e:   # FSError, or a bug: raised to the download
-                self.error = e
-        self.done.set()
-
-    async def result(self) -> bytes:
-        await self.done.wait()
-        if self.error is not None:
-            raise self.error
-        return self.data
-
-
 def _unavailable(e: StoreUnavailable) -> FSError:
     log.error("block store unavailable: %s", e)
     return FSError(errno.EIO, "the block store is unavailable")
@@ -194,7 +155,12 @@ class BlockAccess:
         self.store = store
         self.proxy = proxy
         self.transaction = transaction  # MetaServer.call: fn(cur, ...) in one transaction
-        self.transfers = trio.CapacityLimiter(transfers)
+        # Reads (downloads) go through a cache without a disk part: its hot
+        # set shares a block among concurrent downloads; a store that does not
+        # answer fails a read with EIO after ``STORE_TIMEOUT``. Every store
+        # call, read or put, counts against its transfer limiter.
+        self.cache = BlockCache(store, None, 0, transfers=transfers, timeout=STORE_TIMEOUT)
+        self.transfers = self.cache.transfers
 
     async def _store(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A store call in a worker thread; a store that does not answer is EIO (503)."""
@@ -337,18 +303,6 @@ class BlockAccess:
         except BlockNotFound:
             raise FSError(errno.EIO, "block missing from the store") from None
 
-    def _verified(self, key: bytes) -> bytes:
-        """A block from the store, checked against its hash (fetched twice at most).
-
-        Runs in a worker thread.
-        """
-        for _ in range(2):
-            data = self._get(key)
-            if block_hash(data) == key:
-                return data
-            log.error("block %s from the store fails its hash", key.hex())
-        raise FSError(errno.EIO, f"block {key.hex()} is corrupt in the store")
-
     async def get_stored(self, key: bytes) -> bytes:
         return await self._store(self._get, key)
 
@@ -401,42 +355,12 @@ class BlockAccess:
                 extents.append([p.key, p.length])
         return extents
 
-    async def read(self, extents: list, start: int, end: int) -> AsyncIterator[bytes]:
+    def read(self, extents: list, start: int, end: int) -> AsyncIterator[bytes]:
         """The bytes [start, end) of a version with these extents, block by block.
 
-        Every block is hash-checked; the next ``READ_AHEAD`` blocks are
-        fetched and checked in worker threads while one is sent. When the
-        caller stops, the fetches under way are cancelled.
+        The content layer's stream (``nimbusfs.content.reader.stream``), as
+        the mount and ``nimbusfs cat`` read: every block hash-checked through
+        the cache, the next blocks fetched while one is sent, the fetches
+        under way cancelled when the caller stops.
         """
-        spans: list[tuple[bytes | None, int, int]] = []   # (block, from, to) within it
-        pos = 0
-        for key, n in extents:
-            a, b = max(start, pos), min(end, pos + n)
-            if a < b:
-                spans.append((None if key is None else bytes(key), a - pos, b - pos))
-            pos += n
-            if pos >= end:
-                break
-        todo = iter(spans)
-        ahead: deque[tuple[_Fetch | None, int, int]] = deque()
-
-        def fill() -> None:
-            for key, a, b in islice(todo, READ_AHEAD - len(ahead)):
-                ahead.append((None if key is None else _Fetch(self._verified, key,
-                                                              self.transfers), a, b))
-        try:
-            fill()
-            while ahead:
-                fetch, a, b = ahead[0]
-                data = None if fetch is None else await fetch.result()
-                ahead.popleft()
-                fill()
-                if data is None:
-                    for z in range(a, b, ZEROS):
-                        yield bytes(min(ZEROS, b - z))
-                else:
-                    yield data[a:b]
-        finally:
-            for fetch, _, _ in ahead:
-                if fetch is not None:
-                    fetch.scope.cancel()
+        return stream(self.cache, extents, start, end)

@@ -396,7 +396,7 @@ class MetaServer:
             partial(self.db.run, fn, *args, **kwargs), limiter=self.limiter,
             abandon_on_cancel=True)
 
-    async def mutate(self, fn: Any, user: User, device: str, *args: Any) -> Any:
+    async def mutate(self, fn: Any, user: User, device: str, *args: Any, **kwargs: Any) -> Any:
         """Run a mutation that comes without an op id (an HTTP request's) exactly once.
 
         It is given one, recorded like the mount protocol's: should the answer
@@ -406,7 +406,7 @@ class MetaServer:
         from outside: an HTTP client that lost its answer decides itself.
         """
         return await self.call(_Once(f"{user.id}:{uuid.uuid4().hex}", False), fn, user,
-                               device, *args)
+                               device, *args, **kwargs)
 
     async def serve(self, host: str, port: int,
                     task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
