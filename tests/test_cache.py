@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from functools import partial
 
 import pytest
 import trio
@@ -13,6 +14,8 @@ from nimbusfs.blockstore import block_hash
 from nimbusfs.blockstore.chunking import MAX_BLOCK, chunk_buf, chunk_fd
 from nimbusfs.blockstore.local import LocalStore
 from nimbusfs.cache import BlockCache, Ranges
+from nimbusfs.content.extents import Extents
+from nimbusfs.content.reader import DISK_CUTOFF, Readahead, fetch, plan_extents
 from nimbusfs.errors import FSError
 
 
@@ -230,3 +233,33 @@ def test_segment_cuts_are_the_whole_stream_cuts(tmp_path):
         pos = seg[-1].offset + seg[-1].length
     assert len(done) > 2
     assert done == whole[:len(done)]
+
+
+async def test_a_long_sequential_stream_stays_off_the_cache_disk(tmp_path):
+    """Blocks read ahead past DISK_CUTOFF are kept in memory only; the first ones, and a
+    block read at random anywhere, are cached on disk (readable offline)."""
+    store = CountingStore(str(tmp_path / "store"))
+    cache = BlockCache(store, str(tmp_path / "c"), max_bytes=1 << 30)
+    parts = blocks(24, 1 << 20)
+    for key, data in parts:
+        store.put(key, data)
+    ext = Extents([[key, len(data)] for key, data in parts])
+    nursery: list[trio.Nursery] = []
+    reads = Readahead(cache, lambda fn, *a, **kw: nursery[0].start_soon(partial(fn, *a, **kw)))
+    got = []
+    for off in range(0, ext.size, 1 << 20):   # the kernel's 1 MiB reads, one after the other
+        plan: list = []
+        reads.ranged(off, 1 << 20)
+        plan_extents(ext, off, off + (1 << 20), ext.size, False, plan)
+        got.append(await fetch(cache, plan))
+        async with trio.open_nursery() as n:   # the readahead it starts, finished
+            nursery[:] = [n]
+            reads.after(ext, off + (1 << 20))
+    assert b"".join(got) == b"".join(data for _, data in parts)
+    assert store.fetches == len(parts)
+    assert set(cache.lru) == {key for i, (key, _) in enumerate(parts)
+                              if i << 20 < DISK_CUTOFF}
+    cache.hot.clear()
+    far, data = parts[-1]
+    assert await cache.get_range(far, 4096, 4096, len(data)) == data[4096:8192]
+    assert far in cache.lru

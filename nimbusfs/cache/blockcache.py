@@ -239,8 +239,13 @@ class BlockCache:
     def contains(self, key: bytes) -> bool:
         return key in self.hot or key in self.lru
 
-    async def get(self, key: bytes) -> bytes:
-        """Return the block's bytes from memory, disk or the store."""
+    async def get(self, key: bytes, disk: bool = True) -> bytes:
+        """Return the block's bytes from memory, disk or the store.
+
+        ``disk=False``: a block fetched from the store is kept in the hot set
+        only, not written to the disk part (a sequential stream's blocks read
+        ahead: see ``content/reader.py``, ``DISK_CUTOFF``).
+        """
         data = self.hot.get(key)
         if data is not None:
             return _hit("memory", data)
@@ -255,7 +260,7 @@ class BlockCache:
                 return _hit("memory", data)
         ev = self._inflight[key] = trio.Event()
         try:
-            return await self._load(key)
+            return await self._load(key, disk)
         except FSError as e:
             self._failed[key] = e
             raise
@@ -301,7 +306,7 @@ class BlockCache:
         data = self.store.get(key)
         return data, block_hash(data) == key
 
-    async def _load(self, key: bytes) -> bytes:
+    async def _load(self, key: bytes, disk: bool) -> bytes:
         if key in self.lru:
             cached = await trio.to_thread.run_sync(self._read_file, key)
             if cached is not None:
@@ -315,7 +320,10 @@ class BlockCache:
             except BlockNotFound:
                 raise _missing(key) from None
             if ok:
-                await self.add(key, data)
+                if disk:
+                    await self.add(key, data)
+                else:
+                    self._remember(key, data)
                 return _miss(data)
             log.error("block %s from store fails its hash (attempt %d)", key.hex(), attempt + 1)
         raise FSError(errno.EIO, f"block {key.hex()} is corrupt in the store")
