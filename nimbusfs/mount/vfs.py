@@ -24,15 +24,15 @@ create is local (``_create_here``: a leased inode number, the create
 journalled with the file's first close), and until the server has applied
 it the file is this mount's alone: lookups, getattr and readdir answer for
 it from ``WriteBack.new``, and any request naming it waits for its create
-(``call``). So are a mkdir (``_mkdir_here``)
-and a chmod/chown/utimens of an inode no file here holds open (journalled
-as an operation): until applied, lookups and getattr answer the new
-directory from ``WriteBack.made`` (its listing is known: empty but for
-what is made in it here, answered without the server), every attribute this mount shows carries the
-pending changes (``_out``), and a request naming such an inode to the
-server (by number, or by name for a new directory: ``rmdir``, ``rename``,
-``unlink``) waits until its operations are applied, so the server sees
-this mount's operations on an inode in the order they were made. File content is
+(``call``). So are a mkdir (``_mkdir_here``) and a chmod/chown/utimens
+of an inode no file here holds open (journalled as an operation): until
+applied, lookups, getattr and readdir answer the new directory from
+``WriteBack.made`` (its listing is known: empty but for what is made in it
+here), every attribute this mount shows carries the pending changes
+(``_out``), and a request naming such an inode to the server (by number,
+or by name for a new directory: ``rmdir``, ``rename``, ``unlink``) waits
+until its operations are applied, so the server sees this mount's
+operations on an inode in the order they were made. File content is
 close-to-open: a close or fsync commits it before returning, and every open
 asks the server for the current version. In write-back mode (``writeback``)
 a close or fsync journals the file's changes on the local disk instead, and
@@ -776,8 +776,9 @@ class VFS:
             return await self.call("readdir", ino=self.srv(ino))
         assert self.writeback is not None
         up = rec.args["parent"]
-        return [(b".", rec.local), (b"..", self.attrs.get(self.fuse(up))
-                                     or self.writeback.made(up) or rec.local)]
+        me = self.attrs.get(ino) or rec.local   # this mount's estimate, kept up to date
+        return [(b".", me), (b"..", self.attrs.get(self.fuse(up)) or self.writeback.made(up)
+                             or me)]
 
     def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
