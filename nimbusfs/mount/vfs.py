@@ -572,8 +572,7 @@ class VFS:
         f = self.files[ino] = OpenFile(self, ino, attr, [])
         self.writeback.creating(f, self.srv(parent), name, mode, uid, attr["gid"])
         self.names[ino] = (self.srv(parent), name)
-        if (d := self.attrs.get(parent)) is not None:
-            self.attrs[parent] = {**d, "mtime": now, "ctime": now}
+        self._made_in(parent, now)
         self._entries_changed(parent, add=name)
         return f
 
@@ -603,10 +602,19 @@ class VFS:
         self.writeback.mkdir(self.srv(parent), name, attr)
         self.attrs[attr["ino"]] = attr
         self.listings[attr["ino"]] = set()
-        if (d := self.attrs.get(parent)) is not None:
-            self.attrs[parent] = {**d, "mtime": now, "ctime": now, "nlink": d["nlink"] + 1}
+        self._made_in(parent, now, subdir=True)
         self._entries_changed(parent, add=name)
         return self._out(attr)
+
+    def _made_in(self, parent: int, now: int, subdir: bool = False) -> None:
+        """An entry was made here in ``parent`` at ``now``: its times move as the server's
+        will (a journalled utimens of it comes first on the server, so its mtime
+        goes too), and its link count with a subdirectory."""
+        if (d := self.attrs.get(parent)) is not None:
+            self.attrs[parent] = {**d, "mtime": now, "ctime": now,
+                                  "nlink": d["nlink"] + subdir}
+        assert self.writeback is not None
+        self.writeback.touched(self.srv(parent), now)
 
     def _new_attr(self, parent: int, name: bytes) -> dict[str, Any] | None:
         """The attributes of the file or directory made here at ``parent``/``name`` that the

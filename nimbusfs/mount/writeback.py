@@ -278,6 +278,15 @@ class WriteBack:
         rec = self.dirs.get(ino)
         return None if rec is None else rec.local
 
+    def touched(self, ino: int, now: int) -> None:
+        """An entry was made here in directory ``ino`` at ``now``, after its journalled
+        setattrs: the server will apply them first, then move its times to the
+        create's, so this mount shows those times from now on."""
+        for change in self._changes.get(ino, {}).values():
+            if "mtime" in change:
+                change["mtime"] = now
+            change["ctime"] = now
+
     def changed(self, ino: int) -> dict[str, int] | None:
         """The journalled setattr changes of (server) inode ``ino`` not applied yet, merged."""
         changes = self._changes.get(ino)
