@@ -43,3 +43,17 @@ def dropped_privileges(mode: int) -> int:
     that bit, set-group-ID marks mandatory locking, which stays).
     """
     return stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+
+
+def setattr_mode(mode: int, new: int | None, chown: bool) -> int:
+    """The mode after a setattr: ``new`` if given, else what a ``chown`` leaves.
+
+    A chown of anything but a directory drops set-user-ID (and set-group-ID
+    when group-executable), as Linux does. The server applies it; a
+    write-back mount shows its journalled setattrs with it.
+    """
+    if new is not None:
+        return stat.S_IFMT(mode) | stat.S_IMODE(new)
+    if chown and not stat.S_ISDIR(mode):
+        return mode & ~dropped_privileges(mode)
+    return mode

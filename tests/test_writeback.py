@@ -145,12 +145,14 @@ with tarfile.open(tar) as t, open(done, "a") as log:
     for m in t:
         path = os.path.join(dest, m.name)
         if m.isdir():
-            os.makedirs(path, exist_ok=True)
-            continue
-        data = t.extractfile(m).read()
-        with open(path, "wb") as f:
-            f.write(data)
-        log.write(m.name + "\n")   # only once its close returned
+            os.mkdir(path)
+            os.chmod(path, m.mode)
+            log.write("dir " + m.name + "\n")   # its mkdir and chmod returned
+        else:
+            data = t.extractfile(m).read()
+            with open(path, "wb") as f:
+                f.write(data)
+            log.write("file " + m.name + "\n")   # only once its close returned
         log.flush()
         os.fsync(log.fileno())
 """
@@ -173,8 +175,12 @@ def _tarball(rng: random.Random) -> tuple[bytes, dict[str, bytes]]:
         for d in sorted({n.split("/")[0] for n in names}):
             info = tarfile.TarInfo(d)
             info.type = tarfile.DIRTYPE
-            info.mode = 0o755
+            info.mode = 0o750
             t.addfile(info)
+            sub = tarfile.TarInfo(d + "/sub")   # a directory made in a new one
+            sub.type = tarfile.DIRTYPE
+            sub.mode = 0o705
+            t.addfile(sub)
         for n in names:
             info = tarfile.TarInfo(n)
             info.size = len(files[n])
@@ -188,7 +194,10 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
     After the remount (journal replayed and drained before it answers), every
     file whose close returned holds its bytes, no commit was applied twice
     (that would leave a conflicted copy: its base would be stale), no
-    journalled create either, and another mount sees the same files.
+    journalled create either, and another mount sees the same files. The
+    directories (journalled mkdir and chmod) made before the last file whose
+    close returned are there with their mode (a close makes every operation
+    journalled before it durable), none twice.
     """
     rng = random.Random(os.environ.get("NIMBUS_SEED", "16"))
     data, files = _tarball(rng)
@@ -209,10 +218,19 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
         crash(m)
         proc.wait()
         m.start()
-        closed = read_file(done).decode().split()
+        log = [line.split(" ", 1) for line in read_file(done).decode().splitlines()]
+        closed = [name for kind, name in log if kind == "file"]
         assert closed, "nothing was extracted before the crash"
         for name in closed:
             assert read_file(os.path.join(dest, name)) == files[name], (r, name)
+        last = max(i for i, (kind, _) in enumerate(log) if kind == "file")
+        for kind, name in log[:last]:
+            if kind == "dir":
+                mode = os.stat(os.path.join(dest, name)).st_mode & 0o777
+                assert mode == (0o705 if name.endswith("/sub") else 0o750), (r, name)
+        dirs = {os.path.relpath(d, dest) for d, _, _ in os.walk(dest)} - {"."}
+        assert dirs <= {n.split("/")[0] for n in files} | {
+            n.split("/")[0] + "/sub" for n in files}, (r, dirs)
         # Creates are journalled with their files: none is doubled (a conflicted
         # copy) or made twice, and no file appears that was not in the tarball.
         present = {os.path.relpath(os.path.join(d, n), dest)
@@ -363,6 +381,81 @@ def test_creates_need_no_server_and_reach_other_mounts_once_drained(services, mo
         assert view[0]["versions"] == 1
     finally:
         dep.kill()
+
+
+def test_mkdir_and_setattr_need_no_server_and_reach_other_mounts_once_drained(
+        services, mount_factory):
+    """Namespace write-back of directories and attributes: with the metaserver down, a
+    directory tree is made, its modes and times set, files created in it, all seen at
+    once on the writer; after the restart another mount sees the same, each made once."""
+    dep = start_metaserver(services.emb, "wb_dirs", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows "top" is free without asking
+        dep.kill()
+        os.mkdir(a.p("top"), 0o700)
+        os.mkdir(a.p("top", "sub"))
+        write_file(a.p("top", "sub", "f"), b"in a new directory")
+        os.chmod(a.p("top", "sub"), 0o751)
+        os.utime(a.p("top", "sub"), ns=(1_000_000_000, 2_000_000_000))
+        os.chmod(a.p("first"), 0o604)   # a closed, committed file
+        os.chmod(a.p("top"), 0o755)
+        assert sorted(os.listdir(a.p("top"))) == ["sub"]
+        assert os.listdir(a.p("top", "sub")) == ["f"]
+        st = os.stat(a.p("top", "sub"))
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o751, 2_000_000_000)
+        assert os.stat(a.p("top")).st_mode & 0o7777 == 0o755
+        assert os.stat(a.p("first")).st_mode & 0o7777 == 0o604
+        assert read_file(a.p("top", "sub", "f")) == b"in a new directory"
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        st = os.stat(b.p("top", "sub"))
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o751, 2_000_000_000)
+        assert os.stat(b.p("top")).st_mode & 0o7777 == 0o755
+        assert os.stat(b.p("first")).st_mode & 0o7777 == 0o604
+        assert read_file(b.p("top", "sub", "f")) == b"in a new directory"
+        assert [n for n in os.listdir(b.p()) if n.startswith("top")] == ["top"]
+        assert os.stat(a.p("top")).st_ino == os.stat(b.p("top")).st_ino
+    finally:
+        dep.kill()
+
+
+def test_a_name_taken_meanwhile_keeps_the_made_directory_as_a_conflicted_copy(
+        services, mount_factory):
+    """A makes directory ``d`` (a file in it) while its server is down; B makes ``d``
+    meanwhile: after A's drain B's ``d`` is unchanged and A's directory, with its file,
+    is kept beside it under the conflicted-copy name."""
+    dep = start_metaserver(services.emb, "wb_dtaken", "file://" + services.emb.path("blocks"),
+                           services.env)
+    other = twin(services, dep, "wb_dtaken_twin")
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        b = mount_factory("local", a.token, other, "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())
+        dep.kill()
+        os.mkdir(a.p("d"))
+        write_file(a.p("d", "mine"), b"mine")
+        os.mkdir(b.p("d"))
+        write_file(b.p("d", "theirs"), b"theirs")
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+
+        def copies(m) -> list[str]:
+            return [n for n in os.listdir(m.p()) if n.startswith("d (conflicted copy")]
+        wait_until(lambda: len(copies(b)) == 1, 30, "the copy on B")
+        assert os.listdir(b.p("d")) == ["theirs"]
+        assert read_file(b.p(copies(b)[0], "mine")) == b"mine"
+        wait_until(lambda: len(copies(a)) == 1, 30, "the copy on A")
+        assert read_file(a.p(copies(a)[0], "mine")) == b"mine"
+    finally:
+        dep.kill()
+        other.kill()
 
 
 def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(services,

@@ -22,12 +22,28 @@ Invariants:
 - **Order.** Rows are drained in ``seq`` order, the order their files were
   first closed; ``seq`` grows across restarts.
 - **Removed once committed.** ``remove`` deletes a row only for the op_id
-  it was committed with, durably, before the caller frees the staged bytes.
+  it was committed with, durably before the caller frees the staged bytes
+  of a staging file a row names. A removal of rows naming none (inline
+  bytes, operations) is made durable by the next durable write (one WAL,
+  fsynced in order): a crash of the machine before it replays them, and
+  the server applies each once (op_ids); a crash of the mount alone loses
+  nothing (the WAL is written before ``remove`` returns).
+- **Namespace operations.** A journalled ``mknod`` of a directory or
+  ``setattr`` is one row of ``ops``, whose ``seq`` comes from the same
+  counter as the files': one drain order for both, so an operation reaches
+  the server after every file record and operation journalled before it (a
+  directory's create before the creates inside it). ``add_op`` does not
+  wait: the row joins the group being filled, written by the next ``put``
+  (so it is durable before any later close returns: the prefix of what was
+  done survives a crash, as on a local disk where a mkdir is durable once
+  something after it is fsynced) or by ``commit`` of its group. An op row
+  is never changed, and is removed (durably) once the server answered it.
 - **Leases.** Inode numbers leased to this mount are durable before any is
   used; a number leaves ``leases`` in the transaction that removes the row
-  of the file created under it (the server has applied that create). So
-  after a crash the free numbers are those in ``leases`` that no row uses:
-  a number is never used for two files the server would both see.
+  (file or ``mknod`` op) of the inode created under it (the server has
+  applied that create). So after a crash the free numbers are those in
+  ``leases`` that no row uses: a number is never used for two inodes the
+  server would both see.
 
 The database is read by ``nimbusfs status`` (another process) to show what
 is waiting: ``summary`` opens it read-only.
@@ -38,7 +54,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +79,16 @@ CREATE TABLE IF NOT EXISTS pending (
 -- by a create the server applied.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (ino INTEGER PRIMARY KEY);
+-- Namespace operations journalled (a directory's mknod, a setattr), drained
+-- in ``seq`` order among the files' rows.
+CREATE TABLE IF NOT EXISTS ops (
+    seq INTEGER PRIMARY KEY,
+    op_id TEXT NOT NULL,
+    op TEXT NOT NULL,         -- the protocol operation: mknod, setattr
+    args BLOB NOT NULL,       -- msgpack: its arguments, as sent
+    local BLOB NOT NULL,      -- msgpack: what the mount shows meanwhile (OpRecord.local)
+    created REAL NOT NULL
+);
 """
 
 
@@ -76,17 +102,50 @@ class Record:
     created: float
 
 
+@dataclass
+class OpRecord:
+    """A journalled namespace operation: ``op`` with ``args`` as the server takes them.
+
+    ``ino``: the inode it creates or changes (``args["ino"]``). ``local``:
+    what this mount shows until it is applied (a new directory's attributes,
+    a setattr's changes).
+    """
+
+    seq: int
+    op_id: str
+    op: str
+    args: dict[str, Any]
+    local: dict[str, Any]
+    created: float
+
+    @property
+    def ino(self) -> int:
+        return int(self.args["ino"])
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(blob: bytes) -> Any:
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False)
+
+
 class _Group:
     """Rows written by one transaction; ``done`` is set once it is durable (or failed)."""
 
     def __init__(self) -> None:
         self.rows: dict[int, Record] = {}
+        self.ops: list[OpRecord] = []
+        self.written: list[Callable[[], None]] = []   # called once written (or failed)
+        self.committer = False   # a task will commit it (``commit``)
         self.done = trio.Event()
         self.error: BaseException | None = None
 
 
 def summary(cache_dir: str) -> tuple[int, int, float] | None:
-    """(files, bytes, oldest first-close time) waiting in a mount's journal; None: no journal.
+    """(files and operations, bytes, oldest first-close time) waiting in a mount's journal;
+    None: no journal.
 
     Read-only and without taking part in the writer's locking beyond SQLite's
     own, from any process.
@@ -97,7 +156,9 @@ def summary(cache_dir: str) -> tuple[int, int, float] | None:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
         n, size, oldest = conn.execute(
-            "SELECT count(*), coalesce(sum(bytes), 0), min(created) FROM pending").fetchone()
+            "SELECT sum(n), sum(b), min(c) FROM (SELECT count(*) AS n, coalesce(sum(bytes), 0)"
+            " AS b, min(created) AS c FROM pending UNION ALL SELECT count(*), 0, min(created)"
+            " FROM ops)").fetchone()
     except sqlite3.OperationalError:
         return None  # created but not initialised yet
     finally:
@@ -128,43 +189,81 @@ class Journal:
         with local_io(self.path):
             rows = self.db.execute("SELECT ino, seq, op_id, state, bytes, created FROM pending"
                                    " ORDER BY seq").fetchall()
-        return [Record(ino, seq, op_id, msgpack.unpackb(state, raw=False,
-                                                        strict_map_key=False), n, created)
+        return [Record(ino, seq, op_id, _unpack(state), n, created)
                 for ino, seq, op_id, state, n, created in rows]
+
+    def ops(self) -> list[OpRecord]:
+        """Every journalled namespace operation, in drain order (at start)."""
+        with local_io(self.path):
+            rows = self.db.execute("SELECT seq, op_id, op, args, local, created FROM ops"
+                                   " ORDER BY seq").fetchall()
+        return [OpRecord(seq, op_id, op, _unpack(args), _unpack(local), created)
+                for seq, op_id, op, args, local, created in rows]
 
     def next_seq(self) -> int:
         with local_io(self.path):
-            return self.db.execute("SELECT coalesce(max(seq), 0) + 1 FROM pending").fetchone()[0]
+            return self.db.execute("SELECT max(coalesce((SELECT max(seq) FROM pending), 0),"
+                                   " coalesce((SELECT max(seq) FROM ops), 0)) + 1").fetchone()[0]
 
     async def put(self, rec: Record) -> None:
         """Make ``rec`` durable (replacing the state of its inode's row); group-committed."""
         group = self._group
         group.rows[rec.ino] = rec  # a later close of the same file in the same group wins
+        await self._commit(group)
+
+    def add_op(self, rec: OpRecord, written: Callable[[], None]) -> _Group | None:
+        """Add the namespace operation ``rec`` (a new row) to the group being filled.
+
+        ``written`` is called once the group is written (also if that failed:
+        the caller decides). Returns the group if nobody has undertaken to
+        commit it yet (the caller must ``commit`` it: the caller is that task).
+        """
+        group = self._group
+        group.ops.append(rec)
+        group.written.append(written)
+        if group.committer:
+            return None
+        group.committer = True
+        return group
+
+    async def _commit(self, group: _Group) -> None:
+        """Return once ``group`` is written: by this caller if it is the first to get here.
+        (``commit``: the same, for the task ``add_op`` named.)"""
         async with self._lock:
             if not group.done.is_set():
                 # The first of this group's callers to get here writes all of it.
                 self._group = _Group()
                 try:
-                    await trio.to_thread.run_sync(self._write, list(group.rows.values()))
+                    await trio.to_thread.run_sync(self._write, list(group.rows.values()),
+                                                  group.ops)
                 except BaseException as e:
                     group.error = e
                     raise
                 finally:
+                    for written in group.written:
+                        written()
                     group.done.set()
         if group.error is not None:
             raise group.error
 
-    def _write(self, rows: list[Record]) -> None:
+    commit = _commit
+
+    def _write(self, rows: list[Record], ops: list[OpRecord]) -> None:
         self._transaction([(
             "INSERT INTO pending (ino, seq, op_id, state, bytes, created)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (ino) DO UPDATE"
             " SET state = excluded.state, bytes = excluded.bytes",
-            [(r.ino, r.seq, r.op_id, msgpack.packb(r.state, use_bin_type=True), r.bytes,
-              r.created) for r in rows])])
+            [(r.ino, r.seq, r.op_id, _pack(r.state), r.bytes, r.created) for r in rows]), (
+            "INSERT INTO ops (seq, op_id, op, args, local, created) VALUES (?, ?, ?, ?, ?, ?)",
+            [(o.seq, o.op_id, o.op, _pack(o.args), _pack(o.local), o.created) for o in ops])])
 
-    def _transaction(self, statements: list[tuple[str, list[tuple]]]) -> None:
-        """Each statement for each of its rows, in one transaction (one fsync at COMMIT)."""
+    def _transaction(self, statements: list[tuple[str, list[tuple]]], durable: bool = True
+                     ) -> None:
+        """Each statement for each of its rows, in one transaction (one fsync at COMMIT;
+        none if not ``durable``: the next durable COMMIT's fsync of the WAL covers it)."""
         with local_io(self.path):
+            if not durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, rows in statements:
@@ -173,24 +272,32 @@ class Journal:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            finally:
+                if not durable:
+                    self.db.execute("PRAGMA synchronous=FULL")
 
-    async def remove(self, done: Iterable[tuple[int, str]]) -> None:
-        """Durably delete the rows of ``(ino, op_id)`` committed by the server, and the
-        lease of each one's number (its create, if it had one, is applied too)."""
-        rows = list(done)
-        if rows:
+    async def remove(self, done: Iterable[tuple[int, str]], ops: Iterable[OpRecord] = (),
+                     durable: bool = True) -> None:
+        """Durably delete the rows of ``(ino, op_id)`` committed by the server and the
+        operations ``ops`` it answered, and the lease of each one's number (its
+        create, if it had one, is applied too, or refused for good)."""
+        rows, answered = list(done), list(ops)
+        if rows or answered:
             statements: list[tuple[str, list[tuple]]] = [
-                ("DELETE FROM pending WHERE ino = ? AND op_id = ?", list(rows)),
-                ("DELETE FROM leases WHERE ino = ?", [(ino,) for ino, _ in rows])]
+                ("DELETE FROM pending WHERE ino = ? AND op_id = ?", rows),
+                ("DELETE FROM ops WHERE seq = ?", [(o.seq,) for o in answered]),
+                ("DELETE FROM leases WHERE ino = ?",
+                 [(ino,) for ino, _ in rows] + [(o.ino,) for o in answered if o.op == "mknod"])]
             async with self._lock:
-                await trio.to_thread.run_sync(self._transaction, statements)
+                await trio.to_thread.run_sync(self._transaction, statements, durable)
 
     def leases(self) -> list[int]:
         """The leased numbers no pending row uses (at start, before anything is written)."""
+        made = {o.ino for o in self.ops() if o.op == "mknod"}
         with local_io(self.path):
             return [r[0] for r in self.db.execute(
                 "SELECT ino FROM leases WHERE ino NOT IN (SELECT ino FROM pending)"
-                " ORDER BY ino")]
+                " ORDER BY ino") if r[0] not in made]
 
     async def add_leases(self, inos: list[int]) -> None:
         """Make newly leased numbers durable (before any of them is used)."""

@@ -24,7 +24,15 @@ create is local (``_create_here``: a leased inode number, the create
 journalled with the file's first close), and until the server has applied
 it the file is this mount's alone: lookups, getattr and readdir answer for
 it from ``WriteBack.new``, and any request naming it waits for its create
-(``call``). File content is
+(``call``). So are a mkdir (``_mkdir_here``) and a chmod/chown/utimens
+of an inode no file here holds open (journalled as an operation): until
+applied, lookups, getattr and readdir answer the new directory from
+``WriteBack.made`` (its listing is known: empty but for what is made in it
+here), every attribute this mount shows carries the pending changes
+(``_out``), and a request naming such an inode to the server (by number,
+or by name for a new directory: ``rmdir``, ``rename``, ``unlink``) waits
+until its operations are applied, so the server sees this mount's
+operations on an inode in the order they were made. File content is
 close-to-open: a close or fsync commits it before returning, and every open
 asks the server for the current version. In write-back mode (``writeback``)
 a close or fsync journals the file's changes on the local disk instead, and
@@ -56,7 +64,13 @@ from nimbusfs.cache import BlockCache
 from nimbusfs.client import MetaClient
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile
-from nimbusfs.posix import NAME_MAX, RENAME_EXCHANGE, dropped_privileges, xattr_supported
+from nimbusfs.posix import (
+    NAME_MAX,
+    RENAME_EXCHANGE,
+    dropped_privileges,
+    setattr_mode,
+    xattr_supported,
+)
 
 if TYPE_CHECKING:
     from nimbusfs.mount.writeback import WriteBack
@@ -285,6 +299,12 @@ class VFS:
         mode it reads cannot set the bit again).
         """
         attr = dict(attr)
+        if self.writeback is not None and (ch := self.writeback.changed(attr["ino"])):
+            # Journalled setattrs not applied yet, as the server will apply them.
+            attr.update((k, v) for k, v in ch.items() if k != "mode")
+            attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(
+                setattr_mode(attr["mode"], ch.get("mode"), "uid" in ch or "gid" in ch))
+            attr["ctime"] = max(attr["ctime"], ch["ctime"])
         if attr["ino"] == self.root:
             attr["ino"] = ROOT
         if not attr["xattrs"]:
@@ -315,10 +335,15 @@ class VFS:
         self.nursery.start_soon(guarded)
 
     async def call(self, op: str, **args: Any) -> Any:
-        """Send a request; one naming a file created here waits until the server knows it."""
-        f = self.files.get(self.fuse(args["ino"])) if "ino" in args else None
-        if f is not None and f.creating is not None and self.writeback is not None:
-            await self.writeback.created(f)
+        """Send a request; one naming a file created here waits until the server knows it,
+        one naming an inode with journalled operations until they are applied."""
+        if self.writeback is not None:
+            f = self.files.get(self.fuse(args["ino"])) if "ino" in args else None
+            if f is not None and f.creating is not None:
+                await self.writeback.created(f)
+            for key in ("ino", "parent", "new_parent"):
+                if key in args:
+                    await self.writeback.settled(args[key])
         return await self.client.call(op, **args)
 
     def _orphaned(self, result: dict[str, Any]) -> None:
@@ -343,8 +368,8 @@ class VFS:
             return await self.getattr(parent)
         if name == b"..":
             raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
-        if (f := self._new_file(parent, name)) is not None:
-            return self._out(f.attr)
+        if (new := self._new_attr(parent, name)) is not None:
+            return self._out(new)
         names = self.listings.get(parent)
         if names is not None and name not in names:
             return None
@@ -362,6 +387,8 @@ class VFS:
         f = self.files.get(ino)
         if attr is None and f is not None and f.creating is not None:
             attr = f.attr   # created here, not on the server yet
+        if attr is None and self.writeback is not None:
+            attr = self.writeback.made(self.srv(ino))   # a directory made here
         if attr is None:
             token = self._gen
             try:
@@ -392,24 +419,32 @@ class VFS:
             if held is not None and held.ino == ino:
                 # The handle's file as its open adopted it, as a write through
                 # it would be: no round trip (an outage does not fail it).
-                f = held
-                f.handles += 1
+                opened = held
+                opened.handles += 1
             else:
-                f = await self._acquire(ino)
+                opened = await self._acquire(ino)
             try:
-                if stat.S_ISDIR(f.attr["mode"]):
+                if stat.S_ISDIR(opened.attr["mode"]):
                     raise FSError(errno.EISDIR, "is a directory")
-                if not stat.S_ISREG(f.attr["mode"]):
+                if not stat.S_ISREG(opened.attr["mode"]):
                     raise FSError(errno.EINVAL, "not a regular file")
-                await f.truncate(size)
-                if fh is not None and self.handles.get(fh) is f:
+                await opened.truncate(size)
+                if fh is not None and self.handles.get(fh) is opened:
                     self.writers.add(fh)
                 else:
-                    await self._flush(f)
+                    await self._flush(opened)
             finally:
-                await self._release(f)
-        changes = {k: v for k, v in changes.items() if v is not None}
+                await self._release(opened)
+        return await self._change(ino, {k: v for k, v in changes.items() if v is not None})
+
+    async def _change(self, ino: int, changes: dict[str, int]) -> dict[str, Any]:
+        """``setattr``'s chmod/chown/utimens ``changes`` (none: the attributes)."""
         f = self.files.get(ino)
+        if changes and f is None and self.writeback is not None:
+            # No file here holds it open (a directory, a symlink, a closed
+            # file): journalled, shown at once (``_out``), applied in order.
+            self.writeback.setattr(self.srv(ino), changes)
+            return await self.getattr(ino)
         if changes and f is not None and f.creating is not None and self.writeback is not None:
             async with f.lock:
                 if f.defer(changes):
@@ -505,6 +540,8 @@ class VFS:
     async def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                     rdev: int = 0) -> dict[str, Any]:
         _check_length(name)
+        if self.writeback is not None and stat.S_ISDIR(mode):
+            return await self._mkdir_here(parent, name, mode, uid, gid)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev),
@@ -542,10 +579,58 @@ class VFS:
         f = self.files[ino] = OpenFile(self, ino, attr, [])
         self.writeback.creating(f, self.srv(parent), name, mode, uid, attr["gid"])
         self.names[ino] = (self.srv(parent), name)
-        if (d := self.attrs.get(parent)) is not None:
-            self.attrs[parent] = {**d, "mtime": now, "ctime": now}
+        self._made_in(parent, now)
         self._entries_changed(parent, add=name)
         return f
+
+    async def _mkdir_here(self, parent: int, name: bytes, mode: int, uid: int, gid: int
+                          ) -> dict[str, Any]:
+        """A new directory at ``parent``/``name`` that only this mount knows of, yet.
+
+        As ``_create_here`` for a file: a leased number, the attributes the
+        server's ``mknod`` will give it (a set-group-ID parent passes its group
+        and the bit on), the parent's cached attributes moved as the server's
+        will be; journalled as an operation of its own (``WriteBack.mkdir``:
+        durable before any file made in it is). Its listing is known (empty), so
+        the lookups and creates in it need no round trip either.
+        """
+        p = await self.getattr(parent)
+        if not stat.S_ISDIR(p["mode"]):
+            raise FSError(errno.ENOTDIR, "not a directory")
+        if name in self.listings.get(parent, ()) or self._new_attr(parent, name) is not None:
+            raise FSError(errno.EEXIST, "entry exists")
+        assert self.writeback is not None
+        if p["mode"] & stat.S_ISGID:
+            gid, mode = p["gid"], mode | stat.S_ISGID
+        now = time.time_ns()
+        attr = {"ino": await self.writeback.new_ino(), "mode": mode, "nlink": 2, "uid": uid,
+                "gid": gid, "rdev": 0, "size": 0, "atime": now, "mtime": now, "ctime": now,
+                "version": 0, "alloc": 0, "xattrs": False}
+        self.writeback.mkdir(self.srv(parent), name, attr)
+        self.attrs[attr["ino"]] = attr
+        self.listings[attr["ino"]] = set()
+        self._made_in(parent, now, subdir=True)
+        self._entries_changed(parent, add=name)
+        return self._out(attr)
+
+    def _made_in(self, parent: int, now: int, subdir: bool = False) -> None:
+        """An entry was made here in ``parent`` at ``now``: its times move as the server's
+        will (a journalled utimens of it comes first on the server, so its mtime
+        goes too), and its link count with a subdirectory."""
+        if (d := self.attrs.get(parent)) is not None:
+            self.attrs[parent] = {**d, "mtime": now, "ctime": now,
+                                  "nlink": d["nlink"] + subdir}
+        assert self.writeback is not None
+        self.writeback.touched(self.srv(parent), now)
+
+    def _new_attr(self, parent: int, name: bytes) -> dict[str, Any] | None:
+        """The attributes of the file or directory made here at ``parent``/``name`` that the
+        server does not know yet."""
+        if (f := self._new_file(parent, name)) is not None:
+            return f.attr
+        if self.writeback is None:
+            return None
+        return self.writeback.made(self.writeback.new.get(self.srv(parent), {}).get(name, 0))
 
     def _new_file(self, parent: int, name: bytes) -> OpenFile | None:
         """The file created here at ``parent``/``name`` that the server does not know yet."""
@@ -560,8 +645,9 @@ class VFS:
         if self.writeback is None:
             return []
         new = self.writeback.new.get(self.srv(parent), {})
-        return [(n, self.files[i].attr) for n, i in new.items()
-                if n not in listed and i in self.files]
+        made = ((n, self.files[i].attr if i in self.files else self.writeback.made(i))
+                for n, i in new.items() if n not in listed)
+        return [(n, a) for n, a in made if a is not None]
 
     def moved_by_server(self, ino: int, asked: tuple[int, bytes],
                         placed: tuple[int, bytes]) -> None:
@@ -577,6 +663,20 @@ class VFS:
                             "name": asked[1].decode(errors="replace"),
                             "kept_as": placed[1].decode(errors="replace"),
                             "kept_in": placed[0]})
+
+    def applied(self, ino: int, attr: dict[str, Any], token: int) -> None:
+        """A journalled setattr of (server) inode ``ino`` was applied: ``attr``, the
+        inode's attributes as the server made them, are cached unless attributes
+        were dropped since the batch was sent (``token``: ``drops`` then)."""
+        if token == self.drops:
+            self.attrs[self.fuse(ino)] = attr
+        else:
+            self.attrs.pop(self.fuse(ino), None)
+
+    def refused(self, ino: int) -> None:
+        """A journalled setattr of (server) inode ``ino`` was refused: shown as the server's."""
+        self._drop(ino)
+        self._invalidate(("inode", self.fuse(ino)))
 
     def uncreated(self, ino: int, parent: int, name: bytes) -> None:
         """A create of this mount was refused; its bytes are saved aside: the name goes."""
@@ -631,6 +731,8 @@ class VFS:
     async def rmdir(self, parent: int, name: bytes) -> None:
         _check_length(name)
         await self._check_no_new(parent, name)
+        if self.writeback is not None:  # a directory made here first
+            await self.writeback.committed(self.srv(parent), name)
         token = self._gen
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -672,7 +774,7 @@ class VFS:
         d = self.dirs[fh]
         if d[1] is None or start == 0:
             token = self._gen
-            listing = await self.call("readdir", ino=self.srv(d[0]))
+            listing = await self._listing(d[0])
             for _, a in listing:
                 self._fill(a, token)
             listing += self._new_entries(d[0], {n for n, _ in listing})
@@ -680,6 +782,18 @@ class VFS:
                 self.listings[d[0]] = {n for n, _ in listing} - {b".", b".."}
             d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
+
+    async def _listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]]:
+        """The server's listing of ``ino``; of a directory made here and not on the server
+        yet, its own: the server knows nothing in it (``_new_entries`` adds the rest)."""
+        rec = self.writeback.dirs.get(self.srv(ino)) if self.writeback is not None else None
+        if rec is None:
+            return await self.call("readdir", ino=self.srv(ino))
+        assert self.writeback is not None
+        up = rec.args["parent"]
+        me = self.attrs.get(ino) or rec.local   # this mount's estimate, kept up to date
+        return [(b".", me), (b"..", self.attrs.get(self.fuse(up)) or self.writeback.made(up)
+                             or me)]
 
     def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)

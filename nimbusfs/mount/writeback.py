@@ -37,6 +37,31 @@ the volume's root; the mount logs that and records it in
 saves the bytes under ``recovered/`` as a refused commit does. Nothing is
 dropped.
 
+Directories and attribute changes (namespace write-back, continued): a
+``mkdir`` (under a leased number, as a file's create) and a ``setattr`` of
+an inode no file of this mount holds open (chmod, chown, utimens of a
+directory, a symlink or a closed file: ``tar x`` sets them on every
+directory it made) are journalled as operations of their own
+(:class:`~nimbusfs.mount.journal.OpRecord`) and drained in the same order
+as the files' records (one ``seq``), each applied once by its op_id. They
+return before their record is durable: it joins the next group commit, so
+it is durable before any later close or fsync returns, or ``OP_DELAY``
+after it if none comes (a local disk makes a mkdir durable with the next
+fsync after it, too). Only written records are drained. Until applied,
+this mount shows them: a new directory's attributes and (empty) listing,
+the files and directories made in it (``new``), an inode's changed
+attributes (``changed``); a request that names such an inode to the
+server waits for its operations (``settled``), so the server sees this
+mount's operations on an inode in the order they were made. Refusals on
+drain: a ``mkdir`` whose name was taken meanwhile is applied under the
+conflicted copy's name beside it, one whose parent was removed in the
+volume's root (``keep``, as a file's create); refused outright (quota, a
+lease that is not this mount's) the directory is gone here too and
+logged, and the entries made inside it are applied with ``keep`` in the
+volume's root: nothing is dropped. A ``setattr`` refused (the inode was
+deleted by another mount meanwhile) is logged and dropped: it changed
+nothing but attributes of an inode gone.
+
 Backpressure: past ``limit`` bytes journalled and not yet committed (or
 ``MAX_PENDING_FILES`` files), writes wait for the drainer (``room``); they
 never fail for it.
@@ -46,17 +71,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile, Prepared
-from nimbusfs.mount.journal import Journal, Record
+from nimbusfs.mount.journal import Journal, OpRecord, Record
 from nimbusfs.retry import Backoff
 
 if TYPE_CHECKING:
@@ -77,6 +103,9 @@ MAX_PENDING_FILES = 8192
 # start the next lease in the background, so that a create rarely waits.
 LEASE = 1024
 LEASE_LOW = 256
+# How long a journalled namespace operation waits for a close to write it
+# in the same group commit (one fsync for both) before it is written alone.
+OP_DELAY = 0.005
 # Waits between drain attempts that made no progress (the store or the
 # metaserver is down), and between sends of a batch through an outage.
 RETRY = Backoff(first=0.1, cap=5.0)
@@ -105,6 +134,13 @@ class WriteBack:
         self.free: list[int] = journal.leases()
         self._leasing = trio.Lock()
         self.new: dict[int, dict[bytes, int]] = {}
+        # Namespace operations journalled and not answered yet (seq -> record),
+        # how many of them name each inode, the new directories among them
+        # (ino -> their mknod), and the setattr changes (ino -> seq -> changes).
+        self.ops: dict[int, OpRecord] = {}
+        self._naming: dict[int, int] = {}
+        self.dirs: dict[int, OpRecord] = {}
+        self._changes: dict[int, dict[int, dict[str, int]]] = {}
         self._token = 0   # VFS.drops when the batch being answered was sent
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
@@ -123,7 +159,9 @@ class WriteBack:
                 self.new.setdefault(f.creating["parent"], {})[f.creating["name"]] = rec.ino
             self._add(rec)
             self._place(rec.ino)
-        return len(self.pending)
+        for op in self.journal.ops():
+            self._hold(op)
+        return len(self.pending) + len(self.ops)
 
     # --- namespace ----------------------------------------------------------------
 
@@ -159,6 +197,115 @@ class WriteBack:
                       "uid": uid, "gid": gid}
         f.modified = True   # its close journals (and commits) it, even empty
         self.new.setdefault(parent, {})[name] = f.ino
+
+    def mkdir(self, parent: int, name: bytes, attr: dict[str, Any]) -> None:
+        """Journal the create of the directory ``attr`` (under a leased number) at
+        ``parent``/``name``. This mount shows it at once (``dirs``, ``new``);
+        the server gets it in journal order, with ``keep``."""
+        self._journal("mknod", {
+            "parent": parent, "name": name, "mode": attr["mode"], "uid": attr["uid"],
+            "gid": attr["gid"], "ino": attr["ino"], "lessee": self.journal.lessee,
+            "keep": True}, attr)
+
+    def setattr(self, ino: int, changes: dict[str, int]) -> None:
+        """Journal chmod/chown/utimens ``changes`` of ``ino``.
+
+        For an inode no file of this mount holds open (an open file's changes
+        go with its commit): the VFS shows them at once (``changed``).
+        """
+        self._journal("setattr", {"ino": ino, **changes},
+                            {**changes, "ctime": time.time_ns()})
+
+    def _journal(self, op: str, args: dict[str, Any], local: dict[str, Any]) -> None:
+        """Journal ``op``: shown at once, drained once its record is written.
+
+        The record joins the journal's group being filled (``OP_DELAY``).
+        Records journalled later are in the same group commit or a later
+        one, so they are never drained before it. A record that could not be
+        written (the cache disk failed) is drained all the same, from memory:
+        the mount shows it already.
+        """
+        rec = OpRecord(self._seq, uuid.uuid4().hex, op, args, local, time.time())
+        self._seq += 1
+        self._show(rec)
+        group = self.journal.add_op(rec, lambda: self._queue(rec))
+        if group is not None:
+            self.vfs.spawn(self._commit_soon, group)
+
+    async def _commit_soon(self, group: Any) -> None:
+        await trio.sleep(OP_DELAY)
+        await self.journal.commit(group)
+
+    def _hold(self, rec: OpRecord) -> None:
+        """A record of the journal at start: shown and drained."""
+        self._show(rec)
+        self._queue(rec)
+
+    def _queue(self, rec: OpRecord) -> None:
+        self.ops[rec.seq] = rec
+        self._work.set()
+
+    def _show(self, rec: OpRecord) -> None:
+        self._naming[rec.ino] = self._naming.get(rec.ino, 0) + 1
+        if rec.op == "mknod":
+            self.dirs[rec.ino] = rec
+            self.new.setdefault(rec.args["parent"], {})[rec.args["name"]] = rec.ino
+        else:
+            self._changes.setdefault(rec.ino, {})[rec.seq] = rec.local
+
+    def _unhold(self, rec: OpRecord) -> None:
+        """``rec`` was answered (applied or refused): this mount shows the server's state."""
+        del self.ops[rec.seq]
+        self._naming[rec.ino] -= 1
+        if not self._naming[rec.ino]:
+            del self._naming[rec.ino]
+        if rec.op == "mknod":
+            del self.dirs[rec.ino]
+            names = self.new.get(rec.args["parent"], {})
+            if names.get(rec.args["name"]) == rec.ino:
+                del names[rec.args["name"]]
+                if not names:
+                    del self.new[rec.args["parent"]]
+        else:
+            changes = self._changes[rec.ino]
+            del changes[rec.seq]
+            if not changes:
+                del self._changes[rec.ino]
+
+    def made(self, ino: int) -> dict[str, Any] | None:
+        """The attributes of (server) inode ``ino`` if it is a directory made here that
+        the server does not know yet."""
+        rec = self.dirs.get(ino)
+        return None if rec is None else rec.local
+
+    def touched(self, ino: int, now: int) -> None:
+        """An entry was made here in directory ``ino`` at ``now``, after its journalled
+        setattrs: the server will apply them first, then move its times to the
+        create's, so this mount shows those times from now on."""
+        for change in self._changes.get(ino, {}).values():
+            if "mtime" in change:
+                change["mtime"] = now
+            change["ctime"] = now
+
+    def changed(self, ino: int) -> dict[str, int] | None:
+        """The journalled setattr changes of (server) inode ``ino`` not applied yet, merged."""
+        changes = self._changes.get(ino)
+        if changes is None:
+            return None
+        merged: dict[str, int] = {}
+        for c in changes.values():   # in seq order: a later change wins
+            merged.update(c)
+        return merged
+
+    async def settled(self, ino: int) -> None:
+        """Return once the server has applied (or refused) every journalled operation
+        naming (server) inode ``ino``: before a request that names it to the server."""
+        while self._naming.get(ino):
+            await self._progress.wait()
+
+    def naming(self, ino: int) -> bool:
+        """Whether journalled operations name (server) inode ``ino``."""
+        return ino in self._naming
 
     async def created(self, f: OpenFile) -> None:
         """Return once the server knows ``f`` (journalled now if it was not yet).
@@ -210,7 +357,7 @@ class WriteBack:
             await self.journal.put(rec)
             if old is None:
                 self._seq += 1
-            rec.state = {}
+            rec.state = {"staging": state["staging"]}   # the rest is the OpenFile's
             self._add(rec)
             self._edits[f.ino] = f.edits
             self._place(f.ino)
@@ -243,9 +390,12 @@ class WriteBack:
         never reaches a file this mount deleted or replaced meanwhile (which
         would save it as a conflicted copy).
         """
-        new = self.vfs.files.get(self.new.get(parent, {}).get(name, 0))
+        made = self.new.get(parent, {}).get(name, 0)
+        new = self.vfs.files.get(made)
         if new is not None:
             await self.created(new)
+        elif made in self.dirs:
+            await self.settled(made)
         ino = self._at.get((parent, name))
         while ino is not None and ino in self.pending:
             await self._progress.wait()
@@ -256,25 +406,33 @@ class WriteBack:
         """Drain pending files for as long as the mount runs."""
         waits = RETRY.delays()
         while True:
-            if not self.pending:
+            if not (self.pending or self.ops):
                 self._work = trio.Event()
                 await self._work.wait()
-            if await self._drain(list(self.pending)[:BATCH_FILES]):
+            if await self._drain(self._next()):
                 waits = RETRY.delays()
             else:
                 await trio.sleep(next(waits))
 
+    def _next(self) -> list[int | OpRecord]:
+        """The first ``BATCH_FILES`` records in drain order: files (by inode) and operations."""
+        first = heapq.nsmallest(BATCH_FILES, [*((r.seq, r.ino) for r in self.pending.values()),
+                                              *((seq, -1) for seq in self.ops)])
+        return [self.ops[seq] if ino < 0 else ino for seq, ino in first]
+
     async def drained(self, give_up: float | None = None) -> bool:
         """Wait until nothing is pending; False if ``give_up`` seconds pass without progress."""
-        while self.pending:
+        while self.pending or self._naming:
             with trio.move_on_after(give_up if give_up is not None else float("inf")):
                 await self._progress.wait()
                 continue
             return False
         return True
 
-    async def _drain(self, inos: list[int]) -> bool:
-        """Commit a batch of pending files, in order; whether any record was removed."""
+    async def _drain(self, items: list[int | OpRecord]) -> bool:
+        """Commit a batch of pending files and operations, in order; whether any record
+        was removed."""
+        inos = [i for i in items if isinstance(i, int)]
         # The batch's files: their prepared commits, None for nothing to
         # commit, missing if preparing failed.
         prepared: dict[int, Prepared | None] = {}
@@ -291,37 +449,82 @@ class WriteBack:
                 await ev.wait()
             batch: list[int] = []
             ops: list[list] = []
-            for ino in inos:  # the longest prefix of prepared files, to keep the order
+            sent: list[OpRecord] = []
+            order: list[int | OpRecord] = []   # what was sent, in order
+            for item in items:  # the longest prefix of prepared files, to keep the order
+                if isinstance(item, OpRecord):
+                    sent.append(item)
+                    order.append(item)
+                    ops.append([item.op, item.op_id, item.args])
+                    continue
+                ino = item
                 if ino not in prepared:
                     break
                 p = prepared[ino]
                 if p is not None:
                     batch.append(ino)
+                    order.append(ino)
                     c = self.vfs.files[ino].creating   # stays, under the file's lock
                     if c is not None:
                         ops.append(["mknod", c["op_id"], {
                             **{k: c[k] for k in ("parent", "name", "mode", "uid", "gid")},
                             "ino": ino, "lessee": self.journal.lessee, "keep": True}])
                     ops.append(["commit", self.pending[ino].op_id, p.args])
-            if batch:
+            op_answers: list[tuple[OpRecord, list]] = []
+            if ops:
                 self._token = self.vfs.drops
                 replies = iter(await self._send(ops))
-                for ino in batch:
-                    if self.vfs.files[ino].creating is not None:
-                        made[ino] = next(replies)
-                    answers[ino] = next(replies)
-                # Durably forgotten before any staged byte is freed (``adopt``).
-                await self.journal.remove([(ino, self.pending[ino].op_id) for ino in batch
-                                           if answers[ino][0] == 0])
+                for item in order:
+                    if isinstance(item, OpRecord):
+                        op_answers.append((item, next(replies)))
+                        continue
+                    if self.vfs.files[item].creating is not None:
+                        made[item] = next(replies)
+                    answers[item] = next(replies)
+                # Forgotten before any staged byte is freed (``adopt``); durably
+                # if a record names a staging file (a replay would need it).
+                # Without it, a removal lost to a crash of the machine only
+                # sends its operations again: applied once, by their op_ids.
+                ok = [ino for ino in batch if answers[ino][0] == 0]
+                await self.journal.remove(
+                    [(ino, self.pending[ino].op_id) for ino in ok], sent,
+                    durable=any(self.pending[ino].state["staging"] for ino in ok))
+            for rec, answer in op_answers:
+                self._answered(rec, answer)
             answered.set()
         for ino in done:
             f = self.vfs.files.get(ino)
             if f is not None and self.vfs.forget(f):
                 self.vfs.spawn(self.vfs.call, "purge", ino=self.vfs.srv(ino))
-        if done or made:
+        if done or made or sent:
             self._progress.set()
             self._progress = trio.Event()
-        return bool(done)
+        return bool(done or sent)
+
+    def _answered(self, rec: OpRecord, answer: list) -> None:
+        """The server answered the journalled operation ``rec`` (its row is removed)."""
+        if answer[0] == 0 and rec.op == "mknod":
+            asked = (rec.args["parent"], rec.args["name"])
+            placed = (answer[1]["parent"], answer[1]["name"])
+            if placed != asked:
+                self.vfs.moved_by_server(rec.ino, asked, placed)
+            # Its cached attributes stay this mount's estimate (as a parent's
+            # of a create does): the server's moved with the creates in it.
+        elif answer[0] == 0:
+            self.vfs.applied(rec.ino, answer[1], self._token)
+        elif rec.op == "mknod":
+            # Refused outright (quota, a lease not this mount's): the entries
+            # made inside it are applied with ``keep`` in the volume's root.
+            log.error("write-back mkdir of inode %d refused: %s; the entries made in it go"
+                      " to the volume's root", rec.ino, answer[1])
+            self.vfs.uncreated(rec.ino, rec.args["parent"], rec.args["name"])
+        else:
+            # Only attributes of an inode deleted meanwhile (by another mount,
+            # or by this one: an rmdir does not wait for a chmod before it).
+            log.warning("write-back setattr of inode %d refused (%s): dropped", rec.ino,
+                        answer[1])
+            self.vfs.refused(rec.ino)
+        self._unhold(rec)
 
     def _forget(self, ino: int, done: list[int]) -> None:
         """``ino``'s record is removed from the journal: forget it here too.
@@ -418,7 +621,7 @@ class WriteBack:
             self.vfs.moved_by_server(f.ino, asked, (attr["parent"], attr["name"]))
 
     async def _send(self, ops: list[list]) -> list[list]:
-        """Send a batch of commits until it is answered (the same op_ids every time).
+        """Send a batch of operations until it is answered (the same op_ids every time).
 
         An outage fails a call with EIO after the client's outage timeout: the
         batch is sent again, as a replay (each commit is applied once). Any

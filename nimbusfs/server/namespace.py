@@ -53,6 +53,7 @@ from nimbusfs.posix import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     dropped_privileges,
+    setattr_mode,
     xattr_supported,
 )
 from nimbusfs.server.auth import User
@@ -612,12 +613,10 @@ def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int |
              ) -> dict[str, int]:
     """Change mode, owner or times of the locked inode ``a``; ctime becomes now."""
     sets, vals = ["ctime_ns = %s"], [time.time_ns()]
-    if mode is None and (uid is not None or gid is not None) and not stat.S_ISDIR(a["mode"]):
-        # chown drops set-user-ID, and set-group-ID when group-executable, as on Linux
-        mode = a["mode"] & ~dropped_privileges(a["mode"])
-    if mode is not None:
+    new_mode = setattr_mode(a["mode"], mode, uid is not None or gid is not None)
+    if new_mode != a["mode"]:
         sets.append("mode = %s")
-        vals.append(stat.S_IFMT(a["mode"]) | stat.S_IMODE(mode))
+        vals.append(new_mode)
     for col, v in (("uid", uid), ("gid", gid), ("atime_ns", atime), ("mtime_ns", mtime)):
         if v is not None:
             sets.append(f"{col} = %s")

@@ -1,0 +1,74 @@
+"""Where a job's time goes on a mount: FUSE requests by operation, their count and time.
+
+One embedded mount with ``--metrics``; the job runs on it, then the mount's
+``nimbusfs_mount_fuse_op_seconds`` histogram is read: per operation, how
+many requests and how long the mount took to answer them (waits for the
+server, the journal's fsync and the block store included; the kernel's and
+pyfuse3's own time per request not). The rest of the wall time is outside
+the mount's handlers.
+Usage: ``python bench/fuse_ops.py tar|git|creates [--writeback|--sync]``
+(``tar``: the Django sdist of ``run.py``; ``git``: a clone of its generated
+repository; ``creates``: 2,000 files of 4 KiB).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jobs
+from harness import embedded_mounts
+from run import CACHE, default_tarball
+
+FILES = 2000
+
+
+def fuse_ops(url: str) -> dict[str, tuple[int, float]]:
+    """operation -> (requests, seconds) from the mount's metrics."""
+    found: dict[str, dict[str, float]] = {}
+    for line in urllib.request.urlopen(url).read().decode().splitlines():
+        m = re.match(r'nimbusfs_mount_fuse_op_seconds_(sum|count)\{op="(\w+)"\} (\S+)', line)
+        if m:
+            found.setdefault(m[2], {})[m[1]] = float(m[3])
+    return {op: (int(v["count"]), v["sum"]) for op, v in found.items() if v.get("count")}
+
+
+def run_job(job: str, mnt: str) -> None:
+    tarball = default_tarball()
+    if job == "tar":
+        subprocess.run(["tar", "xf", tarball, "-C", mnt], check=True)
+    elif job == "git":
+        base = os.path.basename(tarball).split(".tar")[0]
+        repo = jobs.make_repo(tarball, os.path.join(CACHE, f"{base}-500.git"), 500)
+        subprocess.run(["git", "clone", "-q", f"file://{repo}", os.path.join(mnt, "clone")],
+                       check=True)
+    else:
+        d = os.path.join(mnt, "c")
+        os.mkdir(d)
+        data = os.urandom(4096)
+        for i in range(FILES):
+            with open(os.path.join(d, f"f{i}"), "wb") as f:
+                f.write(data)
+
+
+def main(job: str, mode: str = "--writeback") -> None:
+    with embedded_mounts(1, mode, "--metrics", "127.0.0.1:0") as (mnt,):
+        cache = os.path.join(os.path.dirname(mnt), "cache0")
+        with open(os.path.join(cache, "metrics.url")) as f:
+            url = f.read().strip()
+        start = time.monotonic()
+        run_job(job, mnt)
+        wall = time.monotonic() - start
+        ops = fuse_ops(url)
+    print(f"{job} {mode}: {wall:.2f} s; in the mount's handlers"
+          f" {sum(s for _, s in ops.values()):.2f} s")
+    for op, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {op:12s} {n:7d} requests {s:8.2f} s {1000 * s / n:8.3f} ms each")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
