@@ -2,7 +2,7 @@
 
 Usage (root)::
 
-    python bench/cpu_profile.py STEP [--gcs] [--n N]
+    python bench/cpu_profile.py STEP [--gcs] [--writeback] [--n N]
 
 STEP is one of ``creates`` (N files of 4 KiB: create+write+close), ``ls``
 (``ls -l`` of a directory of N such files, 3 times), ``write`` (an N MiB file
@@ -13,7 +13,9 @@ and samples cover the writes too), ``tar`` (the first N entries of the
 benchmark's source tarball extracted, as root: tar sets owner, mode and times
 of every file). ``--no-spy`` measures the step and each process's CPU
 without py-spy (which slows the processes it samples).
-``--gcs`` puts the blocks in the GCS emulator. py-spy samples only threads
+``--gcs`` puts the blocks in the GCS emulator; ``--writeback`` mounts in
+write-back mode, and a step's time and profile then include the drain of
+the journal it left (``Target.settle``). py-spy samples only threads
 holding the GIL (``--gil``), so idle waits are not counted and the shares are
 of Python CPU. For each process it prints the CPU seconds used during the step
 (user+system, from /proc, so it includes what py-spy cannot see: the kernel,
@@ -116,6 +118,8 @@ def main() -> None:
     ap.add_argument("--gcs", action="store_true", help="blocks in the GCS emulator")
     ap.add_argument("--n", type=int, help="files (creates, ls, tar: 2000) or MiB (write, read,"
                                           " fsync: 1024)")
+    ap.add_argument("--writeback", action="store_true",
+                    help="a write-back mount; the step includes its drain")
     ap.add_argument("--no-spy", action="store_true", help="only the figure and CPU seconds")
     args = ap.parse_args()
     n = args.n or (2000 if args.step in ("creates", "ls", "tar") else 1024)
@@ -127,7 +131,8 @@ def main() -> None:
             base = tempfile.mkdtemp(prefix="nimbus-profile-", dir="/var/tmp")
             stack.callback(shutil.rmtree, base, ignore_errors=True)
             emu = stack.enter_context(emulator(base))
-        t = stack.enter_context(open_target("nimbus-gcs" if args.gcs else "nimbus", emu))
+        kind = ("nimbus-gcs" if args.gcs else "nimbus") + ("-wb" if args.writeback else "")
+        t = stack.enter_context(open_target(kind, emu))
         assert isinstance(t, Nimbus)
         pids = process_pids(t)
         d = os.path.join(t.root, "d")
@@ -182,7 +187,10 @@ def main() -> None:
             t0 = time.perf_counter()
             subprocess.run(["tar", "xzf", tarball, "-C", d, "--no-recursion", "-T", listing],
                            check=True)
-            return time.perf_counter() - t0
+            took, returned = time.perf_counter() - t0, time.monotonic()
+            print(f"tar x returned after {took:.1f} s, drained {t.settle() - returned:.1f} s"
+                  " later")
+            return took
 
         if args.step == "creates":
             profile("creates", "files/s", t, pids, creates, spy)
