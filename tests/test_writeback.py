@@ -491,3 +491,30 @@ def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(serv
     finally:
         dep.kill()
         other.kill()
+
+
+def test_fsync_of_a_directory_makes_its_new_entries_durable(services, mount_factory):
+    """A journalled mkdir is durable once an fsync of its parent directory returned (as
+    on a local disk, and as an application that fsyncs the directory counts on)."""
+    dep = start_metaserver(services.emb, "wb_fsyncdir", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())
+        dep.kill()
+        fd = os.open(a.p(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(20):
+                os.mkdir(a.p(f"d{i}"))
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        crash(a)
+        dep.start()
+        a.start()
+        assert sorted(n for n in os.listdir(a.p()) if n.startswith("d")) == sorted(
+            f"d{i}" for i in range(20))
+    finally:
+        dep.kill()

@@ -798,6 +798,17 @@ class VFS:
     def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
 
+    async def fsyncdir(self) -> None:
+        """fsync of a directory: the namespace operations made before it are durable.
+
+        A sync mount's are on the server once they return. A write-back
+        mount's journalled ones (mkdir, setattr) join a group commit that may
+        not be written yet: written now. (Not answered, the kernel would take
+        ENOSYS for success from then on, with nothing made durable.)
+        """
+        if self.writeback is not None:
+            await self.writeback.journal.sync()
+
     # --- files ---------------------------------------------------------------------------
 
     async def _acquire(self, ino: int, read: bool = False) -> OpenFile:
