@@ -518,3 +518,29 @@ def test_fsync_of_a_directory_makes_its_new_entries_durable(services, mount_fact
             f"d{i}" for i in range(20))
     finally:
         dep.kill()
+
+
+def test_utimens_of_a_file_created_here_and_closed_sets_its_mtime(services, mount_factory):
+    """utimens of a file created here, closed and not drained yet: shown at once and
+    committed with it (the commit carries the file's mtime: it was left at the close's)."""
+    dep = start_metaserver(services.emb, "wb_utime", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows the names are free without asking
+        dep.kill()
+        # The drainer sends a batch of this mkdir alone, again and again: the
+        # file journalled after it is pending, its lock free (not in a batch).
+        os.mkdir(a.p("d"))
+        wait_until(lambda: "write-back of 1 files waits" in a.log(), 60, "the mkdir's batch")
+        write_file(a.p("f"), b"pending")
+        os.utime(a.p("f"), ns=(1_000_000_000, 2_000_000_000))
+        assert os.stat(a.p("f")).st_mtime_ns == 2_000_000_000
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        assert os.stat(b.p("f")).st_mtime_ns == 2_000_000_000
+    finally:
+        dep.kill()

@@ -445,15 +445,18 @@ class VFS:
             # file): journalled, shown at once (``_out``), applied in order.
             self.writeback.setattr(self.srv(ino), changes)
             return await self.getattr(ino)
+        if f is not None and changes.get("mtime") is not None:
+            # The coming commit must not undo utimens (cp -a, rsync, tar): also
+            # that of a file created here, whose deferred changes leave mtime
+            # to the commit.
+            f.mtime = changes["mtime"]
+            f.edits += 1
         if changes and f is not None and f.creating is not None and self.writeback is not None:
             async with f.lock:
                 if f.defer(changes):
                     return await self.getattr(ino)
             # Not deferrable (set-user-ID involved): the server must know the file first.
             await self.writeback.created(f)
-        if f is not None and changes.get("mtime") is not None:
-            f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
-            f.edits += 1
         if changes and f is not None and (f.base == 0 or (f.kill_priv and "mode" in changes)):
             # Under the file's lock: no commit carrying deferred changes or
             # ``kill_priv`` is in flight, and none starts before this change is
