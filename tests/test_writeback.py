@@ -544,3 +544,36 @@ def test_utimens_of_a_file_created_here_and_closed_sets_its_mtime(services, moun
         assert os.stat(b.p("f")).st_mtime_ns == 2_000_000_000
     finally:
         dep.kill()
+
+
+def test_attributes_set_on_a_closed_pending_file_survive_a_crash(services, mount_factory):
+    """chmod and utimens of a file created here and closed (journalled, not drained)
+    are kept for its first commit: a later close that returned makes them durable too,
+    as the journalled operations before it are; after kill -9 the file has them."""
+    dep = start_metaserver(services.emb, "wb_deferred", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows the names are free without asking
+        dep.kill()
+        # The drainer sends a batch of this mkdir alone, again and again: the
+        # file journalled after it is pending, its lock free (not in a batch).
+        os.mkdir(a.p("d"))
+        wait_until(lambda: "write-back of 1 files waits" in a.log(), 60, "the mkdir's batch")
+        write_file(a.p("f"), b"pending")
+        os.chmod(a.p("f"), 0o751)
+        os.utime(a.p("f"), ns=(1_000_000_000, 2_000_000_000))
+        st = os.stat(a.p("f"))
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o751, 2_000_000_000)
+        write_file(a.p("g"), b"a later close")
+        crash(a)
+        dep.start()
+        a.start()   # replays and drains before it answers
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        st = os.stat(b.p("f"))
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o751, 2_000_000_000)
+        assert read_file(b.p("f")) == b"pending"
+    finally:
+        dep.kill()

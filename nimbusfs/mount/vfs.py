@@ -435,7 +435,15 @@ class VFS:
                     await self._flush(opened)
             finally:
                 await self._release(opened)
-        return await self._change(ino, {k: v for k, v in changes.items() if v is not None})
+        attr = await self._change(ino, {k: v for k, v in changes.items() if v is not None})
+        f = self.files.get(ino)
+        if f is not None and self.writeback is not None and ino in self.writeback.pending:
+            # A file whose close is journalled keeps these changes for its
+            # commit (deferred ones, its mtime): journalled again, as an fsync
+            # would, or a crash loses them (a replayed commit would even undo a
+            # utimens the server applied) while a later close returned durable.
+            await self.writeback.stage(f)
+        return attr
 
     async def _change(self, ino: int, changes: dict[str, int]) -> dict[str, Any]:
         """``setattr``'s chmod/chown/utimens ``changes`` (none: the attributes)."""
