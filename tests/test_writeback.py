@@ -8,6 +8,7 @@ cannot reach while another mount can.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -577,3 +578,23 @@ def test_attributes_set_on_a_closed_pending_file_survive_a_crash(services, mount
         assert read_file(b.p("f")) == b"pending"
     finally:
         dep.kill()
+
+
+def test_a_change_the_server_cannot_store_is_einval_not_a_refused_drain(mount_factory):
+    """chown to a uid the server does not store (2**31 and above) is EINVAL at once, as
+    on a sync mount. Journalled, it returned 0 and was dropped at the drain (the server
+    refuses it), and one in a batch with others made the server refuse the whole batch
+    (its arguments are checked before any op applies)."""
+    a = mount_factory("local", None, None, "--writeback")
+    b = mount_factory("local", a.token)
+    os.mkdir(a.p("d"))
+    write_file(a.p("d", "f"), b"kept")
+    with pytest.raises(OSError) as e:
+        os.chown(a.p("d"), 3_000_000_000, -1)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        os.chown(a.p("d", "f"), -1, 3_000_000_000)
+    assert e.value.errno == errno.EINVAL
+    wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+    assert read_file(a.p("d", "f")) == b"kept"
+    wait_until(lambda: _read_or_none(b.p("d", "f")) == b"kept", 30, "B sees d/f")

@@ -67,6 +67,7 @@ from nimbusfs.mount.filedata import OpenFile
 from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
+    check_setattr,
     dropped_privileges,
     setattr_mode,
     xattr_supported,
@@ -414,6 +415,8 @@ class VFS:
         is committed before it returns, as a local disk's is durable in the
         page cache at once: no close of another handle (a reader's) would.
         """
+        changed = {k: v for k, v in changes.items() if v is not None}
+        check_setattr(changed)   # before a truncation: the request fails as a whole
         if size is not None:
             held = self.handles.get(fh) if fh is not None else None
             if held is not None and held.ino == ino:
@@ -435,7 +438,7 @@ class VFS:
                     await self._flush(opened)
             finally:
                 await self._release(opened)
-        attr = await self._change(ino, {k: v for k, v in changes.items() if v is not None})
+        attr = await self._change(ino, changed)
         f = self.files.get(ino)
         if f is not None and self.writeback is not None and ino in self.writeback.pending:
             # A file whose close is journalled keeps these changes for its
