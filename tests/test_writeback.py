@@ -598,3 +598,20 @@ def test_a_change_the_server_cannot_store_is_einval_not_a_refused_drain(mount_fa
     wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
     assert read_file(a.p("d", "f")) == b"kept"
     wait_until(lambda: _read_or_none(b.p("d", "f")) == b"kept", 30, "B sees d/f")
+
+
+def test_a_create_by_a_uid_the_server_cannot_store_is_einval(mount_factory):
+    """A process whose uid is 2**31 or more creating a file or a directory: EINVAL at
+    once, as on a sync mount, instead of a create the drain's batch cannot carry (the
+    server refuses the whole batch: the other files in it saved aside)."""
+    a = mount_factory("local", None, None, "--writeback", "--allow-other")
+    b = mount_factory("local", a.token)
+    os.chmod(a.p(), 0o777)
+    write_file(a.p("other"), b"another file")
+    for code in ("open(p + '/f', 'w').close()", "os.mkdir(p + '/d')"):
+        run = subprocess.run(["/usr/bin/python3", "-c", f"import os, sys; p = sys.argv[1]; {code}",
+                              a.p()], user=3_000_000_000, group=3_000_000_000,
+                             capture_output=True, text=True)
+        assert "Errno 22" in run.stderr, run.stderr
+    wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+    wait_until(lambda: _read_or_none(b.p("other")) == b"another file", 30, "B sees other")

@@ -578,6 +578,7 @@ class VFS:
         name.
         """
         _check_length(name)
+        check_setattr({"uid": uid, "gid": gid})   # as the server's mknod: none drains it
         assert self.writeback is not None
         p = await self.getattr(parent)
         if not stat.S_ISDIR(p["mode"]):
@@ -608,6 +609,7 @@ class VFS:
         durable before any file made in it is). Its listing is known (empty), so
         the lookups and creates in it need no round trip either.
         """
+        check_setattr({"uid": uid, "gid": gid})
         p = await self.getattr(parent)
         if not stat.S_ISDIR(p["mode"]):
             raise FSError(errno.ENOTDIR, "not a directory")
