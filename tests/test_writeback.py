@@ -615,3 +615,30 @@ def test_a_create_by_a_uid_the_server_cannot_store_is_einval(mount_factory):
         assert "Errno 22" in run.stderr, run.stderr
     wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
     wait_until(lambda: _read_or_none(b.p("other")) == b"another file", 30, "B sees other")
+
+
+def test_a_directory_chmodded_then_given_a_subdirectory_shows_both_once_drained(
+        services, mount_factory):
+    """chmod of a directory, then a mkdir in it, drained in one batch: the directory's
+    attributes this mount shows afterwards count the new subdirectory and its time (the
+    answer to the chmod is the directory before the mkdir), as another mount's do."""
+    dep = start_metaserver(services.emb, "wb_nlink", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        os.mkdir(a.p("d"))
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p("d"))
+        dep.kill()   # the two operations drain together
+        os.chmod(a.p("d"), 0o750)
+        os.mkdir(a.p("d", "x"))
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        there = os.stat(b.p("d"))
+        here = os.stat(a.p("d"))
+        assert (here.st_nlink, here.st_mode) == (there.st_nlink, there.st_mode) == (
+            3, 0o40750)
+        assert here.st_mtime_ns >= os.stat(a.p("d", "x")).st_ctime_ns
+    finally:
+        dep.kill()

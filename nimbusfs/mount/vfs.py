@@ -680,14 +680,13 @@ class VFS:
                             "kept_as": placed[1].decode(errors="replace"),
                             "kept_in": placed[0]})
 
-    def applied(self, ino: int, attr: dict[str, Any], token: int) -> None:
-        """A journalled setattr of (server) inode ``ino`` was applied: ``attr``, the
-        inode's attributes as the server made them, are cached unless attributes
-        were dropped since the batch was sent (``token``: ``drops`` then)."""
-        if token == self.drops:
-            self.attrs[self.fuse(ino)] = attr
-        else:
-            self.attrs.pop(self.fuse(ino), None)
+    def applied(self, ino: int) -> None:
+        """A journalled setattr of (server) inode ``ino`` was applied: its cached
+        attributes are dropped (the next getattr asks). Not replaced by the
+        answer's: those are the inode's at the setattr, before what was journalled
+        after it and applied in the same batch (a directory's new subdirectory),
+        which this mount's estimate had counted."""
+        self.attrs.pop(self.fuse(ino), None)
 
     def refused(self, ino: int) -> None:
         """A journalled setattr of (server) inode ``ino`` was refused: shown as the server's."""
