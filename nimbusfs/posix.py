@@ -7,7 +7,10 @@ trip, and the HTTP API's names follow them.
 
 from __future__ import annotations
 
+import errno
 import stat
+
+from nimbusfs.errors import FSError
 
 # Extended attribute namespaces the filesystem stores (POSIX ACLs are not supported).
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
@@ -21,6 +24,20 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 # The longest name of a directory entry, in bytes (the kernel lets FUSE pass up to 1024).
 NAME_MAX = 255
+# The values the server stores: mode, uid, gid and rdev in PostgreSQL integer
+# columns (unsigned in the kernel: below 2**31 here), times in nanoseconds in
+# bigint columns.
+UINT31 = range(1 << 31)
+INT64 = range(-(1 << 63), 1 << 63)
+
+
+def check_setattr(changes: dict[str, int]) -> None:
+    """EINVAL for a chmod/chown/utimens value the server cannot store (a uid of
+    2**31 or more, a time past 2262), as the server answers: a mount checks
+    before it journals one, so that no drain carries it."""
+    for key, value in changes.items():
+        if value not in (INT64 if key in ("atime", "mtime") else UINT31):
+            raise FSError(errno.EINVAL, f"{key} {value} out of the file system's range")
 
 
 def xattr_supported(name: bytes) -> bool:

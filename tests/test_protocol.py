@@ -476,6 +476,33 @@ async def test_a_batch_applies_in_order_each_op_once_and_failures_alone(services
             assert e.value.errno in (errno.EINVAL, errno.ENOSYS), bad
 
 
+async def test_a_batch_naming_another_users_inodes_changes_and_tells_nothing(services):
+    """A crafted ``batch`` (a write-back drain's request) naming another user's inodes:
+    a setattr is ENOENT as for a number never used, a directory made with ``keep`` in
+    their directory lands in the sender's own root, as for a directory removed, and
+    the other user's inodes are unchanged."""
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "a") as a, \
+            connect(dep.address, dep.new_user(), "m") as m:
+        root = a.info["root"]
+        d = await a.call("mknod", parent=root, name=b"d", mode=0o40700, uid=0, gid=0)
+        before = await a.call("getattr", ino=d["ino"])
+        nums = await m.call("lease_inodes", count=1, lessee="mallory")
+        answers = await m.call("batch", ops=[
+            ["setattr", "m-1", {"ino": d["ino"], "mode": 0o777, "mtime": 5}],
+            ["setattr", "m-2", {"ino": d["ino"] + 10**9, "mode": 0o777}],
+            ["mknod", "m-3", {"parent": d["ino"], "name": b"in", "mode": 0o40755, "uid": 0,
+                              "gid": 0, "ino": nums[0], "lessee": "mallory", "keep": True}]])
+        assert [e for e, _ in answers[:2]] == [errno.ENOENT, errno.ENOENT]
+        assert answers[0][1].replace(str(d["ino"]), "N") == answers[1][1].replace(
+            str(d["ino"] + 10**9), "N")
+        assert answers[2][0] == 0
+        assert (answers[2][1]["parent"], answers[2][1]["name"]) == (m.info["root"], b"in")
+        after = await a.call("getattr", ino=d["ino"])
+        assert after == before
+        assert b"in" not in {n for n, _ in await a.call("readdir", ino=d["ino"])}
+
+
 async def test_leased_inode_numbers_are_the_lessees_and_used_once(services):
     """A create under a leased number is accepted once, from its user and lessee only;
     one sent late with ``keep`` takes a conflicted name if its name was taken meanwhile,

@@ -8,6 +8,7 @@ cannot reach while another mount can.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -491,3 +492,153 @@ def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(serv
     finally:
         dep.kill()
         other.kill()
+
+
+def test_fsync_of_a_directory_makes_its_new_entries_durable(services, mount_factory):
+    """A journalled mkdir is durable once an fsync of its parent directory returned (as
+    on a local disk, and as an application that fsyncs the directory counts on)."""
+    dep = start_metaserver(services.emb, "wb_fsyncdir", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())
+        dep.kill()
+        fd = os.open(a.p(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i in range(20):
+                os.mkdir(a.p(f"d{i}"))
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        crash(a)
+        dep.start()
+        a.start()
+        assert sorted(n for n in os.listdir(a.p()) if n.startswith("d")) == sorted(
+            f"d{i}" for i in range(20))
+    finally:
+        dep.kill()
+
+
+def test_utimens_of_a_file_created_here_and_closed_sets_its_mtime(services, mount_factory):
+    """utimens of a file created here, closed and not drained yet: shown at once and
+    committed with it (the commit carries the file's mtime: it was left at the close's)."""
+    dep = start_metaserver(services.emb, "wb_utime", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows the names are free without asking
+        dep.kill()
+        # The drainer sends a batch of this mkdir alone, again and again: the
+        # file journalled after it is pending, its lock free (not in a batch).
+        os.mkdir(a.p("d"))
+        wait_until(lambda: "write-back of 1 files waits" in a.log(), 60, "the mkdir's batch")
+        write_file(a.p("f"), b"pending")
+        os.utime(a.p("f"), ns=(1_000_000_000, 2_000_000_000))
+        assert os.stat(a.p("f")).st_mtime_ns == 2_000_000_000
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        assert os.stat(b.p("f")).st_mtime_ns == 2_000_000_000
+    finally:
+        dep.kill()
+
+
+def test_attributes_set_on_a_closed_pending_file_survive_a_crash(services, mount_factory):
+    """chmod and utimens of a file created here and closed (journalled, not drained)
+    are kept for its first commit: a later close that returned makes them durable too,
+    as the journalled operations before it are; after kill -9 the file has them."""
+    dep = start_metaserver(services.emb, "wb_deferred", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows the names are free without asking
+        dep.kill()
+        # The drainer sends a batch of this mkdir alone, again and again: the
+        # file journalled after it is pending, its lock free (not in a batch).
+        os.mkdir(a.p("d"))
+        wait_until(lambda: "write-back of 1 files waits" in a.log(), 60, "the mkdir's batch")
+        write_file(a.p("f"), b"pending")
+        os.chmod(a.p("f"), 0o751)
+        os.utime(a.p("f"), ns=(1_000_000_000, 2_000_000_000))
+        st = os.stat(a.p("f"))
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o751, 2_000_000_000)
+        write_file(a.p("g"), b"a later close")
+        crash(a)
+        dep.start()
+        a.start()   # replays and drains before it answers
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        st = os.stat(b.p("f"))
+        assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o751, 2_000_000_000)
+        assert read_file(b.p("f")) == b"pending"
+    finally:
+        dep.kill()
+
+
+def test_a_change_the_server_cannot_store_is_einval_not_a_refused_drain(mount_factory):
+    """chown to a uid the server does not store (2**31 and above) is EINVAL at once, as
+    on a sync mount. Journalled, it returned 0 and was dropped at the drain (the server
+    refuses it), and one in a batch with others made the server refuse the whole batch
+    (its arguments are checked before any op applies)."""
+    a = mount_factory("local", None, None, "--writeback")
+    b = mount_factory("local", a.token)
+    os.mkdir(a.p("d"))
+    write_file(a.p("d", "f"), b"kept")
+    with pytest.raises(OSError) as e:
+        os.chown(a.p("d"), 3_000_000_000, -1)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as e:
+        os.chown(a.p("d", "f"), -1, 3_000_000_000)
+    assert e.value.errno == errno.EINVAL
+    wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+    assert read_file(a.p("d", "f")) == b"kept"
+    wait_until(lambda: _read_or_none(b.p("d", "f")) == b"kept", 30, "B sees d/f")
+
+
+def test_a_create_by_a_uid_the_server_cannot_store_is_einval(mount_factory):
+    """A process whose uid is 2**31 or more creating a file or a directory: EINVAL at
+    once, as on a sync mount, instead of a create the drain's batch cannot carry (the
+    server refuses the whole batch: the other files in it saved aside)."""
+    a = mount_factory("local", None, None, "--writeback", "--allow-other")
+    b = mount_factory("local", a.token)
+    os.chmod(a.p(), 0o777)
+    write_file(a.p("other"), b"another file")
+    for code in ("open(p + '/f', 'w').close()", "os.mkdir(p + '/d')"):
+        run = subprocess.run(["/usr/bin/python3", "-c", f"import os, sys; p = sys.argv[1]; {code}",
+                              a.p()], user=3_000_000_000, group=3_000_000_000,
+                             capture_output=True, text=True)
+        assert "Errno 22" in run.stderr, run.stderr
+    wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+    wait_until(lambda: _read_or_none(b.p("other")) == b"another file", 30, "B sees other")
+
+
+def test_a_directory_chmodded_then_given_a_subdirectory_shows_both_once_drained(
+        services, mount_factory):
+    """chmod of a directory, then a mkdir in it, drained in one batch: the directory's
+    attributes this mount shows afterwards count the new subdirectory and its time (the
+    answer to the chmod is the directory before the mkdir), as another mount's do."""
+    dep = start_metaserver(services.emb, "wb_nlink", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        os.mkdir(a.p("d"))
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p("d"))
+        dep.kill()   # the two operations drain together
+        os.chmod(a.p("d"), 0o750)
+        os.mkdir(a.p("d", "x"))
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        there = os.stat(b.p("d"))
+        here = os.stat(a.p("d"))
+        assert (here.st_nlink, here.st_mode) == (there.st_nlink, there.st_mode) == (
+            3, 0o40750)
+        assert here.st_mtime_ns >= os.stat(a.p("d", "x")).st_ctime_ns
+    finally:
+        dep.kill()

@@ -180,6 +180,10 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, entry(attr), i):
                 break
 
+    @_errors
+    async def fsyncdir(self, fh, datasync):
+        await self.vfs.fsyncdir()
+
     async def releasedir(self, fh):
         self.vfs.releasedir(fh)
 

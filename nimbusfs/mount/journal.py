@@ -248,6 +248,11 @@ class Journal:
 
     commit = _commit
 
+    async def sync(self) -> None:
+        """Return once every row added so far is durable (the group being filled is
+        written now, after any group being written: one lock, in order)."""
+        await self._commit(self._group)
+
     def _write(self, rows: list[Record], ops: list[OpRecord]) -> None:
         self._transaction([(
             "INSERT INTO pending (ino, seq, op_id, state, bytes, created)"

@@ -67,6 +67,7 @@ from nimbusfs.mount.filedata import OpenFile
 from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
+    check_setattr,
     dropped_privileges,
     setattr_mode,
     xattr_supported,
@@ -414,6 +415,8 @@ class VFS:
         is committed before it returns, as a local disk's is durable in the
         page cache at once: no close of another handle (a reader's) would.
         """
+        changed = {k: v for k, v in changes.items() if v is not None}
+        check_setattr(changed)   # before a truncation: the request fails as a whole
         if size is not None:
             held = self.handles.get(fh) if fh is not None else None
             if held is not None and held.ino == ino:
@@ -435,7 +438,15 @@ class VFS:
                     await self._flush(opened)
             finally:
                 await self._release(opened)
-        return await self._change(ino, {k: v for k, v in changes.items() if v is not None})
+        attr = await self._change(ino, changed)
+        f = self.files.get(ino)
+        if f is not None and self.writeback is not None and ino in self.writeback.pending:
+            # A file whose close is journalled keeps these changes for its
+            # commit (deferred ones, its mtime): journalled again, as an fsync
+            # would, or a crash loses them (a replayed commit would even undo a
+            # utimens the server applied) while a later close returned durable.
+            await self.writeback.stage(f)
+        return attr
 
     async def _change(self, ino: int, changes: dict[str, int]) -> dict[str, Any]:
         """``setattr``'s chmod/chown/utimens ``changes`` (none: the attributes)."""
@@ -445,15 +456,18 @@ class VFS:
             # file): journalled, shown at once (``_out``), applied in order.
             self.writeback.setattr(self.srv(ino), changes)
             return await self.getattr(ino)
+        if f is not None and changes.get("mtime") is not None:
+            # The coming commit must not undo utimens (cp -a, rsync, tar): also
+            # that of a file created here, whose deferred changes leave mtime
+            # to the commit.
+            f.mtime = changes["mtime"]
+            f.edits += 1
         if changes and f is not None and f.creating is not None and self.writeback is not None:
             async with f.lock:
                 if f.defer(changes):
                     return await self.getattr(ino)
             # Not deferrable (set-user-ID involved): the server must know the file first.
             await self.writeback.created(f)
-        if f is not None and changes.get("mtime") is not None:
-            f.mtime = changes["mtime"]  # the coming commit must not undo utimens (cp -a, rsync)
-            f.edits += 1
         if changes and f is not None and (f.base == 0 or (f.kill_priv and "mode" in changes)):
             # Under the file's lock: no commit carrying deferred changes or
             # ``kill_priv`` is in flight, and none starts before this change is
@@ -564,6 +578,7 @@ class VFS:
         name.
         """
         _check_length(name)
+        check_setattr({"uid": uid, "gid": gid})   # as the server's mknod: none drains it
         assert self.writeback is not None
         p = await self.getattr(parent)
         if not stat.S_ISDIR(p["mode"]):
@@ -594,6 +609,7 @@ class VFS:
         durable before any file made in it is). Its listing is known (empty), so
         the lookups and creates in it need no round trip either.
         """
+        check_setattr({"uid": uid, "gid": gid})
         p = await self.getattr(parent)
         if not stat.S_ISDIR(p["mode"]):
             raise FSError(errno.ENOTDIR, "not a directory")
@@ -664,14 +680,13 @@ class VFS:
                             "kept_as": placed[1].decode(errors="replace"),
                             "kept_in": placed[0]})
 
-    def applied(self, ino: int, attr: dict[str, Any], token: int) -> None:
-        """A journalled setattr of (server) inode ``ino`` was applied: ``attr``, the
-        inode's attributes as the server made them, are cached unless attributes
-        were dropped since the batch was sent (``token``: ``drops`` then)."""
-        if token == self.drops:
-            self.attrs[self.fuse(ino)] = attr
-        else:
-            self.attrs.pop(self.fuse(ino), None)
+    def applied(self, ino: int) -> None:
+        """A journalled setattr of (server) inode ``ino`` was applied: its cached
+        attributes are dropped (the next getattr asks). Not replaced by the
+        answer's: those are the inode's at the setattr, before what was journalled
+        after it and applied in the same batch (a directory's new subdirectory),
+        which this mount's estimate had counted."""
+        self.attrs.pop(self.fuse(ino), None)
 
     def refused(self, ino: int) -> None:
         """A journalled setattr of (server) inode ``ino`` was refused: shown as the server's."""
@@ -797,6 +812,17 @@ class VFS:
 
     def releasedir(self, fh: int) -> None:
         self.dirs.pop(fh, None)
+
+    async def fsyncdir(self) -> None:
+        """fsync of a directory: the namespace operations made before it are durable.
+
+        A sync mount's are on the server once they return. A write-back
+        mount's journalled ones (mkdir, setattr) join a group commit that may
+        not be written yet: written now. (Not answered, the kernel would take
+        ENOSYS for success from then on, with nothing made durable.)
+        """
+        if self.writeback is not None:
+            await self.writeback.journal.sync()
 
     # --- files ---------------------------------------------------------------------------
 

@@ -511,7 +511,7 @@ class WriteBack:
             # Its cached attributes stay this mount's estimate (as a parent's
             # of a create does): the server's moved with the creates in it.
         elif answer[0] == 0:
-            self.vfs.applied(rec.ino, answer[1], self._token)
+            self.vfs.applied(rec.ino)
         elif rec.op == "mknod":
             # Refused outright (quota, a lease not this mount's): the entries
             # made inside it are applied with ``keep`` in the volume's root.

@@ -52,6 +52,7 @@ from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    UINT31,
     dropped_privileges,
     setattr_mode,
     xattr_supported,
@@ -70,7 +71,7 @@ MAX_KEYS = 10_000
 # negative mode), stored in PostgreSQL integer columns. The server checks each
 # request's arguments against the operation's annotations, this range
 # included (``metaserver._conforms``).
-UInt31 = Annotated[int, range(1 << 31)]
+UInt31 = Annotated[int, UINT31]
 
 OPS: dict[str, Callable[..., Any]] = {}
 
