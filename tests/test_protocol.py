@@ -470,10 +470,23 @@ async def test_a_batch_applies_in_order_each_op_once_and_failures_alone(services
         names = [n for n, _ in await c.call("readdir", ino=root)]
         assert names.count(b"a") == 1
         for bad in ([], [["getattr", "x", {"ino": root}]], [["commit", None, {}]],
-                    [["nosuch", "x", {}]], [["mknod", "x", {"parent": root}]]):
+                    [["nosuch", "x", {}]]):
             with pytest.raises(FSError) as e:
                 await c.call("batch", ops=bad)
             assert e.value.errno in (errno.EINVAL, errno.ENOSYS), bad
+        # An op with wrong arguments fails alone; the ops around it apply.
+        alone = await c.call("batch", ops=[
+            ["mknod", "c-1", {"parent": root, "name": b"c1", "mode": 0o100644, "uid": 0,
+                              "gid": 0}],
+            ["mknod", "c-2", {"parent": root}],
+            ["setattr", "c-3", {"ino": f["ino"], "uid": 1 << 40}],
+            ["commit", "c-4", {"ino": f["ino"], "base": f["version"] + 2,
+                               "extents": "not a list", "size": 5, "mtime": 9}],
+            ["mknod", "c-5", {"parent": root, "name": b"c5", "mode": 0o100644, "uid": 0,
+                              "gid": 0}]])
+        assert [e for e, _ in alone] == [0, errno.EINVAL, errno.EINVAL, errno.EINVAL, 0]
+        names = [n for n, _ in await c.call("readdir", ino=root)]
+        assert b"c1" in names and b"c5" in names
 
 
 async def test_a_batch_naming_another_users_inodes_changes_and_tells_nothing(services):

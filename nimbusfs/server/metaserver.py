@@ -749,7 +749,11 @@ class MetaServer:
         ``ops`` is a list of ``[op, op_id, args]`` (each with its op_id: a
         batch is made to be sent again); the answer lists ``[0, result]`` or
         ``[errno, message]`` for each, in order. A write-back mount drains its
-        journal this way: one PostgreSQL commit for many closes. Blocks of the
+        journal this way: one PostgreSQL commit for many closes. A batch that
+        is not a list of known mutating operations with op ids is refused
+        whole; an operation whose arguments are wrong fails alone (EINVAL),
+        the others still apply, so one bad record never holds back the
+        journal records of other files. Blocks of the
         commits are admitted first, outside the transaction, all at once; if
         that fails, commit by commit, so that only the commits at fault fail.
         """
@@ -757,7 +761,8 @@ class MetaServer:
         if set(args) != {"ops"} or not (isinstance(ops, list) and 0 < len(ops) <= MAX_BATCH):
             raise FSError(errno.EINVAL, f"bad arguments for batch: ops must be a list of 1 to"
                                         f" {MAX_BATCH} [op, op_id, args]")
-        for item in ops:
+        failed: dict[int, list] = {}
+        for i, item in enumerate(ops):
             if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
                     and isinstance(item[1], str) and isinstance(item[2], dict)):
                 raise FSError(errno.EINVAL, "bad arguments for batch: each op is"
@@ -767,9 +772,12 @@ class MetaServer:
                 raise FSError(errno.EINVAL, f"bad arguments for batch: {item[0]} changes"
                                             " nothing")
             _check_op_id(item[0], item[1], False)
-            _check_args(item[0], fn, (None, s.user, s.device), item[2])
-        failed: dict[int, list] = {}
-        commits = [(i, a) for i, (name, _, a) in enumerate(ops) if name == "commit"]
+            try:  # one op's arguments: that op fails alone, as one the database refuses
+                _check_args(item[0], fn, (None, s.user, s.device), item[2])
+            except FSError as e:
+                failed[i] = [e.errno, e.message]
+        commits = [(i, a) for i, (name, _, a) in enumerate(ops)
+                   if name == "commit" and i not in failed]
         try:
             await self.blocks.admit(s.user, [e for _, a in commits for e in a["extents"]],
                                     sum(a["size"] for _, a in commits))
