@@ -491,3 +491,54 @@ def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(serv
     finally:
         dep.kill()
         other.kill()
+
+
+def _errno_within(fn, bound: float) -> int:
+    """Run ``fn`` in a thread; its OSError's errno (0: it returned). Fails if it is still
+    blocked after ``bound`` seconds (the thread is a daemon: the test cannot hang)."""
+    out: list[int] = []
+
+    def run() -> None:
+        try:
+            fn()
+            out.append(0)
+        except OSError as e:
+            out.append(e.errno)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(bound)
+    assert not t.is_alive(), f"{fn} still blocked after {bound} s"
+    return out[0]
+
+
+def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(services,
+                                                                          mount_factory):
+    """With the metaserver down, a rename of a pending file and an rmdir of a pending
+    directory wait for their drain no longer than the outage timeout: EIO, the journal
+    untouched; after the restart it drains and the same requests succeed."""
+    import errno
+
+    dep = start_metaserver(services.emb, "wb_hang", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows "f" and "d" are free without asking
+        dep.kill()
+        write_file(a.p("f"), b"pending")
+        os.mkdir(a.p("d"))
+        assert _errno_within(lambda: os.rename(a.p("f"), a.p("g")), 8) == errno.EIO
+        assert _errno_within(lambda: os.rmdir(a.p("d")), 8) == errno.EIO
+        assert read_file(a.p("f")) == b"pending" and os.path.isdir(a.p("d"))
+        assert pending(a)[0] == 2
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "the drain after the restart")
+        os.rename(a.p("f"), a.p("g"))
+        os.rmdir(a.p("d"))
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        assert sorted(os.listdir(b.p())) == ["first", "g"]
+        assert read_file(b.p("g")) == b"pending"
+    finally:
+        dep.kill()

@@ -392,7 +392,11 @@ class VFS:
         if attr is None:
             token = self._gen
             try:
-                attr = await self.call("getattr", ino=self.srv(ino))
+                # Not waiting for journalled setattrs of it (``call``): the
+                # server's attributes with them on top (``_out``) are the
+                # answer, so a server out of reach fails this within the
+                # outage timeout rather than after the drain.
+                attr = await self.client.call("getattr", ino=self.srv(ino))
             except FSError as e:
                 f = self.files.get(ino)
                 if not (e.errno == errno.EIO and self.writeback is not None
@@ -672,6 +676,10 @@ class VFS:
             self.attrs[self.fuse(ino)] = attr
         else:
             self.attrs.pop(self.fuse(ino), None)
+        # A reply in flight (a getattr or lookup sent before it was applied,
+        # which shows the setattr only as long as it is pending) must not
+        # replace these.
+        self._gen += 1
 
     def refused(self, ino: int) -> None:
         """A journalled setattr of (server) inode ``ino`` was refused: shown as the server's."""

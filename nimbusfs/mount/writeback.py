@@ -76,6 +76,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -144,6 +145,13 @@ class WriteBack:
         self._token = 0   # VFS.drops when the batch being answered was sent
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
+        # Whether the drainer's last attempt failed for an outage (a batch
+        # not answered within the outage timeout, a file not prepared: the
+        # store or the server out of reach), until a record is removed; and
+        # set (and replaced) on removals and on each such failure: what a
+        # bounded wait (``_until``) wakes up for.
+        self._down = False
+        self._news = trio.Event()
 
     # --- recording -------------------------------------------------------------
 
@@ -299,9 +307,42 @@ class WriteBack:
 
     async def settled(self, ino: int) -> None:
         """Return once the server has applied (or refused) every journalled operation
-        naming (server) inode ``ino``: before a request that names it to the server."""
-        while self._naming.get(ino):
-            await self._progress.wait()
+        naming (server) inode ``ino``: before a request that names it to the server.
+        EIO through an outage (``_until``)."""
+        await self._until(lambda: not self._naming.get(ino))
+
+    async def _until(self, ready: Callable[[], bool],
+                     step: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Wait until ``ready()`` (checked after each drain), running ``step`` before each
+        wait; FSError(EIO) once the outage timeout has passed while the drainer is
+        down (its last attempt failed for an outage).
+
+        So a request waiting for the drain of what it names fails as a call to
+        an unreachable server does, and never hangs the mount: the journal is
+        untouched (the records drain once the server is back, and the request
+        may be retried then). A drain that is slow but making progress (a long
+        queue, a large upload) is waited for: the timeout bounds an outage,
+        not the work ahead. ``step`` must be safe to cancel (``stage`` is).
+        """
+        timeout = self.vfs.client.outage_timeout
+        deadline = trio.current_time() + timeout
+        while not ready():
+            news = self._news   # set by a drain that ends while ``step`` runs
+            if trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    if step is not None:
+                        await step()
+                    await news.wait()
+                continue
+            # The timeout passed: down now, or at the drainer's next failure,
+            # is EIO; its next progress starts the bound again.
+            if not self._down:
+                await news.wait()
+                if not self._down:
+                    deadline = trio.current_time() + timeout
+                    continue
+            raise FSError(errno.EIO, "the write-back journal cannot drain (the metaserver or"
+                          " the store is out of reach): what it holds drains once it is back")
 
     def naming(self, ino: int) -> bool:
         """Whether journalled operations name (server) inode ``ino``."""
@@ -312,11 +353,10 @@ class WriteBack:
 
         Before an operation that names the file to the server (unlink,
         rename, link, xattrs, a chmod that cannot wait for the commit).
+        EIO through an outage (``_until``).
         """
-        while f.creating is not None and self.vfs.files.get(f.ino) is f:
-            progress = self._progress   # set by a drain that ends while this stages
-            await self.stage(f)
-            await progress.wait()
+        await self._until(lambda: f.creating is None or self.vfs.files.get(f.ino) is not f,
+                          lambda: self.stage(f))
 
     def _applied(self, f: OpenFile) -> None:
         """``f``'s create is applied (or given up, its bytes saved aside): not new any more."""
@@ -354,13 +394,16 @@ class WriteBack:
             old = self.pending.get(f.ino)
             rec = Record(f.ino, old.seq if old else self._seq, old.op_id if old else
                          uuid.uuid4().hex, state, size, old.created if old else time.time())
-            await self.journal.put(rec)
-            if old is None:
-                self._seq += 1
-            rec.state = {"staging": state["staging"]}   # the rest is the OpenFile's
-            self._add(rec)
-            self._edits[f.ino] = f.edits
-            self._place(f.ino)
+            # Not cancelled once the record is queued (a bounded wait, ``_until``):
+            # the journal row and this bookkeeping go together.
+            with trio.CancelScope(shield=True):
+                await self.journal.put(rec)
+                if old is None:
+                    self._seq += 1
+                rec.state = {"staging": state["staging"]}   # the rest is the OpenFile's
+                self._add(rec)
+                self._edits[f.ino] = f.edits
+                self._place(f.ino)
 
     def _place(self, ino: int) -> None:
         loc = self.vfs.names.get(ino)
@@ -388,7 +431,7 @@ class WriteBack:
         name without its content (a save by writing a temporary file and
         renaming it over the original is atomic for them too), and a commit
         never reaches a file this mount deleted or replaced meanwhile (which
-        would save it as a conflicted copy).
+        would save it as a conflicted copy). EIO through an outage (``_until``).
         """
         made = self.new.get(parent, {}).get(name, 0)
         new = self.vfs.files.get(made)
@@ -397,8 +440,8 @@ class WriteBack:
         elif made in self.dirs:
             await self.settled(made)
         ino = self._at.get((parent, name))
-        while ino is not None and ino in self.pending:
-            await self._progress.wait()
+        if ino is not None:
+            await self._until(lambda: ino not in self.pending)
 
     # --- draining --------------------------------------------------------------
 
@@ -497,9 +540,20 @@ class WriteBack:
             if f is not None and self.vfs.forget(f):
                 self.vfs.spawn(self.vfs.call, "purge", ino=self.vfs.srv(ino))
         if done or made or sent:
+            self._down = False
             self._progress.set()
             self._progress = trio.Event()
+            self._tell()
         return bool(done or sent)
+
+    def _stalled(self) -> None:
+        """An attempt failed for an outage: bounded waits past their timeout give up."""
+        self._down = True
+        self._tell()
+
+    def _tell(self) -> None:
+        self._news.set()
+        self._news = trio.Event()
 
     def _answered(self, rec: OpRecord, answer: list) -> None:
         """The server answered the journalled operation ``rec`` (its row is removed)."""
@@ -562,6 +616,7 @@ class WriteBack:
             except Exception as e:
                 log.warning("write-back of inode %d not ready: %s; retrying", ino,
                             fs_error(e) or e)
+                self._stalled()
             finally:
                 ready.set()
             await answered.wait()
@@ -636,4 +691,5 @@ class WriteBack:
                     return [[e.errno, e.message]] * len(ops)
                 log.warning("write-back of %d files waits for the metaserver: %s", len(ops),
                             e.message)
+                self._stalled()
             await trio.sleep(next(waits))
