@@ -542,3 +542,35 @@ def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(servic
         assert read_file(b.p("g")) == b"pending"
     finally:
         dep.kill()
+
+
+def test_a_journal_of_a_later_format_is_refused(mount_factory):
+    """A mount refuses to start on a journal whose format (``user_version``) it does not
+    know, saying so, rather than replay part of it; one of its own format, or of before
+    the format was written (0), is opened."""
+    import sqlite3
+
+    from nimbusfs.mount.journal import JOURNAL_NAME, VERSION
+
+    m = mount_factory("local", None, None, "--writeback")
+    write_file(m.p("f"), b"kept")
+    m.stop()
+    path = os.path.join(m.cache_dir, JOURNAL_NAME)
+
+    def set_version(v: int) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute(f"PRAGMA user_version = {v}")
+
+    set_version(VERSION + 1)
+    r = subprocess.run(
+        [sys.executable, "-m", "nimbusfs.cli", "mount", m.path, "--foreground", "--server",
+         m.deployment.address, "--cache-dir", m.cache_dir, "--writeback"],
+        env=dict(m.services.env, NIMBUSFS_TOKEN=m.token), capture_output=True, text=True,
+        timeout=120)
+    assert r.returncode != 0 and not os.path.ismount(m.path)
+    assert f"has format {VERSION + 1}" in r.stderr, r.stderr
+    set_version(0)
+    m.start()
+    assert read_file(m.p("f")) == b"kept"
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION

@@ -64,6 +64,12 @@ import trio
 from nimbusfs.errors import local_io
 
 JOURNAL_NAME = "journal.db"
+# The journal's format (SQLite ``PRAGMA user_version``): 1 is the tables
+# below. A journal made before the version was written (0) has them, or a
+# subset that ``_SCHEMA`` completes. A mount refuses a journal of a later
+# version: it would replay part of it (an older mount ignores the ``ops``
+# rows it does not know) and remove the rest as drained.
+VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -123,6 +129,10 @@ class OpRecord:
         return int(self.args["ino"])
 
 
+class UnknownVersion(Exception):
+    """The journal was written by a newer mount (a later format): not opened."""
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -174,6 +184,14 @@ class Journal:
         with local_io(self.path):
             # Used from one worker thread at a time (``_lock``), never two at once.
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > VERSION:
+                self.db.close()
+                raise UnknownVersion(
+                    f"the write-back journal {self.path} has format {version}, this nimbusfs"
+                    f" knows up to {VERSION}: mount with the newer nimbusfs that wrote it"
+                    " (its pending changes are not drained yet)")
+            self.db.execute(f"PRAGMA user_version = {VERSION}")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
