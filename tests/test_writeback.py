@@ -574,3 +574,50 @@ def test_a_journal_of_a_later_format_is_refused(mount_factory):
     assert read_file(m.p("f")) == b"kept"
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION
+
+
+def test_a_record_the_server_refuses_as_a_whole_does_not_block_or_refuse_the_others(
+        services, mount_factory):
+    """A journal record the server refuses whatever the batch (arguments it does not take,
+    as from a journal of another version) is found, retried a few times, then logged in
+    conflicts.jsonl and removed; the records journalled after it, in the same batch at
+    first, drain (at the replay, which comes up)."""
+    import sqlite3
+    import time
+
+    import msgpack
+
+    from nimbusfs.mount.journal import JOURNAL_NAME
+
+    dep = start_metaserver(services.emb, "wb_refused", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())
+        ino = os.stat(a.p("first")).st_ino
+        mode = os.stat(a.p("first")).st_mode
+        dep.kill()
+        files = {f"n{i}": pattern(b"r%d" % i, 10 + 70_001 * i) for i in range(3)}
+        for name, data in files.items():
+            write_file(a.p(name), data)
+        crash(a)
+        with sqlite3.connect(os.path.join(a.cache_dir, JOURNAL_NAME)) as db:
+            first = db.execute("SELECT min(seq) FROM pending").fetchone()[0]
+            db.execute("INSERT INTO ops VALUES (?, ?, 'setattr', ?, ?, ?)", (
+                first - 1, "f" * 32, msgpack.packb({"ino": ino, "mode": 0o600, "colour": 1}),
+                msgpack.packb({"mode": 0o600, "ctime": time.time_ns()}), time.time()))
+        dep.start()
+        a.start()   # replays and drains before it answers
+        assert pending(a) == (0, 0)
+        assert not os.path.isdir(os.path.join(a.cache_dir, "recovered"))
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        for name, data in files.items():
+            assert read_file(b.p(name)) == data, name
+        assert os.stat(b.p("first")).st_mode == mode
+        with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
+            refused = [e for e in map(json.loads, f) if e.get("refused")]
+        assert [(e["refused"], e["args"]["colour"]) for e in refused] == [("setattr", 1)]
+    finally:
+        dep.kill()

@@ -224,6 +224,14 @@ class VFS:
         self._log_conflict({"time": time.time(), "inode": ino, "parent": parent,
                             "name": name.decode(errors="replace"), "copy_inode": copy["ino"]})
 
+    def record_refused(self, op: str, args: dict[str, Any], answer: list) -> None:
+        """A journalled namespace operation the server refused (``answer``: its errno and
+        message), gone from the journal: what it was, in ``conflicts.jsonl``."""
+        self._log_conflict({
+            "time": time.time(), "refused": op, "errno": answer[0], "error": str(answer[1]),
+            "args": {k: v.decode(errors="replace") if isinstance(v, bytes) else v
+                     for k, v in args.items()}})
+
     def _log_conflict(self, entry: dict[str, Any]) -> None:
         """Append to ``conflicts.jsonl`` (0600: it names files; the log names inodes only)."""
         fd = os.open(os.path.join(self.state_dir, "conflicts.jsonl"),
