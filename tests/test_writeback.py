@@ -21,7 +21,7 @@ import blake3
 import pytest
 import trio
 
-from conftest import read_file, start_metaserver, wait_until, write_file
+from conftest import read_file, start_metaserver, status, wait_until, write_file
 from nimbusfs.mount.journal import summary
 
 
@@ -577,7 +577,7 @@ def test_a_journal_of_a_later_format_is_refused(mount_factory):
 
 
 def test_a_record_the_server_refuses_as_a_whole_does_not_block_or_refuse_the_others(
-        services, mount_factory):
+        services, mount_factory, world_tmp):
     """A journal record the server refuses whatever the batch (arguments it does not take,
     as from a journal of another version) is found, retried a few times, then logged in
     conflicts.jsonl and removed; the records journalled after it, in the same batch at
@@ -619,5 +619,29 @@ def test_a_record_the_server_refuses_as_a_whole_does_not_block_or_refuse_the_oth
         with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
             refused = [e for e in map(json.loads, f) if e.get("refused")]
         assert [(e["refused"], e["args"]["colour"]) for e in refused] == [("setattr", 1)]
+        assert "setattr refused" in status(a, world_tmp)
+    finally:
+        dep.kill()
+
+
+def test_status_shows_pending_operations_apart_from_files(services, mount_factory, world_tmp):
+    """``nimbusfs status`` counts a write-back mount's journalled namespace operations
+    apart from its pending files (and their bytes)."""
+    dep = start_metaserver(services.emb, "wb_status", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())
+        dep.kill()
+        os.mkdir(a.p("d"))
+        os.chmod(a.p("d"), 0o700)
+        write_file(a.p("f"), b"x" * (3 << 20))   # its close writes the operations too
+        assert "write-back: 1 files (3.0 MiB) and 2 namespace operations waiting" in status(
+            a, world_tmp)
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "the drain")
+        assert "write-back:" not in status(a, world_tmp)
     finally:
         dep.kill()

@@ -56,7 +56,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import trio
@@ -153,9 +153,20 @@ class _Group:
         self.error: BaseException | None = None
 
 
-def summary(cache_dir: str) -> tuple[int, int, float] | None:
-    """(files and operations, bytes, oldest first-close time) waiting in a mount's journal;
-    None: no journal.
+class Waiting(NamedTuple):
+    """What a mount's journal holds: ``records`` (files and operations), the staged
+    ``bytes`` of its files, the time the oldest record was journalled (unix time; 0:
+    none), and the ``files`` and namespace ``ops`` among the records."""
+
+    records: int
+    bytes: int
+    oldest: float
+    files: int
+    ops: int
+
+
+def summary(cache_dir: str) -> Waiting | None:
+    """What is waiting in a mount's journal; None: no journal.
 
     Read-only and without taking part in the writer's locking beyond SQLite's
     own, from any process.
@@ -165,15 +176,15 @@ def summary(cache_dir: str) -> tuple[int, int, float] | None:
         return None
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
-        n, size, oldest = conn.execute(
-            "SELECT sum(n), sum(b), min(c) FROM (SELECT count(*) AS n, coalesce(sum(bytes), 0)"
-            " AS b, min(created) AS c FROM pending UNION ALL SELECT count(*), 0, min(created)"
-            " FROM ops)").fetchone()
+        files, size, ops, oldest = conn.execute(  # one statement: one snapshot
+            "SELECT (SELECT count(*) FROM pending), (SELECT coalesce(sum(bytes), 0) FROM"
+            " pending), (SELECT count(*) FROM ops), (SELECT min(c) FROM (SELECT min(created)"
+            " AS c FROM pending UNION ALL SELECT min(created) FROM ops))").fetchone()
     except sqlite3.OperationalError:
         return None  # created but not initialised yet
     finally:
         conn.close()
-    return n, size, oldest or 0.0
+    return Waiting(files + ops, size, oldest or 0.0, files, ops)
 
 
 class Journal:
