@@ -645,3 +645,37 @@ def test_status_shows_pending_operations_apart_from_files(services, mount_factor
         assert "write-back:" not in status(a, world_tmp)
     finally:
         dep.kill()
+
+
+def test_a_chmod_whose_attributes_are_unknown_fails_through_an_outage_without_journalling(
+        services, mount_factory):
+    """A chmod of a directory whose attributes left this mount's cache, with its server
+    down: EIO within the outage timeout (not a wait for the drain), and nothing
+    journalled: after the restart the mode is unchanged."""
+    import errno
+
+    dep = start_metaserver(services.emb, "wb_chmod", "file://" + services.emb.path("blocks"),
+                           services.env)
+    other = twin(services, dep, "wb_chmod_twin")
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        b = mount_factory("local", a.token, other, "--outage-timeout", "2")
+        os.mkdir(a.p("d"), 0o755)
+        os.mkdir(a.p("e"))
+        wait_until(lambda: pending(a) == (0, 0), 30, "the mkdirs' drain")
+        wait_until(lambda: os.path.isdir(b.p("d")) and os.path.isdir(b.p("e")), 30, "B")
+        os.stat(a.p("d"))
+        # Pushed to A in this order: d's attributes dropped there once A sees e/x
+        # (which it looks up without d).
+        write_file(b.p("d", "x"), b"x")
+        write_file(b.p("e", "x"), b"x")
+        wait_until(lambda: os.path.exists(a.p("e", "x")), 30, "e/x on A")
+        dep.kill()
+        assert _errno_within(lambda: os.chmod(a.p("d"), 0o700), 8) == errno.EIO
+        assert pending(a) == (0, 0)
+        dep.start()
+        assert os.stat(b.p("d")).st_mode & 0o7777 == 0o755
+        assert os.stat(a.p("d")).st_mode & 0o7777 == 0o755
+    finally:
+        dep.kill()
+        other.kill()

@@ -455,6 +455,9 @@ class VFS:
         if changes and f is None and self.writeback is not None:
             # No file here holds it open (a directory, a symlink, a closed
             # file): journalled, shown at once (``_out``), applied in order.
+            # Its attributes (the answer) first: a server out of reach fails
+            # this with EIO before anything is journalled, not after.
+            await self.getattr(ino)
             self.writeback.setattr(self.srv(ino), changes)
             return await self.getattr(ino)
         if changes and f is not None and f.creating is not None and self.writeback is not None:
