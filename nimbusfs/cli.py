@@ -51,6 +51,7 @@ from nimbusfs.services import helper_argv, install_units, is_helper_call, stderr
 
 if TYPE_CHECKING:
     from nimbusfs.metricsview import Reading
+    from nimbusfs.mount.journal import Waiting
 
 log = logging.getLogger("nimbusfs")
 
@@ -277,11 +278,17 @@ def _spawn_mount(args: argparse.Namespace, emb: Embedded, cfg, name: str) -> int
     return 0
 
 
-def _waiting(cache_dir: str | None) -> tuple[int, int, float]:
-    """(files, bytes, oldest first close) in a mount's write-back journal."""
-    from nimbusfs.mount.journal import summary
+def _waiting(cache_dir: str | None) -> Waiting:
+    """What a mount's write-back journal holds (nothing if it has none)."""
+    from nimbusfs.mount.journal import Waiting, summary
 
-    return (summary(cache_dir) if cache_dir else None) or (0, 0, 0.0)
+    return (summary(cache_dir) if cache_dir else None) or Waiting(0, 0, 0.0, 0, 0)
+
+
+def _records_waiting(w: Waiting) -> str:
+    """``w``'s records for a person: files (with their bytes) and operations apart."""
+    return (f"{w.files} files ({w.bytes / 2**20:.1f} MiB) and {w.ops} namespace"
+            " operations")
 
 
 def _drain_progress(pid: int, cache_dir: str | None, stall: float = 120.0) -> None:
@@ -290,22 +297,25 @@ def _drain_progress(pid: int, cache_dir: str | None, stall: float = 120.0) -> No
     One line per change of what is waiting (a progress bar on a terminal).
     Gives up after ``stall`` seconds without progress.
     """
-    last, since = None, time.monotonic()
-    total = _waiting(cache_dir)[1]
+    last: Waiting | None = None
+    since = time.monotonic()
+    total = _waiting(cache_dir)
     while alive(pid):
-        files, size, _ = now = _waiting(cache_dir)
+        now = _waiting(cache_dir)
         if now != last:
             last, since = now, time.monotonic()
-            if files:
-                done = 1 - size / total if total else 1.0
+            if now.records:
+                # By bytes, or by records when no file holds any.
+                done = (1 - now.bytes / total.bytes if total.bytes else
+                        1 - now.records / total.records if total.records else 1.0)
                 bar = "#" * int(30 * done)
                 end = "\r" if sys.stdout.isatty() else "\n"
-                print(f"  draining: [{bar:<30}] {files} files, {size / 2**20:.1f} MiB to go",
-                      end=end, flush=True)
+                print(f"  draining: [{bar:<30}] {_records_waiting(now)} to go", end=end,
+                      flush=True)
         elif time.monotonic() - since > stall:
             raise SystemExit(f"the mount process {pid} made no progress for {stall:g} s")
         time.sleep(0.2)
-    if last and last[0] and sys.stdout.isatty():
+    if last and last.records and sys.stdout.isatty():
         print()
 
 
@@ -324,10 +334,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
         with open(rec_path) as f:
             rec = json.load(f)
         pid, cache_dir = rec["pid"], rec.get("cache_dir")
-    files, size, _ = _waiting(cache_dir)
-    if files:
-        print(f"nimbusfs: {files} files ({size / 2**20:.1f} MiB) written on {mp} are not on"
-              " the server yet: draining them before unmounting")
+    waiting = _waiting(cache_dir)
+    if waiting.records:
+        print(f"nimbusfs: {_records_waiting(waiting)} made on {mp} are not on the server"
+              " yet: draining them before unmounting")
     if os.path.ismount(mp):
         tool = ["umount", mp] if os.geteuid() == 0 else ["fusermount3", "-u", mp]
         r = subprocess.run(tool)
@@ -337,14 +347,14 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if pid:
         _drain_progress(pid, cache_dir)
         os.unlink(rec_path)
-    files, size, _ = _waiting(cache_dir)
-    if files:
-        print(f"nimbusfs: {files} files ({size / 2**20:.1f} MiB) could not be committed (see"
-              f" the mount's log); they stay in {cache_dir} and are committed by the next"
-              f" mount of {mp}", file=sys.stderr)
+    waiting = _waiting(cache_dir)
+    if waiting.records:
+        print(f"nimbusfs: {_records_waiting(waiting)} could not be committed (see the"
+              f" mount's log); they stay in {cache_dir} and are committed by the next mount"
+              f" of {mp}", file=sys.stderr)
     if emb.stop_if_unused():
         print("embedded services stopped")
-    return 1 if files else 0
+    return 1 if waiting.records else 0
 
 
 # --- server and admin ----------------------------------------------------------------
@@ -542,6 +552,18 @@ def _status_services(emb: Embedded, mounts: list[dict]) -> None:
                   " recover, fix the cause, then nimbusfs umount each mount and mount again")
 
 
+def _conflict(c: dict[str, Any]) -> str:
+    """A line of a mount's ``conflicts.jsonl`` for a person."""
+    if "refused" in c:   # a journalled namespace operation the server refused
+        return (f"{c['refused']} refused ({c['error']}) and dropped from the journal:"
+                f" {c['args']}")
+    if "kept_as" in c:   # a journalled create whose name was taken or directory removed
+        return (f"{c['name']!r} made here was kept as {c['kept_as']!r} in directory"
+                f" inode {c['kept_in']} (its name was taken or its directory removed)")
+    return (f"conflict: {c['name']!r} kept the other writer's version; this mount's bytes"
+            f" are in the conflicted copy (inode {c['copy_inode']})")
+
+
 def _records(cache_dir: str, name: str) -> Iterator[tuple[dict, str]]:
     """The events a mount recorded in ``cache_dir/name`` (JSON lines), with their local time."""
     path = os.path.join(cache_dir, name)
@@ -601,13 +623,12 @@ def _status(args: argparse.Namespace, before: dict[str, Reading]) -> dict[str, R
     _status_services(emb, mounts)
     for rec in mounts:
         print(f"mount:           {rec['mountpoint']} (pid {rec['pid']}, server {rec['server']})")
-        files, size, oldest = _waiting(rec["cache_dir"])
-        if files:
-            print(f"  write-back: {files} files, {size / 2**20:.1f} MiB waiting for the server,"
-                  f" oldest closed {time.time() - oldest:.0f} s ago")
+        waiting = _waiting(rec["cache_dir"])
+        if waiting.records:
+            print(f"  write-back: {_records_waiting(waiting)} waiting for the server, the"
+                  f" oldest journalled {time.time() - waiting.oldest:.0f} s ago")
         for c, when in _records(rec["cache_dir"], "conflicts.jsonl"):
-            print(f"  conflict {when}: {c['name']!r} kept the other writer's version;"
-                  f" this mount's bytes are in the conflicted copy (inode {c['copy_inode']})")
+            print(f"  {when}: {_conflict(c)}")
         for r, when in _records(rec["cache_dir"], "recovered.jsonl"):
             print(f"  not committed {when}: {r['name']!r} (inode {r['inode']}) kept its"
                   f" committed version; this mount's bytes are saved in {r['path']}")

@@ -295,6 +295,16 @@ class Mount:
         return os.path.join(self.path, *parts)
 
 
+def status(m: Mount, home: str) -> str:
+    """``nimbusfs status`` of a home that lists mount ``m`` (as ``nimbusfs mount`` records it)."""
+    os.makedirs(os.path.join(home, "run", "mounts"), exist_ok=True)
+    with open(os.path.join(home, "run", "mounts", "m.json"), "w") as f:
+        json.dump({"pid": m.proc.pid, "mountpoint": m.path, "server": m.deployment.address,
+                   "log": m.log_path, "cache_dir": m.cache_dir, "embedded": False}, f)
+    return subprocess.run([sys.executable, "-m", "nimbusfs.cli", "--home", home, "status"],
+                          check=True, capture_output=True, text=True).stdout
+
+
 def version_sizes(m: Mount, path: str) -> list[int]:
     """The sizes of the file's versions, newest first (``nimbusfs versions``)."""
     out = subprocess.run([sys.executable, "-m", "nimbusfs.cli", "versions", path,

@@ -13,14 +13,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import blake3
 import pytest
 
-from conftest import read_file, start_metaserver, version_sizes, write_file
+from conftest import read_file, start_metaserver, status, version_sizes, write_file
 from nimbusfs.retry import wait_until
 
 
@@ -170,16 +169,6 @@ def test_failed_close_is_never_committed_later(mount_factory, services, world_tm
     assert read_file(m.p("f")) == b"old"
     assert os.stat(m.p("f")).st_size == 3
     assert rec["path"] in status(m, world_tmp)
-
-
-def status(m, home: str) -> str:
-    """``nimbusfs status`` of a home that lists mount ``m`` (as ``nimbusfs mount`` records it)."""
-    os.makedirs(os.path.join(home, "run", "mounts"), exist_ok=True)
-    with open(os.path.join(home, "run", "mounts", "m.json"), "w") as f:
-        json.dump({"pid": m.proc.pid, "mountpoint": m.path, "server": m.deployment.address,
-                   "log": m.log_path, "cache_dir": m.cache_dir, "embedded": False}, f)
-    return subprocess.run([sys.executable, "-m", "nimbusfs.cli", "--home", home, "status"],
-                          check=True, capture_output=True, text=True).stdout
 
 
 def test_reader_close_does_not_fail_for_a_writer_and_attrs_go_back(mount_factory, services):

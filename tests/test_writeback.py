@@ -22,7 +22,7 @@ import blake3
 import pytest
 import trio
 
-from conftest import read_file, start_metaserver, wait_until, write_file
+from conftest import read_file, start_metaserver, status, wait_until, write_file
 from nimbusfs.mount.journal import summary
 
 
@@ -642,3 +642,187 @@ def test_a_directory_chmodded_then_given_a_subdirectory_shows_both_once_drained(
         assert here.st_mtime_ns >= os.stat(a.p("d", "x")).st_ctime_ns
     finally:
         dep.kill()
+
+
+def _errno_within(fn, bound: float) -> int:
+    """Run ``fn`` in a thread; its OSError's errno (0: it returned). Fails if it is still
+    blocked after ``bound`` seconds (the thread is a daemon: the test cannot hang)."""
+    out: list[int] = []
+
+    def run() -> None:
+        try:
+            fn()
+            out.append(0)
+        except OSError as e:
+            out.append(e.errno)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(bound)
+    assert not t.is_alive(), f"{fn} still blocked after {bound} s"
+    return out[0]
+
+
+def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(services,
+                                                                          mount_factory):
+    """With the metaserver down, a rename of a pending file and an rmdir of a pending
+    directory wait for their drain no longer than the outage timeout: EIO, the journal
+    untouched; after the restart it drains and the same requests succeed."""
+    dep = start_metaserver(services.emb, "wb_hang", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())   # A knows "f" and "d" are free without asking
+        dep.kill()
+        write_file(a.p("f"), b"pending")
+        os.mkdir(a.p("d"))
+        assert _errno_within(lambda: os.rename(a.p("f"), a.p("g")), 8) == errno.EIO
+        assert _errno_within(lambda: os.rmdir(a.p("d")), 8) == errno.EIO
+        assert read_file(a.p("f")) == b"pending" and os.path.isdir(a.p("d"))
+        assert pending(a)[0] == 2
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "the drain after the restart")
+        os.rename(a.p("f"), a.p("g"))
+        os.rmdir(a.p("d"))
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        assert sorted(os.listdir(b.p())) == ["first", "g"]
+        assert read_file(b.p("g")) == b"pending"
+    finally:
+        dep.kill()
+
+
+def test_a_journal_of_a_later_format_is_refused(mount_factory):
+    """A mount refuses to start on a journal whose format (``user_version``) it does not
+    know, saying so, rather than replay part of it; one of its own format, or of before
+    the format was written (0), is opened."""
+    import sqlite3
+
+    from nimbusfs.mount.journal import JOURNAL_NAME, VERSION
+
+    m = mount_factory("local", None, None, "--writeback")
+    write_file(m.p("f"), b"kept")
+    m.stop()
+    path = os.path.join(m.cache_dir, JOURNAL_NAME)
+
+    def set_version(v: int) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute(f"PRAGMA user_version = {v}")
+
+    set_version(VERSION + 1)
+    r = subprocess.run(
+        [sys.executable, "-m", "nimbusfs.cli", "mount", m.path, "--foreground", "--server",
+         m.deployment.address, "--cache-dir", m.cache_dir, "--writeback"],
+        env=dict(m.services.env, NIMBUSFS_TOKEN=m.token), capture_output=True, text=True,
+        timeout=120)
+    assert r.returncode != 0 and not os.path.ismount(m.path)
+    assert f"has format {VERSION + 1}" in r.stderr, r.stderr
+    set_version(0)
+    m.start()
+    assert read_file(m.p("f")) == b"kept"
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == VERSION
+
+
+def test_a_record_the_server_refuses_as_a_whole_does_not_block_or_refuse_the_others(
+        services, mount_factory, world_tmp):
+    """A journal record the server refuses whatever the batch (arguments it does not take,
+    as from a journal of another version) is found, retried a few times, then logged in
+    conflicts.jsonl and removed; the records journalled after it, in the same batch at
+    first, drain (at the replay, which comes up)."""
+    import sqlite3
+    import time
+
+    import msgpack
+
+    from nimbusfs.mount.journal import JOURNAL_NAME
+
+    dep = start_metaserver(services.emb, "wb_refused", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())
+        ino = os.stat(a.p("first")).st_ino
+        mode = os.stat(a.p("first")).st_mode
+        dep.kill()
+        files = {f"n{i}": pattern(b"r%d" % i, 10 + 70_001 * i) for i in range(3)}
+        for name, data in files.items():
+            write_file(a.p(name), data)
+        crash(a)
+        with sqlite3.connect(os.path.join(a.cache_dir, JOURNAL_NAME)) as db:
+            first = db.execute("SELECT min(seq) FROM pending").fetchone()[0]
+            db.execute("INSERT INTO ops VALUES (?, ?, 'setattr', ?, ?, ?)", (
+                first - 1, "f" * 32, msgpack.packb({"ino": ino, "mode": 0o600, "colour": 1}),
+                msgpack.packb({"mode": 0o600, "ctime": time.time_ns()}), time.time()))
+        dep.start()
+        a.start()   # replays and drains before it answers
+        assert pending(a) == (0, 0)
+        assert not os.path.isdir(os.path.join(a.cache_dir, "recovered"))
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        for name, data in files.items():
+            assert read_file(b.p(name)) == data, name
+        assert os.stat(b.p("first")).st_mode == mode
+        with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
+            refused = [e for e in map(json.loads, f) if e.get("refused")]
+        assert [(e["refused"], e["args"]["colour"]) for e in refused] == [("setattr", 1)]
+        assert "setattr refused" in status(a, world_tmp)
+    finally:
+        dep.kill()
+
+
+def test_status_shows_pending_operations_apart_from_files(services, mount_factory, world_tmp):
+    """``nimbusfs status`` counts a write-back mount's journalled namespace operations
+    apart from its pending files (and their bytes)."""
+    dep = start_metaserver(services.emb, "wb_status", "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        write_file(a.p("first"), b"1")   # takes the first lease
+        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        os.listdir(a.p())
+        dep.kill()
+        os.mkdir(a.p("d"))
+        os.chmod(a.p("d"), 0o700)
+        write_file(a.p("f"), b"x" * (3 << 20))   # its close writes the operations too
+        assert "write-back: 1 files (3.0 MiB) and 2 namespace operations waiting" in status(
+            a, world_tmp)
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "the drain")
+        assert "write-back:" not in status(a, world_tmp)
+    finally:
+        dep.kill()
+
+
+def test_a_chmod_whose_attributes_are_unknown_fails_through_an_outage_without_journalling(
+        services, mount_factory):
+    """A chmod of a directory whose attributes left this mount's cache, with its server
+    down: EIO within the outage timeout (not a wait for the drain), and nothing
+    journalled: after the restart the mode is unchanged."""
+    dep = start_metaserver(services.emb, "wb_chmod", "file://" + services.emb.path("blocks"),
+                           services.env)
+    other = twin(services, dep, "wb_chmod_twin")
+    try:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        b = mount_factory("local", a.token, other, "--outage-timeout", "2")
+        os.mkdir(a.p("d"), 0o755)
+        os.mkdir(a.p("e"))
+        wait_until(lambda: pending(a) == (0, 0), 30, "the mkdirs' drain")
+        wait_until(lambda: os.path.isdir(b.p("d")) and os.path.isdir(b.p("e")), 30, "B")
+        os.stat(a.p("d"))
+        # Pushed to A in this order: d's attributes dropped there once A sees e/x
+        # (which it looks up without d).
+        write_file(b.p("d", "x"), b"x")
+        write_file(b.p("e", "x"), b"x")
+        wait_until(lambda: os.path.exists(a.p("e", "x")), 30, "e/x on A")
+        dep.kill()
+        assert _errno_within(lambda: os.chmod(a.p("d"), 0o700), 8) == errno.EIO
+        assert pending(a) == (0, 0)
+        dep.start()
+        assert os.stat(b.p("d")).st_mode & 0o7777 == 0o755
+        assert os.stat(a.p("d")).st_mode & 0o7777 == 0o755
+    finally:
+        dep.kill()
+        other.kill()

@@ -56,7 +56,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import trio
@@ -64,6 +64,12 @@ import trio
 from nimbusfs.errors import local_io
 
 JOURNAL_NAME = "journal.db"
+# The journal's format (SQLite ``PRAGMA user_version``): 1 is the tables
+# below. A journal made before the version was written (0) has them, or a
+# subset that ``_SCHEMA`` completes. A mount refuses a journal of a later
+# version: it would replay part of it (an older mount ignores the ``ops``
+# rows it does not know) and remove the rest as drained.
+VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -123,6 +129,10 @@ class OpRecord:
         return int(self.args["ino"])
 
 
+class UnknownVersion(Exception):
+    """The journal was written by a newer mount (a later format): not opened."""
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
@@ -143,9 +153,20 @@ class _Group:
         self.error: BaseException | None = None
 
 
-def summary(cache_dir: str) -> tuple[int, int, float] | None:
-    """(files and operations, bytes, oldest first-close time) waiting in a mount's journal;
-    None: no journal.
+class Waiting(NamedTuple):
+    """What a mount's journal holds: ``records`` (files and operations), the staged
+    ``bytes`` of its files, the time the oldest record was journalled (unix time; 0:
+    none), and the ``files`` and namespace ``ops`` among the records."""
+
+    records: int
+    bytes: int
+    oldest: float
+    files: int
+    ops: int
+
+
+def summary(cache_dir: str) -> Waiting | None:
+    """What is waiting in a mount's journal; None: no journal.
 
     Read-only and without taking part in the writer's locking beyond SQLite's
     own, from any process.
@@ -155,15 +176,15 @@ def summary(cache_dir: str) -> tuple[int, int, float] | None:
         return None
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
-        n, size, oldest = conn.execute(
-            "SELECT sum(n), sum(b), min(c) FROM (SELECT count(*) AS n, coalesce(sum(bytes), 0)"
-            " AS b, min(created) AS c FROM pending UNION ALL SELECT count(*), 0, min(created)"
-            " FROM ops)").fetchone()
+        files, size, ops, oldest = conn.execute(  # one statement: one snapshot
+            "SELECT (SELECT count(*) FROM pending), (SELECT coalesce(sum(bytes), 0) FROM"
+            " pending), (SELECT count(*) FROM ops), (SELECT min(c) FROM (SELECT min(created)"
+            " AS c FROM pending UNION ALL SELECT min(created) FROM ops))").fetchone()
     except sqlite3.OperationalError:
         return None  # created but not initialised yet
     finally:
         conn.close()
-    return n, size, oldest or 0.0
+    return Waiting(files + ops, size, oldest or 0.0, files, ops)
 
 
 class Journal:
@@ -174,6 +195,14 @@ class Journal:
         with local_io(self.path):
             # Used from one worker thread at a time (``_lock``), never two at once.
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > VERSION:
+                self.db.close()
+                raise UnknownVersion(
+                    f"the write-back journal {self.path} has format {version}, this nimbusfs"
+                    f" knows up to {VERSION}: mount with the newer nimbusfs that wrote it"
+                    " (its pending changes are not drained yet)")
+            self.db.execute(f"PRAGMA user_version = {VERSION}")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)

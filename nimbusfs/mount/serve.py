@@ -36,7 +36,7 @@ from nimbusfs.blockstore import BlockStore, open_store
 from nimbusfs.cache import BlockCache
 from nimbusfs.client import TLS, MetaClient
 from nimbusfs.mount.adapter import Kernel, Operations
-from nimbusfs.mount.journal import JOURNAL_NAME, Journal
+from nimbusfs.mount.journal import JOURNAL_NAME, Journal, UnknownVersion
 from nimbusfs.mount.vfs import VFS
 from nimbusfs.mount.writeback import WriteBack
 from nimbusfs.services import notify_ready
@@ -183,7 +183,10 @@ def _open_journal(cfg: MountConfig) -> Journal | None:
     if not (cfg.writeback or os.path.exists(os.path.join(cfg.cache_dir, JOURNAL_NAME))):
         shutil.rmtree(staging, ignore_errors=True)
         return None
-    journal = Journal(cfg.cache_dir)
+    try:
+        journal = Journal(cfg.cache_dir)
+    except UnknownVersion as e:
+        raise MountFailed(str(e)) from None
     named = {r.state["staging"] for r in journal.records()}
     if os.path.isdir(staging):
         for name in os.listdir(staging):

@@ -225,6 +225,14 @@ class VFS:
         self._log_conflict({"time": time.time(), "inode": ino, "parent": parent,
                             "name": name.decode(errors="replace"), "copy_inode": copy["ino"]})
 
+    def record_refused(self, op: str, args: dict[str, Any], answer: list) -> None:
+        """A journalled namespace operation the server refused (``answer``: its errno and
+        message), gone from the journal: what it was, in ``conflicts.jsonl``."""
+        self._log_conflict({
+            "time": time.time(), "refused": op, "errno": answer[0], "error": str(answer[1]),
+            "args": {k: v.decode(errors="replace") if isinstance(v, bytes) else v
+                     for k, v in args.items()}})
+
     def _log_conflict(self, entry: dict[str, Any]) -> None:
         """Append to ``conflicts.jsonl`` (0600: it names files; the log names inodes only)."""
         fd = os.open(os.path.join(self.state_dir, "conflicts.jsonl"),
@@ -393,7 +401,11 @@ class VFS:
         if attr is None:
             token = self._gen
             try:
-                attr = await self.call("getattr", ino=self.srv(ino))
+                # Not waiting for journalled setattrs of it (``call``): the
+                # server's attributes with them on top (``_out``) are the
+                # answer, so a server out of reach fails this within the
+                # outage timeout rather than after the drain.
+                attr = await self.client.call("getattr", ino=self.srv(ino))
             except FSError as e:
                 f = self.files.get(ino)
                 if not (e.errno == errno.EIO and self.writeback is not None
@@ -454,6 +466,9 @@ class VFS:
         if changes and f is None and self.writeback is not None:
             # No file here holds it open (a directory, a symlink, a closed
             # file): journalled, shown at once (``_out``), applied in order.
+            # Its attributes (the answer) first: a server out of reach fails
+            # this with EIO before anything is journalled, not after.
+            await self.getattr(ino)
             self.writeback.setattr(self.srv(ino), changes)
             return await self.getattr(ino)
         if f is not None and changes.get("mtime") is not None:
@@ -687,6 +702,10 @@ class VFS:
         after it and applied in the same batch (a directory's new subdirectory),
         which this mount's estimate had counted."""
         self.attrs.pop(self.fuse(ino), None)
+        # A reply in flight (a getattr or lookup sent before it was applied,
+        # which shows the setattr only as long as it is pending) must not
+        # fill the cache again with what it saw.
+        self._gen += 1
 
     def refused(self, ino: int) -> None:
         """A journalled setattr of (server) inode ``ino`` was refused: shown as the server's."""

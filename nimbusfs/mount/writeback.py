@@ -60,7 +60,17 @@ lease that is not this mount's) the directory is gone here too and
 logged, and the entries made inside it are applied with ``keep`` in the
 volume's root: nothing is dropped. A ``setattr`` refused (the inode was
 deleted by another mount meanwhile) is logged and dropped: it changed
-nothing but attributes of an inode gone.
+nothing but attributes of an inode gone. Every refused operation is also
+appended, with its arguments, to ``conflicts.jsonl``.
+
+A record the server refuses whatever the batch (a whole ``batch`` request
+refused, not for an outage: arguments it does not take) can never drain:
+the records of that batch are sent one at a time until it is found, and
+after ``REFUSALS`` tries that refusal is its answer (a file's bytes saved
+under ``recovered/``, an operation logged), so the records after it drain,
+at a replay too. A request waiting for the drain of what it names waits
+no longer than the outage timeout while the drainer cannot reach the
+server or the store (``_until``): EIO, the journal untouched.
 
 Backpressure: past ``limit`` bytes journalled and not yet committed (or
 ``MAX_PENDING_FILES`` files), writes wait for the drainer (``room``); they
@@ -76,6 +86,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -109,6 +120,9 @@ OP_DELAY = 0.005
 # Waits between drain attempts that made no progress (the store or the
 # metaserver is down), and between sends of a batch through an outage.
 RETRY = Backoff(first=0.1, cap=5.0)
+# Times a record sent alone is refused as a whole (not an outage) before that
+# is its answer (``_send``).
+REFUSALS = 3
 
 
 class WriteBack:
@@ -144,6 +158,17 @@ class WriteBack:
         self._token = 0   # VFS.drops when the batch being answered was sent
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
+        # Whether the drainer's last attempt failed for an outage (a batch
+        # not answered within the outage timeout, a file not prepared: the
+        # store or the server out of reach), until a record is removed; and
+        # set (and replaced) on removals and on each such failure: what a
+        # bounded wait (``_until``) wakes up for.
+        self._down = False
+        self._news = trio.Event()
+        # A batch was refused as a whole (``_send``): records are sent one at
+        # a time until the one at fault is found; (seq, times) it was refused.
+        self._solo = False
+        self._refusals = (0, 0)
 
     # --- recording -------------------------------------------------------------
 
@@ -299,9 +324,42 @@ class WriteBack:
 
     async def settled(self, ino: int) -> None:
         """Return once the server has applied (or refused) every journalled operation
-        naming (server) inode ``ino``: before a request that names it to the server."""
-        while self._naming.get(ino):
-            await self._progress.wait()
+        naming (server) inode ``ino``: before a request that names it to the server.
+        EIO through an outage (``_until``)."""
+        await self._until(lambda: not self._naming.get(ino))
+
+    async def _until(self, ready: Callable[[], bool],
+                     step: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Wait until ``ready()`` (checked after each drain), running ``step`` before each
+        wait; FSError(EIO) once the outage timeout has passed while the drainer is
+        down (its last attempt failed for an outage).
+
+        So a request waiting for the drain of what it names fails as a call to
+        an unreachable server does, and never hangs the mount: the journal is
+        untouched (the records drain once the server is back, and the request
+        may be retried then). A drain that is slow but making progress (a long
+        queue, a large upload) is waited for: the timeout bounds an outage,
+        not the work ahead. ``step`` must be safe to cancel (``stage`` is).
+        """
+        timeout = self.vfs.client.outage_timeout
+        deadline = trio.current_time() + timeout
+        while not ready():
+            news = self._news   # set by a drain that ends while ``step`` runs
+            if trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    if step is not None:
+                        await step()
+                    await news.wait()
+                continue
+            # The timeout passed: down now, or at the drainer's next failure,
+            # is EIO; its next progress starts the bound again.
+            if not self._down:
+                await news.wait()
+                if not self._down:
+                    deadline = trio.current_time() + timeout
+                    continue
+            raise FSError(errno.EIO, "the write-back journal cannot drain (the metaserver or"
+                          " the store is out of reach): what it holds drains once it is back")
 
     def naming(self, ino: int) -> bool:
         """Whether journalled operations name (server) inode ``ino``."""
@@ -312,11 +370,10 @@ class WriteBack:
 
         Before an operation that names the file to the server (unlink,
         rename, link, xattrs, a chmod that cannot wait for the commit).
+        EIO through an outage (``_until``).
         """
-        while f.creating is not None and self.vfs.files.get(f.ino) is f:
-            progress = self._progress   # set by a drain that ends while this stages
-            await self.stage(f)
-            await progress.wait()
+        await self._until(lambda: f.creating is None or self.vfs.files.get(f.ino) is not f,
+                          lambda: self.stage(f))
 
     def _applied(self, f: OpenFile) -> None:
         """``f``'s create is applied (or given up, its bytes saved aside): not new any more."""
@@ -354,13 +411,16 @@ class WriteBack:
             old = self.pending.get(f.ino)
             rec = Record(f.ino, old.seq if old else self._seq, old.op_id if old else
                          uuid.uuid4().hex, state, size, old.created if old else time.time())
-            await self.journal.put(rec)
-            if old is None:
-                self._seq += 1
-            rec.state = {"staging": state["staging"]}   # the rest is the OpenFile's
-            self._add(rec)
-            self._edits[f.ino] = f.edits
-            self._place(f.ino)
+            # Not cancelled once the record is queued (a bounded wait, ``_until``):
+            # the journal row and this bookkeeping go together.
+            with trio.CancelScope(shield=True):
+                await self.journal.put(rec)
+                if old is None:
+                    self._seq += 1
+                rec.state = {"staging": state["staging"]}   # the rest is the OpenFile's
+                self._add(rec)
+                self._edits[f.ino] = f.edits
+                self._place(f.ino)
 
     def _place(self, ino: int) -> None:
         loc = self.vfs.names.get(ino)
@@ -388,7 +448,7 @@ class WriteBack:
         name without its content (a save by writing a temporary file and
         renaming it over the original is atomic for them too), and a commit
         never reaches a file this mount deleted or replaced meanwhile (which
-        would save it as a conflicted copy).
+        would save it as a conflicted copy). EIO through an outage (``_until``).
         """
         made = self.new.get(parent, {}).get(name, 0)
         new = self.vfs.files.get(made)
@@ -397,8 +457,8 @@ class WriteBack:
         elif made in self.dirs:
             await self.settled(made)
         ino = self._at.get((parent, name))
-        while ino is not None and ino in self.pending:
-            await self._progress.wait()
+        if ino is not None:
+            await self._until(lambda: ino not in self.pending)
 
     # --- draining --------------------------------------------------------------
 
@@ -415,9 +475,11 @@ class WriteBack:
                 await trio.sleep(next(waits))
 
     def _next(self) -> list[int | OpRecord]:
-        """The first ``BATCH_FILES`` records in drain order: files (by inode) and operations."""
-        first = heapq.nsmallest(BATCH_FILES, [*((r.seq, r.ino) for r in self.pending.values()),
-                                              *((seq, -1) for seq in self.ops)])
+        """The first ``BATCH_FILES`` records in drain order (one while looking for a record
+        refused as a whole, ``_solo``): files (by inode) and operations."""
+        first = heapq.nsmallest(1 if self._solo else BATCH_FILES,
+                                [*((r.seq, r.ino) for r in self.pending.values()),
+                                 *((seq, -1) for seq in self.ops)])
         return [self.ops[seq] if ino < 0 else ino for seq, ino in first]
 
     async def drained(self, give_up: float | None = None) -> bool:
@@ -471,9 +533,11 @@ class WriteBack:
                             "ino": ino, "lessee": self.journal.lessee, "keep": True}])
                     ops.append(["commit", self.pending[ino].op_id, p.args])
             op_answers: list[tuple[OpRecord, list]] = []
-            if ops:
-                self._token = self.vfs.drops
-                replies = iter(await self._send(ops))
+            whole = await self._send(ops, order) if ops else None
+            if whole is None:
+                sent = []   # not applied: every record stays for the next batch
+            else:
+                replies = iter(whole)
                 for item in order:
                     if isinstance(item, OpRecord):
                         op_answers.append((item, next(replies)))
@@ -497,9 +561,20 @@ class WriteBack:
             if f is not None and self.vfs.forget(f):
                 self.vfs.spawn(self.vfs.call, "purge", ino=self.vfs.srv(ino))
         if done or made or sent:
+            self._down = False
             self._progress.set()
             self._progress = trio.Event()
+            self._tell()
         return bool(done or sent)
+
+    def _stalled(self) -> None:
+        """An attempt failed for an outage: bounded waits past their timeout give up."""
+        self._down = True
+        self._tell()
+
+    def _tell(self) -> None:
+        self._news.set()
+        self._news = trio.Event()
 
     def _answered(self, rec: OpRecord, answer: list) -> None:
         """The server answered the journalled operation ``rec`` (its row is removed)."""
@@ -517,12 +592,16 @@ class WriteBack:
             # made inside it are applied with ``keep`` in the volume's root.
             log.error("write-back mkdir of inode %d refused: %s; the entries made in it go"
                       " to the volume's root", rec.ino, answer[1])
+            self.vfs.record_refused(rec.op, rec.args, answer)
             self.vfs.uncreated(rec.ino, rec.args["parent"], rec.args["name"])
         else:
             # Only attributes of an inode deleted meanwhile (by another mount,
-            # or by this one: an rmdir does not wait for a chmod before it).
+            # or by this one: an rmdir does not wait for a chmod before it), or
+            # a record this server can never take (``_send``): logged, as
+            # every refused operation is, in conflicts.jsonl.
             log.warning("write-back setattr of inode %d refused (%s): dropped", rec.ino,
                         answer[1])
+            self.vfs.record_refused(rec.op, rec.args, answer)
             self.vfs.refused(rec.ino)
         self._unhold(rec)
 
@@ -562,6 +641,7 @@ class WriteBack:
             except Exception as e:
                 log.warning("write-back of inode %d not ready: %s; retrying", ino,
                             fs_error(e) or e)
+                self._stalled()
             finally:
                 ready.set()
             await answered.wait()
@@ -620,20 +700,51 @@ class WriteBack:
             # copy's name), or the directory removed (the volume's root).
             self.vfs.moved_by_server(f.ino, asked, (attr["parent"], attr["name"]))
 
-    async def _send(self, ops: list[list]) -> list[list]:
-        """Send a batch of operations until it is answered (the same op_ids every time).
+    async def _send(self, ops: list[list], order: list[int | OpRecord]) -> list[list] | None:
+        """Send a batch of operations (of the records ``order``) until it is answered (the
+        same op_ids every time); None if it was refused as a whole and not applied.
 
-        An outage fails a call with EIO after the client's outage timeout: the
-        batch is sent again, as a replay (each commit is applied once). Any
-        other error of the whole request is every commit's answer.
+        An outage fails a call with EIO after the client's outage timeout, and
+        a token refused (EACCES, EPERM) is no record's fault: the batch is sent
+        again, as a replay (each operation is applied once). Any other error of
+        the whole request (EINVAL: arguments this server does not take) comes
+        from one record that can never drain, and must not block or refuse
+        the others: a batch of several records is not applied, and they are
+        sent one at a time (``_solo``) until that one is found; a batch of one
+        record refused ``REFUSALS`` times in a row (with the drainer's backoff
+        between) gets the error as its answer: saved aside, its record
+        removed, as a refused operation is.
         """
         waits = RETRY.delays()
         while True:
             try:
-                return await self.vfs.client.call("batch", ops=ops)
+                replies = await self.vfs.client.call("batch", ops=ops)
+                self._solo = False
+                return replies
             except FSError as e:
-                if e.errno != errno.EIO:
-                    return [[e.errno, e.message]] * len(ops)
-                log.warning("write-back of %d files waits for the metaserver: %s", len(ops),
-                            e.message)
+                if e.errno not in (errno.EIO, errno.EACCES, errno.EPERM):
+                    return self._refused_whole(e, ops, order)
+                log.warning("write-back of %d records waits for the metaserver: %s",
+                            len(order), e.message)
+                self._stalled()
             await trio.sleep(next(waits))
+
+    def _refused_whole(self, e: FSError, ops: list[list], order: list[int | OpRecord]
+                       ) -> list[list] | None:
+        """``_send``'s answer to the batch ``ops`` (of records ``order``) refused as a whole."""
+        first = order[0]
+        seq = first.seq if isinstance(first, OpRecord) else self.pending[first].seq
+        if len(order) > 1:
+            log.warning("write-back batch of %d records refused as a whole (%s): sent one at"
+                        " a time to find the record at fault", len(order), e.message)
+            self._solo = True
+            return None
+        tries = self._refusals[1] + 1 if self._refusals[0] == seq else 1
+        if tries < REFUSALS:
+            log.warning("write-back record %d refused (%s): retried (%d of %d)", seq,
+                        e.message, tries, REFUSALS)
+            self._refusals = (seq, tries)
+            return None
+        self._refusals = (0, 0)
+        self._solo = False
+        return [[e.errno, e.message]] * len(ops)
