@@ -8,6 +8,7 @@ cannot reach while another mount can.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+from collections.abc import Iterator
 
 import blake3
 import pytest
@@ -51,6 +53,26 @@ def pending(m) -> tuple[int, int]:
     return (s[0], s[1]) if s else (0, 0)
 
 
+@contextlib.contextmanager
+def own_server(services, name: str) -> Iterator:
+    """A metaserver of the test's own on the shared database and block directory (so that
+    killing and restarting it touches no other test), killed at the end."""
+    dep = start_metaserver(services.emb, name, "file://" + services.emb.path("blocks"),
+                           services.env)
+    try:
+        yield dep
+    finally:
+        dep.kill()
+
+
+def take_lease(m) -> None:
+    """A first file, drained: the mount holds a lease of inode numbers, and lists its root
+    so that it knows the names there are free without asking (creates need no server)."""
+    write_file(m.p("first"), b"1")
+    wait_until(lambda: pending(m) == (0, 0), 30, "the first drain")
+    os.listdir(m.p())
+
+
 def server_view(dep, token: str, *names: str) -> list[dict]:
     """What the metaserver holds for names in the volume's root: attrs and versions."""
     from nimbusfs.client import connect
@@ -66,8 +88,10 @@ def server_view(dep, token: str, *names: str) -> list[dict]:
     return trio.run(run)
 
 
-def twin(services, dep, name: str):
-    """A second metaserver on ``dep``'s database (the server is stateless)."""
+@contextlib.contextmanager
+def twin(services, dep, name: str) -> Iterator:
+    """A second metaserver on ``dep``'s database (the server is stateless), killed at the
+    end."""
     from conftest import Deployment
 
     info = services.emb.path("run", f"server-{name}.json")
@@ -79,8 +103,12 @@ def twin(services, dep, name: str):
     wait_until(lambda: os.path.exists(info) or proc.poll() is not None, 60, "metaserver")
     with open(info) as f:
         bound = json.load(f)
-    return Deployment(dep.dsn, bound["address"], dep.blocks, proc, argv, log_path, dep.env,
-                      bound["http"])
+    other = Deployment(dep.dsn, bound["address"], dep.blocks, proc, argv, log_path, dep.env,
+                       bound["http"])
+    try:
+        yield other
+    finally:
+        other.kill()
 
 
 def test_close_is_local_reads_see_pending_and_other_mounts_get_it(mount_factory):
@@ -259,9 +287,7 @@ def test_kill_during_extraction_20_rounds(mount_factory, world_tmp):
 
 def test_server_down_writes_continue_and_drain_once(services, mount_factory):
     """Closes return while the metaserver is down; after its restart each file has one version."""
-    dep = start_metaserver(services.emb, "wb_outage", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_outage") as dep:
         m = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         names = [f"f{i}" for i in range(20)]
         fds = [os.open(m.p(n), os.O_RDWR | os.O_CREAT) for n in names]
@@ -279,17 +305,13 @@ def test_server_down_writes_continue_and_drain_once(services, mount_factory):
         m.remount(drop_cache=True)
         for i, n in enumerate(names):
             assert read_file(m.p(n)) == pattern(b"o%d" % i, 100_000 * (i % 3) + 10)
-    finally:
-        dep.kill()
 
 
 def test_pending_change_loses_to_another_mount_as_a_conflicted_copy(services, mount_factory):
     """A's change waits (its server is down, then A crashes); B changes the file; A's replay
     makes A's bytes a conflicted copy beside B's version: nothing is lost."""
-    dep = start_metaserver(services.emb, "wb_conflict", "file://" + services.emb.path("blocks"),
-                           services.env)
-    other = twin(services, dep, "wb_conflict_twin")
-    try:
+    with (own_server(services, "wb_conflict") as dep,
+          twin(services, dep, "wb_conflict_twin") as other):
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         b = mount_factory("local", a.token, other)
         write_file(a.p("f"), b"base")
@@ -309,16 +331,11 @@ def test_pending_change_loses_to_another_mount_as_a_conflicted_copy(services, mo
         assert len(copies) == 1, os.listdir(a.p())
         assert read_file(a.p(copies[0])) == b"mine"
         wait_until(lambda: copies[0] in os.listdir(b.p()), 30, "the copy on B")
-    finally:
-        dep.kill()
-        other.kill()
 
 
 def test_limit_reached_writes_wait_then_continue(services, mount_factory):
     """Past --writeback-limit writes wait (never fail) until the drainer catches up."""
-    dep = start_metaserver(services.emb, "wb_limit", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_limit") as dep:
         m = mount_factory("local", None, dep, "--writeback", "--writeback-limit", "1M",
                           "--outage-timeout", "2")
         n = 6
@@ -342,8 +359,6 @@ def test_limit_reached_writes_wait_then_continue(services, mount_factory):
         wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
         for i in range(n):
             assert read_file(m.p(f"f{i}")) == pattern(b"l%d" % i, 512 << 10)
-    finally:
-        dep.kill()
 
 
 def test_creates_need_no_server_and_reach_other_mounts_once_drained(services, mount_factory):
@@ -351,13 +366,10 @@ def test_creates_need_no_server_and_reach_other_mounts_once_drained(services, mo
     looked up and read on the writer at once (leased inode numbers, a journalled create);
     a kill -9 before the restart loses none: after it another mount sees them with
     their bytes, each created once."""
-    dep = start_metaserver(services.emb, "wb_ns", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_ns") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         os.mkdir(a.p("d"))
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
+        take_lease(a)
         dep.kill()
         files = {f"d/n{i}": pattern(b"n%d" % i, 10 + 997 * i) for i in range(40)}
         for name, data in files.items():
@@ -380,8 +392,6 @@ def test_creates_need_no_server_and_reach_other_mounts_once_drained(services, mo
             assert read_file(b.p(name)) == data, name
         view = server_view(dep, a.token, "first")
         assert view[0]["versions"] == 1
-    finally:
-        dep.kill()
 
 
 def test_mkdir_and_setattr_need_no_server_and_reach_other_mounts_once_drained(
@@ -389,13 +399,9 @@ def test_mkdir_and_setattr_need_no_server_and_reach_other_mounts_once_drained(
     """Namespace write-back of directories and attributes: with the metaserver down, a
     directory tree is made, its modes and times set, files created in it, all seen at
     once on the writer; after the restart another mount sees the same, each made once."""
-    dep = start_metaserver(services.emb, "wb_dirs", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_dirs") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())   # A knows "top" is free without asking
+        take_lease(a)
         dep.kill()
         os.mkdir(a.p("top"), 0o700)
         os.mkdir(a.p("top", "sub"))
@@ -421,8 +427,6 @@ def test_mkdir_and_setattr_need_no_server_and_reach_other_mounts_once_drained(
         assert read_file(b.p("top", "sub", "f")) == b"in a new directory"
         assert [n for n in os.listdir(b.p()) if n.startswith("top")] == ["top"]
         assert os.stat(a.p("top")).st_ino == os.stat(b.p("top")).st_ino
-    finally:
-        dep.kill()
 
 
 def test_a_name_taken_meanwhile_keeps_the_made_directory_as_a_conflicted_copy(
@@ -430,15 +434,11 @@ def test_a_name_taken_meanwhile_keeps_the_made_directory_as_a_conflicted_copy(
     """A makes directory ``d`` (a file in it) while its server is down; B makes ``d``
     meanwhile: after A's drain B's ``d`` is unchanged and A's directory, with its file,
     is kept beside it under the conflicted-copy name."""
-    dep = start_metaserver(services.emb, "wb_dtaken", "file://" + services.emb.path("blocks"),
-                           services.env)
-    other = twin(services, dep, "wb_dtaken_twin")
-    try:
+    with (own_server(services, "wb_dtaken") as dep,
+          twin(services, dep, "wb_dtaken_twin") as other):
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         b = mount_factory("local", a.token, other, "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())
+        take_lease(a)
         dep.kill()
         os.mkdir(a.p("d"))
         write_file(a.p("d", "mine"), b"mine")
@@ -454,24 +454,17 @@ def test_a_name_taken_meanwhile_keeps_the_made_directory_as_a_conflicted_copy(
         assert read_file(b.p(copies(b)[0], "mine")) == b"mine"
         wait_until(lambda: len(copies(a)) == 1, 30, "the copy on A")
         assert read_file(a.p(copies(a)[0], "mine")) == b"mine"
-    finally:
-        dep.kill()
-        other.kill()
 
 
 def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(services,
                                                                             mount_factory):
     """A creates ``x`` while its server is down; B creates ``x`` meanwhile: after A's drain
     B's file is ``x`` and A's is kept beside it under the conflicted-copy name."""
-    dep = start_metaserver(services.emb, "wb_taken", "file://" + services.emb.path("blocks"),
-                           services.env)
-    other = twin(services, dep, "wb_taken_twin")
-    try:
+    with (own_server(services, "wb_taken") as dep,
+          twin(services, dep, "wb_taken_twin") as other):
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         b = mount_factory("local", a.token, other, "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())   # A knows "x" is free without asking
+        take_lease(a)
         dep.kill()
         write_file(a.p("x"), b"mine")
         assert read_file(a.p("x")) == b"mine"
@@ -489,21 +482,14 @@ def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(serv
         assert read_file(a.p(copies(a)[0])) == b"mine"
         with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
             assert any(json.loads(line).get("kept_as") == copies(a)[0] for line in f)
-    finally:
-        dep.kill()
-        other.kill()
 
 
 def test_fsync_of_a_directory_makes_its_new_entries_durable(services, mount_factory):
     """A journalled mkdir is durable once an fsync of its parent directory returned (as
     on a local disk, and as an application that fsyncs the directory counts on)."""
-    dep = start_metaserver(services.emb, "wb_fsyncdir", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_fsyncdir") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())
+        take_lease(a)
         dep.kill()
         fd = os.open(a.p(), os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -517,53 +503,41 @@ def test_fsync_of_a_directory_makes_its_new_entries_durable(services, mount_fact
         a.start()
         assert sorted(n for n in os.listdir(a.p()) if n.startswith("d")) == sorted(
             f"d{i}" for i in range(20))
-    finally:
-        dep.kill()
+
+
+def pending_behind_a_mkdir(a, dep) -> None:
+    """``f`` created, written and closed on ``a`` while its server is down, journalled
+    behind a mkdir: the drainer sends a batch of the mkdir alone, again and again, so
+    ``f`` stays pending with its lock free (in no batch)."""
+    dep.kill()
+    os.mkdir(a.p("d"))
+    wait_until(lambda: "write-back of 1 records waits" in a.log(), 60, "the mkdir's batch")
+    write_file(a.p("f"), b"pending")
 
 
 def test_utimens_of_a_file_created_here_and_closed_sets_its_mtime(services, mount_factory):
     """utimens of a file created here, closed and not drained yet: shown at once and
     committed with it (the commit carries the file's mtime: it was left at the close's)."""
-    dep = start_metaserver(services.emb, "wb_utime", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_utime") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())   # A knows the names are free without asking
-        dep.kill()
-        # The drainer sends a batch of this mkdir alone, again and again: the
-        # file journalled after it is pending, its lock free (not in a batch).
-        os.mkdir(a.p("d"))
-        wait_until(lambda: "write-back of 1 files waits" in a.log(), 60, "the mkdir's batch")
-        write_file(a.p("f"), b"pending")
+        take_lease(a)
+        pending_behind_a_mkdir(a, dep)
         os.utime(a.p("f"), ns=(1_000_000_000, 2_000_000_000))
         assert os.stat(a.p("f")).st_mtime_ns == 2_000_000_000
         dep.start()
         wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
         b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
         assert os.stat(b.p("f")).st_mtime_ns == 2_000_000_000
-    finally:
-        dep.kill()
 
 
 def test_attributes_set_on_a_closed_pending_file_survive_a_crash(services, mount_factory):
     """chmod and utimens of a file created here and closed (journalled, not drained)
     are kept for its first commit: a later close that returned makes them durable too,
     as the journalled operations before it are; after kill -9 the file has them."""
-    dep = start_metaserver(services.emb, "wb_deferred", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_deferred") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())   # A knows the names are free without asking
-        dep.kill()
-        # The drainer sends a batch of this mkdir alone, again and again: the
-        # file journalled after it is pending, its lock free (not in a batch).
-        os.mkdir(a.p("d"))
-        wait_until(lambda: "write-back of 1 files waits" in a.log(), 60, "the mkdir's batch")
-        write_file(a.p("f"), b"pending")
+        take_lease(a)
+        pending_behind_a_mkdir(a, dep)
         os.chmod(a.p("f"), 0o751)
         os.utime(a.p("f"), ns=(1_000_000_000, 2_000_000_000))
         st = os.stat(a.p("f"))
@@ -576,8 +550,6 @@ def test_attributes_set_on_a_closed_pending_file_survive_a_crash(services, mount
         st = os.stat(b.p("f"))
         assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o751, 2_000_000_000)
         assert read_file(b.p("f")) == b"pending"
-    finally:
-        dep.kill()
 
 
 def test_a_change_the_server_cannot_store_is_einval_not_a_refused_drain(mount_factory):
@@ -622,9 +594,7 @@ def test_a_directory_chmodded_then_given_a_subdirectory_shows_both_once_drained(
     """chmod of a directory, then a mkdir in it, drained in one batch: the directory's
     attributes this mount shows afterwards count the new subdirectory and its time (the
     answer to the chmod is the directory before the mkdir), as another mount's do."""
-    dep = start_metaserver(services.emb, "wb_nlink", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_nlink") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         os.mkdir(a.p("d"))
         wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
@@ -640,8 +610,6 @@ def test_a_directory_chmodded_then_given_a_subdirectory_shows_both_once_drained(
         assert (here.st_nlink, here.st_mode) == (there.st_nlink, there.st_mode) == (
             3, 0o40750)
         assert here.st_mtime_ns >= os.stat(a.p("d", "x")).st_ctime_ns
-    finally:
-        dep.kill()
 
 
 def _errno_within(fn, bound: float) -> int:
@@ -668,13 +636,9 @@ def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(servic
     """With the metaserver down, a rename of a pending file and an rmdir of a pending
     directory wait for their drain no longer than the outage timeout: EIO, the journal
     untouched; after the restart it drains and the same requests succeed."""
-    dep = start_metaserver(services.emb, "wb_hang", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_hang") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())   # A knows "f" and "d" are free without asking
+        take_lease(a)
         dep.kill()
         write_file(a.p("f"), b"pending")
         os.mkdir(a.p("d"))
@@ -689,8 +653,6 @@ def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(servic
         b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
         assert sorted(os.listdir(b.p())) == ["first", "g"]
         assert read_file(b.p("g")) == b"pending"
-    finally:
-        dep.kill()
 
 
 def test_a_journal_of_a_later_format_is_refused(mount_factory):
@@ -738,13 +700,9 @@ def test_a_record_the_server_refuses_as_a_whole_does_not_block_or_refuse_the_oth
 
     from nimbusfs.mount.journal import JOURNAL_NAME
 
-    dep = start_metaserver(services.emb, "wb_refused", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_refused") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())
+        take_lease(a)
         ino = os.stat(a.p("first")).st_ino
         mode = os.stat(a.p("first")).st_mode
         dep.kill()
@@ -769,20 +727,14 @@ def test_a_record_the_server_refuses_as_a_whole_does_not_block_or_refuse_the_oth
             refused = [e for e in map(json.loads, f) if e.get("refused")]
         assert [(e["refused"], e["args"]["colour"]) for e in refused] == [("setattr", 1)]
         assert "setattr refused" in status(a, world_tmp)
-    finally:
-        dep.kill()
 
 
 def test_status_shows_pending_operations_apart_from_files(services, mount_factory, world_tmp):
     """``nimbusfs status`` counts a write-back mount's journalled namespace operations
     apart from its pending files (and their bytes)."""
-    dep = start_metaserver(services.emb, "wb_status", "file://" + services.emb.path("blocks"),
-                           services.env)
-    try:
+    with own_server(services, "wb_status") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        write_file(a.p("first"), b"1")   # takes the first lease
-        wait_until(lambda: pending(a) == (0, 0), 30, "the first drain")
-        os.listdir(a.p())
+        take_lease(a)
         dep.kill()
         os.mkdir(a.p("d"))
         os.chmod(a.p("d"), 0o700)
@@ -792,8 +744,6 @@ def test_status_shows_pending_operations_apart_from_files(services, mount_factor
         dep.start()
         wait_until(lambda: pending(a) == (0, 0), 60, "the drain")
         assert "write-back:" not in status(a, world_tmp)
-    finally:
-        dep.kill()
 
 
 def test_a_chmod_whose_attributes_are_unknown_fails_through_an_outage_without_journalling(
@@ -801,10 +751,8 @@ def test_a_chmod_whose_attributes_are_unknown_fails_through_an_outage_without_jo
     """A chmod of a directory whose attributes left this mount's cache, with its server
     down: EIO within the outage timeout (not a wait for the drain), and nothing
     journalled: after the restart the mode is unchanged."""
-    dep = start_metaserver(services.emb, "wb_chmod", "file://" + services.emb.path("blocks"),
-                           services.env)
-    other = twin(services, dep, "wb_chmod_twin")
-    try:
+    with (own_server(services, "wb_chmod") as dep,
+          twin(services, dep, "wb_chmod_twin") as other):
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         b = mount_factory("local", a.token, other, "--outage-timeout", "2")
         os.mkdir(a.p("d"), 0o755)
@@ -823,6 +771,3 @@ def test_a_chmod_whose_attributes_are_unknown_fails_through_an_outage_without_jo
         dep.start()
         assert os.stat(b.p("d")).st_mode & 0o7777 == 0o755
         assert os.stat(a.p("d")).st_mode & 0o7777 == 0o755
-    finally:
-        dep.kill()
-        other.kill()

@@ -409,14 +409,17 @@ class WriteBack:
             elif st is not None:
                 await trio.to_thread.run_sync(st.sync)
             old = self.pending.get(f.ino)
-            rec = Record(f.ino, old.seq if old else self._seq, old.op_id if old else
-                         uuid.uuid4().hex, state, size, old.created if old else time.time())
+            seq = old.seq if old else self._seq
+            if old is None:
+                # Taken before the journal write's await: records journalled
+                # meanwhile (another close, a mkdir) come after it, never beside it.
+                self._seq += 1
+            rec = Record(f.ino, seq, old.op_id if old else uuid.uuid4().hex, state, size,
+                         old.created if old else time.time())
             # Not cancelled once the record is queued (a bounded wait, ``_until``):
             # the journal row and this bookkeeping go together.
             with trio.CancelScope(shield=True):
                 await self.journal.put(rec)
-                if old is None:
-                    self._seq += 1
                 rec.state = {"staging": state["staging"]}   # the rest is the OpenFile's
                 self._add(rec)
                 self._edits[f.ino] = f.edits
