@@ -204,6 +204,21 @@ class Writer:
         self.edits += 1
         return True
 
+    def set_mtime(self, mtime: int) -> None:
+        """utimens: the coming commit carries ``mtime``, not the time of the last write
+        (``cp -a``, ``rsync``, ``tar x`` set it after writing), deferred or not."""
+        self.mtime = mtime
+        self.edits += 1
+
+    def attrs_sent(self, attr: dict[str, Any], mode_set: bool) -> None:
+        """chmod/chown/utimens went to the server directly, with the changes deferred so
+        far (the caller holds the lock): the server's ``attr`` is the file's now, and a
+        mode set after a write stands (as on Linux: ``kill_priv`` no longer applies)."""
+        self.deferred.clear()
+        self.attr = attr   # the mode ``defer`` checks
+        if mode_set:
+            self.kill_priv = False
+
     # --- the front end's hooks -----------------------------------------------------
 
     def commit_hint(self) -> dict[str, Any]:

@@ -472,11 +472,9 @@ class VFS:
             self.writeback.setattr(self.srv(ino), changes)
             return await self.getattr(ino)
         if f is not None and changes.get("mtime") is not None:
-            # The coming commit must not undo utimens (cp -a, rsync, tar): also
-            # that of a file created here, whose deferred changes leave mtime
-            # to the commit.
-            f.mtime = changes["mtime"]
-            f.edits += 1
+            # The coming commit must not undo utimens: also that of a file
+            # created here, whose deferred changes leave mtime to the commit.
+            f.set_mtime(changes["mtime"])
         if changes and f is not None and f.creating is not None and self.writeback is not None:
             async with f.lock:
                 if f.defer(changes):
@@ -494,10 +492,7 @@ class VFS:
                 # Sent now, with any deferred ones (a later commit must not
                 # apply those over this).
                 attr = await self._setattr(ino, {**f.deferred, **changes})
-                f.deferred.clear()
-                f.attr = attr  # the mode ``defer`` checks
-                if "mode" in changes:
-                    f.kill_priv = False  # a mode set after the write stands, as on Linux
+                f.attrs_sent(attr, "mode" in changes)
                 return self._out(attr)
         if changes:
             return self._out(await self._setattr(ino, changes))
