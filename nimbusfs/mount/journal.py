@@ -238,7 +238,7 @@ class Journal:
         """Make ``rec`` durable (replacing the state of its inode's row); group-committed."""
         group = self._group
         group.rows[rec.ino] = rec  # a later close of the same file in the same group wins
-        await self._commit(group)
+        await self.commit(group)
 
     def add_op(self, rec: OpRecord, written: Callable[[], None]) -> _Group | None:
         """Add the namespace operation ``rec`` (a new row) to the group being filled.
@@ -255,9 +255,9 @@ class Journal:
         group.committer = True
         return group
 
-    async def _commit(self, group: _Group) -> None:
-        """Return once ``group`` is written: by this caller if it is the first to get here.
-        (``commit``: the same, for the task ``add_op`` named.)"""
+    async def commit(self, group: _Group) -> None:
+        """Return once ``group`` is written: by this caller if it is the first to get here
+        (``put``'s callers, and the task ``add_op`` named)."""
         async with self._lock:
             if not group.done.is_set():
                 # The first of this group's callers to get here writes all of it.
@@ -275,12 +275,10 @@ class Journal:
         if group.error is not None:
             raise group.error
 
-    commit = _commit
-
     async def sync(self) -> None:
         """Return once every row added so far is durable (the group being filled is
         written now, after any group being written: one lock, in order)."""
-        await self._commit(self._group)
+        await self.commit(self._group)
 
     def _write(self, rows: list[Record], ops: list[OpRecord]) -> None:
         self._transaction([(
