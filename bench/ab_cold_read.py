@@ -12,8 +12,15 @@ file on one nimbus-gcs target, then for each round measures the raw client
 dropped, cache directory deleted, remounted) once with the mount run from
 each tree given (A, B, ...) and once from this one (the last letter);
 ``--write`` first writes a new file of that size with fsync and times it.
-It prints MB/s, the mount's CPU seconds (and the kernel's share), the load
-average and how idle the CPUs were.
+Each round starts one tree later than the one before (A B C, B C A, ...):
+the first read after the raw client's download ran slower in some sets.
+
+Per read it prints MB/s and its share of that round's raw download, how
+long the first 16 MiB took (the ramp: threads, connections and readahead
+starting), the mount's CPU seconds split between its trio thread (FUSE
+requests, the cache) and the others (block transfers, hash checks), each
+user+system, the load average and how idle the CPUs were; at the end the
+median and range of each variant over the rounds.
 """
 
 from __future__ import annotations
@@ -21,16 +28,18 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import ExitStack
 from functools import partial
 
 import harness
 from gcs import emulator, raw_baseline
-from harness import MIB, cpu_times
-from jobs import read_all, stream, write_stream
+from harness import MIB
+from jobs import stream, write_stream
 from targets import Nimbus, open_target
 
 HERE = harness.ROOT
@@ -43,6 +52,34 @@ def use(tree: str) -> None:
         os.environ.pop("PYTHONPATH", None)
     else:
         os.environ["PYTHONPATH"] = tree
+
+
+def thread_cpu(pid: int) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds of a process's main thread ("trio") and of the others."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"trio": (0.0, 0.0), "threads": (0.0, 0.0)}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                v = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:   # a worker thread that just ended: its time is lost
+            continue
+        k = "trio" if tid == str(pid) else "threads"
+        out[k] = (out[k][0] + int(v[11]) / tick, out[k][1] + int(v[12]) / tick)
+    return out
+
+
+def read_ramp(path: str, ramp: int = 16 * MIB) -> float:
+    """Read ``path`` to its end in 1 MiB reads; the seconds its first ``ramp`` bytes took."""
+    t0 = time.perf_counter()
+    first = 0.0
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while b := f.read(MIB):
+            n += len(b)
+            if not first and n >= ramp:
+                first = time.perf_counter() - t0
+    return first
 
 
 def cpu_busy() -> tuple[int, int]:
@@ -72,35 +109,48 @@ def main() -> None:
         assert isinstance(t, Nimbus)
         path = os.path.join(t.root, "seq.bin")
         write_stream(path, stream(args.mib, b"ab"))
+        names = list(trees)
+        got: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
         for r in range(1, args.rounds + 1):
             raw = raw_baseline(emu, args.mib)
+            down = raw["download MB/s"]
+            got["raw"].append((down, 100.0, 0.0))
             print(f"round {r}: raw client upload {raw['upload MB/s']:.0f} MB/s, download"
-                  f" {raw['download MB/s']:.0f} MB/s", flush=True)
-            for name, tree in trees.items():
-                use(tree)
+                  f" {down:.0f} MB/s", flush=True)
+            k = (r - 1) % len(names)
+            for name in names[k:] + names[:k]:
+                use(trees[name])
                 t.cold()
                 if args.write:
                     new = os.path.join(t.root, f"new-{r}-{name}.bin")
-                    dt, cpu, idle = measured(t, partial(write_stream, new,
-                                                        stream(args.mib, new.encode())))
+                    dt, _, cpu, idle = measured(t, partial(write_stream, new,
+                                                           stream(args.mib, new.encode())))
                     os.unlink(new)
                     print(f"  {name}: write+fsync {mb / dt:.0f} MB/s, {cpu}, {idle}", flush=True)
                     t.cold()
-                dt, cpu, idle = measured(t, lambda: read_all(path))
-                print(f"  {name}: cold read {mb / dt:.0f} MB/s, {cpu}, {idle}", flush=True)
+                dt, ramp, cpu, idle = measured(t, lambda: read_ramp(path))
+                got[name].append((mb / dt, 100 * mb / dt / down, 1000 * ramp))
+                print(f"  {name}: cold read {mb / dt:.0f} MB/s ({100 * mb / dt / down:.0f}% of"
+                      f" raw), first 16 MiB {1000 * ramp:.0f} ms, {cpu}, {idle}", flush=True)
+        print("medians (ranges):")
+        for name, rows in got.items():
+            cols = [sorted(c) for c in zip(*rows, strict=True)]
+            med = [f"{statistics.median(c):.0f} ({c[0]:.0f}-{c[-1]:.0f})" for c in cols]
+            print(f"  {name}: {med[0]} MB/s, {med[1]} % of raw"
+                  + ("" if name == "raw" else f", first 16 MiB {med[2]} ms"))
 
 
-def measured(t: Nimbus, fn: Callable[[], object]) -> tuple[float, str, str]:
-    """``fn()``'s wall seconds, the mount's CPU during it, and the load then."""
+def measured(t: Nimbus, fn: Callable[[], float | None]) -> tuple[float, float, str, str]:
+    """``fn()``'s wall seconds and result, the mount's CPU during it, and the load then."""
     pid = t._pid()
-    c0, i0 = cpu_times(pid), cpu_busy()
+    c0, i0 = thread_cpu(pid), cpu_busy()
     t0 = time.perf_counter()
-    fn()
+    result = fn()
     dt = time.perf_counter() - t0
-    c1, i1 = cpu_times(pid), cpu_busy()
+    c1, i1 = thread_cpu(pid), cpu_busy()
     idle = 100 * (i1[0] - i0[0]) / max(1, i1[1] - i0[1])
-    user, system = c1[0] - c0[0], c1[1] - c0[1]
-    return (dt, f"mount CPU {user + system:.2f} s (system {system:.2f})",
+    cpu = ", ".join(f"{k} {c1[k][0] - c0[k][0]:.2f}+{c1[k][1] - c0[k][1]:.2f}" for k in c0)
+    return (dt, result or 0.0, f"mount CPU s (user+system): {cpu}",
             f"load {os.getloadavg()[0]:.1f}, CPUs {idle:.0f}% idle")
 
 if __name__ == "__main__":

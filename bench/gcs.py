@@ -97,6 +97,8 @@ class Emulator:
     url: str
     up: Synchronized      # bytes clients sent (uploads, requests)
     down: Synchronized    # bytes clients received
+    server_pid: int       # fake-gcs-server
+    proxy_pid: int        # the counting proxy
 
     def uploaded(self) -> int:
         return self.up.value
@@ -145,7 +147,8 @@ def emulator(base: str) -> Iterator[Emulator]:
             except OSError:
                 return False
         wait_until(ready, 30, "fake-gcs-server")
-        yield Emulator(url, up, down)
+        assert proxy.pid is not None
+        yield Emulator(url, up, down, server.pid, proxy.pid)
     finally:
         if server is not None:
             server.terminate()
