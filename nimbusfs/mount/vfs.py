@@ -23,16 +23,19 @@ are visible to every mount as soon as they return; but in write-back mode a
 create is local (``_create_here``: a leased inode number, the create
 journalled with the file's first close), and until the server has applied
 it the file is this mount's alone: lookups, getattr and readdir answer for
-it from ``WriteBack.new``, and any request naming it waits for its create
-(``call``). So are a mkdir (``_mkdir_here``) and a chmod/chown/utimens
-of an inode no file here holds open (journalled as an operation): until
-applied, lookups, getattr and readdir answer the new directory from
+it from the overlay of names changed here (``WriteBack.entries``), and any
+request naming it by number waits for its create (``call``). So are a
+mkdir (``_mkdir_here``), a rename (``_rename_here``), an unlink
+(``_unlink_here``) and a chmod/chown/utimens of an inode no file here holds
+open (journalled as operations): until applied, lookups and readdir answer
+from the overlay first (``_overlaid``), a new directory from
 ``WriteBack.made`` (its listing is known: empty but for what is made in it
-here), every attribute this mount shows carries the pending changes
-(``_out``), and a request naming such an inode to the server (by number,
-or by name for a new directory: ``rmdir``, ``rename``, ``unlink``) waits
-until its operations are applied, so the server sees this mount's
-operations on an inode in the order they were made. File content is
+here), every attribute this mount shows carries the pending changes and
+removed links (``_out``), and a request naming such an inode to the server
+(by number, or by a name in a directory whose names changed here and the
+overlay does not answer for: ``rmdir``, ``link``, ``symlink``) waits until
+its operations are applied, so the server sees this mount's operations in
+the order they were made. File content is
 close-to-open: a close or fsync commits it before returning, and every open
 asks the server for the current version. In write-back mode (``writeback``)
 a close or fsync journals the file's changes on the local disk instead, and

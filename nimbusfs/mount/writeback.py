@@ -63,6 +63,19 @@ deleted by another mount meanwhile) is logged and dropped: it changed
 nothing but attributes of an inode gone. Every refused operation is also
 appended, with its arguments, to ``conflicts.jsonl``.
 
+Renames and unlinks (namespace write-back, continued) are journalled
+operations too, checked by the VFS against this mount's view at call time.
+Names changed here are an overlay (``entries``: parent -> name -> the
+inode it names now, or None, and the operation that set it) that lookups
+and listings consult before the server, until that operation is answered;
+a pending file's record comes before a rename of it in the drain order
+(its commit goes to the inode, wherever it is named). The server applies
+them naming the inodes this mount saw: a source that is another inode now
+is refused (ESTALE: nothing moves), a target another mount changed
+meanwhile stays and the renamed file takes the conflicted copy's name
+(``keep``); an unlink of a name that is another inode's now is refused.
+Refused, both names show the server's entries again; logged as the others.
+
 A record the server refuses whatever the batch (a whole ``batch`` request
 refused, not for an outage: arguments it does not take) can never drain:
 the records of that batch are sent one at a time until it is found, and
@@ -467,8 +480,8 @@ class WriteBack:
     async def created(self, f: OpenFile) -> None:
         """Return once the server knows ``f`` (journalled now if it was not yet).
 
-        Before an operation that names the file to the server (unlink,
-        rename, link, xattrs, a chmod that cannot wait for the commit).
+        Before an operation that names the file to the server (link, xattrs,
+        a chmod that cannot wait for the commit).
         EIO through an outage (``_until``).
         """
         await self._until(lambda: f.creating is None or self.vfs.files.get(f.ino) is not f,
