@@ -90,10 +90,6 @@ ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "renam
 # listings (~15 MB; a directory with more is not kept).
 MAX_ATTRS = 50_000
 MAX_LISTED = 250_000
-# Requests by name whose answer the write-back overlay of names completes
-# (``WriteBack.entries``): they need not wait for this mount's pending name
-# changes in their directory.
-OVERLAID = frozenset({"lookup"})
 
 
 def _check_length(*names: bytes) -> None:
@@ -366,15 +362,16 @@ class VFS:
     async def call(self, op: str, **args: Any) -> Any:
         """Send a request; one naming a file created here waits until the server knows it,
         one naming an inode with journalled operations until they are applied, one by a
-        name in a directory whose names changed here until they are (but ``OVERLAID``)."""
+        name changed here (``WriteBack.entries``) until that change is: the server sees
+        this mount's operations in order where the order matters, and a link, symlink or
+        lookup by a name this mount did not change does not wait for the drain."""
         if self.writeback is not None:
             f = self.files.get(self.fuse(args["ino"])) if "ino" in args else None
             if f is not None and f.creating is not None:
                 await self.writeback.created(f)
-            for key in ("ino", "parent", "new_parent"):
+            for key, name in (("ino", ""), ("parent", "name"), ("new_parent", "new_name")):
                 if key in args:
-                    await self.writeback.settled(args[key],
-                                                 entries=key != "ino" and op not in OVERLAID)
+                    await self.writeback.settled(args[key], name=args.get(name))
         return await self.client.call(op, **args)
 
     def orphaned(self, result: dict[str, Any]) -> None:

@@ -432,13 +432,15 @@ class WriteBack:
             merged.update(c)
         return merged
 
-    async def settled(self, ino: int, entries: bool = False) -> None:
+    async def settled(self, ino: int, entries: bool = False, name: bytes | None = None
+                      ) -> None:
         """Return once the server has applied (or refused) every journalled operation
-        naming (server) inode ``ino``, and with ``entries`` every one changing a name in
-        it (a directory): before a request that names it to the server (by a name in it).
-        EIO through an outage (``_until``)."""
+        naming (server) inode ``ino``, with ``entries`` every one changing a name in it
+        (a directory: before its rmdir), with ``name`` every one changing that name in it:
+        before a request that names it to the server. EIO through an outage (``_until``)."""
         await self._until(lambda: not self._naming.get(ino)
-                          and not (entries and self._inside.get(ino)))
+                          and not (entries and self._inside.get(ino))
+                          and (name is None or self.entry(ino, name) is None))
 
     async def _until(self, ready: Callable[[], bool],
                      step: Callable[[], Awaitable[None]] | None = None) -> None:
