@@ -151,8 +151,8 @@ class Entry(NamedTuple):
 
 def _touches(rec: OpRecord) -> tuple[list[int], list[int], list[int], list[int]]:
     """What ``rec`` touches until answered: the inodes it names (requests naming them to
-    the server wait for it), the directories whose names it changes (requests by name in
-    them wait), the inodes whose attributes it changes (``WriteBack.changed``) and those
+    the server wait for it), the directories whose names it changes (an rmdir of one
+    waits), the inodes whose attributes it changes (``WriteBack.changed``) and those
     it removes a link of."""
     a = rec.args
     if rec.op == "rename":
@@ -196,7 +196,7 @@ class WriteBack:
         # Namespace operations journalled and not answered yet (seq -> record),
         # how many of them name each inode (its create, its setattrs, its
         # removal: a request naming it to the server waits for them), how many
-        # change names in each directory (a request by name in it waits), the
+        # change names in each directory (an rmdir of it waits for them), the
         # new directories among them (ino -> their mknod), their changes of
         # attributes (ino -> seq -> changes) and links removed (ino -> count).
         self.ops: dict[int, OpRecord] = {}
