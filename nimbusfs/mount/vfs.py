@@ -67,6 +67,7 @@ from nimbusfs.cache import BlockCache
 from nimbusfs.client import MetaClient
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile
+from nimbusfs.mount.journal import OpRecord
 from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
@@ -735,7 +736,7 @@ class VFS:
         # fill the cache again with what it saw.
         self._gen += 1
 
-    def renamed(self, rec: Any, result: dict[str, Any]) -> None:
+    def renamed(self, rec: OpRecord, result: dict[str, Any]) -> None:
         """A journalled rename or unlink ``rec`` was applied (``result``): where the server
         put a renamed file (``keep``), an inode it left without a name purged; the
         attributes of the inodes it changed are asked again (their cached ones predate
@@ -747,7 +748,7 @@ class VFS:
         self._drop(rec.ino, a.get("replaces"))
         self.orphaned(result)
 
-    def unrenamed(self, rec: Any) -> None:
+    def unrenamed(self, rec: OpRecord) -> None:
         """A journalled rename or unlink ``rec`` was refused: the kernel and the caches
         forget what this mount showed at its names and of its inodes."""
         self._drop(rec.ino, rec.args.get("replaces"))
