@@ -132,8 +132,9 @@ def test_close_is_local_reads_see_pending_and_other_mounts_get_it(mount_factory)
 def test_a_renamed_pending_file_reaches_other_mounts_with_its_content(mount_factory):
     """Write a temporary file, rename it over the original: atomic for other mounts too.
 
-    The rename waits for the pending file's commit, so another mount never
-    sees the new name without the content (it would see an empty file).
+    The rename is journalled after the pending file's commit (one drain order),
+    so another mount never sees the new name without the content (it would see
+    an empty file).
     """
     a = mount_factory("local", None, None, "--writeback")
     b = mount_factory("local", a.token)
@@ -178,10 +179,19 @@ with tarfile.open(tar) as t, open(done, "a") as log:
             os.chmod(path, m.mode)
             log.write("dir " + m.name + "\n")   # its mkdir and chmod returned
         else:
+            # As git writes a file: to NAME.lock, renamed over NAME (over a
+            # placeholder for every third file), and a scratch file unlinked.
             data = t.extractfile(m).read()
-            with open(path, "wb") as f:
+            if len(m.name) % 3 == 0:
+                with open(path, "wb") as f:
+                    f.write(b"placeholder")
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"scratch")
+            os.unlink(path + ".tmp")
+            with open(path + ".lock", "wb") as f:
                 f.write(data)
-            log.write("file " + m.name + "\n")   # only once its close returned
+            os.rename(path + ".lock", path)
+            log.write("file " + m.name + "\n")   # only once its rename returned
         log.flush()
         os.fsync(log.fileno())
 """
@@ -220,13 +230,17 @@ def _tarball(rng: random.Random) -> tuple[bytes, dict[str, bytes]]:
 def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
     """kill -9 of the mount during an extraction, at a random point, ``rounds`` times.
 
-    After the remount (journal replayed and drained before it answers), every
-    file whose close returned holds its bytes, no commit was applied twice
-    (that would leave a conflicted copy: its base would be stale), no
-    journalled create either, and another mount sees the same files. The
+    Each file is written as git does (``EXTRACT``: a lock file renamed over
+    it, a scratch file unlinked). After the remount (journal replayed and
+    drained before it answers), every file whose rename returned before the
+    last one holds its bytes (a close makes every operation journalled before
+    it durable; the last rename may be lost with the crash, then its lock
+    file holds the bytes), no commit was applied twice (that would leave a
+    conflicted copy: its base would be stale), no journalled create, rename
+    or unlink either (a rename or unlink applied again is refused and logged
+    in conflicts.jsonl), and another mount sees the same files. The
     directories (journalled mkdir and chmod) made before the last file whose
-    close returned are there with their mode (a close makes every operation
-    journalled before it durable), none twice.
+    close returned are there with their mode, none twice.
     """
     rng = random.Random(os.environ.get("NIMBUS_SEED", "16"))
     data, files = _tarball(rng)
@@ -250,8 +264,10 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
         log = [line.split(" ", 1) for line in read_file(done).decode().splitlines()]
         closed = [name for kind, name in log if kind == "file"]
         assert closed, "nothing was extracted before the crash"
-        for name in closed:
+        for name in closed[:-1]:
             assert read_file(os.path.join(dest, name)) == files[name], (r, name)
+        tail = os.path.join(dest, closed[-1])
+        assert files[closed[-1]] in (_read_or_none(tail), _read_or_none(tail + ".lock")), r
         last = max(i for i, (kind, _) in enumerate(log) if kind == "file")
         for kind, name in log[:last]:
             if kind == "dir":
@@ -264,7 +280,11 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
         # copy) or made twice, and no file appears that was not in the tarball.
         present = {os.path.relpath(os.path.join(d, n), dest)
                    for d, _, fs in os.walk(dest) for n in fs}
-        assert set(closed) <= present <= set(files), (r, present - set(files))
+        extra = present - set(files)   # those of the last file or the one in flight
+        assert set(closed[:-1]) <= present, r
+        assert len(extra) <= 3 and {n.rsplit(".", 1)[0] for n in extra} <= (
+            set(files) - set(closed[:-1])), (r, extra)
+        assert not os.path.exists(os.path.join(m.cache_dir, "conflicts.jsonl")), r
     wait_until(lambda: pending(m) == (0, 0), 60, "the journal to empty")
     other = mount_factory("local", m.token)
     for r in range(rounds):   # the server holds what the writer shows
@@ -633,7 +653,7 @@ def _errno_within(fn, bound: float) -> int:
 
 def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(services,
                                                                           mount_factory):
-    """With the metaserver down, a rename of a pending file and an rmdir of a pending
+    """With the metaserver down, a link of a pending file and an rmdir of a pending
     directory wait for their drain no longer than the outage timeout: EIO, the journal
     untouched; after the restart it drains and the same requests succeed."""
     with own_server(services, "wb_hang") as dep:
@@ -642,16 +662,16 @@ def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(servic
         dep.kill()
         write_file(a.p("f"), b"pending")
         os.mkdir(a.p("d"))
-        assert _errno_within(lambda: os.rename(a.p("f"), a.p("g")), 8) == errno.EIO
+        assert _errno_within(lambda: os.link(a.p("f"), a.p("g")), 8) == errno.EIO
         assert _errno_within(lambda: os.rmdir(a.p("d")), 8) == errno.EIO
         assert read_file(a.p("f")) == b"pending" and os.path.isdir(a.p("d"))
         assert pending(a)[0] == 2
         dep.start()
         wait_until(lambda: pending(a) == (0, 0), 60, "the drain after the restart")
-        os.rename(a.p("f"), a.p("g"))
+        os.link(a.p("f"), a.p("g"))
         os.rmdir(a.p("d"))
         b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
-        assert sorted(os.listdir(b.p())) == ["first", "g"]
+        assert sorted(os.listdir(b.p())) == ["f", "first", "g"]
         assert read_file(b.p("g")) == b"pending"
 
 
@@ -771,3 +791,196 @@ def test_a_chmod_whose_attributes_are_unknown_fails_through_an_outage_without_jo
         dep.start()
         assert os.stat(b.p("d")).st_mode & 0o7777 == 0o755
         assert os.stat(a.p("d")).st_mode & 0o7777 == 0o755
+
+
+def test_rename_and_unlink_need_no_server_and_reach_other_mounts_once_drained(
+        services, mount_factory):
+    """Namespace write-back of renames and unlinks: with the metaserver down they return,
+    and the writer shows their result at once (lookups, listings, link counts, a pending
+    file opened by its new name, ENOENT at the old one); after the restart another mount
+    sees the same."""
+    with own_server(services, "wb_rename") as dep:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        take_lease(a)
+        write_file(a.p("kept"), b"committed")
+        os.mkdir(a.p("d"))
+        write_file(a.p("d", "gone"), b"to be removed")
+        os.link(a.p("kept"), a.p("kept2"))
+        wait_until(lambda: pending(a) == (0, 0), 30, "the setup's drain")
+        assert sorted(os.listdir(a.p("d"))) == ["gone"]
+        dep.kill()
+        os.rename(a.p("kept"), a.p("d", "moved"))   # committed file into another directory
+        write_file(a.p("new"), b"made here")
+        os.rename(a.p("new"), a.p("d", "new2"))     # a file created here
+        os.mkdir(a.p("sub"))
+        os.rename(a.p("sub"), a.p("d", "sub"))      # a directory made here
+        os.unlink(a.p("d", "gone"))
+        os.unlink(a.p("kept2"))                     # one of two links
+        assert not os.path.exists(a.p("kept")) and not os.path.exists(a.p("new"))
+        assert not os.path.exists(a.p("d", "gone"))
+        with pytest.raises(FileNotFoundError):
+            os.stat(a.p("kept2"))
+        assert sorted(os.listdir(a.p("d"))) == ["moved", "new2", "sub"]
+        assert sorted(os.listdir(a.p())) == ["d", "first"]
+        assert read_file(a.p("d", "new2")) == b"made here"
+        assert os.stat(a.p("d", "moved")).st_nlink == 1
+        assert os.stat(a.p("d")).st_nlink == 3   # its new subdirectory
+        assert pending(a)[0] >= 6
+        dep.start()
+        assert read_file(a.p("d", "moved")) == b"committed"   # an open asks the server
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
+        assert sorted(os.listdir(b.p())) == ["d", "first"]
+        assert sorted(os.listdir(b.p("d"))) == ["moved", "new2", "sub"]
+        assert read_file(b.p("d", "moved")) == b"committed"
+        assert read_file(b.p("d", "new2")) == b"made here"
+        assert os.stat(b.p("d", "moved")).st_nlink == 1
+        assert os.stat(b.p("d")).st_nlink == 3
+        assert os.stat(a.p("d", "moved")).st_ino == os.stat(b.p("d", "moved")).st_ino
+
+
+def test_the_git_lock_pattern_over_a_committed_file(services, mount_factory):
+    """``x.lock`` written and renamed over a committed ``x``, again and again, with the
+    server down: each rename returns at once, ``x`` reads its last bytes; after the drain
+    another mount has ``x`` with them and no lock file, one version each."""
+    with own_server(services, "wb_lock") as dep:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        take_lease(a)
+        write_file(a.p("x"), b"v0")
+        wait_until(lambda: pending(a) == (0, 0), 30, "x's drain")
+        dep.kill()
+        for i in range(1, 4):
+            write_file(a.p("x.lock"), b"v%d" % i)
+            os.rename(a.p("x.lock"), a.p("x"))
+            assert read_file(a.p("x")) == b"v%d" % i
+            assert not os.path.exists(a.p("x.lock"))
+        assert sorted(os.listdir(a.p())) == ["first", "x"]
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        [view] = server_view(dep, a.token, "x")
+        assert view["versions"] == 1
+        b = mount_factory("local", a.token, dep)
+        assert sorted(os.listdir(b.p())) == ["first", "x"]
+        assert read_file(b.p("x")) == b"v3"
+
+
+def test_a_pending_file_renamed_twice_drains_as_one_file(services, mount_factory):
+    """A file created here, written, renamed, written again and renamed again before any
+    drain: after it, one file at the last name with the last bytes, on the server too;
+    and after kill -9 before the drain, the replay applies each rename once."""
+    with own_server(services, "wb_twice") as dep:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        take_lease(a)
+        pending_behind_a_mkdir(a, dep)   # the drainer retries the mkdir alone
+        write_file(a.p("one"), b"first bytes")
+        os.rename(a.p("one"), a.p("two"))
+        with open(a.p("two"), "ab") as f:
+            f.write(b" and more")
+        os.rename(a.p("two"), a.p("three"))
+        write_file(a.p("one"), b"another file at the first name")
+        assert sorted(os.listdir(a.p())) == ["d", "f", "first", "one", "three"]
+        crash(a)
+        dep.start()
+        a.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "the replay's drain")
+        assert sorted(os.listdir(a.p())) == ["d", "f", "first", "one", "three"]
+        assert read_file(a.p("three")) == b"first bytes and more"
+        assert not os.path.exists(os.path.join(a.cache_dir, "conflicts.jsonl"))
+        b = mount_factory("local", a.token, dep)
+        assert sorted(os.listdir(b.p())) == ["d", "f", "first", "one", "three"]
+        assert read_file(b.p("three")) == b"first bytes and more"
+        assert read_file(b.p("one")) == b"another file at the first name"
+        assert [v["versions"] for v in server_view(dep, a.token, "three")] == [1]
+
+
+def test_a_rename_over_a_name_changed_meanwhile_keeps_both(services, mount_factory):
+    """A renames ``new`` over ``x`` while its server is down; B replaces ``x`` meanwhile:
+    after A's drain B's ``x`` is unchanged and A's file is kept beside it under the
+    conflicted-copy name; A's unlink of a name B replaced meanwhile removes nothing.
+    Nothing is lost, and conflicts.jsonl says what happened."""
+    with (own_server(services, "wb_rtaken") as dep,
+          twin(services, dep, "wb_rtaken_twin") as other):
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        b = mount_factory("local", a.token, other, "--outage-timeout", "2")
+        take_lease(a)
+        write_file(a.p("x"), b"old")
+        write_file(a.p("y"), b"old y")
+        wait_until(lambda: pending(a) == (0, 0), 30, "the setup's drain")
+        wait_until(lambda: os.path.exists(b.p("y")), 30, "y on B")
+        dep.kill()
+        write_file(a.p("new"), b"mine")
+        os.rename(a.p("new"), a.p("x"))
+        os.unlink(a.p("y"))
+        assert read_file(a.p("x")) == b"mine"
+        write_file(b.p("x.tmp"), b"theirs")
+        os.rename(b.p("x.tmp"), b.p("x"))
+        write_file(b.p("y.tmp"), b"their y")
+        os.rename(b.p("y.tmp"), b.p("y"))
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+
+        def copies(m) -> list[str]:
+            return [n for n in os.listdir(m.p()) if n.startswith("x (conflicted copy")]
+        wait_until(lambda: len(copies(b)) == 1, 30, "the copy on B")
+        assert read_file(b.p("x")) == b"theirs"
+        assert read_file(b.p(copies(b)[0])) == b"mine"
+        assert read_file(b.p("y")) == b"their y"
+        wait_until(lambda: len(copies(a)) == 1 and _read_or_none(a.p("x")) == b"theirs"
+                   and _read_or_none(a.p("y")) == b"their y", 30, "B's files on A")
+        assert read_file(a.p(copies(a)[0])) == b"mine"
+        with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
+            log = [json.loads(line) for line in f]
+        assert any(e.get("kept_as") == copies(a)[0] for e in log)
+        assert any(e.get("refused") == "unlink" and e["errno"] == errno.ESTALE for e in log)
+
+
+def test_rename_and_unlink_errors_are_answered_locally(services, mount_factory):
+    """With the metaserver down, rename(2) and unlink(2) fail at once with the errno a
+    local disk gives, from this mount's view (pending changes over the server's
+    entries), and journal nothing."""
+    from test_posix import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+    with own_server(services, "wb_rerr") as dep:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        take_lease(a)
+        os.mkdir(a.p("full"))
+        write_file(a.p("full", "f"), b"f")
+        os.mkdir(a.p("empty"))
+        wait_until(lambda: pending(a) == (0, 0), 30, "the setup's drain")
+        os.listdir(a.p("full"))
+        dep.kill()
+        os.mkdir(a.p("newdir"))
+        write_file(a.p("newdir", "g"), b"g")   # a directory with entries made here
+        write_file(a.p("file"), b"file")
+        before = pending(a)[0]
+
+        def err(fn) -> int:
+            with pytest.raises(OSError) as e:
+                fn()
+            return e.value.errno
+        assert err(lambda: os.rename(a.p("nothing"), a.p("x"))) == errno.ENOENT
+        assert err(lambda: os.unlink(a.p("nothing"))) == errno.ENOENT
+        assert err(lambda: renameat2(a.p("file"), a.p("first"), RENAME_NOREPLACE)
+                   ) == errno.EEXIST
+        assert err(lambda: renameat2(a.p("file"), a.p("nothing"), RENAME_EXCHANGE)
+                   ) == errno.ENOENT
+        assert err(lambda: os.rename(a.p("empty"), a.p("file"))) == errno.ENOTDIR
+        assert err(lambda: os.rename(a.p("file"), a.p("empty"))) == errno.EISDIR
+        assert err(lambda: os.rename(a.p("empty"), a.p("full"))) == errno.ENOTEMPTY
+        assert err(lambda: os.rename(a.p("empty"), a.p("newdir"))) == errno.ENOTEMPTY
+        assert err(lambda: os.rename(a.p("full"), a.p("full", "in"))) == errno.EINVAL
+        assert err(lambda: os.unlink(a.p("empty"))) == errno.EISDIR
+        os.unlink(a.p("full", "f"))
+        os.rename(a.p("empty"), a.p("full"))   # empty now, as this mount shows it
+        renameat2(a.p("file"), a.p("first"), RENAME_EXCHANGE)
+        assert read_file(a.p("first")) == b"file"   # pending: no server needed
+        # Nothing journalled for the refused ones: the three that returned are.
+        wait_until(lambda: pending(a)[0] == before + 3, 30, "the group commit")
+        dep.start()
+        assert read_file(a.p("file")) == b"1"
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token, dep)
+        assert sorted(os.listdir(b.p())) == ["file", "first", "full", "newdir"]
+        assert os.listdir(b.p("full")) == []
+        assert read_file(b.p("first")) == b"file" and read_file(b.p("file")) == b"1"
+        assert not os.path.exists(os.path.join(a.cache_dir, "conflicts.jsonl"))

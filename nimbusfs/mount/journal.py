@@ -28,8 +28,8 @@ Invariants:
   fsynced in order): a crash of the machine before it replays them, and
   the server applies each once (op_ids); a crash of the mount alone loses
   nothing (the WAL is written before ``remove`` returns).
-- **Namespace operations.** A journalled ``mknod`` of a directory or
-  ``setattr`` is one row of ``ops``, whose ``seq`` comes from the same
+- **Namespace operations.** A journalled ``mknod`` of a directory,
+  ``setattr``, ``rename`` or ``unlink`` is one row of ``ops``, whose ``seq`` comes from the same
   counter as the files': one drain order for both, so an operation reaches
   the server after every file record and operation journalled before it (a
   directory's create before the creates inside it). ``add_op`` does not
@@ -85,12 +85,13 @@ CREATE TABLE IF NOT EXISTS pending (
 -- by a create the server applied.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (ino INTEGER PRIMARY KEY);
--- Namespace operations journalled (a directory's mknod, a setattr), drained
+-- Namespace operations journalled (a directory's mknod, a setattr, a rename,
+-- an unlink), drained
 -- in ``seq`` order among the files' rows.
 CREATE TABLE IF NOT EXISTS ops (
     seq INTEGER PRIMARY KEY,
     op_id TEXT NOT NULL,
-    op TEXT NOT NULL,         -- the protocol operation: mknod, setattr
+    op TEXT NOT NULL,         -- the protocol operation: mknod, setattr, rename, unlink
     args BLOB NOT NULL,       -- msgpack: its arguments, as sent
     local BLOB NOT NULL,      -- msgpack: what the mount shows meanwhile (OpRecord.local)
     created REAL NOT NULL
@@ -112,9 +113,9 @@ class Record:
 class OpRecord:
     """A journalled namespace operation: ``op`` with ``args`` as the server takes them.
 
-    ``ino``: the inode it creates or changes (``args["ino"]``). ``local``:
-    what this mount shows until it is applied (a new directory's attributes,
-    a setattr's changes).
+    ``ino``: the inode it creates, changes, moves or unlinks (``args["ino"]``).
+    ``local``: what this mount shows until it is applied (a new directory's
+    attributes, a setattr's changes, a rename's or unlink's ctime).
     """
 
     seq: int

@@ -23,16 +23,19 @@ are visible to every mount as soon as they return; but in write-back mode a
 create is local (``_create_here``: a leased inode number, the create
 journalled with the file's first close), and until the server has applied
 it the file is this mount's alone: lookups, getattr and readdir answer for
-it from ``WriteBack.new``, and any request naming it waits for its create
-(``call``). So are a mkdir (``_mkdir_here``) and a chmod/chown/utimens
-of an inode no file here holds open (journalled as an operation): until
-applied, lookups, getattr and readdir answer the new directory from
+it from the overlay of names changed here (``WriteBack.entries``), and any
+request naming it by number waits for its create (``call``). So are a
+mkdir (``_mkdir_here``), a rename (``_rename_here``), an unlink
+(``_unlink_here``) and a chmod/chown/utimens of an inode no file here holds
+open (journalled as operations): until applied, lookups and readdir answer
+from the overlay first (``_overlaid``), a new directory from
 ``WriteBack.made`` (its listing is known: empty but for what is made in it
-here), every attribute this mount shows carries the pending changes
-(``_out``), and a request naming such an inode to the server (by number,
-or by name for a new directory: ``rmdir``, ``rename``, ``unlink``) waits
-until its operations are applied, so the server sees this mount's
-operations on an inode in the order they were made. File content is
+here), every attribute this mount shows carries the pending changes and
+removed links (``_out``), and a request naming such an inode to the server
+(by number, or by a name in a directory whose names changed here and the
+overlay does not answer for: ``rmdir``, ``link``, ``symlink``) waits until
+its operations are applied, so the server sees this mount's operations in
+the order they were made. File content is
 close-to-open: a close or fsync commits it before returning, and every open
 asks the server for the current version. In write-back mode (``writeback``)
 a close or fsync journals the file's changes on the local disk instead, and
@@ -64,9 +67,11 @@ from nimbusfs.cache import BlockCache
 from nimbusfs.client import MetaClient
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile
+from nimbusfs.mount.journal import OpRecord
 from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
     check_setattr,
     dropped_privileges,
     setattr_mode,
@@ -145,6 +150,10 @@ class VFS:
         self.xattr_names: LRUCache[int, frozenset[bytes]] = LRUCache(MAX_ATTRS)
         self.attrs: LRUCache[int, dict[str, Any]] = LRUCache(MAX_ATTRS)
         self.listings: LRUCache[int, set[bytes]] = LRUCache(MAX_LISTED, getsizeof=len)
+        # (parent, name) -> (inode, file type) of entries seen (lookups, listings,
+        # this mount's changes), dropped by the same changes as listings: a
+        # write-back rename or unlink of an entry seen needs no round trip (``_find``).
+        self.dentries: LRUCache[tuple[int, bytes], tuple[int, int]] = LRUCache(MAX_LISTED)
         self._gen = 0
         self.drops = 0   # cached attributes dropped so far (``_gen`` also counts listings)
         self._fh = itertools.count(1)
@@ -166,6 +175,7 @@ class VFS:
             self.page_version.clear()
             self.attrs.clear()
             self.listings.clear()
+            self.dentries.clear()
             self._gen += 1
             self.drops += 1
             return
@@ -181,6 +191,7 @@ class VFS:
             self._drop(ino, parent if entry else None)
             if entry:
                 self.listings.pop(self.fuse(parent), None)
+                self.dentries.pop((self.fuse(parent), bytes(name)), None)
             self._invalidate(("inode", self.fuse(ino)))
             if entry:
                 self._invalidate(("entry", self.fuse(parent), bytes(name)))
@@ -278,6 +289,8 @@ class VFS:
         self._fill(attr, token)
         if not stat.S_ISDIR(attr["mode"]):
             self.names[self.fuse(attr["ino"])] = (self.srv(parent), name)
+        if token == self._gen:
+            self.dentries[(parent, name)] = (self.fuse(attr["ino"]), stat.S_IFMT(attr["mode"]))
         return self._out(attr)
 
     def _entries_changed(self, parent: int, add: bytes | None = None,
@@ -288,6 +301,8 @@ class VFS:
         the change) is not cached.
         """
         self._gen += 1
+        if remove is not None:   # an added name's inode is set by the caller
+            self.dentries.pop((parent, remove), None)
         names = self.listings.get(parent)
         if names is None:
             return
@@ -314,6 +329,8 @@ class VFS:
             attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(
                 setattr_mode(attr["mode"], ch.get("mode"), "uid" in ch or "gid" in ch))
             attr["ctime"] = max(attr["ctime"], ch["ctime"])
+        if self.writeback is not None and (gone := self.writeback.unlinked(attr["ino"])):
+            attr["nlink"] = max(attr["nlink"] - gone, 0)   # unlinked or replaced here
         if attr["ino"] == self.root:
             attr["ino"] = ROOT
         if not attr["xattrs"]:
@@ -345,17 +362,22 @@ class VFS:
 
     async def call(self, op: str, **args: Any) -> Any:
         """Send a request; one naming a file created here waits until the server knows it,
-        one naming an inode with journalled operations until they are applied."""
+        one naming an inode with journalled operations until they are applied, one by a
+        name changed here (``WriteBack.entries``) until that change is: the server sees
+        this mount's operations in order where the order matters, and a link, symlink or
+        lookup by a name this mount did not change does not wait for the drain."""
         if self.writeback is not None:
             f = self.files.get(self.fuse(args["ino"])) if "ino" in args else None
             if f is not None and f.creating is not None:
                 await self.writeback.created(f)
-            for key in ("ino", "parent", "new_parent"):
+            for key, name in (("ino", ""), ("parent", "name"), ("new_parent", "new_name")):
                 if key in args:
-                    await self.writeback.settled(args[key])
+                    await self.writeback.settled(args[key], name=args.get(name))
         return await self.client.call(op, **args)
 
-    def _orphaned(self, result: dict[str, Any]) -> None:
+    def orphaned(self, result: dict[str, Any]) -> None:
+        """An unlink or rename left inode ``result["orphan"]`` without a name: purged now,
+        or after its last close here."""
         ino = result.get("orphan")
         if ino is None:
             return
@@ -377,8 +399,10 @@ class VFS:
             return await self.getattr(parent)
         if name == b"..":
             raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
-        if (new := self._new_attr(parent, name)) is not None:
-            return self._out(new)
+        if self.writeback is not None and (
+                e := self.writeback.entry(self.srv(parent), name)) is not None:
+            # Changed here, not applied yet: this mount's answer, not the server's.
+            return None if e.ino is None else self._out(await self._attr(self.fuse(e.ino)))
         names = self.listings.get(parent)
         if names is not None and name not in names:
             return None
@@ -388,10 +412,20 @@ class VFS:
         except FSError as e:
             if e.errno == errno.ENOENT:
                 return None
-            raise
+            seen = self.dentries.get((parent, name)) if e.errno == errno.EIO else None
+            if self.writeback is None or seen is None or seen[0] not in self.attrs:
+                raise
+            # A write-back mount while the server is out of reach (the kernel
+            # looks an entry up again when its timeout passed): the entry as
+            # this mount last saw it, so that its own work goes on.
+            return await self.getattr(seen[0])
         return self._named(parent, name, attr, token)
 
     async def getattr(self, ino: int) -> dict[str, Any]:
+        return self._out(await self._attr(ino))
+
+    async def _attr(self, ino: int) -> dict[str, Any]:
+        """``getattr``'s attributes as the server gives them (``_out`` adds this mount's)."""
         attr = self.attrs.get(ino)
         f = self.files.get(ino)
         if attr is None and f is not None and f.creating is not None:
@@ -414,9 +448,9 @@ class VFS:
                 # A pending file (write-back) while the server is out of
                 # reach: shown from its attributes as of its last commit or
                 # setattr, which may predate a setxattr (so: xattrs unknown).
-                return self._out({**f.attr, "xattrs": True})
+                return {**f.attr, "xattrs": True}
             self._fill(attr, token)
-        return self._out(attr)
+        return attr
 
     async def setattr(self, ino: int, fh: int | None = None, size: int | None = None,
                       **changes: int | None) -> dict[str, Any]:
@@ -593,7 +627,7 @@ class VFS:
         p = await self.getattr(parent)
         if not stat.S_ISDIR(p["mode"]):
             raise FSError(errno.ENOTDIR, "not a directory")
-        if name in self.listings.get(parent, ()) or self._new_file(parent, name) is not None:
+        if self._taken(parent, name):
             raise FSError(errno.EEXIST, "entry exists")
         ino = await self.writeback.new_ino()
         now = time.time_ns()
@@ -604,8 +638,9 @@ class VFS:
         f = self.files[ino] = OpenFile(self, ino, attr, [])
         self.writeback.creating(f, self.srv(parent), name, mode, uid, attr["gid"])
         self.names[ino] = (self.srv(parent), name)
-        self._made_in(parent, now)
+        self._dir_changed(parent, now)
         self._entries_changed(parent, add=name)
+        self.dentries[(parent, name)] = (ino, stat.S_IFREG)
         return f
 
     async def _mkdir_here(self, parent: int, name: bytes, mode: int, uid: int, gid: int
@@ -623,7 +658,7 @@ class VFS:
         p = await self.getattr(parent)
         if not stat.S_ISDIR(p["mode"]):
             raise FSError(errno.ENOTDIR, "not a directory")
-        if name in self.listings.get(parent, ()) or self._new_attr(parent, name) is not None:
+        if self._taken(parent, name):
             raise FSError(errno.EEXIST, "entry exists")
         assert self.writeback is not None
         if p["mode"] & stat.S_ISGID:
@@ -635,54 +670,53 @@ class VFS:
         self.writeback.mkdir(self.srv(parent), name, attr)
         self.attrs[attr["ino"]] = attr
         self.listings[attr["ino"]] = set()
-        self._made_in(parent, now, subdir=True)
+        self._dir_changed(parent, now, links=1)
         self._entries_changed(parent, add=name)
+        self.dentries[(parent, name)] = (attr["ino"], stat.S_IFDIR)
         return self._out(attr)
 
-    def _made_in(self, parent: int, now: int, subdir: bool = False) -> None:
-        """An entry was made here in ``parent`` at ``now``: its times move as the server's
-        will (a journalled utimens of it comes first on the server, so its mtime
-        goes too), and its link count with a subdirectory."""
+    def _dir_changed(self, parent: int, now: int, links: int = 0) -> None:
+        """An entry was made, moved or removed here in ``parent`` at ``now`` (journalled):
+        its times move as the server's will (a journalled utimens of it comes first on
+        the server, so its mtime goes too), and its link count by ``links`` (its
+        subdirectories made, moved in or out, removed)."""
         if (d := self.attrs.get(parent)) is not None:
             self.attrs[parent] = {**d, "mtime": now, "ctime": now,
-                                  "nlink": d["nlink"] + subdir}
+                                  "nlink": d["nlink"] + links}
         assert self.writeback is not None
         self.writeback.touched(self.srv(parent), now)
 
-    def _new_attr(self, parent: int, name: bytes) -> dict[str, Any] | None:
-        """The attributes of the file or directory made here at ``parent``/``name`` that the
-        server does not know yet."""
-        if (f := self._new_file(parent, name)) is not None:
-            return f.attr
-        if self.writeback is None:
-            return None
-        return self.writeback.made(self.writeback.new.get(self.srv(parent), {}).get(name, 0))
+    def _taken(self, parent: int, name: bytes) -> bool:
+        """Whether ``parent``/``name`` exists as far as this mount knows without asking
+        (its pending changes, else its listing): a local create's EEXIST."""
+        assert self.writeback is not None
+        e = self.writeback.entry(self.srv(parent), name)
+        return e.ino is not None if e is not None else name in self.listings.get(parent, ())
 
-    def _new_file(self, parent: int, name: bytes) -> OpenFile | None:
-        """The file created here at ``parent``/``name`` that the server does not know yet."""
-        if self.writeback is None:
-            return None
-        ino = self.writeback.new.get(self.srv(parent), {}).get(name)
-        return None if ino is None else self.files.get(ino)
-
-    def _new_entries(self, parent: int, listed: set[bytes]) -> list[tuple[bytes, dict]]:
-        """readdir's entries for the files created here in ``parent`` and not on the server
-        yet (nor in its listing: one may have been applied while it was read)."""
-        if self.writeback is None:
-            return []
-        new = self.writeback.new.get(self.srv(parent), {})
-        made = ((n, self.files[i].attr if i in self.files else self.writeback.made(i))
-                for n, i in new.items() if n not in listed)
-        return [(n, a) for n, a in made if a is not None]
+    async def _overlaid(self, ino: int, listing: list[tuple[bytes, dict[str, Any]]]
+                        ) -> list[tuple[bytes, dict[str, Any]]]:
+        """The server's ``listing`` of directory ``ino`` with this mount's pending name
+        changes in it (``WriteBack.entries``): names removed or moved away gone, names made
+        or moved here added with their inodes' attributes (one applied while the listing
+        was read is in it already: its entry wins, it names the same inode)."""
+        if self.writeback is None or not (
+                here := dict(self.writeback.entries.get(self.srv(ino), {}))):
+            return listing
+        out = [(n, a) for n, a in listing if n not in here]
+        for n, e in here.items():
+            if e.ino is not None:
+                out.append((n, await self._attr(self.fuse(e.ino))))
+        return out
 
     def moved_by_server(self, ino: int, asked: tuple[int, bytes],
-                        placed: tuple[int, bytes]) -> None:
-        """A create of this mount was applied elsewhere than it was made (the drain's
-        ``keep``: the name was taken meanwhile, or the directory removed): the
-        file is kept there, and the kernel and the caches forget the old place."""
+                        placed: tuple[int, bytes], what: str = "create") -> None:
+        """A create or rename (``what``) of this mount was applied elsewhere than it was
+        made (the drain's ``keep``: the name was taken meanwhile, or the directory
+        removed): the file is kept there, and the kernel and the caches forget the old
+        place."""
         self.names[ino] = placed
-        log.warning("create of inode %d: its name was taken or its directory removed"
-                    " meanwhile; the file is kept under another name", ino)
+        log.warning("%s of inode %d: its name was taken or its directory removed"
+                    " meanwhile; the file is kept under another name", what, ino)
         self._place_changed(asked)
         self._place_changed(placed)
         self._log_conflict({"time": time.time(), "inode": ino, "parent": asked[0],
@@ -702,6 +736,26 @@ class VFS:
         # fill the cache again with what it saw.
         self._gen += 1
 
+    def renamed(self, rec: OpRecord, result: dict[str, Any]) -> None:
+        """A journalled rename or unlink ``rec`` was applied (``result``): where the server
+        put a renamed file (``keep``), an inode it left without a name purged; the
+        attributes of the inodes it changed are asked again (their cached ones predate
+        it, and this mount's estimate goes with the record)."""
+        a = rec.args
+        if rec.op == "rename" and (placed := (result["new_parent"], result["new_name"])) != (
+                a["new_parent"], a["new_name"]):
+            self.moved_by_server(rec.ino, (a["new_parent"], a["new_name"]), placed, "rename")
+        self._drop(rec.ino, a.get("replaces"))
+        self.orphaned(result)
+
+    def unrenamed(self, rec: OpRecord) -> None:
+        """A journalled rename or unlink ``rec`` was refused: the kernel and the caches
+        forget what this mount showed at its names and of its inodes."""
+        self._drop(rec.ino, rec.args.get("replaces"))
+        self._place_changed((rec.args["parent"], rec.args["name"]))
+        if rec.op == "rename":
+            self._place_changed((rec.args["new_parent"], rec.args["new_name"]))
+
     def refused(self, ino: int) -> None:
         """A journalled setattr of (server) inode ``ino`` was refused: shown as the server's."""
         self._drop(ino)
@@ -716,6 +770,7 @@ class VFS:
         parent = self.fuse(place[0])
         self._drop(place[0])
         self.listings.pop(parent, None)
+        self.dentries.pop((parent, place[1]), None)
         self._invalidate(("entry", parent, place[1]))
         self._invalidate(("inode", parent))
 
@@ -739,29 +794,75 @@ class VFS:
 
     async def unlink(self, parent: int, name: bytes) -> None:
         _check_length(name)
-        if self.writeback is not None:  # the pending file at the name first
-            await self.writeback.committed(self.srv(parent), name)
+        if self.writeback is not None:
+            await self._unlink_here(parent, name)
+            return
         token = self._gen
         r = await self.call("unlink", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
         self._drop(r["ino"])  # its nlink and ctime changed
         self._entries_changed(parent, remove=name)
-        self._orphaned(r)
+        self.orphaned(r)
 
-    async def _check_no_new(self, parent: int, name: bytes) -> None:
-        """ENOTEMPTY if ``parent``/``name`` is a directory holding files created here and
-        not on the server yet (which would let the server remove or replace it)."""
-        if self.writeback is None or not self.writeback.new:
-            return
-        attr = await self.lookup(parent, name)
-        if attr is not None and self.srv(attr["ino"]) in self.writeback.new:
-            raise FSError(errno.ENOTEMPTY, "directory not empty")
+    async def _unlink_here(self, parent: int, name: bytes) -> None:
+        """unlink(2) journalled (write-back): checked against this mount's view, shown at
+        once (the name gone, the inode's link count), applied in journal order."""
+        assert self.writeback is not None
+        attr = await self._find(parent, name)
+        if attr is None:
+            raise FSError(errno.ENOENT, "no such entry")
+        if stat.S_ISDIR(attr["mode"]):
+            raise FSError(errno.EISDIR, "is a directory")
+        await self._journalled(attr)
+        now = time.time_ns()
+        self.writeback.unlink(self.srv(parent), name, self.srv(attr["ino"]), now)
+        self._dir_changed(parent, now)
+        self._entries_changed(parent, remove=name)
+
+    async def _find(self, parent: int, name: bytes) -> dict[str, Any] | None:
+        """``lookup`` for a journalled rename or unlink (the entry's inode and type at
+        least), without a round trip for an entry seen here (``dentries``): it returns
+        while the server is out of reach. If another mount changed the entry meanwhile and
+        the push has not come yet, the server refuses the operation (ESTALE: nothing
+        changes)."""
+        assert self.writeback is not None
+        if self.writeback.entry(self.srv(parent), name) is None:
+            seen = self.dentries.get((parent, name))
+            if seen is not None:
+                return self.attrs.get(seen[0]) or {"ino": seen[0], "mode": seen[1]}
+        return await self.lookup(parent, name)
+
+    async def _journalled(self, *attrs: dict[str, Any] | None) -> None:
+        """The files among ``attrs`` created here have their create journalled (staged, as
+        a close would), so that a rename or unlink journalled next reaches the server
+        after it."""
+        assert self.writeback is not None
+        for attr in attrs:
+            f = self.files.get(attr["ino"]) if attr is not None else None
+            if f is not None and f.creating is not None and f.ino not in self.writeback.pending:
+                await self.writeback.stage(f)
+
+    async def _empty(self, ino: int) -> bool:
+        """Whether directory ``ino`` has no entries, as this mount shows it."""
+        names = self.listings.get(ino)
+        if names is None:
+            names = {n for n, _ in await self._overlaid(ino, await self._listing(ino))}
+        return not names - {b".", b".."}
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         _check_length(name)
-        await self._check_no_new(parent, name)
-        if self.writeback is not None:  # a directory made here first
-            await self.writeback.committed(self.srv(parent), name)
+        if self.writeback is not None:
+            # Checked against this mount's view (the server's would miss what is
+            # pending here); then the directory's own operations and those in it
+            # first: its mknod, its entries' removals.
+            attr = await self.lookup(parent, name)
+            if attr is None:
+                raise FSError(errno.ENOENT, "no such entry")
+            if not stat.S_ISDIR(attr["mode"]):
+                raise FSError(errno.ENOTDIR, "not a directory")
+            if not await self._empty(attr["ino"]):
+                raise FSError(errno.ENOTEMPTY, "directory not empty")
+            await self.writeback.settled(self.srv(attr["ino"]), entries=True)
         token = self._gen
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
@@ -771,10 +872,9 @@ class VFS:
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
         _check_length(name, new_name)
-        if self.writeback is not None:  # the pending files at both names first
-            await self._check_no_new(new_parent, new_name)
-            await self.writeback.committed(self.srv(parent), name)
-            await self.writeback.committed(self.srv(new_parent), new_name)
+        if self.writeback is not None:
+            await self._rename_here(parent, name, new_parent, new_name, flags)
+            return
         token = self._gen
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
@@ -784,9 +884,61 @@ class VFS:
         if not flags & RENAME_EXCHANGE:   # an exchange keeps both names
             self._entries_changed(parent, remove=name)
             self._entries_changed(new_parent, add=new_name)
-        self._orphaned(r)
+        self.orphaned(r)
         if r["ino"] is not None:
             self.names[self.fuse(r["ino"])] = (self.srv(new_parent), new_name)
+
+    async def _rename_here(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
+                           flags: int) -> None:
+        """rename(2) journalled (write-back): no wait for the drain.
+
+        Checked against this mount's view (its pending changes over the
+        server's entries, which a lookup may still fetch) with rename(2)'s
+        errors: ENOENT, EEXIST (RENAME_NOREPLACE), ENOTDIR/EISDIR, ENOTEMPTY;
+        the kernel has answered EINVAL for a directory into its own subtree
+        and EBUSY for '.' and '..' before asking. Shown at once (the names,
+        the replaced inode's link count, the directories' times and links);
+        what only the server can decide later (a name another mount changed
+        meanwhile) follows ``namespace.rename``'s ``keep``.
+        """
+        assert self.writeback is not None
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
+        src = await self._find(parent, name)
+        if src is None:
+            raise FSError(errno.ENOENT, "no such entry")
+        dst = await self._find(new_parent, new_name)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if exchange and dst is None:
+            raise FSError(errno.ENOENT, "exchange target does not exist")
+        if dst is not None and flags & RENAME_NOREPLACE:
+            raise FSError(errno.EEXIST, "target exists")
+        src_dir = stat.S_ISDIR(src["mode"])
+        dst_dir = dst is not None and stat.S_ISDIR(dst["mode"])
+        if dst is not None and not exchange:
+            if src_dir and not dst_dir:
+                raise FSError(errno.ENOTDIR, "target is not a directory")
+            if dst_dir and not src_dir:
+                raise FSError(errno.EISDIR, "target is a directory")
+            if dst_dir and not await self._empty(dst["ino"]):
+                raise FSError(errno.ENOTEMPTY, "directory not empty")
+        if dst is not None and dst["ino"] == src["ino"]:
+            return   # two names of one inode: rename(2) does nothing
+        await self._journalled(src, dst)
+        now = time.time_ns()
+        self.writeback.rename(
+            (self.srv(parent), name, self.srv(new_parent), new_name), flags,
+            self.srv(src["ino"]), None if dst is None else self.srv(dst["ino"]), now)
+        moved = src_dir - dst_dir   # subdirectories moved from parent to new_parent
+        self._dir_changed(parent, now, -moved if exchange else -src_dir)
+        self._dir_changed(new_parent, now, moved)
+        if not exchange:   # an exchange keeps both names
+            self._entries_changed(parent, remove=name)
+            self._entries_changed(new_parent, add=new_name)
+        self.dentries[(new_parent, new_name)] = (src["ino"], stat.S_IFMT(src["mode"]))
+        if exchange:
+            assert dst is not None
+            self.dentries[(parent, name)] = (dst["ino"], stat.S_IFMT(dst["mode"]))
 
     # --- directories -------------------------------------------------------------------
 
@@ -803,18 +955,42 @@ class VFS:
         d = self.dirs[fh]
         if d[1] is None or start == 0:
             token = self._gen
-            listing = await self._listing(d[0])
-            for _, a in listing:
+            try:
+                listing = await self._listing(d[0])
+            except FSError as e:
+                known = self._known_listing(d[0]) if e.errno == errno.EIO else None
+                if known is None:
+                    raise
+                listing = known
+            for n, a in listing:
                 self._fill(a, token)
-            listing += self._new_entries(d[0], {n for n, _ in listing})
+                if token == self._gen and n not in (b".", b".."):
+                    self.dentries[(d[0], n)] = (self.fuse(a["ino"]), stat.S_IFMT(a["mode"]))
+            listing = await self._overlaid(d[0], listing)
             if token == self._gen and len(listing) < MAX_LISTED:
                 self.listings[d[0]] = {n for n, _ in listing} - {b".", b".."}
             d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
 
+    def _known_listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]] | None:
+        """Directory ``ino``'s listing from the caches (its names, their inodes and
+        attributes: None if one is missing), for a write-back mount while the server is
+        out of reach: its own changes, listed at once, show then too."""
+        names, me = self.listings.get(ino), self.attrs.get(ino)
+        if self.writeback is None or names is None or me is None:
+            return None
+        out = [(b".", me), (b"..", me)]
+        for n in names:
+            a = self.attrs.get(self.dentries.get((ino, n), (0, 0))[0])
+            if a is None and self.writeback.entry(self.srv(ino), n) is None:
+                return None
+            if a is not None:
+                out.append((n, a))
+        return out
+
     async def _listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]]:
         """The server's listing of ``ino``; of a directory made here and not on the server
-        yet, its own: the server knows nothing in it (``_new_entries`` adds the rest)."""
+        yet, its own: the server knows nothing in it (``_overlaid`` adds the rest)."""
         rec = self.writeback.dirs.get(self.srv(ino)) if self.writeback is not None else None
         if rec is None:
             return await self.call("readdir", ino=self.srv(ino))

@@ -63,6 +63,19 @@ deleted by another mount meanwhile) is logged and dropped: it changed
 nothing but attributes of an inode gone. Every refused operation is also
 appended, with its arguments, to ``conflicts.jsonl``.
 
+Renames and unlinks (namespace write-back, continued) are journalled
+operations too, checked by the VFS against this mount's view at call time.
+Names changed here are an overlay (``entries``: parent -> name -> the
+inode it names now, or None, and the operation that set it) that lookups
+and listings consult before the server, until that operation is answered;
+a pending file's record comes before a rename of it in the drain order
+(its commit goes to the inode, wherever it is named). The server applies
+them naming the inodes this mount saw: a source that is another inode now
+is refused (ESTALE: nothing moves), a target another mount changed
+meanwhile stays and the renamed file takes the conflicted copy's name
+(``keep``); an unlink of a name that is another inode's now is refused.
+Refused, both names show the server's entries again; logged as the others.
+
 A record the server refuses whatever the batch (a whole ``batch`` request
 refused, not for an outage: arguments it does not take) can never drain:
 the records of that batch are sent one at a time until it is found, and
@@ -87,13 +100,14 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile, Prepared
 from nimbusfs.mount.journal import Journal, OpRecord, Record
+from nimbusfs.posix import RENAME_EXCHANGE
 from nimbusfs.retry import Backoff
 
 if TYPE_CHECKING:
@@ -125,6 +139,40 @@ RETRY = Backoff(first=0.1, cap=5.0)
 REFUSALS = 3
 
 
+class Entry(NamedTuple):
+    """A name changed here that the server has not applied yet: the (server) inode it
+    names now (None: removed here), and the op_id of the operation that made it so (a
+    create, a mkdir, a rename, an unlink). That operation's answer ends it, unless a
+    later operation changed the name again (then that one's does)."""
+
+    ino: int | None
+    by: str
+
+
+def _touches(rec: OpRecord) -> tuple[list[int], list[int], list[int], list[int]]:
+    """What ``rec`` touches until answered: the inodes it names (requests naming them to
+    the server wait for it), the directories whose names it changes (an rmdir of one
+    waits), the inodes whose attributes it changes (``WriteBack.changed``) and those
+    it removes a link of."""
+    a = rec.args
+    if rec.op == "rename":
+        exchange = a["flags"] & RENAME_EXCHANGE
+        gone = [a["replaces"]] if a["replaces"] is not None and not exchange else []
+        others = [a["replaces"]] if a["replaces"] is not None else []
+        return gone, [a["parent"], a["new_parent"]], [rec.ino, *others], gone
+    if rec.op == "unlink":
+        return [rec.ino], [a["parent"]], [rec.ino], [rec.ino]
+    return [rec.ino], [], [] if rec.op == "mknod" else [rec.ino], []
+
+
+def _places(rec: OpRecord) -> list[tuple[int, bytes]]:
+    """The names ``rec`` changes (server parent, name)."""
+    a = rec.args
+    if rec.op == "rename":
+        return [(a["parent"], a["name"]), (a["new_parent"], a["new_name"])]
+    return [(a["parent"], a["name"])] if rec.op in ("mknod", "unlink") else []
+
+
 class WriteBack:
     """The pending files of a write-back mount and the task that drains them."""
 
@@ -137,24 +185,26 @@ class WriteBack:
         self.pending: dict[int, Record] = {}
         self.bytes = 0
         self._edits: dict[int, int] = {}  # ino -> OpenFile.edits its journal record holds
-        # Where each pending file was when journalled, both ways: a pending
-        # file is not renamed (``committed`` first), so this stays true.
-        self._at: dict[tuple[int, bytes], int] = {}
-        self._loc: dict[int, tuple[int, bytes]] = {}
         self._seq = journal.next_seq()
         # Namespace write-back: leased inode numbers not used yet, and the
-        # files created here that the server does not know yet, by place
-        # (server parent -> name -> inode): lookups and listings show them.
+        # overlay of names changed here that the server has not applied yet
+        # (server parent -> name -> Entry): lookups and listings answer from it
+        # before the server's answer.
         self.free: list[int] = journal.leases()
         self._leasing = trio.Lock()
-        self.new: dict[int, dict[bytes, int]] = {}
+        self.entries: dict[int, dict[bytes, Entry]] = {}
         # Namespace operations journalled and not answered yet (seq -> record),
-        # how many of them name each inode, the new directories among them
-        # (ino -> their mknod), and the setattr changes (ino -> seq -> changes).
+        # how many of them name each inode (its create, its setattrs, its
+        # removal: a request naming it to the server waits for them), how many
+        # change names in each directory (an rmdir of it waits for them), the
+        # new directories among them (ino -> their mknod), their changes of
+        # attributes (ino -> seq -> changes) and links removed (ino -> count).
         self.ops: dict[int, OpRecord] = {}
         self._naming: dict[int, int] = {}
+        self._inside: dict[int, int] = {}
         self.dirs: dict[int, OpRecord] = {}
         self._changes: dict[int, dict[int, dict[str, int]]] = {}
+        self._links: dict[int, int] = {}
         self._token = 0   # VFS.drops when the batch being answered was sent
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
@@ -173,19 +223,22 @@ class WriteBack:
     # --- recording -------------------------------------------------------------
 
     def replay(self) -> int:
-        """Rebuild the journal's pending files as open files (at start, before mounting)."""
-        for rec in self.journal.records():
+        """Rebuild the journal's pending files as open files and its operations (at start,
+        before mounting), in drain order: the overlay of names ends as this mount left it."""
+        records: list[Record | OpRecord] = [*self.journal.records(), *self.journal.ops()]
+        for rec in sorted(records, key=lambda r: r.seq):
+            if isinstance(rec, OpRecord):
+                self._hold(rec)
+                continue
             f = OpenFile.restore(self.vfs, rec.ino, rec.state)
             hint = rec.state["hint"]
             if hint:
                 self.vfs.names[rec.ino] = (hint["parent"], hint["name"])
             self.vfs.files[rec.ino] = f
             if f.creating is not None:
-                self.new.setdefault(f.creating["parent"], {})[f.creating["name"]] = rec.ino
+                self._name(f.creating["parent"], f.creating["name"], rec.ino,
+                           f.creating["op_id"])
             self._add(rec)
-            self._place(rec.ino)
-        for op in self.journal.ops():
-            self._hold(op)
         return len(self.pending) + len(self.ops)
 
     # --- namespace ----------------------------------------------------------------
@@ -221,7 +274,7 @@ class WriteBack:
         f.creating = {"op_id": uuid.uuid4().hex, "parent": parent, "name": name, "mode": mode,
                       "uid": uid, "gid": gid}
         f.modified = True   # its close journals (and commits) it, even empty
-        self.new.setdefault(parent, {})[name] = f.ino
+        self._name(parent, name, f.ino, f.creating["op_id"])
 
     def mkdir(self, parent: int, name: bytes, attr: dict[str, Any]) -> None:
         """Journal the create of the directory ``attr`` (under a leased number) at
@@ -231,6 +284,23 @@ class WriteBack:
             "parent": parent, "name": name, "mode": attr["mode"], "uid": attr["uid"],
             "gid": attr["gid"], "ino": attr["ino"], "lessee": self.journal.lessee,
             "keep": True}, attr)
+
+    def rename(self, places: tuple[int, bytes, int, bytes], flags: int, src: int,
+               dst: int | None, now: int) -> None:
+        """Journal rename(2) of (server) ``places`` (parent, name, new parent, new name) with
+        ``flags``, which this mount checked: inode ``src`` there, ``dst`` (None: none) at
+        the target. Shown at once (``entries``); the server gets it in journal order, with
+        ``keep`` (``namespace.rename``: a name another mount changed meanwhile is not
+        replaced)."""
+        parent, name, new_parent, new_name = places
+        self._journal("rename", {
+            "parent": parent, "name": name, "new_parent": new_parent, "new_name": new_name,
+            "flags": flags, "ino": src, "replaces": dst, "keep": True}, {"ctime": now})
+
+    def unlink(self, parent: int, name: bytes, ino: int, now: int) -> None:
+        """Journal the unlink of inode ``ino`` at (server) ``parent``/``name``; shown at
+        once (``entries``, its link count)."""
+        self._journal("unlink", {"parent": parent, "name": name, "ino": ino}, {"ctime": now})
 
     def setattr(self, ino: int, changes: dict[str, int]) -> None:
         """Journal chmod/chown/utimens ``changes`` of ``ino``.
@@ -271,31 +341,71 @@ class WriteBack:
         self._work.set()
 
     def _show(self, rec: OpRecord) -> None:
-        self._naming[rec.ino] = self._naming.get(rec.ino, 0) + 1
+        """This mount shows ``rec`` from now until it is answered (``_unhold``)."""
+        named, inside, changed, unlinked = _touches(rec)
+        for counts, inos in ((self._naming, named), (self._inside, inside),
+                             (self._links, unlinked)):
+            for ino in inos:
+                counts[ino] = counts.get(ino, 0) + 1
+        for ino in changed:
+            self._changes.setdefault(ino, {})[rec.seq] = dict(rec.local)
+        a = rec.args
         if rec.op == "mknod":
             self.dirs[rec.ino] = rec
-            self.new.setdefault(rec.args["parent"], {})[rec.args["name"]] = rec.ino
-        else:
-            self._changes.setdefault(rec.ino, {})[rec.seq] = rec.local
+            self._name(a["parent"], a["name"], rec.ino, rec.op_id)
+        elif rec.op == "unlink":
+            self._name(a["parent"], a["name"], None, rec.op_id)
+        elif rec.op == "rename":
+            exchange = a["flags"] & RENAME_EXCHANGE
+            self._name(a["parent"], a["name"], a["replaces"] if exchange else None, rec.op_id)
+            self._name(a["new_parent"], a["new_name"], rec.ino, rec.op_id)
+            # Where a conflicted copy of a pending file goes: its name now.
+            self.vfs.names[self.vfs.fuse(rec.ino)] = (a["new_parent"], a["new_name"])
+            if exchange:
+                self.vfs.names[self.vfs.fuse(a["replaces"])] = (a["parent"], a["name"])
 
     def _unhold(self, rec: OpRecord) -> None:
         """``rec`` was answered (applied or refused): this mount shows the server's state."""
         del self.ops[rec.seq]
-        self._naming[rec.ino] -= 1
-        if not self._naming[rec.ino]:
-            del self._naming[rec.ino]
-        if rec.op == "mknod":
-            del self.dirs[rec.ino]
-            names = self.new.get(rec.args["parent"], {})
-            if names.get(rec.args["name"]) == rec.ino:
-                del names[rec.args["name"]]
-                if not names:
-                    del self.new[rec.args["parent"]]
-        else:
-            changes = self._changes[rec.ino]
+        named, inside, changed, unlinked = _touches(rec)
+        for counts, inos in ((self._naming, named), (self._inside, inside),
+                             (self._links, unlinked)):
+            for ino in inos:
+                counts[ino] -= 1
+                if not counts[ino]:
+                    del counts[ino]
+        for ino in changed:
+            changes = self._changes[ino]
             del changes[rec.seq]
             if not changes:
-                del self._changes[rec.ino]
+                del self._changes[ino]
+        if rec.op == "mknod":
+            del self.dirs[rec.ino]
+        for parent, name in _places(rec):
+            self._unname(parent, name, rec.op_id)
+
+    def _name(self, parent: int, name: bytes, ino: int | None, by: str) -> None:
+        """``parent``/``name`` names ``ino`` (None: nothing) here, by the operation ``by``."""
+        self.entries.setdefault(parent, {})[name] = Entry(ino, by)
+
+    def _unname(self, parent: int, name: bytes, by: str) -> None:
+        """The operation ``by`` was answered: its entry goes, unless a later one changed the
+        name again (that one's answer ends it)."""
+        names = self.entries.get(parent, {})
+        e = names.get(name)
+        if e is not None and e.by == by:
+            del names[name]
+            if not names:
+                del self.entries[parent]
+
+    def entry(self, parent: int, name: bytes) -> Entry | None:
+        """What this mount changed at (server) ``parent``/``name`` and the server has not
+        applied yet; None: nothing (the server's answer is this mount's)."""
+        return self.entries.get(parent, {}).get(name)
+
+    def unlinked(self, ino: int) -> int:
+        """Links of (server) inode ``ino`` removed here and not applied yet."""
+        return self._links.get(ino, 0)
 
     def made(self, ino: int) -> dict[str, Any] | None:
         """The attributes of (server) inode ``ino`` if it is a directory made here that
@@ -322,11 +432,15 @@ class WriteBack:
             merged.update(c)
         return merged
 
-    async def settled(self, ino: int) -> None:
+    async def settled(self, ino: int, entries: bool = False, name: bytes | None = None
+                      ) -> None:
         """Return once the server has applied (or refused) every journalled operation
-        naming (server) inode ``ino``: before a request that names it to the server.
-        EIO through an outage (``_until``)."""
-        await self._until(lambda: not self._naming.get(ino))
+        naming (server) inode ``ino``, with ``entries`` every one changing a name in it
+        (a directory: before its rmdir), with ``name`` every one changing that name in it:
+        before a request that names it to the server. EIO through an outage (``_until``)."""
+        await self._until(lambda: not self._naming.get(ino)
+                          and not (entries and self._inside.get(ino))
+                          and (name is None or self.entry(ino, name) is None))
 
     async def _until(self, ready: Callable[[], bool],
                      step: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -368,8 +482,8 @@ class WriteBack:
     async def created(self, f: OpenFile) -> None:
         """Return once the server knows ``f`` (journalled now if it was not yet).
 
-        Before an operation that names the file to the server (unlink,
-        rename, link, xattrs, a chmod that cannot wait for the commit).
+        Before an operation that names the file to the server (link, xattrs,
+        a chmod that cannot wait for the commit).
         EIO through an outage (``_until``).
         """
         await self._until(lambda: f.creating is None or self.vfs.files.get(f.ino) is not f,
@@ -378,11 +492,7 @@ class WriteBack:
     def _applied(self, f: OpenFile) -> None:
         """``f``'s create is applied (or given up, its bytes saved aside): not new any more."""
         assert f.creating is not None
-        names = self.new.get(f.creating["parent"], {})
-        if names.get(f.creating["name"]) == f.ino:
-            del names[f.creating["name"]]
-            if not names:
-                del self.new[f.creating["parent"]]
+        self._unname(f.creating["parent"], f.creating["name"], f.creating["op_id"])
         f.creating = None
 
     async def stage(self, f: OpenFile) -> None:
@@ -423,13 +533,6 @@ class WriteBack:
                 rec.state = {"staging": state["staging"]}   # the rest is the OpenFile's
                 self._add(rec)
                 self._edits[f.ino] = f.edits
-                self._place(f.ino)
-
-    def _place(self, ino: int) -> None:
-        loc = self.vfs.names.get(ino)
-        if loc is not None:
-            self._at[loc] = ino
-            self._loc[ino] = loc
 
     def _add(self, rec: Record) -> None:
         old = self.pending.get(rec.ino)
@@ -442,26 +545,6 @@ class WriteBack:
         journalled and not committed."""
         while self.bytes > self.limit or len(self.pending) >= MAX_PENDING_FILES:
             await self._progress.wait()
-
-    async def committed(self, parent: int, name: bytes) -> None:
-        """Wait until the pending file at ``parent``/``name`` (if any) is committed.
-
-        Before a rename or unlink of that name, so that the server sees them
-        in this mount's order: another mount never sees a file at its new
-        name without its content (a save by writing a temporary file and
-        renaming it over the original is atomic for them too), and a commit
-        never reaches a file this mount deleted or replaced meanwhile (which
-        would save it as a conflicted copy). EIO through an outage (``_until``).
-        """
-        made = self.new.get(parent, {}).get(name, 0)
-        new = self.vfs.files.get(made)
-        if new is not None:
-            await self.created(new)
-        elif made in self.dirs:
-            await self.settled(made)
-        ino = self._at.get((parent, name))
-        if ino is not None:
-            await self._until(lambda: ino not in self.pending)
 
     # --- draining --------------------------------------------------------------
 
@@ -487,7 +570,7 @@ class WriteBack:
 
     async def drained(self, give_up: float | None = None) -> bool:
         """Wait until nothing is pending; False if ``give_up`` seconds pass without progress."""
-        while self.pending or self._naming:
+        while self.pending or self._naming or self._inside:
             with trio.move_on_after(give_up if give_up is not None else float("inf")):
                 await self._progress.wait()
                 continue
@@ -588,8 +671,18 @@ class WriteBack:
                 self.vfs.moved_by_server(rec.ino, asked, placed)
             # Its cached attributes stay this mount's estimate (as a parent's
             # of a create does): the server's moved with the creates in it.
-        elif answer[0] == 0:
+        elif answer[0] == 0 and rec.op == "setattr":
             self.vfs.applied(rec.ino)
+        elif answer[0] == 0:
+            self.vfs.renamed(rec, answer[1])
+        elif rec.op in ("rename", "unlink"):
+            # The server decided otherwise (a name another mount changed
+            # meanwhile: ESTALE; a directory it removed): nothing was moved or
+            # removed there, both names show the server's entries again.
+            log.warning("write-back %s of inode %d refused (%s): this mount shows the"
+                        " server's names", rec.op, rec.ino, answer[1])
+            self.vfs.record_refused(rec.op, rec.args, answer)
+            self.vfs.unrenamed(rec)
         elif rec.op == "mknod":
             # Refused outright (quota, a lease not this mount's): the entries
             # made inside it are applied with ``keep`` in the volume's root.
@@ -616,9 +709,6 @@ class WriteBack:
         new op_id, never under the committed record's.
         """
         self._edits.pop(ino, None)
-        loc = self._loc.pop(ino, None)
-        if loc is not None and self._at.get(loc) == ino:
-            del self._at[loc]
         self.bytes -= self.pending.pop(ino).bytes
         done.append(ino)
 

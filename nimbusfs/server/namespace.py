@@ -425,10 +425,15 @@ def _kept_place(cur: Cursor, u: User, device: str, parent: int, name: bytes
     directory(cur, u, parent)  # locked: the name found free stays free
     if _child(cur, parent, name) is None:
         return parent, name
+    return parent, _copy_name(cur, parent, name, device)
+
+
+def _copy_name(cur: Cursor, parent: int, name: bytes, device: str) -> bytes:
+    """The first conflicted copy's name of ``name`` free in (locked) directory ``parent``."""
     n = 1
     while _child(cur, parent, copy := _conflict_name(name, device, n)) is not None:
         n += 1
-    return parent, copy
+    return copy
 
 
 @op
@@ -486,11 +491,15 @@ def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
 
 
 @op
-def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, Any]:
+def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, ino: int | None = None
+           ) -> dict[str, Any]:
     """Remove a non-directory entry; report the inode if it became an orphan.
 
     The entry is deleted before its inode is looked at (one statement fewer);
-    if it names a directory the transaction rolls back on EISDIR.
+    if it names a directory the transaction rolls back on EISDIR. A write-back
+    mount's journalled unlink names the inode it removed there (``ino``): if
+    the name is another inode's now (another mount replaced it meanwhile),
+    ESTALE and nothing is removed (that other file is not this mount's to drop).
     """
     now = time.time_ns()
     directory(cur, u, parent)
@@ -499,6 +508,8 @@ def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[
     row = cur.fetchone()
     if row is None:
         raise FSError(errno.ENOENT, "no such entry")
+    if ino is not None and row[0] != ino:
+        raise FSError(errno.ESTALE, "the name is another inode's now")
     ino = row[0]
     orphan, mode = _drop_link(cur, ino, now)
     if stat.S_ISDIR(mode):
@@ -535,12 +546,22 @@ def _is_ancestor(cur: Cursor, anc: int, ino: int) -> bool:
 
 @op
 def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_parent: int,
-           new_name: bytes, flags: int = 0) -> dict[str, Any]:
+           new_name: bytes, flags: int = 0, ino: int | None = None,
+           replaces: int | None = None, keep: bool = False) -> dict[str, Any]:
     """Move an entry, replacing or exchanging with an existing one as rename(2) says.
 
     RENAME_WHITEOUT and any other flag are refused (EINVAL, as Linux answers a
     flag the file system does not support): renaming without leaving the
     whiteout would tell the caller it was left.
+
+    A write-back mount's journalled rename, sent after it returned, names the
+    inodes it saw (``ino`` at the source, ``replaces`` at the target: None for
+    no target) and asks to ``keep`` both files whatever happened meanwhile: a
+    source that is another inode now is ESTALE (nothing moves); a target that
+    another mount made, replaced or removed meanwhile is left as it is and the
+    source takes a conflicted copy's name beside it (an exchange is ESTALE).
+    The answer then also says where the source went (``new_parent``,
+    ``new_name``).
     """
     if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
         raise FSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
@@ -552,7 +573,14 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     src = _child(cur, parent, name)
     if src is None:
         raise FSError(errno.ENOENT, "no such entry")
+    if ino is not None and src != ino:
+        raise FSError(errno.ESTALE, "the source name is another inode's now")
     dst = _child(cur, new_parent, new_name)
+    if keep and dst != replaces:
+        if flags & RENAME_EXCHANGE:
+            raise FSError(errno.ESTALE, "the exchange target changed meanwhile")
+        new_name, dst = _copy_name(cur, new_parent, new_name, device), None
+    placed = {"new_parent": new_parent, "new_name": new_name} if keep else {}
     attrs = _lock(cur, u, *(i for i in (src, dst) if i is not None))
     src_dir = stat.S_ISDIR(attrs[src]["mode"])
     if flags & RENAME_EXCHANGE:
@@ -567,7 +595,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
             and _is_ancestor(cur, dst, parent):
         raise FSError(errno.EINVAL, "cannot move a directory into itself")
     if src == dst:
-        return {"orphan": None, "ino": None, "replaced": None, "dirs": []}
+        return {"orphan": None, "ino": None, "replaced": None, "dirs": [], **placed}
     orphan = None
     if flags & RENAME_EXCHANGE:
         cur.execute("UPDATE dentries SET inode = %s WHERE parent = %s AND name = %s",
@@ -606,7 +634,7 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
     if flags & RENAME_EXCHANGE and dst is not None:
         changes.append(("rename", dst, parent, name))
     _log(cur, u, device, *changes)
-    return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs}
+    return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs, **placed}
 
 
 def _setattr(cur: Cursor, a: dict[str, int], mode: int | None = None, uid: int | None = None,
