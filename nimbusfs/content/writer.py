@@ -309,7 +309,7 @@ class Writer:
         for ``put_again``.
         """
         return self.ahead_grace is not None and (self.staging is None
-                                                 or self.staging.path is None)
+                                                 or not self.staging.keep)
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
         """Stage ``data`` at ``off``; return the bytes stored (short on a disk filling up)."""
