@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from typing import Any
 
 from nimbusfs.errors import FSError
 
@@ -60,6 +61,21 @@ def dropped_privileges(mode: int) -> int:
     that bit, set-group-ID marks mandatory locking, which stays).
     """
     return stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+
+
+def changing(attr: dict[str, Any], changes: dict[str, int]) -> dict[str, int]:
+    """The chmod/chown/utimens ``changes`` that change the inode of ``attr``.
+
+    A mode, uid or gid it has already is dropped, unless a chown of it would
+    clear set-user-ID/set-group-ID (``setattr_mode``); times are kept. A
+    write-back mount journals only what is left: ``tar x`` as root chowns
+    and chmods every directory it made to what it already is.
+    """
+    chown = ("uid" in changes or "gid" in changes) and (
+        setattr_mode(attr["mode"], None, True) != attr["mode"])
+    return {k: v for k, v in changes.items()
+            if chown or (stat.S_IMODE(v) != stat.S_IMODE(attr["mode"]) if k == "mode"
+                         else k not in ("uid", "gid") or v != attr[k])}
 
 
 def setattr_mode(mode: int, new: int | None, chown: bool) -> int:

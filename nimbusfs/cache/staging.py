@@ -2,8 +2,13 @@
 
 Each file open for writing on this mount has one sparse staging file holding
 the bytes written since the last commit, plus the set of byte ranges those
-bytes cover. Data never waits in memory: a write is a ``pwrite`` into the
-staging file, so memory use does not grow with the amount written.
+bytes cover. Data never waits in memory beyond ``MEMORY_BYTES`` per file: a
+write is a ``pwrite`` into the staging file, so memory use does not grow
+with the amount written. A small file's bytes (all within the first
+``MEMORY_BYTES``) stay in memory until a write goes past that or a write-back
+journal needs them on disk by name (``sync``): the staging file is created
+then. Most files an unpacking or a checkout writes are that small, and the
+file's create, name and unlink cost more than the rest of its write.
 
 Staged bytes whose blocks are already in the store (a pipelined upload) can be
 released: a hole is punched where they were, so the kernel never writes them
@@ -20,13 +25,17 @@ import errno
 import os
 import tempfile
 
-from nimbusfs.blockstore.chunking import Piece, chunk_fd, pread_exact
+from nimbusfs.blockstore.chunking import Piece, chunk_buf, chunk_fd, pread_exact
 from nimbusfs.errors import FSError, local_io
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+# A file's staged bytes stay in memory while they all lie below this offset
+# (97% of the files of the benchmark's Django sdist); with the write-back
+# mount's ``MAX_PENDING_FILES`` that bounds the memory at 256 MiB.
+MEMORY_BYTES = 32 << 10
 
 
 class Ranges:
@@ -100,7 +109,8 @@ class Staging:
     """
 
     def __init__(self, directory: str, keep: bool = False, path: str | None = None) -> None:
-        """A new, empty staging file in ``directory``; or the existing file ``path``.
+        """A new, empty staging area for ``directory`` (in memory until it needs its file);
+        or the existing file ``path``.
 
         ``keep``: the file keeps its name until ``close``, so that a write-back
         journal can name it and find it again after a crash; otherwise it is
@@ -108,22 +118,45 @@ class Staging:
         """
         self.directory = directory
         self.what = f"staging file in {directory}"
+        self.keep = keep or path is not None
         self.path: str | None = None
+        self.fd = -1
+        # The bytes while there is no file (``_spill`` makes it); None after.
+        # Read without a lock by upload threads: they take this reference
+        # once, and a spill sets ``fd`` before it drops the buffer.
+        self._mem: bytearray | None = bytearray()
         self._listed = path is not None   # the name is durable in its directory
-        with local_io(self.what):
-            if path is not None:
+        if path is not None:
+            with local_io(self.what):
                 self.fd, self.path = os.open(path, os.O_RDWR), path
-            else:
-                os.makedirs(directory, exist_ok=True)
-                self.fd, name = tempfile.mkstemp(dir=directory, prefix="dirty-")
-                if keep:
-                    self.path = name
-                else:
-                    os.unlink(name)
+            self._mem = None
         self.dirty = Ranges()
+
+    def _spill(self) -> None:
+        """Create the staging file and move the bytes held in memory into it (all or raise:
+        the memory keeps them if the disk cannot)."""
+        mem = self._mem
+        assert mem is not None
+        with local_io(self.what):
+            os.makedirs(self.directory, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.directory, prefix="dirty-")
+            if not self.keep:
+                os.unlink(name)
+        self.fd, self.path = fd, name if self.keep else None
+        try:
+            self._pwrite_file(0, memoryview(mem), partial=False)
+        except BaseException:
+            os.close(fd)
+            if self.keep:
+                os.unlink(name)
+            self.fd, self.path = -1, None
+            raise
+        self._mem = None
 
     def sync(self) -> None:
         """Make the staged bytes and the file's name durable (in a worker thread)."""
+        if self._mem is not None:
+            self._spill()
         with local_io(self.what):
             os.fdatasync(self.fd)
             if self._listed:
@@ -148,11 +181,18 @@ class Staging:
 
     def read(self, off: int, n: int) -> bytes:
         """Staged bytes [off, off + n), all of them."""
+        mem = self._mem
+        if mem is not None:
+            if off + n > len(mem):
+                raise EOFError(f"staged bytes end at {len(mem)}, before {off + n}")
+            return bytes(mem[off:off + n])
         with local_io(self.what):
             return pread_exact(self.fd, n, off)
 
     def chunk(self, start: int, end: int) -> list[Piece]:
         """Cut the staged bytes [start, end) into pieces (in a worker thread)."""
+        if self._mem is not None:
+            return chunk_buf(self.read(start, end - start), start)
         with local_io(self.what):
             return chunk_fd(self.fd, start, end)
 
@@ -166,6 +206,18 @@ class Staging:
         An error (a full disk) after some bytes were stored returns their
         count if ``partial``; otherwise, or when none were, it is raised.
         """
+        mem = self._mem
+        if mem is not None and off + len(data) <= MEMORY_BYTES:
+            if off > len(mem):
+                mem.extend(bytes(off - len(mem)))   # a hole reads as zeros
+            mem[off:off + len(data)] = data
+            return len(data)
+        if mem is not None:
+            self._spill()
+        return self._pwrite_file(off, data, partial)
+
+    def _pwrite_file(self, off: int, data: bytes | memoryview, partial: bool) -> int:
+        """``_pwrite`` into the staging file."""
         view, done = memoryview(data), 0
         try:
             with local_io(self.what):
@@ -185,6 +237,9 @@ class Staging:
         The dirty ranges stay as they are: the caller reads those bytes from
         where it put them. A file system that cannot punch holes keeps them.
         """
+        if self._mem is not None:
+            self._mem[off:off + n] = bytes(len(self._mem[off:off + n]))
+            return
         if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, n):
             err = ctypes.get_errno()
             if err != errno.EOPNOTSUPP:
@@ -194,11 +249,17 @@ class Staging:
     def reset(self) -> None:
         """Forget all dirty data (it has been committed)."""
         self.dirty.clear()
+        if self._mem is not None:
+            self._mem = bytearray()   # not cleared in place: an upload thread may read it
+            return
         with local_io(self.what):
             os.ftruncate(self.fd, 0)
 
     def close(self) -> None:
         """Close the file; a kept one is removed (its bytes are committed or given up)."""
+        if self._mem is not None:
+            self._mem = None
+            return
         os.close(self.fd)
         if self.path is not None:
             with local_io(self.what):

@@ -75,6 +75,10 @@ ASK_ABOVE_BYTES = 256 << 10
 COMMIT_ATTEMPTS = 3
 # Blocks named in one ``have_blocks`` or ``hold_blocks`` request (the server takes 10,000).
 KEYS_AT_ONCE = 1000
+# A window this small is cut and hashed in the trio thread (tens of
+# microseconds), not a worker's: the hop there and back costs more, once per
+# small file a write-back drain or a close commits.
+CHUNK_HERE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -309,7 +313,7 @@ class Writer:
         for ``put_again``.
         """
         return self.ahead_grace is not None and (self.staging is None
-                                                 or self.staging.path is None)
+                                                 or not self.staging.keep)
 
     async def write(self, off: int, data: bytes, kill_priv: bool) -> int:
         """Stage ``data`` at ``off``; return the bytes stored (short on a disk filling up)."""
@@ -578,6 +582,8 @@ class Writer:
                     where = (ext.keys[i], ext.offs[i]) if i >= 0 and ext.keys[i] else (None, 0)
                     gaps.setdefault(where, []).append((pos, end))
                     pos = end
+        if not gaps:   # a new file's windows, all written: nothing to copy
+            return
         slots = trio.CapacityLimiter(MATERIALIZE_BLOCKS)
 
         def zeros(spans: list[tuple[int, int]]) -> None:
@@ -746,7 +752,8 @@ class Writer:
                 chunks[s] = done + cut
                 staged += cut
                 continue
-            rest = await trio.to_thread.run_sync(st.chunk, pos, e)
+            rest = (st.chunk(pos, e) if e - pos <= CHUNK_HERE_BYTES
+                    else await trio.to_thread.run_sync(st.chunk, pos, e))
             chunks[s] = done + rest
             pieces += rest
             staged += rest

@@ -72,6 +72,7 @@ from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
+    changing,
     check_setattr,
     dropped_privileges,
     setattr_mode,
@@ -501,8 +502,13 @@ class VFS:
             # No file here holds it open (a directory, a symlink, a closed
             # file): journalled, shown at once (``_out``), applied in order.
             # Its attributes (the answer) first: a server out of reach fails
-            # this with EIO before anything is journalled, not after.
-            await self.getattr(ino)
+            # this with EIO before anything is journalled, not after. A mode
+            # or owner it has already is not journalled (``changing``; its
+            # ctime stays, where a local disk's would move).
+            attr = await self.getattr(ino)
+            changes = changing(attr, changes)
+            if not changes:
+                return attr
             self.writeback.setattr(self.srv(ino), changes)
             return await self.getattr(ino)
         if f is not None and changes.get("mtime") is not None:

@@ -509,15 +509,19 @@ class WriteBack:
             if not f.modified:
                 return
             await f.ahead_idle.wait()   # the pump's pieces are part of the state
-            state = f.snapshot()
-            state["hint"] = self.vfs.commit_hint(f.ino) or None
             st = f.staging
             size = f.staged_bytes()
-            if st is not None and size <= INLINE_BYTES and not f.ahead_pieces:
+            inline = st is not None and size <= INLINE_BYTES and not f.ahead_pieces
+            if st is not None and not inline:
+                # Before the snapshot, which names the file (a staging area
+                # in memory makes its file now).
+                await trio.to_thread.run_sync(st.sync)
+            state = f.snapshot()
+            state["hint"] = self.vfs.commit_hint(f.ino) or None
+            if inline:
+                assert st is not None
                 state["inline"] = [[a, st.read(a, b - a)] for a, b in state["dirty"]]
                 state["staging"] = None
-            elif st is not None:
-                await trio.to_thread.run_sync(st.sync)
             old = self.pending.get(f.ino)
             seq = old.seq if old else self._seq
             if old is None:
