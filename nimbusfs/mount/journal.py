@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -65,11 +66,17 @@ from nimbusfs.errors import local_io
 
 JOURNAL_NAME = "journal.db"
 # The journal's format (SQLite ``PRAGMA user_version``): 1 is the tables
-# below. A journal made before the version was written (0) has them, or a
-# subset that ``_SCHEMA`` completes. A mount refuses a journal of a later
-# version: it would replay part of it (an older mount ignores the ``ops``
-# rows it does not know) and remove the rest as drained.
-VERSION = 1
+# below; 2 the same tables with ``rename`` and ``unlink`` rows in ``ops``.
+# A journal made before the version was written (0) has them, or a subset
+# that ``_SCHEMA`` completes. A mount refuses a journal of a later version:
+# it would replay part of it (an older mount ignores the ``ops`` rows it
+# does not know) and remove the rest as drained.
+VERSION = 2
+# A group commit is written in the mount's thread while the average group
+# write (an EWMA, this weight for the newest) stays under INLINE_WRITE
+# seconds, in a worker thread past it (``commit``).
+INLINE_WRITE = 0.002
+WRITE_TIME_WEIGHT = 0.2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending (
@@ -213,6 +220,7 @@ class Journal:
                 "SELECT value FROM meta WHERE key = 'lessee'").fetchone()[0]
         self._lock = trio.Lock()
         self._group = _Group()
+        self._write_time = 0.0   # EWMA of a group write's seconds (``_timed_write``)
 
     def records(self) -> list[Record]:
         """Every pending file, in drain order (at start, before anything is written)."""
@@ -267,17 +275,24 @@ class Journal:
         the close's answer: a write-back close took ~1 ms in its handler).
         The price: the mount answers no other request during that fdatasync
         (under other processes' disk load 0.4-0.7 ms at the median, 6-10 ms
-        at p99). ``remove`` and ``add_leases`` (the drainer's, off any
-        application's path) still write in a worker thread, holding
-        ``_lock``: the closes that come meanwhile wait for it and share one
-        group (one fdatasync).
+        at p99). So a disk that has become slow (the average group write past
+        ``INLINE_WRITE``: a busy or failing disk, a hung one) is written in a
+        worker thread again, and the mount keeps answering reads and stats
+        meanwhile; back under it, inline again. ``remove`` and
+        ``add_leases`` (the drainer's, off any application's path) always
+        write in a worker thread, holding ``_lock``: the closes that come
+        meanwhile wait for it and share one group (one fdatasync).
         """
         async with self._lock:
             if not group.done.is_set():
                 # The first of this group's callers to get here writes all of it.
                 self._group = _Group()
+                args = (list(group.rows.values()), group.ops)
                 try:
-                    self._write(list(group.rows.values()), group.ops)
+                    if self._write_time > INLINE_WRITE:
+                        await trio.to_thread.run_sync(self._timed_write, *args)
+                    else:
+                        self._timed_write(*args)
                 except BaseException as e:
                     group.error = e
                     raise
@@ -292,6 +307,15 @@ class Journal:
         """Return once every row added so far is durable (the group being filled is
         written now, after any group being written: one lock, in order)."""
         await self.commit(self._group)
+
+    def _timed_write(self, rows: list[Record], ops: list[OpRecord]) -> None:
+        """``_write``, its duration averaged into ``_write_time`` (an EWMA)."""
+        start = time.monotonic()
+        try:
+            self._write(rows, ops)
+        finally:
+            took = time.monotonic() - start
+            self._write_time += (took - self._write_time) * WRITE_TIME_WEIGHT
 
     def _write(self, rows: list[Record], ops: list[OpRecord]) -> None:
         self._transaction([(
