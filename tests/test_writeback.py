@@ -255,8 +255,8 @@ def _crash_rounds(mount_factory, world_tmp: str, rounds: int) -> None:
         open(done, "w").close()
         proc = subprocess.Popen([sys.executable, "-c", EXTRACT, tar, dest, done],
                                 stderr=subprocess.DEVNULL)
-        at = rng.randrange(1, len(files))
-        wait_until(lambda d=done, n=at, p=proc: len(read_file(d).splitlines()) >= n
+        at = rng.randrange(1, len(files))   # crash once this many files are in
+        wait_until(lambda d=done, n=at, p=proc: read_file(d).count(b"file ") >= n
                    or p.poll() is not None, 300, "the extraction")
         crash(m)
         proc.wait()
