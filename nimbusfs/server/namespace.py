@@ -922,17 +922,23 @@ def _bigint_overflow() -> Iterator[None]:
 
 
 def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
-            mtime: int, kill_priv: bool = False) -> dict[str, int]:
+            mtime: int, kill_priv: bool = False, attrs: dict[str, int] | None = None
+            ) -> dict[str, int]:
     """Add a version to the locked inode ``a`` and make it current.
 
     ``kill_priv``: the writer was unprivileged, so set-user-ID (and
     set-group-ID on a group-executable file) is dropped, as Linux does.
+    ``attrs``: mode, owner or time changes (``_setattr``'s) applied after
+    the new version, by the same statement (a write-back drain's commit
+    carries those ``tar x`` set).
     """
+    attrs = attrs or {}
     ino = a["ino"]
     grow = size - a["size"]
     version = a["version"] + 1
     alloc = sum(n for k, n in extents if k is not None)
     kill = dropped_privileges(a["mode"]) if kill_priv else 0
+    mode = setattr_mode(a["mode"] & ~kill, attrs.get("mode"), "uid" in attrs or "gid" in attrs)
     keys, sizes, counts = _refs(extents)
     # One statement: the quota, the version row, its block references and the
     # inode. Over quota, it is all rolled back by the exception below.
@@ -947,10 +953,12 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
             " ON CONFLICT (hash) DO UPDATE"
             " SET refcount = blocks.refcount + excluded.refcount, unref_since = NULL),"
             " i AS (UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s,"
-            f" alloc = %s, mode = mode & ~%s WHERE id = %s RETURNING {_ATTR_COLS})"
+            " alloc = %s, mode = %s, uid = coalesce(%s, uid), gid = coalesce(%s, gid),"
+            f" atime_ns = coalesce(%s, atime_ns) WHERE id = %s RETURNING {_ATTR_COLS})"
             " SELECT q.*, i.* FROM q, i",
             (grow, u.id, ino, version, size, msgpack.packb(extents), u.id, device,
-             keys, sizes, counts, version, size, mtime, time.time_ns(), alloc, kill, ino))
+             keys, sizes, counts, version, size, attrs.get("mtime", mtime), time.time_ns(),
+             alloc, mode, attrs.get("uid"), attrs.get("gid"), attrs.get("atime"), ino))
     row = one(cur)
     quota, used = row[:2]
     if quota and grow > 0 and used > quota:
@@ -1002,7 +1010,8 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
     """
     attrs = attrs or {}
     if not (isinstance(attrs, dict) and set(attrs) <= SETATTR_KEYS
-            and all(type(v) is int for v in attrs.values())):
+            and all(type(v) is int for v in attrs.values())
+            and all(attrs[k] in UINT31 for k in ("mode", "uid", "gid") if k in attrs)):
         raise FSError(errno.EINVAL, "bad attributes")
     _check_blocks(cur, u, extents, size)
     cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
@@ -1015,8 +1024,7 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
         if amend:
             cur.execute("DELETE FROM versions WHERE inode = %s AND version = %s AND size = 0"
                         " AND device = %s", (ino, base, device))
-        attr = _commit(cur, u, device, a, extents, size, mtime, kill_priv)
-        return {"attr": _setattr(cur, attr, **attrs) if attrs else attr}
+        return {"attr": _commit(cur, u, device, a, extents, size, mtime, kill_priv, attrs)}
     if name is None:
         raise (Conflict(a["version"]) if a else FSError(errno.ENOENT, "file was deleted"))
     copy = _save_conflict(cur, u, device, ino, parent or u.root, name, extents, size, mtime)
