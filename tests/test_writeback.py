@@ -25,6 +25,8 @@ import pytest
 import trio
 
 from conftest import read_file, start_metaserver, status, wait_until, write_file
+from nimbusfs.blockstore import block_hash
+from nimbusfs.blockstore.local import LocalStore
 from nimbusfs.mount.journal import summary
 
 
@@ -305,6 +307,30 @@ def test_server_down_writes_continue_and_drain_once(services, mount_factory):
         m.remount(drop_cache=True)
         for i, n in enumerate(names):
             assert read_file(m.p(n)) == pattern(b"o%d" % i, 100_000 * (i % 3) + 10)
+
+
+def test_the_next_batch_is_prepared_while_the_server_has_not_answered(services, mount_factory):
+    """The drainer uploads the next batch's blocks while the batch before it waits for the
+    server (here: down), and sends it once that one is answered: after the restart both
+    files are committed once, in order."""
+    with own_server(services, "wb_flight") as dep:
+        m = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        take_lease(m)
+        store = LocalStore(services.emb.path("blocks"))
+        data = {n: pattern(n.encode(), 1000) for n in ("a", "b")}   # one block each
+        dep.kill()
+        write_file(m.p("a"), data["a"])
+        wait_until(lambda: store.exists(block_hash(data["a"])), 30, "a's batch prepared")
+        write_file(m.p("b"), data["b"])
+        wait_until(lambda: store.exists(block_hash(data["b"])), 30,
+                   "b's batch prepared while a's waits for the server")
+        assert pending(m)[0] == 2
+        dep.start()
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain after the restart")
+        assert [(v["size"], v["versions"]) for v in server_view(dep, m.token, "a", "b")] == [
+            (1000, 1), (1000, 1)]
+        m.remount(drop_cache=True)
+        assert {n: read_file(m.p(n)) for n in data} == data
 
 
 def test_pending_change_loses_to_another_mount_as_a_conflicted_copy(services, mount_factory):
