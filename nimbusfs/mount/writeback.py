@@ -519,19 +519,19 @@ class WriteBack:
                     self._work = trio.Event()
                     await self._work.wait()
                     continue
-                flight: _Flight | None = _Flight(self._next())
-                assert flight is not None
+                flight = _Flight(self._next())
                 self._flying_files |= flight.files
                 self._flying_ops |= flight.ops
                 nursery.start_soon(self._drain, flight, before)
                 await flight.prepared.wait()
-                if before is not None:
-                    await before.done.wait()
-                    if not before.whole:
-                        await flight.done.wait()   # not sent: its records are free again
-                        flight = None
-                    await wait_after(before)
-                before = flight
+                if before is None:
+                    before = flight
+                    continue
+                await before.done.wait()
+                if not before.whole:
+                    await flight.done.wait()   # not sent: its records are free again
+                await wait_after(before)
+                before = flight if before.whole else None
 
     def _waiting(self) -> bool:
         """Whether records wait that no batch in flight holds."""
