@@ -13,13 +13,14 @@ batches: it takes each file's lock, cuts and uploads its new blocks
 (``OpenFile.prepare``), sends the commits of the batch's longest prefix of
 prepared files as one ``batch`` request (one transaction on the server,
 each commit with the op_id of its journal record), then adopts the answers.
-Two batches overlap (``_Flight``): the next one is taken and prepared while
-the server applies this one, and is sent once this one is answered, and
-only if this one was sent whole (else it is not sent: its records wait
-for the next batch, behind those left over): the server still gets the
-records in journal order, one batch at a time, and the mount's uploads no
-longer wait for the server's transaction nor the reverse. Through an
-outage the next batch lets its files go rather than hold their locks.
+With a backlog (a full batch waiting), two batches overlap (``_Flight``):
+the next one is taken and prepared while the server applies this one, and
+is sent once this one is answered, and only if this one was sent whole
+(else it is not sent: its records wait for the next batch, behind those
+left over): the server still gets the records in journal order, one batch
+at a time, and the mount's uploads no longer wait for the server's
+transaction nor the reverse. Through an outage the next batch lets its
+files go rather than hold their locks.
 It holds the files' locks until the batch is answered, retrying through an
 outage, so that a file never changes between an attempt and its answer: a
 commit sent again (after a lost answer, or a crash: the op_id is in the
@@ -494,8 +495,12 @@ class WriteBack:
     async def run(self) -> None:
         """Drain pending files for as long as the mount runs.
 
-        A batch is taken once the one before it is prepared (at most two in
-        flight: one prepared while the other is sent). After a batch that
+        A batch is taken once the one before it is answered or, if a full
+        batch (``BATCH_FILES`` records) waits, once it is prepared: then two
+        are in flight, one prepared while the other is sent. (Taken early
+        with fewer, batches stay small and the server makes more
+        transactions for the same records: ``tar x`` of 4,000 entries made
+        1,980 instead of 904, its CPU 3.4 s instead of 2.8.) After a batch that
         made no progress (an outage), the drainer waits (``RETRY``); after one
         not sent whole, the batch taken meanwhile is not sent, and the next
         is taken afresh from the first records in drain order.
@@ -515,8 +520,10 @@ class WriteBack:
                 if before is not None and before.done.is_set() and not before.whole:
                     await wait_after(before)
                     before = None   # taken afresh from the first records
-                if not self._waiting():
-                    self._work = trio.Event()
+                waiting = self._waiting()
+                if not waiting or (waiting < BATCH_FILES and before is not None
+                                   and not before.done.is_set()):
+                    self._work = trio.Event()   # set by a record added, a batch ended
                     await self._work.wait()
                     continue
                 flight = _Flight(self._next())
@@ -533,10 +540,10 @@ class WriteBack:
                 await wait_after(before)
                 before = flight if before.whole else None
 
-    def _waiting(self) -> bool:
-        """Whether records wait that no batch in flight holds."""
-        return (len(self.pending) > len(self._flying_files & self.pending.keys())
-                or len(self.ops) > len(self._flying_ops & self.ops.keys()))
+    def _waiting(self) -> int:
+        """How many records wait that no batch in flight holds."""
+        return (len(self.pending) - len(self._flying_files & self.pending.keys())
+                + len(self.ops) - len(self._flying_ops & self.ops.keys()))
 
     def _next(self) -> list[int | OpRecord]:
         """The first ``BATCH_FILES`` records in drain order that no batch in flight holds
