@@ -12,6 +12,14 @@ connection, one call at a time: latency, not throughput). No mount is
 subscribed, so the push to other mounts (one indexed query per subscribed
 connection and change batch) is not counted.
 
+The last row is a write-back mount's drain: ``batch`` requests of
+``BATCH`` new files each, every file a ``mknod`` (a leased number, ``keep``)
+and its first ``commit`` (a 4 KiB block, the attributes ``tar x`` sets), as
+``nimbusfs/mount/writeback.py`` sends them; its figures are per file, and
+its round trip is the batch's divided by its files. The metaserver's CPU
+(user+system, from /proc) per operation, or per drained file, is reported
+beside: its Python work (argument checks, psycopg's parameter dumping).
+
 Usage: ``python bench/db_cost.py [N]`` (root, like the embedded default; N=500).
 """
 
@@ -25,20 +33,24 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import psycopg
 import trio
-from harness import print_table, save_json, wait_until
+from harness import cpu_seconds, print_table, save_json
 
 from nimbusfs.blockstore import block_hash
 from nimbusfs.blockstore.local import LocalStore
 from nimbusfs.client import connect
 from nimbusfs.embedded import Embedded
+from nimbusfs.retry import wait_until
 from nimbusfs.server.auth import create_token, create_user
 from nimbusfs.server.db import Database
 
 DB = "nimbus_cost"
+# Files per ``batch`` request in the drain row (the mount's BATCH_FILES is 256).
+BATCH = 100
 
 
 def start(base: str) -> tuple[Embedded, subprocess.Popen, str, str]:
@@ -98,22 +110,27 @@ class Meter:
         return int(calls), float(ms), int(wal)
 
 
-async def measure(meter: Meter, n: int, call: Callable[[int], Awaitable[object]]
-                  ) -> list[float]:
-    """Run ``call(i)`` for i in 0..n-1, one at a time; per call: statements, DB ms, WAL
-    bytes, round-trip ms."""
+async def measure(meter: Meter, server: int, n: int, call: Callable[[int], Awaitable[object]],
+                  per: int = 1) -> list[float]:
+    """Run ``call(i)`` for i in 0..n-1, one at a time; per call divided by ``per``:
+    statements, DB ms, WAL bytes, round-trip ms, the metaserver's CPU ms."""
     meter.start()
+    cpu = cpu_seconds(server)
     t0 = time.perf_counter()
     for i in range(n):
         await call(i)
     wall = time.perf_counter() - t0
+    cpu = cpu_seconds(server) - cpu
     calls, ms, wal = meter.stop()
-    return [calls / n, ms / n, wal / n, wall * 1000 / n]
+    k = n * per
+    return [calls / k, ms / k, wal / k, wall * 1000 / k, cpu * 1000 / k]
 
 
-async def run(address: str, token: str, dsn: str, blocks: str, n: int) -> list[list]:
+async def run(address: str, token: str, dsn: str, blocks: str, server: int, n: int
+              ) -> list[list]:
     store = LocalStore(blocks)
-    datas = [os.urandom(4096) + i.to_bytes(4, "big") for i in range(n)]
+    batches = max(1, n // BATCH)
+    datas = [os.urandom(4096) + i.to_bytes(4, "big") for i in range(n + batches * BATCH)]
     keys = [block_hash(d) for d in datas]
     for k, d in zip(keys, datas, strict=True):
         store.put(k, d)
@@ -155,7 +172,30 @@ async def run(address: str, token: str, dsn: str, blocks: str, n: int) -> list[l
             ("unlink", simple("unlink", parent=d, name=lambda i: b"g%d" % i)),
         ]
         for name, call in steps:
-            rows.append([name, *await measure(meter, n, call)])
+            rows.append([name, *await measure(meter, server, n, call)])
+        lessee = "bench-lessee"
+        leased: list[int] = []
+        while len(leased) < batches * BATCH:
+            leased += await c.call("lease_inodes", count=4096, lessee=lessee)
+
+        async def drain(b: int) -> None:
+            ops: list[list] = []
+            for i in range(b * BATCH, (b + 1) * BATCH):
+                data, key, name = datas[n + i], keys[n + i], b"w%d" % i
+                ops += [["mknod", uuid.uuid4().hex, {
+                            "parent": d, "name": name, "mode": 0o100644, "uid": 0, "gid": 0,
+                            "ino": leased[i], "lessee": lessee, "keep": True}],
+                        ["commit", uuid.uuid4().hex, {
+                            "ino": leased[i], "base": 0, "extents": [[key, len(data)]],
+                            "size": len(data), "mtime": time.time_ns(), "kill_priv": False,
+                            "attrs": {"mode": 0o100644, "uid": 0, "gid": 0,
+                                      "atime": time.time_ns()},
+                            "parent": d, "name": name}]]
+            for r in await c.call("batch", ops=ops):
+                assert r[0] == 0, r
+
+        rows.append([f"drain: batch of {BATCH} x (mknod + commit 4 KiB), per file",
+                     *await measure(meter, server, batches, drain, BATCH)])
     return rows
 
 
@@ -169,19 +209,21 @@ def main(n: int = 500) -> None:
         db.run(create_user, "bench", 0)
         token = db.run(create_token, "bench")
         db.close()
-        rows = trio.run(run, address, token, dsn, os.path.join(base, "blocks"), n)
+        rows = trio.run(run, address, token, dsn, os.path.join(base, "blocks"), server.pid, n)
     finally:
         server.terminate()
         server.wait(30)
         emb.stop_postgres()
     shutil.rmtree(base, ignore_errors=True)
     print_table(f"Database cost per operation ({n} of each, one client, one at a time)",
-                ["operation", "statements", "DB ms (plan+exec)", "WAL bytes", "round trip ms"],
-                [[r[0], f"{r[1]:.1f}", f"{r[2]:.3f}", f"{r[3]:,.0f}", f"{r[4]:.2f}"]
-                 for r in rows])
+                ["operation", "statements", "DB ms (plan+exec)", "WAL bytes", "round trip ms",
+                 "server CPU ms"],
+                [[r[0], f"{r[1]:.1f}", f"{r[2]:.3f}", f"{r[3]:,.0f}", f"{r[4]:.2f}",
+                  f"{r[5]:.2f}"] for r in rows])
     path = save_json("db_cost", {"n": n, "machine": platform.node(), "cpus": os.cpu_count(),
                                  "rows": {r[0]: dict(zip(("statements", "db_exec_ms",
-                                                          "wal_bytes", "round_trip_ms"),
+                                                          "wal_bytes", "round_trip_ms",
+                                                          "server_cpu_ms"),
                                                          r[1:], strict=True))
                                           for r in rows}})
     print(f"\nJSON: {path}")

@@ -97,7 +97,7 @@ async def test_bad_arguments_are_einval(services):
             await c.call("no_such_op")
         assert e.value.errno == errno.ENOSYS
         f = await c.call("mknod", parent=c.info["root"], name=b"f", mode=0o100644, uid=0, gid=0)
-        for attrs in ({"size": 1}, {"mode": "rw"}, [1]):
+        for attrs in ({"size": 1}, {"mode": "rw"}, [1], {"uid": 1 << 31}, {"mode": -1}):
             with pytest.raises(FSError) as e:
                 await c.call("commit", ino=f["ino"], base=0, extents=[], size=0, mtime=0,
                              attrs=attrs)

@@ -25,7 +25,10 @@ import pytest
 import trio
 
 from conftest import read_file, start_metaserver, status, wait_until, write_file
+from nimbusfs.blockstore import block_hash
+from nimbusfs.blockstore.local import LocalStore
 from nimbusfs.mount.journal import summary
+from nimbusfs.mount.writeback import BATCH_FILES
 
 
 def pattern(seed: bytes, size: int) -> bytes:
@@ -325,6 +328,32 @@ def test_server_down_writes_continue_and_drain_once(services, mount_factory):
         m.remount(drop_cache=True)
         for i, n in enumerate(names):
             assert read_file(m.p(n)) == pattern(b"o%d" % i, 100_000 * (i % 3) + 10)
+
+
+def test_the_next_batch_is_prepared_while_the_server_has_not_answered(services, mount_factory):
+    """With a full batch waiting, the drainer uploads the next batch's blocks while the
+    batch before it waits for the server (here: down), and sends it once that one is
+    answered: after the restart every file is committed once, in order."""
+    with own_server(services, "wb_flight") as dep:
+        m = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
+        take_lease(m)
+        store = LocalStore(services.emb.path("blocks"))
+        names = ["a", *(f"b{i}" for i in range(BATCH_FILES))]
+        data = {n: pattern(n.encode(), 1000) for n in names}   # one block each
+        dep.kill()
+        write_file(m.p("a"), data["a"])
+        wait_until(lambda: store.exists(block_hash(data["a"])), 30, "a's batch prepared")
+        for n in names[1:]:
+            write_file(m.p(n), data[n])
+        wait_until(lambda: store.exists(block_hash(data["b0"])), 30,
+                   "the next batch prepared while a's waits for the server")
+        assert pending(m)[0] == len(names)
+        dep.start()
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain after the restart")
+        assert [(v["size"], v["versions"]) for v in server_view(dep, m.token, *names)] == [
+            (1000, 1)] * len(names)
+        m.remount(drop_cache=True)
+        assert {n: read_file(m.p(n)) for n in names} == data
 
 
 def test_pending_change_loses_to_another_mount_as_a_conflicted_copy(services, mount_factory):

@@ -13,6 +13,14 @@ batches: it takes each file's lock, cuts and uploads its new blocks
 (``OpenFile.prepare``), sends the commits of the batch's longest prefix of
 prepared files as one ``batch`` request (one transaction on the server,
 each commit with the op_id of its journal record), then adopts the answers.
+With a backlog (a full batch waiting), two batches overlap (``_Flight``):
+the next one is taken and prepared while the server applies this one, and
+is sent once this one is answered, and only if this one was sent whole
+(else it is not sent: its records wait for the next batch, behind those
+left over): the server still gets the records in journal order, one batch
+at a time, and the mount's uploads no longer wait for the server's
+transaction nor the reverse. Through an outage the next batch lets its
+files go rather than hold their locks.
 It holds the files' locks until the batch is answered, retrying through an
 outage, so that a file never changes between an attempt and its answer: a
 commit sent again (after a lost answer, or a crash: the op_id is in the
@@ -173,6 +181,21 @@ def _places(rec: OpRecord) -> list[tuple[int, bytes]]:
     return [(a["parent"], a["name"])] if rec.op in ("mknod", "unlink") else []
 
 
+class _Flight:
+    """One batch of the drain (``WriteBack._drain``): its records and how it went."""
+
+    def __init__(self, items: list[int | OpRecord]) -> None:
+        self.items = items
+        self.files = {i for i in items if isinstance(i, int)}
+        self.ops = {i.seq for i in items if isinstance(i, OpRecord)}
+        self.prepared = trio.Event()   # its files prepared (or failed to): take the next
+        self.done = trio.Event()       # answered, or given up: the next may be sent
+        # Every record of it was sent and answered (the batch after it may
+        # then be sent: the order holds), and whether any record was removed.
+        self.whole = False
+        self.progress = False
+
+
 class WriteBack:
     """The pending files of a write-back mount and the task that drains them."""
 
@@ -219,6 +242,10 @@ class WriteBack:
         # a time until the one at fault is found; (seq, times) it was refused.
         self._solo = False
         self._refusals = (0, 0)
+        # The records of the batches in flight (files by inode, operations by
+        # seq): the next batch is taken from the others.
+        self._flying_files: set[int] = set()
+        self._flying_ops: set[int] = set()
 
     # --- recording -------------------------------------------------------------
 
@@ -553,23 +580,67 @@ class WriteBack:
     # --- draining --------------------------------------------------------------
 
     async def run(self) -> None:
-        """Drain pending files for as long as the mount runs."""
+        """Drain pending files for as long as the mount runs.
+
+        A batch is taken once the one before it is answered or, if a full
+        batch (``BATCH_FILES`` records) waits, once it is prepared: then two
+        are in flight, one prepared while the other is sent. (Taken early
+        with fewer, batches stay small and the server makes more
+        transactions for the same records: ``tar x`` of 4,000 entries made
+        1,980 instead of 904, its CPU 3.4 s instead of 2.8.) After a batch that
+        made no progress (an outage), the drainer waits (``RETRY``); after one
+        not sent whole, the batch taken meanwhile is not sent, and the next
+        is taken afresh from the first records in drain order.
+        """
         waits = RETRY.delays()
-        while True:
-            if not (self.pending or self.ops):
-                self._work = trio.Event()
-                await self._work.wait()
-            if await self._drain(self._next()):
+
+        async def wait_after(f: _Flight) -> None:
+            nonlocal waits
+            if f.progress:
                 waits = RETRY.delays()
             else:
                 await trio.sleep(next(waits))
 
+        before: _Flight | None = None
+        async with trio.open_nursery() as nursery:
+            while True:
+                if before is not None and before.done.is_set() and not before.whole:
+                    await wait_after(before)
+                    before = None   # taken afresh from the first records
+                waiting = self._waiting()
+                if not waiting or (waiting < BATCH_FILES and before is not None
+                                   and not before.done.is_set()):
+                    self._work = trio.Event()   # set by a record added, a batch ended
+                    await self._work.wait()
+                    continue
+                flight = _Flight(self._next())
+                self._flying_files |= flight.files
+                self._flying_ops |= flight.ops
+                nursery.start_soon(self._drain, flight, before)
+                await flight.prepared.wait()
+                if before is None:
+                    before = flight
+                    continue
+                await before.done.wait()
+                if not before.whole:
+                    await flight.done.wait()   # not sent: its records are free again
+                await wait_after(before)
+                before = flight if before.whole else None
+
+    def _waiting(self) -> int:
+        """How many records wait that no batch in flight holds."""
+        return (len(self.pending) - len(self._flying_files & self.pending.keys())
+                + len(self.ops) - len(self._flying_ops & self.ops.keys()))
+
     def _next(self) -> list[int | OpRecord]:
-        """The first ``BATCH_FILES`` records in drain order (one while looking for a record
-        refused as a whole, ``_solo``): files (by inode) and operations."""
+        """The first ``BATCH_FILES`` records in drain order that no batch in flight holds
+        (one while looking for a record refused as a whole, ``_solo``): files (by
+        inode) and operations."""
         first = heapq.nsmallest(1 if self._solo else BATCH_FILES,
-                                [*((r.seq, r.ino) for r in self.pending.values()),
-                                 *((seq, -1) for seq in self.ops)])
+                                [*((r.seq, r.ino) for r in self.pending.values()
+                                   if r.ino not in self._flying_files),
+                                 *((seq, -1) for seq in self.ops
+                                   if seq not in self._flying_ops)])
         return [self.ops[seq] if ino < 0 else ino for seq, ino in first]
 
     async def drained(self, give_up: float | None = None) -> bool:
@@ -581,9 +652,23 @@ class WriteBack:
             return False
         return True
 
-    async def _drain(self, items: list[int | OpRecord]) -> bool:
-        """Commit a batch of pending files and operations, in order; whether any record
-        was removed."""
+    async def _drain(self, flight: _Flight, before: _Flight | None) -> None:
+        """Commit a batch of pending files and operations, in order: prepared at once, sent
+        once the batch ``before`` it was answered, and only if that one was sent
+        whole (the journal's order). Whatever happens, ``flight.done`` is set at
+        the end and its records are free for the next batch."""
+        try:
+            await self._fly(flight, before)
+        finally:
+            self._flying_files -= flight.files
+            self._flying_ops -= flight.ops
+            flight.prepared.set()
+            flight.done.set()
+            self._work.set()
+            self._tell()
+
+    async def _fly(self, flight: _Flight, before: _Flight | None) -> None:
+        items = flight.items
         inos = [i for i in items if isinstance(i, int)]
         # The batch's files: their prepared commits, None for nothing to
         # commit, missing if preparing failed.
@@ -599,11 +684,21 @@ class WriteBack:
                                    (made, answers), done)
             for ev in ready.values():
                 await ev.wait()
+            flight.prepared.set()
+            # Sent once the batch before it is answered, and only if that one was
+            # sent whole. Not through an outage that holds that one (``_down``):
+            # this batch then lets its files go, so that their writes and closes
+            # wait for no more than the batch in flight's, as without overlap.
+            while before is not None and not before.done.is_set() and not self._down:
+                news = self._news
+                await news.wait()
+            send = before is None or (before.done.is_set() and before.whole)
             batch: list[int] = []
             ops: list[list] = []
             sent: list[OpRecord] = []
             order: list[int | OpRecord] = []   # what was sent, in order
-            for item in items:  # the longest prefix of prepared files, to keep the order
+            cut = not send
+            for item in items if send else []:  # the longest prefix of prepared files
                 if isinstance(item, OpRecord):
                     sent.append(item)
                     order.append(item)
@@ -611,6 +706,7 @@ class WriteBack:
                     continue
                 ino = item
                 if ino not in prepared:
+                    cut = True
                     break
                 p = prepared[ino]
                 if p is not None:
@@ -624,6 +720,7 @@ class WriteBack:
                     ops.append(["commit", self.pending[ino].op_id, p.args])
             op_answers: list[tuple[OpRecord, list]] = []
             whole = await self._send(ops, order) if ops else None
+            flight.whole = not cut and (whole is not None or not ops)
             if whole is None:
                 sent = []   # not applied: every record stays for the next batch
             else:
@@ -655,7 +752,7 @@ class WriteBack:
             self._progress.set()
             self._progress = trio.Event()
             self._tell()
-        return bool(done or sent)
+        flight.progress = bool(done or sent)
 
     def _stalled(self) -> None:
         """An attempt failed for an outage: bounded waits past their timeout give up."""

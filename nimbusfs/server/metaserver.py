@@ -237,32 +237,81 @@ def _apply_batch(cur: psycopg.Cursor, user: User, device: str, ops: list[tuple[s
            failed: dict[int, list]) -> list[list]:
     """Apply ``ops`` in order in one transaction; answer ``[errno, result]`` for each.
 
-    Each operation runs as a replay of its op_id (``_Once``), so a batch sent
-    again after a lost answer, or after the mount restarted, applies each
-    operation once. Each runs in a savepoint: an operation that fails (a
-    quota, a deleted file) is answered its errno and leaves no trace, and
-    the others still apply. ``failed``: operations refused before the
-    transaction (by index), answered as they are.
+    Each operation is applied once by its op_id, as a replay is (``_Once``),
+    so a batch sent again after a lost answer, or after the mount restarted,
+    applies each operation once; but the batch claims all its op ids in one
+    statement first (in key order, so two copies of a batch wait for each
+    other rather than deadlock), reads the results of those applied before
+    in one more, and records the new results in one at the end. Each
+    operation runs in a savepoint: one that fails (a quota, a deleted file)
+    is answered its errno and leaves no trace (its claim is removed at the
+    end, so a later batch may apply it), and the others still apply. An op
+    id repeated in the batch is applied once, the repeats answered as a
+    replay is. Statements shared by the operations (the change log, the
+    blocks of the commits) are made once for the batch (``namespace.Batch``).
+    ``failed``: operations refused before the transaction (by index),
+    answered as they are.
     """
+    keys = {i: f"{user.id}:{op_id}" for i, (_, op_id, _) in enumerate(ops) if i not in failed}
+    recorded = _claim_ops(cur, user, sorted(set(keys.values())))
+    batch = namespace.Batch(cur, user, device, [
+        args["extents"] for i, (opname, _, args) in enumerate(ops)
+        if opname == "commit" and i in keys and keys[i] not in recorded])
     out: list[list] = []
-    for i, (opname, op_id, args) in enumerate(ops):
+    applied: dict[str, Any] = {}
+    undone: set[str] = set()
+    for i, (opname, _, args) in enumerate(ops):
         if i in failed:
             out.append(failed[i])
             continue
+        key = keys[i]
+        if key in recorded:
+            out.append([0, recorded[key]])
+            continue
         cur.execute("SAVEPOINT batch_op")
         try:
-            result = _Once(f"{user.id}:{op_id}", True)(cur, namespace.OPS[opname], user,
-                                                       device, **args)
+            with batch.applying():
+                result = namespace.OPS[opname](cur, user, device, **args)
         except Conflict as e:
             cur.execute("ROLLBACK TO SAVEPOINT batch_op")
             out.append([e.errno, {"conflict": e.current, "message": e.message}])
+            undone.add(key)
         except FSError as e:
             cur.execute("ROLLBACK TO SAVEPOINT batch_op")
             out.append([e.errno, e.message])
+            undone.add(key)
         else:
             cur.execute("RELEASE SAVEPOINT batch_op")
             out.append([0, result])
+            applied[key] = recorded[key] = result
+            undone.discard(key)
+    batch.finish()
+    if applied:
+        cur.execute("UPDATE applied_ops a SET result = r.result"
+                    " FROM unnest(%s::text[], %s::bytea[]) AS r(id, result) WHERE a.id = r.id",
+                    (list(applied), [msgpack.packb(r, use_bin_type=True)
+                                     for r in applied.values()]))
+    if undone:
+        cur.execute("DELETE FROM applied_ops WHERE id = ANY(%s)", (sorted(undone),))
     return out
+
+
+def _claim_ops(cur: psycopg.Cursor, user: User, keys: list[str]) -> dict[str, Any]:
+    """Claim the op ids ``keys`` (sorted) of a batch; the results of those applied before.
+
+    A key claimed here is held (its row's lock) until the transaction ends:
+    a copy of the batch sent again meanwhile waits for it, then finds it
+    applied, or free again if its operation failed. An empty result marks
+    a claim whose result is not recorded yet (never committed so).
+    """
+    cur.execute("INSERT INTO applied_ops (id, user_id, result)"
+                " SELECT k, %s, '' FROM unnest(%s::text[]) WITH ORDINALITY AS c(k, n)"
+                " ORDER BY n ON CONFLICT (id) DO NOTHING RETURNING id", (user.id, keys))
+    before = set(keys) - {r[0] for r in cur.fetchall()}
+    if not before:
+        return {}
+    cur.execute("SELECT id, result FROM applied_ops WHERE id = ANY(%s)", (sorted(before),))
+    return {k: msgpack.unpackb(r, raw=False, strict_map_key=False) for k, r in cur.fetchall()}
 
 
 def _changes_since(cur: psycopg.Cursor, owner: int, after: int, sent: list[int]) -> list[list]:

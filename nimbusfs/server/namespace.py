@@ -39,6 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Annotated, Any
 
 import msgpack
@@ -176,15 +177,66 @@ def _log(cur: Cursor, u: User, device: str, *changes: Change) -> None:
     "xattr" change, which even the writing mount applies). A chmod, chown or
     utimens ("setattr") does not wake the writer's own session: that cost a
     transaction and a push per call for nothing (``tar x`` as root makes three
-    per file).
+    per file). Inside a ``Batch`` the changes are collected and written by
+    its ``finish``, all in one statement, in the same transaction.
     """
+    batch = _batch.get()
+    if batch is not None and batch.cur is cur:
+        batch.changes += changes
+        return
     own = int(any(kind == "xattr" for kind, *_ in changes))
-    rows = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(changes))
-    cur.execute(f"WITH c AS (INSERT INTO changes (owner_id, kind, inode, parent, name, device)"
-                f" VALUES {rows} RETURNING 1)"
+    kinds, inos, parents, names = zip(*changes, strict=True)
+    cur.execute("WITH c AS (INSERT INTO changes (owner_id, kind, inode, parent, name, device)"
+                " SELECT %s, k, i, p, n, %s"
+                " FROM unnest(%s::text[], %s::bigint[], %s::bigint[], %s::bytea[]) AS c(k, i, p, n)"
+                " RETURNING 1)"
                 " SELECT pg_notify(%s, %s) FROM (SELECT 1 FROM c LIMIT 1) n",
-                [v for c in changes for v in (u.id, *c, device)]
-                + [CHANNEL, f"{u.id} {own} {device}"])
+                (u.id, device, list(kinds), list(inos), list(parents), list(names),
+                 CHANNEL, f"{u.id} {own} {device}"))
+
+
+class Batch:
+    """What the operations of one ``batch`` request (a write-back drain) share.
+
+    They run in one transaction, each in a savepoint of its own (see
+    ``metaserver._apply_batch``). While one runs (``applying``), ``_log``
+    collects its changes here rather than writing each: ``finish`` writes
+    them all in one statement, in order (one NOTIFY, delivered at the
+    commit, as before). The changes of an operation that raises are dropped
+    with its savepoint. The blocks of all the batch's commits are checked
+    and locked at once when the batch starts (``_check_blocks`` then finds
+    them here): locked in hash order until the transaction ends, as one
+    commit locks its own, so block GC's invariant holds unchanged. Only
+    ``cur``'s own calls use it (``_batch`` is this thread's context).
+    """
+
+    def __init__(self, cur: Cursor, u: User, device: str, extents: list[list]) -> None:
+        self.cur, self.u, self.device = cur, u, device
+        self.changes: list[Change] = []
+        keys = sorted({bytes(k) for e in extents for k, _ in e if k is not None})
+        self.blocks = _BlockRows(cur, u, keys)
+
+    @contextmanager
+    def applying(self) -> Iterator[None]:
+        """One operation of the batch: its changes kept if it returns, dropped if it raises."""
+        mark = len(self.changes)
+        token = _batch.set(self)
+        try:
+            yield
+        except BaseException:
+            del self.changes[mark:]
+            raise
+        finally:
+            _batch.reset(token)
+
+    def finish(self) -> None:
+        """Write the changes of the operations applied (one statement, if any)."""
+        if self.changes:
+            _log(self.cur, self.u, self.device, *self.changes)
+
+
+# The batch whose operation this thread runs (``Batch.applying``).
+_batch: ContextVar[Batch | None] = ContextVar("nimbus_batch", default=None)
 
 
 def _drop_link(cur: Cursor, ino: int, now: int) -> tuple[int | None, int]:
@@ -338,18 +390,19 @@ def have_blocks(cur: Cursor, u: User, device: str, keys: list[bytes]) -> list[by
 
 def _new_inode(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int,
                uid: int, gid: int, rdev: int = 0, target: bytes | None = None,
-               ino: int | None = None) -> dict[str, Any]:
+               ino: int | None = None, p: dict[str, int] | None = None) -> dict[str, Any]:
     """Create an inode and its entry in ``parent``; answer its attributes and the parent's.
 
     The parent is locked first; the inode, the entry and the parent's new
     times are then written by one statement. The entry's primary key is the
     existence check: if the name is taken, nothing of the statement is kept
     (the transaction rolls back on EEXIST). ``ino``: a leased number the
-    caller has claimed (``_claim``), else the next of ``inode_seq``.
+    caller has claimed (``_claim``), else the next of ``inode_seq``. ``p``: the
+    parent's attributes if the caller locked it already (``_kept_place``).
     """
     check_name(name)
     now = time.time_ns()
-    p = directory(cur, u, parent)
+    p = p or directory(cur, u, parent)
     is_dir = stat.S_ISDIR(mode)
     # setgid directories pass their group (and, for subdirectories, the bit) on.
     if p["mode"] & stat.S_ISGID:
@@ -410,22 +463,24 @@ def _claim(cur: Cursor, u: User, ino: int, lessee: str | None) -> None:
 
 
 def _kept_place(cur: Cursor, u: User, device: str, parent: int, name: bytes
-                ) -> tuple[int, bytes]:
-    """Where a create sent late (``keep``) goes: its name, else a conflicted copy's name.
+                ) -> tuple[int, bytes, dict[str, int]]:
+    """Where a create sent late (``keep``) goes: its name, else a conflicted copy's name;
+    and that directory's attributes, locked (the name found free stays free).
 
     A write-back mount's create reaches the server after it returned: if the
     name was taken meanwhile by another mount, the file gets the conflicted
     copy's name beside it; if its directory was removed, it goes to the
     volume's root (as a conflicted copy's bytes do, ``_save_conflict``).
     """
-    cur.execute("SELECT 1 FROM inodes WHERE id = %s AND owner_id = %s AND nlink > 0"
-                " AND mode & 61440 = 16384", (parent, u.id))
-    if cur.fetchone() is None:
+    cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s"
+                " AND nlink > 0 AND mode & 61440 = 16384 FOR UPDATE", (parent, u.id))
+    row = cur.fetchone()
+    if row is None:
         parent = u.root
-    directory(cur, u, parent)  # locked: the name found free stays free
+    p = _attr(row) if row is not None else directory(cur, u, parent)
     if _child(cur, parent, name) is None:
-        return parent, name
-    return parent, _copy_name(cur, parent, name, device)
+        return parent, name, p
+    return parent, _copy_name(cur, parent, name, device), p
 
 
 def _copy_name(cur: Cursor, parent: int, name: bytes, device: str) -> bytes:
@@ -452,9 +507,10 @@ def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: UIn
         raise FSError(errno.EINVAL, "bad file type")
     if ino is not None:
         _claim(cur, u, ino, lessee)
+    p = None
     if keep:
-        parent, name = _kept_place(cur, u, device, parent, name)
-    a = _new_inode(cur, u, device, parent, name, mode, uid, gid, rdev, ino=ino)
+        parent, name, p = _kept_place(cur, u, device, parent, name)
+    a = _new_inode(cur, u, device, parent, name, mode, uid, gid, rdev, ino=ino, p=p)
     return {**a, "parent": parent, "name": name} if keep else a
 
 
@@ -838,12 +894,32 @@ def check_extents(extents: Any, size: Any) -> dict[bytes, int]:
     return blocks
 
 
+class _BlockRows:
+    """Blocks ``keys`` as a commit sees them: those ``u`` may not reference, and the
+    rows of the others (hash -> size, state), locked until the transaction ends.
+
+    Locked in hash order, as ``_commit`` locks them: block GC dooms a block
+    only under this lock, and only unreferenced.
+    """
+
+    def __init__(self, cur: Cursor, u: User, keys: list[bytes]) -> None:
+        self.keys = set(keys)
+        self.unowned = set(unowned(cur, u.id, keys)) if keys else set()
+        owned = [k for k in keys if k not in self.unowned]
+        self.rows: dict[bytes, tuple[int, str]] = {}
+        if owned:
+            cur.execute("SELECT hash, size, state FROM blocks WHERE hash = ANY(%s)"
+                        " ORDER BY hash FOR NO KEY UPDATE", (owned,))
+            self.rows = {bytes(k): (n, state) for k, n, state in cur.fetchall()}
+
+
 def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
     """Validate extents (``check_extents``), and refuse blocks the user may not
     reference, names with another length than stored, and blocks that are
     not live (EAGAIN: block GC collected them since the caller stored them,
     or is collecting them; the caller puts them again and retries). This is
     the commit's half of block GC's invariant (``nimbusfs/server/gc.py``).
+    Inside a ``Batch``, its rows (checked and locked when it started) answer.
 
     EACCES says the same whether a block is stored for someone else or not
     at all: nothing is learnt of other users' data.
@@ -851,17 +927,15 @@ def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
     blocks = check_extents(extents, size)
     if not blocks:
         return
-    keys = sorted(blocks)
-    if unowned(cur, u.id, keys):
+    batch = _batch.get()
+    known = (batch.blocks if batch is not None and batch.cur is cur and batch.u is u
+             and blocks.keys() <= batch.blocks.keys else _BlockRows(cur, u, sorted(blocks)))
+    if any(k in known.unowned for k in blocks):
         raise FSError(errno.EACCES, "extents name blocks this user has not uploaded")
-    # Locked (in hash order, as ``_commit`` locks them) until the commit ends:
-    # block GC dooms a block only under this lock, and only unreferenced.
-    cur.execute("SELECT hash, size, state FROM blocks WHERE hash = ANY(%s) ORDER BY hash"
-                " FOR NO KEY UPDATE", (keys,))
-    rows = cur.fetchall()
-    if any(blocks[bytes(k)] != n for k, n, _ in rows):
+    rows = [known.rows[k] for k in blocks if k in known.rows]
+    if any(blocks[k] != known.rows[k][0] for k in blocks if k in known.rows):
         raise FSError(errno.EINVAL, "an extent's length is not its block's size")
-    if len(rows) != len(keys) or any(state != "live" for _, _, state in rows):
+    if len(rows) != len(blocks) or any(state != "live" for _, state in rows):
         raise FSError(errno.EAGAIN, "blocks were collected since they were stored:"
                                     " upload them again")
 
@@ -876,17 +950,23 @@ def _bigint_overflow() -> Iterator[None]:
 
 
 def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list, size: int,
-            mtime: int, kill_priv: bool = False) -> dict[str, int]:
+            mtime: int, kill_priv: bool = False, attrs: dict[str, int] | None = None
+            ) -> dict[str, int]:
     """Add a version to the locked inode ``a`` and make it current.
 
     ``kill_priv``: the writer was unprivileged, so set-user-ID (and
     set-group-ID on a group-executable file) is dropped, as Linux does.
+    ``attrs``: mode, owner or time changes (``_setattr``'s) applied after
+    the new version, by the same statement (a write-back drain's commit
+    carries those ``tar x`` set).
     """
+    attrs = attrs or {}
     ino = a["ino"]
     grow = size - a["size"]
     version = a["version"] + 1
     alloc = sum(n for k, n in extents if k is not None)
     kill = dropped_privileges(a["mode"]) if kill_priv else 0
+    mode = setattr_mode(a["mode"] & ~kill, attrs.get("mode"), "uid" in attrs or "gid" in attrs)
     keys, sizes, counts = _refs(extents)
     # One statement: the quota, the version row, its block references and the
     # inode. Over quota, it is all rolled back by the exception below.
@@ -901,10 +981,12 @@ def _commit(cur: Cursor, u: User, device: str, a: dict[str, int], extents: list,
             " ON CONFLICT (hash) DO UPDATE"
             " SET refcount = blocks.refcount + excluded.refcount, unref_since = NULL),"
             " i AS (UPDATE inodes SET version = %s, size = %s, mtime_ns = %s, ctime_ns = %s,"
-            f" alloc = %s, mode = mode & ~%s WHERE id = %s RETURNING {_ATTR_COLS})"
+            " alloc = %s, mode = %s, uid = coalesce(%s, uid), gid = coalesce(%s, gid),"
+            f" atime_ns = coalesce(%s, atime_ns) WHERE id = %s RETURNING {_ATTR_COLS})"
             " SELECT q.*, i.* FROM q, i",
             (grow, u.id, ino, version, size, msgpack.packb(extents), u.id, device,
-             keys, sizes, counts, version, size, mtime, time.time_ns(), alloc, kill, ino))
+             keys, sizes, counts, version, size, attrs.get("mtime", mtime), time.time_ns(),
+             alloc, mode, attrs.get("uid"), attrs.get("gid"), attrs.get("atime"), ino))
     row = one(cur)
     quota, used = row[:2]
     if quota and grow > 0 and used > quota:
@@ -956,7 +1038,8 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
     """
     attrs = attrs or {}
     if not (isinstance(attrs, dict) and set(attrs) <= SETATTR_KEYS
-            and all(type(v) is int for v in attrs.values())):
+            and all(type(v) is int for v in attrs.values())
+            and all(attrs[k] in UINT31 for k in ("mode", "uid", "gid") if k in attrs)):
         raise FSError(errno.EINVAL, "bad attributes")
     _check_blocks(cur, u, extents, size)
     cur.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
@@ -969,8 +1052,7 @@ def commit(cur: Cursor, u: User, device: str, ino: int, base: int,
         if amend:
             cur.execute("DELETE FROM versions WHERE inode = %s AND version = %s AND size = 0"
                         " AND device = %s", (ino, base, device))
-        attr = _commit(cur, u, device, a, extents, size, mtime, kill_priv)
-        return {"attr": _setattr(cur, attr, **attrs) if attrs else attr}
+        return {"attr": _commit(cur, u, device, a, extents, size, mtime, kill_priv, attrs)}
     if name is None:
         raise (Conflict(a["version"]) if a else FSError(errno.ENOENT, "file was deleted"))
     copy = _save_conflict(cur, u, device, ino, parent or u.root, name, extents, size, mtime)
