@@ -4,10 +4,14 @@ does."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sqlite3
 import subprocess
+
+import pytest
 
 from conftest import read_file, wait_until, write_file
 from test_posix import RENAME_EXCHANGE, renameat2
@@ -295,3 +299,38 @@ def test_listings_while_renames_drain(mount_factory):
         assert read_file(a.p(f"r{i}")) == b"%d" % i
         assert read_file(a.p(f"q{i}")) == b"p%d" % i
 
+
+def test_a_full_cache_disk_when_a_small_file_spills(mount_factory, world_tmp):
+    """A file staged in memory grows past ``MEMORY_BYTES`` while the cache disk is full:
+    the application gets ENOSPC (at the write, or at the close with the kernel's write
+    cache), not EIO; once there is room again the file closes and drains."""
+    a = mount_factory("local", None, None, "--writeback")
+    take_lease(a)
+    a.stop()
+    tmp = os.path.join(world_tmp, "small")
+    os.rename(a.cache_dir, tmp)
+    os.mkdir(a.cache_dir)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", a.cache_dir], check=True)
+    try:
+        subprocess.run(["cp", "-a", tmp + "/.", a.cache_dir], check=True)
+        a.start()
+        filler = os.path.join(a.cache_dir, "filler")
+        f = os.open(a.p("f"), os.O_WRONLY | os.O_CREAT)
+        os.write(f, b"a" * 1000)
+        with open(filler, "wb", buffering=0) as fill, contextlib.suppress(OSError):
+            while True:
+                fill.write(bytes(4096))
+        with pytest.raises(OSError) as e:
+            try:
+                os.write(f, b"b" * 100_000)
+            finally:
+                os.close(f)
+        assert e.value.errno == errno.ENOSPC
+        os.unlink(filler)
+        write_file(a.p("f"), b"c" * 50_000)
+        wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
+        b = mount_factory("local", a.token)
+        assert read_file(b.p("f")) == b"c" * 50_000
+    finally:
+        a.stop()
+        subprocess.run(["umount", a.cache_dir], check=False)
