@@ -51,11 +51,13 @@ is waiting: ``summary`` opens it read-only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -195,12 +197,31 @@ def summary(cache_dir: str) -> Waiting | None:
     return Waiting(files + ops, size, oldest or 0.0, files, ops)
 
 
+# SQLite's primary result codes the journal passes on as an errno; any other
+# (SQLITE_IOERR, SQLITE_CORRUPT ...) is EIO, a failing disk or a bug.
+_SQLITE_ERRNO = {sqlite3.SQLITE_FULL: errno.ENOSPC, sqlite3.SQLITE_READONLY: errno.EROFS,
+                 sqlite3.SQLITE_NOMEM: errno.ENOMEM}
+
+
+@contextlib.contextmanager
+def _sqlite_io(path: str) -> Iterator[None]:
+    """``local_io`` for the journal's SQLite calls: an SQLite error is raised as the errno
+    a local file system's would be (a full cache disk is ENOSPC to the close that could
+    not be journalled, not EIO), naming the journal."""
+    with local_io(path):
+        try:
+            yield
+        except sqlite3.Error as e:
+            code = getattr(e, "sqlite_errorcode", None)
+            raise OSError(_SQLITE_ERRNO.get((code or 0) & 0xFF, errno.EIO), str(e)) from e
+
+
 class Journal:
     """The pending files of one mount (one cache directory, locked by that mount)."""
 
     def __init__(self, cache_dir: str) -> None:
         self.path = os.path.join(cache_dir, JOURNAL_NAME)
-        with local_io(self.path):
+        with _sqlite_io(self.path):
             # Used by one thread at a time (``_lock``): the mount's, or a worker's.
             self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -224,7 +245,7 @@ class Journal:
 
     def records(self) -> list[Record]:
         """Every pending file, in drain order (at start, before anything is written)."""
-        with local_io(self.path):
+        with _sqlite_io(self.path):
             rows = self.db.execute("SELECT ino, seq, op_id, state, bytes, created FROM pending"
                                    " ORDER BY seq").fetchall()
         return [Record(ino, seq, op_id, _unpack(state), n, created)
@@ -232,14 +253,14 @@ class Journal:
 
     def ops(self) -> list[OpRecord]:
         """Every journalled namespace operation, in drain order (at start)."""
-        with local_io(self.path):
+        with _sqlite_io(self.path):
             rows = self.db.execute("SELECT seq, op_id, op, args, local, created FROM ops"
                                    " ORDER BY seq").fetchall()
         return [OpRecord(seq, op_id, op, _unpack(args), _unpack(local), created)
                 for seq, op_id, op, args, local, created in rows]
 
     def next_seq(self) -> int:
-        with local_io(self.path):
+        with _sqlite_io(self.path):
             return self.db.execute("SELECT max(coalesce((SELECT max(seq) FROM pending), 0),"
                                    " coalesce((SELECT max(seq) FROM ops), 0)) + 1").fetchone()[0]
 
@@ -330,7 +351,7 @@ class Journal:
                      ) -> None:
         """Each statement for each of its rows, in one transaction (one fsync at COMMIT;
         none if not ``durable``: the next durable COMMIT's fsync of the WAL covers it)."""
-        with local_io(self.path):
+        with _sqlite_io(self.path):
             if not durable:
                 self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("BEGIN IMMEDIATE")
@@ -339,7 +360,8 @@ class Journal:
                     self.db.executemany(sql, rows)
                 self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                if self.db.in_transaction:   # SQLite ends it itself on some errors (a full disk)
+                    self.db.execute("ROLLBACK")
                 raise
             finally:
                 if not durable:
@@ -363,7 +385,7 @@ class Journal:
     def leases(self) -> list[int]:
         """The leased numbers no pending row uses (at start, before anything is written)."""
         made = {o.ino for o in self.ops() if o.op == "mknod"}
-        with local_io(self.path):
+        with _sqlite_io(self.path):
             return [r[0] for r in self.db.execute(
                 "SELECT ino FROM leases WHERE ino NOT IN (SELECT ino FROM pending)"
                 " ORDER BY ino") if r[0] not in made]

@@ -220,10 +220,23 @@ class VFS:
 
     def commit_hint(self, ino: int) -> dict[str, Any]:
         """Where a conflicted copy of ``ino`` should go (nothing for files we deleted)."""
-        if ino in self.orphans or ino not in self.names:
+        if ino in self.orphans or ino not in self.names or self._unlinked_here(ino):
             return {}
         parent, name = self.names[ino]
         return {"parent": parent, "name": name}
+
+    def _unlinked_here(self, ino: int) -> bool:
+        """Whether journalled unlinks or renames over it (write-back) leave ``ino`` without
+        a name, as far as this mount knows its link count (unknown: assumed so).
+
+        Its commit drains after them, often in the same batch, before their answer
+        makes it an orphan here: with a name, the server would take the inode's
+        deletion for another mount's and save the bytes of a deleted file as a
+        conflicted copy (an unlinked file written through an open handle)."""
+        if self.writeback is None or not (gone := self.writeback.unlinked(self.srv(ino))):
+            return False
+        attr = self.attrs.get(ino)
+        return attr is None or attr["nlink"] <= gone
 
     def record_conflict(self, ino: int, copy: dict[str, Any]) -> None:
         # The copy is a new entry in a directory the kernel does not know changed.
