@@ -68,10 +68,12 @@ def own_server(services, name: str) -> Iterator:
         dep.kill()
 
 
-def take_lease(m) -> None:
-    """A first file, drained: the mount holds a lease of inode numbers, and lists its root
-    so that it knows the names there are free without asking (creates need no server)."""
-    write_file(m.p("first"), b"1")
+def take_lease(m, files: dict[str, bytes] | None = None) -> None:
+    """A first file (and ``files``, in the root), drained: the mount holds a lease of
+    inode numbers, and lists its root so that it knows the names there are free without
+    asking (creates need no server)."""
+    for name, data in {"first": b"1", **(files or {})}.items():
+        write_file(m.p(name), data)
     wait_until(lambda: pending(m) == (0, 0), 30, "the first drain")
     os.listdir(m.p())
 
@@ -874,9 +876,7 @@ def test_the_git_lock_pattern_over_a_committed_file(services, mount_factory):
     another mount has ``x`` with them and no lock file, one version each."""
     with own_server(services, "wb_lock") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        take_lease(a)
-        write_file(a.p("x"), b"v0")
-        wait_until(lambda: pending(a) == (0, 0), 30, "x's drain")
+        take_lease(a, {"x": b"v0"})
         dep.kill()
         for i in range(1, 4):
             write_file(a.p("x.lock"), b"v%d" % i)
@@ -931,10 +931,7 @@ def test_a_rename_over_a_name_changed_meanwhile_keeps_both(services, mount_facto
           twin(services, dep, "wb_rtaken_twin") as other):
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         b = mount_factory("local", a.token, other, "--outage-timeout", "2")
-        take_lease(a)
-        write_file(a.p("x"), b"old")
-        write_file(a.p("y"), b"old y")
-        wait_until(lambda: pending(a) == (0, 0), 30, "the setup's drain")
+        take_lease(a, {"x": b"old", "y": b"old y"})
         wait_until(lambda: os.path.exists(b.p("y")), 30, "y on B")
         dep.kill()
         write_file(a.p("new"), b"mine")

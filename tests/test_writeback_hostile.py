@@ -40,9 +40,7 @@ def tree(root: str) -> dict[str, bytes | None]:
 def test_rename_cycle_and_over_pending_then_exchange_with_committed(services, mount_factory):
     with own_server(services, "h_cycle") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        take_lease(a)
-        write_file(a.p("c"), b"committed")
-        wait_until(lambda: pending(a) == (0, 0), 30, "drain")
+        take_lease(a, {"c": b"committed"})
         dep.kill()
         write_file(a.p("a"), b"A")
         os.rename(a.p("a"), a.p("b"))
@@ -117,9 +115,7 @@ def test_unlinked_open_file_written_and_closed_through_its_handle(services, moun
 def test_link_of_a_renamed_file(services, mount_factory):
     with own_server(services, "h_link") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "5")
-        take_lease(a)
-        write_file(a.p("x"), b"x")
-        wait_until(lambda: pending(a) == (0, 0), 30, "drain")
+        take_lease(a, {"x": b"x"})
         os.rename(a.p("x"), a.p("y"))
         os.link(a.p("y"), a.p("z"))
         write_file(a.p("n"), b"n")
@@ -136,9 +132,7 @@ def test_link_of_a_renamed_file(services, mount_factory):
 def test_kill_after_renames_and_unlinks_then_replay(services, mount_factory):
     with own_server(services, "h_kill") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
-        take_lease(a)
-        write_file(a.p("c"), b"committed")
-        wait_until(lambda: pending(a) == (0, 0), 30, "drain")
+        take_lease(a, {"c": b"committed"})
         dep.kill()
         os.mkdir(a.p("d"))
         write_file(a.p("d", "f"), b"F")
@@ -236,9 +230,7 @@ def test_rename_to_a_name_another_mount_created_meanwhile(services, mount_factor
           twin(services, dep, "h_taken_twin") as other):
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         b = mount_factory("local", a.token, other, "--outage-timeout", "2")
-        take_lease(a)
-        write_file(a.p("src"), b"src")
-        wait_until(lambda: pending(a) == (0, 0), 30, "drain")
+        take_lease(a, {"src": b"src"})
         os.listdir(b.p())
         dep.kill()
         os.rename(a.p("src"), a.p("dst"))
@@ -258,9 +250,7 @@ def test_a_file_replaced_by_a_rename_then_written_through_its_handle(mount_facto
     bytes go with it (no conflicted copy of a file this mount removed), as on a local
     disk."""
     a = mount_factory("local", None, None, "--writeback")
-    take_lease(a)
-    write_file(a.p("x"), b"old")
-    wait_until(lambda: pending(a) == (0, 0), 30, "drain")
+    take_lease(a, {"x": b"old"})
     with open(a.p("x"), "r+b") as f:
         f.write(b"O")
         write_file(a.p("x.tmp"), b"new")
