@@ -47,7 +47,13 @@ from typing import TYPE_CHECKING, Any
 
 from nimbusfs.embedded import Embedded, alive, default_home
 from nimbusfs.retry import wait_until
-from nimbusfs.services import helper_argv, install_units, is_helper_call, stderr_is_journal
+from nimbusfs.services import (
+    helper_argv,
+    install_units,
+    is_helper_call,
+    mounted,
+    stderr_is_journal,
+)
 
 if TYPE_CHECKING:
     from nimbusfs.metricsview import Reading
@@ -338,7 +344,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if waiting.records:
         print(f"nimbusfs: {_records_waiting(waiting)} made on {mp} are not on the server"
               " yet: draining them before unmounting")
-    if os.path.ismount(mp):
+    if mounted(mp):
         # --no-canonicalize: no stat of the mount point, which waits for an
         # unreachable server as long as the mount's outage timeout.
         tool = (["umount", "--no-canonicalize", mp] if os.geteuid() == 0

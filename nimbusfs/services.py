@@ -101,6 +101,17 @@ def helper_argv(argv: list[str]) -> list[str]:
     return [*home, *out]
 
 
+def mounted(path: str) -> bool:
+    """Whether ``path`` is a mount point, read from /proc/self/mountinfo.
+
+    Not ``os.path.ismount``: its stat of a nimbusfs mount point whose server is
+    unreachable waits the mount's outage timeout (the root's attributes may
+    have to be asked for), and ``umount`` of such a mount must not.
+    """
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4].encode().decode("unicode_escape") == path for line in f)
+
+
 def stderr_is_journal() -> bool:
     """Whether this process's stderr is systemd's journal (``$JOURNAL_STREAM``, as
     systemd.exec(5) says to check it: the device and inode of the stream)."""

@@ -27,6 +27,7 @@ import pytest
 
 from nimbusfs.embedded import Embedded
 from nimbusfs.retry import wait_until
+from nimbusfs.services import mounted
 
 GCS_BUCKET = "nimbus-test"
 
@@ -296,12 +297,6 @@ class Mount:
 
     def p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
-
-
-def mounted(path: str) -> bool:
-    """Whether ``path`` is a mount point, from /proc/self/mountinfo (no stat of it)."""
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].encode().decode("unicode_escape") == path for line in f)
 
 
 def status(m: Mount, home: str) -> str:
