@@ -132,3 +132,25 @@ def test_a_failing_restart_is_tried_again_with_backoff():
     assert tries == [2 * RESTARTS.first, 4 * RESTARTS.first, 8 * RESTARTS.first]
     state = w.state()
     assert (state["down"], state["error"], state["last_reason"]) == (None, None, "exit code 1")
+
+
+def test_umount_of_a_mount_whose_server_is_gone_does_not_wait_for_it(
+        services, mount_factory, world_tmp):
+    """``nimbusfs umount`` of a mount whose metaserver was killed returns without waiting
+    the mount's outage timeout (60 s here): it neither stats the mount point nor lets
+    ``umount`` canonicalize it (either would ask the mount for the root's attributes,
+    which waits for the server). The bound below is a hang's, not a speed target."""
+    import subprocess
+    import sys
+
+    from test_writeback import own_server
+
+    with own_server(services, "umount_down") as dep:
+        m = mount_factory("local", None, dep, "--outage-timeout", "60")
+        write_file(m.p("x"), b"x")
+        read_file(m.p("x"))
+        dep.kill()
+        home = os.path.join(world_tmp, "umount-home")
+        subprocess.run([sys.executable, "-m", "nimbusfs.cli", "--home", home, "umount", m.path],
+                       check=True, timeout=40, capture_output=True)
+        m.proc.wait(40)
