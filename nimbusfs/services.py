@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import sys
 
@@ -108,8 +109,12 @@ def mounted(path: str) -> bool:
     unreachable waits the mount's outage timeout (the root's attributes may
     have to be asked for), and ``umount`` of such a mount must not.
     """
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4].encode().decode("unicode_escape") == path for line in f)
+    want = os.fsencode(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        # Field 5 is the mount point, its space, tab, newline and backslash
+        # written as octal escapes (\040 ...); other bytes (UTF-8) as they are.
+        return any(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]),
+                          line.split()[4]) == want for line in f)
 
 
 def stderr_is_journal() -> bool:

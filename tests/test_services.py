@@ -316,3 +316,20 @@ def test_the_server_unit_keeps_the_dsn_off_the_command_line(services, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_mounted_reads_mountinfo_for_any_mount_point_name(world_tmp):
+    """``services.mounted`` (``nimbusfs umount``'s check, no stat of the mount point)
+    finds a mount point whose name has a space (escaped in mountinfo) and non-ASCII
+    bytes (as they are), and not once it is unmounted."""
+    from nimbusfs.services import mounted
+
+    d = os.path.join(world_tmp, "Nimbus drive ü")
+    os.makedirs(d)
+    assert not mounted(d)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d], check=True)
+    try:
+        assert mounted(d)
+    finally:
+        subprocess.run(["umount", d], check=True)
+    assert not mounted(d)
