@@ -295,6 +295,15 @@ class Mount:
         with open(self.log_path) as f:
             return f.read()
 
+    def records(self, name: str) -> list[dict]:
+        """The events the mount appended to ``name`` in its cache directory (JSON lines:
+        ``conflicts.jsonl``, ``recovered.jsonl``); none if it wrote none."""
+        path = os.path.join(self.cache_dir, name)
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+
     def p(self, *parts: str) -> str:
         return os.path.join(self.path, *parts)
 

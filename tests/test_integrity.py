@@ -9,7 +9,6 @@ SIGSTOP while a flush waits for it.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import subprocess
@@ -60,14 +59,6 @@ def fill(directory: str) -> None:
             except OSError as e:
                 assert e.errno == errno.ENOSPC
                 return
-
-
-def recovered(m) -> list[dict]:
-    path = os.path.join(m.cache_dir, "recovered.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_full_staging_disk_stores_all_bytes_or_fails_with_enospc(tmpfs, mount_factory):
@@ -135,8 +126,8 @@ def test_full_block_store_is_enospc_and_the_bytes_are_recovered(tmpfs, services,
         with pytest.raises(OSError) as e:
             write_file(m.p("f"), data)
         assert e.value.errno == errno.ENOSPC
-        wait_until(lambda: recovered(m), what="the recovery file")
-        [r] = recovered(m)
+        wait_until(lambda: m.records("recovered.jsonl"), what="the recovery file")
+        [r] = m.records("recovered.jsonl")
         assert r["name"] == "f" and r["size"] == len(data)
         assert read_file(r["path"]) == data
         m.stop()
@@ -163,8 +154,8 @@ def test_failed_close_is_never_committed_later(mount_factory, services, world_tm
     assert e.value.errno == errno.EDQUOT
     os.unlink(m.p("other"))   # the commit would fit now
     os.close(r)
-    wait_until(lambda: recovered(m), what="the recovery file")
-    [rec] = recovered(m)
+    wait_until(lambda: m.records("recovered.jsonl"), what="the recovery file")
+    [rec] = m.records("recovered.jsonl")
     assert rec["name"] == "f" and read_file(rec["path"]) == new
     assert read_file(m.p("f")) == b"old"
     assert os.stat(m.p("f")).st_size == 3
@@ -188,10 +179,10 @@ def test_reader_close_does_not_fail_for_a_writer_and_attrs_go_back(mount_factory
     with pytest.raises(OSError) as e:
         os.close(w)
     assert e.value.errno == errno.EDQUOT
-    wait_until(lambda: recovered(m), what="the recovery file")
+    wait_until(lambda: m.records("recovered.jsonl"), what="the recovery file")
     wait_until(lambda: os.stat(m.p("f")).st_size == 3, what="the committed size")
     assert read_file(m.p("f")) == b"old"
-    assert read_file(recovered(m)[0]["path"]) == new
+    assert read_file(m.records("recovered.jsonl")[0]["path"]) == new
 
 
 def test_bytes_that_cannot_be_saved_stay_staged_until_they_are(tmpfs, mount_factory,
@@ -213,8 +204,8 @@ def test_bytes_that_cannot_be_saved_stay_staged_until_they_are(tmpfs, mount_fact
     assert read_file(m.p("f")) == data   # still staged: the last close tries again
     os.unlink(os.path.join(cache, "filler"))
     read_file(m.p("f"))
-    wait_until(lambda: recovered(m), what="the recovery file")
-    assert read_file(recovered(m)[0]["path"]) == data
+    wait_until(lambda: m.records("recovered.jsonl"), what="the recovery file")
+    assert read_file(m.records("recovered.jsonl")[0]["path"]) == data
     wait_until(lambda: os.stat(m.p("f")).st_size == 0, what="the committed size")
     assert read_file(m.p("f")) == b""
 

@@ -531,8 +531,7 @@ def test_a_name_taken_meanwhile_keeps_the_created_file_as_a_conflicted_copy(serv
         wait_until(lambda: len(copies(a)) == 1 and _read_or_none(a.p("x")) == b"theirs", 30,
                    "the copy and B's file on A")
         assert read_file(a.p(copies(a)[0])) == b"mine"
-        with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
-            assert any(json.loads(line).get("kept_as") == copies(a)[0] for line in f)
+        assert any(e.get("kept_as") == copies(a)[0] for e in a.records("conflicts.jsonl"))
 
 
 def test_fsync_of_a_directory_makes_its_new_entries_durable(services, mount_factory):
@@ -774,8 +773,7 @@ def test_a_record_the_server_refuses_as_a_whole_does_not_block_or_refuse_the_oth
         for name, data in files.items():
             assert read_file(b.p(name)) == data, name
         assert os.stat(b.p("first")).st_mode == mode
-        with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
-            refused = [e for e in map(json.loads, f) if e.get("refused")]
+        refused = [e for e in a.records("conflicts.jsonl") if e.get("refused")]
         assert [(e["refused"], e["args"]["colour"]) for e in refused] == [("setattr", 1)]
         assert "setattr refused" in status(a, world_tmp)
 
@@ -954,8 +952,7 @@ def test_a_rename_over_a_name_changed_meanwhile_keeps_both(services, mount_facto
         wait_until(lambda: len(copies(a)) == 1 and _read_or_none(a.p("x")) == b"theirs"
                    and _read_or_none(a.p("y")) == b"their y", 30, "B's files on A")
         assert read_file(a.p(copies(a)[0])) == b"mine"
-        with open(os.path.join(a.cache_dir, "conflicts.jsonl")) as f:
-            log = [json.loads(line) for line in f]
+        log = a.records("conflicts.jsonl")
         assert any(e.get("kept_as") == copies(a)[0] for e in log)
         assert any(e.get("refused") == "unlink" and e["errno"] == errno.ESTALE for e in log)
 

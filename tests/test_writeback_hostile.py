@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import sqlite3
 import subprocess
@@ -16,14 +15,6 @@ import pytest
 from conftest import read_file, wait_until, write_file
 from test_posix import RENAME_EXCHANGE, renameat2
 from test_writeback import crash, own_server, pending, take_lease
-
-
-def conflicts(m) -> list[dict]:
-    path = os.path.join(m.cache_dir, "conflicts.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def tree(root: str) -> dict[str, bytes | None]:
@@ -56,7 +47,7 @@ def test_rename_cycle_and_over_pending_then_exchange_with_committed(services, mo
         wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
         b = mount_factory("local", a.token, dep)
         assert tree(b.p()) == {"c": b"A", "p": b"committed", "first": b"1"}
-        assert conflicts(a) == []
+        assert a.records("conflicts.jsonl") == []
 
 
 def test_rename_of_a_directory_holding_pending_files_then_unlink_inside(services,
@@ -84,7 +75,7 @@ def test_rename_of_a_directory_holding_pending_files_then_unlink_inside(services
         wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
         b = mount_factory("local", a.token, dep)
         assert tree(b.p()) == {"e": None, "e/d2": None, "e/x": b"x2", "first": b"1"}
-        assert conflicts(a) == []
+        assert a.records("conflicts.jsonl") == []
 
 
 def test_unlinked_open_file_written_and_closed_through_its_handle(services, mount_factory):
@@ -107,7 +98,7 @@ def test_unlinked_open_file_written_and_closed_through_its_handle(services, moun
         wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
         b = mount_factory("local", a.token, dep)
         assert tree(b.p()) == {"first": b"1"}
-        assert conflicts(a) == []
+        assert a.records("conflicts.jsonl") == []
         rec = os.path.join(a.cache_dir, "recovered")
         assert not os.path.exists(rec) or os.listdir(rec) == []
 
@@ -152,7 +143,7 @@ def test_kill_after_renames_and_unlinks_then_replay(services, mount_factory):
         assert tree(a.p()) == want
         b = mount_factory("local", a.token, dep)
         assert tree(b.p()) == want
-        assert conflicts(a) == []
+        assert a.records("conflicts.jsonl") == []
 
 
 def test_a_file_grown_past_the_memory_bound_after_its_close(mount_factory):
@@ -261,7 +252,7 @@ def test_a_file_replaced_by_a_rename_then_written_through_its_handle(mount_facto
     wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
     b = mount_factory("local", a.token)
     assert tree(b.p()) == {"first": b"1", "x": b"new"}
-    assert conflicts(a) == []
+    assert a.records("conflicts.jsonl") == []
 
 
 def test_listings_while_renames_drain(mount_factory):
@@ -364,7 +355,7 @@ def test_more_name_chains_with_the_server_down_then_a_crash(services, mount_fact
         assert tree(a.p()) == want
         b = mount_factory("local", a.token, dep)
         assert tree(b.p()) == want
-        assert conflicts(a) == []
+        assert a.records("conflicts.jsonl") == []
         rec = os.path.join(a.cache_dir, "recovered")
         assert not os.path.exists(rec) or os.listdir(rec) == []
 
