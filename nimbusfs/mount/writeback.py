@@ -369,12 +369,7 @@ class WriteBack:
 
     def _show(self, rec: OpRecord) -> None:
         """This mount shows ``rec`` from now until it is answered (``_unhold``)."""
-        named, inside, changed, unlinked = _touches(rec)
-        for counts, inos in ((self._naming, named), (self._inside, inside),
-                             (self._links, unlinked)):
-            for ino in inos:
-                counts[ino] = counts.get(ino, 0) + 1
-        for ino in changed:
+        for ino in self._count(rec, 1):
             self._changes.setdefault(ino, {})[rec.seq] = dict(rec.local)
         a = rec.args
         if rec.op == "mknod":
@@ -394,14 +389,7 @@ class WriteBack:
     def _unhold(self, rec: OpRecord) -> None:
         """``rec`` was answered (applied or refused): this mount shows the server's state."""
         del self.ops[rec.seq]
-        named, inside, changed, unlinked = _touches(rec)
-        for counts, inos in ((self._naming, named), (self._inside, inside),
-                             (self._links, unlinked)):
-            for ino in inos:
-                counts[ino] -= 1
-                if not counts[ino]:
-                    del counts[ino]
-        for ino in changed:
+        for ino in self._count(rec, -1):
             changes = self._changes[ino]
             del changes[rec.seq]
             if not changes:
@@ -410,6 +398,22 @@ class WriteBack:
             del self.dirs[rec.ino]
         for parent, name in _places(rec):
             self._unname(parent, name, rec.op_id)
+
+    def _count(self, rec: OpRecord, step: int) -> list[int]:
+        """Add ``step`` to the counts of the inodes ``rec`` names, the directories whose
+        names it changes and the inodes it removes a link of (``_touches``; a count
+        of 0 is removed); the inodes whose attributes it changes."""
+        named, inside, changed, unlinked = _touches(rec)
+        for counts, inos in ((self._naming, named), (self._inside, inside),
+                             (self._links, unlinked)):
+            for ino in inos:
+                n = counts.get(ino, 0) + step
+                assert n >= 0, f"{rec.op} {rec.seq}: inode {ino} counted down below 0"
+                if n:
+                    counts[ino] = n
+                else:
+                    del counts[ino]
+        return changed
 
     def _name(self, parent: int, name: bytes, ino: int | None, by: str) -> None:
         """``parent``/``name`` names ``ino`` (None: nothing) here, by the operation ``by``."""
