@@ -932,10 +932,10 @@ def _check_blocks(cur: Cursor, u: User, extents: Any, size: Any) -> None:
              and blocks.keys() <= batch.blocks.keys else _BlockRows(cur, u, sorted(blocks)))
     if any(k in known.unowned for k in blocks):
         raise FSError(errno.EACCES, "extents name blocks this user has not uploaded")
-    rows = [known.rows[k] for k in blocks if k in known.rows]
-    if any(blocks[k] != known.rows[k][0] for k in blocks if k in known.rows):
+    rows = {k: known.rows[k] for k in blocks if k in known.rows}
+    if any(blocks[k] != n for k, (n, _) in rows.items()):
         raise FSError(errno.EINVAL, "an extent's length is not its block's size")
-    if len(rows) != len(blocks) or any(state != "live" for _, state in rows):
+    if len(rows) != len(blocks) or any(state != "live" for _, state in rows.values()):
         raise FSError(errno.EAGAIN, "blocks were collected since they were stored:"
                                     " upload them again")
 
