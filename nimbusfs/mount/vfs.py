@@ -80,7 +80,7 @@ from nimbusfs.posix import (
 )
 
 if TYPE_CHECKING:
-    from nimbusfs.mount.writeback import WriteBack
+    from nimbusfs.mount.writeback import Entry, WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -712,14 +712,24 @@ class VFS:
         e = self.writeback.entry(self.srv(parent), name)
         return e.ino is not None if e is not None else name in self.listings.get(parent, ())
 
-    async def _overlaid(self, ino: int, listing: list[tuple[bytes, dict[str, Any]]]
+    def _changed_here(self, ino: int) -> dict[bytes, Entry]:
+        """This mount's pending name changes in directory ``ino`` (``WriteBack.entries``),
+        a copy: taken before the server's listing is asked for (``_overlaid``)."""
+        if self.writeback is None:
+            return {}
+        return dict(self.writeback.entries.get(self.srv(ino), {}))
+
+    async def _overlaid(self, here: dict[bytes, Entry],
+                        listing: list[tuple[bytes, dict[str, Any]]]
                         ) -> list[tuple[bytes, dict[str, Any]]]:
-        """The server's ``listing`` of directory ``ino`` with this mount's pending name
-        changes in it (``WriteBack.entries``): names removed or moved away gone, names made
-        or moved here added with their inodes' attributes (one applied while the listing
-        was read is in it already: its entry wins, it names the same inode)."""
-        if self.writeback is None or not (
-                here := dict(self.writeback.entries.get(self.srv(ino), {}))):
+        """The server's ``listing`` of a directory with this mount's pending name changes in
+        it, ``here`` (``_changed_here``, taken before the listing was asked for): names
+        removed or moved away gone, names made or moved here added with their inodes'
+        attributes. An operation answered while the listing was on its way is in the
+        listing or not; its entry in ``here`` stands for it either way (it names what the
+        server holds once it is applied). Read after the listing came, the overlay would
+        have lost that entry and a listing from before would show the old name."""
+        if not here:
             return listing
         out = [(n, a) for n, a in listing if n not in here]
         for n, e in here.items():
@@ -865,7 +875,8 @@ class VFS:
         """Whether directory ``ino`` has no entries, as this mount shows it."""
         names = self.listings.get(ino)
         if names is None:
-            names = {n for n, _ in await self._overlaid(ino, await self._listing(ino))}
+            here = self._changed_here(ino)
+            names = {n for n, _ in await self._overlaid(here, await self._listing(ino))}
         return not names - {b".", b".."}
 
     async def rmdir(self, parent: int, name: bytes) -> None:
@@ -974,6 +985,7 @@ class VFS:
         d = self.dirs[fh]
         if d[1] is None or start == 0:
             token = self._gen
+            here = self._changed_here(d[0])
             try:
                 listing = await self._listing(d[0])
             except FSError as e:
@@ -985,7 +997,7 @@ class VFS:
                 self._fill(a, token)
                 if token == self._gen and n not in (b".", b".."):
                     self.dentries[(d[0], n)] = (self.fuse(a["ino"]), stat.S_IFMT(a["mode"]))
-            listing = await self._overlaid(d[0], listing)
+            listing = await self._overlaid(here, listing)
             if token == self._gen and len(listing) < MAX_LISTED:
                 self.listings[d[0]] = {n for n, _ in listing} - {b".", b".."}
             d[1] = [(n, self._out(a)) for n, a in listing]
