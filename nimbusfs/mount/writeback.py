@@ -246,6 +246,14 @@ class WriteBack:
         # seq): the next batch is taken from the others.
         self._flying_files: set[int] = set()
         self._flying_ops: set[int] = set()
+        # Every record queued, as (seq, inode or -1 for an operation), a heap
+        # in drain order, so that taking a batch costs what it takes, not the
+        # number of records waiting (a scan of all 16,000 records of a ``tar
+        # x`` for each of its 80 batches was a fifth of the drain's CPU). An
+        # entry whose record is gone (answered, or a file's record removed)
+        # is dropped when it reaches the top; the records of a batch stay in
+        # it until they are answered, so a batch not sent needs no undoing.
+        self._order: list[tuple[int, int]] = []
 
     # --- recording -------------------------------------------------------------
 
@@ -365,6 +373,7 @@ class WriteBack:
 
     def _queue(self, rec: OpRecord) -> None:
         self.ops[rec.seq] = rec
+        heapq.heappush(self._order, (rec.seq, -1))
         self._work.set()
 
     def _show(self, rec: OpRecord) -> None:
@@ -573,6 +582,8 @@ class WriteBack:
         old = self.pending.get(rec.ino)
         self.bytes += rec.bytes - (old.bytes if old else 0)
         self.pending[rec.ino] = rec
+        if old is None:   # a later close of a pending file keeps its place
+            heapq.heappush(self._order, (rec.seq, rec.ino))
         self._work.set()
 
     async def room(self) -> None:
@@ -640,12 +651,27 @@ class WriteBack:
         """The first ``BATCH_FILES`` records in drain order that no batch in flight holds
         (one while looking for a record refused as a whole, ``_solo``): files (by
         inode) and operations."""
-        first = heapq.nsmallest(1 if self._solo else BATCH_FILES,
-                                [*((r.seq, r.ino) for r in self.pending.values()
-                                   if r.ino not in self._flying_files),
-                                 *((seq, -1) for seq in self.ops
-                                   if seq not in self._flying_ops)])
-        return [self.ops[seq] if ino < 0 else ino for seq, ino in first]
+        want = 1 if self._solo else BATCH_FILES
+        order = self._order
+        taken: list[int | OpRecord] = []
+        seen: list[tuple[int, int]] = []
+        while order and len(taken) < want:
+            seq, ino = entry = heapq.heappop(order)
+            if ino < 0:
+                if seq not in self.ops:
+                    continue   # answered
+                flying = seq in self._flying_ops
+            else:
+                r = self.pending.get(ino)
+                if r is None or r.seq != seq:
+                    continue   # removed (a later record of the file has its own entry)
+                flying = ino in self._flying_files
+            seen.append(entry)
+            if not flying:
+                taken.append(self.ops[seq] if ino < 0 else ino)
+        for entry in seen:
+            heapq.heappush(order, entry)
+        return taken
 
     async def drained(self, give_up: float | None = None) -> bool:
         """Wait until nothing is pending; False if ``give_up`` seconds pass without progress."""
