@@ -80,7 +80,9 @@ REQUEST_ERRORS = Counter(
     ["interface", "op", "error"], registry=SERVER)
 DB_RETRIES = Counter(
     "nimbusfs_server_db_retries",
-    "Transactions run again: serialization failure, deadlock, or a lost connection",
+    "Transactions run again: serialization failure, deadlock, a lost connection, or"
+    " a write-back batch one of whose operations was refused (applied again with a"
+    " savepoint for each operation)",
     ["reason"], registry=SERVER)
 PUSH_LAG = Histogram(
     "nimbusfs_server_push_lag_seconds",

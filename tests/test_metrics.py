@@ -114,6 +114,36 @@ async def test_an_op_name_a_client_makes_up_is_counted_as_other(dep):
     assert not any("made_up" in v for _, labels in after for _, v in labels)
 
 
+async def test_a_batch_runs_again_with_savepoints_only_when_an_operation_fails(dep):
+    """A write-back drain's ``batch`` is applied without a savepoint per operation; one
+    refused operation makes the server roll the batch back and apply it again with
+    them (counted as a retry): the answers are as one careful run's, the others apply."""
+    from nimbusfs.client import connect
+
+    def reruns() -> float:
+        return value(server_metrics(dep), "nimbusfs_server_db_retries_total",
+                     reason="batch_refusal")
+
+    def mknod(op_id: str, root: int, name: bytes) -> list:
+        return ["mknod", op_id, {"parent": root, "name": name, "mode": 0o100644, "uid": 0,
+                                 "gid": 0}]
+
+    async with connect(dep.address, dep.new_user(), "metrics-test") as c:
+        root = c.info["root"]
+        before = reruns()
+        answers = await c.call("batch", ops=[mknod(f"ok-{i}", root, b"f%d" % i)
+                                             for i in range(3)])
+        assert [e for e, _ in answers] == [0, 0, 0]
+        assert reruns() == before
+        answers = await c.call("batch", ops=[mknod("x-1", root, b"g1"),
+                                             mknod("x-2", root, b"f1"),
+                                             mknod("x-3", root, b"g3")])
+        assert [e for e, _ in answers] == [0, errno.EEXIST, 0]
+        assert reruns() == before + 1
+        names = {n for n, _ in await c.call("readdir", ino=root)}
+        assert {b"f0", b"f1", b"f2", b"g1", b"g3"} <= names
+
+
 def test_lost_database_connections_count_as_retries(dep):
     """Every pooled connection killed: the next transactions retry on fresh ones."""
     token = dep.new_user()

@@ -233,8 +233,12 @@ class _Once:
         return result
 
 
+class _Refused(Exception):
+    """An operation of a batch applied without savepoints failed: apply it again with them."""
+
+
 def _apply_batch(cur: psycopg.Cursor, user: User, device: str, ops: list[tuple[str, str, Any]],
-           failed: dict[int, list]) -> list[list]:
+                 failed: dict[int, list], careful: bool) -> list[list]:
     """Apply ``ops`` in order in one transaction; answer ``[errno, result]`` for each.
 
     Each operation is applied once by its op_id, as a replay is (``_Once``),
@@ -243,9 +247,13 @@ def _apply_batch(cur: psycopg.Cursor, user: User, device: str, ops: list[tuple[s
     statement first (in key order, so two copies of a batch wait for each
     other rather than deadlock), reads the results of those applied before
     in one more, and records the new results in one at the end. Each
-    operation runs in a savepoint: one that fails (a quota, a deleted file)
-    is answered its errno and leaves no trace (its claim is removed at the
-    end, so a later batch may apply it), and the others still apply. An op
+    operation runs in a savepoint when ``careful``: one that fails (a quota,
+    a deleted file) is answered its errno and leaves no trace (its claim is
+    removed at the end, so a later batch may apply it), and the others still
+    apply. Operations rarely fail, and a savepoint is two statements of its
+    own (a third of a drained ``setattr``'s): so a batch is first applied
+    without them, and the first failure raises :class:`_Refused`, which
+    rolls the whole transaction back for a careful run (``batch``). An op
     id repeated in the batch is applied once, the repeats answered as a
     replay is. Statements shared by the operations (the change log, the
     blocks of the commits) are made once for the batch (``namespace.Batch``).
@@ -268,20 +276,21 @@ def _apply_batch(cur: psycopg.Cursor, user: User, device: str, ops: list[tuple[s
         if key in recorded:
             out.append([0, recorded[key]])
             continue
-        cur.execute("SAVEPOINT batch_op")
+        if careful:
+            cur.execute("SAVEPOINT batch_op")
         try:
             with batch.applying():
                 result = namespace.OPS[opname](cur, user, device, **args)
-        except Conflict as e:
-            cur.execute("ROLLBACK TO SAVEPOINT batch_op")
-            out.append([e.errno, {"conflict": e.current, "message": e.message}])
-            undone.add(key)
         except FSError as e:
+            if not careful:
+                raise _Refused from e
             cur.execute("ROLLBACK TO SAVEPOINT batch_op")
-            out.append([e.errno, e.message])
+            out.append([e.errno, {"conflict": e.current, "message": e.message}
+                        if isinstance(e, Conflict) else e.message])
             undone.add(key)
         else:
-            cur.execute("RELEASE SAVEPOINT batch_op")
+            if careful:
+                cur.execute("RELEASE SAVEPOINT batch_op")
             out.append([0, result])
             applied[key] = recorded[key] = result
             undone.discard(key)
@@ -836,7 +845,11 @@ class MetaServer:
                     await self.blocks.admit(s.user, a["extents"], a["size"])
                 except FSError as e:
                     failed[i] = [e.errno, e.message]
-        return await self.call(_apply_batch, s.user, s.device, ops, failed)
+        try:
+            return await self.call(_apply_batch, s.user, s.device, ops, failed, False)
+        except _Refused:
+            metrics.DB_RETRIES.labels("batch_refusal").inc()
+            return await self.call(_apply_batch, s.user, s.device, ops, failed, True)
 
     async def _answer(self, s: Session, nursery: trio.Nursery, slots: trio.Semaphore,
                       msg: Any) -> None:
