@@ -55,7 +55,10 @@ as the files' records (one ``seq``), each applied once by its op_id. They
 return before their record is durable: it joins the next group commit, so
 it is durable before any later close or fsync returns, or ``OP_DELAY``
 after it if none comes (a local disk makes a mkdir durable with the next
-fsync after it, too). Only written records are drained. Until applied,
+fsync after it, too). Only written records are drained. A setattr of the
+inode whose setattr is the journal's last record, not in a batch in flight,
+is merged into that record (``_coalesce``: ``tar x`` sets a directory's
+owner, mode and times in three calls), rewritten with the next group commit. Until applied,
 this mount shows them: a new directory's attributes and (empty) listing,
 the files and directories made in it (``new``), an inode's changed
 attributes (``changed``); a request that names such an inode to the
@@ -365,8 +368,11 @@ class WriteBack:
         Durable as the new record would have been: with the group being
         filled (``Journal.update_op``). The record's ``args`` and ``local``
         are replaced, never changed in place (a group being written in a
-        worker thread may be packing the old ones). Shown at once, as a new
-        record's; unshown with the one answer (``_unhold``).
+        worker thread may be packing the old ones). A record already written
+        may be drained before its rewrite is: the server then has the merged
+        changes before this disk does, and a crash meanwhile replays the row's
+        older ones under an op_id already applied (not applied again). Shown
+        at once, as a new record's; unshown with the one answer (``_unhold``).
         """
         rec = self._tail
         if (rec is None or rec.seq != self._seq - 1 or rec.op != "setattr" or rec.ino != ino
