@@ -258,8 +258,9 @@ RECONNECTS = Counter("nimbusfs_mount_reconnects",
                      registry=MOUNT)
 WRITEBACK_OPS = Counter(
     "nimbusfs_mount_writeback_ops",
-    "Write-back journal records the server answered, by protocol operation (a file's"
-    " record is a commit, and a mknod before it if the file was created here)", ["op"],
+    "Operations of write-back journal records the server answered, by protocol operation"
+    " (a file's record is a commit, with a mknod before it if the file was created here)",
+    ["op"],
     registry=MOUNT)
 WRITEBACK_BATCHES = Counter(
     "nimbusfs_mount_writeback_batches",

@@ -58,7 +58,7 @@ after it if none comes (a local disk makes a mkdir durable with the next
 fsync after it, too). Only written records are drained. A setattr of the
 inode whose setattr is the journal's last record, not in a batch in flight,
 is merged into that record (``_coalesce``: ``tar x`` sets a directory's
-owner, mode and times in three calls), rewritten with the next group commit. Until applied,
+owner, mode and times in three calls). Until applied,
 this mount shows them: a new directory's attributes and (empty) listing,
 the files and directories made in it (``new``), an inode's changed
 attributes (``changed``); a request that names such an inode to the
@@ -358,11 +358,11 @@ class WriteBack:
         operation under the first's op_id and place in the drain order, doing
         exactly what the two did (``merge_setattrs``; refused where no single
         setattr does). Only the tail: with no record journalled between the
-        two, no other record moves relative to the change (a directory's
-        utimens is never moved before a create in it, whose time would then be
-        the directory's; nor its chmod, which other mounts would then see
-        before the create). Not a record in flight: a batch taken may be sent at
-        any moment, and what was sent under an op_id must not change (one that
+        two, no other record moves relative to the change: what other mounts
+        see stays a prefix of what was done here (and a directory's utimens is
+        never moved before a create in it, whose time would then be the
+        directory's). Not a record in flight: a batch taken may be sent at any
+        moment, and what was sent under an op_id must not change (one that
         came back unsent is free again: the server has not applied it).
 
         Durable as the new record would have been: with the group being
