@@ -5,7 +5,10 @@ One embedded mount with ``--metrics``; the job runs on it, then the mount's
 many requests and how long the mount took to answer them (waits for the
 server, the journal's fsync and the block store included; the kernel's and
 pyfuse3's own time per request not). The rest of the wall time is outside
-the mount's handlers.
+the mount's handlers. With ``--writeback`` it then waits for the journal's
+drain and prints how long that took after the job, and the operations and
+batch requests the drain sent (``nimbusfs_mount_writeback_ops``,
+``_batches``).
 Usage: ``python bench/fuse_ops.py tar|git|creates [--writeback|--sync]``
 (``tar``: the Django sdist of ``run.py``; ``git``: a clone of its generated
 repository; ``creates``: 2,000 files of 4 KiB).
@@ -24,17 +27,38 @@ import jobs
 from harness import embedded_mounts
 from run import CACHE, default_tarball
 
+from nimbusfs.mount.journal import summary
+
 FILES = 2000
+
+
+def samples(url: str, pattern: str) -> list[re.Match]:
+    """The lines of the mount's metrics matching ``pattern`` (a regular expression)."""
+    lines = urllib.request.urlopen(url).read().decode().splitlines()
+    return [m for line in lines if (m := re.match(pattern, line))]
 
 
 def fuse_ops(url: str) -> dict[str, tuple[int, float]]:
     """operation -> (requests, seconds) from the mount's metrics."""
     found: dict[str, dict[str, float]] = {}
-    for line in urllib.request.urlopen(url).read().decode().splitlines():
-        m = re.match(r'nimbusfs_mount_fuse_op_seconds_(sum|count)\{op="(\w+)"\} (\S+)', line)
-        if m:
-            found.setdefault(m[2], {})[m[1]] = float(m[3])
+    for m in samples(url, r'nimbusfs_mount_fuse_op_seconds_(sum|count)\{op="(\w+)"\} (\S+)'):
+        found.setdefault(m[2], {})[m[1]] = float(m[3])
     return {op: (int(v["count"]), v["sum"]) for op, v in found.items() if v.get("count")}
+
+
+def drained(url: str, cache: str) -> None:
+    """Wait until the write-back journal in ``cache`` is drained; print how long that took
+    and what the drain sent."""
+    start = time.monotonic()
+    while (summary(cache) or (0,))[0]:
+        time.sleep(0.05)
+    ops = {m[1]: int(float(m[2])) for m in samples(
+        url, r'nimbusfs_mount_writeback_ops_total\{op="(\w+)"\} (\S+)')}
+    batches = [int(float(m[1])) for m in samples(
+        url, r"nimbusfs_mount_writeback_batches_total (\S+)")]
+    print(f"  drained {time.monotonic() - start:.2f} s after the job: {sum(ops.values())}"
+          f" operations ({', '.join(f'{op} {n}' for op, n in sorted(ops.items()))}) in"
+          f" {batches[0] if batches else 0} batches")
 
 
 def run_job(job: str, mnt: str) -> None:
@@ -64,10 +88,12 @@ def main(job: str, mode: str = "--writeback") -> None:
         run_job(job, mnt)
         wall = time.monotonic() - start
         ops = fuse_ops(url)
-    print(f"{job} {mode}: {wall:.2f} s; in the mount's handlers"
-          f" {sum(s for _, s in ops.values()):.2f} s")
-    for op, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
-        print(f"  {op:12s} {n:7d} requests {s:8.2f} s {1000 * s / n:8.3f} ms each")
+        print(f"{job} {mode}: {wall:.2f} s; in the mount's handlers"
+              f" {sum(s for _, s in ops.values()):.2f} s")
+        for op, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
+            print(f"  {op:12s} {n:7d} requests {s:8.2f} s {1000 * s / n:8.3f} ms each")
+        if mode == "--writeback":
+            drained(url, cache)
 
 
 if __name__ == "__main__":

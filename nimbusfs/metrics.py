@@ -258,6 +258,16 @@ DIRTY_FILES = Gauge(
 RECONNECTS = Counter("nimbusfs_mount_reconnects",
                      "Connections to the metaserver opened again after one was lost",
                      registry=MOUNT)
+WRITEBACK_OPS = Counter(
+    "nimbusfs_mount_writeback_ops",
+    "Operations of write-back journal records the server answered, by protocol operation"
+    " (a file's record is a commit, with a mknod before it if the file was created here)",
+    ["op"],
+    registry=MOUNT)
+WRITEBACK_BATCHES = Counter(
+    "nimbusfs_mount_writeback_batches",
+    "Batch requests of the write-back drain the server answered (one transaction each)",
+    registry=MOUNT)
 CONNECTED = Gauge("nimbusfs_mount_server_connected",
                   "1 while the mount holds a connection to the metaserver", registry=MOUNT)
 

@@ -78,6 +78,21 @@ def changing(attr: dict[str, Any], changes: dict[str, int]) -> dict[str, int]:
                          else k not in ("uid", "gid") or v != attr[k])}
 
 
+def merge_setattrs(first: dict[str, int], then: dict[str, int]) -> dict[str, int] | None:
+    """The one setattr whose changes do what ``first`` then ``then`` do; None if none.
+
+    Later values win, and a later mode replaces whatever an earlier chown left
+    (``setattr_mode``). The one case without such a setattr: ``then`` chowns
+    without a mode after ``first`` set one with set-user-ID or set-group-ID
+    bits the chown would clear (of a file; the inode's type is not known
+    here): merged, the mode given would keep them.
+    """
+    if (("uid" in then or "gid" in then) and "mode" not in then and "mode" in first
+            and dropped_privileges(first["mode"]) & first["mode"]):
+        return None
+    return {**first, **then}
+
+
 def setattr_mode(mode: int, new: int | None, chown: bool) -> int:
     """The mode after a setattr: ``new`` if given, else what a ``chown`` leaves.
 

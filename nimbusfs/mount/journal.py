@@ -37,7 +37,10 @@ Invariants:
   (so it is durable before any later close returns: the prefix of what was
   done survives a crash, as on a local disk where a mkdir is durable once
   something after it is fsynced) or by ``commit`` of its group. An op row
-  is never changed, and is removed (durably) once the server answered it.
+  changes only when a setattr is merged into it (``update_op``: the
+  journal's last row, a setattr of the same inode), written again with the
+  group being filled, as the merged setattr's own row would have been; it
+  is removed (durably) once the server answered it.
 - **Leases.** Inode numbers leased to this mount are durable before any is
   used; a number leaves ``leases`` in the transaction that removes the row
   (file or ``mknod`` op) of the inode created under it (the server has
@@ -157,6 +160,7 @@ class _Group:
     def __init__(self) -> None:
         self.rows: dict[int, Record] = {}
         self.ops: list[OpRecord] = []
+        self.updates: dict[int, OpRecord] = {}   # op rows written before, changed since
         self.written: list[Callable[[], None]] = []   # called once written (or failed)
         self.committer = False   # a task will commit it (``commit``)
         self.done = trio.Event()
@@ -285,6 +289,23 @@ class Journal:
         group.committer = True
         return group
 
+    def update_op(self, rec: OpRecord) -> _Group | None:
+        """Write the operation ``rec`` again, changed since ``add_op`` (a setattr merged into
+        it: the last operation added), with the group being filled; returns the group
+        as ``add_op`` does.
+
+        If ``rec`` is still in that group, the group writes it as it is then.
+        Else its row is updated by seq (none if answered and removed meanwhile).
+        """
+        group = self._group
+        if group.ops and group.ops[-1] is rec:
+            return None   # not written yet, and that group has a committer
+        group.updates[rec.seq] = rec
+        if group.committer:
+            return None
+        group.committer = True
+        return group
+
     async def commit(self, group: _Group) -> None:
         """Return once ``group`` is written: by this caller if it is the first to get here
         (``put``'s callers, and the task ``add_op`` named).
@@ -308,7 +329,7 @@ class Journal:
             if not group.done.is_set():
                 # The first of this group's callers to get here writes all of it.
                 self._group = _Group()
-                args = (list(group.rows.values()), group.ops)
+                args = (list(group.rows.values()), group.ops, list(group.updates.values()))
                 try:
                     if self._write_time > INLINE_WRITE:
                         await trio.to_thread.run_sync(self._timed_write, *args)
@@ -329,23 +350,27 @@ class Journal:
         written now, after any group being written: one lock, in order)."""
         await self.commit(self._group)
 
-    def _timed_write(self, rows: list[Record], ops: list[OpRecord]) -> None:
+    def _timed_write(self, rows: list[Record], ops: list[OpRecord], updates: list[OpRecord]
+                     ) -> None:
         """``_write``, its duration averaged into ``_write_time`` (an EWMA)."""
         start = time.monotonic()
         try:
-            self._write(rows, ops)
+            self._write(rows, ops, updates)
         finally:
             took = time.monotonic() - start
             self._write_time += (took - self._write_time) * WRITE_TIME_WEIGHT
 
-    def _write(self, rows: list[Record], ops: list[OpRecord]) -> None:
+    def _write(self, rows: list[Record], ops: list[OpRecord], updates: list[OpRecord]
+               ) -> None:
         self._transaction([(
             "INSERT INTO pending (ino, seq, op_id, state, bytes, created)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (ino) DO UPDATE"
             " SET state = excluded.state, bytes = excluded.bytes",
             [(r.ino, r.seq, r.op_id, _pack(r.state), r.bytes, r.created) for r in rows]), (
             "INSERT INTO ops (seq, op_id, op, args, local, created) VALUES (?, ?, ?, ?, ?, ?)",
-            [(o.seq, o.op_id, o.op, _pack(o.args), _pack(o.local), o.created) for o in ops])])
+            [(o.seq, o.op_id, o.op, _pack(o.args), _pack(o.local), o.created) for o in ops]), (
+            "UPDATE ops SET args = ?, local = ? WHERE seq = ?",
+            [(_pack(o.args), _pack(o.local), o.seq) for o in updates])])
 
     def _transaction(self, statements: list[tuple[str, list[tuple]]], durable: bool = True
                      ) -> None:

@@ -55,7 +55,10 @@ as the files' records (one ``seq``), each applied once by its op_id. They
 return before their record is durable: it joins the next group commit, so
 it is durable before any later close or fsync returns, or ``OP_DELAY``
 after it if none comes (a local disk makes a mkdir durable with the next
-fsync after it, too). Only written records are drained. Until applied,
+fsync after it, too). Only written records are drained. A setattr of the
+inode whose setattr is the journal's last record, not in a batch in flight,
+is merged into that record (``_coalesce``: ``tar x`` sets a directory's
+owner, mode and times in three calls). Until applied,
 this mount shows them: a new directory's attributes and (empty) listing,
 the files and directories made in it (``new``), an inode's changed
 attributes (``changed``); a request that names such an inode to the
@@ -100,6 +103,7 @@ never fail for it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import heapq
@@ -112,10 +116,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
+from nimbusfs import metrics
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile, Prepared
 from nimbusfs.mount.journal import Journal, OpRecord, Record
-from nimbusfs.posix import RENAME_EXCHANGE
+from nimbusfs.posix import RENAME_EXCHANGE, merge_setattrs
 from nimbusfs.retry import Backoff
 
 if TYPE_CHECKING:
@@ -254,6 +259,9 @@ class WriteBack:
         # is dropped when it reaches the top; the records of a batch stay in
         # it until they are answered, so a batch not sent needs no undoing.
         self._order: list[tuple[int, int]] = []
+        # The last operation journalled, until answered: a setattr of its
+        # inode journalled right after it may be merged into it (``_coalesce``).
+        self._tail: OpRecord | None = None
 
     # --- recording -------------------------------------------------------------
 
@@ -342,9 +350,52 @@ class WriteBack:
 
         For an inode no file of this mount holds open (an open file's changes
         go with its commit): the VFS shows them at once (``changed``).
+        Merged into the journal's last record if that is a setattr of ``ino``
+        too (``_coalesce``).
         """
-        self._journal("setattr", {"ino": ino, **changes},
-                            {**changes, "ctime": time.time_ns()})
+        local = {**changes, "ctime": time.time_ns()}
+        if not self._coalesce(ino, changes, local):
+            self._journal("setattr", {"ino": ino, **changes}, local)
+
+    def _coalesce(self, ino: int, changes: dict[str, int], local: dict[str, int]) -> bool:
+        """Merge a setattr of ``ino`` into the journal's last record (``_tail``) if that is
+        a setattr of ``ino`` no batch in flight holds; whether it was merged.
+
+        ``tar x`` sets each directory's owner, mode and times one after
+        another: three records, a third of its drain. Merged, they are one
+        operation under the first's op_id and place in the drain order, doing
+        exactly what the two did (``merge_setattrs``; refused where no single
+        setattr does). Only the tail: with no record journalled between the
+        two, no other record moves relative to the change: what other mounts
+        see stays a prefix of what was done here (and a directory's utimens is
+        never moved before a create in it, whose time would then be the
+        directory's). Not a record in flight: a batch taken may be sent at any
+        moment, and what was sent under an op_id must not change (one that
+        came back unsent is free again: the server has not applied it).
+
+        Durable as the new record would have been: with the group being
+        filled (``Journal.update_op``). The record's ``args`` and ``local``
+        are replaced, never changed in place (a group being written in a
+        worker thread may be packing the old ones). A record already written
+        may be drained before its rewrite is: the server then has the merged
+        changes before this disk does, and a crash meanwhile replays the row's
+        older ones under an op_id already applied (not applied again). Shown
+        at once, as a new record's; unshown with the one answer (``_unhold``).
+        """
+        rec = self._tail
+        if (rec is None or rec.seq != self._seq - 1 or rec.op != "setattr" or rec.ino != ino
+                or rec.seq in self._flying_ops):
+            return False
+        merged = merge_setattrs({k: v for k, v in rec.args.items() if k != "ino"}, changes)
+        if merged is None:
+            return False
+        rec.args = {"ino": ino, **merged}
+        rec.local = {**rec.local, **local}
+        self._changes[ino][rec.seq].update(local)
+        group = self.journal.update_op(rec)
+        if group is not None:
+            self.vfs.spawn(self._commit_soon, group)
+        return True
 
     def _journal(self, op: str, args: dict[str, Any], local: dict[str, Any]) -> None:
         """Journal ``op``: shown at once, drained once its record is written.
@@ -357,6 +408,7 @@ class WriteBack:
         """
         rec = OpRecord(self._seq, uuid.uuid4().hex, op, args, local, time.time())
         self._seq += 1
+        self._tail = rec
         self._show(rec)
         group = self.journal.add_op(rec, lambda: self._queue(rec))
         if group is not None:
@@ -398,6 +450,8 @@ class WriteBack:
     def _unhold(self, rec: OpRecord) -> None:
         """``rec`` was answered (applied or refused): this mount shows the server's state."""
         del self.ops[rec.seq]
+        if self._tail is rec:
+            self._tail = None   # applied: a later setattr is a record of its own
         for ino in self._count(rec, -1):
             changes = self._changes[ino]
             del changes[rec.seq]
@@ -754,6 +808,9 @@ class WriteBack:
             if whole is None:
                 sent = []   # not applied: every record stays for the next batch
             else:
+                metrics.WRITEBACK_BATCHES.inc()
+                for name, n in collections.Counter(o[0] for o in ops).items():
+                    metrics.WRITEBACK_OPS.labels(name).inc(n)
                 replies = iter(whole)
                 for item in order:
                     if isinstance(item, OpRecord):
