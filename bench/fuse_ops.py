@@ -6,9 +6,11 @@ many requests and how long the mount took to answer them (waits for the
 server, the journal's fsync and the block store included; the kernel's and
 pyfuse3's own time per request not). The rest of the wall time is outside
 the mount's handlers.
-Usage: ``python bench/fuse_ops.py tar|git|creates [--writeback|--sync]``
+Usage: ``python bench/fuse_ops.py tar|git|creates|rm|rm-drained [--writeback|--sync]``
 (``tar``: the Django sdist of ``run.py``; ``git``: a clone of its generated
-repository; ``creates``: 2,000 files of 4 KiB).
+repository; ``creates``: 2,000 files of 4 KiB; ``rm``: ``rm -rf`` of the
+extracted sdist right after ``tar x`` returned, ``rm-drained``: once the
+write-back journal has drained; only the ``rm -rf`` is timed and counted).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ import jobs
 from harness import embedded_mounts
 from run import CACHE, default_tarball
 
+from nimbusfs.mount.journal import summary
+from nimbusfs.retry import wait_until
+
 FILES = 2000
 
 
@@ -37,9 +42,20 @@ def fuse_ops(url: str) -> dict[str, tuple[int, float]]:
     return {op: (int(v["count"]), v["sum"]) for op, v in found.items() if v.get("count")}
 
 
+def prepare(job: str, mnt: str, cache: str) -> None:
+    """What a job needs before it is timed: the extracted tree that ``rm`` removes."""
+    if job.startswith("rm"):
+        subprocess.run(["tar", "xf", default_tarball(), "-C", mnt], check=True)
+    if job == "rm-drained":
+        wait_until(lambda: not (summary(cache) or (0,))[0], 3600, "the write-back drain")
+
+
 def run_job(job: str, mnt: str) -> None:
     tarball = default_tarball()
-    if job == "tar":
+    if job.startswith("rm"):
+        subprocess.run(["rm", "-rf", "--", *(os.path.join(mnt, n) for n in os.listdir(mnt))],
+                       check=True)
+    elif job == "tar":
         subprocess.run(["tar", "xf", tarball, "-C", mnt], check=True)
     elif job == "git":
         base = os.path.basename(tarball).split(".tar")[0]
@@ -60,10 +76,14 @@ def main(job: str, mode: str = "--writeback") -> None:
         cache = os.path.join(os.path.dirname(mnt), "cache0")
         with open(os.path.join(cache, "metrics.url")) as f:
             url = f.read().strip()
+        prepare(job, mnt, cache)
+        before = fuse_ops(url)
         start = time.monotonic()
         run_job(job, mnt)
         wall = time.monotonic() - start
-        ops = fuse_ops(url)
+        ops = {op: (n - before.get(op, (0, 0.0))[0], s - before.get(op, (0, 0.0))[1])
+               for op, (n, s) in fuse_ops(url).items()}
+        ops = {op: v for op, v in ops.items() if v[0]}
     print(f"{job} {mode}: {wall:.2f} s; in the mount's handlers"
           f" {sum(s for _, s in ops.values()):.2f} s")
     for op, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
