@@ -39,8 +39,9 @@ def _err(fn) -> int:
 def test_rm_rf_of_a_pending_tree_needs_no_server(services, mount_factory):
     """With the metaserver down, ``rm -rf`` of a tree made here (nothing drained) and of a
     drained one returns; the mount shows them gone at once (lookups, listing, the root's
-    link count); after the restart another mount sees them gone and nothing is
-    refused or logged (every unlink and rmdir applied, in order)."""
+    link count); a directory made again at a removed name holds what is made in it;
+    after the restart another mount sees the same and nothing is refused or logged
+    (every unlink, rmdir and mkdir applied, in order)."""
     with own_server(services, "wb_rmrf") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         take_lease(a)
@@ -55,11 +56,15 @@ def test_rm_rf_of_a_pending_tree_needs_no_server(services, mount_factory):
         assert os.listdir(a.p()) == ["first"]
         assert not os.path.exists(a.p("old")) and not os.path.lexists(a.p("new"))
         assert os.stat(a.p()).st_nlink == 2
+        os.makedirs(a.p("old", "again"))   # make clean, then build: the names made anew
+        write_file(a.p("old", "again", "f"), b"rebuilt")
         dep.start()
         wait_until(lambda: pending(a) == (0, 0), 60, "A's drain")
         b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
-        assert os.listdir(b.p()) == ["first"]
-        assert os.stat(b.p()).st_nlink == 2
+        assert sorted(os.listdir(b.p())) == ["first", "old"]
+        assert os.listdir(b.p("old")) == ["again"]
+        assert read_file(b.p("old", "again", "f")) == b"rebuilt"
+        assert os.stat(b.p()).st_nlink == 3
         assert a.records("conflicts.jsonl") == []
 
 

@@ -1101,10 +1101,16 @@ class VFS:
 
     async def _listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]]:
         """The server's listing of ``ino``; of a directory made here and not on the server
-        yet, its own: the server knows nothing in it (``_overlaid`` adds the rest)."""
+        yet, its own: the server knows nothing in it (``_overlaid`` adds the rest).
+
+        Not waiting for the journalled operations naming ``ino`` (``call``): its
+        create is answered here, the names changed in it are the overlay's and
+        its attributes' pending changes are put on top (``_out``), so the
+        server's listing as it is now is the answer. (Waiting made a listing
+        right after ``tar x`` wait for the drain of its directory's utimens.)"""
         rec = self.writeback.new.get(self.srv(ino)) if self.writeback is not None else None
         if rec is None:
-            return await self.call("readdir", ino=self.srv(ino))
+            return await self.client.call("readdir", ino=self.srv(ino))
         assert self.writeback is not None
         up = rec.args["parent"]
         me = self.attrs.get(ino) or rec.local   # this mount's estimate, kept up to date
