@@ -139,11 +139,13 @@ def small_files(t: Target, n: int) -> dict[str, float]:
 # --- 4. real trees -------------------------------------------------------------------
 
 def trees(t: Target, tarball: str, repo: str) -> dict[str, float]:
-    """Wall time of extracting a source tarball and of ``git clone`` of a local repository.
+    """Wall time of extracting a source tarball, of ``rm -rf`` of the extracted tree (once
+    drained) and of ``git clone`` of a local repository.
 
     Where uploads go on after ``close`` (write-back, rclone), also the time
     until they are over, and the part of it after ``tar`` returned (the
-    drain). Where another mount can watch (``Target.second_mount``), a
+    drain); for ``rm -rf`` the time until its removals are drained too.
+    Where another mount can watch (``Target.second_mount``), a
     ``SyncProbe`` measures the sync latency from this mount to the other
     one during the extraction and its drain: a probe file every 0.25 s,
     about 1% more files than the tarball's on this mount.
@@ -166,6 +168,12 @@ def trees(t: Target, tarball: str, repo: str) -> dict[str, float]:
         stack.close()   # the probes seen
         if probe:
             r.update(probe.result("sync A->B during tar x + drain"))
+    extracted = [os.path.join(d, n) for n in os.listdir(d)]
+    start = time.monotonic()
+    subprocess.run(["rm", "-rf", "--", *extracted], check=True)
+    r["rm -rf of the extracted tree s"] = time.monotonic() - start
+    if t.uploads_after_close:
+        r["rm -rf until drained s"] = t.settle() - start
     r["git clone s"] = timed(lambda: subprocess.run(
         ["git", "clone", "-q", f"file://{repo}", os.path.join(d, "clone")], check=True))
     return r

@@ -554,3 +554,45 @@ async def test_leased_inode_numbers_are_the_lessees_and_used_once(services):
         with pytest.raises(FSError) as e:
             await a.call("lease_inodes", count=0, lessee="mount-a")
         assert e.value.errno == errno.EINVAL
+
+
+async def test_journalled_rmdir_symlink_and_link_name_what_the_mount_saw(services):
+    """A write-back mount's journalled rmdir names the directory it removed: another inode
+    at the name now is ESTALE, one with entries ENOTEMPTY, and nothing is removed. Its
+    symlink takes a leased number (once, with ``keep``), its link is kept under a
+    conflicted name if the name was taken meanwhile, and is ENOENT for an inode removed
+    meanwhile."""
+    dep = services.deployments["local"]
+    async with connect(dep.address, dep.new_user(), "a") as a:
+        root = a.info["root"]
+        dirmode = {"mode": 0o40755, "uid": 0, "gid": 0}
+        d = await a.call("mknod", parent=root, name=b"d", **dirmode)
+        await a.call("rmdir", parent=root, name=b"d")
+        d2 = await a.call("mknod", parent=root, name=b"d", **dirmode)
+        with pytest.raises(FSError) as e:
+            await a.call("rmdir", parent=root, name=b"d", ino=d["ino"])
+        assert e.value.errno == errno.ESTALE
+        await a.call("mknod", parent=d2["ino"], name=b"in", mode=0o100644, uid=0, gid=0)
+        with pytest.raises(FSError) as e:
+            await a.call("rmdir", parent=root, name=b"d", ino=d2["ino"])
+        assert e.value.errno == errno.ENOTEMPTY
+        assert {n for n, _ in await a.call("readdir", ino=d2["ino"])} >= {b"in"}
+
+        nums = await a.call("lease_inodes", count=1, lessee="mount-a")
+        s = await a.call("symlink", parent=root, name=b"d", target=b"t", uid=0, gid=0,
+                         ino=nums[0], lessee="mount-a", keep=True)
+        assert s["ino"] == nums[0] and s["name"].startswith(b"d (conflicted copy ")
+        assert await a.call("readlink", ino=nums[0]) == b"t"
+        with pytest.raises(FSError) as e:   # the number is used up
+            await a.call("symlink", parent=root, name=b"s2", target=b"t", uid=0, gid=0,
+                         ino=nums[0], lessee="mount-a", keep=True)
+        assert e.value.errno == errno.EACCES
+
+        f = await a.call("mknod", parent=root, name=b"f", mode=0o100644, uid=0, gid=0)
+        ln = await a.call("link", ino=f["ino"], parent=root, name=b"d", keep=True)
+        assert ln["nlink"] == 2 and ln["name"].startswith(b"d (conflicted copy ")
+        await a.call("unlink", parent=root, name=b"f")
+        await a.call("unlink", parent=root, name=ln["name"])
+        with pytest.raises(FSError) as e:
+            await a.call("link", ino=f["ino"], parent=root, name=b"g", keep=True)
+        assert e.value.errno == errno.ENOENT

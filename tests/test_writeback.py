@@ -683,26 +683,29 @@ def _errno_within(fn, bound: float) -> int:
 
 def test_a_request_waiting_for_the_drain_fails_with_eio_through_an_outage(services,
                                                                           mount_factory):
-    """With the metaserver down, a link of a pending file and an rmdir of a pending
-    directory wait for their drain no longer than the outage timeout: EIO, the journal
-    untouched; after the restart it drains and the same requests succeed."""
+    """With the metaserver down, a setxattr of a pending file and of a pending directory
+    (requests that name them to the server) wait for their drain no longer than the
+    outage timeout: EIO, the journal untouched; after the restart it drains and the
+    same requests succeed."""
     with own_server(services, "wb_hang") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         take_lease(a)
         dep.kill()
         write_file(a.p("f"), b"pending")
         os.mkdir(a.p("d"))
-        assert _errno_within(lambda: os.link(a.p("f"), a.p("g")), 8) == errno.EIO
-        assert _errno_within(lambda: os.rmdir(a.p("d")), 8) == errno.EIO
+        for name in ("f", "d"):
+            assert _errno_within(lambda n=name: os.setxattr(a.p(n), "user.k", b"v"), 8
+                                 ) == errno.EIO
         assert read_file(a.p("f")) == b"pending" and os.path.isdir(a.p("d"))
         assert pending(a)[0] == 2
         dep.start()
         wait_until(lambda: pending(a) == (0, 0), 60, "the drain after the restart")
-        os.link(a.p("f"), a.p("g"))
-        os.rmdir(a.p("d"))
+        for name in ("f", "d"):
+            os.setxattr(a.p(name), "user.k", b"v")
         b = mount_factory("local", a.token, dep, "--outage-timeout", "2")
-        assert sorted(os.listdir(b.p())) == ["f", "first", "g"]
-        assert read_file(b.p("g")) == b"pending"
+        assert sorted(os.listdir(b.p())) == ["d", "f", "first"]
+        assert read_file(b.p("f")) == b"pending"
+        assert os.getxattr(b.p("d"), "user.k") == b"v"
 
 
 def test_a_journal_of_a_later_format_is_refused(mount_factory):

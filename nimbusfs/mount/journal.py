@@ -29,8 +29,9 @@ Invariants:
   the server applies each once (op_ids); a crash of the mount alone loses
   nothing (the WAL is written before ``remove`` returns).
 - **Namespace operations.** A journalled ``mknod`` of a directory,
-  ``setattr``, ``rename`` or ``unlink`` is one row of ``ops``, whose ``seq`` comes from the same
-  counter as the files': one drain order for both, so an operation reaches
+  ``symlink``, ``link``, ``setattr``, ``rename``, ``unlink`` or ``rmdir`` is
+  one row of ``ops``, whose ``seq`` comes from the same counter as the
+  files': one drain order for both, so an operation reaches
   the server after every file record and operation journalled before it (a
   directory's create before the creates inside it). ``add_op`` does not
   wait: the row joins the group being filled, written by the next ``put``
@@ -43,7 +44,7 @@ Invariants:
   is removed (durably) once the server answered it.
 - **Leases.** Inode numbers leased to this mount are durable before any is
   used; a number leaves ``leases`` in the transaction that removes the row
-  (file or ``mknod`` op) of the inode created under it (the server has
+  (file, ``mknod`` or ``symlink`` op) of the inode created under it (the server has
   applied that create). So after a crash the free numbers are those in
   ``leases`` that no row uses: a number is never used for two inodes the
   server would both see.
@@ -71,12 +72,15 @@ from nimbusfs.errors import local_io
 
 JOURNAL_NAME = "journal.db"
 # The journal's format (SQLite ``PRAGMA user_version``): 1 is the tables
-# below; 2 the same tables with ``rename`` and ``unlink`` rows in ``ops``.
+# below; 2 the same tables with ``rename`` and ``unlink`` rows in ``ops``; 3
+# with ``rmdir``, ``symlink`` and ``link`` rows too.
 # A journal made before the version was written (0) has them, or a subset
 # that ``_SCHEMA`` completes. A mount refuses a journal of a later version:
 # it would replay part of it (an older mount ignores the ``ops`` rows it
 # does not know) and remove the rest as drained.
-VERSION = 2
+VERSION = 3
+# The operations of ``ops`` rows that create an inode under a leased number.
+CREATES = frozenset({"mknod", "symlink"})
 # A group commit is written in the mount's thread while the average group
 # write (an EWMA, this weight for the newest) stays under INLINE_WRITE
 # seconds, in a worker thread past it (``commit``).
@@ -97,13 +101,13 @@ CREATE TABLE IF NOT EXISTS pending (
 -- by a create the server applied.
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (ino INTEGER PRIMARY KEY);
--- Namespace operations journalled (a directory's mknod, a setattr, a rename,
--- an unlink), drained
--- in ``seq`` order among the files' rows.
+-- Namespace operations journalled (a directory's mknod, a symlink, a link, a
+-- setattr, a rename, an unlink, an rmdir), drained in ``seq`` order among the
+-- files' rows.
 CREATE TABLE IF NOT EXISTS ops (
     seq INTEGER PRIMARY KEY,
     op_id TEXT NOT NULL,
-    op TEXT NOT NULL,         -- the protocol operation: mknod, setattr, rename, unlink
+    op TEXT NOT NULL,         -- the protocol operation: mknod, symlink, link, setattr, ...
     args BLOB NOT NULL,       -- msgpack: its arguments, as sent
     local BLOB NOT NULL,      -- msgpack: what the mount shows meanwhile (OpRecord.local)
     created REAL NOT NULL
@@ -125,9 +129,10 @@ class Record:
 class OpRecord:
     """A journalled namespace operation: ``op`` with ``args`` as the server takes them.
 
-    ``ino``: the inode it creates, changes, moves or unlinks (``args["ino"]``).
-    ``local``: what this mount shows until it is applied (a new directory's
-    attributes, a setattr's changes, a rename's or unlink's ctime).
+    ``ino``: the inode it creates, changes, moves, links or removes (``args["ino"]``).
+    ``local``: what this mount shows until it is applied (a new directory's or
+    symlink's attributes, a setattr's changes, the ctime a rename, link or
+    unlink gives its inode).
     """
 
     seq: int
@@ -403,13 +408,13 @@ class Journal:
                 ("DELETE FROM pending WHERE ino = ? AND op_id = ?", rows),
                 ("DELETE FROM ops WHERE seq = ?", [(o.seq,) for o in answered]),
                 ("DELETE FROM leases WHERE ino = ?",
-                 [(ino,) for ino, _ in rows] + [(o.ino,) for o in answered if o.op == "mknod"])]
+                 [(ino,) for ino, _ in rows] + [(o.ino,) for o in answered if o.op in CREATES])]
             async with self._lock:
                 await trio.to_thread.run_sync(self._transaction, statements, durable)
 
     def leases(self) -> list[int]:
         """The leased numbers no pending row uses (at start, before anything is written)."""
-        made = {o.ino for o in self.ops() if o.op == "mknod"}
+        made = {o.ino for o in self.ops() if o.op in CREATES}
         with _sqlite_io(self.path):
             return [r[0] for r in self.db.execute(
                 "SELECT ino FROM leases WHERE ino NOT IN (SELECT ino FROM pending)"

@@ -25,17 +25,18 @@ journalled with the file's first close), and until the server has applied
 it the file is this mount's alone: lookups, getattr and readdir answer for
 it from the overlay of names changed here (``WriteBack.entries``), and any
 request naming it by number waits for its create (``call``). So are a
-mkdir (``_mkdir_here``), a rename (``_rename_here``), an unlink
-(``_unlink_here``) and a chmod/chown/utimens of an inode no file here holds
-open (journalled as operations): until applied, lookups and readdir answer
-from the overlay first (``_overlaid``), a new directory from
-``WriteBack.made`` (its listing is known: empty but for what is made in it
-here), every attribute this mount shows carries the pending changes and
-removed links (``_out``), and a request naming such an inode to the server
-(by number, or by a name in a directory whose names changed here and the
-overlay does not answer for: ``rmdir``, ``link``, ``symlink``) waits until
-its operations are applied, so the server sees this mount's operations in
-the order they were made. File content is
+mkdir (``_mkdir_here``), a symlink (``_symlink_here``), a link
+(``_link_here``), a rename (``_rename_here``), an unlink (``_unlink_here``),
+an rmdir (``_rmdir_here``) and a chmod/chown/utimens of an inode no file
+here holds open (journalled as operations): until applied, lookups and
+readdir answer from the overlay first (``_overlaid``), a new directory or
+symlink from ``WriteBack.made`` (a directory's listing is known: empty but
+for what is made in it here; a symlink's target is in its record), every
+attribute this mount shows carries the pending changes and removed or
+added links (``_out``), and a request naming such an inode to the server
+(by number, or by a name changed here) waits until its operations are
+applied, so the server sees this mount's operations in the order they were
+made. File content is
 close-to-open: a close or fsync commits it before returning, and every open
 asks the server for the current version. In write-back mode (``writeback``)
 a close or fsync journals the file's changes on the local disk instead, and
@@ -600,6 +601,9 @@ class VFS:
         self._drop(ino)
 
     async def readlink(self, ino: int) -> bytes:
+        if self.writeback is not None and (
+                target := self.writeback.target(self.srv(ino))) is not None:
+            return target   # a symlink made here, not on the server yet
         return await self.call("readlink", ino=self.srv(ino))
 
     async def statfs(self) -> dict[str, int]:
@@ -643,11 +647,7 @@ class VFS:
         _check_length(name)
         check_setattr({"uid": uid, "gid": gid})   # as the server's mknod: none drains it
         assert self.writeback is not None
-        p = await self.getattr(parent)
-        if not stat.S_ISDIR(p["mode"]):
-            raise FSError(errno.ENOTDIR, "not a directory")
-        if self._taken(parent, name):
-            raise FSError(errno.EEXIST, "entry exists")
+        p = await self._new_entry(parent, name)
         ino = await self.writeback.new_ino()
         now = time.time_ns()
         attr = {"ino": ino, "mode": mode, "nlink": 1, "uid": uid,
@@ -674,11 +674,7 @@ class VFS:
         the lookups and creates in it need no round trip either.
         """
         check_setattr({"uid": uid, "gid": gid})
-        p = await self.getattr(parent)
-        if not stat.S_ISDIR(p["mode"]):
-            raise FSError(errno.ENOTDIR, "not a directory")
-        if self._taken(parent, name):
-            raise FSError(errno.EEXIST, "entry exists")
+        p = await self._new_entry(parent, name)
         assert self.writeback is not None
         if p["mode"] & stat.S_ISGID:
             gid, mode = p["gid"], mode | stat.S_ISGID
@@ -704,6 +700,16 @@ class VFS:
                                   "nlink": d["nlink"] + links}
         assert self.writeback is not None
         self.writeback.touched(self.srv(parent), now)
+
+    async def _new_entry(self, parent: int, name: bytes) -> dict[str, Any]:
+        """A journalled create's or link's checks of ``parent``/``name`` (ENOTDIR, EEXIST
+        as far as this mount knows: ``_taken``); the parent's attributes."""
+        p = await self.getattr(parent)
+        if not stat.S_ISDIR(p["mode"]):
+            raise FSError(errno.ENOTDIR, "not a directory")
+        if self._taken(parent, name):
+            raise FSError(errno.EEXIST, "entry exists")
+        return p
 
     def _taken(self, parent: int, name: bytes) -> bool:
         """Whether ``parent``/``name`` exists as far as this mount knows without asking
@@ -765,21 +771,29 @@ class VFS:
         # fill the cache again with what it saw.
         self._gen += 1
 
-    def renamed(self, rec: OpRecord, result: dict[str, Any]) -> None:
-        """A journalled rename or unlink ``rec`` was applied (``result``): where the server
-        put a renamed file (``keep``), an inode it left without a name purged; the
-        attributes of the inodes it changed are asked again (their cached ones predate
-        it, and this mount's estimate goes with the record)."""
+    def renamed(self, rec: OpRecord, result: dict[str, Any], token: int) -> None:
+        """A journalled rename, link, unlink or rmdir ``rec`` was applied (``result``):
+        where the server put a renamed file or a new link (``keep``), an inode it left
+        without a name purged; the attributes of the inodes it changed are asked again
+        (their cached ones predate it, and this mount's estimate goes with the record).
+        A link's answer has its inode's attributes: cached, as a sync link's are, unless
+        attributes were dropped since the batch was sent (``token``: ``drops`` then), so
+        a stat of it needs no round trip (nor the server, through an outage)."""
         a = rec.args
-        if rec.op == "rename" and (placed := (result["new_parent"], result["new_name"])) != (
-                a["new_parent"], a["new_name"]):
-            self.moved_by_server(rec.ino, (a["new_parent"], a["new_name"]), placed, "rename")
-        self._drop(rec.ino, a.get("replaces"))
+        keys = {"rename": ("new_parent", "new_name"), "link": ("parent", "name")}.get(rec.op)
+        if keys is not None and (placed := (result[keys[0]], result[keys[1]])) != (
+                asked := (a[keys[0]], a[keys[1]])):
+            self.moved_by_server(rec.ino, asked, placed, rec.op)
+        if rec.op == "link" and token == self.drops:
+            self.attrs[self.fuse(rec.ino)] = {
+                k: v for k, v in result.items() if k not in ("dir", "parent", "name")}
+        else:
+            self._drop(rec.ino, a.get("replaces"))
         self.orphaned(result)
 
     def unrenamed(self, rec: OpRecord) -> None:
-        """A journalled rename or unlink ``rec`` was refused: the kernel and the caches
-        forget what this mount showed at its names and of its inodes."""
+        """A journalled rename, link, unlink or rmdir ``rec`` was refused: the kernel and
+        the caches forget what this mount showed at its names and of its inodes."""
         self._drop(rec.ino, rec.args.get("replaces"))
         self._place_changed((rec.args["parent"], rec.args["name"]))
         if rec.op == "rename":
@@ -806,6 +820,8 @@ class VFS:
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
                       ) -> dict[str, Any]:
         _check_length(name)
+        if self.writeback is not None:
+            return await self._symlink_here(parent, name, target, uid, gid)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid),
@@ -813,13 +829,59 @@ class VFS:
         self._entries_changed(parent, add=name)
         return attr
 
+    async def _symlink_here(self, parent: int, name: bytes, target: bytes, uid: int, gid: int
+                            ) -> dict[str, Any]:
+        """A new symlink at ``parent``/``name`` that only this mount knows of, yet: as a
+        directory's ``_mkdir_here`` (a leased number, the attributes the server's
+        ``symlink`` will give it, journalled; ``readlink`` answered from the record)."""
+        if len(target) > 4095:
+            raise FSError(errno.ENAMETOOLONG, "symlink target too long")
+        check_setattr({"uid": uid, "gid": gid})
+        p = await self._new_entry(parent, name)
+        assert self.writeback is not None
+        now = time.time_ns()
+        attr = {"ino": await self.writeback.new_ino(), "mode": stat.S_IFLNK | 0o777,
+                "nlink": 1, "uid": uid, "gid": p["gid"] if p["mode"] & stat.S_ISGID else gid,
+                "rdev": 0, "size": len(target), "atime": now, "mtime": now, "ctime": now,
+                "version": 0, "alloc": 0, "xattrs": False}
+        self.writeback.symlink(self.srv(parent), name, target, attr)
+        self.attrs[attr["ino"]] = attr
+        self._dir_changed(parent, now)
+        self._entries_changed(parent, add=name)
+        self.dentries[(parent, name)] = (attr["ino"], stat.S_IFLNK)
+        return self._out(attr)
+
     async def link(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
         _check_length(name)
+        if self.writeback is not None:
+            return await self._link_here(ino, parent, name)
         token = self._gen
         attr = self._named(parent, name, await self.call(
             "link", ino=self.srv(ino), parent=self.srv(parent), name=name), token)
         self._entries_changed(parent, add=name)
         return attr
+
+    async def _link_here(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
+        """link(2) journalled (write-back): checked against this mount's view (EPERM for a
+        directory, ENOENT for an inode without a name any more, EEXIST, ENOTDIR), shown at
+        once (the name, the link count and ctime), applied in journal order after the
+        inode's create if it was made here; with ``keep`` (a name another mount took
+        meanwhile gets the conflicted copy's name; an inode deleted meanwhile: refused
+        and logged, the name goes)."""
+        assert self.writeback is not None
+        attr = await self.getattr(ino)
+        if stat.S_ISDIR(attr["mode"]):
+            raise FSError(errno.EPERM, "hard link to a directory")
+        if attr["nlink"] == 0:
+            raise FSError(errno.ENOENT, "file was removed")
+        await self._new_entry(parent, name)
+        await self._journalled(attr)
+        now = time.time_ns()
+        self.writeback.link(self.srv(ino), self.srv(parent), name, now)
+        self._dir_changed(parent, now)
+        self._entries_changed(parent, add=name)
+        self.dentries[(parent, name)] = (ino, stat.S_IFMT(attr["mode"]))
+        return await self.getattr(ino)
 
     async def unlink(self, parent: int, name: bytes) -> None:
         _check_length(name)
@@ -882,22 +944,40 @@ class VFS:
     async def rmdir(self, parent: int, name: bytes) -> None:
         _check_length(name)
         if self.writeback is not None:
-            # Checked against this mount's view (the server's would miss what is
-            # pending here); then the directory's own operations and those in it
-            # first: its mknod, its entries' removals.
-            attr = await self.lookup(parent, name)
-            if attr is None:
-                raise FSError(errno.ENOENT, "no such entry")
-            if not stat.S_ISDIR(attr["mode"]):
-                raise FSError(errno.ENOTDIR, "not a directory")
-            if not await self._empty(attr["ino"]):
-                raise FSError(errno.ENOTEMPTY, "directory not empty")
-            await self.writeback.settled(self.srv(attr["ino"]), entries=True)
+            await self._rmdir_here(parent, name)
+            return
         token = self._gen
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
         self._drop(r["ino"])
         self._entries_changed(parent, remove=name)
+
+    async def _rmdir_here(self, parent: int, name: bytes) -> None:
+        """rmdir(2) journalled (write-back): no wait for the drain.
+
+        Checked against this mount's view (the server's would miss what is
+        pending here): ENOENT, ENOTDIR, ENOTEMPTY (the server's listing, which
+        ``_empty`` may fetch, less the names removed here, plus those made
+        here); the kernel has answered EBUSY for a mount point and EINVAL for
+        '.' before asking. Shown at once (the name gone, the parent's link
+        count and times). Journalled after the operations on its entries
+        (their unlinks, renames out, the creates in it), so the server applies
+        it after them; if another mount put an entry in it meanwhile the
+        server refuses it (ENOTEMPTY): the directory and that entry show again.
+        """
+        assert self.writeback is not None
+        attr = await self._find(parent, name)
+        if attr is None:
+            raise FSError(errno.ENOENT, "no such entry")
+        if not stat.S_ISDIR(attr["mode"]):
+            raise FSError(errno.ENOTDIR, "not a directory")
+        if not await self._empty(attr["ino"]):
+            raise FSError(errno.ENOTEMPTY, "directory not empty")
+        now = time.time_ns()
+        self.writeback.rmdir(self.srv(parent), name, self.srv(attr["ino"]))
+        self._dir_changed(parent, now, links=-1)
+        self._entries_changed(parent, remove=name)
+        self.listings.pop(attr["ino"], None)
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
@@ -1021,10 +1101,16 @@ class VFS:
 
     async def _listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]]:
         """The server's listing of ``ino``; of a directory made here and not on the server
-        yet, its own: the server knows nothing in it (``_overlaid`` adds the rest)."""
-        rec = self.writeback.dirs.get(self.srv(ino)) if self.writeback is not None else None
+        yet, its own: the server knows nothing in it (``_overlaid`` adds the rest).
+
+        Not waiting for the journalled operations naming ``ino`` (``call``): its
+        create is answered here, the names changed in it are the overlay's and
+        its attributes' pending changes are put on top (``_out``), so the
+        server's listing as it is now is the answer. (Waiting made a listing
+        right after ``tar x`` wait for the drain of its directory's utimens.)"""
+        rec = self.writeback.new.get(self.srv(ino)) if self.writeback is not None else None
         if rec is None:
-            return await self.call("readdir", ino=self.srv(ino))
+            return await self.client.call("readdir", ino=self.srv(ino))
         assert self.writeback is not None
         up = rec.args["parent"]
         me = self.attrs.get(ino) or rec.local   # this mount's estimate, kept up to date

@@ -87,6 +87,22 @@ meanwhile stays and the renamed file takes the conflicted copy's name
 (``keep``); an unlink of a name that is another inode's now is refused.
 Refused, both names show the server's entries again; logged as the others.
 
+Removals, symlinks and links (namespace write-back, continued): an
+``rmdir`` is journalled as an unlink is, checked at call time against this
+mount's view (empty: the server's listing less the names removed here plus
+those made here); it drains after the operations on the entries it held,
+in the one order, naming the inode this mount removed: the server refuses
+it if the name is another inode's by then (ESTALE) or another mount put an
+entry in it meanwhile (ENOTEMPTY); then the directory and that entry show
+again, logged, nothing dropped. A directory made and removed here before
+draining sends both records (the mknod, then the rmdir): no cancelling,
+which would have to prove that nothing between them depended on the
+directory. A ``symlink`` is a create under a leased number, as a
+directory's (its target in the record: ``readlink`` answers from it); a
+``link`` names the existing inode (after its create if it was made here)
+and is applied with ``keep`` (a name taken meanwhile gets the conflicted
+copy's name beside it; an inode deleted meanwhile: refused, the name goes).
+
 A record the server refuses whatever the batch (a whole ``batch`` request
 refused, not for an outage: arguments it does not take) can never drain:
 the records of that batch are sent one at a time until it is found, and
@@ -119,7 +135,7 @@ import trio
 from nimbusfs import metrics
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.filedata import OpenFile, Prepared
-from nimbusfs.mount.journal import Journal, OpRecord, Record
+from nimbusfs.mount.journal import CREATES, Journal, OpRecord, Record
 from nimbusfs.posix import RENAME_EXCHANGE, merge_setattrs
 from nimbusfs.retry import Backoff
 
@@ -162,20 +178,32 @@ class Entry(NamedTuple):
     by: str
 
 
-def _touches(rec: OpRecord) -> tuple[list[int], list[int], list[int], list[int]]:
-    """What ``rec`` touches until answered: the inodes it names (requests naming them to
-    the server wait for it), the directories whose names it changes (an rmdir of one
-    waits), the inodes whose attributes it changes (``WriteBack.changed``) and those
-    it removes a link of."""
+class _Touched(NamedTuple):
+    """What an operation touches until answered (``_touches``)."""
+
+    named: list[int]     # inodes it names: requests naming them to the server wait for it
+    inside: list[int]    # directories whose names it changes (``drained`` waits for them)
+    changed: list[int]   # inodes whose attributes it changes (``WriteBack.changed``)
+    unlinked: list[int]  # inodes it removes a link of
+    linked: list[int]    # inodes it adds a link to
+
+
+def _touches(rec: OpRecord) -> _Touched:
+    """What ``rec`` touches until answered. A link names no inode: the server knows the
+    inode it links, and a request naming it (an open) need not wait for the new name."""
     a = rec.args
     if rec.op == "rename":
         exchange = a["flags"] & RENAME_EXCHANGE
         gone = [a["replaces"]] if a["replaces"] is not None and not exchange else []
         others = [a["replaces"]] if a["replaces"] is not None else []
-        return gone, [a["parent"], a["new_parent"]], [rec.ino, *others], gone
+        return _Touched(gone, [a["parent"], a["new_parent"]], [rec.ino, *others], gone, [])
     if rec.op == "unlink":
-        return [rec.ino], [a["parent"]], [rec.ino], [rec.ino]
-    return [rec.ino], [], [] if rec.op == "mknod" else [rec.ino], []
+        return _Touched([rec.ino], [a["parent"]], [rec.ino], [rec.ino], [])
+    if rec.op == "rmdir":
+        return _Touched([rec.ino], [a["parent"]], [], [], [])
+    if rec.op == "link":
+        return _Touched([], [a["parent"]], [rec.ino], [], [rec.ino])
+    return _Touched([rec.ino], [], [] if rec.op in CREATES else [rec.ino], [], [])
 
 
 def _places(rec: OpRecord) -> list[tuple[int, bytes]]:
@@ -183,7 +211,7 @@ def _places(rec: OpRecord) -> list[tuple[int, bytes]]:
     a = rec.args
     if rec.op == "rename":
         return [(a["parent"], a["name"]), (a["new_parent"], a["new_name"])]
-    return [(a["parent"], a["name"])] if rec.op in ("mknod", "unlink") else []
+    return [] if rec.op == "setattr" else [(a["parent"], a["name"])]
 
 
 class _Flight:
@@ -224,15 +252,16 @@ class WriteBack:
         # Namespace operations journalled and not answered yet (seq -> record),
         # how many of them name each inode (its create, its setattrs, its
         # removal: a request naming it to the server waits for them), how many
-        # change names in each directory (an rmdir of it waits for them), the
-        # new directories among them (ino -> their mknod), their changes of
-        # attributes (ino -> seq -> changes) and links removed (ino -> count).
+        # change names in each directory, the inodes they create (directories,
+        # symlinks: ino -> their mknod or symlink), their changes of attributes
+        # (ino -> seq -> changes), links removed and links added (ino -> count).
         self.ops: dict[int, OpRecord] = {}
         self._naming: dict[int, int] = {}
         self._inside: dict[int, int] = {}
-        self.dirs: dict[int, OpRecord] = {}
+        self.new: dict[int, OpRecord] = {}
         self._changes: dict[int, dict[int, dict[str, int]]] = {}
         self._links: dict[int, int] = {}
+        self._linked: dict[int, int] = {}
         self._token = 0   # VFS.drops when the batch being answered was sent
         self._work = trio.Event()       # set when a record is added
         self._progress = trio.Event()   # set (and replaced) when records are removed
@@ -345,6 +374,29 @@ class WriteBack:
         once (``entries``, its link count)."""
         self._journal("unlink", {"parent": parent, "name": name, "ino": ino}, {"ctime": now})
 
+    def rmdir(self, parent: int, name: bytes, ino: int) -> None:
+        """Journal the removal of the (empty, as this mount shows it) directory ``ino`` at
+        (server) ``parent``/``name``; shown at once (``entries``). The server refuses it
+        if the name is another inode's by then (ESTALE) or if another mount put entries
+        in it meanwhile (ENOTEMPTY): the directory and those entries stay."""
+        self._journal("rmdir", {"parent": parent, "name": name, "ino": ino}, {})
+
+    def symlink(self, parent: int, name: bytes, target: bytes, attr: dict[str, Any]) -> None:
+        """Journal the create of the symlink ``attr`` (under a leased number) to ``target``
+        at ``parent``/``name``: shown at once (``new``, ``entries``), applied as a
+        directory's ``mkdir`` is (``keep``)."""
+        self._journal("symlink", {
+            "parent": parent, "name": name, "target": target, "uid": attr["uid"],
+            "gid": attr["gid"], "ino": attr["ino"], "lessee": self.journal.lessee,
+            "keep": True}, attr)
+
+    def link(self, ino: int, parent: int, name: bytes, now: int) -> None:
+        """Journal link(2) of (server) inode ``ino`` at ``parent``/``name``: shown at once
+        (``entries``, its link count and ctime); applied with ``keep`` (a name another
+        mount took meanwhile gets the conflicted copy's name beside it)."""
+        self._journal("link", {"parent": parent, "name": name, "ino": ino, "keep": True},
+                      {"ctime": now})
+
     def setattr(self, ino: int, changes: dict[str, int]) -> None:
         """Journal chmod/chown/utimens ``changes`` of ``ino``.
 
@@ -433,10 +485,11 @@ class WriteBack:
         for ino in self._count(rec, 1):
             self._changes.setdefault(ino, {})[rec.seq] = dict(rec.local)
         a = rec.args
-        if rec.op == "mknod":
-            self.dirs[rec.ino] = rec
+        if rec.op in CREATES:
+            self.new[rec.ino] = rec
+        if rec.op in ("mknod", "symlink", "link"):
             self._name(a["parent"], a["name"], rec.ino, rec.op_id)
-        elif rec.op == "unlink":
+        elif rec.op in ("unlink", "rmdir"):
             self._name(a["parent"], a["name"], None, rec.op_id)
         elif rec.op == "rename":
             exchange = a["flags"] & RENAME_EXCHANGE
@@ -457,18 +510,18 @@ class WriteBack:
             del changes[rec.seq]
             if not changes:
                 del self._changes[ino]
-        if rec.op == "mknod":
-            del self.dirs[rec.ino]
+        if rec.op in CREATES:
+            del self.new[rec.ino]
         for parent, name in _places(rec):
             self._unname(parent, name, rec.op_id)
 
     def _count(self, rec: OpRecord, step: int) -> list[int]:
         """Add ``step`` to the counts of the inodes ``rec`` names, the directories whose
-        names it changes and the inodes it removes a link of (``_touches``; a count
-        of 0 is removed); the inodes whose attributes it changes."""
-        named, inside, changed, unlinked = _touches(rec)
-        for counts, inos in ((self._naming, named), (self._inside, inside),
-                             (self._links, unlinked)):
+        names it changes and the inodes it removes or adds a link of (``_touches``; a
+        count of 0 is removed); the inodes whose attributes it changes."""
+        t = _touches(rec)
+        for counts, inos in ((self._naming, t.named), (self._inside, t.inside),
+                             (self._links, t.unlinked), (self._linked, t.linked)):
             for ino in inos:
                 n = counts.get(ino, 0) + step
                 assert n >= 0, f"{rec.op} {rec.seq}: inode {ino} counted down below 0"
@@ -476,7 +529,7 @@ class WriteBack:
                     counts[ino] = n
                 else:
                     del counts[ino]
-        return changed
+        return t.changed
 
     def _name(self, parent: int, name: bytes, ino: int | None, by: str) -> None:
         """``parent``/``name`` names ``ino`` (None: nothing) here, by the operation ``by``."""
@@ -498,14 +551,21 @@ class WriteBack:
         return self.entries.get(parent, {}).get(name)
 
     def unlinked(self, ino: int) -> int:
-        """Links of (server) inode ``ino`` removed here and not applied yet."""
-        return self._links.get(ino, 0)
+        """Links of (server) inode ``ino`` removed here and not applied yet, less those
+        added here (negative: more added)."""
+        return self._links.get(ino, 0) - self._linked.get(ino, 0)
 
     def made(self, ino: int) -> dict[str, Any] | None:
-        """The attributes of (server) inode ``ino`` if it is a directory made here that
-        the server does not know yet."""
-        rec = self.dirs.get(ino)
+        """The attributes of (server) inode ``ino`` if it is a directory or a symlink made
+        here that the server does not know yet."""
+        rec = self.new.get(ino)
         return None if rec is None else rec.local
+
+    def target(self, ino: int) -> bytes | None:
+        """The target of (server) inode ``ino`` if it is a symlink made here that the
+        server does not know yet."""
+        rec = self.new.get(ino)
+        return rec.args["target"] if rec is not None and rec.op == "symlink" else None
 
     def touched(self, ino: int, now: int) -> None:
         """An entry was made here in directory ``ino`` at ``now``, after its journalled
@@ -526,14 +586,11 @@ class WriteBack:
             merged.update(c)
         return merged
 
-    async def settled(self, ino: int, entries: bool = False, name: bytes | None = None
-                      ) -> None:
+    async def settled(self, ino: int, name: bytes | None = None) -> None:
         """Return once the server has applied (or refused) every journalled operation
-        naming (server) inode ``ino``, with ``entries`` every one changing a name in it
-        (a directory: before its rmdir), with ``name`` every one changing that name in it:
+        naming (server) inode ``ino``, with ``name`` every one changing that name in it:
         before a request that names it to the server. EIO through an outage (``_until``)."""
         await self._until(lambda: not self._naming.get(ino)
-                          and not (entries and self._inside.get(ino))
                           and (name is None or self.entry(ino, name) is None))
 
     async def _until(self, ready: Callable[[], bool],
@@ -852,7 +909,7 @@ class WriteBack:
 
     def _answered(self, rec: OpRecord, answer: list) -> None:
         """The server answered the journalled operation ``rec`` (its row is removed)."""
-        if answer[0] == 0 and rec.op == "mknod":
+        if answer[0] == 0 and rec.op in CREATES:
             asked = (rec.args["parent"], rec.args["name"])
             placed = (answer[1]["parent"], answer[1]["name"])
             if placed != asked:
@@ -862,20 +919,21 @@ class WriteBack:
         elif answer[0] == 0 and rec.op == "setattr":
             self.vfs.applied(rec.ino)
         elif answer[0] == 0:
-            self.vfs.renamed(rec, answer[1])
-        elif rec.op in ("rename", "unlink"):
+            self.vfs.renamed(rec, answer[1], self._token)
+        elif rec.op in ("rename", "unlink", "rmdir", "link"):
             # The server decided otherwise (a name another mount changed
-            # meanwhile: ESTALE; a directory it removed): nothing was moved or
-            # removed there, both names show the server's entries again.
+            # meanwhile: ESTALE; a directory it removed, or put entries in:
+            # ENOTEMPTY; an inode it deleted): nothing was moved, removed or
+            # linked there, the names show the server's entries again.
             log.warning("write-back %s of inode %d refused (%s): this mount shows the"
                         " server's names", rec.op, rec.ino, answer[1])
             self.vfs.record_refused(rec.op, rec.args, answer)
             self.vfs.unrenamed(rec)
-        elif rec.op == "mknod":
+        elif rec.op in CREATES:
             # Refused outright (quota, a lease not this mount's): the entries
-            # made inside it are applied with ``keep`` in the volume's root.
-            log.error("write-back mkdir of inode %d refused: %s; the entries made in it go"
-                      " to the volume's root", rec.ino, answer[1])
+            # made inside a directory are applied with ``keep`` in the volume's root.
+            log.error("write-back %s of inode %d refused: %s; the entries made in it (if"
+                      " any) go to the volume's root", rec.op, rec.ino, answer[1])
             self.vfs.record_refused(rec.op, rec.args, answer)
             self.vfs.uncreated(rec.ino, rec.args["parent"], rec.args["name"])
         else:
@@ -999,6 +1057,7 @@ class WriteBack:
         waits = RETRY.delays()
         while True:
             try:
+                self._token = self.vfs.drops
                 replies = await self.vfs.client.call("batch", ops=ops)
                 self._solo = False
                 return replies

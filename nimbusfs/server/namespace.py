@@ -491,6 +491,21 @@ def _copy_name(cur: Cursor, parent: int, name: bytes, device: str) -> bytes:
     return copy
 
 
+def _make(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: int, uid: int,
+          gid: int, rdev: int = 0, target: bytes | None = None, ino: int | None = None,
+          lessee: str | None = None, keep: bool = False) -> dict[str, Any]:
+    """``mknod``'s and ``symlink``'s create: under a leased number (``ino``, ``lessee``) if
+    given, and with ``keep`` where the entry went (``_kept_place``) in the answer too."""
+    if ino is not None:
+        _claim(cur, u, ino, lessee)
+    p = None
+    if keep:
+        parent, name, p = _kept_place(cur, u, device, parent, name)
+    a = _new_inode(cur, u, device, parent, name, mode, uid, gid, rdev, target=target, ino=ino,
+                   p=p)
+    return {**a, "parent": parent, "name": name} if keep else a
+
+
 @op
 def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: UInt31, uid: UInt31,
           gid: UInt31, rdev: UInt31 = 0, ino: int | None = None, lessee: str | None = None,
@@ -505,37 +520,48 @@ def mknod(cur: Cursor, u: User, device: str, parent: int, name: bytes, mode: UIn
     if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO, stat.S_IFSOCK,
                                  stat.S_IFCHR, stat.S_IFBLK):
         raise FSError(errno.EINVAL, "bad file type")
-    if ino is not None:
-        _claim(cur, u, ino, lessee)
-    p = None
-    if keep:
-        parent, name, p = _kept_place(cur, u, device, parent, name)
-    a = _new_inode(cur, u, device, parent, name, mode, uid, gid, rdev, ino=ino, p=p)
-    return {**a, "parent": parent, "name": name} if keep else a
+    return _make(cur, u, device, parent, name, mode, uid, gid, rdev, ino=ino, lessee=lessee,
+                 keep=keep)
 
 
 @op
 def symlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, target: bytes,
-            uid: UInt31, gid: UInt31) -> dict[str, int]:
+            uid: UInt31, gid: UInt31, ino: int | None = None, lessee: str | None = None,
+            keep: bool = False) -> dict[str, Any]:
+    """Create a symbolic link; a write-back mount's journalled one as ``mknod``'s."""
     if len(target) > 4095:
         raise FSError(errno.ENAMETOOLONG, "symlink target too long")
-    return _new_inode(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid,
-                      target=target)
+    return _make(cur, u, device, parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target,
+                 ino=ino, lessee=lessee, keep=keep)
 
 
 @op
-def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
-         ) -> dict[str, Any]:
+def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes,
+         keep: bool = False) -> dict[str, Any]:
+    """Give inode ``ino`` one more name. A write-back mount's journalled link asks to
+    ``keep`` it whatever happened meanwhile (``_kept_place``: a name another mount took
+    gets the conflicted copy's name, a directory removed the volume's root); the answer
+    then also says where it went (``parent``, ``name``). An inode deleted meanwhile is
+    ENOENT: nothing is linked."""
     check_name(name)
     now = time.time_ns()
-    locked = _lock(cur, u, ino, parent)
-    if stat.S_ISDIR(locked[ino]["mode"]):
+    if keep:
+        # Both locked in ascending order, as ``_lock`` does, the directory only
+        # if it is still there: one removed meanwhile is not an error here.
+        cur.execute("SELECT id FROM inodes WHERE id = ANY(%s) AND owner_id = %s ORDER BY id"
+                    " FOR UPDATE", ([ino, parent], u.id))
+        target = inode(cur, u, ino)
+        parent, name, _ = _kept_place(cur, u, device, parent, name)
+    else:
+        target = _lock(cur, u, ino, parent)[ino]
+    if stat.S_ISDIR(target["mode"]):
         raise FSError(errno.EPERM, "hard link to a directory")
-    if locked[ino]["nlink"] == 0:
+    if target["nlink"] == 0:
         raise FSError(errno.ENOENT, "file was removed")
-    directory(cur, u, parent)
-    if _child(cur, parent, name) is not None:
-        raise FSError(errno.EEXIST, "entry exists")
+    if not keep:
+        directory(cur, u, parent)
+        if _child(cur, parent, name) is not None:
+            raise FSError(errno.EEXIST, "entry exists")
     cur.execute("INSERT INTO dentries (parent, name, inode) VALUES (%s, %s, %s)",
                 (parent, name, ino))
     cur.execute(f"UPDATE inodes SET nlink = nlink + 1, ctime_ns = %s WHERE id = %s"
@@ -543,7 +569,8 @@ def link(cur: Cursor, u: User, device: str, ino: int, parent: int, name: bytes
     a = _attr(one(cur))
     d = _touch(cur, parent, now)
     _log(cur, u, device, ("link", ino, parent, name))
-    return {**a, "dir": d}
+    placed = {"parent": parent, "name": name} if keep else {}
+    return {**a, "dir": d, **placed}
 
 
 @op
@@ -576,14 +603,21 @@ def unlink(cur: Cursor, u: User, device: str, parent: int, name: bytes, ino: int
 
 
 @op
-def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes) -> dict[str, Any]:
+def rmdir(cur: Cursor, u: User, device: str, parent: int, name: bytes, ino: int | None = None
+          ) -> dict[str, Any]:
+    """Remove an empty directory. A write-back mount's journalled rmdir names the inode it
+    removed there (``ino``): if the name is another inode's now, ESTALE and nothing is
+    removed; one another mount has put entries in meanwhile is ENOTEMPTY (they stay)."""
     if name == b".":
         raise FSError(errno.EINVAL, "cannot remove '.'")
     now = time.time_ns()
     directory(cur, u, parent)
-    ino = _child(cur, parent, name)
-    if ino is None:
+    found = _child(cur, parent, name)
+    if found is None:
         raise FSError(errno.ENOENT, "no such entry")
+    if ino is not None and found != ino:
+        raise FSError(errno.ESTALE, "the name is another inode's now")
+    ino = found
     if not stat.S_ISDIR(inode(cur, u, ino, lock=True)["mode"]):
         raise FSError(errno.ENOTDIR, "not a directory")
     d = _remove_dir(cur, parent, name, ino, now)
