@@ -36,8 +36,14 @@ Invariants:
   directory's create before the creates inside it). ``add_op`` does not
   wait: the row joins the group being filled, written by the next ``put``
   (so it is durable before any later close returns: the prefix of what was
-  done survives a crash, as on a local disk where a mkdir is durable once
-  something after it is fsynced) or by ``commit`` of its group. An op row
+  done survives a crash of the machine, as on a local disk where a mkdir is
+  durable once something after it is fsynced) or by ``commit`` of its
+  group. Before the operation returns, its row is also written at once
+  without an fsync (``write_now``): in the WAL, in the kernel's page cache,
+  so a kill of the mount alone never loses an operation that returned (an
+  SQLite database in its default DELETE mode commits by unlinking its
+  journal, and does not fsync the directory after it: that unlink lost,
+  its last transaction rolled back). An op row
   changes only when a setattr is merged into it (``update_op``: the
   journal's last row, a setattr of the same inode), written again with the
   group being filled, as the merged setattr's own row would have been; it
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import sqlite3
 import time
@@ -69,6 +76,8 @@ import msgpack
 import trio
 
 from nimbusfs.errors import local_io
+
+log = logging.getLogger(__name__)
 
 JOURNAL_NAME = "journal.db"
 # The journal's format (SQLite ``PRAGMA user_version``): 1 is the tables
@@ -141,6 +150,9 @@ class OpRecord:
     args: dict[str, Any]
     local: dict[str, Any]
     created: float
+    # Its group was written (or failed to be): from then on ``write_now`` only
+    # updates its row, never inserts it (it may be drained and removed).
+    grouped: bool = False
 
     @property
     def ino(self) -> int:
@@ -246,6 +258,7 @@ class Journal:
             self.db.executescript(_SCHEMA)
             self.db.execute("INSERT INTO meta VALUES ('lessee', ?) ON CONFLICT DO NOTHING",
                             (uuid.uuid4().hex,))
+            self.db.execute("INSERT INTO meta VALUES ('groups', 0) ON CONFLICT DO NOTHING")
             self.lessee: str = self.db.execute(
                 "SELECT value FROM meta WHERE key = 'lessee'").fetchone()[0]
         self._lock = trio.Lock()
@@ -265,7 +278,7 @@ class Journal:
         with _sqlite_io(self.path):
             rows = self.db.execute("SELECT seq, op_id, op, args, local, created FROM ops"
                                    " ORDER BY seq").fetchall()
-        return [OpRecord(seq, op_id, op, _unpack(args), _unpack(local), created)
+        return [OpRecord(seq, op_id, op, _unpack(args), _unpack(local), created, grouped=True)
                 for seq, op_id, op, args, local, created in rows]
 
     def next_seq(self) -> int:
@@ -311,6 +324,35 @@ class Journal:
         group.committer = True
         return group
 
+    async def write_now(self, recs: list[OpRecord]) -> None:
+        """Write the rows of the operations ``recs`` at once, without an fsync: each was
+        added to a group (``add_op``) or merged into (``update_op``), which makes it
+        durable.
+
+        One transaction, in the mount's thread when the connection is free (no
+        worker thread holds it; nothing is awaited between the check and the
+        write), else after the worker's transaction. A row whose group was
+        written already (``grouped``: it may be drained and removed since) is
+        only updated, never inserted again. Never raises: a row not written now
+        is written with its group, which reports what fails there.
+        """
+        rows = [(r.seq, r.op_id, r.op, _pack(r.args), _pack(r.local), r.created) for r in recs]
+        statements: list[tuple[str, list[tuple]]] = [
+            ("INSERT INTO ops (seq, op_id, op, args, local, created) VALUES (?, ?, ?, ?, ?, ?)"
+             " ON CONFLICT (seq) DO UPDATE SET args = excluded.args, local = excluded.local",
+             [row for row, r in zip(rows, recs, strict=True) if not r.grouped]),
+            ("UPDATE ops SET args = ?, local = ? WHERE seq = ?",
+             [(*row[3:5], row[0]) for row, r in zip(rows, recs, strict=True) if r.grouped])]
+        try:
+            if self._lock.locked():
+                async with self._lock:
+                    self._transaction(statements, durable=False)
+            else:
+                self._transaction(statements, durable=False)
+        except OSError as e:
+            log.warning("journal %s: %d operations not written at once: %s", self.path,
+                        len(recs), e)
+
     async def commit(self, group: _Group) -> None:
         """Return once ``group`` is written: by this caller if it is the first to get here
         (``put``'s callers, and the task ``add_op`` named).
@@ -344,6 +386,8 @@ class Journal:
                     group.error = e
                     raise
                 finally:
+                    for o in group.ops:
+                        o.grouped = True
                     for written in group.written:
                         written()
                     group.done.set()
@@ -372,10 +416,16 @@ class Journal:
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (ino) DO UPDATE"
             " SET state = excluded.state, bytes = excluded.bytes",
             [(r.ino, r.seq, r.op_id, _pack(r.state), r.bytes, r.created) for r in rows]), (
-            "INSERT INTO ops (seq, op_id, op, args, local, created) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO ops (seq, op_id, op, args, local, created) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (seq) DO UPDATE SET args = excluded.args, local = excluded.local",
             [(o.seq, o.op_id, o.op, _pack(o.args), _pack(o.local), o.created) for o in ops]), (
             "UPDATE ops SET args = ?, local = ? WHERE seq = ?",
-            [(_pack(o.args), _pack(o.local), o.seq) for o in updates])])
+            [(_pack(o.args), _pack(o.local), o.seq) for o in updates]), (
+            # Rows written already (``write_now``) are the same bytes again, which
+            # SQLite does not write (nor then fsync the WAL for): a counter that
+            # changes makes this COMMIT write, and its fsync covers them.
+            "UPDATE meta SET value = value + 1 WHERE key = 'groups'",
+            [()] if ops or updates else [])])
 
     def _transaction(self, statements: list[tuple[str, list[tuple]]], durable: bool = True
                      ) -> None:

@@ -524,6 +524,7 @@ class VFS:
             if not changes:
                 return attr
             self.writeback.setattr(self.srv(ino), changes)
+            await self.writeback.write_now()
             return await self.getattr(ino)
         if f is not None and changes.get("mtime") is not None:
             # The coming commit must not undo utimens: also that of a file
@@ -688,6 +689,7 @@ class VFS:
         self._dir_changed(parent, now, links=1)
         self._entries_changed(parent, add=name)
         self.dentries[(parent, name)] = (attr["ino"], stat.S_IFDIR)
+        await self.writeback.write_now()
         return self._out(attr)
 
     def _dir_changed(self, parent: int, now: int, links: int = 0) -> None:
@@ -849,6 +851,7 @@ class VFS:
         self._dir_changed(parent, now)
         self._entries_changed(parent, add=name)
         self.dentries[(parent, name)] = (attr["ino"], stat.S_IFLNK)
+        await self.writeback.write_now()
         return self._out(attr)
 
     async def link(self, ino: int, parent: int, name: bytes) -> dict[str, Any]:
@@ -881,6 +884,7 @@ class VFS:
         self._dir_changed(parent, now)
         self._entries_changed(parent, add=name)
         self.dentries[(parent, name)] = (ino, stat.S_IFMT(attr["mode"]))
+        await self.writeback.write_now()
         return await self.getattr(ino)
 
     async def unlink(self, parent: int, name: bytes) -> None:
@@ -909,6 +913,7 @@ class VFS:
         self.writeback.unlink(self.srv(parent), name, self.srv(attr["ino"]), now)
         self._dir_changed(parent, now)
         self._entries_changed(parent, remove=name)
+        await self.writeback.write_now()
 
     async def _find(self, parent: int, name: bytes) -> dict[str, Any] | None:
         """``lookup`` for a journalled rename or unlink (the entry's inode and type at
@@ -978,6 +983,7 @@ class VFS:
         self._dir_changed(parent, now, links=-1)
         self._entries_changed(parent, remove=name)
         self.listings.pop(attr["ino"], None)
+        await self.writeback.write_now()
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
                      flags: int) -> None:
@@ -1049,6 +1055,7 @@ class VFS:
         if exchange:
             assert dst is not None
             self.dentries[(parent, name)] = (dst["ino"], stat.S_IFMT(dst["mode"]))
+        await self.writeback.write_now()
 
     # --- directories -------------------------------------------------------------------
 

@@ -291,6 +291,10 @@ class WriteBack:
         # The last operation journalled, until answered: a setattr of its
         # inode journalled right after it may be merged into it (``_coalesce``).
         self._tail: OpRecord | None = None
+        # Operations journalled (or merged into) and not yet written at once
+        # (``write_now``), and the write in flight.
+        self._unwritten: list[OpRecord] = []
+        self._writing: trio.Event | None = None
 
     # --- recording -------------------------------------------------------------
 
@@ -444,6 +448,7 @@ class WriteBack:
         rec.args = {"ino": ino, **merged}
         rec.local = {**rec.local, **local}
         self._changes[ino][rec.seq].update(local)
+        self._unwritten.append(rec)
         group = self.journal.update_op(rec)
         if group is not None:
             self.vfs.spawn(self._commit_soon, group)
@@ -459,12 +464,35 @@ class WriteBack:
         the mount shows it already.
         """
         rec = OpRecord(self._seq, uuid.uuid4().hex, op, args, local, time.time())
+        self._unwritten.append(rec)
         self._seq += 1
         self._tail = rec
         self._show(rec)
         group = self.journal.add_op(rec, lambda: self._queue(rec))
         if group is not None:
             self.vfs.spawn(self._commit_soon, group)
+
+    async def write_now(self) -> None:
+        """Return once the operations journalled so far are written (not durably).
+
+        The end of every request that journals an operation, after its
+        changes are shown: so that a kill of the mount cannot lose what
+        returned (``Journal.write_now``), not only a crash of the machine
+        within the group's delay. Usually written at once, without an await;
+        a request finding another's write in flight (the journal's worker
+        thread held it) waits for it, then writes what is left.
+        """
+        while self._unwritten or self._writing is not None:
+            if self._writing is not None:
+                await self._writing.wait()
+                continue
+            recs, self._unwritten = self._unwritten, []
+            self._writing = writing = trio.Event()
+            try:
+                await self.journal.write_now(recs)
+            finally:
+                self._writing = None
+                writing.set()
 
     async def _commit_soon(self, group: Any) -> None:
         await trio.sleep(OP_DELAY)
