@@ -38,12 +38,13 @@ Invariants:
   (so it is durable before any later close returns: the prefix of what was
   done survives a crash of the machine, as on a local disk where a mkdir is
   durable once something after it is fsynced) or by ``commit`` of its
-  group. Before the operation returns, its row is also written at once
-  without an fsync (``write_now``): in the WAL, in the kernel's page cache,
-  so a kill of the mount alone never loses an operation that returned (an
-  SQLite database in its default DELETE mode commits by unlinking its
-  journal, and does not fsync the directory after it: that unlink lost,
-  its last transaction rolled back). An op row
+  group. Before an operation naming entries returns (all but setattr), its
+  row and those before it are also written at once without an fsync
+  (``write_now``): in the WAL, in the kernel's page cache, so a kill of the
+  mount alone never loses one that returned (an SQLite database in its
+  default DELETE mode commits by unlinking its journal, and does not fsync
+  the directory after it: that unlink lost, its last transaction rolled
+  back). An op row
   changes only when a setattr is merged into it (``update_op``: the
   journal's last row, a setattr of the same inode), written again with the
   group being filled, as the merged setattr's own row would have been; it

@@ -524,7 +524,6 @@ class VFS:
             if not changes:
                 return attr
             self.writeback.setattr(self.srv(ino), changes)
-            await self.writeback.write_now()
             return await self.getattr(ino)
         if f is not None and changes.get("mtime") is not None:
             # The coming commit must not undo utimens: also that of a file

@@ -153,6 +153,9 @@ BATCH_FILES = 256
 # Pending files at most (each holds its staging file open): past it, writes
 # wait as past the byte limit.
 MAX_PENDING_FILES = 8192
+# Operations kept for the next ``write_now`` past which those already written
+# by their groups are dropped (a long run of setattrs writes nothing at once).
+UNWRITTEN = 4096
 # Inode numbers asked for at a time (``lease_inodes``), and how few left
 # start the next lease in the background, so that a create rarely waits.
 LEASE = 1024
@@ -292,8 +295,8 @@ class WriteBack:
         # inode journalled right after it may be merged into it (``_coalesce``).
         self._tail: OpRecord | None = None
         # Operations journalled (or merged into) and not yet written at once
-        # (``write_now``), and the write in flight.
-        self._unwritten: list[OpRecord] = []
+        # (``write_now``), by seq, and the write in flight.
+        self._unwritten: dict[int, OpRecord] = {}
         self._writing: trio.Event | None = None
 
     # --- recording -------------------------------------------------------------
@@ -448,7 +451,7 @@ class WriteBack:
         rec.args = {"ino": ino, **merged}
         rec.local = {**rec.local, **local}
         self._changes[ino][rec.seq].update(local)
-        self._unwritten.append(rec)
+        self._unwrite(rec)
         group = self.journal.update_op(rec)
         if group is not None:
             self.vfs.spawn(self._commit_soon, group)
@@ -464,7 +467,7 @@ class WriteBack:
         the mount shows it already.
         """
         rec = OpRecord(self._seq, uuid.uuid4().hex, op, args, local, time.time())
-        self._unwritten.append(rec)
+        self._unwrite(rec)
         self._seq += 1
         self._tail = rec
         self._show(rec)
@@ -472,21 +475,34 @@ class WriteBack:
         if group is not None:
             self.vfs.spawn(self._commit_soon, group)
 
+    def _unwrite(self, rec: OpRecord) -> None:
+        """``rec`` is new or changed: the next ``write_now`` writes it. Those its group
+        wrote since are dropped now and then (a setattr alone writes nothing now)."""
+        self._unwritten[rec.seq] = rec
+        if len(self._unwritten) > UNWRITTEN:
+            self._unwritten = {s: r for s, r in self._unwritten.items() if not r.grouped}
+
     async def write_now(self) -> None:
         """Return once the operations journalled so far are written (not durably).
 
-        The end of every request that journals an operation, after its
-        changes are shown: so that a kill of the mount cannot lose what
-        returned (``Journal.write_now``), not only a crash of the machine
-        within the group's delay. Usually written at once, without an await;
-        a request finding another's write in flight (the journal's worker
-        thread held it) waits for it, then writes what is left.
+        The end of every request that journals an operation naming entries
+        (all but setattr), after its changes are shown, so that a kill of the
+        mount cannot lose one that returned (``Journal.write_now``), not only
+        a crash of the machine within the group's delay: applications commit
+        by unlink and rename (SQLite's journal, an editor's save), never by a
+        chmod or utimens. A setattr's row is written with the next such
+        request's or its group, whichever comes first: what a kill of the
+        mount leaves is still a prefix of what was done (a chmod before a
+        rename is never lost while the rename is kept). Usually written at
+        once, without an await; a request finding another's write in flight
+        (the journal's worker thread held it) waits for it, then writes what
+        is left.
         """
         while self._unwritten or self._writing is not None:
             if self._writing is not None:
                 await self._writing.wait()
                 continue
-            recs, self._unwritten = self._unwritten, []
+            recs, self._unwritten = list(self._unwritten.values()), {}
             self._writing = writing = trio.Event()
             try:
                 await self.journal.write_now(recs)
