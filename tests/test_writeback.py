@@ -78,6 +78,15 @@ def take_lease(m, files: dict[str, bytes] | None = None) -> None:
     os.listdir(m.p())
 
 
+def drained_dir(m, d: str, name: str, data: bytes) -> None:
+    """Directory ``d`` holding the file ``name``, drained and listed: the mount knows
+    its entries without asking (a test then cuts the server off)."""
+    os.mkdir(m.p(d))
+    write_file(m.p(d, name), data)
+    wait_until(lambda: pending(m) == (0, 0), 30, "the setup's drain")
+    os.listdir(m.p(d))
+
+
 def server_view(dep, token: str, *names: str) -> list[dict]:
     """What the metaserver holds for names in the volume's root: attrs and versions."""
     from nimbusfs.client import connect

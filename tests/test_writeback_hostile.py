@@ -14,7 +14,7 @@ import pytest
 
 from conftest import read_file, wait_until, write_file
 from test_posix import RENAME_EXCHANGE, renameat2
-from test_writeback import crash, own_server, pending, take_lease
+from test_writeback import crash, drained_dir, own_server, pending, take_lease
 
 
 def tree(root: str) -> dict[str, bytes | None]:
@@ -327,10 +327,7 @@ def test_more_name_chains_with_the_server_down_then_a_crash(services, mount_fact
     with own_server(services, "h_chain") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         take_lease(a)
-        os.mkdir(a.p("old"))
-        write_file(a.p("old", "o"), b"o")
-        wait_until(lambda: pending(a) == (0, 0), 30, "drain")
-        os.listdir(a.p("old"))
+        drained_dir(a, "old", "o", b"o")
         dep.kill()
         os.mkdir(a.p("new"))
         write_file(a.p("new", "n"), b"n")

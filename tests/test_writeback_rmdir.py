@@ -16,7 +16,7 @@ import subprocess
 import pytest
 
 from conftest import read_file, wait_until, write_file
-from test_writeback import crash, own_server, pending, take_lease, twin
+from test_writeback import crash, drained_dir, own_server, pending, take_lease, twin
 
 
 def _tree(m, top: str, tag: bytes) -> None:
@@ -103,10 +103,7 @@ def test_an_rmdir_the_server_refuses_keeps_the_directory_and_the_other_mounts_fi
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         b = mount_factory("local", a.token, other, "--outage-timeout", "2")
         take_lease(a)
-        os.mkdir(a.p("d"))
-        write_file(a.p("d", "mine"), b"mine")
-        wait_until(lambda: pending(a) == (0, 0), 30, "the setup's drain")
-        os.listdir(a.p("d"))
+        drained_dir(a, "d", "mine", b"mine")
         wait_until(lambda: os.path.exists(b.p("d", "mine")), 30, "d on B")
         dep.kill()
         subprocess.run(["rm", "-rf", a.p("d")], check=True, timeout=60)
@@ -174,10 +171,7 @@ def test_rmdir_symlink_and_link_errors_are_answered_locally(services, mount_fact
     with own_server(services, "wb_rmerr") as dep:
         a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2")
         take_lease(a)
-        os.mkdir(a.p("full"))
-        write_file(a.p("full", "f"), b"f")
-        wait_until(lambda: pending(a) == (0, 0), 30, "the setup's drain")
-        os.listdir(a.p("full"))
+        drained_dir(a, "full", "f", b"f")
         dep.kill()
         os.mkdir(a.p("newdir"))
         write_file(a.p("newdir", "g"), b"g")
