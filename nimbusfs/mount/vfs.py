@@ -647,19 +647,12 @@ class VFS:
         _check_length(name)
         check_setattr({"uid": uid, "gid": gid})   # as the server's mknod: none drains it
         assert self.writeback is not None
-        p = await self._new_entry(parent, name)
-        ino = await self.writeback.new_ino()
-        now = time.time_ns()
-        attr = {"ino": ino, "mode": mode, "nlink": 1, "uid": uid,
-                "gid": p["gid"] if p["mode"] & stat.S_ISGID else gid, "rdev": 0, "size": 0,
-                "atime": now, "mtime": now, "ctime": now, "version": 0, "alloc": 0,
-                "xattrs": False}
+        attr = await self._new_here(parent, name, mode, 1, uid, gid)
+        ino = attr["ino"]
         f = self.files[ino] = OpenFile(self, ino, attr, [])
         self.writeback.creating(f, self.srv(parent), name, mode, uid, attr["gid"])
         self.names[ino] = (self.srv(parent), name)
-        self._dir_changed(parent, now)
-        self._entries_changed(parent, add=name)
-        self.dentries[(parent, name)] = (ino, stat.S_IFREG)
+        self._shown_here(parent, name, attr)
         return f
 
     async def _mkdir_here(self, parent: int, name: bytes, mode: int, uid: int, gid: int
@@ -674,20 +667,12 @@ class VFS:
         the lookups and creates in it need no round trip either.
         """
         check_setattr({"uid": uid, "gid": gid})
-        p = await self._new_entry(parent, name)
+        attr = await self._new_here(parent, name, mode, 2, uid, gid)
         assert self.writeback is not None
-        if p["mode"] & stat.S_ISGID:
-            gid, mode = p["gid"], mode | stat.S_ISGID
-        now = time.time_ns()
-        attr = {"ino": await self.writeback.new_ino(), "mode": mode, "nlink": 2, "uid": uid,
-                "gid": gid, "rdev": 0, "size": 0, "atime": now, "mtime": now, "ctime": now,
-                "version": 0, "alloc": 0, "xattrs": False}
         self.writeback.mkdir(self.srv(parent), name, attr)
         self.attrs[attr["ino"]] = attr
         self.listings[attr["ino"]] = set()
-        self._dir_changed(parent, now, links=1)
-        self._entries_changed(parent, add=name)
-        self.dentries[(parent, name)] = (attr["ino"], stat.S_IFDIR)
+        self._shown_here(parent, name, attr, links=1)
         await self.writeback.write_now()
         return self._out(attr)
 
@@ -701,6 +686,31 @@ class VFS:
                                   "nlink": d["nlink"] + links}
         assert self.writeback is not None
         self.writeback.touched(self.srv(parent), now)
+
+    async def _new_here(self, parent: int, name: bytes, mode: int, nlink: int, uid: int,
+                        gid: int, size: int = 0) -> dict[str, Any]:
+        """The attributes the server's create will give a new inode at ``parent``/``name``
+        (checked: ``_new_entry``), under a leased number: a set-group-ID parent passes its
+        group on, and to a directory the bit too."""
+        p = await self._new_entry(parent, name)
+        assert self.writeback is not None
+        if p["mode"] & stat.S_ISGID:
+            gid = p["gid"]
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        now = time.time_ns()
+        return {"ino": await self.writeback.new_ino(), "mode": mode, "nlink": nlink,
+                "uid": uid, "gid": gid, "rdev": 0, "size": size, "atime": now, "mtime": now,
+                "ctime": now, "version": 0, "alloc": 0, "xattrs": False}
+
+    def _shown_here(self, parent: int, name: bytes, attr: dict[str, Any], links: int = 0
+                    ) -> None:
+        """A journalled create or link of ``attr``'s inode at ``parent``/``name``, shown
+        at once: the parent's times and link count (``_dir_changed``; ``links``), its
+        listing and the entry (no lookup needs the server)."""
+        self._dir_changed(parent, attr["ctime"], links)
+        self._entries_changed(parent, add=name)
+        self.dentries[(parent, name)] = (attr["ino"], stat.S_IFMT(attr["mode"]))
 
     async def _new_entry(self, parent: int, name: bytes) -> dict[str, Any]:
         """A journalled create's or link's checks of ``parent``/``name`` (ENOTDIR, EEXIST
@@ -838,18 +848,12 @@ class VFS:
         if len(target) > 4095:
             raise FSError(errno.ENAMETOOLONG, "symlink target too long")
         check_setattr({"uid": uid, "gid": gid})
-        p = await self._new_entry(parent, name)
+        attr = await self._new_here(parent, name, stat.S_IFLNK | 0o777, 1, uid, gid,
+                                    len(target))
         assert self.writeback is not None
-        now = time.time_ns()
-        attr = {"ino": await self.writeback.new_ino(), "mode": stat.S_IFLNK | 0o777,
-                "nlink": 1, "uid": uid, "gid": p["gid"] if p["mode"] & stat.S_ISGID else gid,
-                "rdev": 0, "size": len(target), "atime": now, "mtime": now, "ctime": now,
-                "version": 0, "alloc": 0, "xattrs": False}
         self.writeback.symlink(self.srv(parent), name, target, attr)
         self.attrs[attr["ino"]] = attr
-        self._dir_changed(parent, now)
-        self._entries_changed(parent, add=name)
-        self.dentries[(parent, name)] = (attr["ino"], stat.S_IFLNK)
+        self._shown_here(parent, name, attr)
         await self.writeback.write_now()
         return self._out(attr)
 
@@ -880,9 +884,7 @@ class VFS:
         await self._journalled(attr)
         now = time.time_ns()
         self.writeback.link(self.srv(ino), self.srv(parent), name, now)
-        self._dir_changed(parent, now)
-        self._entries_changed(parent, add=name)
-        self.dentries[(parent, name)] = (ino, stat.S_IFMT(attr["mode"]))
+        self._shown_here(parent, name, {**attr, "ino": ino, "ctime": now})
         await self.writeback.write_now()
         return await self.getattr(ino)
 
