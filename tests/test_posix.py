@@ -96,6 +96,23 @@ def _umask() -> int:
     return m
 
 
+def test_a_set_group_id_directory_passes_its_group_on(root):
+    """What is made in a set-group-ID directory takes the directory's group (a file, a
+    symlink; a subdirectory the bit too), though its creator's group is another."""
+    d = j(root, "g")
+    os.mkdir(d)
+    os.chown(d, 0, 1234)
+    os.chmod(d, 0o2775)
+    with open(j(d, "f"), "wb"):
+        pass
+    os.mkdir(j(d, "sub"))
+    os.symlink("f", j(d, "s"))
+    for name in ("f", "sub", "s"):
+        assert os.lstat(j(d, name)).st_gid == 1234, name
+    assert os.stat(j(d, "sub")).st_mode & 0o2000
+    assert not os.stat(j(d, "f")).st_mode & 0o2000
+
+
 def test_open_append_two_handles_interleave(root):
     p = j(root, "log")
     a = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
