@@ -198,12 +198,12 @@ def _log(cur: Cursor, u: User, device: str, *changes: Change) -> None:
 class Batch:
     """What the operations of one ``batch`` request (a write-back drain) share.
 
-    They run in one transaction, each in a savepoint of its own (see
-    ``metaserver._apply_batch``). While one runs (``applying``), ``_log``
-    collects its changes here rather than writing each: ``finish`` writes
-    them all in one statement, in order (one NOTIFY, delivered at the
-    commit, as before). The changes of an operation that raises are dropped
-    with its savepoint. The blocks of all the batch's commits are checked
+    They run in one transaction (see ``metaserver._apply_batch``: each in a
+    savepoint of its own only once one was refused). While one runs
+    (``applying``), ``_log`` collects its changes here rather than writing
+    each: ``finish`` writes them all in one statement, in order (one NOTIFY,
+    delivered at the commit, as before). The changes of an operation that
+    raises are dropped with it. The blocks of all the batch's commits are checked
     and locked at once when the batch starts (``_check_blocks`` then finds
     them here): locked in hash order until the transaction ends, as one
     commit locks its own, so block GC's invariant holds unchanged. Only
