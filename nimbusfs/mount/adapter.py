@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
+import trio
 
 from nimbusfs.errors import fs_error
 from nimbusfs.mount.vfs import VFS
@@ -38,6 +39,7 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Answer an FSError with its errno, anything else with EIO and a logged traceback."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args[0].vfs.activity.seen(trio.current_time())
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:

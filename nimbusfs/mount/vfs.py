@@ -67,6 +67,7 @@ from cachetools import LRUCache
 from nimbusfs.cache import BlockCache
 from nimbusfs.client import MetaClient
 from nimbusfs.errors import FSError, fs_error
+from nimbusfs.mount.activity import Activity
 from nimbusfs.mount.filedata import OpenFile
 from nimbusfs.mount.journal import OpRecord
 from nimbusfs.posix import (
@@ -156,6 +157,7 @@ class VFS:
         # this mount's changes), dropped by the same changes as listings: a
         # write-back rename or unlink of an entry seen needs no round trip (``_find``).
         self.dentries: LRUCache[tuple[int, bytes], tuple[int, int]] = LRUCache(MAX_LISTED)
+        self.activity = Activity()   # the adapter's requests: the drain yields to them
         self._gen = 0
         self.drops = 0   # cached attributes dropped so far (``_gen`` also counts listings)
         self._fh = itertools.count(1)
