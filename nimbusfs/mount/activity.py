@@ -13,7 +13,7 @@ from __future__ import annotations
 # mount is in a burst; how long a burst must pause to end (``LONG_QUIET``),
 # and a few requests (``QUIET``).
 WINDOW = 0.1
-BURST = 100
+BURST = 250
 QUIET = 0.002
 LONG_QUIET = 0.05
 
