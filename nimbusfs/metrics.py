@@ -264,6 +264,11 @@ WRITEBACK_OPS = Counter(
     " (a file's record is a commit, with a mknod before it if the file was created here)",
     ["op"],
     registry=MOUNT)
+WRITEBACK_PACED = Histogram(
+    "nimbusfs_mount_writeback_paced_seconds",
+    "Waits of the write-back drain for a burst of requests to pause, and how long each"
+    " took (it yields to them, and takes a batch at least once a second meanwhile)",
+    buckets=SLOW, registry=MOUNT)
 WRITEBACK_BATCHES = Counter(
     "nimbusfs_mount_writeback_batches",
     "Batch requests of the write-back drain the server answered (one transaction each)",

@@ -1,4 +1,4 @@
-"""Write-back: the drain yields to a burst of requests, and never waits for its end.
+"""Write-back: the drain yields to a burst of requests, and does not wait for its end.
 
 ``Activity`` is pure logic (times given); the burst test runs on real mounts,
 a real metaserver and PostgreSQL.
@@ -13,6 +13,7 @@ import pytest
 
 from conftest import read_file, wait_until, write_file
 from nimbusfs.mount.activity import BURST, LONG_QUIET, QUIET, WINDOW, Activity
+from test_metrics import mount_url, scrape, value
 
 
 def test_a_few_requests_are_quiet_soon_and_a_burst_only_after_a_long_pause():
@@ -33,29 +34,41 @@ def test_a_few_requests_are_quiet_soon_and_a_burst_only_after_a_long_pause():
     assert a.quiet_in(t + 2 * WINDOW + 0.01 + QUIET) == 0
 
 
-def test_a_burst_does_not_hold_its_changes_back_from_other_mounts(mount_factory):
-    """While an application keeps a write-back mount busy (here: opening and closing a
-    file as fast as it can, three requests each time), a file closed on it reaches
-    another mount during the burst: the drain yields to the burst, but takes a batch
-    at least every ``PACE`` seconds."""
-    a = mount_factory("local", None, None, "--writeback")
+def test_the_drain_yields_to_a_burst_and_still_drains_during_it(mount_factory):
+    """While an application keeps a write-back mount busy (here: one-byte writes into an
+    open file as fast as it can, each a FUSE request answered locally), the drain waits
+    for the burst to pause (the mount counts the seconds), yet files closed meanwhile
+    reach another mount while the burst goes on: a batch at least every ``PACE``."""
+    a = mount_factory("local", None, None, "--writeback", "--metrics", "127.0.0.1:0")
     b = mount_factory("local", a.token)
-    write_file(a.p("busy"), b"x")
+    url = mount_url(a)
+    names = [f"f{i}" for i in range(5)]
     stop, rounds = threading.Event(), [0]
+    fd = os.open(a.p("busy"), os.O_WRONLY | os.O_CREAT, 0o644)
 
     def burst() -> None:
         while not stop.is_set():
-            os.close(os.open(a.p("busy"), os.O_RDONLY))
+            os.pwrite(fd, b"x", rounds[0] % 4096)
             rounds[0] += 1
 
     t = threading.Thread(target=burst)
     t.start()
     try:
-        wait_until(lambda: rounds[0] > 1000, 60, "the burst")
-        write_file(a.p("f"), b"made in a burst")
-        wait_until(lambda: os.path.exists(b.p("f")) and read_file(b.p("f")) == b"made in a burst",
-                   60, "the file on the other mount")
-        assert t.is_alive()   # the burst went on all along
+        wait_until(lambda: rounds[0] > 2000, 60, "the burst")
+        before = scrape(url)
+        for n in names:   # back to back: one batch at once, the rest paced
+            write_file(a.p(n), n.encode())
+        wait_until(lambda: all(os.path.exists(b.p(n)) and read_file(b.p(n)) == n.encode()
+                               for n in names), 60, "the files on the other mount")
+        during = rounds[0]
+        wait_until(lambda: rounds[0] > during, 60, "the burst to go on")
+        after = scrape(url)
+        waits = {le: value(after, "nimbusfs_mount_writeback_paced_seconds_bucket", le=le)
+                 - value(before, "nimbusfs_mount_writeback_paced_seconds_bucket", le=le)
+                 for le in ("2.5", "+Inf")}
+        assert waits["+Inf"] > 0                  # the drain waited for the burst
+        assert waits["2.5"] == waits["+Inf"]      # never for longer than about PACE
     finally:
         stop.set()
         t.join()
+        os.close(fd)

@@ -13,7 +13,9 @@ batches: it takes each file's lock, cuts and uploads its new blocks
 (``OpenFile.prepare``), sends the commits of the batch's longest prefix of
 prepared files as one ``batch`` request (one transaction on the server,
 each commit with the op_id of its journal record), then adopts the answers.
-With a backlog (a full batch waiting), two batches overlap (``_Flight``):
+It yields to a burst of requests (``run``: a batch at least every
+``PACE`` seconds until the burst pauses). With a backlog (a full batch
+waiting, and a batch due), two batches overlap (``_Flight``):
 the next one is taken and prepared while the server applies this one, and
 is sent once this one is answered, and only if this one was sent whole
 (else it is not sent: its records wait for the next batch, behind those
@@ -304,12 +306,10 @@ class WriteBack:
         self._unwritten: dict[int, OpRecord] = {}
         self._writing: trio.Event | None = None
         # Pacing (``run``): tasks waiting for the drain, the pause they cut
-        # short, when the last batch was taken, and whether a pause in the
-        # mount's requests was seen since.
+        # short, and when the last batch was taken.
         self._wanted = 0
         self._pausing: trio.CancelScope | None = None
         self._taken = float("-inf")
-        self._quiet = False
 
     # --- recording -------------------------------------------------------------
 
@@ -789,8 +789,12 @@ class WriteBack:
         ``tar x`` of 10,042 entries, ``tar`` returned after 24.7-28.3 s and
         everything was uploaded after 24.9-28.6; with the drain held until
         ``tar`` returned, 9.6-10.9 s and 22.3-23.5 (interleaved, load 2-3.5):
-        both sooner. Other mounts see a burst at ``BATCH_FILES`` records
-        per ``PACE`` while it lasts, and the rest after it.
+        both sooner (the shipped rule's own A/B is in docs/drain.md). Other
+        mounts see a burst's records at ``BATCH_FILES`` per ``PACE`` or more
+        while it lasts, and the rest after it; a request that waits for the
+        drain waits for the records ahead of its own, which a burst leaves
+        more of. The search for a record refused whole (``_solo``) is paced
+        like any batch.
         """
         waits = RETRY.delays()
 
@@ -813,12 +817,12 @@ class WriteBack:
                     self._work = trio.Event()   # set by a record added, a batch ended
                     await self._work.wait()
                     continue
-                if not (self._quiet or self._wanted
-                        or trio.current_time() >= self._taken + PACE):
+                now = trio.current_time()
+                if not (self._wanted or now >= self._taken + PACE
+                        or not self.vfs.activity.quiet_in(now)):
                     await self._pace()
                     continue
-                self._quiet = False
-                self._taken = trio.current_time()
+                self._taken = now
                 flight = _Flight(self._next())
                 self._flying_files |= flight.files
                 self._flying_ops |= flight.ops
@@ -890,14 +894,17 @@ class WriteBack:
         """Wait until the drain may take a batch (``run``): the mount's requests
         quiet, ``PACE`` seconds since the last batch was taken, or a task waiting
         for the drain."""
-        with trio.CancelScope(deadline=self._taken + PACE) as self._pausing:
-            while not self._wanted:
-                wait = self.vfs.activity.quiet_in(trio.current_time())
-                if not wait:
-                    self._quiet = True
-                    break
-                await trio.sleep(wait)
-        self._pausing = None
+        start = trio.current_time()
+        try:
+            with trio.CancelScope(deadline=self._taken + PACE) as self._pausing:
+                while not self._wanted:
+                    wait = self.vfs.activity.quiet_in(trio.current_time())
+                    if not wait:
+                        break
+                    await trio.sleep(wait)
+        finally:
+            self._pausing = None
+            metrics.WRITEBACK_PACED.observe(trio.current_time() - start)
 
     async def _drain(self, flight: _Flight, before: _Flight | None) -> None:
         """Commit a batch of pending files and operations, in order: prepared at once, sent
