@@ -168,8 +168,10 @@ OP_DELAY = 0.005
 # The drain yields to the mount's requests (``run``): a batch is taken once
 # the mount is quiet (``Activity``), or ``PACE`` seconds after the last one
 # was taken, or at once while a request or an unmount waits for the drain
-# (``_want``).
+# (``_want``) or the oldest record waiting is ``MAX_LAG`` seconds old (a
+# burst that lasts: the backlog stops growing).
 PACE = 1.0
+MAX_LAG = 30.0
 # Waits between drain attempts that made no progress (the store or the
 # metaserver is down), and between sends of a batch through an outage.
 RETRY = Backoff(first=0.1, cap=5.0)
@@ -784,8 +786,11 @@ class WriteBack:
         it is made), else ``PACE`` seconds after
         the last one was taken; and at once while a task waits for the drain
         (``_want``: a request naming a pending name, a writer past the limit,
-        an unmount). Why: the drain shares the mount's interpreter (its GIL)
-        and disk (the store's fsyncs beside the journal's). Drained beside a
+        an unmount, the replay at start) or once the oldest record waiting is
+        ``MAX_LAG`` seconds old (a burst that lasts drains as it did before:
+        its backlog, and what a waiting request waits behind, stop growing).
+        Why: the drain shares the mount's interpreter (its GIL) and disk (the
+        store's fsyncs beside the journal's). Drained beside a
         ``tar x`` of 10,042 entries, ``tar`` returned after 24.7-28.3 s and
         everything was uploaded after 24.9-28.6; with the drain held until
         ``tar`` returned, 9.6-10.9 s and 22.3-23.5 (interleaved, load 2-3.5):
@@ -819,7 +824,7 @@ class WriteBack:
                     continue
                 now = trio.current_time()
                 if not (self._wanted or now >= self._taken + PACE
-                        or not self.vfs.activity.quiet_in(now)):
+                        or not self.vfs.activity.quiet_in(now) or self._lag() >= MAX_LAG):
                     await self._pace()
                     continue
                 self._taken = now
@@ -878,6 +883,17 @@ class WriteBack:
             return False
         return True
 
+    def _lag(self) -> float:
+        """Seconds since the oldest record not yet answered was journalled (0: none)."""
+        order = self._order
+        while order:
+            seq, ino = order[0]
+            rec = self.ops.get(seq) if ino < 0 else self.pending.get(ino)
+            if rec is not None and rec.seq == seq:
+                return time.time() - rec.created
+            heapq.heappop(order)   # answered, or a file's record removed (``_next``)
+        return 0.0
+
     @contextlib.contextmanager
     def _want(self) -> Iterator[None]:
         """While inside, the drain takes its batches at once (``run``): a request, a
@@ -895,8 +911,9 @@ class WriteBack:
         quiet, ``PACE`` seconds since the last batch was taken, or a task waiting
         for the drain."""
         start = trio.current_time()
+        deadline = min(self._taken + PACE, start + MAX_LAG - self._lag())
         try:
-            with trio.CancelScope(deadline=self._taken + PACE) as self._pausing:
+            with trio.CancelScope(deadline=deadline) as self._pausing:
                 while not self._wanted:
                     wait = self.vfs.activity.quiet_in(trio.current_time())
                     if not wait:
