@@ -105,6 +105,32 @@ def test_this_mounts_own_changes_show_at_once(services, mount_factory, mode):
         assert listing(a) == sorted(["d"])
 
 
+def test_a_tree_made_here_is_listed_and_statted_without_the_server_once_drained(
+        services, mount_factory):
+    """Write-back: a tree made as ``tar x`` makes it (directories, files, then the
+    directories' times set), drained; listing and stat of all of it asks the server
+    nothing (an applied setattr leaves the attributes this mount showed)."""
+    a = mount_factory("local", None, None, "--writeback", "--metrics", "127.0.0.1:0")
+    assert listing(a) == []
+    os.makedirs(a.p("t", "sub"))
+    for d in (("t",), ("t", "sub")):
+        for i in range(3):
+            write_file(a.p(*d, f"f{i}"), b"x" * i)
+    os.utime(a.p("t", "sub"), ns=(10**18, 10**18))
+    os.utime(a.p("t"), ns=(2 * 10**18, 2 * 10**18))
+    wait_until(lambda: pending(a) == (0, 0), 60, "the drain")
+    before = scrape(mount_url(a))
+
+    assert listing(a, "t") == ["f0", "f1", "f2", "sub"]
+    assert listing(a, "t", "sub") == ["f0", "f1", "f2"]
+    assert os.stat(a.p("t")).st_mtime_ns == 2 * 10**18
+    assert os.stat(a.p("t", "sub")).st_mtime_ns == 10**18
+    after = scrape(mount_url(a))
+    for op in ("readdir", "getattr", "lookup"):
+        assert value(after, "nimbusfs_mount_server_calls_total", op=op) == \
+            value(before, "nimbusfs_mount_server_calls_total", op=op), op
+
+
 @pytest.mark.parametrize("seen", [True, False])
 def test_a_change_log_reset_drops_the_cached_listings(services, mount_factory, seen):
     """The mount was disconnected while another mount changed a directory it had listed:

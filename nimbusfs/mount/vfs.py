@@ -371,13 +371,11 @@ class VFS:
         dropped after an unprivileged write (so that a chmod relative to the
         mode it reads cannot set the bit again).
         """
-        attr = dict(attr)
         if self.writeback is not None and (ch := self.writeback.changed(attr["ino"])):
             # Journalled setattrs not applied yet, as the server will apply them.
-            attr.update((k, v) for k, v in ch.items() if k != "mode")
-            attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(
-                setattr_mode(attr["mode"], ch.get("mode"), "uid" in ch or "gid" in ch))
-            attr["ctime"] = max(attr["ctime"], ch["ctime"])
+            attr = self._with_changes(attr, ch)
+        else:
+            attr = dict(attr)
         if self.writeback is not None and (gone := self.writeback.unlinked(attr["ino"])):
             attr["nlink"] = max(attr["nlink"] - gone, 0)   # unlinked or replaced here
         if attr["ino"] == self.root:
@@ -397,6 +395,16 @@ class VFS:
             if "mode" in f.deferred:
                 attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(f.deferred["mode"])
             attr["ctime"] = max(attr["ctime"], f.ctime)
+        return attr
+
+    @staticmethod
+    def _with_changes(attr: dict[str, Any], ch: dict[str, int]) -> dict[str, Any]:
+        """A copy of ``attr`` with journalled setattr changes ``ch`` (``WriteBack.changed``)
+        applied as the server applies them."""
+        attr = {**attr, **{k: v for k, v in ch.items() if k != "mode"}}
+        attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(
+            setattr_mode(attr["mode"], ch.get("mode"), "uid" in ch or "gid" in ch))
+        attr["ctime"] = max(attr["ctime"], ch["ctime"])
         return attr
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
@@ -815,14 +823,24 @@ class VFS:
 
     def applied(self, ino: int) -> None:
         """A journalled setattr of (server) inode ``ino`` was applied: its cached
-        attributes are dropped (the next getattr asks). Not replaced by the
-        answer's: those are the inode's at the setattr, before what was journalled
-        after it and applied in the same batch (a directory's new subdirectory),
-        which this mount's estimate had counted."""
+        attributes become what this mount showed, the setattr's changes (and any
+        still pending after it, shown anyway) on its estimate, as a directory's stay
+        its estimate when the creates in it are applied; so neither a getattr nor a
+        listing asks the server after the drain (``tar x`` sets the times of every
+        directory it made; ``rm -rf`` of the tree then asked for each). Not replaced
+        by the answer's: those are the inode's at the setattr, before what was
+        journalled after it and applied in the same batch (a directory's new
+        subdirectory), which this mount's estimate had counted."""
+        key = self.fuse(ino)
+        shown = self.attrs.get(key)
+        assert self.writeback is not None
+        changes = self.writeback.changed(ino)
         # A reply in flight (a getattr or lookup sent before it was applied,
         # which shows the setattr only as long as it is pending) must not
         # fill the cache again with what it saw.
         self._drop(ino)
+        if shown is not None and changes:
+            self.attrs[key] = self._with_changes(shown, changes)
 
     def renamed(self, rec: OpRecord, result: dict[str, Any], token: int) -> None:
         """A journalled rename, link, unlink or rmdir ``rec`` was applied (``result``):
