@@ -16,6 +16,7 @@ and ``all`` (the change log reset) voids every reply in flight.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 
 
@@ -31,17 +32,16 @@ class Drops:
         self.now = 0      # generation of the newest drop
         self.floor = 0    # replies with an older token are never fresh
         self._size = size
-        self._at: dict[Hashable, int] = {}   # key -> generation, oldest first
+        self._at: OrderedDict[Hashable, int] = OrderedDict()   # key -> generation, oldest first
 
     def drop(self, *keys: Hashable) -> None:
         """The items ``keys`` changed: replies in flight for them are not cached."""
         self.now += 1
         for key in keys:
-            self._at.pop(key, None)
             self._at[key] = self.now
+            self._at.move_to_end(key)
         while len(self._at) > self._size:
-            oldest = next(iter(self._at))
-            self.floor = max(self.floor, self._at.pop(oldest))
+            self.floor = max(self.floor, self._at.popitem(last=False)[1])
 
     def all(self) -> None:
         """Everything may have changed: no reply in flight is cached."""

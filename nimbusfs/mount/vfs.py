@@ -317,13 +317,12 @@ class VFS:
         was sent.
 
         If the inode's attributes were dropped meanwhile the reply may predate
-        that change, so the inode's entry is dropped instead of refreshed.
+        that change: it is not cached (the drop took the stale entry, and what
+        was cached since, or this mount's estimate moved in place, is newer).
         """
         ino = self.fuse(attr["ino"])
         if self._drops.fresh(ino, token):
             self.attrs[ino] = attr
-        else:
-            self.attrs.pop(ino, None)
 
     def _named(self, parent: int, name: bytes, attr: dict[str, Any], token: int
                ) -> dict[str, Any]:
@@ -731,6 +730,8 @@ class VFS:
         its times move as the server's will (a journalled utimens of it comes first on
         the server, so its mtime goes too), and its link count by ``links`` (its
         subdirectories made, moved in or out, removed)."""
+        # A reply in flight for it predates this: it must not replace the estimate.
+        self._drops.drop(parent)
         if (d := self.attrs.get(parent)) is not None:
             self.attrs[parent] = {**d, "mtime": now, "ctime": now,
                                   "nlink": d["nlink"] + links}
@@ -856,6 +857,7 @@ class VFS:
                 asked := (a[keys[0]], a[keys[1]])):
             self.moved_by_server(rec.ino, asked, placed, rec.op)
         if rec.op == "link" and self._fresh(rec.ino, token):
+            self._drops.drop(self.fuse(rec.ino))   # a reply in flight is older
             self.attrs[self.fuse(rec.ino)] = {
                 k: v for k, v in result.items() if k not in ("dir", "parent", "name")}
         else:
@@ -1378,6 +1380,7 @@ class VFS:
             return
         self.page_version[f.ino] = f.base
         if self._drops.fresh(f.ino, token):
+            self._drops.drop(f.ino)   # a reply in flight (a getattr) is older
             self.attrs[f.ino] = f.attr
         else:
             self.attrs.pop(f.ino, None)
