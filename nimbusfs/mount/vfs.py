@@ -317,12 +317,15 @@ class VFS:
         was sent.
 
         If the inode's attributes were dropped meanwhile the reply may predate
-        that change: it is not cached (the drop took the stale entry, and what
-        was cached since, or this mount's estimate moved in place, is newer).
+        that change, or be newer than what was cached since (an applied setattr
+        leaves this mount's estimate while an open's answer waited for it): the
+        inode's entry is dropped instead of refreshed, and the next getattr asks.
         """
         ino = self.fuse(attr["ino"])
         if self._drops.fresh(ino, token):
             self.attrs[ino] = attr
+        else:
+            self.attrs.pop(ino, None)
 
     def _named(self, parent: int, name: bytes, attr: dict[str, Any], token: int
                ) -> dict[str, Any]:
