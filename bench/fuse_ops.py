@@ -49,6 +49,13 @@ def fuse_ops(url: str) -> dict[str, tuple[int, float]]:
     return {op: (int(v["count"]), v["sum"]) for op, v in found.items() if v.get("count")}
 
 
+def server_calls(url: str) -> dict[str, int]:
+    """Requests the mount made to the metaserver so far, by operation (what its caches
+    did not answer)."""
+    return {m[1]: int(float(m[2])) for m in samples(
+        url, r'nimbusfs_mount_server_calls_total\{op="(\w+)"\} (\S+)')}
+
+
 def sent(url: str) -> tuple[dict[str, int], int]:
     """The operations (by name) and batch requests the write-back drain sent so far."""
     ops = {m[1]: int(float(m[2])) for m in samples(
@@ -106,7 +113,7 @@ def main(job: str, mode: str = "--writeback") -> None:
         with open(os.path.join(cache, "metrics.url")) as f:
             url = f.read().strip()
         prepare(job, mnt, cache)
-        before, drain_before = fuse_ops(url), sent(url)
+        before, drain_before, calls_before = fuse_ops(url), sent(url), server_calls(url)
         start = time.monotonic()
         run_job(job, mnt)
         wall = time.monotonic() - start
@@ -117,6 +124,10 @@ def main(job: str, mode: str = "--writeback") -> None:
               f" {sum(s for _, s in ops.values()):.2f} s")
         for op, (n, s) in sorted(ops.items(), key=lambda kv: -kv[1][1]):
             print(f"  {op:12s} {n:7d} requests {s:8.2f} s {1000 * s / n:8.3f} ms each")
+        calls = {op: n - calls_before.get(op, 0) for op, n in server_calls(url).items()
+                 if n > calls_before.get(op, 0)}
+        print("  server requests: " + ", ".join(
+            f"{op} {n}" for op, n in sorted(calls.items(), key=lambda kv: -kv[1])))
         if mode == "--writeback":
             drained(url, cache, drain_before)
 

@@ -35,7 +35,7 @@ from typing import Any
 import trio
 
 from nimbusfs.errors import Conflict, FSError
-from nimbusfs.metrics import RECONNECTS
+from nimbusfs.metrics import RECONNECTS, SERVER_CALLS
 from nimbusfs.protocol import PROTOCOL_VERSION, PUSH, FrameReader, cert_fingerprint, pack
 from nimbusfs.retry import RECONNECT
 
@@ -322,10 +322,14 @@ class MetaClient:
         The answer says ``reset`` when the server's log no longer reaches back
         that far: the caller must then drop everything it cached.
         """
+        again, seen = self._subscribed, self.cursor
         self._subscribed = True
         point = await self.call("subscribe", cursor=self.cursor)
         self.cursor = max(self.cursor, point["newest"])
-        if point["reset"] and self.on_push is not None:
+        # A cursor of 0 (no change seen yet: a new volume) subscribes from now: on a
+        # resubscribe the changes made while disconnected are not pushed, so they
+        # count as a reset too.
+        if (point["reset"] or (again and not seen)) and self.on_push is not None:
             self.on_push([])  # an empty list means: drop all caches
         return point
 
@@ -366,6 +370,7 @@ class MetaClient:
         accepts connections but does not answer, e.g. stopped, is an outage
         too). Past it the call fails with EIO.
         """
+        SERVER_CALLS.labels(op).inc()
         if op not in self.read_only:  # before the first hello: every op, harmlessly
             args["op_id"] = uuid.uuid4().hex
         deadline = trio.current_time() + self.outage_timeout

@@ -258,6 +258,10 @@ DIRTY_FILES = Gauge(
 RECONNECTS = Counter("nimbusfs_mount_reconnects",
                      "Connections to the metaserver opened again after one was lost",
                      registry=MOUNT)
+SERVER_CALLS = Counter(
+    "nimbusfs_mount_server_calls",
+    "Requests this mount made to the metaserver, by operation (a call resent after a"
+    " reconnect counts once): what its caches did not answer", ["op"], registry=MOUNT)
 WRITEBACK_OPS = Counter(
     "nimbusfs_mount_writeback_ops",
     "Operations of write-back journal records the server answered, by protocol operation"

@@ -12,11 +12,14 @@ State kept per mount:
   kernel's getattr (after every write, and on a directory after each create
   in it) is answered without a round trip. This mount's own changes update
   it from their replies; other mounts' changes drop entries as they are
-  pushed. A reply is cached only if nothing was dropped while its request was
-  in flight (``_gen``), so a reply older than a change can never outlive it;
+  pushed. A reply is cached only if the items it fills were not dropped
+  while its request was in flight (``_drops``), so a reply older than a
+  change can never outlive it;
 - ``listings``: the complete name sets of directories this mount listed or
-  made, kept by the same rules, so that looking up a name that does not exist
-  (as every create does first) needs no round trip.
+  made, kept by the same rules (``dentries``: each name's inode; ``parents``:
+  each directory's '..'), so that looking up a name that does not exist (as
+  every create does first) needs no round trip, and a readdir of a directory
+  whose names and their attributes are all cached neither (``_known_listing``).
 
 Namespace operations go straight to the server (one transaction each) and
 are visible to every mount as soon as they return; but in write-back mode a
@@ -69,6 +72,7 @@ from nimbusfs.client import MetaClient
 from nimbusfs.errors import FSError, fs_error
 from nimbusfs.mount.activity import Activity
 from nimbusfs.mount.filedata import OpenFile
+from nimbusfs.mount.freshness import Drops
 from nimbusfs.mount.journal import OpRecord
 from nimbusfs.posix import (
     NAME_MAX,
@@ -158,8 +162,13 @@ class VFS:
         # write-back rename or unlink of an entry seen needs no round trip (``_find``).
         self.dentries: LRUCache[tuple[int, bytes], tuple[int, int]] = LRUCache(MAX_LISTED)
         self.activity = Activity()   # the adapter's requests: the drain yields to them
-        self._gen = 0
-        self.drops = 0   # cached attributes dropped so far (``_gen`` also counts listings)
+        # Directory -> its parent (FUSE numbers), for the '..' of a listing answered
+        # from the caches: filled with listings, dropped with them and when moved.
+        self.parents: LRUCache[int, int] = LRUCache(MAX_ATTRS)
+        # Which cached items were dropped when: an attribute's key is its FUSE inode,
+        # a listing's (with its dentries and '..') ``("dir", inode)``.
+        self._drops = Drops()
+        self._reconnecting = False   # ``_reconnect`` in progress
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
 
@@ -180,8 +189,8 @@ class VFS:
             self.attrs.clear()
             self.listings.clear()
             self.dentries.clear()
-            self._gen += 1
-            self.drops += 1
+            self.parents.clear()
+            self._drops.all()
             return
         for _, ino, parent, name, kind, device in changes:
             if device == self.client.device and kind != "xattr":
@@ -194,7 +203,9 @@ class VFS:
             entry = kind in ENTRY_CHANGES and parent is not None
             self._drop(ino, parent if entry else None)
             if entry:
-                self.listings.pop(self.fuse(parent), None)
+                # The directory's listing, and the moved or removed inode's own
+                # (its '..' may have changed, or it is gone).
+                self._forget_listing(self.fuse(parent), self.fuse(ino))
                 self.dentries.pop((self.fuse(parent), bytes(name)), None)
             self._invalidate(("inode", self.fuse(ino)))
             if entry:
@@ -244,7 +255,7 @@ class VFS:
     def record_conflict(self, ino: int, copy: dict[str, Any]) -> None:
         # The copy is a new entry in a directory the kernel does not know changed.
         self._drop(copy["dir"]["ino"])
-        self.listings.pop(self.fuse(copy["dir"]["ino"]), None)
+        self._forget_listing(self.fuse(copy["dir"]["ino"]))
         self._invalidate(("inode", self.fuse(copy["dir"]["ino"])))
         parent, name = self.names.get(ino, (self.root, b"?"))
         # The log names inodes only; the names are in conflicts.jsonl (0600).
@@ -276,22 +287,44 @@ class VFS:
     def fuse(self, ino: int) -> int:
         return ROOT if ino == self.root else ino
 
+    @property
+    def drops(self) -> int:
+        """The token of a request sent now (``Drops.now``): the write-back drain's batches
+        take it, and their answers are cached only if still ``_fresh``."""
+        return self._drops.now
+
     def _drop(self, *inos: int | None) -> None:
         """Forget cached attributes; replies to requests already in flight are not cached."""
-        self._gen += 1
-        self.drops += 1
-        for ino in inos:
-            if ino is not None:
-                self.attrs.pop(self.fuse(ino), None)
+        keys = [self.fuse(ino) for ino in inos if ino is not None]
+        self._drops.drop(*keys)
+        for ino in keys:
+            self.attrs.pop(ino, None)
+
+    def _fresh(self, ino: int, token: int) -> bool:
+        """Whether a reply to a request sent at ``token`` may cache (server) inode
+        ``ino``'s attributes: they were not dropped since."""
+        return self._drops.fresh(self.fuse(ino), token)
+
+    def _forget_listing(self, *dirs: int) -> None:
+        """Forget the listings of directories ``dirs`` (FUSE numbers) and their '..';
+        a listing in flight for one of them is not cached (its entries' dentries still
+        are: ``_forget_listing`` does not drop them)."""
+        self._drops.drop(*(("dir", d) for d in dirs))
+        for d in dirs:
+            self.listings.pop(d, None)
+            self.parents.pop(d, None)
 
     def _fill(self, attr: dict[str, Any], token: int) -> None:
-        """Cache a reply's attributes, given ``_gen`` as it was when the request was sent.
+        """Cache a reply's attributes, given ``_drops.now`` as it was when the request
+        was sent.
 
-        If something was dropped meanwhile the reply may predate that change,
-        so the inode's entry is dropped instead of refreshed.
+        If the inode's attributes were dropped meanwhile the reply may predate
+        that change, or be newer than what was cached since (an applied setattr
+        leaves this mount's estimate while an open's answer waited for it): the
+        inode's entry is dropped instead of refreshed, and the next getattr asks.
         """
         ino = self.fuse(attr["ino"])
-        if token == self._gen:
+        if self._drops.fresh(ino, token):
             self.attrs[ino] = attr
         else:
             self.attrs.pop(ino, None)
@@ -306,18 +339,21 @@ class VFS:
         self._fill(attr, token)
         if not stat.S_ISDIR(attr["mode"]):
             self.names[self.fuse(attr["ino"])] = (self.srv(parent), name)
-        if token == self._gen:
+        if self._drops.fresh(("dir", parent), token):
             self.dentries[(parent, name)] = (self.fuse(attr["ino"]), stat.S_IFMT(attr["mode"]))
+            if stat.S_ISDIR(attr["mode"]) and self._drops.fresh(
+                    ("dir", self.fuse(attr["ino"])), token):
+                self.parents[self.fuse(attr["ino"])] = parent
         return self._out(attr)
 
     def _entries_changed(self, parent: int, add: bytes | None = None,
                          remove: bytes | None = None) -> None:
         """This mount added or removed a name in ``parent``: keep its listing complete.
 
-        Also bumps ``_gen``, so a listing read concurrently (which may predate
-        the change) is not cached.
+        Also drops ``("dir", parent)``, so a listing read concurrently (which may
+        predate the change) is not cached.
         """
-        self._gen += 1
+        self._drops.drop(("dir", parent))
         if remove is not None:   # an added name's inode is set by the caller
             self.dentries.pop((parent, remove), None)
         names = self.listings.get(parent)
@@ -329,7 +365,7 @@ class VFS:
         if len(names) < MAX_LISTED:
             self.listings[parent] = names  # re-weighed in the LRU
         else:
-            del self.listings[parent]
+            self._forget_listing(parent)
 
     def _out(self, attr: dict[str, Any]) -> dict[str, Any]:
         """Server attributes as this mount sees them (FUSE inode, unflushed changes).
@@ -339,13 +375,11 @@ class VFS:
         dropped after an unprivileged write (so that a chmod relative to the
         mode it reads cannot set the bit again).
         """
-        attr = dict(attr)
         if self.writeback is not None and (ch := self.writeback.changed(attr["ino"])):
             # Journalled setattrs not applied yet, as the server will apply them.
-            attr.update((k, v) for k, v in ch.items() if k != "mode")
-            attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(
-                setattr_mode(attr["mode"], ch.get("mode"), "uid" in ch or "gid" in ch))
-            attr["ctime"] = max(attr["ctime"], ch["ctime"])
+            attr = self._with_changes(attr, ch)
+        else:
+            attr = dict(attr)
         if self.writeback is not None and (gone := self.writeback.unlinked(attr["ino"])):
             attr["nlink"] = max(attr["nlink"] - gone, 0)   # unlinked or replaced here
         if attr["ino"] == self.root:
@@ -365,6 +399,16 @@ class VFS:
             if "mode" in f.deferred:
                 attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(f.deferred["mode"])
             attr["ctime"] = max(attr["ctime"], f.ctime)
+        return attr
+
+    @staticmethod
+    def _with_changes(attr: dict[str, Any], ch: dict[str, int]) -> dict[str, Any]:
+        """A copy of ``attr`` with journalled setattr changes ``ch`` (``WriteBack.changed``)
+        applied as the server applies them."""
+        attr = {**attr, **{k: v for k, v in ch.items() if k != "mode"}}
+        attr["mode"] = stat.S_IFMT(attr["mode"]) | stat.S_IMODE(
+            setattr_mode(attr["mode"], ch.get("mode"), "uid" in ch or "gid" in ch))
+        attr["ctime"] = max(attr["ctime"], ch["ctime"])
         return attr
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> None:
@@ -423,7 +467,7 @@ class VFS:
         names = self.listings.get(parent)
         if names is not None and name not in names:
             return None
-        token = self._gen
+        token = self._drops.now
         try:
             attr = await self.call("lookup", parent=self.srv(parent), name=name)
         except FSError as e:
@@ -441,16 +485,22 @@ class VFS:
     async def getattr(self, ino: int) -> dict[str, Any]:
         return self._out(await self._attr(ino))
 
-    async def _attr(self, ino: int) -> dict[str, Any]:
-        """``getattr``'s attributes as the server gives them (``_out`` adds this mount's)."""
+    def _cached_attr(self, ino: int) -> dict[str, Any] | None:
+        """``_attr`` when it needs no round trip: the cached attributes, or those of a
+        file, directory or symlink made here and not on the server yet; else None."""
         attr = self.attrs.get(ino)
         f = self.files.get(ino)
         if attr is None and f is not None and f.creating is not None:
             attr = f.attr   # created here, not on the server yet
         if attr is None and self.writeback is not None:
             attr = self.writeback.made(self.srv(ino))   # a directory made here
+        return attr
+
+    async def _attr(self, ino: int) -> dict[str, Any]:
+        """``getattr``'s attributes as the server gives them (``_out`` adds this mount's)."""
+        attr = self._cached_attr(ino)
         if attr is None:
-            token = self._gen
+            token = self._drops.now
             try:
                 # Not waiting for journalled setattrs of it (``call``): the
                 # server's attributes with them on top (``_out``) are the
@@ -555,7 +605,7 @@ class VFS:
         return await self.getattr(ino)
 
     async def _setattr(self, ino: int, changes: dict[str, int]) -> dict[str, Any]:
-        token = self._gen
+        token = self._drops.now
         attr = await self.call("setattr", ino=self.srv(ino), **changes)
         self._fill(attr, token)
         return attr
@@ -625,12 +675,13 @@ class VFS:
         _check_length(name)
         if self.writeback is not None and stat.S_ISDIR(mode):
             return await self._mkdir_here(parent, name, mode, uid, gid)
-        token = self._gen
+        token = self._drops.now
         attr = self._named(parent, name, await self.call(
             "mknod", parent=self.srv(parent), name=name, mode=mode, uid=uid, gid=gid, rdev=rdev),
             token)
-        if stat.S_ISDIR(mode) and token == self._gen:
+        if stat.S_ISDIR(mode) and self._drops.fresh(("dir", attr["ino"]), token):
             self.listings[attr["ino"]] = set()   # a new directory: empty, and we know it
+            self.parents[attr["ino"]] = parent
         self._entries_changed(parent, add=name)
         return attr
 
@@ -674,6 +725,7 @@ class VFS:
         self.writeback.mkdir(self.srv(parent), name, attr)
         self.attrs[attr["ino"]] = attr
         self.listings[attr["ino"]] = set()
+        self.parents[attr["ino"]] = parent
         self._shown_here(parent, name, attr, links=1)
         await self.writeback.write_now()
         return self._out(attr)
@@ -683,6 +735,8 @@ class VFS:
         its times move as the server's will (a journalled utimens of it comes first on
         the server, so its mtime goes too), and its link count by ``links`` (its
         subdirectories made, moved in or out, removed)."""
+        # A reply in flight for it predates this: it must not replace the estimate.
+        self._drops.drop(parent)
         if (d := self.attrs.get(parent)) is not None:
             self.attrs[parent] = {**d, "mtime": now, "ctime": now,
                                   "nlink": d["nlink"] + links}
@@ -767,6 +821,7 @@ class VFS:
                     " meanwhile; the file is kept under another name", what, ino)
         self._place_changed(asked)
         self._place_changed(placed)
+        self._forget_listing(self.fuse(ino))   # a directory's '..' may be another
         self._log_conflict({"time": time.time(), "inode": ino, "parent": asked[0],
                             "name": asked[1].decode(errors="replace"),
                             "kept_as": placed[1].decode(errors="replace"),
@@ -774,15 +829,24 @@ class VFS:
 
     def applied(self, ino: int) -> None:
         """A journalled setattr of (server) inode ``ino`` was applied: its cached
-        attributes are dropped (the next getattr asks). Not replaced by the
-        answer's: those are the inode's at the setattr, before what was journalled
-        after it and applied in the same batch (a directory's new subdirectory),
-        which this mount's estimate had counted."""
-        self.attrs.pop(self.fuse(ino), None)
+        attributes become what this mount showed, the setattr's changes (and any
+        still pending after it, shown anyway) on its estimate, as a directory's stay
+        its estimate when the creates in it are applied; so neither a getattr nor a
+        listing asks the server after the drain (``tar x`` sets the times of every
+        directory it made; ``rm -rf`` of the tree then asked for each). Not replaced
+        by the answer's: those are the inode's at the setattr, before what was
+        journalled after it and applied in the same batch (a directory's new
+        subdirectory), which this mount's estimate had counted."""
+        key = self.fuse(ino)
+        shown = self.attrs.get(key)
+        assert self.writeback is not None
+        changes = self.writeback.changed(ino)
         # A reply in flight (a getattr or lookup sent before it was applied,
         # which shows the setattr only as long as it is pending) must not
         # fill the cache again with what it saw.
-        self._gen += 1
+        self._drop(ino)
+        if shown is not None and changes:
+            self.attrs[key] = self._with_changes(shown, changes)
 
     def renamed(self, rec: OpRecord, result: dict[str, Any], token: int) -> None:
         """A journalled rename, link, unlink or rmdir ``rec`` was applied (``result``):
@@ -797,7 +861,8 @@ class VFS:
         if keys is not None and (placed := (result[keys[0]], result[keys[1]])) != (
                 asked := (a[keys[0]], a[keys[1]])):
             self.moved_by_server(rec.ino, asked, placed, rec.op)
-        if rec.op == "link" and token == self.drops:
+        if rec.op == "link" and self._fresh(rec.ino, token):
+            self._drops.drop(self.fuse(rec.ino))   # a reply in flight is older
             self.attrs[self.fuse(rec.ino)] = {
                 k: v for k, v in result.items() if k not in ("dir", "parent", "name")}
         else:
@@ -808,6 +873,7 @@ class VFS:
         """A journalled rename, link, unlink or rmdir ``rec`` was refused: the kernel and
         the caches forget what this mount showed at its names and of its inodes."""
         self._drop(rec.ino, rec.args.get("replaces"))
+        self._forget_listing(self.fuse(rec.ino))   # a directory's '..' shown here
         self._place_changed((rec.args["parent"], rec.args["name"]))
         if rec.op == "rename":
             self._place_changed((rec.args["new_parent"], rec.args["new_name"]))
@@ -821,11 +887,12 @@ class VFS:
         """A create of this mount was refused; its bytes are saved aside: the name goes."""
         self._place_changed((parent, name))
         self._entries_changed(self.fuse(parent), remove=name)
+        self._forget_listing(self.fuse(ino))
 
     def _place_changed(self, place: tuple[int, bytes]) -> None:
         parent = self.fuse(place[0])
         self._drop(place[0])
-        self.listings.pop(parent, None)
+        self._forget_listing(parent)
         self.dentries.pop((parent, place[1]), None)
         self._invalidate(("entry", parent, place[1]))
         self._invalidate(("inode", parent))
@@ -835,7 +902,7 @@ class VFS:
         _check_length(name)
         if self.writeback is not None:
             return await self._symlink_here(parent, name, target, uid, gid)
-        token = self._gen
+        token = self._drops.now
         attr = self._named(parent, name, await self.call(
             "symlink", parent=self.srv(parent), name=name, target=target, uid=uid, gid=gid),
             token)
@@ -863,7 +930,7 @@ class VFS:
         _check_length(name)
         if self.writeback is not None:
             return await self._link_here(ino, parent, name)
-        token = self._gen
+        token = self._drops.now
         attr = self._named(parent, name, await self.call(
             "link", ino=self.srv(ino), parent=self.srv(parent), name=name), token)
         self._entries_changed(parent, add=name)
@@ -895,7 +962,7 @@ class VFS:
         if self.writeback is not None:
             await self._unlink_here(parent, name)
             return
-        token = self._gen
+        token = self._drops.now
         r = await self.call("unlink", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
         self._drop(r["ino"])  # its nlink and ctime changed
@@ -954,7 +1021,7 @@ class VFS:
         if self.writeback is not None:
             await self._rmdir_here(parent, name)
             return
-        token = self._gen
+        token = self._drops.now
         r = await self.call("rmdir", parent=self.srv(parent), name=name)
         self._fill(r["dir"], token)
         self._drop(r["ino"])
@@ -985,7 +1052,7 @@ class VFS:
         self.writeback.rmdir(self.srv(parent), name, self.srv(attr["ino"]))
         self._dir_changed(parent, now, links=-1)
         self._entries_changed(parent, remove=name)
-        self.listings.pop(attr["ino"], None)
+        self._forget_listing(attr["ino"])
         await self.writeback.write_now()
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes,
@@ -994,12 +1061,14 @@ class VFS:
         if self.writeback is not None:
             await self._rename_here(parent, name, new_parent, new_name, flags)
             return
-        token = self._gen
+        token = self._drops.now
         r = await self.call("rename", parent=self.srv(parent), name=name,
                             new_parent=self.srv(new_parent), new_name=new_name, flags=flags)
         for d in r["dirs"]:
             self._fill(d, token)
         self._drop(r["ino"], r["replaced"])  # their ctime (and nlink) changed
+        # A moved directory's '..' changed, a replaced one is gone.
+        self._forget_listing(*(self.fuse(i) for i in (r["ino"], r["replaced"]) if i is not None))
         if not flags & RENAME_EXCHANGE:   # an exchange keeps both names
             self._entries_changed(parent, remove=name)
             self._entries_changed(new_parent, add=new_name)
@@ -1055,58 +1124,130 @@ class VFS:
             self._entries_changed(parent, remove=name)
             self._entries_changed(new_parent, add=new_name)
         self.dentries[(new_parent, new_name)] = (src["ino"], stat.S_IFMT(src["mode"]))
+        if src_dir:
+            self.parents[src["ino"]] = new_parent
         if exchange:
             assert dst is not None
             self.dentries[(parent, name)] = (dst["ino"], stat.S_IFMT(dst["mode"]))
+            if dst_dir:
+                self.parents[dst["ino"]] = parent
+        elif dst_dir:
+            assert dst is not None
+            self._forget_listing(dst["ino"])   # replaced: gone
         await self.writeback.write_now()
 
     # --- directories -------------------------------------------------------------------
 
     async def opendir(self, ino: int) -> int:
-        attr = await self.getattr(ino)
-        if not stat.S_ISDIR(attr["mode"]):
+        """A directory handle; its listing is read by the first ``readdir``.
+
+        The kernel opens only inodes it knows as directories, and an inode's
+        type never changes: the check is made when the attributes are cached,
+        and the server is not asked for them (``rm -rf`` opens each directory
+        twice). A directory removed meanwhile by another mount fails at its
+        listing (ENOENT) instead.
+        """
+        attr = self._cached_attr(ino)
+        if attr is not None and not stat.S_ISDIR(attr["mode"]):
             raise FSError(errno.ENOTDIR, "not a directory")
         fh = next(self._fh)
         self.dirs[fh] = [ino, None]
         return fh
 
     async def readdir(self, fh: int, start: int) -> list[tuple[bytes, dict[str, Any]]]:
-        """Entries from index ``start``; the listing is read once per opendir."""
+        """Entries from index ``start``; the listing is read once per opendir.
+
+        From the caches when they hold it whole (``_known_listing``), else
+        from the server (``_fetched_listing``), which fills them: so ``rm -rf``
+        (fts opens each directory twice and reads it three times) and ``ls``
+        after ``ls`` ask the server once per directory at most, and a tree
+        made here not at all.
+        """
         d = self.dirs[fh]
         if d[1] is None or start == 0:
-            token = self._gen
-            here = self._changed_here(d[0])
-            try:
-                listing = await self._listing(d[0])
-            except FSError as e:
-                known = self._known_listing(d[0]) if e.errno == errno.EIO else None
-                if known is None:
-                    raise
-                listing = known
-            for n, a in listing:
-                self._fill(a, token)
-                if token == self._gen and n not in (b".", b".."):
-                    self.dentries[(d[0], n)] = (self.fuse(a["ino"]), stat.S_IFMT(a["mode"]))
-            listing = await self._overlaid(here, listing)
-            if token == self._gen and len(listing) < MAX_LISTED:
-                self.listings[d[0]] = {n for n, _ in listing} - {b".", b".."}
+            listing = self._known_listing(d[0])
+            if listing is None:
+                listing = await self._fetched_listing(d[0])
+            elif not self.client.connected:
+                self._reconnect()
             d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
 
+    async def _fetched_listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]]:
+        """Directory ``ino``'s listing from the server, with this mount's pending changes
+        (``_overlaid``); what it holds is cached unless dropped while it was on its way
+        (``_drops``): each entry's attributes, and the names with their inodes and the
+        '..' as the complete listing ``_known_listing`` answers from."""
+        token = self._drops.now
+        here = self._changed_here(ino)
+        listing = await self._listing(ino)
+        fresh = self._drops.fresh(("dir", ino), token)
+        for n, a in listing:
+            self._fill(a, token)
+            if n == b"..":
+                if fresh:
+                    self.parents[ino] = self.fuse(a["ino"])
+            elif n != b"." and n not in here and fresh:
+                self.dentries[(ino, n)] = (self.fuse(a["ino"]), stat.S_IFMT(a["mode"]))
+                if stat.S_ISDIR(a["mode"]) and self._drops.fresh(("dir", a["ino"]), token):
+                    self.parents[self.fuse(a["ino"])] = ino
+        listing = await self._overlaid(here, listing)
+        if fresh and len(listing) < MAX_LISTED:
+            self.listings[ino] = {n for n, _ in listing} - {b".", b".."}
+        return listing
+
+    def _reconnect(self) -> None:
+        """Connect to the server again in the background (one attempt at a time).
+
+        Not connected, this mount receives no pushes: its caches answer as of the
+        connection's loss (so a write-back mount's work goes on through an outage)
+        until the connection is back and its subscription with it, which brings the
+        changes missed meanwhile, or a reset: without this, a mount whose requests the
+        caches all answer would never notice that its connection is gone."""
+        if self._reconnecting:
+            return
+        self._reconnecting = True
+
+        async def reconnect() -> None:
+            try:
+                await self.client.connect()
+            except FSError:
+                pass   # logged by the client; the next listing tries again
+            finally:
+                self._reconnecting = False
+        self.nursery.start_soon(reconnect)
+
     def _known_listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]] | None:
-        """Directory ``ino``'s listing from the caches (its names, their inodes and
-        attributes: None if one is missing), for a write-back mount while the server is
-        out of reach: its own changes, listed at once, show then too."""
-        names, me = self.listings.get(ino), self.attrs.get(ino)
-        if self.writeback is None or names is None or me is None:
+        """Directory ``ino``'s listing from the caches, or None if they miss any of it: its
+        names (``listings``: complete, this mount's own changes in), each name's inode
+        (this mount's pending change of it, else ``dentries``), the attributes of each
+        and of the directory and its parent (``_cached_attr``: those of an inode changed
+        by another mount are dropped when its push comes, and the listing asks the
+        server again).
+
+        Coherent as the cached lookups are: another mount's change shows once its push
+        arrived (``apply_changes`` drops the directory's listing, or the changed
+        inode's attributes), this mount's own at once; a change log reset drops all."""
+        names = self.listings.get(ino)
+        up = ROOT if ino == ROOT else self.parents.get(ino)
+        if names is None or up is None:
             return None
-        out = [(b".", me), (b"..", me)]
+        me, above = self._cached_attr(ino), self._cached_attr(up)
+        if me is None or above is None:
+            return None
+        out = [(b".", me), (b"..", above)]
         for n in names:
-            a = self.attrs.get(self.dentries.get((ino, n), (0, 0))[0])
-            if a is None and self.writeback.entry(self.srv(ino), n) is None:
+            e = self.writeback.entry(self.srv(ino), n) if self.writeback is not None else None
+            if e is not None:
+                if e.ino is None:
+                    continue   # removed here: not in ``names`` (defensive)
+                child: int | None = self.fuse(e.ino)
+            else:
+                child = self.dentries.get((ino, n), (None, 0))[0]
+            a = self._cached_attr(child) if child is not None else None
+            if a is None:
                 return None
-            if a is not None:
-                out.append((n, a))
+            out.append((n, a))
         return out
 
     async def _listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]]:
@@ -1152,7 +1293,7 @@ class VFS:
         """
         f = self.files.get(ino)
         if f is None or not f.modified:
-            token = self._gen
+            token = self._drops.now
             r = await self.call("open", ino=self.srv(ino), read=read)
             self._fill(r["attr"], token)
             f = self.files.get(ino)  # another task may have loaded it meanwhile
@@ -1243,7 +1384,8 @@ class VFS:
             self._invalidate(("inode", f.ino))
             return
         self.page_version[f.ino] = f.base
-        if token == self.drops:
+        if self._drops.fresh(f.ino, token):
+            self._drops.drop(f.ino)   # a reply in flight (a getattr) is older
             self.attrs[f.ino] = f.attr
         else:
             self.attrs.pop(f.ino, None)
@@ -1393,7 +1535,7 @@ class VFS:
 
     async def _commit(self, f: OpenFile, amend: int | None = None) -> None:
         """Flush ``f``; a commit's reply becomes the inode's cached attributes."""
-        token, committing = self._gen, f.modified
+        token, committing = self._drops.now, f.modified
         await f.flush(amend)
         if committing:
             self._fill(f.attr, token)
