@@ -1020,7 +1020,7 @@ class WriteBack:
         for ino in done:
             f = self.vfs.files.get(ino)
             if f is not None and self.vfs.forget(f):
-                self.vfs.spawn(self.vfs.call, "purge", ino=self.vfs.srv(ino))
+                self.vfs.purge_soon(self.vfs.srv(ino))
         if done or made or sent:
             self._down = False
             self._progress.set()
