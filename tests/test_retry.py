@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 from psycopg import errors as pgerr
@@ -65,3 +66,26 @@ def test_a_transaction_that_keeps_losing_is_retried_with_backoff_then_raised(ser
     finally:
         db.close()
     assert 2 <= len(calls) < 1000
+
+
+def test_a_transaction_the_database_ended_for_idling_is_run_again(services):
+    """A transaction left idle past ``idle_in_transaction_session_timeout`` (its
+    process stopped: a replica SIGSTOPped, then resumed) is ended by the database
+    with its connection; it is run again on a new one, not answered EIO with a
+    traceback in the server's log (a resumed replica's rename did that)."""
+    calls = []
+
+    def idles_once(cur) -> int:
+        calls.append(1)
+        cur.execute("SET LOCAL idle_in_transaction_session_timeout = 100")
+        if len(calls) == 1:
+            time.sleep(0.5)   # the process stopped mid-transaction
+        cur.execute("SELECT 1")
+        return len(calls)
+
+    db = Database(services.deployments["local"].dsn, pool_size=1, outage_timeout=30.0)
+    db.open()
+    try:
+        assert db.run(idles_once) == 2
+    finally:
+        db.close()

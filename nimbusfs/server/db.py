@@ -110,7 +110,11 @@ class Database:
                 # opened, or rolls it back if ``fn`` raised.
                 with self.pool.connection(POOL_RECONNECT) as conn, conn.cursor() as cur:
                     return fn(cur, *args, **kwargs)
-            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            except (psycopg.OperationalError, psycopg.InterfaceError,
+                    pgerr.IdleInTransactionSessionTimeout) as e:
+                # The last: the database ended a transaction this process left
+                # idle (it was stopped or frozen, ``IDLE_IN_TRANSACTION_MS``),
+                # and with it the connection: nothing of it was committed.
                 if isinstance(e, pgerr.QueryCanceled) or (delay := next(waits, None)) is None:
                     raise
                 if isinstance(e, _CONTENTION):
