@@ -908,8 +908,8 @@ class WriteBack:
 
     async def _pace(self) -> None:
         """Wait until the drain may take a batch (``run``): the mount's requests
-        quiet, ``PACE`` seconds since the last batch was taken, or a task waiting
-        for the drain."""
+        quiet, ``PACE`` seconds since the last batch was taken, the oldest record
+        waiting ``MAX_LAG`` seconds old, or a task waiting for the drain."""
         start = trio.current_time()
         deadline = min(self._taken + PACE, start + MAX_LAG - self._lag())
         try:
