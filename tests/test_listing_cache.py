@@ -14,6 +14,7 @@ import pytest
 from conftest import wait_until, write_file
 from nimbusfs.mount.freshness import Drops
 from test_metrics import mount_url, scrape, value
+from test_posix import RENAME_EXCHANGE, renameat2
 from test_writeback import own_server, pending
 
 MODES = ["--sync", "--writeback"]
@@ -129,6 +130,34 @@ def test_a_tree_made_here_is_listed_and_statted_without_the_server_once_drained(
     for op in ("readdir", "getattr", "lookup"):
         assert value(after, "nimbusfs_mount_server_calls_total", op=op) == \
             value(before, "nimbusfs_mount_server_calls_total", op=op), op
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("exchange", [False, True])
+def test_a_rename_over_a_name_lists_and_reads_the_moved_file(services, mount_factory, mode,
+                                                             exchange):
+    """A rename over an existing name (its inode kept alive by a second link), or an
+    exchange: the listing from the caches and a read through the name show the moved
+    file, not the one the name had (``--sync`` listed the target's inode, and the kernel
+    then read its bytes)."""
+    a = mount_factory("local", None, None, mode)
+    os.mkdir(a.p("d"))
+    write_file(a.p("d", "a"), b"AAAA")
+    write_file(a.p("d", "t"), b"TT")
+    os.link(a.p("d", "t"), a.p("d", "t2"))
+    assert listing(a, "d") == ["a", "t", "t2"]
+    ino = {n: os.stat(a.p("d", n)).st_ino for n in ("a", "t")}
+    if exchange:
+        renameat2(a.p("d", "a"), a.p("d", "t"), RENAME_EXCHANGE)
+    else:
+        os.rename(a.p("d", "a"), a.p("d", "t"))
+    for n in (["a"] if exchange else []) + ["t", "t2"]:
+        os.stat(a.p("d", n))   # the inodes' attributes cached again (the target's by t2)
+    names = {e.name: e.inode() for e in os.scandir(a.p("d"))}
+    assert names == ({"a": ino["t"], "t": ino["a"], "t2": ino["t"]} if exchange
+                     else {"t": ino["a"], "t2": ino["t"]})
+    with open(a.p("d", "t"), "rb") as f:
+        assert f.read() == b"AAAA"
 
 
 @pytest.mark.parametrize("seen", [True, False])

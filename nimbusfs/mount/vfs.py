@@ -1109,6 +1109,10 @@ class VFS:
         if not flags & RENAME_EXCHANGE:   # an exchange keeps both names
             self._entries_changed(parent, remove=name)
             self._entries_changed(new_parent, add=new_name)
+        # Both names name other inodes now (the target's, an exchange's source's):
+        # a listing or lookup from the caches must not give the old ones.
+        self.dentries.pop((parent, name), None)
+        self.dentries.pop((new_parent, new_name), None)
         self.orphaned(r)
         if r["ino"] is not None:
             self.names[self.fuse(r["ino"])] = (self.srv(new_parent), new_name)
