@@ -9,11 +9,13 @@ the mount's handlers. With ``--writeback`` it then waits for the journal's
 drain and prints how long that took after the job, and the operations and
 batch requests the drain sent (``nimbusfs_mount_writeback_ops``,
 ``_batches``).
-Usage: ``python bench/fuse_ops.py tar|git|creates|rm|rm-drained [--writeback|--sync]``
+Usage: ``python bench/fuse_ops.py tar|git|creates|rm|rm-drained|stat [--writeback|--sync]``
 (``tar``: the Django sdist of ``run.py``; ``git``: a clone of its generated
 repository; ``creates``: 2,000 files of 4 KiB; ``rm``: ``rm -rf`` of the
 extracted sdist right after ``tar x`` returned, ``rm-drained``: once the
-write-back journal has drained; only the ``rm -rf`` is timed and counted).
+write-back journal has drained; ``stat``: a ``stat`` of each file of the
+sdist by its path right after ``tar x`` returned, as a build naming its
+sources would; only the ``rm -rf`` or the stats are timed and counted).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def drained(url: str, cache: str, before: tuple[dict[str, int], int]) -> None:
 
 def prepare(job: str, mnt: str, cache: str) -> None:
     """What a job needs before it is timed: the extracted tree that ``rm`` removes."""
-    if job.startswith("rm"):
+    if job.startswith("rm") or job == "stat":
         subprocess.run(["tar", "xf", default_tarball(), "-C", mnt], check=True)
     if job == "rm-drained":
         wait_until(lambda: not (summary(cache) or (0,))[0], 3600, "the write-back drain")
@@ -93,6 +95,12 @@ def run_job(job: str, mnt: str) -> None:
                        check=True)
     elif job == "tar":
         subprocess.run(["tar", "xf", tarball, "-C", mnt], check=True)
+    elif job == "stat":
+        names = subprocess.run(["tar", "tf", tarball], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+        for name in names:
+            if not name.endswith("/"):
+                os.stat(os.path.join(mnt, name))
     elif job == "git":
         base = os.path.basename(tarball).split(".tar")[0]
         repo = jobs.make_repo(tarball, os.path.join(CACHE, f"{base}-500.git"), 500)

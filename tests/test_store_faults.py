@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,8 @@ from conftest import (
 )
 from faultproxy import FaultProxy
 from nimbusfs.blockstore import block_hash
+from nimbusfs.mount.journal import summary
+from test_writeback import pending
 
 BUCKET = "chaos"
 WRITERS = 3      # threads writing files at once
@@ -57,9 +60,9 @@ class Rig:
     services: Services
     env: dict[str, str]
 
-    def mount(self, root: str, outage: float) -> Mount:
+    def mount(self, root: str, outage: float, *extra: str) -> Mount:
         m = Mount(dataclasses.replace(self.services, env=self.env), self.dep,
-                  self.dep.new_user(), "gcs", root, ("--outage-timeout", str(outage)))
+                  self.dep.new_user(), "gcs", root, ("--outage-timeout", str(outage), *extra))
         m.start()
         return m
 
@@ -183,6 +186,45 @@ FAULTS = {
     "503 to every request": {"status": 503},
     "black hole": {"black_hole": True},
 }
+
+
+def test_reads_do_not_wait_for_setattrs_behind_a_drain_the_store_holds(rig, world_tmp):
+    """Write-back, the store a black hole: the drain stops at the first file whose blocks
+    it must put, and the records after it wait. The chmods of a directory and of a file
+    journalled behind it do not hold up what does not depend on them: a lookup in the
+    directory and an open of the file for writing are answered by the server (which is
+    up) with the chmods shown on them, as after ``tar x``, which chmods and times each
+    directory at its end. (They waited for the drain, and failed with EIO after the
+    outage timeout.) An open for reading waits: it updates atime by the times they set."""
+    m = rig.mount(os.path.join(world_tmp, "m"), 2.0, "--writeback")
+    try:
+        os.mkdir(m.p("d"))
+        write_file(m.p("d", "f"), b"committed")
+        write_file(m.p("d", "g"), b"never looked up after the remount")
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
+        m.remount()   # nothing of d is cached: its lookups and opens ask the server
+        assert read_file(m.p("d", "f")) == b"committed"   # its blocks in the disk cache
+        rig.proxy.set(black_hole=True)
+        write_file(m.p("held"), os.urandom(300_000))   # its drain waits for the store
+        os.chmod(m.p("d"), 0o750)
+        os.chmod(m.p("d", "f"), 0o640)
+        assert os.stat(m.p("d", "g")).st_size == 33
+        with open(m.p("d", "f"), "ab") as f:
+            f.write(b" and more")
+        assert stat.S_IMODE(os.stat(m.p("d", "f")).st_mode) == 0o640
+        assert stat.S_IMODE(os.stat(m.p("d")).st_mode) == 0o750
+        waiting = summary(m.cache_dir)   # the drain is still held: nothing was applied
+        assert (waiting.files, waiting.ops) == (2, 2)
+    finally:
+        rig.proxy.set()
+    try:
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain after the store is back")
+        m.remount()
+        assert stat.S_IMODE(os.stat(m.p("d", "f")).st_mode) == 0o640
+        assert stat.S_IMODE(os.stat(m.p("d")).st_mode) == 0o750
+        assert read_file(m.p("d", "f")) == b"committed and more"
+    finally:
+        m.stop()
 
 
 @pytest.mark.parametrize("fault", FAULTS)

@@ -94,6 +94,12 @@ log = logging.getLogger(__name__)
 ROOT = 1
 # Kinds of change that alter a directory entry (the others alter an inode only).
 ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "rename_from"})
+# Requests that only read what a journalled setattr does not change (names, contents,
+# a symlink's target): sent without waiting for the setattrs of what they name
+# (``call``). Not the xattr reads (a chown removes security.capability), nor an open
+# for reading: it updates atime on the server (relatime) by times a pending setattr
+# changes (its ctime at least), and a utimens applied after it would undo it.
+READS = frozenset({"lookup", "open", "readlink"})
 # Bounds of the metadata caches, so that the mount's memory does not grow with
 # the volume: attributes of 50,000 inodes (~40 MB), 250,000 names in directory
 # listings (~15 MB; a directory with more is not kept).
@@ -431,14 +437,16 @@ class VFS:
         one naming an inode with journalled operations until they are applied, one by a
         name changed here (``WriteBack.entries``) until that change is: the server sees
         this mount's operations in order where the order matters, and a link, symlink or
-        lookup by a name this mount did not change does not wait for the drain."""
+        lookup by a name this mount did not change does not wait for the drain. A request
+        that only reads (``READS``) does not wait for journalled setattrs either."""
         if self.writeback is not None:
             f = self.files.get(self.fuse(args["ino"])) if "ino" in args else None
             if f is not None and f.creating is not None:
                 await self.writeback.created(f)
             for key, name in (("ino", ""), ("parent", "name"), ("new_parent", "new_name")):
                 if key in args:
-                    await self.writeback.settled(args[key], name=args.get(name))
+                    await self.writeback.settled(args[key], name=args.get(name),
+                                                 reading=op in READS and not args.get("read"))
         return await self.client.call(op, **args)
 
     def orphaned(self, result: dict[str, Any]) -> None:
@@ -504,19 +512,23 @@ class VFS:
         names = self.listings.get(parent)
         if names is not None and name not in names:
             return None
+        seen = self.dentries.get((parent, name))
+        if seen is not None and (attr := self._cached_attr(seen[0])) is not None:
+            # Known here, as coherent as a listing from the caches: another
+            # mount's change of the name or the inode drops them when pushed.
+            # The kernel asks again for an entry it holds after a chmod of a
+            # directory (it drops the directory's entry then, and ``tar x``
+            # chmods every directory it makes) or once its timeout passed:
+            # answered without the server, so with it out of reach too, and
+            # without waiting for a write-back drain.
+            return self._out(attr)
         token = self._drops.now
         try:
             attr = await self.call("lookup", parent=self.srv(parent), name=name)
         except FSError as e:
             if e.errno == errno.ENOENT:
                 return None
-            seen = self.dentries.get((parent, name)) if e.errno == errno.EIO else None
-            if self.writeback is None or seen is None or seen[0] not in self.attrs:
-                raise
-            # A write-back mount while the server is out of reach (the kernel
-            # looks an entry up again when its timeout passed): the entry as
-            # this mount last saw it, so that its own work goes on.
-            return await self.getattr(seen[0])
+            raise
         return self._named(parent, name, attr, token)
 
     async def getattr(self, ino: int) -> dict[str, Any]:

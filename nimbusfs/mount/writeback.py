@@ -198,24 +198,30 @@ class _Touched(NamedTuple):
     changed: list[int]   # inodes whose attributes it changes (``WriteBack.changed``)
     unlinked: list[int]  # inodes it removes a link of
     linked: list[int]    # inodes it adds a link to
+    setting: list[int]   # inodes it sets attributes of: requests that change them wait
 
 
 def _touches(rec: OpRecord) -> _Touched:
     """What ``rec`` touches until answered. A link names no inode: the server knows the
-    inode it links, and a request naming it (an open) need not wait for the new name."""
+    inode it links, and a request naming it (an open) need not wait for the new name. A
+    setattr names none either: the server knows the inode, and what it changes shows
+    here meanwhile (``changed``); only a request that changes the inode's attributes
+    too, or removes it, waits for it (``setting``, ``settled``)."""
     a = rec.args
     if rec.op == "rename":
         exchange = a["flags"] & RENAME_EXCHANGE
         gone = [a["replaces"]] if a["replaces"] is not None and not exchange else []
         others = [a["replaces"]] if a["replaces"] is not None else []
-        return _Touched(gone, [a["parent"], a["new_parent"]], [rec.ino, *others], gone, [])
+        return _Touched(gone, [a["parent"], a["new_parent"]], [rec.ino, *others], gone, [], [])
     if rec.op == "unlink":
-        return _Touched([rec.ino], [a["parent"]], [rec.ino], [rec.ino], [])
+        return _Touched([rec.ino], [a["parent"]], [rec.ino], [rec.ino], [], [])
     if rec.op == "rmdir":
-        return _Touched([rec.ino], [a["parent"]], [], [], [])
+        return _Touched([rec.ino], [a["parent"]], [], [], [], [])
     if rec.op == "link":
-        return _Touched([], [a["parent"]], [rec.ino], [], [rec.ino])
-    return _Touched([rec.ino], [], [] if rec.op in CREATES else [rec.ino], [], [])
+        return _Touched([], [a["parent"]], [rec.ino], [], [rec.ino], [])
+    if rec.op == "setattr":
+        return _Touched([], [], [rec.ino], [], [], [rec.ino])
+    return _Touched([rec.ino], [], [], [], [], [])   # a create
 
 
 def _places(rec: OpRecord) -> list[tuple[int, bytes]]:
@@ -262,13 +268,15 @@ class WriteBack:
         self._leasing = trio.Lock()
         self.entries: dict[int, dict[bytes, Entry]] = {}
         # Namespace operations journalled and not answered yet (seq -> record),
-        # how many of them name each inode (its create, its setattrs, its
-        # removal: a request naming it to the server waits for them), how many
-        # change names in each directory, the inodes they create (directories,
-        # symlinks: ino -> their mknod or symlink), their changes of attributes
-        # (ino -> seq -> changes), links removed and links added (ino -> count).
+        # how many of them name each inode (its create, its removal: a request
+        # naming it to the server waits for them) and set its attributes (one
+        # changing them waits for those too), how many change names in each
+        # directory, the inodes they create (directories, symlinks: ino -> their
+        # mknod or symlink), their changes of attributes (ino -> seq -> changes),
+        # links removed and links added (ino -> count).
         self.ops: dict[int, OpRecord] = {}
         self._naming: dict[int, int] = {}
+        self._setting: dict[int, int] = {}
         self._inside: dict[int, int] = {}
         self.new: dict[int, OpRecord] = {}
         self._changes: dict[int, dict[int, dict[str, int]]] = {}
@@ -579,7 +587,8 @@ class WriteBack:
         count of 0 is removed); the inodes whose attributes it changes."""
         t = _touches(rec)
         for counts, inos in ((self._naming, t.named), (self._inside, t.inside),
-                             (self._links, t.unlinked), (self._linked, t.linked)):
+                             (self._links, t.unlinked), (self._linked, t.linked),
+                             (self._setting, t.setting)):
             for ino in inos:
                 n = counts.get(ino, 0) + step
                 assert n >= 0, f"{rec.op} {rec.seq}: inode {ino} counted down below 0"
@@ -644,11 +653,18 @@ class WriteBack:
             merged.update(c)
         return merged
 
-    async def settled(self, ino: int, name: bytes | None = None) -> None:
+    async def settled(self, ino: int, name: bytes | None = None, reading: bool = False
+                      ) -> None:
         """Return once the server has applied (or refused) every journalled operation
-        naming (server) inode ``ino``, with ``name`` every one changing that name in it:
-        before a request that names it to the server. EIO through an outage (``_until``)."""
+        naming (server) inode ``ino`` and, unless ``reading``, every setattr of it; with
+        ``name`` every one changing that name in it: before a request that names it to
+        the server. A request that only reads (a lookup in it, an open of it for
+        writing) gets the server's answer as it is, this mount's pending changes of
+        attributes shown on it (``VFS._out``): it does not wait behind a backlog for a
+        chmod or utimens (``tar x`` sets the times of each directory it made at its
+        end). EIO through an outage (``_until``)."""
         await self._until(lambda: not self._naming.get(ino)
+                          and (reading or not self._setting.get(ino))
                           and (name is None or self.entry(ino, name) is None))
 
     async def _until(self, ready: Callable[[], bool],
@@ -686,10 +702,6 @@ class WriteBack:
                         continue
                 raise FSError(errno.EIO, "the write-back journal cannot drain (the metaserver or"
                               " the store is out of reach): what it holds drains once it is back")
-
-    def naming(self, ino: int) -> bool:
-        """Whether journalled operations name (server) inode ``ino``."""
-        return ino in self._naming
 
     async def created(self, f: OpenFile) -> None:
         """Return once the server knows ``f`` (journalled now if it was not yet).
@@ -875,7 +887,7 @@ class WriteBack:
 
     async def drained(self, give_up: float | None = None) -> bool:
         """Wait until nothing is pending; False if ``give_up`` seconds pass without progress."""
-        while self.pending or self._naming or self._inside:
+        while self.pending or self._naming or self._setting or self._inside:
             with trio.move_on_after(give_up if give_up is not None else float("inf")), \
                     self._want():
                 await self._progress.wait()
