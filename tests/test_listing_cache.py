@@ -180,6 +180,24 @@ def test_a_rename_over_a_name_lists_and_reads_the_moved_file(services, mount_fac
         assert f.read() == b"AAAA"
 
 
+def test_a_lookup_answered_from_the_caches_reconnects(services, mount_factory):
+    """The server restarted while a mount answers everything from its caches: a lookup
+    so answered (a name its listing of the directory does not hold) starts a reconnect,
+    whose subscription brings another mount's create made meanwhile, and the name shows.
+    (Without it the mount, asking the server nothing, never noticed its connection was
+    gone.)"""
+    with own_server(services, "lookup-reconnect") as dep:
+        token = dep.new_user()
+        a = mount_factory("local", token, dep, "--outage-timeout", "30")
+        os.mkdir(a.p("d"))
+        assert listing(a, "d") == []
+        dep.kill()
+        dep.start()
+        b = mount_factory("local", token, dep)
+        write_file(b.p("d", "theirs"), b"1")
+        wait_until(lambda: os.path.exists(a.p("d", "theirs")), 30, "B's create seen on A")
+
+
 @pytest.mark.parametrize("seen", [True, False])
 def test_a_change_log_reset_drops_the_cached_listings(services, mount_factory, seen):
     """The mount was disconnected while another mount changed a directory it had listed:

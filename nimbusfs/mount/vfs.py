@@ -509,18 +509,20 @@ class VFS:
                 e := self.writeback.entry(self.srv(parent), name)) is not None:
             # Changed here, not applied yet: this mount's answer, not the server's.
             return None if e.ino is None else self._out(await self._attr(self.fuse(e.ino)))
+        # Known here, as coherent as a listing from the caches (and, as it does,
+        # starting a reconnect when not connected): another mount's change of
+        # the name or the inode drops them when pushed. The kernel asks again
+        # for an entry it holds after a chmod of a directory (it drops the
+        # directory's entry then, and ``tar x`` chmods every directory it
+        # makes) or once its timeout passed: answered without the server, so
+        # with it out of reach too, and without waiting for a write-back drain.
         names = self.listings.get(parent)
         if names is not None and name not in names:
+            self._reconnect()
             return None
         seen = self.dentries.get((parent, name))
         if seen is not None and (attr := self._cached_attr(seen[0])) is not None:
-            # Known here, as coherent as a listing from the caches: another
-            # mount's change of the name or the inode drops them when pushed.
-            # The kernel asks again for an entry it holds after a chmod of a
-            # directory (it drops the directory's entry then, and ``tar x``
-            # chmods every directory it makes) or once its timeout passed:
-            # answered without the server, so with it out of reach too, and
-            # without waiting for a write-back drain.
+            self._reconnect()
             return self._out(attr)
         token = self._drops.now
         try:
@@ -1221,7 +1223,7 @@ class VFS:
             listing = self._known_listing(d[0])
             if listing is None:
                 listing = await self._fetched_listing(d[0])
-            elif not self.client.connected:
+            else:
                 self._reconnect()
             d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
@@ -1250,14 +1252,15 @@ class VFS:
         return listing
 
     def _reconnect(self) -> None:
-        """Connect to the server again in the background (one attempt at a time).
+        """After an answer from the caches: if not connected, connect to the server again
+        in the background (one attempt at a time).
 
         Not connected, this mount receives no pushes: its caches answer as of the
         connection's loss (so a write-back mount's work goes on through an outage)
         until the connection is back and its subscription with it, which brings the
         changes missed meanwhile, or a reset: without this, a mount whose requests the
         caches all answer would never notice that its connection is gone."""
-        if self._reconnecting:
+        if self._reconnecting or self.client.connected:
             return
         self._reconnecting = True
 
