@@ -16,7 +16,7 @@ from conftest import wait_until, write_file
 from nimbusfs.mount.freshness import Drops
 from test_metrics import mount_url, scrape, value
 from test_posix import RENAME_EXCHANGE, renameat2
-from test_writeback import own_server, pending
+from test_writeback import own_server, pending, take_lease
 
 MODES = ["--sync", "--writeback"]
 
@@ -178,6 +178,39 @@ def test_a_rename_over_a_name_lists_and_reads_the_moved_file(services, mount_fac
                      else {"t": ino["a"], "t2": ino["t"]})
     with open(a.p("d", "t"), "rb") as f:
         assert f.read() == b"AAAA"
+
+
+def test_a_file_and_its_link_drained_in_one_batch_stay_listed_from_the_caches(
+        services, mount_factory):
+    """Write-back: a file and a hard link to it drained in one batch. The link's answer
+    (the inode's attributes after it) came first and the file's commit then found the
+    inode dropped since the batch was sent, so it dropped the newer attributes too: the
+    directory's listing was no longer whole in the caches, and with the server out of
+    reach ``rm -rf`` could not read it ("Directory not empty", a flake of
+    test_writeback_rmdir's kill test under load). The link's attributes stay."""
+    with own_server(services, "listing-link-batch") as dep:
+        a = mount_factory("local", None, dep, "--writeback", "--outage-timeout", "2",
+                          "--metrics", "127.0.0.1:0")
+        take_lease(a)
+        # A change of another mount pushed to A: its resubscribe after the restart
+        # below is not a reset (which would drop every listing).
+        b = mount_factory("local", a.token, dep)
+        write_file(b.p("theirs"), b"1")
+        wait_until(lambda: "theirs" in os.listdir(a.p()), 10, "B's create on A")
+        os.mkdir(a.p("sub"))
+        wait_until(lambda: pending(a) == (0, 0), 60, "sub's drain")
+        assert listing(a, "sub") == []
+        dep.kill()
+        os.mkdir(a.p("x"))   # sent alone, again and again, while the server is down
+        wait_until(lambda: "write-back of 1 records waits" in a.log(), 60, "x's batch")
+        write_file(a.p("sub", "f"), b"x")
+        os.link(a.p("sub", "f"), a.p("sub", "l"))   # so f and l drain in one batch
+        dep.start()
+        wait_until(lambda: pending(a) == (0, 0), 60, "the drain")
+        before = readdirs(a)
+        assert listing(a, "sub") == ["f", "l"]
+        assert readdirs(a) == before
+        assert os.stat(a.p("sub", "l")).st_nlink == 2
 
 
 def test_a_lookup_answered_from_the_caches_reconnects(services, mount_factory):

@@ -1433,7 +1433,13 @@ class VFS:
 
         The commit's attributes are cached (a ``stat`` needs no round trip)
         unless some cached attributes were dropped since the batch was sent
-        (``token``: ``drops`` then): the answer may predate that change.
+        (``token``: ``drops`` then): the answer may predate that change. Then
+        attributes cached since of this version or a later one stay: they are
+        newer than the commit's (a link of the file applied after it in the same
+        batch, whose answer came first); older ones go (an estimate from before
+        the commit). Dropping those too left a file and its link drained
+        together without attributes, their directory's listing not whole in the
+        caches, and unreadable with the server out of reach.
         """
         if conflict:  # the file shows the other writer's version now
             self._drop(f.ino)
@@ -1443,7 +1449,7 @@ class VFS:
         if self._drops.fresh(f.ino, token):
             self._drops.drop(f.ino)   # a reply in flight (a getattr) is older
             self.attrs[f.ino] = f.attr
-        else:
+        elif (since := self.attrs.get(f.ino)) is None or since["version"] < f.attr["version"]:
             self.attrs.pop(f.ino, None)
 
     async def _save_aside(self, f: OpenFile, parent: int, name: bytes, path: str) -> None:
