@@ -12,6 +12,7 @@ import os
 import pytest
 
 from conftest import wait_until, write_file
+from test_writeback import own_server
 
 MODES = ["--sync", "--writeback"]
 
@@ -52,3 +53,26 @@ def test_a_rename_over_a_hard_linked_file_shows_the_other_links_count(services,
     assert os.stat(b.p("e", "t2")).st_nlink == 1
     converge(a, b, ("d",), ("e",), what="B's rename over a linked file")
     assert os.stat(a.p("e", "t2")).st_nlink == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_changes_made_while_the_server_restarted_show_on_a_mount_that_asks_nothing(
+        services, mount_factory, mode):
+    """The metaserver restarts; B chmods a file and creates one in a directory A holds
+    whole. A, whose stat and lookup its caches answer (no call that would reconnect it),
+    still gets them: it reconnects in the background and the changes are pushed."""
+    with own_server(services, f"hostile-restart-{mode}") as dep:
+        token = dep.new_user()
+        b = mount_factory("local", token, dep, "--outage-timeout", "30")
+        os.mkdir(b.p("d"))
+        write_file(b.p("d", "f"), b"12345")
+        a = mount_factory("local", token, dep, mode, "--outage-timeout", "30")
+        view(a, "d")
+        assert not os.path.exists(a.p("d", "new"))
+        dep.kill()
+        dep.start()
+        os.chmod(b.p("d", "f"), 0o600)
+        write_file(b.p("d", "new"), b"n")
+        wait_until(lambda: os.stat(a.p("d", "f")).st_mode & 0o777 == 0o600, 20,
+                   "B's chmod on A")
+        wait_until(lambda: os.path.exists(a.p("d", "new")), 20, "B's create on A")

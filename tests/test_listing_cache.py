@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_until, write_file
 from nimbusfs.mount.freshness import Drops
 from test_metrics import mount_url, scrape, value
-from test_writeback import own_server, pending
+from test_writeback import own_server, pending, twin
 
 MODES = ["--sync", "--writeback"]
 
@@ -147,15 +147,17 @@ def test_a_change_log_reset_drops_the_cached_listings(services, mount_factory, s
             wait_until(lambda: listing(a) == ["early"], 10, "B's create pushed to A")
             b.stop()
         dep.kill()
-        dep.start()
-        # A is not connected (it made no call since): B's create is not pushed to it.
-        b = mount_factory("local", token, dep)
-        write_file(b.p("theirs"), b"2")
+        # A's server is down (A keeps trying to reconnect): B's create, through another
+        # server of the volume, is not pushed to it.
+        with twin(services, dep, f"listing-reset-{seen}-twin") as other:
+            b = mount_factory("local", token, other)
+            write_file(b.p("theirs"), b"2")
+            b.stop()
         if seen:
             with psycopg.connect(dep.dsn) as conn:   # as the log's trim would
                 conn.execute("DELETE FROM changes WHERE owner_id = (SELECT owner_id FROM"
                              " changes ORDER BY seq DESC LIMIT 1)")
-        os.statvfs(a.path)    # a call: A reconnects and subscribes again
+        dep.start()           # A reconnects and subscribes again
         wait_until(lambda: "change log reset" in a.log(), 30, "the reset")
         assert listing(a) == (["early", "theirs"] if seen else ["theirs"])
 

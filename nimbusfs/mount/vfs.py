@@ -173,7 +173,6 @@ class VFS:
         # Which cached items were dropped when: an attribute's key is its FUSE inode,
         # a listing's (with its dentries and '..') ``("dir", inode)``.
         self._drops = Drops()
-        self._reconnecting = False   # ``_reconnect`` in progress
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
 
@@ -1205,8 +1204,6 @@ class VFS:
             listing = self._known_listing(d[0])
             if listing is None:
                 listing = await self._fetched_listing(d[0])
-            elif not self.client.connected:
-                self._reconnect()
             d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
 
@@ -1232,27 +1229,6 @@ class VFS:
         if fresh and len(listing) < MAX_LISTED:
             self.listings[ino] = {n for n, _ in listing} - {b".", b".."}
         return listing
-
-    def _reconnect(self) -> None:
-        """Connect to the server again in the background (one attempt at a time).
-
-        Not connected, this mount receives no pushes: its caches answer as of the
-        connection's loss (so a write-back mount's work goes on through an outage)
-        until the connection is back and its subscription with it, which brings the
-        changes missed meanwhile, or a reset: without this, a mount whose requests the
-        caches all answer would never notice that its connection is gone."""
-        if self._reconnecting:
-            return
-        self._reconnecting = True
-
-        async def reconnect() -> None:
-            try:
-                await self.client.connect()
-            except FSError:
-                pass   # logged by the client; the next listing tries again
-            finally:
-                self._reconnecting = False
-        self.nursery.start_soon(reconnect)
 
     def _known_listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]] | None:
         """Directory ``ino``'s listing from the caches, or None if they miss any of it: its
