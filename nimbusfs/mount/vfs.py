@@ -85,6 +85,7 @@ from nimbusfs.posix import (
     setattr_mode,
     xattr_supported,
 )
+from nimbusfs.retry import RECONNECT
 
 if TYPE_CHECKING:
     from nimbusfs.mount.writeback import Entry, WriteBack
@@ -167,6 +168,7 @@ class VFS:
         self.activity = Activity()   # the adapter's requests: the drain yields to them
         self._to_purge: list[int] = []   # orphans for ``purge_soon``'s task, and whether it runs
         self._purging = False
+        self._purges_done = trio.Event()   # set when the task ends (``purged``)
         # Directory -> its parent (FUSE numbers), for the '..' of a listing answered
         # from the caches: filled with listings, dropped with them and when moved.
         self.parents: LRUCache[int, int] = LRUCache(MAX_ATTRS)
@@ -458,9 +460,14 @@ class VFS:
         ``batch`` request of at most ``PURGE_BATCH``: an ``rm -rf`` of a
         drained tree sent one request (a transaction) per file, 5,600-6,800
         of them after the Django sdist's unlinks. Each waits for the
-        journalled operations naming it, as ``call`` would. A failure is
-        logged, as any background request's (the orphan stays on the server
-        for fsck).
+        journalled operations naming it, as ``call`` would. A batch that
+        fails for an outage (EIO) stays at the head of the queue and is sent
+        again after a backoff, for as long as the mount runs, and an unmount
+        waits for the queue (``purged``): an orphan left on the server keeps
+        counting against its owner's quota until an administrator's fsck
+        (``ORPHAN_AGE``, 7 days). A purge the server answers with an error
+        is logged and left (to fsck); one applied twice deletes nothing the
+        second time (``namespace.purge``).
         """
         self._to_purge.append(ino)
         if not self._purging:
@@ -468,20 +475,43 @@ class VFS:
             self.spawn(self._purge_queued)
 
     async def _purge_queued(self) -> None:
+        waits = RECONNECT.delays()
         try:
             while self._to_purge:
-                inos = self._to_purge[:PURGE_BATCH]
-                del self._to_purge[:PURGE_BATCH]
-                if self.writeback is not None:
-                    for ino in inos:
-                        await self.writeback.settled(ino)
-                answers = await self.client.call(
-                    "batch", ops=[["purge", uuid.uuid4().hex, {"ino": ino}] for ino in inos])
+                inos = self._to_purge[:PURGE_BATCH]   # removed once answered
+                try:
+                    if self.writeback is not None:
+                        for ino in inos:
+                            await self.writeback.settled(ino)
+                    answers = await self.client.call("batch", ops=[
+                        ["purge", uuid.uuid4().hex, {"ino": ino}] for ino in inos])
+                except FSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    log.warning("purge of %d orphans failed (%s); retrying", len(inos),
+                                e.message)
+                    await trio.sleep(next(waits))
+                    continue
+                waits = RECONNECT.delays()
+                del self._to_purge[:len(inos)]   # only appended to meanwhile
                 for ino, (err, why) in zip(inos, answers, strict=True):
                     if err:
                         log.warning("purge of inode %d failed: %s", ino, why)
         finally:
             self._purging = False
+            self._purges_done.set()
+            self._purges_done = trio.Event()
+
+    async def purged(self, give_up: float | None = None) -> bool:
+        """Wait until the orphans queued (``purge_soon``) are purged; False if ``give_up``
+        seconds pass first (the server out of reach: they are left to fsck)."""
+        with trio.move_on_after(give_up if give_up is not None else float("inf")):
+            while self._purging:
+                await self._purges_done.wait()
+            return True
+        log.error("%d orphans not purged: the metaserver does not answer; fsck --repair"
+                  " purges them", len(self._to_purge))
+        return False
 
     # --- metadata ------------------------------------------------------------------
 
@@ -1330,7 +1360,7 @@ class VFS:
             # open on this mount: the next last close or the unmount saves them.
             # So do journalled ones, until the drainer commits them.
             if self.forget(f):
-                await self.call("purge", ino=self.srv(f.ino))
+                self.purge_soon(self.srv(f.ino))
 
     def forget(self, f: OpenFile) -> bool:
         """Drop ``f`` if no handle has it open and nothing of it is uncommitted.
@@ -1566,17 +1596,19 @@ class VFS:
         In write-back mode: journal them, then wait for the drainer until
         nothing is pending, or ``give_up`` seconds pass without progress
         (the journal keeps the rest for the next mount). Whether all is
-        committed.
+        committed. Then the orphans queued are purged (``purged``, as long).
         """
         for f in list(self.files.values()):
             if f.modified:
                 await self._settle(f)
         if self.writeback is None:
+            await self.purged(give_up)
             return True
         n, size = len(self.writeback.pending), self.writeback.bytes
         if n:
             log.info("draining %d pending files (%.1f MiB) before unmounting", n, size / 2**20)
         if await self.writeback.drained(give_up):
+            await self.purged(give_up)
             return True
         log.error("%d files (%.1f MiB) not committed: the metaserver or the store does not"
                   " answer; they stay in the journal, committed at the next mount of this"
