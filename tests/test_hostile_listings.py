@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 
+import psycopg
 import pytest
 
 from conftest import wait_until, write_file
-from test_writeback import own_server
+from test_writeback import own_server, twin
 
 MODES = ["--sync", "--writeback"]
 
@@ -76,3 +77,31 @@ def test_changes_made_while_the_server_restarted_show_on_a_mount_that_asks_nothi
         wait_until(lambda: os.stat(a.p("d", "f")).st_mode & 0o777 == 0o600, 20,
                    "B's chmod on A")
         wait_until(lambda: os.path.exists(a.p("d", "new")), 20, "B's create on A")
+
+
+def test_xattrs_changed_while_disconnected_show_after_a_reset(services, mount_factory):
+    """A's server is down while B adds an xattr to a file whose names A cached, and the
+    change log is trimmed meanwhile: A's reset drops the cached xattr names too (it kept
+    them: listxattr and getxattr said the new one did not exist, for good)."""
+    with own_server(services, "hostile-xattr-reset") as dep:
+        token = dep.new_user()
+        a = mount_factory("local", token, dep, "--outage-timeout", "30")
+        write_file(a.p("f"), b"1")
+        os.setxattr(a.p("f"), "user.a", b"1")
+        b = mount_factory("local", token, dep)
+        write_file(b.p("early"), b"1")
+        wait_until(lambda: os.path.exists(a.p("early")), 10, "B's create pushed to A")
+        b.stop()
+        assert os.listxattr(a.p("f")) == ["user.a"]
+        dep.kill()
+        with twin(services, dep, "hostile-xattr-reset-twin") as other:
+            b = mount_factory("local", token, other)
+            os.setxattr(b.p("f"), "user.b", b"2")
+            b.stop()
+        with psycopg.connect(dep.dsn) as conn:   # as the log's trim would
+            conn.execute("DELETE FROM changes WHERE owner_id = (SELECT owner_id FROM"
+                         " changes ORDER BY seq DESC LIMIT 1)")
+        dep.start()
+        wait_until(lambda: "change log reset" in a.log(), 30, "the reset")
+        assert sorted(os.listxattr(a.p("f"))) == ["user.a", "user.b"]
+        assert os.getxattr(a.p("f"), "user.b") == b"2"

@@ -193,6 +193,7 @@ class VFS:
                 self._invalidate(("inode", ino))
             self.page_version.clear()
             self.attrs.clear()
+            self.xattr_names.clear()
             self.listings.clear()
             self.dentries.clear()
             self.parents.clear()
