@@ -1257,7 +1257,9 @@ class VFS:
                 if stat.S_ISDIR(a["mode"]) and self._drops.fresh(("dir", a["ino"]), token):
                     self.parents[self.fuse(a["ino"])] = ino
         listing = await self._overlaid(here, listing)
-        if fresh and len(listing) < MAX_LISTED:
+        # Asked again: ``_overlaid`` may have waited for the server (an entry changed
+        # here whose attributes are not cached), and a push may have come meanwhile.
+        if self._drops.fresh(("dir", ino), token) and len(listing) < MAX_LISTED:
             self.listings[ino] = {n for n, _ in listing} - {b".", b".."}
         return listing
 
