@@ -377,9 +377,11 @@ class MetaClient:
                 try:
                     await self.connect()
                     return
-                except FSError as e:   # the server away past ``outage_timeout``: again
-                    log.warning("reconnecting in the background failed (%s); retrying",
-                                e.message)
+                except (FSError, ValueError) as e:
+                    # The server away past ``outage_timeout``, or a garbled hello
+                    # (a call would get it as its error): no task here may end
+                    # the mount, and the next try may succeed.
+                    log.warning("reconnecting in the background failed (%s); retrying", e)
                 await trio.sleep(delay)
         finally:
             self._reconnecting = False
