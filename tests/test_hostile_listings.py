@@ -12,7 +12,7 @@ import os
 import psycopg
 import pytest
 
-from conftest import wait_until, write_file
+from conftest import read_file, wait_until, write_file
 from test_writeback import own_server, twin
 
 MODES = ["--sync", "--writeback"]
@@ -105,3 +105,48 @@ def test_xattrs_changed_while_disconnected_show_after_a_reset(services, mount_fa
         wait_until(lambda: "change log reset" in a.log(), 30, "the reset")
         assert sorted(os.listxattr(a.p("f"))) == ["user.a", "user.b"]
         assert os.getxattr(a.p("f"), "user.b") == b"2"
+
+
+def _renames(root: str) -> dict[str, object]:
+    """Renames after which a listing must show the names' new inodes (run in ``root``):
+    over a file that keeps another link (whose attributes are cached again before the
+    listing), and an exchange. What each directory then shows: name -> (size, links, the
+    bytes read there, whether the listing's inode number is the name's)."""
+    from test_posix import RENAME_EXCHANGE, renameat2
+
+    def j(*p: str) -> str:
+        return os.path.join(root, *p)
+    for d in ("d", "e", "f", "g"):
+        os.mkdir(j(d))
+    for name, data in (("d/t", b"target"), ("d/s", b"source"), ("f/x", b"xx"),
+                       ("g/y", b"yyy")):
+        write_file(j(name), data)
+    os.link(j("d", "t"), j("e", "t2"))
+    for d in ("d", "e", "f", "g"):
+        for n in os.listdir(j(d)):
+            os.stat(j(d, n))
+    os.rename(j("d", "s"), j("d", "t"))
+    os.listdir(j("e"))           # the replaced inode's attributes, cached again
+    renameat2(j("f", "x"), j("g", "y"), RENAME_EXCHANGE)
+    out: dict[str, object] = {}
+    for d in ("d", "e", "f", "g"):
+        for e in os.scandir(j(d)):
+            st = e.stat(follow_symlinks=False)
+            out[f"{d}/{e.name}"] = (st.st_size, st.st_nlink, read_file(e.path),
+                                    e.inode() == st.st_ino)
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_renames_show_the_new_inodes_at_their_names_in_the_listings(mount_factory, world_tmp,
+                                                                    mode):
+    """What a local disk shows after each kind of rename, this mount shows too (a sync
+    mount listed the replaced inode at the target's name, from the cached entry, and the
+    kernel then read its bytes there, and listed an exchange's names unswapped)."""
+    local = os.path.join(world_tmp, "local")
+    os.mkdir(local)
+    expected = _renames(local)
+    assert expected["d/t"] == (6, 1, b"source", True)
+    assert expected["g/y"] == (2, 1, b"xx", True)
+    a = mount_factory("local", None, None, mode)
+    assert _renames(a.path) == expected

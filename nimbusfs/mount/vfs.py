@@ -1136,9 +1136,14 @@ class VFS:
         self._drop(r["ino"], r["replaced"])  # their ctime (and nlink) changed
         # A moved directory's '..' changed, a replaced one is gone.
         self._forget_listing(*(self.fuse(i) for i in (r["ino"], r["replaced"]) if i is not None))
-        if not flags & RENAME_EXCHANGE:   # an exchange keeps both names
-            self._entries_changed(parent, remove=name)
-            self._entries_changed(new_parent, add=new_name)
+        exchange = bool(flags & RENAME_EXCHANGE)   # keeps both names
+        self._entries_changed(parent, remove=None if exchange else name)
+        self._entries_changed(new_parent, add=None if exchange else new_name)
+        # The inodes at both names changed (a replaced or exchanged one was cached
+        # there: listed at the name, the kernel then read its bytes there): asked
+        # again by the next listing or lookup.
+        self.dentries.pop((new_parent, new_name), None)
+        self.dentries.pop((parent, name), None)
         self.orphaned(r)
         if r["ino"] is not None:
             self.names[self.fuse(r["ino"])] = (self.srv(new_parent), new_name)
