@@ -156,6 +156,8 @@ class MetaClient:
         self.on_push: Callable[[list], None] | None = None
         self.cursor = 0                 # newest change seen, for resubscribing
         self._subscribed = False
+        self._reconnecting = False      # ``_reconnect`` runs
+        self._closed = False            # ``aclose`` was called: no reconnect
         self._ids = itertools.count(1)
         self._stream: trio.abc.Stream | None = None
         self._pending: dict[int, list] = {}
@@ -354,7 +356,35 @@ class MetaClient:
                 if waiter[2] is stream:
                     del self._pending[rid]
                     waiter[0].set()
+            if self._subscribed and not self._closed and not self._reconnecting:
+                self._reconnecting = True
+                self.nursery.start_soon(self._reconnect)
             await stream.aclose()
+
+    async def _reconnect(self) -> None:
+        """Connect again in the background after a subscribed connection was lost, until
+        connected (its subscription is renewed by ``_connect``).
+
+        Without it a mount whose requests its caches all answer (``stat``,
+        a lookup of a name it knows is absent, a listing it holds whole)
+        makes no call, so it never reconnects and never gets the changes
+        other mounts made meanwhile: it showed them stale for as long as
+        it stayed idle towards the server. Calls made meanwhile reconnect
+        as before (one connection: ``_connect`` holds a lock).
+        """
+        try:
+            for delay in RECONNECT.delays():
+                try:
+                    await self.connect()
+                    return
+                except (FSError, ValueError) as e:
+                    # The server away past ``outage_timeout``, or a garbled hello
+                    # (a call would get it as its error): no task here may end
+                    # the mount, and the next try may succeed.
+                    log.warning("reconnecting in the background failed (%s); retrying", e)
+                await trio.sleep(delay)
+        finally:
+            self._reconnecting = False
 
     def _pushed(self, changes: list) -> None:
         if changes:
@@ -433,6 +463,7 @@ class MetaClient:
             raise FSError(msg[1], str(msg[2]))
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._stream is not None:
             await self._stream.aclose()
 

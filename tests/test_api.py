@@ -240,6 +240,23 @@ def test_sync_feed_lists_everything_then_changes(api):
 
 
 @pytest.mark.parametrize("store", ["local"])
+def test_sync_lists_a_file_renamed_over_another_after_the_one_it_replaced(api,
+                                                                         mount_factory):
+    """``mv new old`` on a mount: the feed reports the replaced file deleted (it was not
+    reported at all), before the renamed one at its name, so that a client removing
+    deleted entries by their place removes the old file, not the one now there."""
+    m = mount_factory("local", api.token)
+    write_file(m.p("old"), b"old")
+    write_file(m.p("new"), b"new")
+    old, new = os.stat(m.p("old")).st_ino, os.stat(m.p("new")).st_ino
+    _, cursor, _ = sync_all(api)
+    os.rename(m.p("new"), m.p("old"))
+    entries, _, _ = sync_all(api, cursor)
+    assert [(e["id"], e["deleted"]) for e in entries] == [(old, True), (new, False)]
+    assert entries[0]["name"] == "old" and entries[1]["path"] == "/old"
+
+
+@pytest.mark.parametrize("store", ["local"])
 def test_sync_marks_the_callers_own_changes_and_resets_an_expired_cursor(api):
     import psycopg
 

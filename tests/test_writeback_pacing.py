@@ -95,3 +95,42 @@ def test_the_orphans_of_an_rm_rf_are_purged_in_batches(services, mount_factory):
         purges = [value(s, "nimbusfs_mount_server_calls_total", op="purge")
                   for s in (before, scrape(url))]
         assert purges[1] == purges[0]
+
+
+def test_the_orphans_of_an_rm_rf_right_before_unmounting_are_purged(services, mount_factory):
+    """``rm -rf`` of 300 drained files, then at once the unmount: the unmount waits for
+    the orphans' purges queued by the drain's last answers (44 of 300 were left on the
+    server, counting against the quota until an fsck, when it did not)."""
+    with own_server(services, "wb_purge_umount") as dep:
+        m = mount_factory("local", None, dep, "--writeback")
+        os.mkdir(m.p("t"))
+        for i in range(300):
+            write_file(m.p("t", f"f{i}"), b"x" * 10)
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
+        inos = ",".join(str(os.stat(m.p("t", f"f{i}")).st_ino) for i in range(300))
+        shutil.rmtree(m.p("t"))
+        m.stop()
+        assert query(dep.dsn, f"SELECT count(*) FROM inodes WHERE id IN ({inos})") == [(0,)]
+
+
+@pytest.mark.parametrize("mode", ["--sync", "--writeback"])
+def test_an_orphan_closed_while_the_server_is_down_is_purged_once_it_is_back(
+        services, mount_factory, mode):
+    """A file unlinked while open, closed while the metaserver is down: its purge fails
+    for the outage, is sent again, and the orphan is gone once the server is back (it
+    was left on the server, and counted against the quota, until an fsck)."""
+    with own_server(services, f"wb_purge_down{mode}") as dep:
+        m = mount_factory("local", None, dep, mode, "--outage-timeout", "2")
+        write_file(m.p("f"), b"x" * 100)
+        wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
+        ino = os.stat(m.p("f")).st_ino
+        fd = os.open(m.p("f"), os.O_RDONLY)
+        os.unlink(m.p("f"))
+        wait_until(lambda: pending(m) == (0, 0), 60, "the unlink drained")
+        assert query(dep.dsn, f"SELECT nlink FROM inodes WHERE id = {ino}") == [(0,)]
+        dep.kill()
+        os.close(fd)
+        wait_until(lambda: "orphans failed" in m.log(), 30, "the purge failing")
+        dep.start()
+        wait_until(lambda: query(dep.dsn, f"SELECT count(*) FROM inodes WHERE id = {ino}")
+                   == [(0,)], 30, "the orphan purged")

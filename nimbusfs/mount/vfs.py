@@ -85,6 +85,7 @@ from nimbusfs.posix import (
     setattr_mode,
     xattr_supported,
 )
+from nimbusfs.retry import RECONNECT
 
 if TYPE_CHECKING:
     from nimbusfs.mount.writeback import Entry, WriteBack
@@ -173,13 +174,13 @@ class VFS:
         self.activity = Activity()   # the adapter's requests: the drain yields to them
         self._to_purge: list[int] = []   # orphans for ``purge_soon``'s task, and whether it runs
         self._purging = False
+        self._purges_done = trio.Event()   # set when the task ends (``purged``)
         # Directory -> its parent (FUSE numbers), for the '..' of a listing answered
         # from the caches: filled with listings, dropped with them and when moved.
         self.parents: LRUCache[int, int] = LRUCache(MAX_ATTRS)
         # Which cached items were dropped when: an attribute's key is its FUSE inode,
         # a listing's (with its dentries and '..') ``("dir", inode)``.
         self._drops = Drops()
-        self._reconnecting = False   # ``_reconnect`` in progress
         self._fh = itertools.count(1)
         self._inval_send, self._inval_recv = trio.open_memory_channel[tuple](10_000)
 
@@ -198,6 +199,7 @@ class VFS:
                 self._invalidate(("inode", ino))
             self.page_version.clear()
             self.attrs.clear()
+            self.xattr_names.clear()
             self.listings.clear()
             self.dentries.clear()
             self.parents.clear()
@@ -467,9 +469,14 @@ class VFS:
         ``batch`` request of at most ``PURGE_BATCH``: an ``rm -rf`` of a
         drained tree sent one request (a transaction) per file, 5,600-6,800
         of them after the Django sdist's unlinks. Each waits for the
-        journalled operations naming it, as ``call`` would. A failure is
-        logged, as any background request's (the orphan stays on the server
-        for fsck).
+        journalled operations naming it, as ``call`` would. A batch that
+        fails for an outage (EIO) stays at the head of the queue and is sent
+        again after a backoff, for as long as the mount runs, and an unmount
+        waits for the queue (``purged``): an orphan left on the server keeps
+        counting against its owner's quota until an administrator's fsck
+        (``ORPHAN_AGE``, 7 days). A purge the server answers with an error
+        is logged and left (to fsck); one applied twice deletes nothing the
+        second time (``namespace.purge``).
         """
         self._to_purge.append(ino)
         if not self._purging:
@@ -477,20 +484,43 @@ class VFS:
             self.spawn(self._purge_queued)
 
     async def _purge_queued(self) -> None:
+        waits = RECONNECT.delays()
         try:
             while self._to_purge:
-                inos = self._to_purge[:PURGE_BATCH]
-                del self._to_purge[:PURGE_BATCH]
-                if self.writeback is not None:
-                    for ino in inos:
-                        await self.writeback.settled(ino)
-                answers = await self.client.call(
-                    "batch", ops=[["purge", uuid.uuid4().hex, {"ino": ino}] for ino in inos])
+                inos = self._to_purge[:PURGE_BATCH]   # removed once answered
+                try:
+                    if self.writeback is not None:
+                        for ino in inos:
+                            await self.writeback.settled(ino)
+                    answers = await self.client.call("batch", ops=[
+                        ["purge", uuid.uuid4().hex, {"ino": ino}] for ino in inos])
+                except FSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    log.warning("purge of %d orphans failed (%s); retrying", len(inos),
+                                e.message)
+                    await trio.sleep(next(waits))
+                    continue
+                waits = RECONNECT.delays()
+                del self._to_purge[:len(inos)]   # only appended to meanwhile
                 for ino, (err, why) in zip(inos, answers, strict=True):
                     if err:
                         log.warning("purge of inode %d failed: %s", ino, why)
         finally:
             self._purging = False
+            self._purges_done.set()
+            self._purges_done = trio.Event()
+
+    async def purged(self, give_up: float | None = None) -> bool:
+        """Wait until the orphans queued (``purge_soon``) are purged; False if ``give_up``
+        seconds pass first (the server out of reach: they are left to fsck)."""
+        with trio.move_on_after(give_up if give_up is not None else float("inf")):
+            while self._purging:
+                await self._purges_done.wait()
+            return True
+        log.error("%d orphans not purged: the metaserver does not answer; fsck --repair"
+                  " purges them", len(self._to_purge))
+        return False
 
     # --- metadata ------------------------------------------------------------------
 
@@ -509,20 +539,19 @@ class VFS:
                 e := self.writeback.entry(self.srv(parent), name)) is not None:
             # Changed here, not applied yet: this mount's answer, not the server's.
             return None if e.ino is None else self._out(await self._attr(self.fuse(e.ino)))
-        # Known here, as coherent as a listing from the caches (and, as it does,
-        # starting a reconnect when not connected): another mount's change of
-        # the name or the inode drops them when pushed. The kernel asks again
+        # Known here, as coherent as a listing from the caches: another mount's
+        # change of the name or the inode drops them when pushed (a connection
+        # lost is connected again in the background, and its subscription brings
+        # the changes missed meanwhile). The kernel asks again
         # for an entry it holds after a chmod of a directory (it drops the
         # directory's entry then, and ``tar x`` chmods every directory it
         # makes) or once its timeout passed: answered without the server, so
         # with it out of reach too, and without waiting for a write-back drain.
         names = self.listings.get(parent)
         if names is not None and name not in names:
-            self._reconnect()
             return None
         seen = self.dentries.get((parent, name))
         if seen is not None and (attr := self._cached_attr(seen[0])) is not None:
-            self._reconnect()
             return self._out(attr)
         token = self._drops.now
         try:
@@ -1120,13 +1149,14 @@ class VFS:
         self._drop(r["ino"], r["replaced"])  # their ctime (and nlink) changed
         # A moved directory's '..' changed, a replaced one is gone.
         self._forget_listing(*(self.fuse(i) for i in (r["ino"], r["replaced"]) if i is not None))
-        if not flags & RENAME_EXCHANGE:   # an exchange keeps both names
-            self._entries_changed(parent, remove=name)
-            self._entries_changed(new_parent, add=new_name)
-        # Both names name other inodes now (the target's, an exchange's source's):
-        # a listing or lookup from the caches must not give the old ones.
-        self.dentries.pop((parent, name), None)
+        exchange = bool(flags & RENAME_EXCHANGE)   # keeps both names
+        self._entries_changed(parent, remove=None if exchange else name)
+        self._entries_changed(new_parent, add=None if exchange else new_name)
+        # The inodes at both names changed (a replaced or exchanged one was cached
+        # there: listed at the name, the kernel then read its bytes there): asked
+        # again by the next listing or lookup.
         self.dentries.pop((new_parent, new_name), None)
+        self.dentries.pop((parent, name), None)
         self.orphaned(r)
         if r["ino"] is not None:
             self.names[self.fuse(r["ino"])] = (self.srv(new_parent), new_name)
@@ -1223,8 +1253,6 @@ class VFS:
             listing = self._known_listing(d[0])
             if listing is None:
                 listing = await self._fetched_listing(d[0])
-            else:
-                self._reconnect()
             d[1] = [(n, self._out(a)) for n, a in listing]
         return d[1][start:]
 
@@ -1247,31 +1275,11 @@ class VFS:
                 if stat.S_ISDIR(a["mode"]) and self._drops.fresh(("dir", a["ino"]), token):
                     self.parents[self.fuse(a["ino"])] = ino
         listing = await self._overlaid(here, listing)
-        if fresh and len(listing) < MAX_LISTED:
+        # Asked again: ``_overlaid`` may have waited for the server (an entry changed
+        # here whose attributes are not cached), and a push may have come meanwhile.
+        if self._drops.fresh(("dir", ino), token) and len(listing) < MAX_LISTED:
             self.listings[ino] = {n for n, _ in listing} - {b".", b".."}
         return listing
-
-    def _reconnect(self) -> None:
-        """After an answer from the caches: if not connected, connect to the server again
-        in the background (one attempt at a time).
-
-        Not connected, this mount receives no pushes: its caches answer as of the
-        connection's loss (so a write-back mount's work goes on through an outage)
-        until the connection is back and its subscription with it, which brings the
-        changes missed meanwhile, or a reset: without this, a mount whose requests the
-        caches all answer would never notice that its connection is gone."""
-        if self._reconnecting or self.client.connected:
-            return
-        self._reconnecting = True
-
-        async def reconnect() -> None:
-            try:
-                await self.client.connect()
-            except FSError:
-                pass   # logged by the client; the next listing tries again
-            finally:
-                self._reconnecting = False
-        self.nursery.start_soon(reconnect)
 
     def _known_listing(self, ino: int) -> list[tuple[bytes, dict[str, Any]]] | None:
         """Directory ``ino``'s listing from the caches, or None if they miss any of it: its
@@ -1373,7 +1381,7 @@ class VFS:
             # open on this mount: the next last close or the unmount saves them.
             # So do journalled ones, until the drainer commits them.
             if self.forget(f):
-                await self.call("purge", ino=self.srv(f.ino))
+                self.purge_soon(self.srv(f.ino))
 
     def forget(self, f: OpenFile) -> bool:
         """Drop ``f`` if no handle has it open and nothing of it is uncommitted.
@@ -1615,17 +1623,19 @@ class VFS:
         In write-back mode: journal them, then wait for the drainer until
         nothing is pending, or ``give_up`` seconds pass without progress
         (the journal keeps the rest for the next mount). Whether all is
-        committed.
+        committed. Then the orphans queued are purged (``purged``, as long).
         """
         for f in list(self.files.values()):
             if f.modified:
                 await self._settle(f)
         if self.writeback is None:
+            await self.purged(give_up)
             return True
         n, size = len(self.writeback.pending), self.writeback.bytes
         if n:
             log.info("draining %d pending files (%.1f MiB) before unmounting", n, size / 2**20)
         if await self.writeback.drained(give_up):
+            await self.purged(give_up)
             return True
         log.error("%d files (%.1f MiB) not committed: the metaserver or the store does not"
                   " answer; they stay in the journal, committed at the next mount of this"

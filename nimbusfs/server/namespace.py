@@ -723,6 +723,13 @@ def rename(cur: Cursor, u: User, device: str, parent: int, name: bytes, new_pare
                              ("rename", src, new_parent, new_name)]
     if flags & RENAME_EXCHANGE and dst is not None:
         changes.append(("rename", dst, parent, name))
+    elif dst is not None:
+        # The replaced inode lost its link here: other mounts drop its cached
+        # attributes (another link of it shows one link fewer) and the feed
+        # reports it (gone, or its remaining entry). First: the feed lists
+        # inodes in the order of their first change, and a client that removes
+        # a deleted entry by its place must do so before the renamed one lands.
+        changes.insert(0, ("rmdir" if dst_dir else "unlink", dst, new_parent, new_name))
     _log(cur, u, device, *changes)
     return {"orphan": orphan, "ino": src, "replaced": dst, "dirs": dirs, **placed}
 
