@@ -213,6 +213,31 @@ def test_a_file_and_its_link_drained_in_one_batch_stay_listed_from_the_caches(
         assert os.stat(a.p("sub", "l")).st_nlink == 2
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_file_opened_by_a_listed_name_and_deleted_elsewhere_is_kept_as_a_copy(
+        services, mount_factory, mode):
+    """A file opened through a name this mount knows from a listing (no lookup reached
+    the server), written, and deleted meanwhile by another mount: its bytes become a
+    conflicted copy beside it, as when the name was looked up. (The mount did not know
+    where it had seen the file, and the server, given no name, committed the bytes to the
+    deleted inode: lost.)"""
+    token = services.deployments["local"].new_user()
+    b = mount_factory("local", token, None, "--sync")
+    os.mkdir(b.p("d"))
+    write_file(b.p("d", "notes.md"), b"v1")
+    a = mount_factory("local", token, None, mode)
+    assert listing(a, "d") == ["notes.md"]
+    with open(a.p("d", "notes.md"), "r+b") as f:
+        f.write(b"precious edit")
+        os.unlink(b.p("d", "notes.md"))
+        wait_until(lambda: listing(a, "d") == [], 10, "B's unlink on A")
+    wait_until(lambda: listing(b, "d") != [], 10, "the conflicted copy on B")
+    (copy,) = listing(b, "d")
+    assert copy.startswith("notes (conflicted copy ")
+    with open(b.p("d", copy), "rb") as f:
+        assert f.read() == b"precious edit"
+
+
 @pytest.mark.parametrize("seen", [True, False])
 def test_a_change_log_reset_drops_the_cached_listings(services, mount_factory, seen):
     """The mount was disconnected while another mount changed a directory it had listed:

@@ -350,14 +350,21 @@ class VFS:
             attr = dict(attr)
             self._fill(attr.pop("dir"), token)
         self._fill(attr, token)
-        if not stat.S_ISDIR(attr["mode"]):
-            self.names[self.fuse(attr["ino"])] = (self.srv(parent), name)
+        self._seen_at(parent, name, attr)
         if self._drops.fresh(("dir", parent), token):
             self.dentries[(parent, name)] = (self.fuse(attr["ino"]), stat.S_IFMT(attr["mode"]))
             if stat.S_ISDIR(attr["mode"]) and self._drops.fresh(
                     ("dir", self.fuse(attr["ino"])), token):
                 self.parents[self.fuse(attr["ino"])] = parent
         return self._out(attr)
+
+    def _seen_at(self, parent: int, name: bytes, attr: dict[str, Any]) -> None:
+        """A file's inode was seen at ``parent``/``name`` (a lookup, a listing): where a
+        commit of it names a conflicted copy (``commit_hint``). Without it, a file opened
+        by a name known from a listing and deleted meanwhile by another mount had its
+        bytes committed to the deleted inode (the server makes a copy only with a name)."""
+        if not stat.S_ISDIR(attr["mode"]):
+            self.names[self.fuse(attr["ino"])] = (self.srv(parent), name)
 
     def _entries_changed(self, parent: int, add: bytes | None = None,
                          remove: bytes | None = None) -> None:
@@ -552,6 +559,7 @@ class VFS:
             return None
         seen = self.dentries.get((parent, name))
         if seen is not None and (attr := self._cached_attr(seen[0])) is not None:
+            self._seen_at(parent, name, attr)
             return self._out(attr)
         token = self._drops.now
         try:
@@ -1272,6 +1280,7 @@ class VFS:
                     self.parents[ino] = self.fuse(a["ino"])
             elif n != b"." and n not in here and fresh:
                 self.dentries[(ino, n)] = (self.fuse(a["ino"]), stat.S_IFMT(a["mode"]))
+                self._seen_at(ino, n, a)
                 if stat.S_ISDIR(a["mode"]) and self._drops.fresh(("dir", a["ino"]), token):
                     self.parents[self.fuse(a["ino"])] = ino
         listing = await self._overlaid(here, listing)
