@@ -549,11 +549,11 @@ class VFS:
         # Known here, as coherent as a listing from the caches: another mount's
         # change of the name or the inode drops them when pushed (a connection
         # lost is connected again in the background, and its subscription brings
-        # the changes missed meanwhile). The kernel asks again
-        # for an entry it holds after a chmod of a directory (it drops the
-        # directory's entry then, and ``tar x`` chmods every directory it
-        # makes) or once its timeout passed: answered without the server, so
-        # with it out of reach too, and without waiting for a write-back drain.
+        # the changes missed meanwhile). The kernel asks again for an entry it
+        # holds after a chmod of a directory (it drops the directory's entry
+        # then, and ``tar x`` chmods every directory it makes) or once its
+        # timeout passed: answered without the server, so with it out of reach
+        # too, and without waiting for a write-back drain.
         names = self.listings.get(parent)
         if names is not None and name not in names:
             return None
