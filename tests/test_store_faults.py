@@ -197,27 +197,27 @@ def test_reads_do_not_wait_for_setattrs_behind_a_drain_the_store_holds(rig, worl
     directory at its end. (They waited for the drain, and failed with EIO after the
     outage timeout.) An open for reading waits: it updates atime by the times they set."""
     m = rig.mount(os.path.join(world_tmp, "m"), 2.0, "--writeback")
-    try:
-        os.mkdir(m.p("d"))
-        write_file(m.p("d", "f"), b"committed")
-        write_file(m.p("d", "g"), b"never looked up after the remount")
-        wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
-        m.remount()   # nothing of d is cached: its lookups and opens ask the server
-        assert read_file(m.p("d", "f")) == b"committed"   # its blocks in the disk cache
-        rig.proxy.set(black_hole=True)
-        write_file(m.p("held"), os.urandom(300_000))   # its drain waits for the store
-        os.chmod(m.p("d"), 0o750)
-        os.chmod(m.p("d", "f"), 0o640)
-        assert os.stat(m.p("d", "g")).st_size == 33
-        with open(m.p("d", "f"), "ab") as f:
-            f.write(b" and more")
-        assert stat.S_IMODE(os.stat(m.p("d", "f")).st_mode) == 0o640
-        assert stat.S_IMODE(os.stat(m.p("d")).st_mode) == 0o750
-        waiting = summary(m.cache_dir)   # the drain is still held: nothing was applied
-        assert (waiting.files, waiting.ops) == (2, 2)
-    finally:
-        rig.proxy.set()
-    try:
+    try:   # stopped whatever happens: the rig's mounts are no fixture's
+        try:
+            os.mkdir(m.p("d"))
+            write_file(m.p("d", "f"), b"committed")
+            write_file(m.p("d", "g"), b"never looked up after the remount")
+            wait_until(lambda: pending(m) == (0, 0), 60, "the drain")
+            m.remount()   # nothing of d is cached: its lookups and opens ask the server
+            assert read_file(m.p("d", "f")) == b"committed"   # its blocks in the disk cache
+            rig.proxy.set(black_hole=True)
+            write_file(m.p("held"), os.urandom(300_000))   # its drain waits for the store
+            os.chmod(m.p("d"), 0o750)
+            os.chmod(m.p("d", "f"), 0o640)
+            assert os.stat(m.p("d", "g")).st_size == 33
+            with open(m.p("d", "f"), "ab") as f:
+                f.write(b" and more")
+            assert stat.S_IMODE(os.stat(m.p("d", "f")).st_mode) == 0o640
+            assert stat.S_IMODE(os.stat(m.p("d")).st_mode) == 0o750
+            waiting = summary(m.cache_dir)   # the drain is still held: nothing was applied
+            assert (waiting.files, waiting.ops) == (2, 2)
+        finally:
+            rig.proxy.set()
         wait_until(lambda: pending(m) == (0, 0), 60, "the drain after the store is back")
         m.remount()
         assert stat.S_IMODE(os.stat(m.p("d", "f")).st_mode) == 0o640
