@@ -15,7 +15,6 @@ import pytest
 from conftest import wait_until, write_file
 from nimbusfs.mount.freshness import Drops
 from test_metrics import mount_url, scrape, value
-from test_posix import RENAME_EXCHANGE, renameat2
 from test_writeback import own_server, pending, take_lease, twin
 
 MODES = ["--sync", "--writeback"]
@@ -150,34 +149,6 @@ def test_a_lookup_the_kernel_repeats_after_a_chmod_asks_no_server(services, moun
     assert stat.S_IMODE(os.stat(a.p("t", "sub")).st_mode) == 0o750
     after = value(scrape(mount_url(a)), "nimbusfs_mount_server_calls_total", op="lookup")
     assert after == before
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("exchange", [False, True])
-def test_a_rename_over_a_name_lists_and_reads_the_moved_file(services, mount_factory, mode,
-                                                             exchange):
-    """A rename over an existing name (its inode kept alive by a second link), or an
-    exchange: the listing from the caches and a read through the name show the moved
-    file, not the one the name had (``--sync`` listed the target's inode, and the kernel
-    then read its bytes)."""
-    a = mount_factory("local", None, None, mode)
-    os.mkdir(a.p("d"))
-    write_file(a.p("d", "a"), b"AAAA")
-    write_file(a.p("d", "t"), b"TT")
-    os.link(a.p("d", "t"), a.p("d", "t2"))
-    assert listing(a, "d") == ["a", "t", "t2"]
-    ino = {n: os.stat(a.p("d", n)).st_ino for n in ("a", "t")}
-    if exchange:
-        renameat2(a.p("d", "a"), a.p("d", "t"), RENAME_EXCHANGE)
-    else:
-        os.rename(a.p("d", "a"), a.p("d", "t"))
-    for n in (["a"] if exchange else []) + ["t", "t2"]:
-        os.stat(a.p("d", n))   # the inodes' attributes cached again (the target's by t2)
-    names = {e.name: e.inode() for e in os.scandir(a.p("d"))}
-    assert names == ({"a": ino["t"], "t": ino["a"], "t2": ino["t"]} if exchange
-                     else {"t": ino["a"], "t2": ino["t"]})
-    with open(a.p("d", "t"), "rb") as f:
-        assert f.read() == b"AAAA"
 
 
 def test_a_file_and_its_link_drained_in_one_batch_stay_listed_from_the_caches(
