@@ -12,13 +12,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 
+import pyfuse3
 import pytest
 import trio
 
 from conftest import Deployment, Services, start_metaserver
 from nimbusfs.client import TLS, connect, is_loopback
 from nimbusfs.errors import FSError
+from nimbusfs.mount.activity import Activity
+from nimbusfs.mount.adapter import _errors
 from nimbusfs.protocol import PROTOCOL_VERSION, FrameReader, pack
 from nimbusfs.retry import wait_until
 from nimbusfs.server import metaserver
@@ -596,3 +600,25 @@ async def test_journalled_rmdir_symlink_and_link_name_what_the_mount_saw(service
         with pytest.raises(FSError) as e:
             await a.call("link", ino=f["ino"], parent=root, name=b"g", keep=True)
         assert e.value.errno == errno.ENOENT
+
+
+def test_a_servers_enosys_reaches_the_kernel_as_eio():
+    """The adapter, pure logic: an operation a server does not know (one older than the
+    mount answers ENOSYS) fails that request with EIO. The kernel takes ENOSYS as "never
+    supported" and stops sending the request for the rest of the mount: an OPEN answered
+    so made every later open of the mount handle-less (their writes failed)."""
+    class Fake:
+        vfs = SimpleNamespace(activity=Activity())
+
+    @_errors
+    async def open(self: Fake) -> None:
+        raise FSError(errno.ENOSYS, "unknown operation 'entry'")
+
+    @_errors
+    async def unlink(self: Fake) -> None:
+        raise FSError(errno.ENOENT, "no such entry")
+
+    for fn, expected in ((open, errno.EIO), (unlink, errno.ENOENT)):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            trio.run(fn, Fake())
+        assert e.value.errno == expected

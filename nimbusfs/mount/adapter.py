@@ -36,7 +36,15 @@ BLKSIZE = 128 << 10
 
 
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Answer an FSError with its errno, anything else with EIO and a logged traceback."""
+    """Answer an FSError with its errno, anything else with EIO and a logged traceback.
+
+    Never ENOSYS: the kernel takes it as "this filesystem does not implement
+    the request" and stops sending it for the rest of the mount (an OPEN
+    answered so once made every later open of the mount handle-less, a
+    FLUSH or FSYNC so would make every later one succeed unsent). A server
+    answers ENOSYS to an operation it does not know (older than the mount):
+    that request fails with EIO, logged, and the next is sent again.
+    """
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         args[0].vfs.activity.seen(trio.current_time())
@@ -45,7 +53,10 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except pyfuse3.FUSEError:
             raise
         except Exception as e:
-            if (fs := fs_error(e)) is not None:
+            if (fs := fs_error(e)) is not None and fs.errno == errno.ENOSYS:
+                log.error("%s failed: %s (answered EIO)", fn.__name__, fs.message)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            if fs is not None:
                 raise pyfuse3.FUSEError(fs.errno) from None
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
