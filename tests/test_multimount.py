@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
+import struct
 import subprocess
 import sys
 
@@ -12,6 +14,7 @@ import pytest
 import trio
 
 from conftest import query, read_file, start_metaserver, write_file
+from nimbusfs.mount.places import Places
 from nimbusfs.retry import wait_until
 
 
@@ -219,6 +222,95 @@ def test_deleted_elsewhere_while_written(pair):
                2, "conflicted copy on A")
     (copy,) = os.listdir(a.path)
     assert read_file(a.p(copy)) == b"precious edit"
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _handle(path: str) -> ctypes.Array:
+    """``path``'s file handle (``name_to_handle_at(2)``: a ``struct file_handle``)."""
+    handle = ctypes.create_string_buffer(8 + 128)   # MAX_HANDLE_SZ bytes of handle
+    struct.pack_into("I", handle, 0, 128)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(-100, path.encode(), handle, ctypes.byref(mount_id), 0):
+        raise OSError(ctypes.get_errno(), "name_to_handle_at")
+    return handle
+
+
+def _by_handle(handle: ctypes.Array, mount_point: str, flags: int) -> int:
+    """``open_by_handle_at(2)``, as an NFS server re-exporting the mount opens files: by
+    inode, no name looked up."""
+    mount_fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = _libc.open_by_handle_at(mount_fd, handle, flags)
+    finally:
+        os.close(mount_fd)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "open_by_handle_at")
+    return fd
+
+
+@pytest.mark.parametrize("mode", ["--sync", "--writeback"])
+def test_a_file_opened_by_its_handle_and_deleted_elsewhere_is_kept_as_a_copy(
+        mount_factory, mode):
+    """A file opened by its handle (``open_by_handle_at``, no name looked up: an NFS
+    re-export does this) on a mount that never saw its name, written, and deleted
+    meanwhile by another mount: its bytes become a conflicted copy where it was. (The
+    mount did not know the file's place, and the server, given none, took the deletion
+    for the writer's own: the bytes went to the deleted inode, lost.)"""
+    b = mount_factory("local", None, None, "--sync")
+    os.mkdir(b.p("d"))
+    write_file(b.p("d", "notes.md"), b"v1")
+    a = mount_factory("local", b.token, None, mode)
+    handle = _handle(a.p("d", "notes.md"))
+    a.remount()   # a new mount process: it knows no name, the kernel no inode of it
+    fd = _by_handle(handle, a.path, os.O_RDWR)
+    try:
+        os.unlink(b.p("d", "notes.md"))
+        os.write(fd, b"precious edit")
+    finally:
+        os.close(fd)
+    wait_until(lambda: os.listdir(b.p("d")) != [], 10, "the conflicted copy on B")
+    (copy,) = os.listdir(b.p("d"))
+    assert copy.startswith("notes (conflicted copy ")
+    assert read_file(b.p("d", copy)) == b"precious edit"
+
+
+@pytest.mark.parametrize("mode", ["--sync", "--writeback"])
+def test_a_directory_opened_by_its_handle_on_a_new_mount_is_connected(mount_factory, mode):
+    """A directory's handle still opens on a new mount process (as an NFS server that
+    re-exports the mount opens it after the mount restarted, or after the kernel evicted
+    the directory's dentry): the kernel connects it to the tree by looking up ``..``,
+    which the mount answers (it refused it: the handle was stale)."""
+    a = mount_factory("local", None, None, mode)
+    os.makedirs(a.p("d", "sub"))
+    write_file(a.p("d", "sub", "f"), b"x")
+    handle = _handle(a.p("d", "sub"))
+    a.remount()
+    fd = _by_handle(handle, a.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.listdir(fd) == ["f"]
+        assert os.stat("..", dir_fd=fd).st_ino == os.stat(a.p("d")).st_ino
+    finally:
+        os.close(fd)
+
+
+def test_the_place_of_a_held_file_outlives_its_eviction():
+    """``Places``, pure logic: the LRU of places forgets the oldest, except those of held
+    inodes (a file open or pending here), which stay until released or set anew."""
+    held = {1}
+    p = Places(2, held=held.__contains__)
+    p[1] = (10, b"held")
+    p[2] = (10, b"free")
+    p[3] = (10, b"c")
+    p[4] = (10, b"d")    # 1 and 2 evicted
+    assert p.place(1) == (10, b"held") and p.place(2) is None
+    p[1] = (11, b"moved")      # set anew: in the LRU again, the old place gone
+    p[5] = (10, b"e")
+    p[6] = (10, b"f")
+    assert p.place(1) == (11, b"moved")
+    p.release(1)
+    assert p.place(1) is None
 
 
 def test_versions_restore_and_cat(mount_factory):

@@ -98,7 +98,11 @@ class Kernel:
 
 
 class Operations(pyfuse3.Operations):
-    supports_dot_lookup = False
+    # FUSE's export support: a file handle (name_to_handle_at, an NFS server
+    # re-exporting the mount) stays valid after the kernel or the mount forgot
+    # the inode; the kernel then looks up "." in it, and ".." to connect a
+    # directory (``VFS.lookup``). Without it such a handle was stale (ESTALE).
+    supports_dot_lookup = True
 
     def __init__(self, vfs: VFS) -> None:
         super().__init__()

@@ -75,6 +75,7 @@ from nimbusfs.mount.activity import Activity
 from nimbusfs.mount.filedata import OpenFile
 from nimbusfs.mount.freshness import Drops
 from nimbusfs.mount.journal import OpRecord
+from nimbusfs.mount.places import Places
 from nimbusfs.posix import (
     NAME_MAX,
     RENAME_EXCHANGE,
@@ -95,12 +96,12 @@ log = logging.getLogger(__name__)
 ROOT = 1
 # Kinds of change that alter a directory entry (the others alter an inode only).
 ENTRY_CHANGES = frozenset({"create", "link", "unlink", "rmdir", "rename", "rename_from"})
-# Requests that only read what a journalled setattr does not change (names, contents,
-# a symlink's target): sent without waiting for the setattrs of what they name
+# Requests that only read what a journalled setattr does not change (names, places,
+# contents, a symlink's target): sent without waiting for the setattrs of what they name
 # (``call``). Not the xattr reads (a chown removes security.capability), nor an open
 # for reading: it updates atime on the server (relatime) by times a pending setattr
 # changes (its ctime at least), and a utimens applied after it would undo it.
-READS = frozenset({"lookup", "open", "readlink"})
+READS = frozenset({"lookup", "open", "readlink", "entry"})
 # Bounds of the metadata caches, so that the mount's memory does not grow with
 # the volume: attributes of 50,000 inodes (~40 MB), 250,000 names in directory
 # listings (~15 MB; a directory with more is not kept).
@@ -156,9 +157,10 @@ class VFS:
         self.emptied: dict[int, int] = {}
         self.dirs: dict[int, list] = {}
         self.orphans: set[int] = set()
-        # Bounded maps: where each inode was last seen (for conflict copies), and
-        # the version the kernel's page cache holds for it.
-        self.names: LRUCache[int, tuple[int, bytes]] = LRUCache(100_000)
+        # Bounded maps: where each inode was last seen (for conflict copies: kept
+        # while the file is held here), and the version the kernel's page cache
+        # holds for it.
+        self.names = Places(100_000, held=self.files.__contains__)
         self.page_version: LRUCache[int, int] = LRUCache(100_000)
         # Names of each inode's xattrs: the kernel asks for security.capability
         # before every write, and the answer is almost always "none". As many
@@ -247,10 +249,10 @@ class VFS:
 
     def commit_hint(self, ino: int) -> dict[str, Any]:
         """Where a conflicted copy of ``ino`` should go (nothing for files we deleted)."""
-        if ino in self.orphans or ino not in self.names or self._unlinked_here(ino):
+        place = self.names.place(ino)
+        if ino in self.orphans or place is None or self._unlinked_here(ino):
             return {}
-        parent, name = self.names[ino]
-        return {"parent": parent, "name": name}
+        return {"parent": place[0], "name": place[1]}
 
     def _unlinked_here(self, ino: int) -> bool:
         """Whether journalled unlinks or renames over it (write-back) leave ``ino`` without
@@ -270,7 +272,7 @@ class VFS:
         self._drop(copy["dir"]["ino"])
         self._forget_listing(self.fuse(copy["dir"]["ino"]))
         self._invalidate(("inode", self.fuse(copy["dir"]["ino"])))
-        parent, name = self.names.get(ino, (self.root, b"?"))
+        parent, name = self.names.place(ino) or (self.root, b"?")
         # The log names inodes only; the names are in conflicts.jsonl (0600).
         log.warning("conflict on inode %d: another writer's version was kept; this"
                     " mount's bytes are saved as inode %d", ino, copy["ino"])
@@ -541,7 +543,7 @@ class VFS:
         if name == b".":
             return await self.getattr(parent)
         if name == b"..":
-            raise FSError(errno.ENOTSUP, "'..' lookups are answered by the kernel")
+            return await self._parent(parent)
         if self.writeback is not None and (
                 e := self.writeback.entry(self.srv(parent), name)) is not None:
             # Changed here, not applied yet: this mount's answer, not the server's.
@@ -569,6 +571,20 @@ class VFS:
                 return None
             raise
         return self._named(parent, name, attr, token)
+
+    async def _parent(self, ino: int) -> dict[str, Any]:
+        """The entry ``..`` of directory ``ino``.
+
+        The kernel answers ``..`` itself in a path walk; it asks only to connect
+        a directory found by its handle to the tree (``open_by_handle_at``, an
+        NFS server re-exporting the mount: FUSE's export support, which pyfuse3
+        negotiates), after the mount or the kernel forgot it. Unanswered, a
+        directory's handle went stale whenever its dentry was evicted.
+        """
+        up = ROOT if ino == ROOT else self.parents.get(ino)
+        if up is None:
+            up = self.fuse((await self.call("entry", ino=self.srv(ino)))["parent"])
+        return await self.getattr(up)
 
     async def getattr(self, ino: int) -> dict[str, Any]:
         return self._out(await self._attr(ino))
@@ -1400,6 +1416,7 @@ class VFS:
         if f.handles or self.files.get(f.ino) is not f or f.modified:
             return False
         del self.files[f.ino]
+        self.names.release(f.ino)
         f.close()
         if f.ino not in self.orphans:
             return False
@@ -1431,18 +1448,12 @@ class VFS:
         caches (which showed the uncommitted size and bytes). If the file
         cannot be saved (its disk is full too), the changes stay staged.
         """
-        parent, name = self.names.get(f.ino, (self.root, b"?"))
-        path = os.path.join(self.state_dir, "recovered",
-                            f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
         async with f.lock:  # no write or flush while it is saved and dropped
-            await self._save_aside(f, parent, name, path)
+            await self._save_aside(f)
 
     async def save_aside(self, f: OpenFile) -> bool:
         """``_recover`` with the file's lock held (a refused write-back commit); whether saved."""
-        parent, name = self.names.get(f.ino, (self.root, b"?"))
-        path = os.path.join(self.state_dir, "recovered",
-                            f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
-        await self._save_aside(f, parent, name, path)
+        await self._save_aside(f)
         return not f.modified or f.handles > 0
 
     def committed(self, f: OpenFile, conflict: bool, token: int) -> None:
@@ -1469,8 +1480,11 @@ class VFS:
         elif (since := self.attrs.get(f.ino)) is None or since["version"] < f.attr["version"]:
             self.attrs.pop(f.ino, None)
 
-    async def _save_aside(self, f: OpenFile, parent: int, name: bytes, path: str) -> None:
+    async def _save_aside(self, f: OpenFile) -> None:
         """``_recover``'s work, under the file's lock."""
+        parent, name = self.names.place(f.ino) or (self.root, b"?")
+        path = os.path.join(self.state_dir, "recovered",
+                            f"{f.ino}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}")
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             await f.save(path)
@@ -1509,6 +1523,8 @@ class VFS:
             truncated = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
             if truncated:
                 await f.truncate(0)
+            if (flags & os.O_ACCMODE) != os.O_RDONLY and self.names.place(ino) is None:
+                await self._find_place(ino)
             keep = self.page_version.get(ino) == f.base and not f.modified
             if not keep:
                 # The kernel reads no further than the size it has cached,
@@ -1529,6 +1545,25 @@ class VFS:
             self.writers.add(fh)
             self.truncating.add(fh)
         return fh, keep
+
+    async def _find_place(self, ino: int) -> None:
+        """Ask where ``ino`` is: opened for writing, its place unknown here.
+
+        A file opened by its handle (an NFS server re-exporting the mount does
+        so, ``open_by_handle_at``) was never looked up by this mount, nor one
+        whose place was forgotten (``names`` is bounded). Written, and deleted
+        meanwhile by another mount, its commit would name no place, and the
+        server would take the deletion for this mount's own: its bytes lost
+        with the deleted inode rather than saved as a conflicted copy.
+        """
+        try:
+            e = await self.call("entry", ino=self.srv(ino))
+        except FSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENOSYS):
+                raise
+            return   # deleted already (nothing names it), or a server without ``entry``
+        if e["parent"] is not None:
+            self.names[ino] = (e["parent"], e["name"])
 
     def _handle(self, f: OpenFile, uid: int) -> int:
         fh = next(self._fh)
@@ -1608,7 +1643,7 @@ class VFS:
         except Exception as e:
             f.failed = f.modified
             log.warning("flush of %r (inode %d) failed: %s; its changes stay staged",
-                        self.names.get(f.ino, (0, b"?"))[1], f.ino, fs_error(e) or e)
+                        (self.names.place(f.ino) or (0, b"?"))[1], f.ino, fs_error(e) or e)
             raise
         self.page_version[f.ino] = f.base
 

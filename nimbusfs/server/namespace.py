@@ -1157,8 +1157,11 @@ def content_hash(extents: list) -> str:
     return block_hash(msgpack.packb(extents)).hex()
 
 
+@op(read_only=True)
 def entry(cur: Cursor, u: User, device: str, ino: int) -> dict[str, Any]:
     """An inode's attributes, where it is (parent, name, path) and its content hash.
+
+    A mount asks it for an inode it knows by number only (a file handle).
 
     The root's path is ``/`` and its parent None. A file with several hard
     links shows one of its entries; an orphan (open somewhere, no entry)
