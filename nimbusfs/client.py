@@ -53,6 +53,10 @@ CONNECT_TIMEOUT = 5.0
 # A hello has as long to be answered.
 PING_AFTER = 5.0
 SILENT_LIMIT = 15.0
+# While the metaservers stay out of reach, the mount tries again every few
+# seconds for as long as it runs: the first failure of an outage is logged,
+# then one line every OUTAGE_LOG_EVERY seconds, and the reconnection.
+OUTAGE_LOG_EVERY = 60.0
 
 
 def parse_address(addr: str) -> tuple[str, int]:
@@ -158,6 +162,10 @@ class MetaClient:
         self._subscribed = False
         self._reconnecting = False      # ``_reconnect`` runs
         self._closed = False            # ``aclose`` was called: no reconnect
+        # When the ongoing outage began, and each server's failure was last logged
+        # (``_unreachable``).
+        self._down_since: float | None = None
+        self._down_logged: dict[str, float] = {}
         self._ids = itertools.count(1)
         self._stream: trio.abc.Stream | None = None
         self._pending: dict[int, list] = {}
@@ -235,16 +243,19 @@ class MetaClient:
                     # The next one now; once every one was tried, back off first.
                     self._server = (self._server + 1) % len(self.servers)
                     tried += 1
+                    self._unreachable(f"{host}:{port}", e)
                     if tried < len(self.servers):
-                        log.warning("metaserver %s:%s unreachable (%s); trying %s:%s", host,
-                                    port, e, *self.servers[self._server])
                         continue
                     tried = 0
                     delay = next(waits, None)
                     if delay is None:
                         raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
-                    log.warning("metaserver %s:%s unreachable (%s); retrying", host, port, e)
                     await trio.sleep(delay)
+            if self._down_since is not None:
+                log.warning("metaserver %s:%s reached again after %.0f s", host, port,
+                            trio.current_time() - self._down_since)
+                self._down_since = None
+                self._down_logged.clear()
             if reply[1]:
                 await stream.aclose()
                 raise FSError(reply[1], str(reply[2]))
@@ -263,6 +274,23 @@ class MetaClient:
             if self._subscribed:
                 self.nursery.start_soon(self._resubscribe, stream)
             return stream
+
+    def _unreachable(self, server: str, e: BaseException) -> None:
+        """Log a failed attempt to reach ``server``: its first in an outage, then one every
+        ``OUTAGE_LOG_EVERY`` seconds (until a server is reached again).
+
+        An idle mount retries every 2 s for as long as an outage lasts: a line
+        each (two with a second server) filled its log and the journal.
+        """
+        now = trio.current_time()
+        if self._down_since is None:
+            self._down_since = now
+        last = self._down_logged.get(server)
+        if last is not None and now - last < OUTAGE_LOG_EVERY:
+            return
+        self._down_logged[server] = now
+        log.warning("metaserver %s unreachable (%s), for %.0f s; retrying", server, e,
+                    now - self._down_since)
 
     @property
     def connected(self) -> bool:
@@ -378,10 +406,12 @@ class MetaClient:
                     await self.connect()
                     return
                 except (FSError, ValueError) as e:
-                    # The server away past ``outage_timeout``, or a garbled hello
-                    # (a call would get it as its error): no task here may end
-                    # the mount, and the next try may succeed.
-                    log.warning("reconnecting in the background failed (%s); retrying", e)
+                    # The server away past ``outage_timeout`` (``_unreachable``
+                    # logs that), a hello refused or garbled (a call would get it
+                    # as its error): no task here may end the mount, and the next
+                    # try may succeed.
+                    if not (isinstance(e, FSError) and e.errno == errno.EIO):
+                        log.warning("reconnecting in the background failed (%s); retrying", e)
                 await trio.sleep(delay)
         finally:
             self._reconnecting = False

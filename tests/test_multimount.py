@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -403,12 +404,16 @@ def test_version_retention(services, mount_factory):
         dep.kill()
 
 
-def test_outage_fails_with_eio_after_timeout(services, mount_factory):
+def test_outage_fails_with_eio_after_timeout_and_is_logged_once(services, mount_factory):
+    """A write fails with EIO once the outage timeout passed; the mount carries on once the
+    server is back. Its log has the outage's first failed attempt and the reconnection, not
+    a line per attempt (an idle mount retries every 2 s for as long as an outage lasts;
+    the 3 s here make six attempts)."""
     dep = start_metaserver(services.emb, "outage", "file://" + services.emb.path("blocks"),
                            services.env)
     m = None
     try:
-        m = mount_factory("local", None, dep, "--outage-timeout", "2")
+        m = mount_factory("local", None, dep, "--outage-timeout", "3")
         write_file(m.p("before"), b"ok")
         dep.kill()
         with pytest.raises(OSError) as e:
@@ -417,6 +422,9 @@ def test_outage_fails_with_eio_after_timeout(services, mount_factory):
         dep.start()
         write_file(m.p("after"), b"ok again")   # the mount carries on once the server is back
         assert read_file(m.p("after")) == b"ok again"
+        log = m.log()
+        assert len(re.findall(r"metaserver \S+ unreachable", log)) == 1, log
+        assert "reached again after" in log
     finally:
         if m is not None:
             m.stop()
