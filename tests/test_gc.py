@@ -10,6 +10,7 @@ file and every kept version is read back and compared by hash.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -26,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import GCS_BUCKET, Deployment, read_file, start_metaserver, wait_until, write_file
 from nimbusfs.blockstore import block_hash, open_store
 from nimbusfs.mount.journal import summary
-from nimbusfs.server import gc
+from nimbusfs.server import gc, namespace
 from nimbusfs.server.db import Database
 
 ROUNDS = 25     # operations per writer, at least: they go on until GC has collected
@@ -221,6 +222,55 @@ def test_gc_deletes_unreferenced_and_unknown_blocks_past_the_grace(gc_world, mou
     m.remount(drop_cache=True)
     assert read_file(m.p("keep")) == keep
     assert read_file(m.p("again")) == drop
+
+
+def test_gc_purges_files_left_open_and_deleted_by_a_mount_that_died(gc_world, mount_factory,
+                                                                    store):
+    """A file unlinked while a mount holds it open stays on the server without a link (the
+    mount purges it at its last close); killed first, the mount leaves it there, counted
+    against the quota. GC purges such a file once it lost its link more than
+    ``ORPHAN_AGE`` ago (its blocks collected after the grace, its size off the quota),
+    and keeps a younger one (a live mount may still hold it open)."""
+    dep, db, bstore = gc_world
+    m = mount_factory(store, dep.new_user(), dep, "--sync")
+    old, young = os.urandom(100_000), os.urandom(90_000)
+    write_file(m.p("old"), old)
+    write_file(m.p("young"), young)
+    inos = {name: os.stat(m.p(name)).st_ino for name in ("old", "young")}
+    fds = [os.open(m.p(name), os.O_RDONLY) for name in inos]
+    for name in inos:
+        os.unlink(m.p(name))
+    m.proc.kill()   # dies holding them open: no last close, no purge
+    m.proc.wait()
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    m.stop()
+
+    def used(cur) -> int:   # the user's, by the inode that stays
+        cur.execute("SELECT u.used_bytes FROM users u JOIN inodes i ON i.owner_id = u.id"
+                    " WHERE i.id = %s", (inos["young"],))
+        return cur.fetchone()[0]
+
+    def left(cur) -> list[int]:
+        cur.execute("SELECT id FROM inodes WHERE id = ANY(%s) ORDER BY id", (list(inos.values()),))
+        return [r[0] for r in cur.fetchall()]
+
+    def age(cur) -> None:
+        cur.execute("UPDATE inodes SET ctime_ns = ctime_ns - %s WHERE id = %s",
+                    (int((namespace.ORPHAN_AGE + 3600) * 1e9), inos["old"]))
+
+    assert db.run(left) == sorted(inos.values())
+    db.run(age)
+    before = db.run(used)
+    assert gc.collect(db, bstore, 3600.0, dry_run=True).left_orphans == 1
+    assert db.run(left) == sorted(inos.values())
+    assert gc.collect(db, bstore, 3600.0).left_orphans == 1
+    assert db.run(left) == [inos["young"]]
+    assert db.run(used) == before - len(old)
+    done = gc.collect(db, bstore, 0.0)
+    assert (done.left_orphans, done.blocks, done.block_bytes) == (0, 1, len(old)), done
+    assert not bstore.exists(block_hash(old)) and bstore.exists(block_hash(young))
 
 
 def test_a_write_back_drain_after_gc_puts_the_collected_blocks_again(

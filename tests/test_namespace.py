@@ -93,6 +93,18 @@ def test_link_counts(call, user):
     assert call(ns.get_attr, ino=user.root)["nlink"] == 2
 
 
+def test_purging_a_deleted_symlink_leaves_the_used_bytes(db, call, user):
+    """The used bytes count files' sizes only: a symlink's target never added to them, and
+    purging a deleted symlink took its length off (fsck then found them short)."""
+    f = call(ns.mknod, parent=user.root, name=b"f", mode=FILE, uid=0, gid=0)
+    call(ns.commit, ino=f["ino"], base=0, extents=[[None, 5]], size=5, mtime=1)
+    s = call(ns.symlink, parent=user.root, name=b"s", target=b"x" * 40, uid=0, gid=0)
+    assert call(ns.unlink, parent=user.root, name=b"s")["orphan"] == s["ino"]
+    assert call(ns.purge, ino=s["ino"]) is True
+    assert db.run(lambda cur: cur.execute("SELECT used_bytes FROM users WHERE id = %s",
+                                          (user.id,)).fetchone()[0]) == 5
+
+
 def test_a_commit_on_a_stale_base_changes_nothing(call, user):
     """Without a name: Conflict naming the current version. With the name the writer
     saw: the bytes become a conflicted copy beside the original, which stays."""

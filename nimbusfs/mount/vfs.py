@@ -482,10 +482,10 @@ class VFS:
         fails for an outage (EIO) stays at the head of the queue and is sent
         again after a backoff, for as long as the mount runs, and an unmount
         waits for the queue (``purged``): an orphan left on the server keeps
-        counting against its owner's quota until an administrator's fsck
-        (``ORPHAN_AGE``, 7 days). A purge the server answers with an error
-        is logged and left (to fsck); one applied twice deletes nothing the
-        second time (``namespace.purge``).
+        counting against its owner's quota until the server's block GC
+        purges it (``namespace.ORPHAN_AGE``, 7 days). A purge the server
+        answers with an error is logged and left (to GC); one applied twice
+        deletes nothing the second time (``namespace.purge``).
         """
         self._to_purge.append(ino)
         if not self._purging:

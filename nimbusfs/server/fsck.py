@@ -18,7 +18,8 @@ The server does not know which orphans are open: a mount that unlinks an
 open file keeps the inode (``nlink`` 0) and calls ``purge`` after its last
 close; a mount that died first leaves the orphan behind. An orphan is
 reported as one a live mount may have open while it was orphaned (its
-ctime) less than ``ORPHAN_AGE`` ago, and as left behind after that.
+ctime) less than ``ORPHAN_AGE`` ago, and as left behind after that (block
+GC purges those on its own, each round).
 
 ``repair`` fixes what needs no guess: reference counts, link counts and
 used bytes are recounted; entries that point nowhere are removed; orphans
@@ -39,7 +40,6 @@ block as missing that is not.
 from __future__ import annotations
 
 import logging
-import stat
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,13 +51,9 @@ from psycopg import Cursor
 
 from nimbusfs.blockstore.base import BlockNotFound, BlockStore, block_hash
 from nimbusfs.server.db import Database
-from nimbusfs.server.namespace import _unref
+from nimbusfs.server.namespace import ORPHAN_AGE, purge_orphans
 
 log = logging.getLogger(__name__)
-
-# An orphan older than this (since it lost its last link) is taken as left
-# behind by a mount that died, not as a file a live mount holds open.
-ORPHAN_AGE = 7 * 86400.0
 
 
 @dataclass
@@ -174,23 +170,6 @@ def _fix_used(cur: Cursor, deltas: list[tuple[int, int]]) -> None:
                 ([i for i, _ in deltas], [d for _, d in deltas]))
 
 
-def _purge_orphans(cur: Cursor, inos: list[int]) -> None:
-    """Purge orphans, as a mount's ``purge`` after its last close would have."""
-    for ino in inos:
-        cur.execute("SELECT nlink, size, owner_id, mode FROM inodes WHERE id = %s FOR UPDATE",
-                    (ino,))
-        row = cur.fetchone()
-        if row is None or row[0] > 0:
-            continue   # purged or linked again meanwhile
-        cur.execute("SELECT extents FROM versions WHERE inode = %s", (ino,))
-        for (ext,) in cur.fetchall():
-            _unref(cur, msgpack.unpackb(ext))
-        cur.execute("DELETE FROM inodes WHERE id = %s", (ino,))
-        if stat.S_ISREG(row[3]):
-            cur.execute("UPDATE users SET used_bytes = used_bytes - %s WHERE id = %s",
-                        (row[1], row[2]))
-
-
 def _mark_damaged(cur: Cursor, versions: list[tuple[int, int]]) -> None:
     cur.execute("UPDATE versions v SET damaged = true FROM unnest(%s::bigint[], %s::bigint[])"
                 " AS c(i, n) WHERE v.inode = c.i AND v.version = c.n",
@@ -286,7 +265,7 @@ def check(db: Database, store: BlockStore, verify_blocks: bool = False, repair: 
                                 "left behind by a mount that died" if age > ORPHAN_AGE else
                                 "a mount may still have it open; kept")))
     if repair and left:
-        db.run(_purge_orphans, [i for i, _ in left])
+        db.run(purge_orphans, [i for i, _ in left])
         _repaired(faults, "orphan", lambda f: "left behind" in f.message)
     for ino, owner in s.unreachable:
         faults.append(Fault("unreachable", f"inode {ino} (user {owner}) has links but cannot"

@@ -91,6 +91,7 @@ from psycopg import Cursor
 
 from nimbusfs.blockstore.base import BlockStore
 from nimbusfs.blockstore.chunking import MAX_BLOCK
+from nimbusfs.server import namespace
 from nimbusfs.server.db import Database
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Report:
     orphans: int = 0           # store objects no row knew, past the grace
     orphan_bytes: int = 0
     leftovers: int = 0         # pieces of crashed puts (a local store's .tmp files)
+    left_orphans: int = 0      # files purged: unlinked while open by a mount that died
     kept_for_uploads: int = 0  # unreferenced blocks held by unfinished uploads
     seconds: float = 0.0
 
@@ -124,7 +126,8 @@ class Report:
         return (f"block GC {verb} {self.blocks} unreferenced block(s) ({self.block_bytes:,}"
                 f" bytes) and {self.orphans} store object(s) no row knew"
                 f" ({self.orphan_bytes:,} bytes), {self.leftovers} leftover(s) of crashed"
-                f" puts; kept {self.kept_for_uploads} block(s) of unfinished uploads;"
+                f" puts, {self.left_orphans} deleted file(s) left behind by mounts that"
+                f" died; kept {self.kept_for_uploads} block(s) of unfinished uploads;"
                 f" {self.seconds:.1f} s")
 
 
@@ -206,6 +209,17 @@ class _Round:
         self.db.run(_forget, keys)
         return sum(n for _, n in doomed)
 
+    def left_behind(self) -> None:
+        """Purge the files left behind by mounts that died: unlinked while open there, never
+        purged at their last close (``namespace.ORPHAN_AGE``). Their blocks are
+        unreferenced from now: a later round collects them after the grace."""
+        r = self.report
+        if r.dry_run:
+            r.left_orphans = len(self.db.run(namespace.left_orphans, None))
+            return
+        while not self.stop.is_set() and (inos := self.db.run(namespace.left_orphans, BATCH)):
+            r.left_orphans += self.db.run(namespace.purge_orphans, inos)
+
     def unreferenced(self) -> None:
         held = self.db.run(_held_by_uploads)
         r = self.report
@@ -251,6 +265,7 @@ def collect(db: Database, store: BlockStore, grace: float, dry_run: bool = False
             return None
         rnd = _Round(db, store, grace, dry_run, stop or threading.Event())
         try:
+            rnd.left_behind()
             rnd.unreferenced()
             rnd.unknown()
         finally:

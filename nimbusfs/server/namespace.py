@@ -1128,9 +1128,32 @@ def restore(cur: Cursor, u: User, device: str, ino: int, version: int) -> dict[s
 
 @op
 def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
-    """Delete an orphan (nlink 0) with its versions; True if it was deleted."""
-    cur.execute("SELECT nlink, size FROM inodes WHERE id = %s AND owner_id = %s FOR UPDATE",
-                (ino, u.id))
+    """Delete an orphan (nlink 0) of this user with its versions; True if it was deleted.
+
+    A mount purges a file it unlinked once its last handle on it closes.
+    """
+    return purge_orphan(cur, ino, u.id)
+
+
+# An orphan that lost its last link longer ago than this is taken as left
+# behind by a mount that died before its last close (which would have purged
+# it), not as a file a live mount still holds open: block GC purges it
+# (``gc``), fsck reports it so. A mount offline as long has its caches reset
+# anyway (the change log keeps 7 days).
+ORPHAN_AGE = 7 * 86400.0
+
+
+def purge_orphan(cur: Cursor, ino: int, owner: int | None = None) -> bool:
+    """Delete orphan ``ino`` (nlink 0), if ``owner``'s (None: anyone's), with its versions.
+
+    Their blocks lose a reference (GC takes them after its grace), and the
+    file's size leaves its owner's used bytes (a symlink's target does not
+    count there). Whether it was deleted: not if it was linked again or is
+    gone. The inode row is locked first, so a link racing with it either
+    comes first (then nothing is deleted) or finds the inode gone.
+    """
+    cur.execute("SELECT nlink, size, owner_id, mode FROM inodes WHERE id = %s"
+                " AND (%s::bigint IS NULL OR owner_id = %s) FOR UPDATE", (ino, owner, owner))
     row = cur.fetchone()
     if row is None or row[0] > 0:
         return False
@@ -1138,8 +1161,24 @@ def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
     for (ext,) in cur.fetchall():
         _unref(cur, msgpack.unpackb(ext))
     cur.execute("DELETE FROM inodes WHERE id = %s", (ino,))
-    cur.execute("UPDATE users SET used_bytes = used_bytes - %s WHERE id = %s", (row[1], u.id))
+    if stat.S_ISREG(row[3]):
+        cur.execute("UPDATE users SET used_bytes = used_bytes - %s WHERE id = %s",
+                    (row[1], row[2]))
     return True
+
+
+def purge_orphans(cur: Cursor, inos: list[int]) -> int:
+    """``purge_orphan`` each of ``inos`` (anyone's); how many were purged."""
+    return sum(purge_orphan(cur, ino) for ino in inos)
+
+
+def left_orphans(cur: Cursor, limit: int | None) -> list[int]:
+    """Up to ``limit`` (None: all) orphans older than ``ORPHAN_AGE``: left behind by mounts
+    that died."""
+    cur.execute("SELECT id FROM inodes i WHERE nlink = 0 AND ctime_ns < %s AND NOT EXISTS"
+                " (SELECT 1 FROM dentries d WHERE d.inode = i.id) ORDER BY id LIMIT %s",
+                (time.time_ns() - int(ORPHAN_AGE * 1e9), limit))
+    return [r[0] for r in cur.fetchall()]
 
 
 
