@@ -9,6 +9,7 @@ traceback when it ends.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
 import os
@@ -185,6 +186,8 @@ def start_metaserver(emb: Embedded, name: str, blocks: str, env: dict[str, str],
         emb.ensure_database(dbname)
         dsn = emb.dsn_for(dbname)
     info = emb.path("run", f"server-{name}.json")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(info)   # a server of this name started before: its address is not ours
     log_path = emb.path("logs", f"metaserver-{name}.log")
     argv = [sys.executable, "-m", "nimbusfs.cli", "server", "--dsn", dsn,
             "--blocks", blocks, "--info-file", info, "--http", "127.0.0.1:0", *extra,
