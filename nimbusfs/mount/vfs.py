@@ -648,6 +648,8 @@ class VFS:
                     raise FSError(errno.EISDIR, "is a directory")
                 if not stat.S_ISREG(opened.attr["mode"]):
                     raise FSError(errno.EINVAL, "not a regular file")
+                if opened is not held:   # by path: committed here, its place needed
+                    await self._find_place(ino)
                 await opened.truncate(size)
                 if fh is not None and self.handles.get(fh) is opened:
                     self.writers.add(fh)
@@ -1521,10 +1523,10 @@ class VFS:
             if not stat.S_ISREG(f.attr["mode"]):
                 raise FSError(errno.EINVAL, "not a regular file")
             truncated = flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY
+            if (flags & os.O_ACCMODE) != os.O_RDONLY:
+                await self._find_place(ino)   # before the truncation: a failure changes nothing
             if truncated:
                 await f.truncate(0)
-            if (flags & os.O_ACCMODE) != os.O_RDONLY and self.names.place(ino) is None:
-                await self._find_place(ino)
             keep = self.page_version.get(ino) == f.base and not f.modified
             if not keep:
                 # The kernel reads no further than the size it has cached,
@@ -1547,7 +1549,8 @@ class VFS:
         return fh, keep
 
     async def _find_place(self, ino: int) -> None:
-        """Ask where ``ino`` is: opened for writing, its place unknown here.
+        """Before a change to ``ino`` (an open for writing, a truncation by path):
+        ask the server where it is if this mount does not know.
 
         A file opened by its handle (an NFS server re-exporting the mount does
         so, ``open_by_handle_at``) was never looked up by this mount, nor one
@@ -1556,6 +1559,8 @@ class VFS:
         server would take the deletion for this mount's own: its bytes lost
         with the deleted inode rather than saved as a conflicted copy.
         """
+        if self.names.place(ino) is not None:
+            return
         try:
             e = await self.call("entry", ino=self.srv(ino))
         except FSError as err:
