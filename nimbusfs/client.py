@@ -251,18 +251,23 @@ class MetaClient:
                     if delay is None:
                         raise FSError(errno.EIO, f"metaserver unreachable: {e}") from e
                     await trio.sleep(delay)
+            if reply[1]:
+                await stream.aclose()
+                refused = FSError(reply[1], str(reply[2]))
+                if reply[1] == errno.EIO:
+                    # The server up, its database not ("database unavailable"): an
+                    # outage as well, logged as one (``_reconnect`` logs no EIO).
+                    self._unreachable(f"{host}:{port}", refused)
+                raise refused
+            if not (isinstance(reply[2], dict) and reply[2].get("protocol") == PROTOCOL_VERSION):
+                await stream.aclose()
+                raise FSError(errno.EPROTONOSUPPORT, "the metaserver speaks another protocol"
+                              f" version than this client's {PROTOCOL_VERSION}: upgrade both")
             if self._down_since is not None:
                 log.warning("metaserver %s:%s reached again after %.0f s", host, port,
                             trio.current_time() - self._down_since)
                 self._down_since = None
                 self._down_logged.clear()
-            if reply[1]:
-                await stream.aclose()
-                raise FSError(reply[1], str(reply[2]))
-            if not (isinstance(reply[2], dict) and reply[2].get("protocol") == PROTOCOL_VERSION):
-                await stream.aclose()
-                raise FSError(errno.EPROTONOSUPPORT, "the metaserver speaks another protocol"
-                              f" version than this client's {PROTOCOL_VERSION}: upgrade both")
             if self.info:
                 RECONNECTS.inc()   # not the first connection
             self.info = reply[2]

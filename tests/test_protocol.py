@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -622,3 +623,32 @@ def test_a_servers_enosys_reaches_the_kernel_as_eio():
         with pytest.raises(pyfuse3.FUSEError) as e:
             trio.run(fn, Fake())
         assert e.value.errno == expected
+
+
+async def test_a_database_outage_behind_a_live_metaserver_is_logged(caplog):
+    """A metaserver whose database is down answers every hello EIO ("database
+    unavailable"). The mount's background reconnect logs no EIO (the outage log,
+    ``_unreachable``, does), so that outage must go through the outage log: once,
+    and no "reached again" for a hello that was refused."""
+    from nimbusfs.client import MetaClient
+
+    async def server(stream: trio.SocketStream) -> None:
+        msg = await FrameReader(stream).read()
+        await stream.send_all(pack([msg[0], errno.EIO, "database unavailable"]))
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(
+            functools.partial(trio.serve_tcp, server, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        client = MetaClient(nursery, f"127.0.0.1:{port}", "nfs_x", "host/test/1",
+                            outage_timeout=1.0)
+        with caplog.at_level("WARNING", logger="nimbusfs.client"):
+            for _ in range(3):
+                with pytest.raises(FSError) as e:
+                    await client.connect()
+                assert e.value.errno == errno.EIO
+        nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("database unavailable" in m for m in lines) == 1, lines
+    assert not any("reached again" in m for m in lines), lines
