@@ -24,8 +24,9 @@ class Places(LRUCache[int, Place]):
 
     Invariant: a place set for an inode stays readable by ``place`` until it
     is set again or, once evicted from the LRU while ``held(ino)`` was true,
-    until ``release(ino)``. Only eviction is overridden (``popitem``, which
-    cachetools calls to make room); every read goes through ``place``.
+    until ``release(ino)``. Eviction (``popitem``, which cachetools calls to
+    make room) keeps held places aside; setting a place drops the one kept
+    aside; every read goes through ``place``.
     """
 
     def __init__(self, size: int, held: Callable[[int], bool]) -> None:

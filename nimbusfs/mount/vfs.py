@@ -1567,7 +1567,7 @@ class VFS:
             if err.errno not in (errno.ENOENT, errno.ENOSYS):
                 raise
             return   # deleted already (nothing names it), or a server without ``entry``
-        if e["parent"] is not None:
+        if e["parent"] is not None and self.names.place(ino) is None:   # not moved here meanwhile
             self.names[ino] = (e["parent"], e["name"])
 
     def _handle(self, f: OpenFile, uid: int) -> int:
