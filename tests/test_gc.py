@@ -273,6 +273,41 @@ def test_gc_purges_files_left_open_and_deleted_by_a_mount_that_died(gc_world, mo
     assert not bstore.exists(block_hash(old)) and bstore.exists(block_hash(young))
 
 
+@pytest.mark.parametrize("store", ["local"])
+@pytest.mark.parametrize("held_world", ["direct"], indirect=True)
+def test_gc_keeps_a_file_deleted_while_a_live_mount_holds_it_open(held_world, mount_factory):
+    """A process may keep a file deleted under it open for longer than ``ORPHAN_AGE`` (a
+    log, a temporary file): its mount holds the orphan on the server (every third of the
+    GC grace, a second here) and GC keeps it and its blocks, however long ago the unlink
+    was. (GC took it for one a dead mount left: the reader's next uncached read EIO.)"""
+    dep, db, bstore = held_world
+    m = mount_factory("local", dep.new_user(), dep, "--sync")
+    data = os.urandom(100_000)
+    write_file(m.p("log"), data)
+    ino = os.stat(m.p("log")).st_ino
+    fd = os.open(m.p("log"), os.O_RDONLY)
+    try:
+        os.unlink(m.p("log"))
+
+        def unlinked_long_ago(cur) -> None:
+            cur.execute("UPDATE inodes SET ctime_ns = ctime_ns - %s WHERE id = %s",
+                        (int((namespace.ORPHAN_AGE + 3600) * 1e9), ino))
+
+        def held(cur) -> int:
+            cur.execute("SELECT held_ns FROM inodes WHERE id = %s", (ino,))
+            return cur.fetchone()[0] or 0
+
+        db.run(unlinked_long_ago)
+        since = time.time_ns()
+        wait_until(lambda: db.run(held) > since, 30, "the mount to hold its orphan")
+        assert gc.collect(db, bstore, 0.0).left_orphans == 0
+        gc.collect(db, bstore, 0.0)   # a round after: nothing of it to collect
+        assert bstore.exists(block_hash(data))
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+
+
 def test_a_write_back_drain_after_gc_puts_the_collected_blocks_again(
         gc_world, mount_factory, store):
     """A write-back commit that reaches the server after GC took its blocks still commits.

@@ -316,6 +316,7 @@ async def serve(cfg: MountConfig) -> None:
         nursery.start_soon(partial(trio.to_thread.run_sync, _raise_readahead, cfg.mountpoint,
                                    abandon_on_cancel=True))
         nursery.start_soon(vfs.run_invalidations)
+        nursery.start_soon(vfs.hold_orphans)
         nursery.start_soon(partial(trio.to_thread.run_sync, _remove_leftovers, store,
                                    abandon_on_cancel=True))
         if malloc_trim is not None:

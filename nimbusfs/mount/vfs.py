@@ -109,6 +109,8 @@ MAX_ATTRS = 50_000
 MAX_LISTED = 250_000
 # Orphans purged by one ``batch`` request (``purge_soon``; the server takes 1,000).
 PURGE_BATCH = 256
+# Orphans held by one ``hold_orphans`` request (the server takes 10,000).
+HOLD_BATCH = 10_000
 
 
 def _check_length(*names: bytes) -> None:
@@ -527,9 +529,34 @@ class VFS:
             while self._purging:
                 await self._purges_done.wait()
             return True
-        log.error("%d orphans not purged: the metaserver does not answer; fsck --repair"
-                  " purges them", len(self._to_purge))
+        log.error("%d orphans not purged: the metaserver does not answer; block GC purges"
+                  " them in 7 days (or fsck --repair)", len(self._to_purge))
         return False
+
+    async def hold_orphans(self) -> None:
+        """Hold the orphans open here on the server every third of its GC grace.
+
+        A file unlinked while open here stays on the server without a link
+        until its last close purges it; block GC takes an orphan not held
+        for ``namespace.ORPHAN_AGE`` (7 days) as one a dead mount left. A
+        process that keeps a deleted file open longer (a log, a temporary
+        file, a reader) keeps it: this mount says so, at the cadence it holds
+        its uploaded-ahead blocks. A failed hold waits for the next (the age
+        is days, the grace an hour by default); a server without the call
+        is not asked again.
+        """
+        while True:
+            await trio.sleep(max((self.client.gc_grace or 3600.0) / 3, 1.0))
+            inos = [self.srv(ino) for ino in self.orphans]
+            for i in range(0, len(inos), HOLD_BATCH):
+                try:
+                    await self.client.call("hold_orphans", inos=inos[i:i + HOLD_BATCH])
+                except FSError as e:
+                    log.warning("holding %d files deleted while open here: %s", len(inos),
+                                e.message)
+                    if e.errno == errno.ENOSYS:
+                        return
+                    break
 
     # --- metadata ------------------------------------------------------------------
 

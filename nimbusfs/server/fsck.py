@@ -14,12 +14,13 @@ What is checked (``check``), each in plain words in the report:
 - a volume's used bytes equal the sum of its files' current sizes;
 - every file's current version exists.
 
-The server does not know which orphans are open: a mount that unlinks an
-open file keeps the inode (``nlink`` 0) and calls ``purge`` after its last
-close; a mount that died first leaves the orphan behind. An orphan is
-reported as one a live mount may have open while it was orphaned (its
-ctime) less than ``ORPHAN_AGE`` ago, and as left behind after that (block
-GC purges those on its own, each round).
+The server does not know for sure which orphans are open: a mount that
+unlinks an open file keeps the inode (``nlink`` 0), holds it while it is
+open (``hold_orphans``) and calls ``purge`` after its last close; a mount
+that died first leaves the orphan behind. An orphan is reported as one a
+live mount may have open while it was orphaned (its ctime) or last held
+less than ``ORPHAN_AGE`` ago, and as left behind after that (block GC
+purges those on its own, each round).
 
 ``repair`` fixes what needs no guess: reference counts, link counts and
 used bytes are recounted; entries that point nowhere are removed; orphans
@@ -51,7 +52,7 @@ from psycopg import Cursor
 
 from nimbusfs.blockstore.base import BlockNotFound, BlockStore, block_hash
 from nimbusfs.server.db import Database
-from nimbusfs.server.namespace import ORPHAN_AGE, purge_orphans
+from nimbusfs.server.namespace import ORPHAN_AGE, ORPHAN_SINCE, purge_orphans
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,8 @@ def _read(cur: Cursor) -> Snapshot:
                 " LEFT JOIN inodes p ON p.id = d.parent"
                 " WHERE c.id IS NULL OR p.id IS NULL OR p.mode & 61440 <> 16384")
     s.dangling = [(p, bytes(n), i, what) for p, n, i, what in cur.fetchall()]
-    cur.execute("SELECT id, owner_id, extract(epoch FROM now())::float8 - ctime_ns / 1e9"
-                " FROM inodes WHERE nlink = 0 AND NOT EXISTS"
+    cur.execute("SELECT id, owner_id, extract(epoch FROM now())::float8"
+                f" - {ORPHAN_SINCE} / 1e9 FROM inodes WHERE nlink = 0 AND NOT EXISTS"
                 " (SELECT 1 FROM dentries d WHERE d.inode = inodes.id)")
     s.orphans = cur.fetchall()
     cur.execute(

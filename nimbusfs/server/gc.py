@@ -1,6 +1,8 @@
 """Block GC: delete the blocks nothing references any more, and store objects no row knows.
 
-A round (``collect``) deletes
+A round (``collect``) first purges the files mounts that died left deleted
+while open (orphans neither linked nor held by a live mount for
+``namespace.ORPHAN_AGE``: ``left_behind``), then deletes
 
 - blocks whose reference count has been 0 for longer than the grace
   (``blocks.unref_since``): versions dropped by retention or purged with

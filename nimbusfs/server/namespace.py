@@ -1135,12 +1135,32 @@ def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
     return purge_orphan(cur, ino, u.id)
 
 
-# An orphan that lost its last link longer ago than this is taken as left
-# behind by a mount that died before its last close (which would have purged
-# it), not as a file a live mount still holds open: block GC purges it
-# (``gc``), fsck reports it so. A mount offline as long has its caches reset
-# anyway (the change log keeps 7 days).
+# An orphan that lost its last link, and was last held (``hold_orphans``),
+# longer ago than this is taken as left behind by a mount that died before its
+# last close (which would have purged it), not as a file a live mount still
+# holds open (a live mount holds its orphans every third of the GC grace):
+# block GC purges it (``gc``), fsck reports it so. A mount offline as long has
+# its caches reset anyway (the change log keeps 7 days).
 ORPHAN_AGE = 7 * 86400.0
+# Since when an orphan is left alone: its last link lost (ctime) or its last hold.
+ORPHAN_SINCE = "GREATEST(ctime_ns, COALESCE(held_ns, 0))"
+# Orphans one ``hold_orphans`` request names at most.
+MAX_HOLD = 10_000
+
+
+@op(read_only=True)
+def hold_orphans(cur: Cursor, u: User, device: str, inos: list[int]) -> None:
+    """Note that this mount still has these orphans of its user's open.
+
+    GC and fsck take an orphan not held for ``ORPHAN_AGE`` as left behind by
+    a dead mount and purge it; a live mount holds the ones it keeps open
+    (a process reading a file deleted under it, for weeks). Replaying it is
+    harmless; an inode not an orphan of this user is left as it is.
+    """
+    if len(inos) > MAX_HOLD:
+        raise FSError(errno.EINVAL, f"at most {MAX_HOLD} orphans at once")
+    cur.execute("UPDATE inodes SET held_ns = %s WHERE id = ANY(%s) AND owner_id = %s"
+                " AND nlink = 0", (time.time_ns(), inos, u.id))
 
 
 def purge_orphan(cur: Cursor, ino: int, owner: int | None = None) -> bool:
@@ -1173,10 +1193,10 @@ def purge_orphans(cur: Cursor, inos: list[int]) -> int:
 
 
 def left_orphans(cur: Cursor, limit: int | None) -> list[int]:
-    """Up to ``limit`` (None: all) orphans older than ``ORPHAN_AGE``: left behind by mounts
-    that died."""
-    cur.execute("SELECT id FROM inodes i WHERE nlink = 0 AND ctime_ns < %s AND NOT EXISTS"
-                " (SELECT 1 FROM dentries d WHERE d.inode = i.id) ORDER BY id LIMIT %s",
+    """Up to ``limit`` (None: all) orphans left alone for ``ORPHAN_AGE``: left behind by
+    mounts that died."""
+    cur.execute(f"SELECT id FROM inodes i WHERE nlink = 0 AND {ORPHAN_SINCE} < %s AND NOT"
+                " EXISTS (SELECT 1 FROM dentries d WHERE d.inode = i.id) ORDER BY id LIMIT %s",
                 (time.time_ns() - int(ORPHAN_AGE * 1e9), limit))
     return [r[0] for r in cur.fetchall()]
 
