@@ -105,6 +105,24 @@ def test_purging_a_deleted_symlink_leaves_the_used_bytes(db, call, user):
                                           (user.id,)).fetchone()[0]) == 5
 
 
+def test_an_orphan_held_after_gc_found_it_left_behind_is_not_purged(db, call, user):
+    """GC finds orphans left behind, then purges them in other transactions: one its
+    mount held meanwhile (back after a long outage) is kept. Another user's hold does
+    nothing."""
+    f = call(ns.mknod, parent=user.root, name=b"f", mode=FILE, uid=0, gid=0)
+    ino = f["ino"]
+    assert call(ns.unlink, parent=user.root, name=b"f")["orphan"] == ino
+    db.run(lambda cur: cur.execute("UPDATE inodes SET ctime_ns = ctime_ns - %s WHERE id = %s",
+                                   (int((ns.ORPHAN_AGE + 60) * 1e9), ino)))
+    assert ino in db.run(ns.left_orphans, None)
+    other = db.run(create_user, "ns" + uuid.uuid4().hex[:12])
+    db.run(ns.hold_orphans, other, DEVICE, [ino])
+    assert ino in db.run(ns.left_orphans, None)
+    call(ns.hold_orphans, inos=[ino])
+    assert db.run(ns.purge_orphans, [ino]) == 0
+    assert call(ns.get_attr, ino=ino)["nlink"] == 0
+
+
 def test_a_commit_on_a_stale_base_changes_nothing(call, user):
     """Without a name: Conflict naming the current version. With the name the writer
     saw: the bytes become a conflicted copy beside the original, which stays."""

@@ -109,8 +109,10 @@ MAX_ATTRS = 50_000
 MAX_LISTED = 250_000
 # Orphans purged by one ``batch`` request (``purge_soon``; the server takes 1,000).
 PURGE_BATCH = 256
-# Orphans held by one ``hold_orphans`` request (the server takes 10,000).
+# Orphans held by one ``hold_orphans`` request (the server takes 10,000), and
+# the longest time between two holds (``hold_orphans``).
 HOLD_BATCH = 10_000
+HOLD_EVERY = 3600.0
 
 
 def _check_length(*names: bytes) -> None:
@@ -524,7 +526,7 @@ class VFS:
 
     async def purged(self, give_up: float | None = None) -> bool:
         """Wait until the orphans queued (``purge_soon``) are purged; False if ``give_up``
-        seconds pass first (the server out of reach: they are left to fsck)."""
+        seconds pass first (the server out of reach: they are left to block GC)."""
         with trio.move_on_after(give_up if give_up is not None else float("inf")):
             while self._purging:
                 await self._purges_done.wait()
@@ -534,28 +536,35 @@ class VFS:
         return False
 
     async def hold_orphans(self) -> None:
-        """Hold the orphans open here on the server every third of its GC grace.
+        """Hold the orphans open here on the server every third of its GC grace, at most
+        every ``HOLD_EVERY``.
 
         A file unlinked while open here stays on the server without a link
         until its last close purges it; block GC takes an orphan not held
         for ``namespace.ORPHAN_AGE`` (7 days) as one a dead mount left. A
         process that keeps a deleted file open longer (a log, a temporary
         file, a reader) keeps it: this mount says so, at the cadence it holds
-        its uploaded-ahead blocks. A failed hold waits for the next (the age
-        is days, the grace an hour by default); a server without the call
-        is not asked again.
+        its uploaded-ahead blocks, and never less often than hourly (a grace
+        of days would leave gaps as long). A failed hold, whatever the
+        failure, is tried again next time (the age is days); a server that
+        does not know the call yet (ENOSYS: a replica not upgraded) is
+        logged once.
         """
+        unknown_logged = False
         while True:
-            await trio.sleep(max((self.client.gc_grace or 3600.0) / 3, 1.0))
+            await trio.sleep(min(max((self.client.gc_grace or HOLD_EVERY) / 3, 1.0), HOLD_EVERY))
             inos = [self.srv(ino) for ino in self.orphans]
             for i in range(0, len(inos), HOLD_BATCH):
+                batch = inos[i:i + HOLD_BATCH]
                 try:
-                    await self.client.call("hold_orphans", inos=inos[i:i + HOLD_BATCH])
-                except FSError as e:
-                    log.warning("holding %d files deleted while open here: %s", len(inos),
-                                e.message)
-                    if e.errno == errno.ENOSYS:
-                        return
+                    await self.client.call("hold_orphans", inos=batch)
+                except Exception as e:
+                    err = fs_error(e)
+                    unknown = err is not None and err.errno == errno.ENOSYS
+                    if not (unknown and unknown_logged):
+                        log.warning("holding %d files deleted while open here: %s",
+                                    len(batch), err.message if err else repr(e))
+                    unknown_logged |= unknown
                     break
 
     # --- metadata ------------------------------------------------------------------

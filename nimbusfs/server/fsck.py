@@ -261,8 +261,8 @@ def check(db: Database, store: BlockStore, verify_blocks: bool = False, repair: 
 
     left = [(i, o) for i, o, age in s.orphans if age > ORPHAN_AGE]
     for ino, owner, age in s.orphans:
-        faults.append(Fault("orphan", f"inode {ino} (user {owner}) has no entry and no link"
-                            f" since {age / 3600:.1f} h: " + (
+        faults.append(Fault("orphan", f"inode {ino} (user {owner}) has no entry and no link;"
+                            f" unlinked or last held {age / 3600:.1f} h ago: " + (
                                 "left behind by a mount that died" if age > ORPHAN_AGE else
                                 "a mount may still have it open; kept")))
     if repair and left:

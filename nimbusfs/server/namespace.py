@@ -1163,17 +1163,22 @@ def hold_orphans(cur: Cursor, u: User, device: str, inos: list[int]) -> None:
                 " AND nlink = 0", (time.time_ns(), inos, u.id))
 
 
-def purge_orphan(cur: Cursor, ino: int, owner: int | None = None) -> bool:
-    """Delete orphan ``ino`` (nlink 0), if ``owner``'s (None: anyone's), with its versions.
+def purge_orphan(cur: Cursor, ino: int, owner: int | None = None,
+                 left_behind: bool = False) -> bool:
+    """Delete orphan ``ino`` (nlink 0), if ``owner``'s (None: anyone's), with its versions;
+    with ``left_behind``, only if neither unlinked nor held for ``ORPHAN_AGE``.
 
     Their blocks lose a reference (GC takes them after its grace), and the
     file's size leaves its owner's used bytes (a symlink's target does not
-    count there). Whether it was deleted: not if it was linked again or is
-    gone. The inode row is locked first, so a link racing with it either
-    comes first (then nothing is deleted) or finds the inode gone.
+    count there). Whether it was deleted: not if it was linked again, held
+    since it was found left behind, or is gone. The inode row is locked
+    first, so a link or hold racing with it either comes first (then nothing
+    is deleted) or finds the inode gone.
     """
     cur.execute("SELECT nlink, size, owner_id, mode FROM inodes WHERE id = %s"
-                " AND (%s::bigint IS NULL OR owner_id = %s) FOR UPDATE", (ino, owner, owner))
+                " AND (%s::bigint IS NULL OR owner_id = %s)"
+                f" AND (NOT %s OR {ORPHAN_SINCE} < %s) FOR UPDATE",
+                (ino, owner, owner, left_behind, _left_since()))
     row = cur.fetchone()
     if row is None or row[0] > 0:
         return False
@@ -1188,8 +1193,14 @@ def purge_orphan(cur: Cursor, ino: int, owner: int | None = None) -> bool:
 
 
 def purge_orphans(cur: Cursor, inos: list[int]) -> int:
-    """``purge_orphan`` each of ``inos`` (anyone's); how many were purged."""
-    return sum(purge_orphan(cur, ino) for ino in inos)
+    """``purge_orphan`` each of ``inos`` (anyone's) that is still left behind; how many
+    were purged."""
+    return sum(purge_orphan(cur, ino, left_behind=True) for ino in inos)
+
+
+def _left_since() -> int:
+    """The time (ns) before which an orphan's unlink and last hold make it left behind."""
+    return time.time_ns() - int(ORPHAN_AGE * 1e9)
 
 
 def left_orphans(cur: Cursor, limit: int | None) -> list[int]:
@@ -1197,7 +1208,7 @@ def left_orphans(cur: Cursor, limit: int | None) -> list[int]:
     mounts that died."""
     cur.execute(f"SELECT id FROM inodes i WHERE nlink = 0 AND {ORPHAN_SINCE} < %s AND NOT"
                 " EXISTS (SELECT 1 FROM dentries d WHERE d.inode = i.id) ORDER BY id LIMIT %s",
-                (time.time_ns() - int(ORPHAN_AGE * 1e9), limit))
+                (_left_since(), limit))
     return [r[0] for r in cur.fetchall()]
 
 
