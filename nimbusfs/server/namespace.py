@@ -1138,9 +1138,9 @@ def purge(cur: Cursor, u: User, device: str, ino: int) -> bool:
 # An orphan that lost its last link, and was last held (``hold_orphans``),
 # longer ago than this is taken as left behind by a mount that died before its
 # last close (which would have purged it), not as a file a live mount still
-# holds open (a live mount holds its orphans every third of the GC grace):
-# block GC purges it (``gc``), fsck reports it so. A mount offline as long has
-# its caches reset anyway (the change log keeps 7 days).
+# holds open (a live mount holds its orphans every third of the GC grace, at
+# least hourly): block GC purges it (``gc``), fsck reports it so. A mount
+# offline as long has its caches reset anyway (the change log keeps 7 days).
 ORPHAN_AGE = 7 * 86400.0
 # Since when an orphan is left alone: its last link lost (ctime) or its last hold.
 ORPHAN_SINCE = "GREATEST(ctime_ns, COALESCE(held_ns, 0))"
