@@ -23,12 +23,16 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
 
 from nimbusfs.embedded import Embedded
 from nimbusfs.retry import wait_until
 from nimbusfs.services import mounted
+
+if TYPE_CHECKING:
+    from nimbusfs.server.db import Database
 
 GCS_BUCKET = "nimbus-test"
 
@@ -53,6 +57,15 @@ def query(dsn: str, sql: str) -> list[tuple]:
         return db.run(lambda cur: cur.execute(sql).fetchall())
     finally:
         db.close()
+
+
+def unlinked_long_ago(db: Database, ino: int) -> None:
+    """Make orphan ``ino`` look unlinked an hour more than ``ORPHAN_AGE`` ago, as a file a
+    mount that died left behind does."""
+    from nimbusfs.server.namespace import ORPHAN_AGE
+
+    db.run(lambda cur: cur.execute("UPDATE inodes SET ctime_ns = ctime_ns - %s WHERE id = %s",
+                                   (int((ORPHAN_AGE + 3600) * 1e9), ino)))
 
 
 def world_dir(prefix: str) -> str:

@@ -24,10 +24,18 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import GCS_BUCKET, Deployment, read_file, start_metaserver, wait_until, write_file
+from conftest import (
+    GCS_BUCKET,
+    Deployment,
+    read_file,
+    start_metaserver,
+    unlinked_long_ago,
+    wait_until,
+    write_file,
+)
 from nimbusfs.blockstore import block_hash, open_store
 from nimbusfs.mount.journal import summary
-from nimbusfs.server import gc, namespace
+from nimbusfs.server import gc
 from nimbusfs.server.db import Database
 
 ROUNDS = 25     # operations per writer, at least: they go on until GC has collected
@@ -256,12 +264,8 @@ def test_gc_purges_files_left_open_and_deleted_by_a_mount_that_died(gc_world, mo
         cur.execute("SELECT id FROM inodes WHERE id = ANY(%s) ORDER BY id", (list(inos.values()),))
         return [r[0] for r in cur.fetchall()]
 
-    def age(cur) -> None:
-        cur.execute("UPDATE inodes SET ctime_ns = ctime_ns - %s WHERE id = %s",
-                    (int((namespace.ORPHAN_AGE + 3600) * 1e9), inos["old"]))
-
     assert db.run(left) == sorted(inos.values())
-    db.run(age)
+    unlinked_long_ago(db, inos["old"])
     before = db.run(used)
     assert gc.collect(db, bstore, 3600.0, dry_run=True).left_orphans == 1
     assert db.run(left) == sorted(inos.values())
@@ -289,15 +293,11 @@ def test_gc_keeps_a_file_deleted_while_a_live_mount_holds_it_open(held_world, mo
     try:
         os.unlink(m.p("log"))
 
-        def unlinked_long_ago(cur) -> None:
-            cur.execute("UPDATE inodes SET ctime_ns = ctime_ns - %s WHERE id = %s",
-                        (int((namespace.ORPHAN_AGE + 3600) * 1e9), ino))
-
         def held(cur) -> int:
             cur.execute("SELECT held_ns FROM inodes WHERE id = %s", (ino,))
             return cur.fetchone()[0] or 0
 
-        db.run(unlinked_long_ago)
+        unlinked_long_ago(db, ino)
         since = time.time_ns()
         wait_until(lambda: db.run(held) > since, 30, "the mount to hold its orphan")
         assert gc.collect(db, bstore, 0.0).left_orphans == 0

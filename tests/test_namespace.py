@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from conftest import unlinked_long_ago
 from nimbusfs.errors import Conflict, FSError
 from nimbusfs.server import namespace as ns
 from nimbusfs.server.auth import User, create_user
@@ -112,8 +113,7 @@ def test_an_orphan_held_after_gc_found_it_left_behind_is_not_purged(db, call, us
     f = call(ns.mknod, parent=user.root, name=b"f", mode=FILE, uid=0, gid=0)
     ino = f["ino"]
     assert call(ns.unlink, parent=user.root, name=b"f")["orphan"] == ino
-    db.run(lambda cur: cur.execute("UPDATE inodes SET ctime_ns = ctime_ns - %s WHERE id = %s",
-                                   (int((ns.ORPHAN_AGE + 60) * 1e9), ino)))
+    unlinked_long_ago(db, ino)
     assert ino in db.run(ns.left_orphans, None)
     other = db.run(create_user, "ns" + uuid.uuid4().hex[:12])
     db.run(ns.hold_orphans, other, DEVICE, [ino])
